@@ -1,0 +1,1 @@
+"""Sub-commands of the `flywheel` CLI, one module per room."""
