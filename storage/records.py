@@ -53,7 +53,8 @@ class EpisodeRecord:
     str (the version that produced each step's chunk), ``chunk_ids`` T int32 (row in ``chunks``, −1 for steps not
     from a chunk), ``chunk_offsets`` T int32 (index of the action inside its chunk), ``latency_ms`` T float32
     (inference latency of the chunk, 0 where none). ``chunks`` is K×H×D float32: the predicted chunks.
-    ``images`` maps camera → T×h×w×3 uint8 (optional). ``subtasks`` optional T str labels.
+    ``images`` maps camera → T×h×w×3 uint8 (optional). ``privileged`` is T×P float32 simulator state (optional;
+    sim only — value models and state-based baselines may use it, deployed policies never do).
     """
 
     uuid: uuid.UUID
@@ -74,6 +75,7 @@ class EpisodeRecord:
     latency_ms: np.ndarray
     chunks: np.ndarray
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    privileged: np.ndarray | None = None
     interventions: list[InterventionSegment] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
