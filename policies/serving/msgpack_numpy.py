@@ -1,0 +1,105 @@
+"""msgpack with numpy arrays, byte-compatible with openpi's ``openpi_client.msgpack_numpy``.
+
+An array travels as the map
+``{b"__ndarray__": True, b"data": raw bytes, b"dtype": dtype.str, b"shape": shape}`` and a numpy scalar as
+``{b"__npgeneric__": True, b"data": item, b"dtype": dtype.str}``, with msgpack's defaults
+(``use_bin_type=True``), exactly as openpi packs them, so openpi clients and servers read what flywheel writes
+and the other way round. Unlike pickle-based codecs it never executes anything: object, void and complex
+dtypes are refused in both directions, and malformed maps raise :class:`WireFormatError`, not a numpy error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+_REFUSED_KINDS = ("V", "O", "c")
+
+
+class WireFormatError(ValueError):
+    """A message is not valid msgpack-numpy (bad msgpack, bad array map, refused dtype)."""
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind in _REFUSED_KINDS:
+        raise WireFormatError(
+            f"dtype {dtype.str!r} is not allowed on the wire (object, void and complex dtypes are refused)"
+        )
+
+
+def pack_array(obj: Any) -> Any:
+    """msgpack ``default`` hook: turn numpy arrays and scalars into openpi's tagged maps."""
+    if isinstance(obj, np.ndarray | np.generic):
+        _check_dtype(obj.dtype)
+    if isinstance(obj, np.ndarray):
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
+    if isinstance(obj, np.generic):
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+    raise TypeError(f"cannot serialize {type(obj).__name__} with msgpack-numpy")
+
+
+def unpack_array(obj: dict) -> Any:
+    """msgpack ``object_hook``: turn openpi's tagged maps back into numpy arrays and scalars."""
+    if b"__ndarray__" in obj:
+        return _unpack_ndarray(obj)
+    if b"__npgeneric__" in obj:
+        return _unpack_generic(obj)
+    return obj
+
+
+def _wire_dtype(obj: dict) -> np.dtype:
+    try:
+        dtype = np.dtype(obj[b"dtype"])
+    except (KeyError, TypeError) as error:
+        raise WireFormatError(f"array map has no valid dtype: {obj.get(b'dtype')!r}") from error
+    _check_dtype(dtype)
+    return dtype
+
+
+def _unpack_ndarray(obj: dict) -> np.ndarray:
+    dtype = _wire_dtype(obj)
+    data, shape = obj.get(b"data"), obj.get(b"shape")
+    if not isinstance(data, bytes):
+        raise WireFormatError(f"array map data must be bytes, got {type(data).__name__}")
+    if not isinstance(shape, list | tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise WireFormatError(f"array map shape must be a list of non-negative ints, got {shape!r}")
+    expected = dtype.itemsize * math.prod(shape)
+    if len(data) != expected:
+        raise WireFormatError(
+            f"array map holds {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}"
+        )
+    return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
+
+
+def _unpack_generic(obj: dict) -> np.generic:
+    dtype = _wire_dtype(obj)
+    try:
+        return dtype.type(obj[b"data"])
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise WireFormatError(f"scalar map holds no valid {dtype} value") from error
+
+
+def packb(obj: Any) -> bytes:
+    """Serialize ``obj`` (dicts, lists, str, numbers, numpy arrays and scalars) to msgpack bytes."""
+    return msgpack.packb(obj, default=pack_array)
+
+
+def unpackb(data: bytes) -> Any:
+    """Deserialize msgpack bytes, restoring numpy arrays.
+
+    Raises :class:`WireFormatError` on any malformation (never a bare msgpack or numpy error).
+    """
+    try:
+        return msgpack.unpackb(data, object_hook=unpack_array)
+    except WireFormatError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise WireFormatError(f"message is not valid msgpack: {error.__class__.__name__}: {error}") from error
+
+
+Packer = functools.partial(msgpack.Packer, default=pack_array)
+Unpacker = functools.partial(msgpack.Unpacker, object_hook=unpack_array)
