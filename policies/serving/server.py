@@ -383,7 +383,9 @@ class BackgroundServer:
         return f"ws://{self.server.config.host}:{self.server.port}"
 
     def start(self, timeout_s: float = 10.0) -> BackgroundServer:
-        """Start the thread and wait until the server listens."""
+        """Start the thread and wait until the server listens (a no-op if already started)."""
+        if self._thread.is_alive():
+            return self
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise TimeoutError(f"policy server did not start within {timeout_s} s")

@@ -1,0 +1,346 @@
+"""The policy server and the openpi client adapter, end to end on loopback.
+
+Every test starts a real server on 127.0.0.1 (free port) with a small deterministic linear policy that counts
+its calls and batch sizes, and talks to it with the client adapter or a raw ``websockets`` connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from policies.base import ActionChunk, Observation, ObservationBatch, Policy, stack_observations
+from policies.openpi_client import AuthenticationError, OpenPIClientPolicy, ServerError
+from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig, msgpack_numpy
+from policies.serving.observations import observation_to_wire
+
+HORIZON, ACTION_DIM, STATE_DIM, IMAGE = 5, 4, 3, (8, 8)
+
+
+class LinearPolicy:
+    """actions[b, h, d] = scale · (state · w_hd + mean pixel of each camera); counts calls and batch sizes.
+
+    ``infer_started`` is set when an inference begins; ``sleep_s`` makes it slow; ``release`` (when given)
+    holds every inference until set.
+    """
+
+    def __init__(self, version: str = "linear-v1", scale: float = 1.0, cameras: tuple[str, ...] = ("main",)):
+        self.version = version
+        self.action_horizon = HORIZON
+        self.action_dim = ACTION_DIM
+        self.cameras = cameras
+        self.image_size = IMAGE
+        self.state_dim = STATE_DIM
+        self.scale = scale
+        self.weights = (
+            np.random.default_rng(0).normal(size=(STATE_DIM, HORIZON * ACTION_DIM)).astype(np.float32)
+        )
+        self.sleep_s = 0.0
+        self.release: threading.Event | None = None
+        self.infer_started = threading.Event()
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        self.infer_started.set()
+        self.calls += 1
+        self.batch_sizes.append(len(batch["prompt"]))
+        if self.release is not None:
+            self.release.wait(10)
+        time.sleep(self.sleep_s)
+        pixels = sum(images.reshape(len(images), -1).mean(axis=1) for images in batch["images"].values())
+        flat = batch["state"] @ self.weights + pixels[:, None] / 255.0
+        return ActionChunk(actions=(self.scale * flat).reshape(-1, HORIZON, ACTION_DIM).astype(np.float32))
+
+    def reset(self) -> None:
+        pass
+
+
+def make_observation(seed: int = 0, cameras: tuple[str, ...] = ("main",)) -> Observation:
+    rng = np.random.default_rng(seed)
+    return Observation(
+        images={camera: rng.integers(0, 256, size=(*IMAGE, 3), dtype=np.uint8) for camera in cameras},
+        state=rng.normal(size=STATE_DIM).astype(np.float32),
+        prompt="push the puck",
+    )
+
+
+def expected_actions(policy: LinearPolicy, observation: Observation) -> np.ndarray:
+    return policy.infer(stack_observations([observation])).actions[0]
+
+
+@pytest.fixture
+def policy() -> LinearPolicy:
+    return LinearPolicy()
+
+
+def start(policy: Policy, **config: object) -> BackgroundServer:
+    return BackgroundServer(PolicyServer(policy, ServerConfig(port=0, **config))).start()
+
+
+@pytest.fixture
+def served(policy: LinearPolicy) -> Iterator[BackgroundServer]:
+    with start(policy, max_wait_ms=20.0) as background:
+        yield background
+
+
+def raw_connect(url: str, **kwargs: object) -> tuple[ClientConnection, dict]:
+    connection = connect(url, compression=None, open_timeout=5, **kwargs)
+    return connection, msgpack_numpy.unpackb(connection.recv(timeout=5))
+
+
+def health(background: BackgroundServer, timeout_s: float = 5.0) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{background.server.port}/healthz"
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.status, response.read().decode()
+
+
+def test_client_gets_actions_with_shape_values_and_version(policy: LinearPolicy, served) -> None:
+    observation = make_observation(1)
+    with OpenPIClientPolicy(served.url) as client:
+        assert (client.version, client.action_horizon, client.action_dim) == (
+            "linear-v1",
+            HORIZON,
+            ACTION_DIM,
+        )
+        assert client.metadata["cameras"] == {"main": [8, 8, 3]} and client.metadata["state_dim"] == STATE_DIM
+        chunk = client.infer(stack_observations([observation, make_observation(2)]))
+        reply = client.infer_one(observation)
+    assert isinstance(client, Policy)
+    assert chunk.actions.shape == (2, HORIZON, ACTION_DIM) and chunk.actions.dtype == np.float32
+    np.testing.assert_allclose(chunk.actions[0], expected_actions(policy, observation), rtol=1e-5)
+    assert reply["policy_version"] == "linear-v1" and reply["server_timing"]["infer_ms"] >= 0
+    assert chunk.timing["round_trip_ms"] >= chunk.timing["server_infer_ms"] >= 0
+
+
+def test_healthz_answers_ok(served) -> None:
+    assert health(served) == (200, "OK\n")
+
+
+def test_health_check_answers_while_a_slow_inference_runs(policy: LinearPolicy, served) -> None:
+    policy.release = threading.Event()
+    client = OpenPIClientPolicy(served.url)
+    worker = threading.Thread(target=client.infer_one, args=(make_observation(),))
+    worker.start()
+    assert policy.infer_started.wait(5)
+    assert health(served, timeout_s=2.0) == (200, "OK\n")
+    with OpenPIClientPolicy(served.url) as other:  # a second client connects and gets its metadata too
+        assert other.version == "linear-v1"
+    assert worker.is_alive(), "the inference was still blocked while both answered"
+    policy.release.set()
+    worker.join(5)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "header", [None, "Api-Key wrong", "Bearer s3cret", "Api-Key s3cre", "api-key s3cret"]
+)
+def test_missing_or_wrong_api_key_is_rejected_before_inference(policy: LinearPolicy, header) -> None:
+    with start(policy, api_key="s3cret") as background:
+        headers = {"Authorization": header} if header else None
+        with pytest.raises(InvalidStatus) as rejected:
+            connect(background.url, additional_headers=headers, open_timeout=5)
+        assert rejected.value.response.status_code == 401
+        with pytest.raises(AuthenticationError, match="401"):
+            OpenPIClientPolicy(background.url, api_key="wrong", connect_timeout_s=2)
+        assert policy.calls == 0
+        with OpenPIClientPolicy(background.url, api_key="s3cret") as client:
+            assert client.infer_one(make_observation())["policy_version"] == "linear-v1"
+        assert policy.calls == 1
+
+
+def _assert_error_then_close(connection: ClientConnection, *fragments: str) -> str:
+    text = connection.recv(timeout=5)
+    assert isinstance(text, str), "errors come as a text frame"
+    for fragment in fragments:
+        assert fragment in text
+    with pytest.raises(ConnectionClosed) as closed:
+        connection.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    return text
+
+
+def _assert_still_serves(background: BackgroundServer) -> None:
+    with OpenPIClientPolicy(background.url) as client:
+        assert client.infer_one(make_observation(9))["actions"].shape == (HORIZON, ACTION_DIM)
+
+
+def test_malformed_msgpack_gets_a_one_line_error_and_server_stays_up(policy: LinearPolicy, served) -> None:
+    connection, _ = raw_connect(served.url)
+    connection.send(b"\xc1\xc1 not msgpack")
+    text = _assert_error_then_close(connection, "WireFormatError", "not valid msgpack")
+    assert "\n" not in text and "Traceback" not in text
+    assert policy.calls == 0
+    _assert_still_serves(served)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragments"),
+    [
+        (lambda m: m["images"].update(main=np.zeros((9, 8, 3), np.uint8)), ["images['main']", "(8, 8, 3)"]),
+        (lambda m: m["images"].update(main=np.zeros((8, 8, 3), np.float32)), ["images['main']", "uint8"]),
+        (lambda m: m["images"].update(side=np.zeros((8, 8, 3), np.uint8)), ["images:", "['main']"]),
+        (lambda m: m.update(state=np.zeros(7, np.float32)), ["state", "expected (3,)"]),
+        (lambda m: m.update(state=np.array([np.nan, 0, 0], np.float32)), ["state", "NaN"]),
+        (lambda m: m.pop("prompt"), ["prompt", "expected a str"]),
+    ],
+)
+def test_wrong_fields_get_an_error_naming_the_field(policy: LinearPolicy, served, mutate, fragments) -> None:
+    message = observation_to_wire(make_observation())
+    mutate(message)
+    connection, _ = raw_connect(served.url)
+    connection.send(msgpack_numpy.packb(message))
+    _assert_error_then_close(connection, "ObservationError", *fragments)
+    assert policy.calls == 0
+    _assert_still_serves(served)
+
+
+def test_text_frame_is_refused(served) -> None:
+    connection, _ = raw_connect(served.url)
+    connection.send("hello")
+    _assert_error_then_close(connection, "binary msgpack frame")
+    _assert_still_serves(served)
+
+
+def test_debug_setting_sends_tracebacks(policy: LinearPolicy) -> None:
+    with start(policy, debug=True) as background:
+        connection, _ = raw_connect(background.url)
+        connection.send(b"\xc1")
+        assert "Traceback" in _assert_error_then_close(connection, "WireFormatError")
+
+
+def test_oversized_frame_is_refused_and_server_stays_up(policy: LinearPolicy) -> None:
+    with start(policy, max_message_bytes=4096) as background:
+        big = make_observation()
+        big["images"]["main"] = np.zeros((64, 64, 3), np.uint8)
+        with OpenPIClientPolicy(background.url) as client, pytest.raises(ServerError, match="too big"):
+            client.infer_one(big)
+        assert policy.calls == 0
+        _assert_still_serves(background)
+
+
+def test_failing_policy_reports_error_and_server_stays_up(policy: LinearPolicy, served) -> None:
+    policy.weights = policy.weights[:, :3]  # the reshape inside infer now fails
+    connection, _ = raw_connect(served.url)
+    connection.send(msgpack_numpy.packb(observation_to_wire(make_observation())))
+    _assert_error_then_close(connection, "InferenceError", "linear-v1 failed")
+    policy.weights = LinearPolicy().weights
+    _assert_still_serves(served)
+
+
+def test_client_vanishing_mid_request_does_not_break_the_server(policy: LinearPolicy, served) -> None:
+    policy.release = threading.Event()
+    connection, _ = raw_connect(served.url)
+    connection.send(msgpack_numpy.packb(observation_to_wire(make_observation())))
+    assert policy.infer_started.wait(5)
+    connection.socket.close()  # gone without a close handshake while its inference runs
+    policy.release.set()
+    _assert_still_serves(served)
+    assert health(served) == (200, "OK\n")
+
+
+def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
+    policy.sleep_s = 0.05
+    clients = [OpenPIClientPolicy(served.url) for _ in range(4)]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def run(index: int) -> None:
+        results[index] = [clients[index].infer_one(make_observation(index))["actions"] for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    policy.sleep_s = 0.0
+    assert max(policy.batch_sizes) > 1 and sum(policy.batch_sizes) == 12
+    for index in range(4):  # each client got the answer to its own observation
+        for actions in results[index]:
+            np.testing.assert_allclose(actions, expected_actions(policy, make_observation(index)), rtol=1e-5)
+    for client in clients:
+        client.close()
+
+
+def test_hot_swap_changes_version_without_dropping_the_connection(policy: LinearPolicy, served) -> None:
+    observation = make_observation(3)
+    with OpenPIClientPolicy(served.url) as client:
+        before = client.infer(stack_observations([observation]))
+        connection = client._connection
+        new_policy = LinearPolicy(version="linear-v2", scale=2.0)
+        served.server.swap_policy(new_policy)
+        after = client.infer(stack_observations([observation]))
+        assert client._connection is connection, "the same connection carried both requests"
+        assert client.version == "linear-v2" and new_policy.calls == 1
+    np.testing.assert_allclose(after.actions, 2.0 * before.actions, rtol=1e-5)
+    with OpenPIClientPolicy(served.url) as late:
+        assert late.metadata["policy_version"] == "linear-v2"
+
+
+def test_graceful_shutdown_finishes_in_flight_then_closes_with_1001(policy: LinearPolicy) -> None:
+    policy.release = threading.Event()
+    background = start(policy)
+    connection, _ = raw_connect(background.url)
+    connection.send(msgpack_numpy.packb(observation_to_wire(make_observation())))
+    assert policy.infer_started.wait(5)
+    stopper = threading.Thread(target=background.stop)
+    stopper.start()
+    time.sleep(0.1)  # let the shutdown begin while the inference is held
+    policy.release.set()
+    reply = msgpack_numpy.unpackb(connection.recv(timeout=5))
+    assert reply["actions"].shape == (HORIZON, ACTION_DIM)
+    with pytest.raises(ConnectionClosed) as closed:
+        connection.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    stopper.join(10)
+    with pytest.raises(urllib.error.URLError):
+        health(background, timeout_s=1.0)
+
+
+def test_openpi_style_field_names_round_trip(policy: LinearPolicy) -> None:
+    """A client using openpi's LIBERO keys talks to a server configured with the same key map."""
+    keys = ObservationKeys.libero("main", "wrist")
+    two_camera = LinearPolicy(cameras=("main", "wrist"))
+    observation = make_observation(4, cameras=("main", "wrist"))
+    wire = observation_to_wire(observation, keys)
+    assert sorted(wire) == ["observation/image", "observation/state", "observation/wrist_image", "prompt"]
+    with start(two_camera, keys=keys) as background, OpenPIClientPolicy(background.url, keys=keys) as client:
+        chunk = client.infer(stack_observations([observation]))
+    np.testing.assert_allclose(chunk.actions[0], expected_actions(two_camera, observation), rtol=1e-5)
+
+
+def test_client_retries_until_the_server_comes_up(policy: LinearPolicy) -> None:
+    port = _free_port()
+    background = BackgroundServer(PolicyServer(policy, ServerConfig(port=port)))
+    timer = threading.Timer(0.5, background.start)
+    timer.start()
+    with OpenPIClientPolicy(f"ws://127.0.0.1:{port}", retry_interval_s=0.1, connect_timeout_s=10) as client:
+        assert client.version == "linear-v1"
+    timer.join()
+    background.stop()
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago (nothing listens on it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_client_gives_up_after_connect_timeout() -> None:
+    with pytest.raises(ServerError, match="could not connect"):
+        OpenPIClientPolicy(f"ws://127.0.0.1:{_free_port()}", connect_timeout_s=0.5, retry_interval_s=0.1)
+
+
+def test_server_binds_loopback_by_default() -> None:
+    assert ServerConfig().host == "127.0.0.1"
+    with pytest.raises(ValueError, match="max_batch"):
+        ServerConfig(max_batch=0)
