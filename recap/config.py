@@ -1,0 +1,122 @@
+"""Typed, validated settings of the RECAP learner core (frozen pydantic models; unknown fields are errors)."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RewardConfig(_Frozen):
+    """Rewards from episode outcomes: −1 per step, 0 at the success step, −``fail_penalty`` on failure.
+
+    ``fail_penalty=None`` makes a failure cost as much as a full-length episode of its task.
+    ``max_episode_length`` gives each task's horizon (one int for all tasks, or a task → int map); ``None``
+    (or a task missing from the map) falls back to the task's longest episode in the data (recorded).
+    """
+
+    fail_penalty: float | None = Field(default=None, ge=0.0)
+    max_episode_length: int | dict[str, int] | None = None
+
+    @model_validator(mode="after")
+    def _positive_lengths(self) -> Self:
+        lengths = self.max_episode_length
+        values = lengths.values() if isinstance(lengths, dict) else [] if lengths is None else [lengths]
+        if any(value < 1 for value in values):
+            raise ValueError(f"max_episode_length must be ≥ 1 for every task, got {lengths}")
+        return self
+
+
+class ValueConfig(_Frozen):
+    """Distributional value model V(o, task) and its training.
+
+    ``inputs`` selects the per-step vector: the policy's proprio ``state``, the simulator's ``privileged``
+    state, or both. ``time_feature`` appends t / max_episode_length (returns under a time limit depend on it).
+    ``encoder`` names a registered observation encoder (``state_mlp`` default, ``image_conv`` adds a small
+    conv net over ``camera``). ``target`` is the bin encoding of the return (two-hot or nearest bin).
+    ``reward`` defines the returns the model learns.
+    """
+
+    reward: RewardConfig = RewardConfig()
+    num_bins: int = Field(default=201, ge=2)
+    inputs: Literal["state", "privileged", "state_privileged"] = "state"
+    time_feature: bool = True
+    encoder: str = "state_mlp"
+    camera: str | None = None
+    image_size: int = Field(default=64, ge=8)
+    hidden_dim: int = Field(default=256, ge=1)
+    num_layers: int = Field(default=2, ge=1)
+    task_embedding_dim: int = Field(default=16, ge=1)
+    ensemble_size: int = Field(default=1, ge=1)
+    target: Literal["two_hot", "nearest"] = "two_hot"
+    train_steps: int = Field(default=1500, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    inference_batch_size: int = Field(default=4096, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _camera_for_images(self) -> Self:
+        if self.encoder == "image_conv" and not self.camera:
+            raise ValueError("ValueConfig.camera must name a camera when encoder='image_conv'")
+        return self
+
+
+class AdvantageConfig(_Frozen):
+    """Advantage estimate and the per-task indicator threshold.
+
+    ``phase`` sets the defaults the π*0.6 recipe uses: ``finetune`` (per-iteration rollouts) → N-step
+    advantages and 40% positive; ``pretrain`` (demonstration/pretraining data) → Monte-Carlo advantages and
+    30% positive.
+    ``positive_fraction`` is the share of autonomous (non-intervention) steps of each task labelled positive;
+    intervention steps are positive regardless when ``interventions_positive``.
+    """
+
+    phase: Literal["finetune", "pretrain"] = "finetune"
+    estimator: Literal["n_step", "monte_carlo"] | None = None
+    n_step: int = Field(default=50, ge=1)
+    positive_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    interventions_positive: bool = True
+
+    @model_validator(mode="after")
+    def _phase_defaults(self) -> Self:
+        finetune = self.phase == "finetune"
+        if self.estimator is None:
+            object.__setattr__(self, "estimator", "n_step" if finetune else "monte_carlo")
+        if self.positive_fraction is None:
+            object.__setattr__(self, "positive_fraction", 0.4 if finetune else 0.3)
+        return self
+
+
+class SanityFloor(_Frozen):
+    """Minimum label quality: below any floor a relabel warns loudly and sets ``diagnostics['sanity_ok']``
+    to False.
+
+    Checked on tasks (and the pooled data) that contain both successes and failures: P(pos | success step) −
+    P(pos | failure step) ≥ ``min_positive_gap``, AUC of V(o_0) for success ≥ ``min_first_step_auc``, and the
+    correlation of V with the Monte-Carlo return ≥ ``min_value_correlation``.
+    """
+
+    min_positive_gap: float = 0.05
+    min_first_step_auc: float = 0.55
+    min_value_correlation: float = 0.2
+
+
+class RelabelConfig(_Frozen):
+    """Everything ``relabel`` needs: value model (with its rewards), advantage, cross-fitting, sanity floor.
+
+    Episodes are split into ``k_folds`` folds (stratified by task and success, shuffled with ``fold_seed``);
+    each fold is relabeled by a value model trained on the other folds only.
+    """
+
+    value: ValueConfig = ValueConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    sanity: SanityFloor = SanityFloor()
+    k_folds: int = Field(default=2, ge=2)
+    fold_seed: int = 0

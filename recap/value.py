@@ -1,0 +1,305 @@
+"""Distributional value model V(o, task): a categorical distribution over the normalized return's bins.
+
+``train_value`` fits it by cross-entropy to the binned Monte-Carlo return of every step; ``ValueModel``
+predicts the full distribution and its expectation per step of an episode. It remembers which episodes it
+was trained on (``training_uuids``) so relabeling can refuse to label them, and carries its own input
+normalization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recap.bins import ReturnBins
+from recap.config import ValueConfig
+from recap.encoders import EncoderSpec, ObservationEncoder, build_encoder
+from recap.rewards import RecapInputError, check_learnable, monte_carlo_returns, step_rewards, task_horizons
+from storage.records import EpisodeRecord
+
+
+class ValueNetwork(nn.Module):
+    """Encoder features + a task embedding → logits over the return bins."""
+
+    def __init__(self, encoder: ObservationEncoder, num_tasks: int, config: ValueConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.task_embedding = nn.Embedding(num_tasks, config.task_embedding_dim)
+        self.head = nn.Sequential(
+            nn.Linear(encoder.out_dim + config.task_embedding_dim, config.hidden_dim),
+            nn.ReLU(),
+            nn.Linear(config.hidden_dim, config.num_bins),
+        )
+
+    def forward(
+        self, vector: torch.Tensor, image: torch.Tensor | None, task_ids: torch.Tensor
+    ) -> torch.Tensor:
+        features = torch.cat([self.encoder(vector, image), self.task_embedding(task_ids)], dim=-1)
+        return self.head(features)
+
+
+@dataclass
+class StepInputs:
+    """Per-step model inputs of a set of episodes, concatenated (N steps)."""
+
+    vectors: np.ndarray
+    images: np.ndarray | None
+    task_ids: np.ndarray
+
+
+def episode_vector(episode: EpisodeRecord, config: ValueConfig, horizon: int) -> np.ndarray:
+    """The T×F input vector of an episode: chosen state parts, plus t / horizon if ``time_feature``."""
+    parts: list[np.ndarray] = []
+    if config.inputs in ("state", "state_privileged"):
+        parts.append(np.asarray(episode.states, dtype=np.float32).reshape(episode.length, -1))
+    if config.inputs in ("privileged", "state_privileged"):
+        if episode.privileged is None:
+            raise RecapInputError(
+                f"episode {episode.uuid}: privileged is None; ValueConfig.inputs={config.inputs!r} needs it"
+            )
+        parts.append(np.asarray(episode.privileged, dtype=np.float32).reshape(episode.length, -1))
+    if config.time_feature:
+        parts.append((np.arange(episode.length, dtype=np.float32) / horizon)[:, None])
+    return np.concatenate(parts, axis=1)
+
+
+def episode_images(episode: EpisodeRecord, config: ValueConfig) -> np.ndarray | None:
+    """The T×H×W×3 images of the configured camera (None when the encoder reads no images)."""
+    if config.encoder != "image_conv":
+        return None
+    if config.camera not in episode.images:
+        raise RecapInputError(
+            f"episode {episode.uuid}: no images for camera {config.camera!r} (has {sorted(episode.images)}); "
+            "load episodes with images=True or use encoder='state_mlp'"
+        )
+    return episode.images[config.camera]
+
+
+class ValueModel:
+    """A trained (ensemble of) distributional value network(s) with its task vocabulary and normalization."""
+
+    def __init__(
+        self,
+        config: ValueConfig,
+        tasks: list[str],
+        horizons: dict[str, int],
+        vector_mean: np.ndarray,
+        vector_std: np.ndarray,
+        training_uuids: frozenset[uuid.UUID],
+    ) -> None:
+        self.config = config
+        self.tasks = tasks
+        self.horizons = horizons
+        self.vector_mean = torch.as_tensor(vector_mean, dtype=torch.float32)
+        self.vector_std = torch.as_tensor(vector_std, dtype=torch.float32)
+        self.training_uuids = training_uuids
+        self.bins = ReturnBins(config.num_bins)
+        self.training_loss: float | None = None
+        spec = EncoderSpec(
+            vector_dim=int(self.vector_mean.shape[0]),
+            hidden_dim=config.hidden_dim,
+            num_layers=config.num_layers,
+            dropout=config.dropout,
+            image_size=config.image_size,
+            uses_images=config.encoder == "image_conv",
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            self.members = nn.ModuleList(
+                ValueNetwork(build_encoder(config.encoder, spec), len(tasks), config)
+                for _ in range(config.ensemble_size)
+            )
+
+    @property
+    def version(self) -> str:
+        """Identifier of this model: a hash of its config, tasks and training episodes."""
+        payload = json.dumps(
+            {
+                "config": self.config.model_dump(mode="json"),
+                "tasks": self.tasks,
+                "horizons": self.horizons,
+                "episodes": sorted(str(episode_uuid) for episode_uuid in self.training_uuids),
+            },
+            sort_keys=True,
+        )
+        return "value-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def task_ids(self, tasks: Sequence[str]) -> np.ndarray:
+        """Integer ids of task names; a task the model never saw is a clear error (no value for it)."""
+        index = {task: position for position, task in enumerate(self.tasks)}
+        missing = sorted({task for task in tasks if task not in index})
+        if missing:
+            raise RecapInputError(
+                f"task {missing[0]!r}: this value model has no value for it (trained on {self.tasks}); "
+                "train a value model on episodes of that task first"
+            )
+        return np.array([index[task] for task in tasks], dtype=np.int64)
+
+    def step_inputs(self, episodes: Sequence[EpisodeRecord]) -> StepInputs:
+        """Concatenated model inputs of every step of ``episodes``."""
+        ids = self.task_ids([episode.task for episode in episodes])
+        for episode in episodes:
+            horizon = self.horizons[episode.task]
+            if episode.length > horizon:
+                raise RecapInputError(
+                    f"episode {episode.uuid}: length {episode.length} exceeds the value model's horizon "
+                    f"{horizon} for task {episode.task!r}"
+                )
+        vectors = [episode_vector(ep, self.config, self.horizons[ep.task]) for ep in episodes]
+        images = [episode_images(ep, self.config) for ep in episodes]
+        return StepInputs(
+            vectors=np.concatenate(vectors),
+            images=None if images[0] is None else np.concatenate(images),
+            task_ids=np.repeat(ids, [episode.length for episode in episodes]),
+        )
+
+    def _logits(self, member: ValueNetwork, inputs: StepInputs, index: np.ndarray) -> torch.Tensor:
+        vector = (torch.from_numpy(inputs.vectors[index]) - self.vector_mean) / self.vector_std
+        image = None if inputs.images is None else torch.from_numpy(inputs.images[index])
+        return member(vector, image, torch.from_numpy(inputs.task_ids[index]))
+
+    @torch.no_grad()
+    def member_distributions(self, inputs: StepInputs) -> np.ndarray:
+        """E×N×bins probabilities of every ensemble member for every step."""
+        self.members.eval()
+        count = len(inputs.task_ids)
+        out = np.empty((len(self.members), count, self.config.num_bins), dtype=np.float32)
+        for start in range(0, count, self.config.inference_batch_size):
+            index = np.arange(start, min(count, start + self.config.inference_batch_size))
+            for position, member in enumerate(self.members):
+                out[position, index] = torch.softmax(self._logits(member, inputs, index), -1).numpy()
+        return out
+
+    def distribution(self, episode: EpisodeRecord) -> np.ndarray:
+        """T×bins distribution over the normalized return (ensemble mean) at each step of ``episode``."""
+        return self.member_distributions(self.step_inputs([episode])).mean(axis=0)
+
+    def values(self, episode: EpisodeRecord) -> np.ndarray:
+        """Expected normalized return V(o_t) (length T) at each step of ``episode``."""
+        return self.values_of([episode])[0]
+
+    def values_of(self, episodes: Sequence[EpisodeRecord]) -> list[np.ndarray]:
+        """Expected values of several episodes in one batched pass."""
+        probabilities = self.member_distributions(self.step_inputs(episodes)).mean(axis=0)
+        expected = self.bins.decode(torch.from_numpy(probabilities)).numpy()
+        return np.split(expected, np.cumsum([episode.length for episode in episodes])[:-1])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write weights (safetensors) and metadata (JSON) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"members.{key}": value for key, value in self.members.state_dict().items()}
+        tensors |= {"vector_mean": self.vector_mean, "vector_std": self.vector_std}
+        save_file(
+            {key: value.contiguous() for key, value in tensors.items()}, directory / "value.safetensors"
+        )
+        meta = {
+            "config": self.config.model_dump(mode="json"),
+            "tasks": self.tasks,
+            "horizons": self.horizons,
+            "training_uuids": sorted(str(episode_uuid) for episode_uuid in self.training_uuids),
+            "training_loss": self.training_loss,
+        }
+        (directory / "value.json").write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ValueModel:
+        """Read a model written by ``save``; a missing directory or file is a clear ``FileNotFoundError``."""
+        directory = Path(directory)
+        for name in ("value.json", "value.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"value model: {directory / name} does not exist (save a ValueModel there)"
+                )
+        meta = json.loads((directory / "value.json").read_text())
+        tensors = load_file(directory / "value.safetensors")
+        model = cls(
+            ValueConfig.model_validate(meta["config"]),
+            meta["tasks"],
+            meta["horizons"],
+            tensors["vector_mean"].numpy(),
+            tensors["vector_std"].numpy(),
+            frozenset(uuid.UUID(text) for text in meta["training_uuids"]),
+        )
+        prefix = "members."
+        model.members.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
+        model.training_loss = meta["training_loss"]
+        return model
+
+
+def normalized_returns(
+    episodes: Sequence[EpisodeRecord], config: ValueConfig, horizons: dict[str, int]
+) -> np.ndarray:
+    """Concatenated normalized Monte-Carlo returns of every step (the value targets)."""
+    return np.concatenate(
+        [monte_carlo_returns(step_rewards(ep, horizons[ep.task], config.reward)) for ep in episodes]
+    ).astype(np.float32)
+
+
+def train_value(
+    episodes: Sequence[EpisodeRecord], config: ValueConfig, horizons: dict[str, int] | None = None
+) -> ValueModel:
+    """Fit a distributional value model on ``episodes`` by cross-entropy to the binned Monte-Carlo returns.
+
+    ``horizons`` (task → max episode length) fixes the return normalization; by default it comes from
+    ``config.reward`` and the data. Deterministic for a given ``config.seed``.
+    """
+    check_learnable(episodes)
+    horizons = dict(horizons) if horizons is not None else task_horizons(episodes, config.reward)
+    tasks = sorted({episode.task for episode in episodes})
+    vectors = np.concatenate([episode_vector(ep, config, horizons[ep.task]) for ep in episodes])
+    std = vectors.std(axis=0)
+    model = ValueModel(
+        config,
+        tasks,
+        {task: horizons[task] for task in tasks},
+        vectors.mean(axis=0),
+        np.where(std > 1e-6, std, 1.0),
+        frozenset(episode.uuid for episode in episodes),
+    )
+    inputs = model.step_inputs(episodes)
+    targets = model.bins.encode(
+        torch.from_numpy(normalized_returns(episodes, config, horizons)), config.target
+    )
+    losses = [_fit_member(model, member, inputs, targets, seed) for seed, member in enumerate(model.members)]
+    model.training_loss = float(np.mean(losses))
+    return model
+
+
+def _fit_member(
+    model: ValueModel, member: ValueNetwork, inputs: StepInputs, targets: torch.Tensor, offset: int
+) -> float:
+    """Train one ensemble member; returns its mean loss over the last 10% of steps."""
+    config = model.config
+    rng = np.random.default_rng(config.seed + offset)
+    optimizer = torch.optim.AdamW(
+        member.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    tail = max(1, config.train_steps // 10)
+    recent: list[float] = []
+    member.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed + offset)
+        for step in range(config.train_steps):
+            index = rng.integers(0, len(inputs.task_ids), size=config.batch_size)
+            log_probs = torch.log_softmax(model._logits(member, inputs, index), dim=-1)
+            loss = -(targets[index] * log_probs).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step >= config.train_steps - tail:
+                recent.append(loss.item())
+    member.eval()
+    return float(np.mean(recent))
