@@ -1,1 +1,44 @@
-"""flywheel: envs."""
+"""flywheel envs: Meta-World tasks and any gymnasium env as flywheel-observation envs, scripted experts and
+simulated (or real) human interventions. See docs/envs.md."""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from envs.experts import ScriptedExpert
+from envs.factory import make_env
+from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
+from envs.interventions import (
+    Intervention,
+    InterventionWrapper,
+    SimulatedHuman,
+    SimulatedHumanConfig,
+    Source,
+    TeleopCommand,
+    TeleopContext,
+    TeleopDevice,
+)
+from envs.metaworld_env import EnvConfig, MetaWorldEnv
+from envs.tasks import TASK_PROMPTS, UnknownTaskError, resolve_task, task_max_episode_steps, task_names
+
+__all__ = [
+    "TASK_PROMPTS",
+    "EnvConfig",
+    "GymAdapterEnv",
+    "GymEnvConfig",
+    "Intervention",
+    "InterventionWrapper",
+    "MetaWorldEnv",
+    "ScriptedExpert",
+    "SimulatedHuman",
+    "SimulatedHumanConfig",
+    "Source",
+    "TeleopCommand",
+    "TeleopContext",
+    "TeleopDevice",
+    "UnknownTaskError",
+    "make_env",
+    "resolve_task",
+    "task_max_episode_steps",
+    "task_names",
+]

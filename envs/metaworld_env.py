@@ -1,0 +1,204 @@
+"""Meta-World v3 tasks as gymnasium envs that return the flywheel ``Observation`` dict.
+
+Observation (see ``policies.base.Observation``):
+
+- ``images``: ``{camera: H×W×3 uint8}`` for each configured camera, correct orientation (``corner*`` cameras
+  are rotated by 180°, see ``envs.rendering``); empty when ``render=False``.
+- ``state``: ``float32``, 7-D by default: ``[hand_x, hand_y, hand_z, gripper_opening, goal_x, goal_y,
+  goal_z]`` (Meta-World obs indices 0:3, 3, 36:39; the gripper opening is the normalized finger distance in
+  [0, 1]). With ``goal_in_state=False`` it is the first 4 values only. The goal is included by default
+  because goal sites are a few pixels wide at 64–96 px and invisible for ``reach``-style tasks.
+- ``prompt``: the task's instruction from ``envs.tasks.TASK_PROMPTS`` (or ``EnvConfig.prompt``).
+- ``privileged``: Meta-World's raw 39-D observation as ``float32`` (hand, gripper, object poses, the
+  previous frame's 18 values, goal) — for scripted experts and simulated humans only.
+
+``info["success"]`` is a bool and ``info["dense_reward"]`` Meta-World's shaped reward (whatever ``reward``
+is configured), next to Meta-World's own info keys. By default an episode terminates on success
+(``terminate_on_success``) and is truncated after ``max_episode_steps`` (per-task default from
+``envs.tasks``).
+
+Seeding: ``reset(seed=s)`` reseeds the task's object/goal sampler, so the same seed gives the same initial
+scene; ``reset()`` without a seed continues the stream (the first reset uses ``EnvConfig.seed``).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Any, Literal
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym
+import numpy as np
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from envs.rendering import CameraRenderer
+from envs.tasks import resolve_task, task_max_episode_steps, task_prompt
+from policies.base import Observation
+
+HAND = slice(0, 3)
+GRIPPER = slice(3, 4)
+GOAL = slice(36, 39)
+PRIVILEGED_DIM = 39
+ACTION_DIM = 4
+PROMPT_SPACE = gym.spaces.Text(max_length=512, charset=string.printable)
+
+
+class EnvConfig(BaseModel):
+    """Configuration of one Meta-World env (validated; unknown fields are rejected)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str = "pick-place-v3"
+    cameras: tuple[str, ...] = Field(default=("corner2",), min_length=1, max_length=4)
+    width: int = Field(default=96, ge=16, le=1024)
+    height: int = Field(default=96, ge=16, le=1024)
+    render: bool = True
+    max_episode_steps: int | None = Field(default=None, ge=1, le=500)
+    seed: int = Field(default=0, ge=0)
+    goal_in_state: bool = True
+    terminate_on_success: bool = True
+    reward: Literal["dense", "sparse"] = "dense"
+    prompt: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        return resolve_task(task)
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, cameras: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f"cameras: expected distinct camera names, got {list(cameras)}")
+        return cameras
+
+    @property
+    def episode_steps(self) -> int:
+        """The effective episode length (the task default when ``max_episode_steps`` is unset)."""
+        return self.max_episode_steps or task_max_episode_steps(self.task)
+
+    @property
+    def instruction(self) -> str:
+        """The effective prompt (the task's default instruction unless overridden)."""
+        return self.prompt or task_prompt(self.task)
+
+
+class MetaWorldEnv(gym.Env):
+    """One Meta-World v3 task with flywheel observations, configured by an ``EnvConfig``."""
+
+    metadata = {"render_modes": ["rgb_array"]}  # noqa: RUF012 (gymnasium's class attribute)
+
+    def __init__(self, config: EnvConfig | None = None) -> None:
+        self.config = config or EnvConfig()
+        self.task = self.config.task
+        self.prompt = self.config.instruction
+        self.max_episode_steps = self.config.episode_steps
+        self.render_mode = "rgb_array"
+        self._sim = _make_sim(self.task, self.max_episode_steps)
+        self._renderer = (
+            CameraRenderer(
+                self._sim.model,
+                self._sim.data,
+                list(self.config.cameras),
+                self.config.width,
+                self.config.height,
+            )
+            if self.config.render
+            else None
+        )
+        self._seeded = False
+        self._steps = 0
+        self._last_images: dict[str, np.ndarray] = {}
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
+        self.observation_space = self._observation_space()
+
+    @property
+    def unwrapped_sim(self) -> Any:
+        """The underlying Meta-World ``SawyerXYZEnv`` (MuJoCo model at ``.model``, data at ``.data``)."""
+        return self._sim
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Observation, dict[str, Any]]:
+        """Start an episode; ``seed`` fixes the initial object and goal positions."""
+        super().reset(seed=seed)
+        if seed is None and not self._seeded:
+            seed = self.config.seed
+        if seed is not None:
+            self._sim.seed(seed)
+            self._seeded = True
+        raw, _ = self._sim.reset()
+        self._steps = 0
+        return self._observation(raw), {"success": False}
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        """Apply a 4-D action (xyz hand displacement, gripper effort), clipped to [-1, 1]."""
+        action = np.clip(np.asarray(action, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"action: expected shape ({ACTION_DIM},), got {action.shape}")
+        if self._steps >= self.max_episode_steps:
+            raise RuntimeError("step() called after the episode was truncated; call reset() first")
+        raw, dense_reward, _, _, sim_info = self._sim.step(action)
+        self._steps += 1
+        success = bool(sim_info["success"])
+        info = {**sim_info, "success": success, "dense_reward": float(dense_reward)}
+        reward = float(success) if self.config.reward == "sparse" else float(dense_reward)
+        terminated = success and self.config.terminate_on_success
+        truncated = self._steps >= self.max_episode_steps and not terminated
+        return self._observation(raw), reward, terminated, truncated, info
+
+    def render(self) -> np.ndarray | None:
+        """The first camera's latest image (``None`` in image-free mode)."""
+        if not self._last_images:
+            return None
+        return self._last_images[self.config.cameras[0]]
+
+    def close(self) -> None:
+        """Free the renderer and the simulator."""
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+        self._sim.close()
+
+    def _observation(self, raw: np.ndarray) -> Observation:
+        privileged = raw.astype(np.float32)
+        parts = [privileged[HAND], privileged[GRIPPER]]
+        if self.config.goal_in_state:
+            parts.append(privileged[GOAL])
+        self._last_images = self._renderer.render(self._sim.data) if self._renderer is not None else {}
+        return Observation(
+            images=self._last_images,
+            state=np.concatenate(parts),
+            prompt=self.prompt,
+            privileged=privileged,
+        )
+
+    def _observation_space(self) -> gym.spaces.Dict:
+        shape = (self.config.height, self.config.width, 3)
+        cameras = self.config.cameras if self.config.render else ()
+        state_dim = 7 if self.config.goal_in_state else 4
+        return gym.spaces.Dict(
+            {
+                "images": gym.spaces.Dict(
+                    {camera: gym.spaces.Box(0, 255, shape=shape, dtype=np.uint8) for camera in cameras}
+                ),
+                "state": gym.spaces.Box(-np.inf, np.inf, shape=(state_dim,), dtype=np.float32),
+                "prompt": PROMPT_SPACE,
+                "privileged": gym.spaces.Box(-np.inf, np.inf, shape=(PRIVILEGED_DIM,), dtype=np.float32),
+            }
+        )
+
+
+def _make_sim(task: str, max_episode_steps: int) -> Any:
+    """A Meta-World env with the goal in its observation and a fresh, seedable scene at every reset."""
+    sim = ALL_V3_ENVIRONMENTS[task]()
+    sim._partially_observable = False
+    del sim.sawyer_observation_space  # cached property: recompute with the goal observable
+    sim._freeze_rand_vec = False
+    sim.seeded_rand_vec = True
+    sim._set_task_called = True
+    sim.max_path_length = max_episode_steps
+    return sim
