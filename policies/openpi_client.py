@@ -38,7 +38,8 @@ class OpenPIClientPolicy:
     ``version``, ``action_horizon`` and ``action_dim`` come from the server's metadata frame (flywheel
     servers send them); a server that does not (openpi's usually send ``{}``) needs them passed in. A longer
     chunk than ``action_horizon`` is cut to it. ``version`` follows ``policy_version`` in every reply, so
-    after a server-side hot swap it names the weights that produced the last chunk.
+    after a server-side hot swap it names the weights that produced the last chunk. ``send_privileged``
+    sends the simulator's full state (simulated robots and scripted experts only).
     """
 
     def __init__(
@@ -54,9 +55,11 @@ class OpenPIClientPolicy:
         action_horizon: int | None = None,
         action_dim: int | None = None,
         version: str | None = None,
+        send_privileged: bool = False,
     ) -> None:
         self.url = url if url.startswith("ws") else f"ws://{url}"
         self.keys = keys
+        self.send_privileged = send_privileged
         self._api_key = api_key
         self._connect_timeout_s = connect_timeout_s
         self._retry_interval_s = retry_interval_s
@@ -95,7 +98,7 @@ class OpenPIClientPolicy:
         A connection the server closed gracefully (restart, 1001) is re-opened and the request sent again;
         an error frame, a 1011/1009 close or a timeout raises :class:`ServerError`.
         """
-        message = msgpack_numpy.packb(observation_to_wire(observation, self.keys))
+        message = msgpack_numpy.packb(observation_to_wire(observation, self.keys, self.send_privileged))
         for attempt in range(2):
             try:
                 return self._round_trip(message)
@@ -186,14 +189,17 @@ class OpenPIClientPolicy:
 
 
 def _unbatch(batch: ObservationBatch) -> list[Observation]:
-    return [
-        Observation(
+    observations = []
+    for index in range(batch_size(batch)):
+        observation = Observation(
             images={camera: images[index] for camera, images in batch["images"].items()},
             state=batch["state"][index],
             prompt=batch["prompt"][index],
         )
-        for index in range(batch_size(batch))
-    ]
+        if "privileged" in batch:
+            observation["privileged"] = batch["privileged"][index]
+        observations.append(observation)
+    return observations
 
 
 def _required(metadata: dict[str, Any], name: str, given: int | None) -> int:

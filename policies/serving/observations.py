@@ -17,6 +17,8 @@ import numpy as np
 
 from policies.base import Observation, Policy
 
+PRIVILEGED = "privileged"
+
 
 class ObservationError(ValueError):
     """An observation field is missing or has the wrong type, dtype or shape; the message names the field."""
@@ -38,16 +40,18 @@ class ObservationSpec:
         """Read the spec a policy advertises.
 
         Either an ``observation_spec`` attribute, or ``cameras`` + ``image_size`` (int or ``(H, W)``) +
-        ``state_dim``; whatever is absent is accepted as anything.
+        ``state_dim`` on the policy or on its ``config`` (as the built-in VLA has them); whatever is absent is
+        accepted as anything.
         """
         declared = getattr(policy, "observation_spec", None)
         if isinstance(declared, ObservationSpec):
             return declared
-        cameras: Sequence[str] = getattr(policy, "cameras", ()) or ()
-        size = getattr(policy, "image_size", None)
+        sources = (policy, getattr(policy, "config", None))
+        cameras: Sequence[str] = _first_attribute(sources, "cameras") or ()
+        size = _first_attribute(sources, "image_size")
+        state_dim = _first_attribute(sources, "state_dim")
         if isinstance(size, int):
             size = (size, size)
-        state_dim = getattr(policy, "state_dim", None)
         if not cameras or size is None:
             return cls(state_dim=state_dim)
         return cls(cameras={camera: (int(size[0]), int(size[1])) for camera in cameras}, state_dim=state_dim)
@@ -99,20 +103,39 @@ class ObservationKeys:
         )
 
 
-def observation_to_wire(observation: Observation, keys: ObservationKeys | None = None) -> dict[str, Any]:
-    """The message a client sends for one observation (``privileged`` never leaves the robot)."""
+def _first_attribute(sources: Sequence[object], name: str) -> Any:
+    for source in sources:
+        value = getattr(source, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def observation_to_wire(
+    observation: Observation, keys: ObservationKeys | None = None, send_privileged: bool = False
+) -> dict[str, Any]:
+    """The message a client sends for one observation.
+
+    ``privileged`` (the simulator's full state) stays on the robot unless ``send_privileged`` is set, which
+    only makes sense for a simulated robot and a server started with ``allow_privileged`` (scripted experts).
+    """
     state = np.asarray(observation["state"], dtype=np.float32)
     if keys is None:
-        return {"images": dict(observation["images"]), "state": state, "prompt": observation["prompt"]}
-    message: dict[str, Any] = {keys.prompt: observation["prompt"]}
-    for camera, key in keys.images.items():
-        if camera not in observation["images"]:
-            raise ObservationError(f"images[{camera!r}]: missing, the key map sends it as {key!r}")
-        message[key] = observation["images"][camera]
-    if isinstance(keys.state, str):
-        message[keys.state] = state
+        message = {"images": dict(observation["images"]), "state": state, "prompt": observation["prompt"]}
     else:
-        _split_state(state, keys.state, message)
+        message = {keys.prompt: observation["prompt"]}
+        for camera, key in keys.images.items():
+            if camera not in observation["images"]:
+                raise ObservationError(f"images[{camera!r}]: missing, the key map sends it as {key!r}")
+            message[key] = observation["images"][camera]
+        if isinstance(keys.state, str):
+            message[keys.state] = state
+        else:
+            _split_state(state, keys.state, message)
+    if send_privileged:
+        if "privileged" not in observation:
+            raise ObservationError("privileged: missing, but send_privileged is set")
+        message[PRIVILEGED] = np.asarray(observation["privileged"], dtype=np.float32)
     return message
 
 
@@ -131,8 +154,13 @@ def observation_from_wire(
     spec: ObservationSpec,
     keys: ObservationKeys | None = None,
     default_prompt: str | None = None,
+    allow_privileged: bool = False,
 ) -> Observation:
-    """Validate a decoded message against ``spec`` and return a flywheel :class:`Observation`."""
+    """Validate a decoded message against ``spec`` and return a flywheel :class:`Observation`.
+
+    Unknown fields are ignored (openpi clients may send extras); ``privileged`` is refused unless
+    ``allow_privileged`` (a simulation-only setting for serving scripted experts).
+    """
     if not isinstance(message, dict):
         raise ObservationError(f"observation: expected a map, got {type(message).__name__}")
     if keys is None:
@@ -143,11 +171,16 @@ def observation_from_wire(
         state, prompt = _join_state(message, keys.state), message.get(keys.prompt)
         state_field = keys.state if isinstance(keys.state, str) else "state"
         prompt_field = keys.prompt
-    return Observation(
+    observation = Observation(
         images=_check_images(images, spec, keys),
-        state=_check_state(state, spec, state_field),
+        state=_check_state(state, spec.state_dim, state_field),
         prompt=_check_prompt(prompt, default_prompt, prompt_field),
     )
+    if PRIVILEGED in message:
+        if not allow_privileged:
+            raise ObservationError("privileged: refused, this server does not take simulator state")
+        observation["privileged"] = _check_state(message[PRIVILEGED], None, PRIVILEGED)
+    return observation
 
 
 def _join_state(message: dict, state_keys: str | Sequence[tuple[str, int]]) -> Any:
@@ -187,12 +220,12 @@ def _check_images(images: Any, spec: ObservationSpec, keys: ObservationKeys | No
     return checked
 
 
-def _check_state(state: Any, spec: ObservationSpec, field_name: str) -> np.ndarray:
+def _check_state(state: Any, expected_dim: int | None, field_name: str) -> np.ndarray:
     if not isinstance(state, np.ndarray) or state.ndim != 1 or state.dtype.kind not in "fiu":
         got = f"{state.dtype} {state.shape}" if isinstance(state, np.ndarray) else type(state).__name__
         raise ObservationError(f"{field_name}: expected a 1-D float array, got {got}")
-    if spec.state_dim is not None and state.shape != (spec.state_dim,):
-        raise ObservationError(f"{field_name}: shape {state.shape}, expected ({spec.state_dim},)")
+    if expected_dim is not None and state.shape != (expected_dim,):
+        raise ObservationError(f"{field_name}: shape {state.shape}, expected ({expected_dim},)")
     state = state.astype(np.float32)
     if not np.isfinite(state).all():
         raise ObservationError(f"{field_name}: contains NaN or infinite values")

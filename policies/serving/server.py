@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,9 @@ class ServerConfig:
     ``port=0`` picks a free port (read it back from :attr:`PolicyServer.port`); ``api_key=None`` disables
     auth. ``max_wait_ms`` is how long the first request of a batch may wait for others (never longer than it
     takes every connected client to have a request queued). ``keys`` accepts openpi-style flat field names
-    instead of flywheel's nested observation. ``debug`` sends tracebacks in error frames.
+    instead of flywheel's nested observation. ``debug`` sends tracebacks in error frames. ``send_embeddings``
+    adds the policy's per-observation backbone embeddings to each reply (for RLT over a remote VLA).
+    ``allow_privileged`` accepts the simulator's full state (simulation only: serving scripted experts).
     """
 
     host: str = "127.0.0.1"
@@ -65,6 +68,8 @@ class ServerConfig:
     debug: bool = False
     default_prompt: str | None = None
     keys: ObservationKeys | None = None
+    send_embeddings: bool = False
+    allow_privileged: bool = False
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -135,6 +140,7 @@ class PolicyServer:
             "max_message_bytes": self.config.max_message_bytes,
             "max_batch": self.config.max_batch,
             "auth": self.config.api_key is not None,
+            "embeddings": self.config.send_embeddings,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -180,17 +186,31 @@ class PolicyServer:
         self._stopped.set()
         logger.info("server stopped")
 
-    def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM, then shut down gracefully (the ``flywheel serve`` entry point)."""
+    def serve_forever(self, reload: Callable[[], Policy] | None = None) -> None:
+        """Run until SIGINT/SIGTERM, then shut down gracefully (the ``flywheel serve`` entry point).
+
+        With ``reload``, SIGHUP calls it in a worker thread and hot-swaps to the policy it returns (a failed
+        reload is logged and the current policy keeps serving).
+        """
 
         async def main() -> None:
             await self.start()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, lambda: loop.create_task(self.shutdown()))
+            if reload is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload(reload)))
             await self.wait_stopped()
 
         asyncio.run(main())
+
+    async def _reload(self, reload: Callable[[], Policy]) -> None:
+        try:
+            policy = await asyncio.to_thread(reload)
+        except Exception:
+            logger.exception("reload failed; still serving %s", self._policy.version)
+            return
+        self.swap_policy(policy)
 
     # ---- HTTP handshake: health and auth ----------------------------------------------------------
 
@@ -240,8 +260,13 @@ class PolicyServer:
     async def _answer(self, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, str):
             raise ObservationError("observation: expected a binary msgpack frame, got a text frame")
+        config = self.config
         observation = observation_from_wire(
-            msgpack_numpy.unpackb(message), self._spec, self.config.keys, self.config.default_prompt
+            msgpack_numpy.unpackb(message),
+            self._spec,
+            config.keys,
+            config.default_prompt,
+            config.allow_privileged,
         )
         assert self._queue is not None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -301,7 +326,10 @@ class PolicyServer:
         infer_ms = (time.monotonic() - started) * 1000
         self.batch_sizes.append(len(requests))
         for index, request in enumerate(requests):
-            _resolve(request.future, reply=_reply(chunk, index, policy.version, infer_ms, started, request))
+            reply = _reply(chunk, index, policy.version, infer_ms, started, request)
+            if self.config.send_embeddings and chunk.embeddings is not None:
+                reply["embeddings"] = np.ascontiguousarray(chunk.embeddings[index])
+            _resolve(request.future, reply=reply)
 
 
 def _infer(policy: Policy, observations: list[Observation]) -> ActionChunk:
@@ -332,8 +360,6 @@ def _reply(
     }
     if chunk.timing:
         reply["policy_timing"] = dict(chunk.timing)
-    if chunk.embeddings is not None:
-        reply["embeddings"] = np.ascontiguousarray(chunk.embeddings[index])
     return reply
 
 
