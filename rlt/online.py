@@ -1,0 +1,511 @@
+"""Single-process online RLT: an env, a frozen prior (the VLA), a phase switch and the chunked learner.
+
+Per chunk boundary the prior proposes a chunk (its first ``C`` actions are the reference ``ã``) and returns
+its final embeddings; once the ``PhaseSwitch`` fires (latched for the rest of the episode) the learner acts on
+``x = (z_rl, proprio)`` and ``ã``. An optional ``HumanIntervention`` may take over a chunk; its chunk is
+executed and replaces ``ã`` in the replay buffer. Reward is sparse (+1 on ``info["success"]``, which
+terminates).
+
+``run`` does: warm-up episodes with the prior alone → fit and freeze the RL token on their embeddings (unless
+it was fitted already) → seed the replay buffer from the warm-up episodes (and any stored ``EpisodeRecord``
+passed to ``seed_from_records``) → online episodes, with ``utd_ratio`` updates per collected chunk after each
+episode. Every finished episode is emitted as an ``EpisodeRecord`` to ``on_episode`` (the caller commits it to
+the store).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from policies.base import ActionChunk, Observation, Policy, stack_observations
+from rlt.buffer import ChunkTransition, chunk_backup
+from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
+from rlt.phase import PhaseSwitch
+from rlt.rl_token import RLToken, fit_rl_token
+from rlt.state import RLStateEncoder
+from rlt.td3 import ChunkedTD3, LearnerConfig
+from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+
+Mode = Literal["prior", "learner", "eval"]
+
+
+class HumanIntervention(Protocol):
+    """A (simulated) human who may take over a chunk: return a ``C×D`` chunk to execute, or ``None``."""
+
+    def intervene(self, observation: Observation, proposed: np.ndarray) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Budget and settings of an online run (env steps count every executed action)."""
+
+    task: str
+    env_id: str
+    warmup_episodes: int = 20
+    total_env_steps: int = 20_000
+    exploration_noise: float = 0.2
+    token_steps: int = 1000
+    token_batch_size: int = 128
+    eval_every_steps: int = 0
+    eval_episodes: int = 20
+    record_images: bool = True
+    rl_version: str = "rlt"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What the learner conditions on at a chunk start: VLA embeddings ``T×E``, proprio, reference ``C×D``."""
+
+    embeddings: np.ndarray
+    proprio: np.ndarray
+    reference: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """One executed chunk: its context, the executed ``C×D`` chunk and the rewards of its executed steps."""
+
+    context: ChunkContext
+    executed: np.ndarray
+    rewards: np.ndarray
+    terminated: bool
+    critical: bool
+    intervened: bool
+
+
+@dataclass
+class EpisodeChunks:
+    """An episode at chunk level; ``final`` is the context after the last chunk of a truncated episode."""
+
+    steps: list[ChunkStep]
+    final: ChunkContext | None = None
+
+
+@dataclass(frozen=True)
+class EpisodeStats:
+    """Per-episode statistics of the online loop."""
+
+    index: int
+    mode: Mode
+    success: bool
+    length: int
+    env_steps: int
+    critical_steps: int
+    rl_chunks: int
+    interventions: int
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """Success rate of the deterministic learner (or the prior) after ``env_steps`` training steps."""
+
+    env_steps: int
+    success_rate: float
+
+
+class OnlineRLT:
+    """The single-process online loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        prior: Policy,
+        phase_switch: PhaseSwitch,
+        token: RLToken,
+        config: OnlineConfig,
+        learner_config: LearnerConfig | None = None,
+        human: HumanIntervention | None = None,
+        on_episode: Callable[[EpisodeRecord], None] | None = None,
+        token_fitted: bool = False,
+    ) -> None:
+        self.env, self.prior, self.phase_switch, self.human = env, prior, phase_switch, human
+        self.config, self.on_episode = config, on_episode
+        self.token, self.token_fitted = token, token_fitted
+        learner_config = learner_config or LearnerConfig(seed=config.seed)
+        proprio_dim = int(np.asarray(env.reset(seed=config.seed)[0]["state"]).shape[0])
+        self.encoder = RLStateEncoder(token, proprio_dim) if token_fitted else None
+        self.learner = ChunkedTD3(token.config.z_dim + proprio_dim, prior.action_dim, learner_config)
+        self.proprio_dim = proprio_dim
+        self.rng = np.random.default_rng(config.seed)
+        self.env_steps = 0
+        self.episode_index = 0
+        self.stats: list[EpisodeStats] = []
+        self.curve: list[EvalPoint] = []
+        self._pending: list[EpisodeChunks] = []
+
+    @property
+    def chunk_size(self) -> int:
+        """``C``."""
+        return self.learner.config.chunk_size
+
+    def run(self) -> list[EvalPoint]:
+        """Warm up, fit the RL token, seed replay, train for ``total_env_steps``; return the eval curve."""
+        for _ in range(self.config.warmup_episodes):
+            self._pending.append(self.run_episode("prior")[0])
+        self.fit_token()
+        self._add_to_replay(self._pending)
+        self._pending = []
+        start = self.env_steps
+        next_eval = start
+        while self.env_steps - start < self.config.total_env_steps:
+            if self.config.eval_every_steps and self.env_steps >= next_eval:
+                self.curve.append(EvalPoint(self.env_steps - start, self.evaluate(self.config.eval_episodes)))
+                next_eval += self.config.eval_every_steps
+            chunks, _ = self.run_episode("learner")
+            added = self._add_to_replay([chunks])
+            self.learner.update(added)
+        if self.config.eval_every_steps:
+            self.curve.append(EvalPoint(self.env_steps - start, self.evaluate(self.config.eval_episodes)))
+        return self.curve
+
+    def fit_token(self) -> list[float]:
+        """Fit and freeze the RL token on the embeddings of the collected warm-up episodes (once)."""
+        if self.token_fitted:
+            return []
+        embeddings = np.stack(
+            [step.context.embeddings for episode in self._pending for step in episode.steps]
+        )
+        losses = fit_rl_token(
+            self.token,
+            embeddings,
+            steps=self.config.token_steps,
+            batch_size=self.config.token_batch_size,
+            seed=self.config.seed,
+        )
+        self.encoder = RLStateEncoder(self.token, self.proprio_dim)
+        self.token_fitted = True
+        return losses
+
+    def seed_from_records(self, records: Iterable[EpisodeRecord]) -> int:
+        """Add stored episodes (warm-up data, interventions) to the replay buffer; return transitions added.
+
+        Observations are rebuilt from each record and the prior is re-run at chunk starts for its embeddings;
+        the recorded chunk (or, for human steps, the executed actions) is the reference. The RL token must be
+        fitted first (``fit_token`` or ``token_fitted=True``).
+        """
+        episodes = [episode_chunks_from_record(record, self.prior, self.chunk_size) for record in records]
+        return self._add_to_replay(episodes)
+
+    def evaluate(self, episodes: int, mode: Mode = "eval") -> float:
+        """Success rate over ``episodes`` episodes on fixed evaluation seeds (no exploration, no updates)."""
+        successes = [self.run_episode(mode, seed=self._eval_seed(j))[1].success for j in range(episodes)]
+        return float(np.mean(successes))
+
+    def run_episode(self, mode: Mode, seed: int | None = None) -> tuple[EpisodeChunks, EpisodeStats]:
+        """Play one episode; emit its ``EpisodeRecord``; return its chunks and statistics."""
+        if mode != "prior" and self.encoder is None:
+            raise RLTInputError(
+                "mode: the RL token must be fitted before the learner acts (run warm-up first)"
+            )
+        seed = self._train_seed() if seed is None else seed
+        observation, info = self.env.reset(seed=seed)
+        self.prior.reset()
+        self.phase_switch.reset()
+        recorder = _EpisodeRecorder(self.config.record_images)
+        chunks, critical, done = EpisodeChunks(steps=[]), False, False
+        while not done:
+            context, proposal = self._context(observation)
+            critical = critical or self.phase_switch.is_critical(observation, info)
+            acting_rl = critical and mode != "prior"
+            planned = self._rl_chunk(context, explore=mode == "learner") if acting_rl else context.reference
+            human_chunk = self.human.intervene(observation, planned) if self.human else None
+            executed = planned if human_chunk is None else self._check_chunk("human chunk", human_chunk)
+            version = self.config.rl_version if acting_rl else self.prior.version
+            chunk_id = recorder.add_chunk(planned, proposal.timing.get("infer_ms", 0.0))
+            rewards, terminated, truncated = [], False, False
+            for offset in range(self.chunk_size):
+                source = StepSource.POLICY if human_chunk is None else StepSource.HUMAN
+                recorder.add_step(observation, executed[offset], source, version, chunk_id, offset, critical)
+                observation, _, terminated, truncated, info = self.env.step(executed[offset])
+                terminated = bool(terminated or info.get("success", False))
+                rewards.append(float(info.get("success", False)))
+                recorder.end_step(rewards[-1], terminated, bool(truncated))
+                if terminated or truncated:
+                    break
+            done = terminated or bool(truncated)
+            if human_chunk is not None:
+                context = ChunkContext(context.embeddings, context.proprio, executed)
+            chunks.steps.append(
+                ChunkStep(
+                    context, executed, np.asarray(rewards), terminated, critical, human_chunk is not None
+                )
+            )
+        if not terminated:
+            chunks.final = self._context(observation)[0]
+        record = recorder.finish(self.config, self.prior.version, seed, mode, success=bool(terminated))
+        if self.on_episode is not None:
+            self.on_episode(record)
+        stats = self._episode_stats(mode, chunks, record)
+        self.stats.append(stats)
+        return chunks, stats
+
+    def _episode_stats(self, mode: Mode, chunks: EpisodeChunks, record: EpisodeRecord) -> EpisodeStats:
+        if mode != "eval":
+            self.env_steps += record.length
+        self.episode_index += 1
+        return EpisodeStats(
+            index=self.episode_index,
+            mode=mode,
+            success=record.outcome == Outcome.SUCCESS,
+            length=record.length,
+            env_steps=self.env_steps,
+            critical_steps=int(np.sum(record.metadata["critical_phase"])),
+            rl_chunks=sum(step.critical for step in chunks.steps) if mode != "prior" else 0,
+            interventions=sum(step.intervened for step in chunks.steps),
+            losses=dict(self.learner.last_losses),
+        )
+
+    def _context(self, observation: Observation) -> tuple[ChunkContext, ActionChunk]:
+        proposal = self.prior.infer(stack_observations([observation]))
+        if proposal.embeddings is None:
+            raise EmbeddingDimError(
+                "embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior"
+            )
+        reference = self._check_chunk("prior chunk", proposal.actions[0, : self.chunk_size])
+        state = np.asarray(observation["state"], np.float32)
+        return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), state, reference), proposal
+
+    def _check_chunk(self, name: str, chunk: np.ndarray) -> np.ndarray:
+        array = np.asarray(chunk, np.float32)
+        if array.shape != self.learner.chunk_shape:
+            raise NonChunkActionError(
+                f"{name}: expected shape {self.learner.chunk_shape} (C×D; the prior's horizon must be ≥ C), "
+                f"got {array.shape}"
+            )
+        return array
+
+    def _rl_chunk(self, context: ChunkContext, explore: bool) -> np.ndarray:
+        assert self.encoder is not None
+        state = self.encoder.encode(context.embeddings[None], context.proprio[None])
+        chunk = self.learner.act(state, context.reference[None])[0]
+        if explore:
+            chunk = chunk + self.rng.normal(0.0, self.config.exploration_noise, chunk.shape)
+        return np.clip(chunk, -1.0, 1.0).astype(np.float32)
+
+    def _add_to_replay(self, episodes: list[EpisodeChunks]) -> int:
+        assert self.encoder is not None
+        transitions = [
+            transition
+            for episode in episodes
+            for transition in chunk_transitions(episode, self.encoder, self.learner.config.gamma)
+        ]
+        for transition in transitions:
+            self.learner.add_transition(transition)
+        return len(transitions)
+
+    def _train_seed(self) -> int:
+        return self.config.seed * 1_000_003 + self.episode_index
+
+    def _eval_seed(self, index: int) -> int:
+        return self.config.seed * 1_000_003 + 500_000 + index
+
+
+def chunk_transitions(episode: EpisodeChunks, encoder: RLStateEncoder, gamma: float) -> list[ChunkTransition]:
+    """Critical-phase chunk steps of one episode as replay transitions (chunked backups, γ^k bootstraps).
+
+    A truncated episode's last chunk bootstraps from ``episode.final``; without it that chunk is dropped.
+    """
+    contexts = [step.context for step in episode.steps] + ([episode.final] if episode.final else [])
+    if not contexts:
+        return []
+    states = encoder.encode(
+        np.stack([context.embeddings for context in contexts]),
+        np.stack([context.proprio for context in contexts]),
+    )
+    transitions = []
+    for index, step in enumerate(episode.steps):
+        has_next = index + 1 < len(contexts)
+        if not step.critical or not (step.terminated or has_next):
+            continue
+        next_index = index + 1 if has_next else index
+        reward, discount = chunk_backup(step.rewards, gamma)
+        transitions.append(
+            ChunkTransition(
+                state=states[index],
+                reference=step.context.reference,
+                action=step.executed,
+                reward=reward,
+                next_state=states[next_index],
+                next_reference=contexts[next_index].reference,
+                terminated=step.terminated,
+                discount=discount,
+                intervened=step.intervened,
+            )
+        )
+    return transitions
+
+
+def episode_chunks_from_record(record: EpisodeRecord, prior: Policy, chunk_size: int) -> EpisodeChunks:
+    """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings.
+
+    Chunk starts are the steps with ``chunk_offsets == 0`` (every ``chunk_size`` steps for records without
+    chunks). The reference is the recorded chunk; chunks containing a human step use the executed actions as
+    both reference and action. ``metadata["critical_phase"]`` (if present) marks critical steps.
+    """
+    length = record.length
+    starts = _chunk_starts(record, chunk_size)
+    critical = np.asarray(record.metadata.get("critical_phase", np.ones(length)), bool)
+    steps = []
+    for start in starts:
+        end = min(start + chunk_size, length)
+        context = _record_context(record, prior, start, chunk_size)
+        executed = context.reference.copy()
+        executed[: end - start] = record.actions[start:end]
+        intervened = bool(np.any(record.sources[start:end] == StepSource.HUMAN))
+        if intervened:
+            context = ChunkContext(context.embeddings, context.proprio, executed)
+        steps.append(
+            ChunkStep(
+                context,
+                executed,
+                np.asarray(record.rewards[start:end], np.float64),
+                bool(np.any(record.terminated[start:end])),
+                bool(critical[start]),
+                intervened,
+            )
+        )
+    return EpisodeChunks(steps=steps)
+
+
+def _chunk_starts(record: EpisodeRecord, chunk_size: int) -> list[int]:
+    if np.all(record.chunk_ids < 0):
+        return list(range(0, record.length, chunk_size))
+    starts = [int(t) for t in np.flatnonzero(record.chunk_offsets == 0)]
+    return starts if starts and starts[0] == 0 else [0, *starts]
+
+
+def _record_context(record: EpisodeRecord, prior: Policy, t: int, chunk_size: int) -> ChunkContext:
+    observation = Observation(
+        images={camera: frames[t] for camera, frames in record.images.items()},
+        state=np.asarray(record.states[t], np.float32),
+        prompt=str(record.metadata.get("prompt", record.task)),
+    )
+    if record.privileged is not None:
+        observation["privileged"] = record.privileged[t]
+    proposal = prior.infer(stack_observations([observation]))
+    if proposal.embeddings is None:
+        raise EmbeddingDimError("embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior")
+    reference = np.asarray(proposal.actions[0, :chunk_size], np.float32)
+    chunk_id = int(record.chunk_ids[t])
+    if chunk_id >= 0 and record.chunk_offsets[t] == 0 and record.chunks.shape[1] >= chunk_size:
+        reference = np.asarray(record.chunks[chunk_id, :chunk_size], np.float32)
+    return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), observation["state"], reference)
+
+
+class _EpisodeRecorder:
+    """Accumulates one episode's columns and builds the ``EpisodeRecord``."""
+
+    def __init__(self, record_images: bool) -> None:
+        self.record_images = record_images
+        self.columns: dict[str, list[Any]] = {
+            key: []
+            for key in (
+                "states",
+                "actions",
+                "rewards",
+                "terminated",
+                "truncated",
+                "sources",
+                "policy_versions",
+                "chunk_ids",
+                "chunk_offsets",
+                "latency_ms",
+                "critical",
+                "privileged",
+            )
+        }
+        self.images: dict[str, list[np.ndarray]] = {}
+        self.chunks: list[np.ndarray] = []
+        self.latencies: list[float] = []
+        self.interventions: list[tuple[int, int]] = []
+
+    def add_chunk(self, chunk: np.ndarray, latency_ms: float) -> int:
+        self.chunks.append(np.asarray(chunk, np.float32))
+        self.latencies.append(float(latency_ms))
+        return len(self.chunks) - 1
+
+    def add_step(
+        self,
+        observation: Observation,
+        action: np.ndarray,
+        source: StepSource,
+        version: str,
+        chunk_id: int,
+        offset: int,
+        critical: bool,
+    ) -> None:
+        columns = self.columns
+        columns["states"].append(np.asarray(observation["state"], np.float32))
+        columns["actions"].append(np.asarray(action, np.float32))
+        columns["sources"].append(int(source))
+        columns["policy_versions"].append(version if source == StepSource.POLICY else None)
+        columns["chunk_ids"].append(chunk_id)
+        columns["chunk_offsets"].append(offset)
+        columns["latency_ms"].append(self.latencies[chunk_id] if offset == 0 else 0.0)
+        columns["critical"].append(int(critical))
+        if "privileged" in observation:
+            columns["privileged"].append(np.asarray(observation["privileged"], np.float32))
+        if self.record_images:
+            for camera, frame in observation["images"].items():
+                self.images.setdefault(camera, []).append(frame)
+
+    def end_step(self, reward: float, terminated: bool, truncated: bool) -> None:
+        self.columns["rewards"].append(reward)
+        self.columns["terminated"].append(terminated)
+        self.columns["truncated"].append(truncated)
+
+    def finish(
+        self, config: OnlineConfig, prior_version: str, seed: int, mode: Mode, success: bool
+    ) -> EpisodeRecord:
+        columns = self.columns
+        length = len(columns["actions"])
+        outcome = (
+            Outcome.SUCCESS
+            if success
+            else (Outcome.TRUNCATED if columns["truncated"][-1] else Outcome.FAILURE)
+        )
+        sources = np.asarray(columns["sources"], np.uint8)
+        return EpisodeRecord(
+            uuid=uuid.uuid4(),
+            task=config.task,
+            env_id=config.env_id,
+            policy_version=config.rl_version if mode != "prior" else prior_version,
+            seed=seed,
+            outcome=outcome,
+            states=np.stack(columns["states"]),
+            actions=np.stack(columns["actions"]),
+            rewards=np.asarray(columns["rewards"], np.float32),
+            terminated=np.asarray(columns["terminated"], bool),
+            truncated=np.asarray(columns["truncated"], bool),
+            sources=sources,
+            policy_versions=columns["policy_versions"],
+            chunk_ids=np.asarray(columns["chunk_ids"], np.int32),
+            chunk_offsets=np.asarray(columns["chunk_offsets"], np.int32),
+            latency_ms=np.asarray(columns["latency_ms"], np.float32),
+            chunks=np.stack(self.chunks),
+            images={camera: np.stack(frames) for camera, frames in self.images.items()},
+            privileged=np.stack(columns["privileged"]) if len(columns["privileged"]) == length else None,
+            interventions=_intervention_segments(sources),
+            metadata={
+                "learner": "rlt",
+                "mode": mode,
+                "prior_version": prior_version,
+                "critical_phase": columns["critical"],
+            },
+        )
+
+
+def _intervention_segments(sources: np.ndarray) -> list[InterventionSegment]:
+    human = np.concatenate([[False], sources == StepSource.HUMAN, [False]])
+    edges = np.flatnonzero(np.diff(human.astype(np.int8)))
+    return [
+        InterventionSegment(int(a), int(b), "human") for a, b in zip(edges[::2], edges[1::2], strict=True)
+    ]

@@ -1,0 +1,278 @@
+"""The RLT actor-critic: SB3's TD3 extended at its seams for action chunks and a VLA reference.
+
+What changes relative to ``stable_baselines3.TD3`` (everything else — twin critics, target policy smoothing,
+delayed actor updates, Polyak targets, optimizers — is TD3's own):
+
+- spaces: the observation is ``x ‖ flatten(ã)`` (RL state and the VLA's reference chunk), the action a whole
+  flattened chunk ``C·D`` in ``[−1, 1]``;
+- ``RLTPolicy.make_critic``: the critics read only ``x`` (a slicing features extractor), ``Q(x, a_chunk)``;
+- ``ChunkReplayBuffer``: chunk transitions with per-entry bootstrap discounts ``γ^k``;
+- ``ChunkedTD3.train``: critic target ``R + (1 − terminated) · γ^k · min Q'``; actor loss
+  ``−Q1(x, π(x, ã_drop)) + β · mean((π − ã)²)`` with the reference zeroed in the actor input for a fraction
+  ``ref_dropout`` of the batch; every loss is checked for finiteness before its optimizer step.
+
+Training runs without ``learn()``: the online loop (``rlt.online``) collects chunks and calls ``update``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from safetensors.torch import load_file, save_file
+from stable_baselines3 import TD3
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.td3.policies import TD3Policy
+from torch.nn import functional as F
+
+from rlt.buffer import ChunkReplayBuffer, ChunkTransition
+from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Hyper-parameters of the chunked actor-critic (defaults follow the RLT recipe).
+
+    ``utd_ratio`` is the number of critic updates per chunk transition collected, ``policy_delay`` the number
+    of critic updates per actor update, ``beta`` the weight of ``mean((a − ã)²)`` in the actor loss.
+    """
+
+    chunk_size: int = 10
+    gamma: float = 0.99
+    beta: float = 1.0
+    ref_dropout: float = 0.5
+    utd_ratio: int = 5
+    policy_delay: int = 2
+    net_arch: tuple[int, ...] = (256, 256)
+    learning_rate: float = 3e-4
+    batch_size: int = 256
+    buffer_size: int = 200_000
+    learning_starts: int = 256
+    tau: float = 0.005
+    target_policy_noise: float = 0.2
+    target_noise_clip: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "chunk_size": self.chunk_size >= 1,
+            "gamma": 0.0 < self.gamma <= 1.0,
+            "beta": self.beta >= 0.0,
+            "ref_dropout": 0.0 <= self.ref_dropout < 1.0,
+            "utd_ratio": self.utd_ratio >= 1,
+            "policy_delay": self.policy_delay >= 1,
+            "batch_size": self.batch_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise RLTInputError(f"LearnerConfig.{name}: invalid value {getattr(self, name)!r}")
+
+
+class StateSliceExtractor(BaseFeaturesExtractor):
+    """Features = the first ``state_dim`` entries of the observation (the RL state ``x``, not ``ã``)."""
+
+    def __init__(self, observation_space: spaces.Box, state_dim: int) -> None:
+        super().__init__(observation_space, features_dim=state_dim)
+        self.state_dim = state_dim
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return observations[:, : self.state_dim]
+
+
+class RLTPolicy(TD3Policy):
+    """TD3 policy whose actor reads ``x ‖ ã`` and whose critics read only ``x`` and the action chunk."""
+
+    def __init__(self, *args: Any, state_dim: int, **kwargs: Any) -> None:
+        self.state_dim = state_dim
+        super().__init__(*args, **kwargs)
+
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
+        critic_kwargs = self.critic_kwargs.copy()
+        extractor = StateSliceExtractor(self.observation_space, self.state_dim)
+        critic_kwargs.update(features_extractor=extractor, features_dim=self.state_dim)
+        return ContinuousCritic(**critic_kwargs).to(self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "state_dim": self.state_dim}
+
+
+def apply_reference_dropout(
+    observations: torch.Tensor, state_dim: int, rate: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the reference part of a random ``rate`` fraction of rows; return (observations, kept mask)."""
+    keep = torch.rand(observations.shape[0], generator=generator) >= rate
+    dropped = observations.clone()
+    dropped[~keep, state_dim:] = 0.0
+    return dropped, keep
+
+
+class ChunkedTD3(TD3):
+    """RLT's actor-critic: TD3 over ``(x, ã) → chunk`` with reference regularization (see the module)."""
+
+    replay_buffer: ChunkReplayBuffer
+
+    def __init__(self, state_dim: int, action_dim: int, config: LearnerConfig | None = None) -> None:
+        self.config = config or LearnerConfig()
+        self.state_dim, self.action_dim = state_dim, action_dim
+        chunk_flat = self.config.chunk_size * action_dim
+        super().__init__(
+            RLTPolicy,
+            env=None,
+            learning_rate=self.config.learning_rate,
+            buffer_size=self.config.buffer_size,
+            learning_starts=self.config.learning_starts,
+            batch_size=self.config.batch_size,
+            tau=self.config.tau,
+            gamma=self.config.gamma,
+            policy_delay=self.config.policy_delay,
+            target_policy_noise=self.config.target_policy_noise,
+            target_noise_clip=self.config.target_noise_clip,
+            replay_buffer_class=ChunkReplayBuffer,
+            replay_buffer_kwargs={
+                "state_dim": state_dim,
+                "chunk_size": self.config.chunk_size,
+                "action_dim": action_dim,
+            },
+            policy_kwargs={"net_arch": list(self.config.net_arch), "state_dim": state_dim},
+            seed=self.config.seed,
+            device="cpu",
+            _init_setup_model=False,
+        )
+        self.observation_space = spaces.Box(-np.inf, np.inf, (state_dim + chunk_flat,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (chunk_flat,), np.float32)
+        self.n_envs = 1
+        self._setup_model()
+        self.set_logger(Logger(folder=None, output_formats=[]))
+        self.dropout_generator = torch.Generator().manual_seed(self.config.seed)
+        self.last_losses: dict[str, float] = {}
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        """``(C, D)``."""
+        return self.config.chunk_size, self.action_dim
+
+    def add_transition(self, transition: ChunkTransition) -> None:
+        """Store one chunk transition in the replay buffer (validated there)."""
+        self.replay_buffer.add_chunk(transition)
+
+    def update(self, new_transitions: int = 1) -> int:
+        """Run ``utd_ratio × new_transitions`` critic updates once the buffer holds ``learning_starts``.
+
+        Returns the number of gradient steps taken.
+        """
+        if self.replay_buffer.size() < self.learning_starts or new_transitions <= 0:
+            return 0
+        steps = self.config.utd_ratio * new_transitions
+        self.train(gradient_steps=steps, batch_size=self.batch_size)
+        return steps
+
+    def act(self, states: np.ndarray, references: np.ndarray) -> np.ndarray:
+        """Deterministic actor chunks ``B×C×D`` for RL states ``B×S`` and reference chunks ``B×C×D``."""
+        states = np.asarray(states, dtype=np.float32)
+        references = np.asarray(references, dtype=np.float32)
+        if states.ndim != 2 or states.shape[1] != self.state_dim:
+            raise RLTInputError(f"states: expected shape B×{self.state_dim}, got {states.shape}")
+        if references.shape != (states.shape[0], *self.chunk_shape):
+            raise NonChunkActionError(
+                f"references: expected shape {(states.shape[0], *self.chunk_shape)} (B×C×D), "
+                f"got {references.shape}"
+            )
+        observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
+        with torch.no_grad():
+            chunks = self.actor(torch.as_tensor(observations)).numpy()
+        return chunks.reshape(len(states), *self.chunk_shape)
+
+    def critic_targets(self, batch: ReplayBufferSamples) -> torch.Tensor:
+        """Chunked TD targets ``R + (1 − terminated) · γ^k · min_i Q'_i(x', π'(x', ã') + ε)``."""
+        with torch.no_grad():
+            noise = batch.actions.clone().normal_(0, self.target_policy_noise)
+            noise = noise.clamp(-self.target_noise_clip, self.target_noise_clip)
+            next_actions = (self.actor_target(batch.next_observations) + noise).clamp(-1, 1)
+            next_q = torch.cat(self.critic_target(batch.next_observations, next_actions), dim=1)
+            next_q = next_q.min(dim=1, keepdim=True).values
+            return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
+
+    def actor_loss(self, observations: torch.Tensor) -> torch.Tensor:
+        """``−Q1(x, π(x, ã with dropout)) + β · mean((π − ã)²)``."""
+        actor_input, _ = apply_reference_dropout(
+            observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
+        )
+        actions = self.actor(actor_input)
+        reference = observations[:, self.state_dim :]
+        q_value = self.critic.q1_forward(observations, actions).mean()
+        return -q_value + self.config.beta * torch.mean((actions - reference) ** 2)
+
+    def train(self, gradient_steps: int, batch_size: int = 256) -> None:
+        """TD3's update loop with chunked targets and the reference-regularized actor loss."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
+        critic_losses, actor_losses = [], []
+        for _ in range(gradient_steps):
+            self._n_updates += 1
+            batch = self.replay_buffer.sample(batch_size)
+            target = self.critic_targets(batch)
+            current = self.critic(batch.observations, batch.actions)
+            critic_loss = sum(F.mse_loss(q_value, target) for q_value in current)
+            _step(self.critic.optimizer, _finite("critic_loss", critic_loss))
+            critic_losses.append(critic_loss.item())
+            if self._n_updates % self.policy_delay == 0:
+                actor_loss = self.actor_loss(batch.observations)
+                _step(self.actor.optimizer, _finite("actor_loss", actor_loss))
+                actor_losses.append(actor_loss.item())
+                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+                polyak_update(self.actor.parameters(), self.actor_target.parameters(), self.tau)
+        self.check_parameters()
+        self.last_losses = {"critic_loss": float(np.mean(critic_losses))}
+        if actor_losses:
+            self.last_losses["actor_loss"] = float(np.mean(actor_losses))
+
+    def check_parameters(self) -> None:
+        """Raise ``CriticDivergedError`` naming the first non-finite parameter (actor, critics, targets)."""
+        for name, value in self.policy.state_dict().items():
+            if not torch.isfinite(value).all():
+                raise CriticDivergedError(f"parameter {name} is not finite: the actor-critic diverged")
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write actor and critic weights (safetensors) after checking every parameter is finite."""
+        self.check_parameters()
+        tensors = {name: value.detach().contiguous() for name, value in self.policy.state_dict().items()}
+        metadata = {
+            "config": json.dumps(asdict(self.config)),
+            "state_dim": str(self.state_dim),
+            "action_dim": str(self.action_dim),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path) -> ChunkedTD3:
+        """Rebuild a learner (empty replay) from ``save_checkpoint`` output."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        raw = json.loads(metadata["config"])
+        config = LearnerConfig(**{**raw, "net_arch": tuple(raw["net_arch"])})
+        learner = cls(int(metadata["state_dim"]), int(metadata["action_dim"]), config)
+        learner.policy.load_state_dict(load_file(str(path)))
+        return learner
+
+
+def _finite(name: str, loss: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(loss):
+        raise CriticDivergedError(f"{name} is {loss.item()}: the actor-critic diverged; training stopped")
+    return loss
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()

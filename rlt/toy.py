@@ -1,0 +1,84 @@
+"""A 2-D point-reaching task with a biased chunking prior: small, fast and hard for the prior alone.
+
+The point moves by ``step_size · a`` per step; success means ending within ``tolerance`` of the goal. The
+prior plans an open-loop chunk toward ``goal + bias`` (plus Gaussian noise), so with a tolerance tighter than
+``‖bias‖`` it rarely succeeds — the precision-critical last centimetres are what RLT has to learn. Used by the
+RLT tests and as a smoke benchmark; observations follow flywheel's ``Observation`` contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from policies.base import ActionChunk, Observation, ObservationBatch
+
+
+class PointReachEnv(gym.Env):
+    """State and privileged state are ``(x, y, goal_x, goal_y)``; sparse reward +1 on success (terminates).
+
+    The point starts 0.15–0.4 on the +x side of the goal, so a prior biased toward +x stops short of it.
+    """
+
+    def __init__(self, tolerance: float = 0.02, step_size: float = 0.05, max_steps: int = 60) -> None:
+        self.tolerance, self.step_size, self.max_steps = tolerance, step_size, max_steps
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.position = np.zeros(2, np.float32)
+        self.goal = np.zeros(2, np.float32)
+        self.steps = 0
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Observation, dict]:
+        super().reset(seed=seed)
+        self.goal = self.np_random.uniform(-0.5, 0.5, 2).astype(np.float32)
+        offset = np.array([self.np_random.uniform(0.15, 0.4), self.np_random.uniform(-0.3, 0.3)])
+        self.position = (self.goal + offset).astype(np.float32)
+        self.steps = 0
+        return self._observation(), {"success": False}
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict]:
+        action = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
+        self.position = self.position + self.step_size * action
+        self.steps += 1
+        success = bool(np.linalg.norm(self.position - self.goal) < self.tolerance)
+        truncated = self.steps >= self.max_steps and not success
+        return self._observation(), float(success), success, truncated, {"success": success}
+
+    def _observation(self) -> Observation:
+        state = np.concatenate([self.position, self.goal]).astype(np.float32)
+        return Observation(images={}, state=state, prompt="reach the goal", privileged=state.copy())
+
+
+class BiasedReachPrior:
+    """A ``Policy``: open-loop chunks toward ``goal + bias``, proportional gain, Gaussian action noise."""
+
+    def __init__(
+        self,
+        bias: tuple[float, float] = (0.06, 0.0),
+        noise: float = 0.1,
+        horizon: int = 10,
+        gain: float = 10.0,
+        step_size: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        self.bias = np.asarray(bias, np.float32)
+        self.noise, self.gain, self.step_size = noise, gain, step_size
+        self.action_horizon, self.action_dim = horizon, 2
+        self.version = f"biased-reach-prior(bias={tuple(bias)},noise={noise})"
+        self.rng = np.random.default_rng(seed)
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        states = np.asarray(batch["state"], np.float32)
+        position, target = states[:, :2].copy(), states[:, 2:4] + self.bias
+        actions = np.zeros((len(states), self.action_horizon, 2), np.float32)
+        for k in range(self.action_horizon):
+            step = np.clip(self.gain * (target - position), -1.0, 1.0)
+            actions[:, k] = np.clip(step + self.rng.normal(0.0, self.noise, step.shape), -1.0, 1.0)
+            position = position + self.step_size * step
+        return ActionChunk(actions=actions)
+
+    def reset(self) -> None:
+        """Stateless."""

@@ -1,0 +1,147 @@
+"""Chunked, reference-regularized TD3 (rlt.td3 / rlt.buffer): targets, regularizer, dropout, guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rlt.buffer import ChunkTransition, chunk_backup
+from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
+from rlt.td3 import ChunkedTD3, LearnerConfig, apply_reference_dropout
+
+torch.set_num_threads(1)
+
+STATE_DIM, ACTION_DIM, CHUNK = 6, 2, 10
+
+
+def _learner(**overrides) -> ChunkedTD3:
+    settings = {"batch_size": 64, "learning_starts": 64, "net_arch": (64, 64), "seed": 0, **overrides}
+    config = LearnerConfig(**settings)
+    return ChunkedTD3(STATE_DIM, ACTION_DIM, config)
+
+
+def _transition(rng: np.random.Generator, **fields) -> ChunkTransition:
+    values = {
+        "state": rng.normal(size=STATE_DIM),
+        "reference": rng.uniform(-0.9, 0.9, (CHUNK, ACTION_DIM)),
+        "action": rng.uniform(-1, 1, (CHUNK, ACTION_DIM)),
+        "reward": float(rng.random() < 0.1),
+        "next_state": rng.normal(size=STATE_DIM),
+        "next_reference": rng.uniform(-0.9, 0.9, (CHUNK, ACTION_DIM)),
+        "terminated": False,
+        "discount": 0.99**CHUNK,
+    }
+    return ChunkTransition(**{**values, **fields})
+
+
+def _filled(learner: ChunkedTD3, count: int = 256, seed: int = 0) -> np.random.Generator:
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        learner.add_transition(_transition(rng))
+    return rng
+
+
+def test_chunk_backup_hand_computed() -> None:
+    assert chunk_backup(np.array([0.0, 0.0, 1.0]), 0.9) == pytest.approx((0.81, 0.729))
+    assert chunk_backup(np.zeros(10), 0.9) == pytest.approx((0.0, 0.9**10))
+    assert chunk_backup(np.array([1.0, 1.0]), 0.5) == pytest.approx((1.5, 0.25))
+
+
+def test_chunked_td_target_matches_hand_computation() -> None:
+    learner = _learner(target_policy_noise=0.0, gamma=0.9)
+    rng = np.random.default_rng(1)
+    terminal_reward, terminal_discount = chunk_backup(np.array([0.0, 0.0, 0.0, 1.0]), 0.9)
+    truncated_reward, truncated_discount = chunk_backup(np.zeros(4), 0.9)
+    cases = [
+        _transition(rng, reward=terminal_reward, discount=terminal_discount, terminated=True),
+        _transition(rng, reward=truncated_reward, discount=truncated_discount),
+        _transition(rng, reward=0.0, discount=0.9**CHUNK),
+    ]
+    for transition in cases:
+        learner.add_transition(transition)
+    batch = learner.replay_buffer._get_samples(np.arange(3))
+    targets = learner.critic_targets(batch).squeeze(1).numpy()
+    with torch.no_grad():
+        next_obs = batch.next_observations
+        q1, q2 = learner.critic_target(next_obs, learner.actor_target(next_obs))
+        next_q = torch.minimum(q1, q2).squeeze(1).numpy()
+    assert targets[0] == pytest.approx(0.729, abs=1e-6)
+    assert targets[1] == pytest.approx(0.9**4 * next_q[1], rel=1e-5)
+    assert targets[2] == pytest.approx(0.9**10 * next_q[2], rel=1e-5)
+
+
+def _reference_error_after_training(beta: float) -> float:
+    learner = _learner(beta=beta, learning_rate=1e-3, net_arch=(256, 256))
+    _filled(learner)
+    learner.update(120)
+    states, references = learner.replay_buffer.split(learner.replay_buffer.observations[:256, 0])
+    return float(np.mean((learner.act(states, references) - references) ** 2))
+
+
+def test_large_beta_makes_the_actor_reproduce_the_reference() -> None:
+    copy_error = _reference_error_after_training(beta=1000.0)
+    free_error = _reference_error_after_training(beta=0.0)
+    assert copy_error < 0.02  # the references have variance 0.27
+    assert copy_error < 0.1 * free_error
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.2])
+def test_reference_dropout_masks_at_the_configured_rate(rate: float) -> None:
+    observations = torch.ones(20_000, STATE_DIM + CHUNK * ACTION_DIM)
+    dropped, keep = apply_reference_dropout(observations, STATE_DIM, rate, torch.Generator().manual_seed(0))
+    assert 1 - keep.float().mean().item() == pytest.approx(rate, abs=0.015)
+    assert torch.all(dropped[~keep, STATE_DIM:] == 0) and torch.all(dropped[keep, STATE_DIM:] == 1)
+    assert torch.all(dropped[:, :STATE_DIM] == 1)
+
+
+def test_actor_update_sees_the_configured_dropout() -> None:
+    learner = _learner(ref_dropout=0.3, batch_size=512, learning_starts=512)
+    _filled(learner, count=512)
+    seen: list[torch.Tensor] = []
+    learner.actor.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    learner.actor_loss(learner.replay_buffer.sample(4096).observations)
+    zeroed = (seen[0][:, STATE_DIM:] == 0).all(dim=1).float().mean().item()
+    assert zeroed == pytest.approx(0.3, abs=0.03)
+
+
+def test_intervention_replaces_reference_and_executed_action() -> None:
+    learner = _learner()
+    rng = np.random.default_rng(2)
+    human = rng.uniform(-1, 1, (CHUNK, ACTION_DIM)).astype(np.float32)
+    learner.add_transition(_transition(rng, action=human, intervened=True))
+    learner.add_transition(_transition(rng))
+    _, references = learner.replay_buffer.split(learner.replay_buffer.observations[:2, 0])
+    np.testing.assert_allclose(references[0], human)
+    np.testing.assert_allclose(learner.replay_buffer.actions[0, 0].reshape(CHUNK, ACTION_DIM), human)
+    assert not np.allclose(references[1], learner.replay_buffer.actions[1, 0].reshape(CHUNK, ACTION_DIM))
+    assert learner.replay_buffer.interventions[:2, 0].tolist() == [True, False]
+
+
+def test_non_chunk_actions_are_refused() -> None:
+    learner = _learner()
+    rng = np.random.default_rng(3)
+    with pytest.raises(NonChunkActionError, match=r"action: expected a chunk of shape \(10, 2\)"):
+        learner.add_transition(_transition(rng, action=np.zeros(ACTION_DIM)))
+    with pytest.raises(NonChunkActionError, match="references"):
+        learner.act(np.zeros((1, STATE_DIM)), np.zeros((1, 5, ACTION_DIM)))
+    with pytest.raises(RLTInputError, match="reward"):
+        learner.add_transition(_transition(rng, reward=float("nan")))
+    assert learner.replay_buffer.size() == 0
+
+
+def test_diverged_critic_stops_training_and_writes_no_checkpoint(tmp_path) -> None:
+    learner = _learner()
+    _filled(learner)
+    learner.update(2)
+    learner.save_checkpoint(tmp_path / "good.safetensors")
+    restored = ChunkedTD3.load_checkpoint(tmp_path / "good.safetensors")
+    probe = np.zeros((1, STATE_DIM)), np.zeros((1, CHUNK, ACTION_DIM))
+    np.testing.assert_allclose(restored.act(*probe), learner.act(*probe))
+    with torch.no_grad():
+        next(learner.critic.q_networks[0].parameters()).fill_(float("nan"))
+    with pytest.raises(CriticDivergedError, match="critic_loss is nan"):
+        learner.update(1)
+    with pytest.raises(CriticDivergedError, match="not finite"):
+        learner.save_checkpoint(tmp_path / "broken.safetensors")
+    assert not (tmp_path / "broken.safetensors").exists()

@@ -1,0 +1,50 @@
+"""RL token: the bottleneck learns to reconstruct fixed embeddings; wrong widths are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rlt.errors import EmbeddingDimError
+from rlt.rl_token import RLToken, RLTokenConfig, fit_rl_token
+
+torch.set_num_threads(1)
+
+
+def _embeddings(count: int = 256, tokens: int = 4, width: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(count, 3)).astype(np.float32)
+    projection = rng.normal(size=(3, tokens * width)).astype(np.float32)
+    return np.tanh(latent @ projection).reshape(count, tokens, width)
+
+
+def _token(seed: int = 0) -> RLToken:
+    torch.manual_seed(seed)
+    return RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=8, model_dim=32, encoder_layers=1))
+
+
+def test_reconstruction_loss_falls_on_fixed_embeddings() -> None:
+    losses = fit_rl_token(_token(), _embeddings(), steps=150, batch_size=64, learning_rate=3e-3)
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
+
+
+def test_frozen_token_encodes_and_round_trips(tmp_path) -> None:
+    token = _token()
+    embeddings = _embeddings(32)
+    fit_rl_token(token, embeddings, steps=5)
+    token.freeze()
+    z_rl = token.encode_numpy(embeddings)
+    assert z_rl.shape == (32, 8)
+    assert not any(parameter.requires_grad for parameter in token.parameters())
+    token.save(tmp_path / "token.safetensors")
+    np.testing.assert_allclose(RLToken.load(tmp_path / "token.safetensors").encode_numpy(embeddings), z_rl)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 12), (8, 5, 16), (4, 16)])
+def test_embedding_dimension_mismatch_is_a_clear_error(shape: tuple[int, ...]) -> None:
+    token = _token()
+    with pytest.raises(EmbeddingDimError, match=r"embeddings: expected shape B×4×16"):
+        token.encode_numpy(np.zeros(shape, np.float32))
+    with pytest.raises(EmbeddingDimError):
+        fit_rl_token(token, np.zeros(shape, np.float32), steps=1)
