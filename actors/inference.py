@@ -1,0 +1,150 @@
+"""Dynamic batching of inference requests, so one model copy serves many rollout workers.
+
+``BatchingInferenceServer`` is a plain asyncio class: concurrent ``infer`` calls are gathered until
+``max_batch`` observations or ``max_wait_ms`` have passed, run as one ``policy.infer`` in a worker thread (the
+event loop stays free to accept more requests), and split back. As a Ray async actor it serves every worker;
+``ServedPolicy`` is the ``Policy`` a worker holds to talk to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import ActionChunk, ObservationBatch, Policy, batch_size
+
+
+@dataclass
+class ServedChunk:
+    """A reply of the inference server: the chunk and the version of the weights that produced it."""
+
+    chunk: ActionChunk
+    version: str
+
+
+@dataclass
+class _Request:
+    batch: ObservationBatch
+    reply: asyncio.Future
+
+
+class BatchingInferenceServer:
+    """Batches concurrent ``infer`` requests into single ``policy.infer`` calls."""
+
+    def __init__(self, policy: Policy, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"max_batch must be ≥ 1 and max_wait_ms ≥ 0, got {max_batch} and {max_wait_ms}")
+        self.policy = policy
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.batch_sizes: list[int] = []
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._runner: asyncio.Task | None = None
+
+    def set_policy(self, policy: Policy) -> str:
+        """Serve a new policy from the next batch on; returns its version."""
+        self.policy = policy
+        return policy.version
+
+    def metadata(self) -> dict[str, object]:
+        """The served policy's identity and shapes."""
+        return {
+            "version": self.policy.version,
+            "action_horizon": self.policy.action_horizon,
+            "action_dim": self.policy.action_dim,
+        }
+
+    def stats(self) -> dict[str, float]:
+        """How many batches ran and their mean size (in observations)."""
+        sizes = self.batch_sizes or [0]
+        return {"batches": float(len(self.batch_sizes)), "mean_batch": float(np.mean(sizes))}
+
+    async def infer(self, batch: ObservationBatch) -> ServedChunk:
+        """Queue a batch of observations and wait for its chunk."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._runner = asyncio.get_running_loop().create_task(self._serve_forever())
+        reply = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(batch, reply))
+        return await reply
+
+    async def _serve_forever(self) -> None:
+        while True:
+            requests = await self._gather()
+            try:
+                policy = self.policy
+                merged = _concat_batches([request.batch for request in requests])
+                chunk = await asyncio.to_thread(policy.infer, merged)
+            except Exception as error:  # every waiting caller sees the failure, the server keeps serving
+                for request in requests:
+                    request.reply.set_exception(error)
+                continue
+            self.batch_sizes.append(batch_size(merged))
+            for request, part in zip(requests, _split_chunk(chunk, requests), strict=True):
+                request.reply.set_result(ServedChunk(part, policy.version))
+
+    async def _gather(self) -> list[_Request]:
+        """The first waiting request plus whatever else arrives within ``max_wait_ms``, up to ``max_batch``."""
+        requests = [await self._queue.get()]
+        count = batch_size(requests[0].batch)
+        deadline = time.monotonic() + self.max_wait_ms / 1e3
+        while count < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                request = await asyncio.wait_for(self._queue.get(), remaining)
+            except TimeoutError:
+                break
+            requests.append(request)
+            count += batch_size(request.batch)
+        return requests
+
+
+class ServedPolicy:
+    """A ``Policy`` whose ``infer`` goes to a (Ray) ``BatchingInferenceServer``; its ``version`` follows the replies."""
+
+    def __init__(self, server: object, action_horizon: int, action_dim: int, version: str) -> None:
+        self.server = server
+        self.action_horizon = action_horizon
+        self.action_dim = action_dim
+        self.version = version
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        """Send the batch to the server and wait for the chunk."""
+        import ray
+
+        started = time.perf_counter()
+        served: ServedChunk = ray.get(self.server.infer.remote(batch))
+        self.version = served.version
+        served.chunk.timing["infer_ms"] = (time.perf_counter() - started) * 1e3
+        return served.chunk
+
+    def reset(self) -> None:
+        """Stateless on the worker side."""
+
+
+def _concat_batches(batches: list[ObservationBatch]) -> ObservationBatch:
+    """Concatenate observation batches along the batch axis."""
+    merged = ObservationBatch(
+        images={cam: np.concatenate([b["images"][cam] for b in batches]) for cam in batches[0]["images"]},
+        state=np.concatenate([b["state"] for b in batches]),
+        prompt=[prompt for b in batches for prompt in b["prompt"]],
+    )
+    if all("privileged" in b for b in batches):
+        merged["privileged"] = np.concatenate([b["privileged"] for b in batches])
+    return merged
+
+
+def _split_chunk(chunk: ActionChunk, requests: list[_Request]) -> list[ActionChunk]:
+    """Split a merged chunk back into one per request, in order."""
+    parts, start = [], 0
+    for request in requests:
+        stop = start + batch_size(request.batch)
+        embeddings = None if chunk.embeddings is None else chunk.embeddings[start:stop]
+        parts.append(ActionChunk(chunk.actions[start:stop], embeddings, dict(chunk.timing)))
+        start = stop
+    return parts

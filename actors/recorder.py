@@ -1,0 +1,126 @@
+"""Accumulates one episode's steps and chunks into a columnar ``EpisodeRecord``."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from policies.base import Observation
+from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+
+
+@dataclass
+class EpisodeRecorder:
+    """Collects what happens in one episode, step by step, and turns it into an ``EpisodeRecord``.
+
+    ``add_chunk`` registers a predicted chunk and returns its id; ``add_step`` records the observation the
+    action was chosen from, the executed action and its provenance. ``finish`` closes the episode.
+    """
+
+    task: str
+    env_id: str
+    seed: int | None
+    run_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    record_images: bool = True
+    episode_uuid: uuid.UUID = field(default_factory=uuid.uuid4)
+    _states: list[np.ndarray] = field(default_factory=list)
+    _privileged: list[np.ndarray] = field(default_factory=list)
+    _images: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _actions: list[np.ndarray] = field(default_factory=list)
+    _rewards: list[float] = field(default_factory=list)
+    _terminated: list[bool] = field(default_factory=list)
+    _truncated: list[bool] = field(default_factory=list)
+    _sources: list[int] = field(default_factory=list)
+    _versions: list[str | None] = field(default_factory=list)
+    _chunk_ids: list[int] = field(default_factory=list)
+    _chunk_offsets: list[int] = field(default_factory=list)
+    _latency_ms: list[float] = field(default_factory=list)
+    _chunks: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Steps recorded so far."""
+        return len(self._actions)
+
+    def add_chunk(self, actions: np.ndarray) -> int:
+        """Register a predicted ``H×D`` chunk; returns its index in the episode's chunk list."""
+        self._chunks.append(np.asarray(actions, dtype=np.float32))
+        return len(self._chunks) - 1
+
+    def add_step(
+        self,
+        observation: Observation,
+        executed_action: np.ndarray,
+        reward: float,
+        terminated: bool,
+        truncated: bool,
+        *,
+        source: StepSource,
+        policy_version: str | None,
+        chunk_id: int,
+        chunk_offset: int,
+        latency_ms: float,
+    ) -> None:
+        """Record one step: the observation the action was chosen from and what happened."""
+        self._states.append(np.asarray(observation["state"], dtype=np.float32))
+        if "privileged" in observation:
+            self._privileged.append(np.asarray(observation["privileged"], dtype=np.float32))
+        if self.record_images:
+            for camera, image in observation["images"].items():
+                self._images.setdefault(camera, []).append(image)
+        self._actions.append(np.asarray(executed_action, dtype=np.float32))
+        self._rewards.append(float(reward))
+        self._terminated.append(bool(terminated))
+        self._truncated.append(bool(truncated))
+        self._sources.append(int(source))
+        self._versions.append(policy_version)
+        self._chunk_ids.append(chunk_id)
+        self._chunk_offsets.append(chunk_offset)
+        self._latency_ms.append(float(latency_ms))
+
+    def finish(
+        self,
+        outcome: Outcome,
+        interventions: list[InterventionSegment] | None = None,
+        error: str | None = None,
+    ) -> EpisodeRecord:
+        """Close the episode and return its record (the recorder should not be used afterwards)."""
+        action_dim = self._actions[0].shape[0] if self._actions else 0
+        horizon = self._chunks[0].shape[0] if self._chunks else 1
+        versions = [v for v in self._versions if v is not None]
+        return EpisodeRecord(
+            uuid=self.episode_uuid,
+            task=self.task,
+            env_id=self.env_id,
+            policy_version=versions[0] if versions else None,
+            seed=self.seed,
+            outcome=outcome,
+            states=_stack(self._states, np.float32),
+            actions=_stack(self._actions, np.float32, (0, action_dim)),
+            rewards=np.asarray(self._rewards, dtype=np.float32),
+            terminated=np.asarray(self._terminated, dtype=bool),
+            truncated=np.asarray(self._truncated, dtype=bool),
+            sources=np.asarray(self._sources, dtype=np.uint8),
+            policy_versions=list(self._versions),
+            chunk_ids=np.asarray(self._chunk_ids, dtype=np.int32),
+            chunk_offsets=np.asarray(self._chunk_offsets, dtype=np.int32),
+            latency_ms=np.asarray(self._latency_ms, dtype=np.float32),
+            chunks=_stack(self._chunks, np.float32, (0, horizon, action_dim)),
+            images={camera: np.stack(frames) for camera, frames in self._images.items()},
+            privileged=_stack(self._privileged, np.float32) if self._privileged else None,
+            interventions=list(interventions or []),
+            metadata=dict(self.metadata),
+            run_id=self.run_id,
+            error=error,
+        )
+
+
+def _stack(rows: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...] = (0, 0)) -> np.ndarray:
+    """Stack per-step rows, or an empty array of ``empty_shape`` when the episode has none."""
+    if not rows:
+        return np.zeros(empty_shape, dtype=dtype)
+    return np.stack(rows).astype(dtype, copy=False)

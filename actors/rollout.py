@@ -1,0 +1,266 @@
+"""The rollout worker as a plain Python class: steps N envs with a chunking policy and emits finished episodes.
+
+Runs in-process for tests and debugging; ``actors.remote`` makes it a Ray actor without changing it.
+A worker asks the policy for a chunk only for envs whose current chunk is used up, so chunk requests from
+several envs share one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at the next
+chunk boundary of each env: every step records the version of the chunk it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from actors.recorder import EpisodeRecorder
+from policies.base import ActionChunk, Observation, Policy, stack_observations
+from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+
+logger = logging.getLogger(__name__)
+
+EpisodeSink = Callable[[EpisodeRecord], Any]
+EnvFactory = Callable[[], gym.Env]
+
+
+@dataclass
+class RolloutStats:
+    """What a worker did in one ``run`` call."""
+
+    episodes: int = 0
+    successes: int = 0
+    errors: int = 0
+    env_steps: int = 0
+    human_steps: int = 0
+    inference_calls: int = 0
+    seconds: float = 0.0
+    episode_uuids: list[str] = field(default_factory=list)
+
+    def merge(self, other: RolloutStats) -> RolloutStats:
+        """Sum of two stats (for aggregating workers)."""
+        return RolloutStats(
+            episodes=self.episodes + other.episodes,
+            successes=self.successes + other.successes,
+            errors=self.errors + other.errors,
+            env_steps=self.env_steps + other.env_steps,
+            human_steps=self.human_steps + other.human_steps,
+            inference_calls=self.inference_calls + other.inference_calls,
+            seconds=max(self.seconds, other.seconds),
+            episode_uuids=self.episode_uuids + other.episode_uuids,
+        )
+
+
+@dataclass
+class _EnvSlot:
+    """One env's live state inside a worker."""
+
+    env: gym.Env
+    env_id: str
+    task: str
+    observation: Observation | None = None
+    recorder: EpisodeRecorder | None = None
+    chunk: np.ndarray | None = None
+    chunk_id: int = -1
+    chunk_offset: int = 0
+    chunk_version: str | None = None
+    chunk_latency_ms: float = 0.0
+
+
+class RolloutWorker:
+    """Steps several envs with one policy and hands each finished episode to ``sink``.
+
+    ``env_factories`` build the envs (one slot each); ``seed`` seeds the episode seed sequence so that a
+    worker's episodes are reproducible; ``execute_horizon`` is how many actions of each chunk are executed
+    before asking for the next (default: the whole chunk).
+    """
+
+    def __init__(
+        self,
+        env_factories: list[EnvFactory],
+        policy: Policy,
+        sink: EpisodeSink,
+        *,
+        task: str,
+        worker_id: int = 0,
+        seed: int = 0,
+        run_id: str | None = None,
+        record_images: bool = True,
+        execute_horizon: int | None = None,
+        episode_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if not env_factories:
+            raise ValueError("RolloutWorker needs at least one env factory")
+        self.policy = policy
+        self.sink = sink
+        self.worker_id = worker_id
+        self.run_id = run_id
+        self.record_images = record_images
+        self.execute_horizon = execute_horizon
+        self.episode_metadata = dict(episode_metadata or {})
+        self._seeds = np.random.default_rng([seed, worker_id])
+        self._slots = [
+            _EnvSlot(env=factory(), env_id=f"worker{worker_id}/env{index}", task=task)
+            for index, factory in enumerate(env_factories)
+        ]
+        self._pending_policy: Policy | None = None
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch to a new policy version; each env picks it up at its next chunk boundary."""
+        self._pending_policy = policy
+
+    def run(
+        self,
+        *,
+        episodes: int | None = None,
+        env_steps: int | None = None,
+        on_episode: Callable[[EpisodeRecord], None] | None = None,
+    ) -> RolloutStats:
+        """Collect until ``episodes`` episodes have finished or ``env_steps`` steps were taken (whichever is set).
+
+        Episodes still open when the target is reached stay open and continue at the next ``run`` call; an
+        episode is only ever handed to the sink whole.
+        """
+        if (episodes is None) == (env_steps is None):
+            raise ValueError("run() takes exactly one of episodes= or env_steps=")
+        stats = RolloutStats()
+        started = time.perf_counter()
+        while not self._target_reached(stats, episodes, env_steps):
+            for slot in self._slots:
+                if slot.recorder is None:
+                    self._start_episode(slot)
+            self._refill_chunks(stats)
+            for slot in self._slots:
+                record = self._step(slot, stats)
+                if record is not None:
+                    self._emit(record, stats, on_episode)
+                    if self._target_reached(stats, episodes, env_steps):
+                        break
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def pid(self) -> int:
+        """Process id of the process running this worker."""
+        return os.getpid()
+
+    def close(self) -> None:
+        """Close every env."""
+        for slot in self._slots:
+            slot.env.close()
+
+    @staticmethod
+    def _target_reached(stats: RolloutStats, episodes: int | None, env_steps: int | None) -> bool:
+        if episodes is not None:
+            return stats.episodes >= episodes
+        return stats.env_steps >= (env_steps or 0)
+
+    def _start_episode(self, slot: _EnvSlot) -> None:
+        seed = int(self._seeds.integers(0, 2**31 - 1))
+        observation, _ = slot.env.reset(seed=seed)
+        slot.observation = observation
+        slot.chunk = None
+        slot.recorder = EpisodeRecorder(
+            task=slot.task,
+            env_id=slot.env_id,
+            seed=seed,
+            run_id=self.run_id,
+            metadata=dict(self.episode_metadata),
+            record_images=self.record_images,
+        )
+        self.policy.reset()
+
+    def _refill_chunks(self, stats: RolloutStats) -> None:
+        """One batched ``infer`` for every env whose chunk is used up."""
+        if self._pending_policy is not None:
+            self.policy, self._pending_policy = self._pending_policy, None
+        needy = [slot for slot in self._slots if slot.chunk is None]
+        if not needy:
+            return
+        batch = stack_observations([slot.observation for slot in needy])
+        started = time.perf_counter()
+        result: ActionChunk = self.policy.infer(batch)
+        latency_ms = result.timing.get("infer_ms", (time.perf_counter() - started) * 1e3)
+        stats.inference_calls += 1
+        horizon = result.actions.shape[1]
+        execute = min(self.execute_horizon or horizon, horizon)
+        for index, slot in enumerate(needy):
+            chunk = result.actions[index]
+            slot.chunk = chunk[:execute]
+            slot.chunk_id = slot.recorder.add_chunk(chunk)
+            slot.chunk_offset = 0
+            slot.chunk_version = self.policy.version
+            slot.chunk_latency_ms = float(latency_ms)
+
+    def _step(self, slot: _EnvSlot, stats: RolloutStats) -> EpisodeRecord | None:
+        """Execute one action in one env; returns the finished episode's record, if it finished."""
+        action = slot.chunk[slot.chunk_offset]
+        try:
+            observation, reward, terminated, truncated, info = slot.env.step(action)
+        except Exception as error:  # an env that raises ends its episode as `error`, the worker goes on
+            logger.warning("env %s raised during step: %s", slot.env_id, error)
+            return self._finish(
+                slot, Outcome.ERROR, error="".join(traceback.format_exception_only(error)).strip()
+            )
+        source = StepSource(int(info.get("source", StepSource.POLICY)))
+        from_policy = source == StepSource.POLICY
+        slot.recorder.add_step(
+            slot.observation,
+            np.asarray(info.get("executed_action", action)),
+            float(reward),
+            bool(terminated),
+            bool(truncated),
+            source=source,
+            policy_version=slot.chunk_version if from_policy else None,
+            chunk_id=slot.chunk_id if from_policy else -1,
+            chunk_offset=slot.chunk_offset if from_policy else -1,
+            latency_ms=slot.chunk_latency_ms if from_policy and slot.chunk_offset == 0 else 0.0,
+        )
+        stats.env_steps += 1
+        stats.human_steps += int(not from_policy)
+        slot.observation = observation
+        slot.chunk_offset += 1
+        if slot.chunk_offset >= len(slot.chunk) or not from_policy:
+            slot.chunk = None  # after a human step the policy replans from the new state
+        success = bool(info.get("success", False))
+        if success or terminated or truncated:
+            outcome = Outcome.SUCCESS if success else Outcome.FAILURE
+            return self._finish(slot, outcome, segments=_intervention_segments(info))
+        return None
+
+    def _finish(
+        self,
+        slot: _EnvSlot,
+        outcome: Outcome,
+        segments: list[InterventionSegment] | None = None,
+        error: str | None = None,
+    ) -> EpisodeRecord:
+        record = slot.recorder.finish(outcome, segments, error=error)
+        slot.recorder = None
+        return record
+
+    def _emit(
+        self,
+        record: EpisodeRecord,
+        stats: RolloutStats,
+        on_episode: Callable[[EpisodeRecord], None] | None,
+    ) -> None:
+        self.sink(record)
+        stats.episodes += 1
+        stats.successes += int(record.outcome == Outcome.SUCCESS)
+        stats.errors += int(record.outcome == Outcome.ERROR)
+        stats.episode_uuids.append(str(record.uuid))
+        if on_episode is not None:
+            on_episode(record)
+
+
+def _intervention_segments(info: dict[str, Any]) -> list[InterventionSegment]:
+    """Intervention segments reported by the env at episode end (``info["interventions"]``), if any."""
+    return [
+        InterventionSegment(int(segment["t_start"]), int(segment["t_end"]), str(segment["trigger"]))
+        for segment in info.get("interventions", [])
+    ]

@@ -1,0 +1,95 @@
+"""``flywheel collect``: fill the experience store with episodes of a policy, optionally with a simulated human."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from envs import EnvConfig, SimulatedHumanConfig
+from experiments.collection import CollectConfig, run_collection
+from experiments.paths import default_store_url
+
+app = typer.Typer()
+console = Console()
+
+
+@app.command(name="collect")
+def collect(
+    task: Annotated[str, typer.Option(help="Meta-World task, e.g. pick-place-v3")] = "pick-place-v3",
+    policy: Annotated[
+        str, typer.Option(help="'scripted', a checkpoint dir, a registered version, or openpi:ws://…")
+    ] = "scripted",
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes to commit")] = 20,
+    noise: Annotated[float, typer.Option(min=0.0, help="Action noise std of the scripted policy")] = 0.0,
+    interventions: Annotated[
+        bool, typer.Option(help="A simulated human (the scripted expert) watches and takes over")
+    ] = False,
+    no_progress_steps: Annotated[
+        int, typer.Option(help="Human takes over after this many steps without progress")
+    ] = 30,
+    random_rate: Annotated[float, typer.Option(help="Per-step probability of a spontaneous takeover")] = 0.0,
+    takeover_steps: Annotated[int, typer.Option(help="Steps the human acts once it takes over")] = 20,
+    workers: Annotated[int, typer.Option(min=0, help="Ray rollout actors (0: in this process)")] = 0,
+    envs_per_worker: Annotated[int, typer.Option(min=1, help="Envs stepped by each worker")] = 1,
+    inference: Annotated[
+        str, typer.Option(help="'local' (a policy copy per worker) or 'batched' (one server)")
+    ] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster address")] = None,
+    image_size: Annotated[int, typer.Option(min=16, help="Camera image width and height")] = 96,
+    cameras: Annotated[str, typer.Option(help="Comma-separated camera names")] = "corner2",
+    no_images: Annotated[
+        bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
+    ] = False,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    run_id: Annotated[str | None, typer.Option(help="Resume/extend this run id (idempotent target)")] = None,
+    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+) -> None:
+    """Collect episodes into the experience store, with a progress bar and a summary."""
+    try:
+        config = CollectConfig(
+            env=EnvConfig(
+                task=task,
+                cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
+                width=image_size,
+                height=image_size,
+                render=not no_images,
+                seed=seed,
+            ),
+            policy=policy,
+            noise=noise,
+            episodes=episodes,
+            human=SimulatedHumanConfig(
+                no_progress_steps=no_progress_steps,
+                random_rate=random_rate,
+                takeover_steps=takeover_steps,
+                seed=seed,
+            )
+            if interventions
+            else None,
+            workers=workers,
+            envs_per_worker=envs_per_worker,
+            inference=inference,
+            ray_address=ray_address,
+            store_url=db or default_store_url(),
+            run_id=run_id,
+            seed=seed,
+            record_images=not no_images,
+        )
+    except ValidationError as error:
+        raise typer.BadParameter(_first_error(error)) from error
+    report = run_collection(config)
+    console.print(
+        f"[bold]run[/bold] {report.run_id}  [bold]policy[/bold] {report.policy_version}\n"
+        f"episodes {report.episodes}  success {report.success_rate:.0%}  env steps {report.env_steps}"
+        f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
+        f"\nstore {config.store_url}"
+    )
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    return f"{location}: {first['msg']}"
