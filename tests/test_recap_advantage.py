@@ -1,0 +1,79 @@
+"""RECAP advantages: N-step and Monte-Carlo estimates on hand-computed episodes, thresholds and indicators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recap import AdvantageConfig, RewardConfig, monte_carlo_advantages, n_step_advantages, quantile_threshold
+from recap.advantage import indicators, task_thresholds
+from recap.rewards import step_rewards
+from recap.synthetic import make_episode
+from storage.records import EpisodeRecord, Outcome, StepSource
+
+
+def episode(task: str, length: int, outcome: Outcome, human: tuple[int, ...] = ()) -> EpisodeRecord:
+    sources = np.full(length, StepSource.POLICY, dtype=np.uint8)
+    sources[list(human)] = StepSource.HUMAN
+    return make_episode(task, np.zeros((length, 2)), np.zeros((length, 1)), outcome, sources=sources)
+
+
+def test_n_step_advantage_matches_hand_computation() -> None:
+    config = RewardConfig(max_episode_length=4, fail_penalty=4)  # return scale 8
+    rewards = step_rewards(episode("t", 4, Outcome.SUCCESS), 4, config)
+    values = np.array([-0.4, -0.3, -0.2, -0.1])
+    # A_0 = r0 + r1 + V2 − V0; A_2 and A_3 run past the end: no bootstrap (terminal success).
+    expected = [-0.25 - 0.2 + 0.4, -0.25 - 0.1 + 0.3, -0.125 + 0.2, 0.0 + 0.1]
+    np.testing.assert_allclose(n_step_advantages(rewards, values, 2), expected)
+
+
+def test_n_step_longer_than_episode_truncates_to_monte_carlo() -> None:
+    config = RewardConfig(max_episode_length=4, fail_penalty=4)
+    rewards = step_rewards(episode("t", 3, Outcome.FAILURE), 4, config)
+    np.testing.assert_allclose(rewards, [-1 / 8, -1 / 8, -4 / 8])
+    values = np.array([-0.7, -0.6, -0.45])
+    expected = np.array([-6 / 8, -5 / 8, -4 / 8]) - values
+    np.testing.assert_allclose(n_step_advantages(rewards, values, 50), expected)
+    np.testing.assert_allclose(monte_carlo_advantages(rewards, values), expected)
+    with pytest.raises(ValueError, match="episode length"):
+        n_step_advantages(rewards, values[:2], 2)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.4, 0.75])
+def test_quantile_threshold_gives_requested_positive_fraction(fraction: float) -> None:
+    advantages = np.random.default_rng(0).normal(size=1001)
+    threshold = quantile_threshold(advantages, fraction)
+    assert (advantages > threshold).sum() == round(fraction * 1001)
+    assert quantile_threshold(advantages, 0.9999) == float("-inf")
+    assert quantile_threshold(np.array([]), 0.4) == float("inf")
+
+
+def test_phase_defaults() -> None:
+    assert (AdvantageConfig().estimator, AdvantageConfig().positive_fraction, AdvantageConfig().n_step) == (
+        "n_step",
+        0.4,
+        50,
+    )
+    pretrain = AdvantageConfig(phase="pretrain")
+    assert (pretrain.estimator, pretrain.positive_fraction) == ("monte_carlo", 0.3)
+    with pytest.raises(ValueError, match="positive_fraction"):
+        AdvantageConfig(positive_fraction=1.5)
+
+
+def test_interventions_forced_positive_and_excluded_from_threshold() -> None:
+    rng = np.random.default_rng(1)
+    episodes = [episode("t", 50, Outcome.SUCCESS, human=tuple(range(10, 20))) for _ in range(4)]
+    advantages = [rng.normal(size=50) for _ in episodes]
+    for values in advantages:
+        values[10:20] = -100.0  # terrible advantages on human steps: still positive
+    config = AdvantageConfig()
+    thresholds = task_thresholds(episodes, advantages, config)
+    flags = [
+        indicators(ep, adv, thresholds["t"], config) for ep, adv in zip(episodes, advantages, strict=True)
+    ]
+    assert all(flag[10:20].all() for flag in flags)
+    autonomous = np.concatenate([np.r_[flag[:10], flag[20:]] for flag in flags])
+    assert autonomous.mean() == pytest.approx(0.4, abs=1 / autonomous.size)
+    unforced = AdvantageConfig(interventions_positive=False)
+    flags = indicators(episodes[0], advantages[0], thresholds["t"], unforced)
+    assert not flags[10:20].any()
