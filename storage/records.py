@@ -7,7 +7,10 @@ anything touches the database; the store calls it, so bad input never reaches SQ
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
+import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,12 @@ class StepSource(enum.IntEnum):
 class EpisodeValidationError(ValueError):
     """An episode record is malformed; the message names the field and what was expected."""
 
+    def __init__(self, field_name: str, expected: str, got: str) -> None:
+        super().__init__(f"{field_name}: expected {expected}, got {got}")
+        self.field_name = field_name
+        self.expected = expected
+        self.got = got
+
 
 @dataclass(frozen=True)
 class InterventionSegment:
@@ -48,13 +57,14 @@ class InterventionSegment:
 class EpisodeRecord:
     """One finished episode, columnar.
 
-    Per-step arrays (first axis T): ``states`` T×S float32, ``actions`` (executed) T×D float32, ``rewards`` T
-    float32, ``terminated`` / ``truncated`` T bool, ``sources`` T uint8 (``StepSource``), ``policy_versions`` T
-    str (the version that produced each step's chunk), ``chunk_ids`` T int32 (row in ``chunks``, −1 for steps not
-    from a chunk), ``chunk_offsets`` T int32 (index of the action inside its chunk), ``latency_ms`` T float32
-    (inference latency of the chunk, 0 where none). ``chunks`` is K×H×D float32: the predicted chunks.
-    ``images`` maps camera → T×h×w×3 uint8 (optional). ``privileged`` is T×P float32 simulator state (optional;
-    sim only — value models and state-based baselines may use it, deployed policies never do).
+    Per-step arrays (first axis T): ``states`` T×S float32, ``actions`` (executed) T×D float32, ``rewards``
+    T float32, ``terminated`` / ``truncated`` T bool, ``sources`` T uint8 (``StepSource``),
+    ``policy_versions`` T str (the version that produced each step's chunk), ``chunk_ids`` T int32 (row in
+    ``chunks``, −1 for steps not from a chunk), ``chunk_offsets`` T int32 (index of the action inside its
+    chunk), ``latency_ms`` T float32 (inference latency of the chunk, 0 where none). ``chunks`` is K×H×D
+    float32: the predicted chunks. ``images`` maps camera → T×h×w×3 uint8 (optional). ``privileged`` is T×P
+    float32 simulator state (optional; sim only — value models and state-based baselines may use it, deployed
+    policies never do). ``subtasks`` optionally labels each step with a subtask name.
     """
 
     uuid: uuid.UUID
@@ -80,21 +90,134 @@ class EpisodeRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     error: str | None = None
+    subtasks: list[str | None] | None = None
 
     @property
     def length(self) -> int:
         """Number of steps T."""
         return int(self.actions.shape[0])
 
+    def validate(self) -> None:
+        """Check every field's type, shape, dtype, range and finiteness; raise ``EpisodeValidationError``.
+
+        Nothing is converted: an array of the wrong dtype is an error (the message names the field, the
+        expected dtype and shape, and what was given), so what is stored is exactly what was validated.
+        """
+        _check_type("uuid", self.uuid, uuid.UUID, "a uuid.UUID")
+        _check_name("task", self.task)
+        _check_name("env_id", self.env_id)
+        _check_optional_name("policy_version", self.policy_version)
+        _check_optional_name("run_id", self.run_id)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise EpisodeValidationError("seed", "an int or None", repr(self.seed))
+        if not isinstance(self.outcome, Outcome):
+            try:
+                Outcome(self.outcome)
+            except ValueError:
+                choices = "/".join(o.value for o in Outcome)
+                raise EpisodeValidationError("outcome", f"one of {choices}", repr(self.outcome)) from None
+        if self.error is not None and not isinstance(self.error, str):
+            raise EpisodeValidationError("error", "a str or None", repr(self.error))
+        _check_array("actions", self.actions, np.float32, 2, finite=True)
+        steps = self.length
+        _check_array("states", self.states, np.float32, 2, steps, finite=True)
+        _check_array("rewards", self.rewards, np.float32, 1, steps, finite=True)
+        _check_array("terminated", self.terminated, np.bool_, 1, steps)
+        _check_array("truncated", self.truncated, np.bool_, 1, steps)
+        _check_array("sources", self.sources, np.uint8, 1, steps)
+        _check_range("sources", self.sources, 0, max(StepSource), "a StepSource value (0=policy, 1=human)")
+        _check_array("latency_ms", self.latency_ms, np.float32, 1, steps, finite=True)
+        _check_range("latency_ms", self.latency_ms, 0, math.inf, "non-negative milliseconds")
+        _check_per_step_names("policy_versions", self.policy_versions, steps)
+        if self.subtasks is not None:
+            _check_per_step_names("subtasks", self.subtasks, steps)
+        self._validate_chunks(steps)
+        self._validate_images(steps)
+        if self.privileged is not None:
+            _check_array("privileged", self.privileged, np.float32, 2, steps, finite=True)
+        self._validate_interventions(steps)
+        _check_json("metadata", self.metadata)
+
+    def _validate_chunks(self, steps: int) -> None:
+        _check_array("chunks", self.chunks, np.float32, 3, finite=True)
+        n_chunks, horizon, action_dim = self.chunks.shape
+        if n_chunks and action_dim != self.actions.shape[1]:
+            raise EpisodeValidationError(
+                "chunks", f"action dim {self.actions.shape[1]} (as actions)", f"shape {self.chunks.shape}"
+            )
+        _check_array("chunk_ids", self.chunk_ids, np.int32, 1, steps)
+        _check_range(
+            "chunk_ids", self.chunk_ids, -1, n_chunks - 1, f"-1 or a row of chunks (0..{n_chunks - 1})"
+        )
+        _check_array("chunk_offsets", self.chunk_offsets, np.int32, 1, steps)
+        from_chunk = self.chunk_offsets[self.chunk_ids >= 0]
+        _check_range(
+            "chunk_offsets", from_chunk, 0, horizon - 1, f"an index into the chunk (0..{horizon - 1})"
+        )
+
+    def _validate_images(self, steps: int) -> None:
+        if not isinstance(self.images, dict):
+            raise EpisodeValidationError(
+                "images", "a dict camera -> T×h×w×3 uint8", type(self.images).__name__
+            )
+        for camera, frames in self.images.items():
+            _check_name("images camera name", camera)
+            _check_array(f"images[{camera!r}]", frames, np.uint8, 4, steps)
+            if frames.shape[3] != 3:
+                raise EpisodeValidationError(f"images[{camera!r}]", "T×h×w×3 (RGB)", f"shape {frames.shape}")
+
+    def _validate_interventions(self, steps: int) -> None:
+        for index, segment in enumerate(self.interventions):
+            name = f"interventions[{index}]"
+            _check_type(name, segment, InterventionSegment, "an InterventionSegment")
+            if not (0 <= segment.t_start < segment.t_end <= steps):
+                raise EpisodeValidationError(
+                    name,
+                    f"0 <= t_start < t_end <= T={steps}",
+                    f"t_start={segment.t_start}, t_end={segment.t_end}",
+                )
+            _check_name(f"{name}.trigger", segment.trigger)
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    """One row of the episode index: what ``list_episodes`` returns (no per-step data)."""
+
+    uuid: uuid.UUID
+    task: str
+    env_id: str
+    policy_version: str | None
+    seed: int | None
+    outcome: Outcome
+    length: int
+    total_reward: float
+    human_steps: int
+    run_id: str | None
+    error: str | None
+    metadata: dict[str, Any]
+    created_at: dt.datetime
+
 
 @dataclass
 class EpisodeLabels:
-    """Per-step labels of one episode under one relabel version (arrays of length T)."""
+    """Per-step labels of one episode under one relabel version (arrays of length T).
+
+    ``values`` and ``advantages`` are float32, ``indicators`` bool (the improvement indicator 1[A > ε]).
+    """
 
     episode_uuid: uuid.UUID
     values: np.ndarray
     advantages: np.ndarray
     indicators: np.ndarray
+
+    def validate(self, length: int | None = None) -> None:
+        """Check dtypes, equal lengths (``length`` if given) and finiteness; raise EpisodeValidationError."""
+        name = f"labels[{self.episode_uuid}]"
+        _check_type(f"{name}.episode_uuid", self.episode_uuid, uuid.UUID, "a uuid.UUID")
+        _check_array(f"{name}.values", self.values, np.float32, 1, length, finite=True)
+        steps = self.values.shape[0]
+        _check_array(f"{name}.advantages", self.advantages, np.float32, 1, steps, finite=True)
+        _check_array(f"{name}.indicators", self.indicators, np.bool_, 1, steps)
 
 
 @dataclass
@@ -113,3 +236,89 @@ class RelabelRecord:
     config: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     relabel_id: str | None = None
+    version: int | None = None
+    created_at: dt.datetime | None = None
+
+    def validate(self) -> None:
+        """Check the method name, JSON-ability of config/diagnostics and every episode's labels."""
+        _check_name("method", self.method)
+        _check_optional_name("value_model_version", self.value_model_version)
+        _check_optional_name("parent_id", self.parent_id)
+        _check_json("config", self.config)
+        _check_json("diagnostics", self.diagnostics)
+        seen: set[uuid.UUID] = set()
+        for labels in self.labels:
+            _check_type("labels[]", labels, EpisodeLabels, "EpisodeLabels")
+            if labels.episode_uuid in seen:
+                raise EpisodeValidationError(
+                    "labels", "each episode at most once", f"{labels.episode_uuid} twice"
+                )
+            seen.add(labels.episode_uuid)
+            labels.validate()
+
+
+def _check_type(name: str, value: Any, expected_type: type, expected: str) -> None:
+    if not isinstance(value, expected_type):
+        raise EpisodeValidationError(name, expected, f"{type(value).__name__} {value!r:.60}")
+
+
+def _check_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise EpisodeValidationError(name, "a non-empty str", repr(value))
+
+
+def _check_optional_name(name: str, value: Any) -> None:
+    if value is not None:
+        _check_name(name, value)
+
+
+def _check_per_step_names(name: str, values: Any, steps: int) -> None:
+    if not isinstance(values, list) or len(values) != steps:
+        got = (
+            f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+        )
+        raise EpisodeValidationError(name, f"a list of T={steps} str-or-None", got)
+    distinct = set(values) if all(v is None or isinstance(v, str) for v in values) else values
+    for value in distinct:  # few distinct values: check each once, report the first bad index
+        if value is not None and (not isinstance(value, str) or not value):
+            first = values.index(value)
+            raise EpisodeValidationError(f"{name}[{first}]", "a non-empty str or None", repr(value))
+
+
+def _check_array(
+    name: str,
+    array: Any,
+    dtype: type,
+    ndim: int,
+    length: int | None = None,
+    *,
+    finite: bool = False,
+) -> None:
+    """Raise unless ``array`` is an ndarray of ``dtype`` with ``ndim`` axes, first axis ``length``, finite."""
+    ok = isinstance(array, np.ndarray) and array.dtype == dtype and array.ndim == ndim
+    if not ok or (length is not None and array.shape[0] != length):
+        axes = "×".join(["T" if length is None else f"T={length}", *("?" * (ndim - 1))])
+        expected = f"{np.dtype(dtype).name} array of shape {axes}"
+        if not isinstance(array, np.ndarray):
+            raise EpisodeValidationError(name, expected, type(array).__name__)
+        raise EpisodeValidationError(name, expected, f"{array.dtype.name} array of shape {array.shape}")
+    if finite and array.size and not np.isfinite(array).all():
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise EpisodeValidationError(
+            name, "finite values (no NaN/inf)", f"{array[tuple(bad)]} at {tuple(bad)}"
+        )
+
+
+def _check_range(name: str, array: np.ndarray, low: float, high: float, expected: str) -> None:
+    if array.size and (array.min() < low or array.max() > high):
+        bad = array[(array < low) | (array > high)][0]
+        raise EpisodeValidationError(name, expected, repr(bad.item()))
+
+
+def _check_json(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise EpisodeValidationError(name, "a JSON object (dict)", type(value).__name__)
+    try:
+        json.dumps(value, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise EpisodeValidationError(name, "JSON-serializable values (no NaN)", str(error)) from None

@@ -1,0 +1,94 @@
+"""Byte encodings used by the store: float32 vectors, compressed images and the episode content hash.
+
+Images are compressed with zlib level 1 over the raw pixels: on 96×96 MuJoCo renders it is ~3× smaller than
+raw and 3× faster to encode than PNG (0.4 ms vs 1.3 ms per frame, measured), and it decodes losslessly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from storage.records import EpisodeRecord
+
+IMAGE_CODEC = "zlib1"
+
+
+def image_hash(frame: np.ndarray) -> str:
+    """Content address of a ``h×w×c`` uint8 frame: SHA-256 of its shape and raw pixels."""
+    digest = hashlib.sha256(repr(frame.shape).encode())
+    digest.update(np.ascontiguousarray(frame).data)
+    return digest.hexdigest()
+
+
+def encode_image(frame: np.ndarray) -> bytes:
+    """Compress one uint8 frame (lossless)."""
+    return zlib.compress(np.ascontiguousarray(frame).data, 1)
+
+
+def encode_images(frames: list[np.ndarray]) -> list[bytes]:
+    """Compress many frames; zlib releases the GIL, so two threads use two cores."""
+    if len(frames) < 16:
+        return [encode_image(frame) for frame in frames]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(encode_image, frames, chunksize=32))
+
+
+def decode_image(codec: str, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """Decompress a frame stored with ``codec`` back to its ``h×w×c`` uint8 array."""
+    if codec != IMAGE_CODEC:
+        raise ValueError(f"image codec: expected {IMAGE_CODEC!r}, got {codec!r}")
+    return np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(shape)
+
+
+def vectors_from_blobs(blobs: list[bytes], length: int, dim: int) -> np.ndarray:
+    """Join per-step float32 blobs back into a ``length×dim`` array (a fresh, writable copy)."""
+    if length == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(length, dim).astype(np.float32)
+
+
+def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> str:
+    """SHA-256 over everything an episode contains (images by their content hashes), independent of layout."""
+    digest = hashlib.sha256()
+    header: dict[str, Any] = {
+        "uuid": str(record.uuid),
+        "task": record.task,
+        "env_id": record.env_id,
+        "policy_version": record.policy_version,
+        "seed": record.seed,
+        "outcome": str(record.outcome),
+        "error": record.error,
+        "run_id": record.run_id,
+        "metadata": record.metadata,
+        "subtasks": None if record.subtasks is None else "\x1f".join(t or "\x00" for t in record.subtasks),
+        "policy_versions": "\x1f".join(v or "\x00" for v in record.policy_versions),
+        "interventions": [[s.t_start, s.t_end, s.trigger] for s in record.interventions],
+        "images": frame_hashes,
+    }
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    arrays = {
+        "states": record.states,
+        "actions": record.actions,
+        "rewards": record.rewards,
+        "terminated": record.terminated,
+        "truncated": record.truncated,
+        "sources": record.sources,
+        "chunk_ids": record.chunk_ids,
+        "chunk_offsets": record.chunk_offsets,
+        "latency_ms": record.latency_ms,
+        "chunks": record.chunks,
+        "privileged": record.privileged,
+    }
+    for name, array in arrays.items():
+        if array is None:
+            digest.update(f"{name}:none;".encode())
+            continue
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()

@@ -1,0 +1,155 @@
+"""Storage test helpers: synthetic episodes and a store fixture parametrized over SQLite and PostgreSQL.
+
+Test modules import the fixtures: ``from tests.storage_fixtures import store, store_url  # noqa: F401``.
+Each PostgreSQL store lives in its own freshly created database (on the server of the lead's ``pg_url``
+fixture in tests/conftest.py), dropped after the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from storage import EpisodeRecord, ExperienceStore, InterventionSegment, Outcome, StepSource
+
+POLICY_VERSION = "vla-v1"
+
+
+def make_episode(
+    rng: np.random.Generator,
+    length: int = 50,
+    *,
+    task: str = "pick-place-v3",
+    state_dim: int = 7,
+    action_dim: int = 4,
+    horizon: int = 5,
+    cameras: tuple[str, ...] = ("corner",),
+    image_size: int = 16,
+    policy_version: str | None = POLICY_VERSION,
+    outcome: Outcome = Outcome.SUCCESS,
+    privileged: bool = True,
+    run_id: str | None = None,
+) -> EpisodeRecord:
+    """A random but well-formed episode: chunks of ``horizon``, a human takeover in the middle, images."""
+    n_chunks = -(-length // horizon)
+    chunk_ids = (np.arange(length) // horizon).astype(np.int32)
+    sources = np.zeros(length, dtype=np.uint8)
+    interventions = []
+    if length >= 10:
+        start, end = length // 3, length // 3 + 4
+        sources[start:end] = StepSource.HUMAN
+        chunk_ids[start:end] = -1
+        interventions.append(InterventionSegment(start, end, "no_progress"))
+    terminated = np.zeros(length, dtype=bool)
+    truncated = np.zeros(length, dtype=bool)
+    if length:
+        terminated[-1] = outcome == Outcome.SUCCESS
+        truncated[-1] = outcome != Outcome.SUCCESS
+    images = {
+        camera: rng.integers(0, 4, size=(length, image_size, image_size, 3), dtype=np.uint8) * 60
+        for camera in cameras
+    }
+    if length > 2:
+        for frames in images.values():
+            frames[1] = frames[0]  # a repeated frame: stored once
+    return EpisodeRecord(
+        uuid=uuid.UUID(bytes=rng.bytes(16), version=4),
+        task=task,
+        env_id=f"metaworld/{task}",
+        policy_version=policy_version,
+        seed=int(rng.integers(0, 2**31)),
+        outcome=outcome,
+        states=rng.standard_normal((length, state_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (length, action_dim)).astype(np.float32),
+        rewards=rng.uniform(0, 10, length).astype(np.float32),
+        terminated=terminated,
+        truncated=truncated,
+        sources=sources,
+        policy_versions=[None if s == StepSource.HUMAN else policy_version for s in sources],
+        chunk_ids=chunk_ids,
+        chunk_offsets=(np.arange(length) % horizon).astype(np.int32),
+        latency_ms=np.where(np.arange(length) % horizon == 0, 12.5, 0.0).astype(np.float32),
+        chunks=rng.uniform(-1, 1, (n_chunks, horizon, action_dim)).astype(np.float32),
+        images=images,
+        privileged=rng.standard_normal((length, 39)).astype(np.float32) if privileged else None,
+        interventions=interventions,
+        metadata={"quality": "expert", "noise": 0.1, "tags": ["a", "b"]},
+        run_id=run_id,
+    )
+
+
+def assert_episodes_equal(actual: EpisodeRecord, expected: EpisodeRecord, images: bool = True) -> None:
+    """Field-by-field equality, arrays compared bytewise with dtype and shape."""
+    array_fields = (
+        "states",
+        "actions",
+        "rewards",
+        "terminated",
+        "truncated",
+        "sources",
+        "chunk_ids",
+        "chunk_offsets",
+        "latency_ms",
+        "chunks",
+    )
+    for name in array_fields:
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, a.shape, e.dtype, e.shape)
+        assert a.tobytes() == e.tobytes(), name
+    if expected.privileged is None:
+        assert actual.privileged is None
+    else:
+        assert actual.privileged is not None and actual.privileged.tobytes() == expected.privileged.tobytes()
+    for name in ("uuid", "task", "env_id", "policy_version", "seed", "policy_versions", "interventions"):
+        assert getattr(actual, name) == getattr(expected, name), name
+    for name in ("metadata", "run_id", "error", "subtasks"):
+        assert getattr(actual, name) == getattr(expected, name), name
+    assert Outcome(actual.outcome) == Outcome(expected.outcome)
+    if images:
+        assert sorted(actual.images) == sorted(expected.images)
+        for camera, frames in expected.images.items():
+            assert actual.images[camera].dtype == np.uint8
+            assert np.array_equal(actual.images[camera], frames), camera
+
+
+def fresh_pg_database(server_url: str) -> tuple[str, Callable[[], None]]:
+    """Create a uniquely named database on the server; return its URL and a function that drops it."""
+    name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database URL on each backend (SQLite file in tmp_path; a fresh PostgreSQL database)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    url, drop = fresh_pg_database(request.getfixturevalue("pg_url"))
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[ExperienceStore]:
+    """A migrated store with ``POLICY_VERSION`` registered, on each backend."""
+    experience = ExperienceStore(store_url)
+    experience.upgrade()
+    experience.register_policy_version(POLICY_VERSION, kind="vla")
+    yield experience
+    experience.close()
