@@ -49,11 +49,13 @@ class LinearPolicy:
         self.infer_started = threading.Event()
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.saw_privileged = False
 
     def infer(self, batch: ObservationBatch) -> ActionChunk:
         self.infer_started.set()
         self.calls += 1
         self.batch_sizes.append(len(batch["prompt"]))
+        self.saw_privileged |= "privileged" in batch
         if self.release is not None:
             self.release.wait(10)
         time.sleep(self.sleep_s)
@@ -204,6 +206,23 @@ def test_wrong_fields_get_an_error_naming_the_field(policy: LinearPolicy, served
     _assert_still_serves(served)
 
 
+def test_privileged_state_is_refused_unless_the_server_allows_it(policy: LinearPolicy, served) -> None:
+    observation = make_observation()
+    observation["privileged"] = np.zeros(39, np.float32)
+    with OpenPIClientPolicy(served.url, send_privileged=True) as client:
+        with pytest.raises(ServerError, match="privileged: refused"):
+            client.infer_one(observation)
+        client.send_privileged = False  # the next request reconnects and is served
+        assert client.infer_one(observation)["actions"].shape == (HORIZON, ACTION_DIM)
+    assert not policy.saw_privileged
+    with (
+        start(policy, allow_privileged=True) as background,
+        OpenPIClientPolicy(background.url, send_privileged=True) as client,
+    ):
+        client.infer_one(observation)
+    assert policy.saw_privileged
+
+
 def test_text_frame_is_refused(served) -> None:
     connection, _ = raw_connect(served.url)
     connection.send("hello")
@@ -248,6 +267,34 @@ def test_client_vanishing_mid_request_does_not_break_the_server(policy: LinearPo
     assert health(served) == (200, "OK\n")
 
 
+def _stall_mid_frame(port: int) -> socket.socket:
+    """Open a WebSocket by hand and send half a frame, then stall (a slow or stuck client)."""
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+    stalled.sendall(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += stalled.recv(4096)
+    assert response.startswith(b"HTTP/1.1 101")
+    stalled.sendall(
+        b"\x82\xfe\x03\xe8" + b"mask" + b"x" * 10
+    )  # binary, masked, 1000 bytes announced, 10 sent
+    return stalled
+
+
+def test_slow_clients_do_not_hold_up_others(policy: LinearPolicy, served) -> None:
+    stalled = _stall_mid_frame(served.server.port)
+    deaf, _ = raw_connect(served.url)  # sends requests but never reads the replies
+    for seed in range(3):
+        deaf.send(msgpack_numpy.packb(observation_to_wire(make_observation(seed))))
+    _assert_still_serves(served)
+    assert health(served) == (200, "OK\n")
+    stalled.close()
+    deaf.close()
+
+
 def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
     policy.sleep_s = 0.05
     clients = [OpenPIClientPolicy(served.url) for _ in range(4)]
@@ -263,6 +310,8 @@ def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
         thread.join(30)
     policy.sleep_s = 0.0
     assert max(policy.batch_sizes) > 1 and sum(policy.batch_sizes) == 12
+    stats = served.server.stats()
+    assert stats["requests"] == 12 and stats["largest_batch"] == max(policy.batch_sizes)
     for index in range(4):  # each client got the answer to its own observation
         for actions in results[index]:
             np.testing.assert_allclose(actions, expected_actions(policy, make_observation(index)), rtol=1e-5)
@@ -344,3 +393,38 @@ def test_server_binds_loopback_by_default() -> None:
     assert ServerConfig().host == "127.0.0.1"
     with pytest.raises(ValueError, match="max_batch"):
         ServerConfig(max_batch=0)
+
+
+def _tiny_vla() -> Policy:
+    vla = pytest.importorskip("policies.vla")
+    from policies.normalization import NormalizationStats
+
+    rng = np.random.default_rng(0)
+    tokenizer = vla.train_prompt_tokenizer(["push the puck"], vocab_size=96)
+    config = vla.VLAConfig.preset("tiny", image_size=48, num_steps=2, vocab_size=tokenizer.get_vocab_size())
+    stats = NormalizationStats.compute(
+        rng.normal(size=(64, config.state_dim)).astype(np.float32),
+        rng.normal(size=(64, config.action_horizon, config.action_dim)).astype(np.float32),
+    )
+    return vla.VLAPolicy(vla.VLAModel(config), tokenizer, stats, version="vla-tiny-test")
+
+
+def test_serves_the_built_in_vla_with_embeddings() -> None:
+    """The server reads the VLA's cameras, image size and state size from its config and forwards embeddings."""
+    policy = _tiny_vla()
+    rng = np.random.default_rng(1)
+    observation = Observation(
+        images={"corner": rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)},
+        state=rng.normal(size=4).astype(np.float32),
+        prompt="push the puck",
+    )
+    with start(policy, send_embeddings=True) as background, OpenPIClientPolicy(background.url) as client:
+        assert client.metadata["cameras"] == {"corner": [48, 48, 3]} and client.metadata["state_dim"] == 4
+        chunk = client.infer(stack_observations([observation, observation]))
+        wrong = dict(observation, images={"corner": np.zeros((96, 96, 3), np.uint8)})
+        with pytest.raises(
+            ServerError, match=r"images\['corner'\]: shape \(96, 96, 3\), expected \(48, 48, 3\)"
+        ):
+            client.infer_one(wrong)
+    assert chunk.actions.shape == (2, policy.action_horizon, policy.action_dim)
+    assert chunk.embeddings is not None and chunk.embeddings.shape[0] == 2 and chunk.embeddings.ndim == 3

@@ -111,7 +111,7 @@ class PolicyServer:
         self._server: Server | None = None
         self._stopped: asyncio.Event | None = None
         self.port: int | None = None
-        self.batch_sizes: list[int] = []
+        self._served = {"requests": 0, "batches": 0, "largest_batch": 0}
 
     @property
     def policy(self) -> Policy:
@@ -125,6 +125,10 @@ class PolicyServer:
         if spec.cameras or spec.state_dim is not None:
             self._spec = spec
         logger.info("policy swapped to version %s", policy.version)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: requests answered, batches run, largest batch, open connections, in flight."""
+        return {**self._served, "connections": len(self._connections), "in_flight": self._in_flight}
 
     def metadata(self) -> dict[str, Any]:
         """The first frame every client receives."""
@@ -324,7 +328,9 @@ class PolicyServer:
             _resolve(requests[0].future, error=error)
             return
         infer_ms = (time.monotonic() - started) * 1000
-        self.batch_sizes.append(len(requests))
+        self._served["requests"] += len(requests)
+        self._served["batches"] += 1
+        self._served["largest_batch"] = max(self._served["largest_batch"], len(requests))
         for index, request in enumerate(requests):
             reply = _reply(chunk, index, policy.version, infer_ms, started, request)
             if self.config.send_embeddings and chunk.embeddings is not None:
