@@ -8,7 +8,8 @@ is executed (``Source.POLICY``). Every step's ``info`` carries:
 - ``executed_action``: the action actually applied (clipped to the action space), ``policy_action``: what
   the policy proposed, ``intervention_trigger``: the reason of the current takeover (``None`` on policy
   steps),
-- ``interventions``: the episode's takeover segments so far, as dicts ``{"t_start", "t_end", "trigger"}``
+- ``interventions``: the episode's takeover segments so far (contiguous human steps form one segment, named
+  by the trigger that started it), as dicts ``{"t_start", "t_end", "trigger"}``
   with ``t_end`` exclusive (an open segment is reported up to the current step), complete on the episode's
   last step.
 

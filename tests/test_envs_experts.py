@@ -1,0 +1,112 @@
+"""Scripted experts and ``ScriptedPolicy``: success with images, the noise knob, phases, seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs import EnvConfig, MetaWorldEnv, ScriptedExpert
+from policies.base import Policy, stack_observations
+from policies.scripted import ScriptedPolicy
+
+EXPERT_TASKS = ("reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3")
+
+
+def run_episodes(env: MetaWorldEnv, policy: ScriptedPolicy, seeds: range) -> list[bool]:
+    """Run one episode per seed with ``policy``; return whether each succeeded."""
+    outcomes = []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        policy.reset()
+        while True:
+            chunk = policy.infer(stack_observations([obs])).actions[0]
+            for action in chunk:
+                obs, _, terminated, truncated, info = env.step(action)
+                if terminated or truncated:
+                    break
+            if terminated or truncated:
+                break
+        outcomes.append(info["success"])
+    return outcomes
+
+
+def expert_success_rate(task: str, episodes: int) -> float:
+    env = MetaWorldEnv(EnvConfig(task=task, cameras=("corner2",), width=64, height=64, seed=0))
+    try:
+        outcomes = run_episodes(env, ScriptedPolicy(task), range(100, 100 + episodes))
+    finally:
+        env.close()
+    return float(np.mean(outcomes))
+
+
+@pytest.mark.parametrize("task", EXPERT_TASKS)
+def test_clean_expert_succeeds_with_image_observations(task):
+    assert expert_success_rate(task, episodes=3) >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", (*EXPERT_TASKS, "coffee-button-v3", "handle-press-v3"))
+def test_clean_expert_success_is_at_least_90_percent_over_20_episodes(task):
+    assert expert_success_rate(task, episodes=20) >= 0.9
+
+
+def test_action_noise_lowers_expert_quality():
+    env = MetaWorldEnv(EnvConfig(task="push-v3", render=False, max_episode_steps=150))
+    try:
+        clean = run_episodes(env, ScriptedPolicy("push-v3", noise_std=0.0), range(8))
+        noisy = run_episodes(env, ScriptedPolicy("push-v3", noise_std=1.0, seed=1), range(8))
+    finally:
+        env.close()
+    assert np.mean(clean) >= 0.9
+    assert np.mean(noisy) <= np.mean(clean) - 0.3
+
+
+def test_expert_noise_is_seeded_clipped_and_zero_by_default():
+    env = MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False))
+    obs, _ = env.reset(seed=0)
+    env.close()
+    privileged = obs["privileged"]
+    clean = ScriptedExpert("pick-place-v3").act(privileged)
+    np.testing.assert_array_equal(clean, ScriptedExpert("pick-place-v3").clean_action(privileged))
+    draws = [ScriptedExpert("pick-place-v3", noise_std=2.0, seed=seed).act(privileged) for seed in (7, 7, 8)]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], draws[2])
+    assert all(d.dtype == np.float32 and np.all(np.abs(d) <= 1.0) for d in draws)
+    with pytest.raises(ValueError, match="noise_std"):
+        ScriptedExpert("pick-place-v3", noise_std=-0.1)
+
+
+def test_expert_phases_follow_the_pick_place_script():
+    env = MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False))
+    expert = ScriptedExpert("pick-place-v3")
+    obs, _ = env.reset(seed=0)
+    phases = []
+    for _ in range(env.max_episode_steps):
+        phases.append(expert.phase(obs["privileged"]))
+        obs, _, terminated, truncated, _ = env.step(expert.act(obs["privileged"]))
+        if terminated or truncated:
+            break
+    env.close()
+    order = [phase for index, phase in enumerate(phases) if index == 0 or phases[index - 1] != phase]
+    assert order == ["phase0", "phase1", "phase2", "phase3"]  # above puck, descend, grasp, carry to goal
+    assert ScriptedExpert("reach-v3").phase(obs["privileged"]) == "phase0"
+
+
+def test_scripted_policy_implements_the_policy_contract():
+    env = MetaWorldEnv(EnvConfig(task="push-v3", render=False))
+    first, _ = env.reset(seed=0)
+    second, _ = env.reset(seed=1)
+    env.close()
+    policy = ScriptedPolicy("push-v3", action_horizon=3)
+    assert isinstance(policy, Policy) and policy.action_dim == 4
+    chunk = policy.infer(stack_observations([first, second]))
+    assert chunk.actions.shape == (2, 3, 4) and chunk.actions.dtype == np.float32
+    expert = ScriptedExpert("push-v3")
+    np.testing.assert_array_equal(chunk.actions[1, 2], expert.clean_action(second["privileged"]))
+    assert "infer_ms" in chunk.timing
+    by_prompt = ScriptedPolicy().infer(stack_observations([first]))
+    np.testing.assert_array_equal(by_prompt.actions[0, 0], expert.clean_action(first["privileged"]))
+    with pytest.raises(ValueError, match="privileged"):
+        policy.infer({"images": {}, "state": np.zeros((1, 7), np.float32), "prompt": ["push"]})
+    with pytest.raises(ValueError, match="action_horizon"):
+        ScriptedPolicy("push-v3", action_horizon=0)
