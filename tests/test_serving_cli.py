@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
-import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from envs import EnvConfig, MetaWorldEnv
+from experiments.commands.serve import app as serve_app
 from policies.base import stack_observations
 from policies.openpi_client import AuthenticationError, OpenPIClientPolicy
 
@@ -55,17 +57,12 @@ def _rollout(client: OpenPIClientPolicy, seed: int, max_steps: int = 150) -> tup
     return False, versions
 
 
-def test_serve_command_drives_a_metaworld_rollout_with_auth_reload_and_graceful_stop() -> None:
+def test_serve_command_drives_a_metaworld_rollout_with_auth_reload_and_graceful_stop(tmp_path) -> None:
     port = _free_port()
-    process = _flywheel(
-        "--policy",
-        f"scripted:{TASK}",
-        "--port",
-        str(port),
-        "--api-key-env",
-        "FW_KEY",
-        env={"FW_KEY": "k-123"},
-    )
+    current = tmp_path / "current"
+    current.write_text(f"scripted:{TASK}\n")
+    args = ("--policy", f"@{current}", "--port", str(port), "--api-key-env", "FW_KEY")
+    process = _flywheel(*args, env={"FW_KEY": "k-123"})
     url = f"ws://127.0.0.1:{port}"
     try:
         with pytest.raises(AuthenticationError):
@@ -76,9 +73,15 @@ def test_serve_command_drives_a_metaworld_rollout_with_auth_reload_and_graceful_
         assert success and versions == {f"scripted:{TASK}"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.read() == b"OK\n"
-        process.send_signal(signal.SIGHUP)  # re-resolves --policy and swaps; the connection stays up
-        reply = client.infer_one(_first_observation())
-        assert np.asarray(reply["actions"]).shape == (1, 4)
+        current.write_text("scripted:push-v3\n")
+        connection = client._connection
+        process.send_signal(signal.SIGHUP)  # re-reads the file and swaps; the connection stays up
+        observation = _first_observation()
+        deadline = time.monotonic() + 60
+        while client.infer_one(observation)["policy_version"] != "scripted:push-v3":
+            assert time.monotonic() < deadline, "the swap never took effect"
+            time.sleep(0.05)
+        assert client._connection is connection
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:
@@ -97,7 +100,12 @@ def _first_observation():
 
 
 def test_serve_command_rejects_an_unloadable_policy_with_one_line() -> None:
-    process = _flywheel("--policy", "/nonexistent/checkpoint", "--port", str(_free_port()))
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert "error: --policy '/nonexistent/checkpoint'" in output and "Traceback" not in output
+    result = CliRunner().invoke(serve_app, ["--policy", "/nonexistent/checkpoint", "--port", "0"])
+    assert result.exit_code == 2
+    assert "error: --policy '/nonexistent/checkpoint'" in result.output and "Traceback" not in result.output
+
+
+def test_serve_command_needs_the_api_key_variable_it_names(monkeypatch) -> None:
+    monkeypatch.delenv("FW_UNSET_KEY", raising=False)
+    result = CliRunner().invoke(serve_app, ["--policy", f"scripted:{TASK}", "--api-key-env", "FW_UNSET_KEY"])
+    assert result.exit_code == 2 and "FW_UNSET_KEY is unset" in result.output

@@ -2,8 +2,9 @@
 
 ``--policy`` is a VLA checkpoint directory, ``scripted:<task>`` (Meta-World's scripted expert; simulation
 only, it reads the simulator state the client sends), or a version registered in the experience store given
-with ``--store`` (its ``uri`` must be a checkpoint directory or ``scripted:<task>``). SIGHUP resolves
-``--policy`` again and hot-swaps to the result without dropping connections.
+with ``--store`` (its ``uri`` must be a checkpoint directory or ``scripted:<task>``); ``@FILE`` reads one of
+those from FILE. SIGHUP resolves ``--policy`` again (re-reading FILE) and hot-swaps to the result without
+dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys version v7.
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     store: str | None = None
     send_embeddings: bool = False
+    allow_privileged: bool = False
     debug: bool = False
 
 
 def resolve_policy(spec: str, store_url: str | None = None) -> Policy:
-    """Load what ``spec`` names: ``scripted:<task>``, a checkpoint directory, or a registered version."""
+    """Load what ``spec`` names: ``scripted:<task>``, a checkpoint directory, a registered version, or
+    ``@FILE`` holding one of those."""
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise PolicyResolutionError(f"--policy {spec!r}: {path} is not a file")
+        return resolve_policy(path.read_text().strip(), store_url)
     if spec.startswith(SCRIPTED_PREFIX):
         from policies.scripted import ScriptedPolicy
 
@@ -82,6 +90,12 @@ def _resolve_registered(version: str, store_url: str) -> Policy:
     return load_checkpoint(uri, version=version)
 
 
+def _reads_privileged(policy: Policy) -> bool:
+    from policies.scripted import ScriptedPolicy
+
+    return isinstance(policy, ScriptedPolicy)
+
+
 def build_server(config: ServeConfig) -> PolicyServer:
     """Resolve the policy and the API key, and build the (not yet started) server."""
     api_key = None
@@ -99,7 +113,7 @@ def build_server(config: ServeConfig) -> PolicyServer:
         max_wait_ms=config.max_wait_ms,
         debug=config.debug,
         send_embeddings=config.send_embeddings,
-        allow_privileged=config.policy.startswith(SCRIPTED_PREFIX),
+        allow_privileged=config.allow_privileged or _reads_privileged(policy),
     )
     return PolicyServer(policy, server_config)
 
@@ -121,7 +135,9 @@ def main(config: ServeConfig) -> None:
 
 @app.command(name="serve")
 def serve(
-    policy: str = typer.Option(..., help="Checkpoint directory, scripted:<task>, or a registered version."),
+    policy: str = typer.Option(
+        ..., help="Checkpoint directory, scripted:<task>, a registered version, or @FILE naming one."
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),
     api_key_env: str | None = typer.Option(
@@ -132,6 +148,9 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, help="Longest wait for more requests before inferring a batch."),
     store: str | None = typer.Option(None, help="Experience store URL to look registered versions up in."),
     send_embeddings: bool = typer.Option(False, help="Add backbone embeddings to every reply (for RLT)."),
+    allow_privileged: bool = typer.Option(
+        False, help="Accept simulator state from clients (simulation only; implied by scripted:<task>)."
+    ),
     debug: bool = typer.Option(False, help="Send tracebacks to clients in error frames (development only)."),
 ) -> None:
     """Serve a policy over openpi's WebSocket protocol (metadata frame, lock-step msgpack-numpy, /healthz)."""
@@ -145,6 +164,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         store=store,
         send_embeddings=send_embeddings,
+        allow_privileged=allow_privileged,
         debug=debug,
     )
     main(config)
