@@ -334,6 +334,17 @@ def test_hot_swap_changes_version_without_dropping_the_connection(policy: Linear
         assert late.metadata["policy_version"] == "linear-v2"
 
 
+def test_hot_swap_refuses_a_policy_that_would_break_connected_clients(served) -> None:
+    other_cameras = LinearPolicy(version="two-cameras", cameras=("main", "wrist"))
+    with pytest.raises(ValueError, match="expects"):
+        served.server.swap_policy(other_cameras)
+    longer = LinearPolicy(version="longer")
+    longer.action_horizon = HORIZON + 1
+    with pytest.raises(ValueError, match="action shape"):
+        served.server.swap_policy(longer)
+    assert served.server.policy.version == "linear-v1"
+
+
 def test_graceful_shutdown_finishes_in_flight_then_closes_with_1001(policy: LinearPolicy) -> None:
     policy.release = threading.Event()
     background = start(policy)

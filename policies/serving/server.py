@@ -119,10 +119,25 @@ class PolicyServer:
         return self._policy
 
     def swap_policy(self, policy: Policy) -> None:
-        """Serve ``policy`` from the next batch on; open connections stay open (thread-safe)."""
-        spec = ObservationSpec.of(policy)
+        """Serve ``policy`` from the next batch on; open connections stay open (thread-safe).
+
+        The new policy must keep the action shape and, if it declares one, the observation spec that connected
+        clients were told in their metadata frame; otherwise a ``ValueError`` says what differs.
+        """
+        current, spec = self._policy, ObservationSpec.of(policy)
+        before = (current.action_horizon, current.action_dim)
+        if (policy.action_horizon, policy.action_dim) != before:
+            raise ValueError(
+                f"swap_policy: {policy.version} has action shape {(policy.action_horizon, policy.action_dim)},"
+                f" connected clients expect {before}"
+            )
+        declares_spec = bool(spec.cameras) or spec.state_dim is not None
+        if declares_spec and spec != self._spec and (self._spec.cameras or self._spec.state_dim is not None):
+            raise ValueError(
+                f"swap_policy: {policy.version} expects {spec}, connected clients send {self._spec}"
+            )
         self._policy = policy
-        if spec.cameras or spec.state_dim is not None:
+        if declares_spec:
             self._spec = spec
         logger.info("policy swapped to version %s", policy.version)
 
@@ -179,8 +194,8 @@ class PolicyServer:
         deadline = time.monotonic() + self.config.shutdown_timeout_s
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        for connection in list(self._connections):
-            await connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        closing = [c.close(CloseCode.GOING_AWAY, "server shutting down") for c in self._connections]
+        await asyncio.gather(*closing, return_exceptions=True)
         await self._server.wait_closed()
         self._batcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -210,11 +225,9 @@ class PolicyServer:
 
     async def _reload(self, reload: Callable[[], Policy]) -> None:
         try:
-            policy = await asyncio.to_thread(reload)
+            self.swap_policy(await asyncio.to_thread(reload))
         except Exception:
             logger.exception("reload failed; still serving %s", self._policy.version)
-            return
-        self.swap_policy(policy)
 
     # ---- HTTP handshake: health and auth ----------------------------------------------------------
 
@@ -293,7 +306,12 @@ class PolicyServer:
         while True:
             requests = await self._collect()
             for group in _group_by_shape(requests):
-                await self._infer_group(group)
+                try:
+                    await self._infer_group(group)
+                except Exception as error:  # a bug here must fail these requests, not hang every client
+                    logger.exception("batch of %d failed", len(group))
+                    for request in group:
+                        _resolve(request.future, error=InferenceError(f"{type(error).__name__}: {error}"))
 
     async def _collect(self) -> list[_Request]:
         """Take the first waiting request, then more until ``max_batch``, every client, or ``max_wait_ms``."""
