@@ -89,6 +89,7 @@ def raw_rows(record: EpisodeRecord, episode_id: int, version_id: int) -> dict[st
         7,
         4,
         39,
+        HORIZON,
         json.dumps(record.metadata),
         content_hash(record, frame_hashes),
         "2026-01-01 00:00:00",
@@ -130,7 +131,7 @@ def raw_rows(record: EpisodeRecord, episode_id: int, version_id: int) -> dict[st
 
 EPISODE_COLUMNS = (
     "id, uuid, task, env_id, policy_version_id, seed, outcome, length, total_reward, human_steps, state_dim, "
-    "action_dim, privileged_dim, metadata, content_hash, created_at"
+    "action_dim, privileged_dim, chunk_horizon, metadata, content_hash, created_at"
 )
 STEP_COLUMNS = (
     "episode_id, t, state, action, privileged, reward, terminated, truncated, source, policy_version_id, "
@@ -168,7 +169,7 @@ def time_sqlite_raw(path: Path, rows: list[dict[str, list[Any]]], compress: bool
     for episode in rows:
         connection.execute("BEGIN IMMEDIATE")
         connection.executemany(
-            f"INSERT INTO episodes ({EPISODE_COLUMNS}) VALUES ({_marks(16)})", episode["episode"]
+            f"INSERT INTO episodes ({EPISODE_COLUMNS}) VALUES ({_marks(17)})", episode["episode"]
         )
         connection.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", episode["chunks"])
         connection.executemany(f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({_marks(13)})", episode["steps"])

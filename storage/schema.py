@@ -87,6 +87,7 @@ class Episode(Base):
     state_dim: Mapped[int] = mapped_column(sa.Integer)
     action_dim: Mapped[int] = mapped_column(sa.Integer)
     privileged_dim: Mapped[int | None] = mapped_column(sa.Integer)
+    chunk_horizon: Mapped[int] = mapped_column(sa.Integer)
     error: Mapped[str | None] = mapped_column(sa.Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     content_hash: Mapped[str] = mapped_column(sa.String(64))

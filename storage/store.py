@@ -171,11 +171,13 @@ class ExperienceStore:
             "kind": kind,
             "uri": uri,
             "parent_id": parent_id,
-            "metadata_": metadata or {},
+            "metadata": metadata or {},
         }
-        with self._write_session.begin() as session:
-            self._insert_ignore(session, PolicyVersion, [row], ["version"])
-            version_id = session.scalar(sa.select(PolicyVersion.id).where(PolicyVersion.version == version))
+        with self._write_engine.begin() as connection:
+            self._insert_ignore(connection, PolicyVersion, [row], ["version"])
+            version_id = connection.scalar(
+                sa.select(PolicyVersion.id).where(PolicyVersion.version == version)
+            )
         assert version_id is not None
         self._remember_version(version, version_id)
         return version_id
@@ -205,8 +207,10 @@ class ExperienceStore:
         self, run_id: str, name: str | None = None, config: dict[str, Any] | None = None
     ) -> None:
         """Record a run (idempotent). Episodes naming an unknown run create it implicitly."""
-        with self._write_session.begin() as session:
-            self._insert_ignore(session, Run, [{"id": run_id, "name": name, "config": config or {}}], ["id"])
+        with self._write_engine.begin() as connection:
+            self._insert_ignore(
+                connection, Run, [{"id": run_id, "name": name, "config": config or {}}], ["id"]
+            )
 
     # ---- episodes: write ----
 
@@ -336,6 +340,7 @@ class ExperienceStore:
             "state_dim": int(record.states.shape[1]),
             "action_dim": int(record.actions.shape[1]),
             "privileged_dim": None if record.privileged is None else int(record.privileged.shape[1]),
+            "chunk_horizon": int(record.chunks.shape[1]),
             "error": record.error,
             "metadata": record.metadata,
             "content_hash": prepared.content_hash,
@@ -516,7 +521,7 @@ class ExperienceStore:
             chunk_ids=np.array([-1 if c is None else c for c in chunk_index], dtype=np.int32),
             chunk_offsets=np.array(chunk_offset, dtype=np.int32),
             latency_ms=np.array(latency, dtype=np.float32),
-            chunks=_chunk_array(chunks, episode.action_dim),
+            chunks=_chunk_array(chunks, episode.chunk_horizon, episode.action_dim),
             images=self._load_images(session, episode.id, episode.length) if images else {},
             privileged=arrays.privileged,
             interventions=[InterventionSegment(s.t_start, s.t_end, s.trigger) for s in segments],
@@ -809,9 +814,9 @@ class ExperienceStore:
         if not 0 <= successes <= n:
             raise EpisodeValidationError("successes", f"0 <= successes <= n={n}", repr(successes))
         version_id = self._policy_version_id(policy_version, "policy_version")
-        with self._write_session.begin() as session:
+        with self._write_engine.begin() as connection:
             if run_id is not None:
-                self._insert_ignore(session, Run, [{"id": run_id, "config": {}}], ["id"])
+                self._insert_ignore(connection, Run, [{"id": run_id, "config": {}}], ["id"])
             row = {
                 "policy_version_id": version_id,
                 "task": task,
@@ -820,7 +825,8 @@ class ExperienceStore:
                 "metrics": metrics or {},
                 "run_id": run_id,
             }
-            evaluation_id = session.scalar(sa.insert(Evaluation).values(**row).returning(Evaluation.id))
+            table = Evaluation.__table__
+            evaluation_id = connection.execute(table.insert().returning(table.c.id), row).scalar_one()
         assert evaluation_id is not None
         return evaluation_id
 
@@ -962,15 +968,9 @@ def _chunk_rows(record: EpisodeRecord, episode_id: int) -> list[tuple[Any, ...]]
     return [(episode_id, i, horizon, blob) for i, blob in enumerate(blobs)]
 
 
-def _chunk_array(rows: list[Any], action_dim: int) -> np.ndarray:
-    if not rows:
-        return np.zeros((0, 1, action_dim), dtype=np.float32)
-    horizon = rows[0][0]
-    return (
-        np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
-        .reshape(len(rows), horizon, action_dim)
-        .copy()
-    )
+def _chunk_array(rows: list[Any], horizon: int, action_dim: int) -> np.ndarray:
+    blob = b"".join(actions for _, actions in rows)
+    return np.frombuffer(blob, dtype="<f4").reshape(len(rows), horizon, action_dim).astype(np.float32)
 
 
 def _as_utc(moment: dt.datetime) -> dt.datetime:

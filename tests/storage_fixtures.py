@@ -1,8 +1,9 @@
 """Storage test helpers: synthetic episodes and a store fixture parametrized over SQLite and PostgreSQL.
 
 Test modules import the fixtures: ``from tests.storage_fixtures import store, store_url  # noqa: F401``.
-Each PostgreSQL store lives in its own freshly created database (on the server of the lead's ``pg_url``
-fixture in tests/conftest.py), dropped after the test.
+On PostgreSQL (the server of the lead's ``pg_url`` fixture in tests/conftest.py) each test session gets its own
+database, dropped at the end; ``store_url`` is a fresh empty schema in it, ``store`` a schema migrated once and
+emptied before each test.
 """
 
 from __future__ import annotations
@@ -132,24 +133,80 @@ def fresh_pg_database(server_url: str) -> tuple[str, Callable[[], None]]:
     return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database URL on each backend (SQLite file in tmp_path; a fresh PostgreSQL database)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    url, drop = fresh_pg_database(request.getfixturevalue("pg_url"))
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    url, drop = fresh_pg_database(pg_url)
     try:
         yield url
     finally:
         drop()
 
 
-@pytest.fixture
-def store(store_url: str) -> Iterator[ExperienceStore]:
-    """A migrated store with ``POLICY_VERSION`` registered, on each backend."""
-    experience = ExperienceStore(store_url)
-    experience.upgrade()
+def fresh_pg_schema(database_url: str) -> tuple[str, Callable[[], None]]:
+    """Create an empty schema; return a URL whose connections use it and a function that drops it."""
+    name = f"s_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        admin.dispose()
+
+    url = sa.engine.make_url(database_url).update_query_dict({"options": f"-csearch_path={name}"})
+    return url.render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(scope="session")
+def pg_migrated(pg_database: str) -> Iterator[str]:
+    """A schema migrated once per session; ``store`` empties its tables before each test."""
+    url, drop = fresh_pg_schema(pg_database)
+    ExperienceStore(url).upgrade()
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database URL on each backend (a SQLite file in tmp_path; a fresh PostgreSQL schema)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    url, drop = fresh_pg_schema(request.getfixturevalue("pg_database"))
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ExperienceStore]:
+    """A migrated, empty store with ``POLICY_VERSION`` registered, on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        ExperienceStore(url).upgrade()
+    else:
+        url = request.getfixturevalue("pg_migrated")
+        truncate_all(url)
+    experience = ExperienceStore(url)
     experience.register_policy_version(POLICY_VERSION, kind="vla")
     yield experience
     experience.close()
+
+
+def truncate_all(url: str) -> None:
+    """Empty every store table of a PostgreSQL schema (identities restart)."""
+    from storage.schema import Base
+
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    engine.dispose()

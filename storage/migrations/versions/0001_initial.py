@@ -82,6 +82,7 @@ def upgrade() -> None:
         sa.Column("state_dim", sa.Integer(), nullable=False),
         sa.Column("action_dim", sa.Integer(), nullable=False),
         sa.Column("privileged_dim", sa.Integer(), nullable=True),
+        sa.Column("chunk_horizon", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("metadata", JSON, nullable=False),
         sa.Column("content_hash", sa.String(length=64), nullable=False),
