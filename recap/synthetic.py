@@ -27,7 +27,7 @@ def make_episode(
     images: dict[str, np.ndarray] | None = None,
     episode_uuid: uuid.UUID | None = None,
 ) -> EpisodeRecord:
-    """An ``EpisodeRecord`` from the arrays a learner reads; the rest is filled consistently."""
+    """A validated ``EpisodeRecord`` from the arrays a learner reads; the rest is filled consistently."""
     length = int(actions.shape[0])
     terminated = np.zeros(length, dtype=bool)
     truncated = np.zeros(length, dtype=bool)
@@ -37,7 +37,7 @@ def make_episode(
         rewards[-1] = 1.0
     else:
         truncated[-1] = True
-    return EpisodeRecord(
+    record = EpisodeRecord(
         uuid=episode_uuid or uuid.uuid4(),
         task=task,
         env_id=f"synthetic/{task}",
@@ -56,9 +56,11 @@ def make_episode(
         latency_ms=np.zeros(length, dtype=np.float32),
         chunks=np.zeros((0, 1, actions.shape[1]), dtype=np.float32),
         images=images or {},
-        privileged=privileged,
+        privileged=None if privileged is None else np.asarray(privileged, dtype=np.float32),
         interventions=interventions or [],
     )
+    record.validate()
+    return record
 
 
 def chain_episode(
@@ -94,6 +96,8 @@ def chain_episode(
         if position >= goal:
             outcome = Outcome.SUCCESS
             break
+    length = len(actions)
+    segments = [InterventionSegment(s.t_start, min(s.t_end, length), s.trigger) for s in segments]
     return make_episode(
         task,
         np.stack(states),
