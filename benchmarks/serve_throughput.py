@@ -4,9 +4,10 @@ Both servers run in their own process with the same policy (the built-in VLA at 
 torch MLP whose cost is a fixed overhead plus a small per-item cost) on one torch thread, and speak the same
 openpi protocol. 1, 4 and 16 clients (threads of this process, each an ``OpenPIClientPolicy``) send lock-step
 requests; the benchmark prints requests/s and p50/p99 latency per server and client count, the mean batch
-the policy saw, and the batched server's speed-up over the baseline measured in the same run.
+the policy saw, and the batched server's speed-up over the baseline measured in the same run. A third row,
+flywheel's server with ``max_batch=1``, separates the gain of batching from that of the worker thread.
 
-    python benchmarks/serve_throughput.py [--policy vla|mlp] [--clients 1 4 16] [--requests 12]
+    python benchmarks/serve_throughput.py [--policy vla|mlp] [--clients 1 4 16] [--requests 12] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def make_observation(rng: np.random.Generator, image_size: int) -> Observation:
 
 
 def run_flywheel_server(policy_name: str, port: int, max_batch: int, max_wait_ms: float) -> None:
-    """flywheel's server: batched, inference in a worker thread."""
+    """flywheel's server: batched (``max_batch`` > 1), inference in a worker thread."""
     import torch
 
     torch.set_num_threads(1)
@@ -126,7 +127,16 @@ def run_openpi_style_server(policy_name: str, port: int, max_batch: int, max_wai
     asyncio.run(main())
 
 
-SERVERS = {"openpi-style loop": run_openpi_style_server, "flywheel batched": run_flywheel_server}
+def run_flywheel_unbatched_server(policy_name: str, port: int, max_batch: int, max_wait_ms: float) -> None:
+    """flywheel's server with batching off (``max_batch=1``): isolates what batching alone buys."""
+    run_flywheel_server(policy_name, port, 1, 0.0)
+
+
+SERVERS = {
+    "openpi-style loop": run_openpi_style_server,
+    "flywheel max_batch=1": run_flywheel_unbatched_server,
+    "flywheel batched": run_flywheel_server,
+}
 
 
 # ---- load generation ------------------------------------------------------------------------------
@@ -184,22 +194,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def measure(server_name: str, args: argparse.Namespace) -> list[Result]:
-    port = free_port()
+def start_servers(args: argparse.Namespace) -> dict[str, tuple[multiprocessing.Process, str]]:
+    """Every server in its own process (idle ones cost no CPU), so runs can be interleaved."""
     context = multiprocessing.get_context("spawn")
-    process = context.Process(
-        target=SERVERS[server_name], args=(args.policy, port, args.max_batch, args.max_wait_ms), daemon=True
-    )
-    process.start()
-    image_size = 96
+    servers = {}
+    for name, target in SERVERS.items():
+        port = free_port()
+        process_args = (args.policy, port, args.max_batch, args.max_wait_ms)
+        process = context.Process(target=target, args=process_args, daemon=True)
+        process.start()
+        servers[name] = (process, f"ws://127.0.0.1:{port}")
+    return servers
+
+
+def measure(
+    servers: dict[str, tuple[multiprocessing.Process, str]], args: argparse.Namespace
+) -> list[Result]:
+    """For each client count, ``--rounds`` rounds over the servers in alternating order (so drifting load
+    on a shared machine hits every server alike); latencies and wall time are pooled over rounds."""
     results = []
-    try:
-        for clients in args.clients:
-            url = f"ws://127.0.0.1:{port}"
-            wall, latencies, batches = drive(url, clients, args.requests, image_size, args.seed)
+    for clients in args.clients:
+        pooled: dict[str, tuple[float, list[float], list[int]]] = {name: (0.0, [], []) for name in servers}
+        for round_index in range(args.rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                wall, latencies, batches = drive(servers[name][1], clients, args.requests, 96, args.seed)
+                total, all_latencies, all_batches = pooled[name]
+                pooled[name] = (total + wall, all_latencies + latencies, all_batches + batches)
+        for name, (wall, latencies, batches) in pooled.items():
             results.append(
                 Result(
-                    server=server_name,
+                    server=name,
                     clients=clients,
                     requests_per_s=len(latencies) / wall,
                     p50_ms=float(np.percentile(latencies, 50)),
@@ -208,15 +233,12 @@ def measure(server_name: str, args: argparse.Namespace) -> list[Result]:
                 )
             )
             print(_row(results[-1]), flush=True)
-    finally:
-        process.terminate()
-        process.join(30)
     return results
 
 
 def _row(result: Result) -> str:
     return (
-        f"{result.server:<18} {result.clients:>7} {result.requests_per_s:>9.2f} {result.p50_ms:>9.1f} "
+        f"{result.server:<20} {result.clients:>7} {result.requests_per_s:>9.2f} {result.p50_ms:>9.1f} "
         f"{result.p99_ms:>9.1f} {result.mean_batch:>10.2f}"
     )
 
@@ -228,18 +250,29 @@ def main() -> None:
     parser.add_argument("--policy", choices=["vla", "mlp"], default="vla")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=12, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per client count")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"policy={args.policy}  requests/client={args.requests}  (one torch thread per server process)")
-    print(f"{'server':<18} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
-    results = {name: measure(name, args) for name in SERVERS}
+    print(
+        f"policy={args.policy}  requests/client/round={args.requests}  rounds={args.rounds}  (1 torch thread)"
+    )
+    print(f"{'server':<20} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
+    servers = start_servers(args)
+    try:
+        results = measure(servers, args)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.join(30)
+    by_key = {(result.server, result.clients): result for result in results}
     print("\nspeed-up of the batched server over the openpi-style loop (same run):")
-    for baseline, batched in zip(results["openpi-style loop"], results["flywheel batched"], strict=True):
+    for clients in args.clients:
+        baseline, batched = by_key["openpi-style loop", clients], by_key["flywheel batched", clients]
         speedup = batched.requests_per_s / baseline.requests_per_s
         print(
-            f"  {baseline.clients:>2} clients: {speedup:.2f}× throughput, p99 {baseline.p99_ms:.0f} → "
+            f"  {clients:>2} clients: {speedup:.2f}× throughput, p99 {baseline.p99_ms:.0f} → "
             f"{batched.p99_ms:.0f} ms"
         )
 

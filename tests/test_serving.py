@@ -20,7 +20,16 @@ from websockets.sync.client import ClientConnection, connect
 
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy, stack_observations
 from policies.openpi_client import AuthenticationError, OpenPIClientPolicy, ServerError
-from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig, msgpack_numpy
+from policies.serving import (
+    BackgroundServer,
+    ObservationError,
+    ObservationKeys,
+    ObservationSpec,
+    PolicyServer,
+    ServerConfig,
+    msgpack_numpy,
+    observation_from_wire,
+)
 from policies.serving.observations import observation_to_wire
 
 HORIZON, ACTION_DIM, STATE_DIM, IMAGE = 5, 4, 3, (8, 8)
@@ -439,3 +448,21 @@ def test_serves_the_built_in_vla_with_embeddings() -> None:
             client.infer_one(wrong)
     assert chunk.actions.shape == (2, policy.action_horizon, policy.action_dim)
     assert chunk.embeddings is not None and chunk.embeddings.shape[0] == 2 and chunk.embeddings.ndim == 3
+
+
+def test_droid_key_map_splits_and_joins_the_state() -> None:
+    keys = ObservationKeys.droid("exterior", "wrist")
+    observation = make_observation(5, cameras=("exterior", "wrist"))
+    observation["state"] = np.arange(8, dtype=np.float32)
+    wire = observation_to_wire(observation, keys)
+    np.testing.assert_array_equal(wire["observation/joint_position"], np.arange(7))
+    np.testing.assert_array_equal(wire["observation/gripper_position"], [7])
+    spec = ObservationSpec(cameras={"exterior": IMAGE, "wrist": IMAGE}, state_dim=8)
+    back = observation_from_wire(msgpack_numpy.unpackb(msgpack_numpy.packb(wire)), spec, keys)
+    np.testing.assert_array_equal(back["state"], observation["state"])
+    np.testing.assert_array_equal(back["images"]["wrist"], observation["images"]["wrist"])
+    wire["observation/gripper_position"] = np.zeros(2, np.float32)
+    with pytest.raises(
+        ObservationError, match=r"observation/gripper_position: expected a float array of shape \(1,\)"
+    ):
+        observation_from_wire(wire, spec, keys)
