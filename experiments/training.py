@@ -1,0 +1,173 @@
+"""Train the built-in VLA by behaviour cloning on episodes from the experience store, evaluate, register.
+
+The store view picks the episodes (tasks, runs, outcomes); ``policies.training`` does the learning; the trained
+checkpoint is registered as a policy version so that every episode it later produces points back to it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from envs import EnvConfig
+from envs.tasks import task_prompt
+from experiments.evaluation import EvalResult, evaluate
+from policies.checkpoint import save_checkpoint
+from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, create_policy, train_bc
+from policies.vla.config import VLAConfig
+from policies.vla.policy import VLAPolicy
+from storage import EpisodeRecord, ExperienceStore
+
+#: Per-step condition text for a stored episode (RECAP's advantage indicator, metadata prompts), or None.
+ConditionFn = Callable[[EpisodeRecord], list[str | None] | None]
+
+
+class EpisodeFilter(BaseModel):
+    """Which stored episodes to train on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1)
+    run_ids: list[str] | None = None
+    outcome: Literal["success", "failure", "truncated", "error"] | None = None
+    max_episodes_per_task: int | None = Field(default=None, ge=1)
+
+
+class BCConfig(BaseModel):
+    """Model size, optimisation and evaluation settings of a BC run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: Literal["tiny", "small"] = "tiny"
+    cameras: tuple[str, ...] = ("corner2",)
+    image_size: int = Field(default=64, ge=16)
+    action_horizon: int = Field(default=10, ge=1)
+    knowledge_insulation: bool = False
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=3e-4, gt=0)
+    condition_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    eval_episodes: int = Field(default=0, ge=0)
+    max_episode_steps: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class TrainedPolicy:
+    """A trained, saved and registered policy with its training record."""
+
+    policy: VLAPolicy
+    checkpoint: Path
+    version: str
+    train: TrainResult
+    evaluations: list[EvalResult]
+    episodes_used: int
+
+
+def load_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> list[EpisodeRecord]:
+    """The stored episodes (with images) selected by ``selection``, oldest first."""
+    records: list[EpisodeRecord] = []
+    for task in selection.tasks:
+        runs = selection.run_ids or [None]
+        chosen: list[EpisodeRecord] = []
+        for run_id in runs:
+            chosen += store.iter_episodes(task=task, run_id=run_id, outcome=selection.outcome, images=True)
+        records += chosen[: selection.max_episodes_per_task]
+    if not records:
+        raise ValueError(f"no stored episodes match {selection.model_dump(exclude_none=True)}")
+    return records
+
+
+def to_episode_arrays(
+    records: list[EpisodeRecord], conditions: ConditionFn | None = None
+) -> list[EpisodeArrays]:
+    """Store records → the training loop's per-episode arrays (prompt from the task, optional conditions)."""
+    return [
+        EpisodeArrays(
+            images=record.images,
+            state=record.states,
+            actions=record.actions,
+            prompt=task_prompt(record.task),
+            conditions=conditions(record) if conditions else None,
+        )
+        for record in records
+        if record.length > 0
+    ]
+
+
+def train_vla(
+    store: ExperienceStore,
+    selection: EpisodeFilter,
+    config: BCConfig,
+    output_dir: Path,
+    *,
+    conditions: ConditionFn | None = None,
+    parent_version: str | None = None,
+    progress: bool = True,
+) -> TrainedPolicy:
+    """Train a fresh VLA on the selected episodes, save it to ``output_dir``, register and evaluate it."""
+    records = load_training_episodes(store, selection)
+    dataset = build_dataset(to_episode_arrays(records, conditions), config.action_horizon)
+    vla_config = VLAConfig.preset(
+        config.size,
+        cameras=config.cameras,
+        image_size=config.image_size,
+        state_dim=dataset.state.shape[1],
+        action_dim=dataset.actions.shape[2],
+        action_horizon=config.action_horizon,
+        knowledge_insulation=config.knowledge_insulation,
+    )
+    policy = create_policy(vla_config, dataset, seed=config.seed)
+    train_result = train_bc(
+        policy,
+        dataset,
+        TrainConfig(
+            steps=config.steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            condition_dropout=config.condition_dropout,
+            seed=config.seed,
+            progress=progress,
+        ),
+    )
+    checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
+    version = save_checkpoint(policy, checkpoint)
+    policy.version = version
+    store.register_policy_version(
+        version,
+        kind="vla",
+        uri=str(checkpoint.resolve()),
+        parent=parent_version,
+        metadata={
+            "bc_config": config.model_dump(mode="json"),
+            "selection": selection.model_dump(mode="json"),
+            "episodes": len(records),
+            "final_loss": train_result.history[-1]["loss"] if train_result.history else None,
+        },
+    )
+    evaluations = [
+        _evaluate_and_record(store, policy, task, config)
+        for task in selection.tasks
+        if config.eval_episodes > 0
+    ]
+    return TrainedPolicy(policy, checkpoint, version, train_result, evaluations, len(records))
+
+
+def _evaluate_and_record(
+    store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig
+) -> EvalResult:
+    env = EnvConfig(
+        task=task,
+        cameras=config.cameras,
+        width=config.image_size,
+        height=config.image_size,
+        max_episode_steps=config.max_episode_steps,
+    )
+    result, _ = evaluate(policy, env, config.eval_episodes)
+    store.write_evaluation(policy.version, task, result.n, result.successes, metrics=result.as_metrics())
+    return result
