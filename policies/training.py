@@ -1,0 +1,285 @@
+"""Behaviour-cloning training of the built-in VLA over an in-memory numpy dataset.
+
+Generic on purpose: the lead turns store episodes into :class:`EpisodeArrays`; :func:`build_dataset` cuts them into
+chunk targets (chunk at t = actions[t:t+H], padded at the end by repeating the last action, with a mask);
+:func:`create_policy` fits the prompt tokenizer, the normalization statistics and (with Knowledge Insulation) the
+FAST tokenizer on the dataset; :func:`train_bc` runs AdamW over minibatches with a progress bar, a periodic
+evaluation callback and condition dropout (RECAP trains "Advantage: …" text with 30% dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from policies.fast import FASTTokenizer
+from policies.normalization import NormalizationStats
+from policies.vla.config import VLAConfig
+from policies.vla.model import VLAModel, sample_tau
+from policies.vla.policy import VLAInputError, VLAPolicy, join_prompt
+from policies.vla.prompt_tokenizer import train_prompt_tokenizer
+
+#: ``callback(step, policy) -> metrics`` run every ``eval_every`` steps and after the last one.
+EvalCallback = Callable[[int, VLAPolicy], dict[str, float] | None]
+
+
+@dataclass
+class EpisodeArrays:
+    """One episode as arrays (T steps): images per camera ``T×S×S×3`` uint8, ``state`` ``T×S``, ``actions``
+    ``T×D``, the task ``prompt`` and an optional per-step ``conditions`` text (e.g. "Advantage: positive")."""
+
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+    actions: np.ndarray
+    prompt: str
+    conditions: list[str | None] | None = None
+
+
+@dataclass
+class BCDataset:
+    """N training samples: images per camera ``N×S×S×3`` uint8, ``state`` ``N×S``, ``prompts`` (N), ``actions``
+    ``N×H×D`` chunk targets, ``action_mask`` ``N×H`` (False on end-of-episode padding), optional ``conditions``."""
+
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+    prompts: list[str]
+    actions: np.ndarray
+    action_mask: np.ndarray
+    conditions: list[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def validate(self, config: VLAConfig) -> None:
+        """Raise :class:`VLAInputError` naming the field if the data does not match ``config``."""
+        n, side, horizon = len(self), config.image_size, config.action_horizon
+        for camera in config.cameras:
+            if camera not in self.images:
+                raise VLAInputError(
+                    f"images[{camera!r}]: missing camera, expected cameras {list(config.cameras)}"
+                )
+            array = self.images[camera]
+            if array.dtype != np.uint8 or array.shape != (n, side, side, 3):
+                raise VLAInputError(
+                    f"images[{camera!r}]: expected uint8 ({n}, {side}, {side}, 3), got {array.dtype} {array.shape}"
+                )
+        expected = {
+            "state": (self.state, (n, config.state_dim)),
+            "actions": (self.actions, (n, horizon, config.action_dim)),
+            "action_mask": (self.action_mask, (n, horizon)),
+        }
+        for name, (array, shape) in expected.items():
+            if array.shape != shape:
+                raise VLAInputError(f"{name}.shape: expected {shape}, got {array.shape}")
+        if self.conditions is not None and len(self.conditions) != n:
+            raise VLAInputError(
+                f"conditions: expected {n} entries (one per sample), got {len(self.conditions)}"
+            )
+
+
+def chunk_episode(actions: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk targets ``T×H×D`` (chunk t = actions[t:t+H], end padded with the last action) and mask ``T×H``."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if actions.ndim != 2 or actions.shape[0] == 0:
+        raise VLAInputError(f"actions.shape: expected (T, D) with T > 0, got {actions.shape}")
+    steps = actions.shape[0]
+    index = np.arange(steps)[:, None] + np.arange(horizon)[None, :]
+    return actions[np.minimum(index, steps - 1)], index < steps
+
+
+def build_dataset(episodes: Sequence[EpisodeArrays], horizon: int) -> BCDataset:
+    """Concatenate episodes into one :class:`BCDataset` of chunk targets."""
+    if not episodes:
+        raise VLAInputError("episodes: expected at least one episode, got none")
+    cameras = sorted(episodes[0].images)
+    chunks, masks = zip(*(chunk_episode(episode.actions, horizon) for episode in episodes), strict=True)
+    use_conditions = any(episode.conditions is not None for episode in episodes)
+    conditions: list[str | None] | None = [] if use_conditions else None
+    for index, episode in enumerate(episodes):
+        steps = len(episode.actions)
+        if sorted(episode.images) != cameras:
+            raise VLAInputError(
+                f"episodes[{index}].images: expected cameras {cameras}, got {sorted(episode.images)}"
+            )
+        lengths = {name: len(array) for name, array in episode.images.items()} | {"state": len(episode.state)}
+        if any(length != steps for length in lengths.values()):
+            raise VLAInputError(
+                f"episodes[{index}]: expected {steps} steps everywhere (actions), got {lengths}"
+            )
+        if conditions is not None:
+            conditions += episode.conditions if episode.conditions is not None else [None] * steps
+    return BCDataset(
+        images={
+            camera: np.concatenate([episode.images[camera] for episode in episodes]) for camera in cameras
+        },
+        state=np.concatenate([np.asarray(episode.state, dtype=np.float32) for episode in episodes]),
+        prompts=[episode.prompt for episode in episodes for _ in range(len(episode.actions))],
+        actions=np.concatenate(chunks),
+        action_mask=np.concatenate(masks),
+        conditions=conditions,
+    )
+
+
+def create_policy(
+    config: VLAConfig, dataset: BCDataset, seed: int = 0, fast_vocab_size: int = 512, **policy_kwargs
+) -> VLAPolicy:
+    """A fresh :class:`VLAPolicy` whose tokenizers and normalization statistics are fitted on ``dataset``.
+
+    ``config.vocab_size`` (and ``fast_vocab_size`` under Knowledge Insulation) are replaced by the fitted sizes.
+    """
+    prompts = sorted(set(dataset.prompts) | {c for c in dataset.conditions or [] if c})
+    prompt_tokenizer = train_prompt_tokenizer(prompts, vocab_size=config.vocab_size)
+    fast_tokenizer = None
+    if config.knowledge_insulation:
+        fast_tokenizer = FASTTokenizer.fit(
+            dataset.actions[dataset.action_mask.all(axis=1)], vocab_size=fast_vocab_size
+        )
+    config = dataclasses.replace(
+        config,
+        vocab_size=prompt_tokenizer.get_vocab_size(),
+        fast_vocab_size=fast_tokenizer.vocab_size if fast_tokenizer else config.fast_vocab_size,
+    )
+    dataset.validate(config)
+    norm_stats = NormalizationStats.compute(dataset.state, dataset.actions, mode=config.normalization)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    return VLAPolicy(
+        VLAModel(config), prompt_tokenizer, norm_stats, fast_tokenizer, seed=seed, **policy_kwargs
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of :func:`train_bc`.
+
+    ``condition_dropout``: probability of dropping a sample's condition text (training the unconditioned policy
+    for classifier-free guidance). ``image_shift``: random-shift augmentation in pixels (0 = off).
+    """
+
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    condition_dropout: float = 0.0
+    image_shift: int = 4
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """Loss history (one dict per ``log_every`` steps: step, loss, flow_loss, fast_loss) and evaluations."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_bc(
+    policy: VLAPolicy, dataset: BCDataset, config: TrainConfig, callback: EvalCallback | None = None
+) -> TrainResult:
+    """Train ``policy.model`` in place on ``dataset``; returns the loss history and the callback's metrics."""
+    dataset.validate(policy.config)
+    model = policy.model
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images = torch.from_numpy(np.stack([dataset.images[c] for c in policy.config.cameras], axis=1)).permute(
+        0, 1, 4, 2, 3
+    )
+    state = torch.from_numpy(policy.norm_stats.state.normalize(dataset.state, policy.config.normalization))
+    actions = policy.normalize_actions(dataset.actions)
+    action_mask = torch.from_numpy(dataset.action_mask)
+    fast_tokens = _fast_targets(policy, dataset) if policy.config.knowledge_insulation else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
+    result = TrainResult()
+    model.train()
+    bar = tqdm(range(1, config.steps + 1), disable=not config.progress, desc="train bc", unit="step")
+    for step in bar:
+        index = torch.from_numpy(rng.integers(0, len(dataset), size=min(config.batch_size, len(dataset))))
+        prompts = _batch_prompts(dataset, index.numpy(), config.condition_dropout, rng)
+        tokens, token_valid = policy.tokenize(prompts, trim=True)
+        pixels = _augment(images[index].float() / 127.5 - 1.0, config.image_shift, generator)
+        prefix = model.encode_prefix(pixels, tokens, token_valid)
+        noise = torch.randn(actions[index].shape, generator=generator)
+        tau = sample_tau(len(index), generator)
+        flow = model.flow_loss(prefix, state[index], actions[index], action_mask[index], noise, tau)
+        fast = model.fast_loss(prefix, fast_tokens[index]) if fast_tokens is not None else torch.zeros(())
+        loss = flow + fast
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % config.log_every == 0 or step == config.steps:
+            record = {"step": step, "loss": loss.item(), "flow_loss": flow.item(), "fast_loss": fast.item()}
+            result.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if callback is not None and (
+            (config.eval_every and step % config.eval_every == 0) or step == config.steps
+        ):
+            model.eval()
+            metrics = callback(step, policy)
+            model.train()
+            if metrics:
+                result.evaluations.append({"step": step, **metrics})
+    model.eval()
+    return result
+
+
+def _batch_prompts(
+    dataset: BCDataset, index: np.ndarray, dropout: float, rng: np.random.Generator
+) -> list[str]:
+    if dataset.conditions is None:
+        return [dataset.prompts[i] for i in index]
+    keep = rng.random(len(index)) >= dropout
+    return [
+        join_prompt(dataset.prompts[i], dataset.conditions[i] if k else None)
+        for i, k in zip(index, keep, strict=True)
+    ]
+
+
+def _augment(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random shift (pad by replication, random crop) per sample and camera, as in DrQ."""
+    if shift <= 0:
+        return pixels
+    b, c, ch, h, w = pixels.shape
+    flat = torch.nn.functional.pad(pixels.reshape(b * c, ch, h, w), (shift,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * shift + 1, (b * c,), generator=generator)
+    dy = torch.randint(0, 2 * shift + 1, (b * c,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(-1, ch, -1, w + 2 * shift)
+    cropped = flat.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(-1, ch, h, -1)
+    return cropped.gather(3, cols).reshape(b, c, ch, h, w)
+
+
+def _fast_targets(policy: VLAPolicy, dataset: BCDataset) -> torch.Tensor:
+    """FAST ids + EOS per sample, PAD-padded (truncated at ``max_fast_tokens``) as an ``N×L`` tensor."""
+    assert policy.fast_tokenizer is not None  # guaranteed by check_components under knowledge_insulation
+    _, eos, pad = policy.model.fast_special
+    length = policy.config.max_fast_tokens
+    targets = torch.full((len(dataset), length), pad, dtype=torch.long)
+    for row, ids in enumerate(policy.fast_tokenizer.encode(dataset.actions)):
+        sequence = [*ids, eos][:length]
+        targets[row, : len(sequence)] = torch.tensor(sequence)
+    return targets
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
