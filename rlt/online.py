@@ -2,9 +2,10 @@
 
 Per chunk boundary the prior proposes a chunk (its first ``C`` actions are the reference ``ã``) and returns
 its final embeddings; once the ``PhaseSwitch`` fires (latched for the rest of the episode) the learner acts on
-``x = (z_rl, proprio)`` and ``ã``. An optional ``HumanIntervention`` may take over a chunk; its chunk is
-executed and replaces ``ã`` in the replay buffer. Reward is sparse (+1 on ``info["success"]``, which
-terminates).
+``x = (z_rl, proprio)`` and ``ã``. Interventions come from the env (``envs.InterventionWrapper``): a step
+whose ``info["source"]`` is ``StepSource.HUMAN`` executed ``info["executed_action"]``; a chunk with any
+human step is stored with the executed actions as both ``ã`` and the action. Reward is sparse (+1 on
+``info["success"]``, which terminates).
 
 ``run`` does: warm-up episodes with the prior alone → fit and freeze the RL token on their embeddings (unless
 it was fitted already) → seed the replay buffer from the warm-up episodes (and any stored ``EpisodeRecord``
@@ -18,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -35,15 +36,13 @@ from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSou
 Mode = Literal["prior", "learner", "eval"]
 
 
-class HumanIntervention(Protocol):
-    """A (simulated) human who may take over a chunk: return a ``C×D`` chunk to execute, or ``None``."""
-
-    def intervene(self, observation: Observation, proposed: np.ndarray) -> np.ndarray | None: ...
-
-
 @dataclass(frozen=True)
 class OnlineConfig:
-    """Budget and settings of an online run (env steps count every executed action)."""
+    """Budget and settings of an online run.
+
+    ``total_env_steps`` is the online budget after warm-up; evaluation episodes (on seeds
+    ``eval_seed_base + i``, the same for every run) are not counted as training steps.
+    """
 
     task: str
     env_id: str
@@ -54,6 +53,7 @@ class OnlineConfig:
     token_batch_size: int = 128
     eval_every_steps: int = 0
     eval_episodes: int = 20
+    eval_seed_base: int = 500_000
     record_images: bool = True
     rl_version: str = "rlt"
     seed: int = 0
@@ -105,7 +105,7 @@ class EpisodeStats:
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """Success rate of the deterministic learner (or the prior) after ``env_steps`` training steps."""
+    """Success rate of the deterministic learner after ``env_steps`` env steps (warm-up included)."""
 
     env_steps: int
     success_rate: float
@@ -122,11 +122,10 @@ class OnlineRLT:
         token: RLToken,
         config: OnlineConfig,
         learner_config: LearnerConfig | None = None,
-        human: HumanIntervention | None = None,
         on_episode: Callable[[EpisodeRecord], None] | None = None,
         token_fitted: bool = False,
     ) -> None:
-        self.env, self.prior, self.phase_switch, self.human = env, prior, phase_switch, human
+        self.env, self.prior, self.phase_switch = env, prior, phase_switch
         self.config, self.on_episode = config, on_episode
         self.token, self.token_fitted = token, token_fitted
         learner_config = learner_config or LearnerConfig(seed=config.seed)
@@ -153,17 +152,16 @@ class OnlineRLT:
         self.fit_token()
         self._add_to_replay(self._pending)
         self._pending = []
-        start = self.env_steps
-        next_eval = start
-        while self.env_steps - start < self.config.total_env_steps:
+        end = self.env_steps + self.config.total_env_steps
+        next_eval = self.env_steps
+        while self.env_steps < end:
             if self.config.eval_every_steps and self.env_steps >= next_eval:
-                self.curve.append(EvalPoint(self.env_steps - start, self.evaluate(self.config.eval_episodes)))
+                self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
                 next_eval += self.config.eval_every_steps
             chunks, _ = self.run_episode("learner")
-            added = self._add_to_replay([chunks])
-            self.learner.update(added)
+            self.learner.update(self._add_to_replay([chunks]))
         if self.config.eval_every_steps:
-            self.curve.append(EvalPoint(self.env_steps - start, self.evaluate(self.config.eval_episodes)))
+            self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
         return self.curve
 
     def fit_token(self) -> list[float]:
@@ -216,27 +214,27 @@ class OnlineRLT:
             critical = critical or self.phase_switch.is_critical(observation, info)
             acting_rl = critical and mode != "prior"
             planned = self._rl_chunk(context, explore=mode == "learner") if acting_rl else context.reference
-            human_chunk = self.human.intervene(observation, planned) if self.human else None
-            executed = planned if human_chunk is None else self._check_chunk("human chunk", human_chunk)
             version = self.config.rl_version if acting_rl else self.prior.version
-            chunk_id = recorder.add_chunk(planned, proposal.timing.get("infer_ms", 0.0))
-            rewards, terminated, truncated = [], False, False
+            chunk_id = recorder.add_chunk(context.reference, proposal.timing.get("infer_ms", 0.0))
+            executed, rewards, intervened = planned.copy(), [], False
+            terminated = truncated = False
             for offset in range(self.chunk_size):
-                source = StepSource.POLICY if human_chunk is None else StepSource.HUMAN
-                recorder.add_step(observation, executed[offset], source, version, chunk_id, offset, critical)
-                observation, _, terminated, truncated, info = self.env.step(executed[offset])
+                state_before = observation
+                observation, _, terminated, truncated, info = self.env.step(planned[offset])
+                source = StepSource(int(info.get("source", StepSource.POLICY)))
+                executed[offset] = np.asarray(info.get("executed_action", planned[offset]), np.float32)
+                intervened = intervened or source == StepSource.HUMAN
                 terminated = bool(terminated or info.get("success", False))
                 rewards.append(float(info.get("success", False)))
-                recorder.end_step(rewards[-1], terminated, bool(truncated))
+                recorder.add_step(state_before, executed[offset], source, version, chunk_id, offset, critical)
+                recorder.end_step(rewards[-1], terminated, bool(truncated), info.get("intervention_trigger"))
                 if terminated or truncated:
                     break
             done = terminated or bool(truncated)
-            if human_chunk is not None:
+            if intervened:
                 context = ChunkContext(context.embeddings, context.proprio, executed)
             chunks.steps.append(
-                ChunkStep(
-                    context, executed, np.asarray(rewards), terminated, critical, human_chunk is not None
-                )
+                ChunkStep(context, executed, np.asarray(rewards), terminated, critical, intervened)
             )
         if not terminated:
             chunks.final = self._context(observation)[0]
@@ -305,7 +303,7 @@ class OnlineRLT:
         return self.config.seed * 1_000_003 + self.episode_index
 
     def _eval_seed(self, index: int) -> int:
-        return self.config.seed * 1_000_003 + 500_000 + index
+        return self.config.eval_seed_base + index
 
 
 def chunk_transitions(episode: EpisodeChunks, encoder: RLStateEncoder, gamma: float) -> list[ChunkTransition]:
@@ -401,7 +399,14 @@ def _record_context(record: EpisodeRecord, prior: Policy, t: int, chunk_size: in
 
 
 class _EpisodeRecorder:
-    """Accumulates one episode's columns and builds the ``EpisodeRecord``."""
+    """Accumulates one episode's columns and builds the ``EpisodeRecord``.
+
+    ``chunks`` holds the prior's reference chunk (first ``C`` actions) at every chunk start and ``actions``
+    what was executed — RLT's chunk (with exploration noise) in the critical phase, the human's on takeover
+    steps — so a record carries both ``ã`` and the executed chunk, as ``seed_from_records`` needs.
+    ``policy_versions`` names the prior before the hand-off and ``OnlineConfig.rl_version`` after it;
+    ``metadata["critical_phase"]`` marks the critical steps (0/1).
+    """
 
     def __init__(self, record_images: bool) -> None:
         self.record_images = record_images
@@ -425,7 +430,7 @@ class _EpisodeRecorder:
         self.images: dict[str, list[np.ndarray]] = {}
         self.chunks: list[np.ndarray] = []
         self.latencies: list[float] = []
-        self.interventions: list[tuple[int, int]] = []
+        self.triggers: list[str | None] = []
 
     def add_chunk(self, chunk: np.ndarray, latency_ms: float) -> int:
         self.chunks.append(np.asarray(chunk, np.float32))
@@ -457,7 +462,8 @@ class _EpisodeRecorder:
             for camera, frame in observation["images"].items():
                 self.images.setdefault(camera, []).append(frame)
 
-    def end_step(self, reward: float, terminated: bool, truncated: bool) -> None:
+    def end_step(self, reward: float, terminated: bool, truncated: bool, trigger: str | None) -> None:
+        self.triggers.append(trigger)
         self.columns["rewards"].append(reward)
         self.columns["terminated"].append(terminated)
         self.columns["truncated"].append(truncated)
@@ -493,7 +499,7 @@ class _EpisodeRecorder:
             chunks=np.stack(self.chunks),
             images={camera: np.stack(frames) for camera, frames in self.images.items()},
             privileged=np.stack(columns["privileged"]) if len(columns["privileged"]) == length else None,
-            interventions=_intervention_segments(sources),
+            interventions=_intervention_segments(sources, self.triggers),
             metadata={
                 "learner": "rlt",
                 "mode": mode,
@@ -503,9 +509,10 @@ class _EpisodeRecorder:
         )
 
 
-def _intervention_segments(sources: np.ndarray) -> list[InterventionSegment]:
+def _intervention_segments(sources: np.ndarray, triggers: list[str | None]) -> list[InterventionSegment]:
     human = np.concatenate([[False], sources == StepSource.HUMAN, [False]])
     edges = np.flatnonzero(np.diff(human.astype(np.int8)))
     return [
-        InterventionSegment(int(a), int(b), "human") for a, b in zip(edges[::2], edges[1::2], strict=True)
+        InterventionSegment(int(start), int(end), triggers[start] or "human")
+        for start, end in zip(edges[::2], edges[1::2], strict=True)
     ]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from policies.base import ActionChunk, ObservationBatch, Policy
+from policies.base import ActionChunk, Observation, ObservationBatch, Policy, stack_observations
 from rlt.errors import EmbeddingDimError, RLTInputError
-from rlt.rl_token import RLToken
+from rlt.rl_token import RLToken, RLTokenConfig
 
 
 class StateProjectionEmbedder:
@@ -80,3 +80,18 @@ class RLStateEncoder:
         if proprio.ndim != 2 or proprio.shape[1] != self.proprio_dim:
             raise RLTInputError(f"proprio: expected B×{self.proprio_dim}, got {proprio.shape}")
         return np.concatenate([self.token.encode_numpy(np.asarray(embeddings, np.float32)), proprio], axis=1)
+
+
+def token_config_for(
+    policy: Policy, observation: Observation, z_dim: int = 64, **shape: int
+) -> RLTokenConfig:
+    """The RL token shape matching ``policy``'s embeddings (``T×E``), probed with one ``infer`` call.
+
+    Works for any prior that fills ``ActionChunk.embeddings``: the built-in VLA (``T`` = its prefix length,
+    ``E`` = its width) or an ``EmbeddingPrior``. ``shape`` overrides other ``RLTokenConfig`` fields.
+    """
+    embeddings = policy.infer(stack_observations([observation])).embeddings
+    if embeddings is None or np.ndim(embeddings) != 3:
+        got = None if embeddings is None else np.shape(embeddings)
+        raise EmbeddingDimError(f"embeddings: expected B×T×E from {type(policy).__name__}.infer, got {got}")
+    return RLTokenConfig(num_tokens=embeddings.shape[1], embed_dim=embeddings.shape[2], z_dim=z_dim, **shape)

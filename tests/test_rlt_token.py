@@ -8,6 +8,8 @@ import torch
 
 from rlt.errors import EmbeddingDimError
 from rlt.rl_token import RLToken, RLTokenConfig, fit_rl_token
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder, token_config_for
+from rlt.toy import BiasedReachPrior, PointReachEnv
 
 torch.set_num_threads(1)
 
@@ -48,3 +50,11 @@ def test_embedding_dimension_mismatch_is_a_clear_error(shape: tuple[int, ...]) -
         token.encode_numpy(np.zeros(shape, np.float32))
     with pytest.raises(EmbeddingDimError):
         fit_rl_token(token, np.zeros(shape, np.float32), steps=1)
+
+
+def test_token_config_is_sized_from_the_prior_embeddings() -> None:
+    prior = EmbeddingPrior(BiasedReachPrior(), StateProjectionEmbedder(4, 6, 12))
+    config = token_config_for(prior, PointReachEnv().reset(seed=0)[0], z_dim=8)
+    assert (config.num_tokens, config.embed_dim, config.z_dim) == (6, 12, 8)
+    with pytest.raises(EmbeddingDimError, match="expected B×T×E from BiasedReachPrior"):
+        token_config_for(BiasedReachPrior(), PointReachEnv().reset(seed=0)[0])

@@ -1,0 +1,313 @@
+"""RLT vs SB3 SAC from scratch vs the frozen prior on a Meta-World precision task, in one run.
+
+All arms see the same task with a sparse +1 success reward (success terminates) and the same episode length.
+The prior is state-based: Meta-World's scripted expert emitting zero-order-hold chunks of ``C`` actions with
+Gaussian noise (``policies.scripted.ScriptedPolicy``), with fixed random-projection "embeddings" of the
+privileged state standing in for VLA embeddings (``rlt.state.EmbeddingPrior``). RLT = RL token + chunked
+actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT``); SAC reads the 39-D privileged state.
+Success is measured on the same fixed evaluation seeds for every arm; curves are plotted with 95% t-intervals
+over seeds.
+
+    python benchmarks/rlt_sample_efficiency.py --task peg-insert-side-v3 --seeds 0 1 2 --env-steps 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym
+import numpy as np
+import torch
+from scipy import stats
+from stable_baselines3 import SAC
+from stable_baselines3.common.callbacks import BaseCallback
+
+from envs import EnvConfig, MetaWorldEnv
+from policies.base import stack_observations
+from policies.scripted import ScriptedPolicy
+from rlt.online import OnlineConfig, OnlineRLT
+from rlt.phase import AlwaysCritical, DistanceSwitch, PhaseSwitch
+from rlt.rl_token import RLToken, RLTokenConfig
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.td3 import LearnerConfig
+
+OBJECT, GOAL = [4, 5, 6], [36, 37, 38]
+EVAL_SEED_BASE = 500_000
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """One benchmark run: task, budget, seeds and the prior's quality."""
+
+    task: str = "peg-insert-side-v3"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    env_steps: int = 20_000
+    eval_every: int = 5_000
+    eval_episodes: int = 20
+    episode_steps: int = 200
+    prior_noise: float = 0.3
+    chunk_size: int = 10
+    critical_distance: float | None = None
+    warmup_episodes: int = 20
+    output: str = "benchmarks/results"
+    arms: tuple[str, ...] = ("prior", "rlt", "sac")
+
+
+@dataclass
+class Curve:
+    """Evaluation success rate of one arm and seed at increasing env steps."""
+
+    arm: str
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    success: list[float] = field(default_factory=list)
+
+
+def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
+    """The task without rendering, sparse reward, terminating on success."""
+    return MetaWorldEnv(
+        EnvConfig(
+            task=config.task,
+            render=False,
+            reward="sparse",
+            terminate_on_success=True,
+            max_episode_steps=config.episode_steps,
+        )
+    )
+
+
+def make_prior(config: BenchmarkConfig, seed: int) -> EmbeddingPrior:
+    """Noisy zero-order-hold scripted chunks with projected privileged-state embeddings."""
+    scripted = ScriptedPolicy(
+        config.task, noise_std=config.prior_noise, seed=seed, action_horizon=config.chunk_size
+    )
+    return EmbeddingPrior(scripted, StateProjectionEmbedder(39, 8, 32, key="privileged", seed=seed))
+
+
+def eval_seeds(config: BenchmarkConfig) -> list[int]:
+    """Evaluation episodes use the same seeds for every arm."""
+    return [EVAL_SEED_BASE + index for index in range(config.eval_episodes)]
+
+
+def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
+    """The frozen prior's success on the evaluation seeds (flat over env steps)."""
+    env, prior = make_env(config), make_prior(config, seed)
+    successes = []
+    for episode_seed in eval_seeds(config):
+        observation, _ = env.reset(seed=episode_seed)
+        done = terminated = False
+        while not done:
+            for action in prior.infer(stack_observations([observation])).actions[0, : config.chunk_size]:
+                observation, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+        successes.append(float(terminated))
+    rate = float(np.mean(successes))
+    return Curve("prior", seed, [0, config.env_steps], [rate, rate])
+
+
+def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
+    """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
+    torch.manual_seed(seed)
+    switch: PhaseSwitch = (
+        AlwaysCritical()
+        if config.critical_distance is None
+        else DistanceSwitch(OBJECT, GOAL, config.critical_distance)
+    )
+    loop = OnlineRLT(
+        make_env(config),
+        make_prior(config, seed),
+        switch,
+        RLToken(RLTokenConfig(num_tokens=8, embed_dim=32, z_dim=32)),
+        OnlineConfig(
+            task=config.task,
+            env_id=f"metaworld/{config.task}",
+            warmup_episodes=config.warmup_episodes,
+            total_env_steps=config.env_steps,
+            eval_every_steps=config.eval_every,
+            eval_episodes=config.eval_episodes,
+            token_steps=500,
+            eval_seed_base=EVAL_SEED_BASE,
+            record_images=False,
+            seed=seed,
+        ),
+        LearnerConfig(chunk_size=config.chunk_size, seed=seed),
+    )
+    curve = loop.run()
+    return Curve("rlt", seed, [point.env_steps for point in curve], [point.success_rate for point in curve])
+
+
+class _StateEnv(gym.Env):
+    """The task as a flat-vector env for SB3: privileged 39-D state in, 4-D action out."""
+
+    def __init__(self, config: BenchmarkConfig) -> None:
+        self.env = make_env(config)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)
+        self.action_space = self.env.action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        observation, info = self.env.reset(seed=seed)
+        return observation["privileged"], info
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return observation["privileged"], reward, terminated, truncated, info
+
+
+class _EvalCallback(BaseCallback):
+    """Deterministic success rate on the evaluation seeds every ``every`` env steps."""
+
+    def __init__(self, config: BenchmarkConfig, curve: Curve) -> None:
+        super().__init__()
+        self.config, self.curve, self.env = config, curve, _StateEnv(config)
+
+    def _on_training_start(self) -> None:
+        self._evaluate()
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps % self.config.eval_every == 0:
+            self._evaluate()
+        return True
+
+    def _evaluate(self) -> None:
+        successes = []
+        for episode_seed in eval_seeds(self.config):
+            observation, _ = self.env.reset(seed=episode_seed)
+            done = terminated = False
+            while not done:
+                action, _ = self.model.predict(observation, deterministic=True)
+                observation, _, terminated, truncated, _ = self.env.step(action)
+                done = terminated or truncated
+            successes.append(float(terminated))
+        self.curve.steps.append(self.num_timesteps)
+        self.curve.success.append(float(np.mean(successes)))
+
+
+def run_sac(config: BenchmarkConfig, seed: int) -> Curve:
+    """SB3 SAC from scratch (defaults) on the privileged state."""
+    curve = Curve("sac", seed)
+    model = SAC("MlpPolicy", _StateEnv(config), buffer_size=config.env_steps, seed=seed, device="cpu")
+    model.learn(config.env_steps, callback=_EvalCallback(config, curve))
+    return curve
+
+
+def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
+    """Per arm: eval steps, mean success over seeds and the 95% t-interval half-width."""
+    summary = {}
+    for arm in sorted({curve.arm for curve in curves}):
+        runs = [curve for curve in curves if curve.arm == arm]
+        length = min(len(curve.success) for curve in runs)
+        values = np.array([curve.success[:length] for curve in runs])
+        half = (
+            stats.t.ppf(0.975, len(runs) - 1) * values.std(axis=0, ddof=1) / np.sqrt(len(runs))
+            if len(runs) > 1
+            else np.full(length, np.nan)
+        )
+        summary[arm] = {
+            "steps": runs[0].steps[:length],
+            "mean": values.mean(axis=0).tolist(),
+            "ci95": np.asarray(half).tolist(),
+        }
+    return summary
+
+
+def steps_to_reach(summary: dict, arm: str, level: float) -> int | None:
+    """First evaluated env step at which the arm's mean success reaches ``level`` (None if never)."""
+    for step, mean in zip(summary[arm]["steps"], summary[arm]["mean"], strict=True):
+        if mean >= level:
+            return int(step)
+    return None
+
+
+def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
+    """Learning curves with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for arm, data in summary.items():
+        steps, mean, half = np.array(data["steps"]), np.array(data["mean"]), np.nan_to_num(data["ci95"])
+        axis.plot(steps, mean, marker="o", label=arm)
+        axis.fill_between(steps, mean - half, mean + half, alpha=0.2)
+    axis.set(xlabel="env steps", ylabel="success rate", ylim=(-0.05, 1.05), title=config.task)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+ARMS = {"prior": run_prior, "rlt": run_rlt, "sac": run_sac}
+
+
+def main(config: BenchmarkConfig) -> dict:
+    """Run every arm for every seed, print the table and write JSON + PNG to ``config.output``."""
+    torch.set_num_threads(1)
+    curves = [ARMS[arm](config, seed) for arm in config.arms for seed in config.seeds]
+    for curve in curves:
+        print(
+            f"{curve.arm:>5} seed {curve.seed}: "
+            + ", ".join(f"{step}:{rate:.2f}" for step, rate in zip(curve.steps, curve.success, strict=True))
+        )
+    summary = summarize(curves)
+    for arm, data in summary.items():
+        cells = ", ".join(
+            f"{step}: {mean:.2f} ± {half:.2f}"
+            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
+        )
+        print(f"{arm:>5} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
+    if "rlt" in summary and "sac" in summary:
+        level = max(summary["rlt"]["mean"])
+        print(
+            f"steps to reach {level:.2f} (RLT's best): RLT {steps_to_reach(summary, 'rlt', level)}, "
+            f"SAC {steps_to_reach(summary, 'sac', level)} (None = not reached within {config.env_steps})"
+        )
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"rlt_sample_efficiency_{config.task}"
+    result = {"config": asdict(config), "curves": [asdict(curve) for curve in curves], "summary": summary}
+    (output / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(summary, config, output / f"{stem}.png")
+    return result
+
+
+def parse_args() -> BenchmarkConfig:
+    """Command-line flags → ``BenchmarkConfig``."""
+    defaults = BenchmarkConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default=defaults.task)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    parser.add_argument("--env-steps", type=int, default=defaults.env_steps)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
+    parser.add_argument("--episode-steps", type=int, default=defaults.episode_steps)
+    parser.add_argument("--prior-noise", type=float, default=defaults.prior_noise)
+    parser.add_argument("--critical-distance", type=float, default=None)
+    parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
+    parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
+    parser.add_argument("--output", default=defaults.output)
+    args = parser.parse_args()
+    return BenchmarkConfig(
+        task=args.task,
+        seeds=tuple(args.seeds),
+        env_steps=args.env_steps,
+        eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes,
+        episode_steps=args.episode_steps,
+        prior_noise=args.prior_noise,
+        critical_distance=args.critical_distance,
+        warmup_episodes=args.warmup_episodes,
+        arms=tuple(args.arms),
+        output=args.output,
+    )
+
+
+if __name__ == "__main__":
+    main(parse_args())

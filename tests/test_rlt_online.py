@@ -1,0 +1,171 @@
+"""Online RLT (rlt.online) on the 2-D reaching toy: improvement over the prior, records, interventions, seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from envs.interventions import InterventionWrapper, TeleopCommand, TeleopContext
+from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
+from rlt.online import OnlineConfig, OnlineRLT
+from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch
+from rlt.rl_token import RLToken, RLTokenConfig
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.td3 import LearnerConfig
+from rlt.toy import BiasedReachPrior, PointReachEnv
+from storage.records import EpisodeRecord, StepSource
+
+torch.set_num_threads(1)
+
+
+def _prior(seed: int = 0, horizon: int = 10, embed_dim: int = 16) -> EmbeddingPrior:
+    return EmbeddingPrior(
+        BiasedReachPrior(noise=0.1, horizon=horizon, seed=seed),
+        StateProjectionEmbedder(4, 4, embed_dim, seed=seed),
+    )
+
+
+def _token(seed: int = 0) -> RLToken:
+    torch.manual_seed(seed)
+    return RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
+
+
+def _loop(env=None, switch=None, seed: int = 0, records: list | None = None, **config) -> OnlineRLT:
+    settings = {"warmup_episodes": 20, "total_env_steps": 0, "token_steps": 50, "seed": seed, **config}
+    return OnlineRLT(
+        env or PointReachEnv(),
+        _prior(seed),
+        switch or DistanceSwitch([0, 1], [2, 3], 0.15),
+        _token(seed),
+        OnlineConfig(task="point-reach", env_id="rlt-toy/point-reach", **settings),
+        LearnerConfig(batch_size=128, learning_starts=128, net_arch=(128, 128), seed=seed),
+        on_episode=None if records is None else records.append,
+    )
+
+
+def test_online_rlt_fixes_the_biased_prior_on_a_tight_tolerance() -> None:
+    loop = _loop(total_env_steps=3000, eval_every_steps=1000, eval_episodes=30, seed=0)
+    prior_success = loop.evaluate(30, mode="prior")
+    curve = loop.run()
+    late_success = np.mean([point.success_rate for point in curve[-2:]])
+    assert prior_success <= 0.2
+    assert late_success >= prior_success + 0.4, [(point.env_steps, point.success_rate) for point in curve]
+    assert loop.learner.replay_buffer.size() > 200
+
+
+def test_records_mark_the_hand_off_per_step() -> None:
+    records: list[EpisodeRecord] = []
+    loop = _loop(records=records, warmup_episodes=3, total_env_steps=150)
+    loop.run()
+    assert [record.metadata["mode"] for record in records[:3]] == ["prior"] * 3
+    for record in records:
+        record.validate()
+        critical = np.asarray(record.metadata["critical_phase"])
+        assert critical.shape == (record.length,)
+        assert np.all(np.diff(critical) >= 0), "the hand-off is latched within an episode"
+        assert record.chunks.shape[1:] == (10, 2)
+        assert record.rewards.sum() == (record.outcome == "success")
+        acting = record.metadata["mode"] != "prior"
+        expected = [
+            "rlt" if acting and flag else loop.prior.version for flag in record.metadata["critical_phase"]
+        ]
+        assert record.policy_versions == expected
+    assert any(np.asarray(r.metadata["critical_phase"]).any() for r in records)
+    assert any(not np.asarray(r.metadata["critical_phase"]).all() for r in records)
+
+
+class _TakeOverBetweenSteps:
+    """A teleop device pushing the point along +y during steps [3, 8) of every episode."""
+
+    def reset(self, seed: int | None = None) -> None:
+        """Stateless."""
+
+    def poll(self, context: TeleopContext) -> TeleopCommand | None:
+        if not 3 <= context.t < 8:
+            return None
+        return TeleopCommand(True, np.array([0.0, 1.0], np.float32), reason="test")
+
+
+def test_env_interventions_replace_reference_and_action_in_the_buffer() -> None:
+    records: list[EpisodeRecord] = []
+    env = InterventionWrapper(PointReachEnv(), _TakeOverBetweenSteps())
+    loop = _loop(env=env, switch=AlwaysCritical(), records=records, warmup_episodes=3)
+    loop.run()
+    buffer = loop.learner.replay_buffer
+    size = buffer.size()
+    _, references = buffer.split(buffer.observations[:size, 0])
+    actions = buffer.actions[:size, 0].reshape(size, 10, 2)
+    flagged = buffer.interventions[:size, 0]
+    assert flagged.sum() == 3  # the first chunk of each episode holds the takeover
+    np.testing.assert_allclose(references[flagged], actions[flagged])
+    np.testing.assert_allclose(references[flagged][:, 3:8], np.tile([0.0, 1.0], (3, 5, 1)))
+    proposed = np.stack([record.chunks[0] for record in records])
+    assert not np.allclose(proposed[:, 3:8], references[flagged][:, 3:8])
+    for record in records:
+        assert record.sources[3:8].tolist() == [StepSource.HUMAN] * 5
+        assert [(s.t_start, s.t_end, s.trigger) for s in record.interventions] == [(3, 8, "test")]
+        assert record.policy_versions[3:8] == [None] * 5
+
+
+def test_replay_seeded_from_stored_records_matches_the_online_buffer() -> None:
+    records: list[EpisodeRecord] = []
+    online = _loop(switch=AlwaysCritical(), records=records, warmup_episodes=4, total_env_steps=100)
+    online.run()
+    seeded = OnlineRLT(
+        PointReachEnv(),
+        _prior(),
+        AlwaysCritical(),
+        online.token,
+        online.config,
+        online.learner.config,
+        token_fitted=True,
+    )
+    added = seeded.seed_from_records(records)
+    truncated = sum(record.outcome == "truncated" for record in records)
+    assert added == online.learner.replay_buffer.size() - truncated
+    online_rows = _rows(online.learner.replay_buffer)
+    for row in _rows(seeded.learner.replay_buffer):
+        assert any(
+            all(np.allclose(a, b, atol=1e-5) for a, b in zip(row, other, strict=True))
+            for other in online_rows
+        )
+
+
+def _rows(buffer) -> list[tuple[np.ndarray, ...]]:
+    size = buffer.size()
+    arrays = (buffer.observations, buffer.actions, buffer.rewards, buffer.dones, buffer.discounts)
+    return [tuple(np.asarray(array[index, 0]) for array in arrays) for index in range(size)]
+
+
+def test_bad_priors_are_clear_errors() -> None:
+    short = _loop(warmup_episodes=1)
+    short.prior = _prior(horizon=5)
+    with pytest.raises(NonChunkActionError, match=r"prior chunk: expected shape \(10, 2\)"):
+        short.run_episode("prior")
+    narrow = _loop(warmup_episodes=1)
+    narrow.prior = _prior(embed_dim=8)
+    with pytest.raises(EmbeddingDimError, match="embeddings: expected shape B×4×16"):
+        narrow.run()
+    bare = _loop(warmup_episodes=1)
+    bare.prior = BiasedReachPrior()
+    with pytest.raises(EmbeddingDimError, match="EmbeddingPrior"):
+        bare.run_episode("prior")
+    with pytest.raises(RLTInputError, match="RL token must be fitted"):
+        _loop().run_episode("learner")
+
+
+def test_phase_switches() -> None:
+    observation = PointReachEnv().reset(seed=0)[0]
+    distance = np.linalg.norm(observation["privileged"][:2] - observation["privileged"][2:4])
+    assert DistanceSwitch([0, 1], [2, 3], distance + 0.01).is_critical(observation, {})
+    assert not DistanceSwitch([0, 1], [2, 3], distance - 0.01).is_critical(observation, {})
+    with pytest.raises(RLTInputError, match="privileged"):
+        DistanceSwitch([0], [1], 0.1).is_critical({"images": {}, "state": np.zeros(2), "prompt": ""}, {})
+    assert InfoKeySwitch("near").is_critical(observation, {"near": True})
+    assert not InfoKeySwitch("near").is_critical(observation, {})
+    operator = OperatorSwitch()
+    operator.engage()
+    assert operator.is_critical(observation, {})
+    operator.reset()
+    assert not operator.is_critical(observation, {})
