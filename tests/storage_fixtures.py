@@ -8,6 +8,7 @@ emptied before each test.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,3 +211,22 @@ def truncate_all(url: str) -> None:
     with engine.begin() as connection:
         connection.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
     engine.dispose()
+
+
+def episode_for_seed(seed: int, length: int = 40) -> EpisodeRecord:
+    """The deterministic episode of ``seed`` (writers in child processes and the checking parent agree)."""
+    return make_episode(np.random.default_rng(seed), length, image_size=24)
+
+
+def write_seeds(url: str, seeds: list[int], ack_path: str | None = None) -> list[bool]:
+    """Child-process body: write the episode of each seed; after each commit append ``seed`` to ``ack_path``."""
+    experience = ExperienceStore(url)
+    ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if ack_path else None
+    if ack is not None:
+        os.write(ack, b"ready\n")
+    results = []
+    for seed in seeds:
+        results.append(experience.write_episode(episode_for_seed(seed)))
+        if ack is not None:
+            os.write(ack, f"{seed}\n".encode())
+    return results
