@@ -466,3 +466,22 @@ def test_droid_key_map_splits_and_joins_the_state() -> None:
         ObservationError, match=r"observation/gripper_position: expected a float array of shape \(1,\)"
     ):
         observation_from_wire(wire, spec, keys)
+
+
+def test_key_map_parses_from_command_line_entries() -> None:
+    libero = ["image:main=observation/image", "image:wrist=observation/wrist_image"]
+    assert ObservationKeys.parse(libero) == ObservationKeys.libero("main", "wrist")
+    droid = [
+        "image:exterior=observation/exterior_image_1_left",
+        "image:wrist=observation/wrist_image_left",
+        "state=observation/joint_position:7,observation/gripper_position:1",
+    ]
+    assert ObservationKeys.parse(droid) == ObservationKeys.droid("exterior", "wrist")
+    for bad, message in [
+        (["state=observation/state"], "at least one image"),
+        (["image:main"], "expected NAME=WIRE_KEY"),
+        (["camera:main=x"], "NAME must be"),
+        (["image:main=x", "state=a:0"], "<wire key>:<length>"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ObservationKeys.parse(bad)

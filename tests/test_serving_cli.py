@@ -109,3 +109,8 @@ def test_serve_command_needs_the_api_key_variable_it_names(monkeypatch) -> None:
     monkeypatch.delenv("FW_UNSET_KEY", raising=False)
     result = CliRunner().invoke(serve_app, ["--policy", f"scripted:{TASK}", "--api-key-env", "FW_UNSET_KEY"])
     assert result.exit_code == 2 and "FW_UNSET_KEY is unset" in result.output
+
+
+def test_serve_command_rejects_a_bad_key_map() -> None:
+    result = CliRunner().invoke(serve_app, ["--policy", f"scripted:{TASK}", "--key", "image:corner"])
+    assert result.exit_code == 2 and "expected NAME=WIRE_KEY" in result.output

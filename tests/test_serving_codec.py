@@ -108,7 +108,7 @@ def test_malformed_array_maps_raise_wire_format_error(array_map: dict, message: 
         msgpack_numpy.unpackb(msgpack.packb(array_map))
 
 
-@pytest.mark.parametrize("garbage", [b"\xc1", b"\x92\x01", b"\x85\xa1a"])
+@pytest.mark.parametrize("garbage", [b"\xc1", b"\x92\x01", b"\x85\xa1a", b"\x91" * 5000 + b"\xc0"])
 def test_invalid_msgpack_raises_wire_format_error(garbage: bytes) -> None:
     with pytest.raises(WireFormatError, match="not valid msgpack"):
         msgpack_numpy.unpackb(garbage)

@@ -13,15 +13,20 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from policies.base import Policy
-from policies.serving import PolicyServer, ServerConfig
+from policies.serving import ObservationKeys, PolicyServer, ServerConfig
 
 app = typer.Typer(help="Serve a policy over openpi's WebSocket protocol.")
 
 SCRIPTED_PREFIX = "scripted:"
+KEY_HELP = (
+    "openpi-style field name, repeatable: image:<camera>=<wire key>, state=<wire key>, prompt=<wire key> "
+    "(e.g. --key image:corner=observation/image --key state=observation/state)."
+)
 
 
 class PolicyResolutionError(ValueError):
@@ -42,6 +47,7 @@ class ServeConfig:
     store: str | None = None
     send_embeddings: bool = False
     allow_privileged: bool = False
+    keys: tuple[str, ...] = ()
     debug: bool = False
 
 
@@ -114,6 +120,7 @@ def build_server(config: ServeConfig) -> PolicyServer:
         debug=config.debug,
         send_embeddings=config.send_embeddings,
         allow_privileged=config.allow_privileged or _reads_privileged(policy),
+        keys=ObservationKeys.parse(config.keys) if config.keys else None,
     )
     return PolicyServer(policy, server_config)
 
@@ -151,6 +158,7 @@ def serve(
     allow_privileged: bool = typer.Option(
         False, help="Accept simulator state from clients (simulation only; implied by scripted:<task>)."
     ),
+    key: Annotated[list[str] | None, typer.Option(help=KEY_HELP)] = None,
     debug: bool = typer.Option(False, help="Send tracebacks to clients in error frames (development only)."),
 ) -> None:
     """Serve a policy over openpi's WebSocket protocol (metadata frame, lock-step msgpack-numpy, /healthz)."""
@@ -165,6 +173,7 @@ def serve(
         store=store,
         send_embeddings=send_embeddings,
         allow_privileged=allow_privileged,
+        keys=tuple(key or ()),
         debug=debug,
     )
     main(config)

@@ -87,6 +87,29 @@ class ObservationKeys:
     prompt: str = "prompt"
 
     @classmethod
+    def parse(cls, entries: Sequence[str]) -> ObservationKeys:
+        """Build from ``image:<camera>=<wire key>``, ``state=<wire key>`` (or ``state=<key>:<n>,<key>:<n>``
+        to split the vector) and ``prompt=<wire key>`` entries, e.g. from a command line."""
+        images: dict[str, str] = {}
+        state: str | tuple[tuple[str, int], ...] = "observation/state"
+        prompt = "prompt"
+        for entry in entries:
+            name, sep, wire = entry.partition("=")
+            if not sep or not wire:
+                raise ValueError(f"key map entry {entry!r}: expected NAME=WIRE_KEY")
+            if name.startswith("image:") and name[6:]:
+                images[name[6:]] = wire
+            elif name == "state":
+                state = _parse_state_split(wire) if "," in wire or ":" in wire else wire
+            elif name == "prompt":
+                prompt = wire
+            else:
+                raise ValueError(f"key map entry {entry!r}: NAME must be image:<camera>, state or prompt")
+        if not images:
+            raise ValueError("key map: at least one image:<camera>=<wire key> entry is needed")
+        return cls(images=images, state=state, prompt=prompt)
+
+    @classmethod
     def libero(cls, main_camera: str = "main", wrist_camera: str = "wrist") -> ObservationKeys:
         """openpi's LIBERO policies (π0/π0.5): ``observation/image``, ``observation/wrist_image``."""
         return cls(images={main_camera: "observation/image", wrist_camera: "observation/wrist_image"})
@@ -101,6 +124,16 @@ class ObservationKeys:
             },
             state=(("observation/joint_position", 7), ("observation/gripper_position", 1)),
         )
+
+
+def _parse_state_split(text: str) -> tuple[tuple[str, int], ...]:
+    parts = []
+    for item in text.split(","):
+        key, _, length = item.rpartition(":")
+        if not key or not length.isdigit() or int(length) < 1:
+            raise ValueError(f"key map state part {item!r}: expected <wire key>:<length>")
+        parts.append((key, int(length)))
+    return tuple(parts)
 
 
 def _first_attribute(sources: Sequence[object], name: str) -> Any:
