@@ -114,6 +114,7 @@ class ExperienceStore:
         self._version_ids: dict[str, int] = {}
         self._version_names: dict[int, str] = {}
         self._replays: dict[tuple[Any, ...], ReplayIndex] = {}
+        self._schema_ready = False
 
     @property
     def dialect(self) -> str:
@@ -135,6 +136,19 @@ class ExperienceStore:
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(742001)")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+        self._schema_ready = False
+
+    def _require_schema(self) -> None:
+        """Raise ``SchemaNotReadyError`` unless the database is at the bundled head (checked once)."""
+        if self._schema_ready:
+            return
+        current, head = self.schema_revision(), self.head_revision()
+        if current != head:
+            raise SchemaNotReadyError(
+                f"store {self._safe_url()} is at schema revision {current!r}, expected {head!r}: "
+                "run `flywheel db upgrade --db URL` or ExperienceStore(url).upgrade()"
+            )
+        self._schema_ready = True
 
     def schema_revision(self) -> str | None:
         """The Alembic revision the database is at (None for an empty database)."""
@@ -163,6 +177,7 @@ class ExperienceStore:
 
         ``parent`` must be a registered version. Returns the version's row id.
         """
+        self._require_schema()
         if not version or not isinstance(version, str):
             raise EpisodeValidationError("version", "a non-empty str", repr(version))
         parent_id = self._policy_version_id(parent, "parent") if parent is not None else None
@@ -184,6 +199,7 @@ class ExperienceStore:
 
     def policy_versions(self) -> list[dict[str, Any]]:
         """All registered policy versions, oldest first."""
+        self._require_schema()
         parent = sa.orm.aliased(PolicyVersion)
         query = (
             sa.select(PolicyVersion, parent.version)
@@ -207,6 +223,7 @@ class ExperienceStore:
         self, run_id: str, name: str | None = None, config: dict[str, Any] | None = None
     ) -> None:
         """Record a run (idempotent). Episodes naming an unknown run create it implicitly."""
+        self._require_schema()
         with self._write_engine.begin() as connection:
             self._insert_ignore(
                 connection, Run, [{"id": run_id, "name": name, "config": config or {}}], ["id"]
@@ -220,6 +237,7 @@ class ExperienceStore:
         Raises ``EpisodeValidationError`` (bad fields, unknown policy version) or ``EpisodeConflictError``
         (same UUID, different content); in both cases nothing is written.
         """
+        self._require_schema()
         record.validate()
         version_ids = self._resolve_versions(record)
         prepared = self._prepare(record)
@@ -397,9 +415,12 @@ class ExperienceStore:
         policy_version: str | None = None,
         run_id: str | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[EpisodeSummary]:
-        """Episodes matching every given filter, oldest first (at most ``limit``)."""
-        query = self._episode_query(task, outcome, policy_version, run_id).order_by(Episode.id).limit(limit)
+        """Episodes matching every given filter, oldest first (at most ``limit``; ``newest_first`` reverses)."""
+        self._require_schema()
+        order = Episode.id.desc() if newest_first else Episode.id
+        query = self._episode_query(task, outcome, policy_version, run_id).order_by(order).limit(limit)
         with self._read_session() as session:
             return [self._summary(episode, version) for episode, version in session.execute(query)]
 
@@ -411,12 +432,14 @@ class ExperienceStore:
         run_id: str | None = None,
     ) -> int:
         """Number of episodes matching the filters."""
+        self._require_schema()
         query = self._episode_query(task, outcome, policy_version, run_id).subquery()
         with self._read_session() as session:
             return int(session.scalar(sa.select(sa.func.count()).select_from(query)) or 0)
 
     def load_episode(self, episode_uuid: uuid.UUID | str, images: bool = True) -> EpisodeRecord:
         """The stored episode as an ``EpisodeRecord`` of numpy arrays (images decoded if ``images``)."""
+        self._require_schema()
         episode_uuid = uuid.UUID(str(episode_uuid))
         with self._read_session() as session:
             row = session.execute(
@@ -606,6 +629,7 @@ class ExperienceStore:
         run_id: str | None = None,
     ) -> ReplayIndex:
         """The in-memory index of all matching episodes' step arrays, refreshed with newly stored episodes."""
+        self._require_schema()
         key = (task, None if outcome is None else Outcome(outcome).value, policy_version, run_id)
         replay = self._replays.setdefault(key, ReplayIndex())
         query = self._episode_query(task, outcome, policy_version, run_id).order_by(Episode.id)
@@ -679,6 +703,7 @@ class ExperienceStore:
         Every labelled episode must be stored and its label arrays must have the episode's length. The version
         number counts relabels of the same ``method`` (1, 2, …).
         """
+        self._require_schema()
         record.validate()
         relabel_id = record.relabel_id or uuid.uuid4().hex
         with self._write_session.begin() as session:
@@ -744,6 +769,7 @@ class ExperienceStore:
 
     def load_relabel(self, relabel_id: str) -> RelabelRecord:
         """A stored relabel version with all its per-episode labels."""
+        self._require_schema()
         with self._read_session() as session:
             relabel = session.get(Relabel, relabel_id)
             if relabel is None:
@@ -780,6 +806,7 @@ class ExperienceStore:
 
     def list_relabels(self, method: str | None = None) -> list[RelabelRecord]:
         """Relabel versions (without labels), oldest first; ``method`` filters."""
+        self._require_schema()
         query = sa.select(Relabel).order_by(Relabel.created_at, Relabel.version)
         if method is not None:
             query = query.where(Relabel.method == method)
@@ -811,6 +838,7 @@ class ExperienceStore:
         run_id: str | None = None,
     ) -> int:
         """Record ``successes`` of ``n`` episodes of ``policy_version`` on ``task``; returns the row id."""
+        self._require_schema()
         if not 0 <= successes <= n:
             raise EpisodeValidationError("successes", f"0 <= successes <= n={n}", repr(successes))
         version_id = self._policy_version_id(policy_version, "policy_version")
@@ -834,6 +862,7 @@ class ExperienceStore:
         self, policy_version: str | None = None, task: str | None = None
     ) -> list[EvaluationSummary]:
         """Stored evaluations, oldest first, optionally filtered."""
+        self._require_schema()
         query = (
             sa.select(Evaluation, PolicyVersion.version)
             .join(PolicyVersion, Evaluation.policy_version_id == PolicyVersion.id)
@@ -853,6 +882,7 @@ class ExperienceStore:
 
     def stats(self) -> dict[str, Any]:
         """Counts for a dashboard: episodes (by task and outcome), steps, images and bytes, relabels, …"""
+        self._require_schema()
         with self._read_session() as session:
             count = {
                 name: int(session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
