@@ -250,12 +250,15 @@ ARMS = {"prior": run_prior, "rlt": run_rlt, "sac": run_sac}
 def main(config: BenchmarkConfig) -> dict:
     """Run every arm for every seed, print the table and write JSON + PNG to ``config.output``."""
     torch.set_num_threads(1)
-    curves = [ARMS[arm](config, seed) for arm in config.arms for seed in config.seeds]
-    for curve in curves:
-        print(
-            f"{curve.arm:>5} seed {curve.seed}: "
-            + ", ".join(f"{step}:{rate:.2f}" for step, rate in zip(curve.steps, curve.success, strict=True))
-        )
+    curves = []
+    for arm in config.arms:
+        for seed in config.seeds:
+            curves.append(ARMS[arm](config, seed))
+            pairs = zip(curves[-1].steps, curves[-1].success, strict=True)
+            print(
+                f"{arm:>5} seed {seed}: " + ", ".join(f"{step}:{rate:.2f}" for step, rate in pairs),
+                flush=True,
+            )
     summary = summarize(curves)
     for arm, data in summary.items():
         cells = ", ".join(

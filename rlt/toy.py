@@ -19,11 +19,20 @@ from policies.base import ActionChunk, Observation, ObservationBatch
 class PointReachEnv(gym.Env):
     """State and privileged state are ``(x, y, goal_x, goal_y)``; sparse reward +1 on success (terminates).
 
-    The point starts 0.15–0.4 on the +x side of the goal, so a prior biased toward +x stops short of it.
+    The point starts 0.15–0.4 on the +x side of the goal, so a prior biased toward +x stops short of it. With
+    ``image_size`` set, ``images["top"]`` shows the goal (green) and the point (red) on black, for image-based
+    priors such as the built-in VLA.
     """
 
-    def __init__(self, tolerance: float = 0.02, step_size: float = 0.05, max_steps: int = 60) -> None:
+    def __init__(
+        self,
+        tolerance: float = 0.02,
+        step_size: float = 0.05,
+        max_steps: int = 60,
+        image_size: int | None = None,
+    ) -> None:
         self.tolerance, self.step_size, self.max_steps = tolerance, step_size, max_steps
+        self.image_size = image_size
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.position = np.zeros(2, np.float32)
         self.goal = np.zeros(2, np.float32)
@@ -49,7 +58,16 @@ class PointReachEnv(gym.Env):
 
     def _observation(self) -> Observation:
         state = np.concatenate([self.position, self.goal]).astype(np.float32)
-        return Observation(images={}, state=state, prompt="reach the goal", privileged=state.copy())
+        images = {} if self.image_size is None else {"top": self._render()}
+        return Observation(images=images, state=state, prompt="reach the goal", privileged=state.copy())
+
+    def _render(self) -> np.ndarray:
+        size = int(self.image_size or 0)
+        image = np.zeros((size, size, 3), np.uint8)
+        for point, channel in ((self.goal, 1), (self.position, 0)):
+            row, col = np.clip(((point + 1.0) / 2.0 * (size - 1)).round().astype(int), 1, size - 2)
+            image[row - 1 : row + 2, col - 1 : col + 2, channel] = 255
+        return image
 
 
 class BiasedReachPrior:
