@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,96 @@ class AuthenticationError(ServerError):
     """The server refused the connection's API key (HTTP 401 in the handshake)."""
 
 
+@dataclass(frozen=True)
+class _ConnectSettings:
+    url: str
+    headers: dict[str, str] | None
+    connect_timeout_s: float
+    retry_interval_s: float
+    request_timeout_s: float | None
+    max_message_bytes: int | None
+
+
+class _Channel:
+    """One lock-step WebSocket connection: connect with retries, then one request/reply at a time."""
+
+    def __init__(self, settings: _ConnectSettings) -> None:
+        self.settings = settings
+        self.connection: ClientConnection | None = None
+        self.metadata: dict[str, Any] = {}
+
+    def connect(self) -> dict[str, Any]:
+        """Connect (retrying until ``connect_timeout_s``) and return the metadata frame."""
+        settings = self.settings
+        deadline = time.monotonic() + settings.connect_timeout_s
+        while True:
+            try:
+                connection = connect(
+                    settings.url,
+                    additional_headers=settings.headers,
+                    max_size=settings.max_message_bytes,
+                    compression=None,
+                    open_timeout=max(0.1, deadline - time.monotonic()),
+                )
+                break
+            except InvalidStatus as error:
+                if error.response.status_code == 401:
+                    raise AuthenticationError(f"{settings.url} refused the API key (HTTP 401)") from error
+                last_error: Exception = error
+            except (OSError, TimeoutError) as error:
+                last_error = error
+            if time.monotonic() + settings.retry_interval_s > deadline:
+                raise ServerError(
+                    f"could not connect to {settings.url} within {settings.connect_timeout_s} s: {last_error}"
+                ) from last_error
+            time.sleep(settings.retry_interval_s)
+        metadata = msgpack_numpy.unpackb(connection.recv(timeout=settings.connect_timeout_s))
+        if not isinstance(metadata, dict):
+            connection.close()
+            raise ServerError(f"metadata frame is a {type(metadata).__name__}, expected a map")
+        self.connection, self.metadata = connection, metadata
+        return metadata
+
+    def request(self, message: bytes) -> dict[str, Any]:
+        """One round trip; a connection the server closed gracefully is re-opened and the message resent."""
+        for attempt in range(2):
+            try:
+                return self._round_trip(message)
+            except ConnectionClosed as closed:
+                self.connection = None
+                code = closed.rcvd.code if closed.rcvd is not None else None
+                if code in (CloseCode.INTERNAL_ERROR, CloseCode.MESSAGE_TOO_BIG) or attempt == 1:
+                    raise ServerError(_describe_close(closed, len(message))) from closed
+                logger.info("policy server closed the connection (%s); reconnecting", code)
+        raise AssertionError("unreachable")
+
+    def _round_trip(self, message: bytes) -> dict[str, Any]:
+        if self.connection is None:
+            self.connect()
+        assert self.connection is not None
+        started = time.monotonic()
+        self.connection.send(message)
+        try:
+            response = self.connection.recv(timeout=self.settings.request_timeout_s)
+        except TimeoutError as error:
+            self.close()  # a late reply would break lock-step
+            timeout = self.settings.request_timeout_s
+            raise ServerError(f"no reply from {self.settings.url} within {timeout} s") from error
+        if isinstance(response, str):
+            self.close()
+            raise ServerError(f"policy server error: {response}")
+        reply = msgpack_numpy.unpackb(response)
+        if not isinstance(reply, dict) or "actions" not in reply:
+            raise ServerError(f"policy server reply has no 'actions': {type(reply).__name__}")
+        reply["round_trip_ms"] = (time.monotonic() - started) * 1000
+        return reply
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
 class OpenPIClientPolicy:
     """A remote policy: ``infer`` sends each observation of the batch and stacks the returned chunks.
 
@@ -39,7 +131,9 @@ class OpenPIClientPolicy:
     servers send them); a server that does not (openpi's usually send ``{}``) needs them passed in. A longer
     chunk than ``action_horizon`` is cut to it. ``version`` follows ``policy_version`` in every reply, so
     after a server-side hot swap it names the weights that produced the last chunk. ``send_privileged``
-    sends the simulator's full state (simulated robots and scripted experts only).
+    sends the simulator's full state (simulated robots and scripted experts only). ``connections`` > 1 opens
+    that many lock-step connections and sends a batch's observations over them concurrently, so a batching
+    server (flywheel's) can answer them in one inference.
     """
 
     def __init__(
@@ -56,17 +150,22 @@ class OpenPIClientPolicy:
         action_dim: int | None = None,
         version: str | None = None,
         send_privileged: bool = False,
+        connections: int = 1,
     ) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be ≥ 1, got {connections}")
         self.url = url if url.startswith("ws") else f"ws://{url}"
         self.keys = keys
         self.send_privileged = send_privileged
-        self._api_key = api_key
-        self._connect_timeout_s = connect_timeout_s
-        self._retry_interval_s = retry_interval_s
-        self._request_timeout_s = request_timeout_s
-        self._max_message_bytes = max_message_bytes
-        self._connection: ClientConnection | None = None
-        self.metadata: dict[str, Any] = self._connect()
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        settings = _ConnectSettings(
+            self.url, headers, connect_timeout_s, retry_interval_s, request_timeout_s, max_message_bytes
+        )
+        self._channels = [_Channel(settings) for _ in range(connections)]
+        self.metadata: dict[str, Any] = self._channels[0].connect()
+        for channel in self._channels[1:]:
+            channel.connect()
+        self._pool = ThreadPoolExecutor(connections, "openpi-client") if connections > 1 else None
         self.version: str = str(self.metadata.get("policy_version") or version or f"openpi@{self.url}")
         self.action_horizon: int = _required(self.metadata, "action_horizon", action_horizon)
         self.action_dim: int = _required(self.metadata, "action_dim", action_dim)
@@ -74,8 +173,12 @@ class OpenPIClientPolicy:
     # ---- Policy protocol ---------------------------------------------------------------------------------
 
     def infer(self, batch: ObservationBatch) -> ActionChunk:
-        """Send each observation in turn (lock-step) and stack the chunks into ``B×H×D``."""
-        replies = [self.infer_one(observation) for observation in _unbatch(batch)]
+        """Send the batch's observations (lock-step per connection) and stack the chunks into ``B×H×D``."""
+        observations = _unbatch(batch)
+        if self._pool is None or len(observations) == 1:
+            replies = [self.infer_one(observation) for observation in observations]
+        else:
+            replies = self._infer_spread(observations)
         embeddings = [reply.get("embeddings") for reply in replies]
         infer_ms = [float(reply.get("server_timing", {}).get("infer_ms", np.nan)) for reply in replies]
         return ActionChunk(
@@ -90,48 +193,33 @@ class OpenPIClientPolicy:
     def reset(self) -> None:
         """Nothing to clear: the server keeps no per-episode state for a client (as in openpi)."""
 
-    # ---- single requests ---------------------------------------------------------------------------------
+    # ---- requests ----------------------------------------------------------------------------------------
 
     def infer_one(self, observation: Observation) -> dict[str, Any]:
-        """One lock-step round trip; returns the server's reply dict plus ``round_trip_ms``.
+        """One lock-step round trip on the first connection; the server's reply plus ``round_trip_ms``.
 
         A connection the server closed gracefully (restart, 1001) is re-opened and the request sent again;
         an error frame, a 1011/1009 close or a timeout raises :class:`ServerError`.
         """
-        message = msgpack_numpy.packb(observation_to_wire(observation, self.keys, self.send_privileged))
-        for attempt in range(2):
-            try:
-                return self._round_trip(message)
-            except ConnectionClosed as closed:
-                self._connection = None
-                code = closed.rcvd.code if closed.rcvd is not None else None
-                if code in (CloseCode.INTERNAL_ERROR, CloseCode.MESSAGE_TOO_BIG) or attempt == 1:
-                    raise ServerError(_describe_close(closed, len(message))) from closed
-                logger.info("policy server closed the connection (%s); reconnecting", code)
-                self.metadata = self._connect()
-        raise AssertionError("unreachable")
+        return self._request(self._channels[0], observation)
 
-    def _round_trip(self, message: bytes) -> dict[str, Any]:
-        if self._connection is None:
-            self.metadata = self._connect()
-        assert self._connection is not None
-        started = time.monotonic()
-        self._connection.send(message)
-        try:
-            response = self._connection.recv(timeout=self._request_timeout_s)
-        except TimeoutError as error:
-            self.close()  # a late reply would break lock-step
-            raise ServerError(f"no reply from {self.url} within {self._request_timeout_s} s") from error
-        if isinstance(response, str):
-            self.close()
-            raise ServerError(f"policy server error: {response}")
-        reply = msgpack_numpy.unpackb(response)
-        if not isinstance(reply, dict) or "actions" not in reply:
-            raise ServerError(f"policy server reply has no 'actions': {type(reply).__name__}")
-        reply["round_trip_ms"] = (time.monotonic() - started) * 1000
+    def _request(self, channel: _Channel, observation: Observation) -> dict[str, Any]:
+        message = msgpack_numpy.packb(observation_to_wire(observation, self.keys, self.send_privileged))
+        reply = channel.request(message)
         if "policy_version" in reply:
             self.version = str(reply["policy_version"])
         return reply
+
+    def _infer_spread(self, observations: list[Observation]) -> list[dict[str, Any]]:
+        """Observation ``i`` goes over connection ``i mod N``; each connection stays lock-step."""
+        assert self._pool is not None
+        count = len(self._channels)
+
+        def run(lane: int) -> list[dict[str, Any]]:
+            return [self._request(self._channels[lane], obs) for obs in observations[lane::count]]
+
+        lanes = list(self._pool.map(run, range(min(count, len(observations)))))
+        return [lanes[index % count][index // count] for index in range(len(observations))]
 
     def _actions(self, reply: dict[str, Any]) -> np.ndarray:
         actions = np.asarray(reply["actions"], dtype=np.float32)
@@ -143,49 +231,18 @@ class OpenPIClientPolicy:
 
     # ---- connection --------------------------------------------------------------------------------------
 
-    def _connect(self) -> dict[str, Any]:
-        """Connect (retrying until ``connect_timeout_s``) and return the metadata frame."""
-        headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else None
-        deadline = time.monotonic() + self._connect_timeout_s
-        while True:
-            try:
-                connection = connect(
-                    self.url,
-                    additional_headers=headers,
-                    max_size=self._max_message_bytes,
-                    compression=None,
-                    open_timeout=max(0.1, deadline - time.monotonic()),
-                )
-                break
-            except InvalidStatus as error:
-                if error.response.status_code == 401:
-                    raise AuthenticationError(f"{self.url} refused the API key (HTTP 401)") from error
-                last_error: Exception = error
-            except (OSError, TimeoutError) as error:
-                last_error = error
-            if time.monotonic() + self._retry_interval_s > deadline:
-                raise ServerError(
-                    f"could not connect to {self.url} within {self._connect_timeout_s} s: {last_error}"
-                ) from last_error
-            time.sleep(self._retry_interval_s)
-        metadata = msgpack_numpy.unpackb(connection.recv(timeout=self._connect_timeout_s))
-        if not isinstance(metadata, dict):
-            connection.close()
-            raise ServerError(f"metadata frame is a {type(metadata).__name__}, expected a map")
-        self._connection = connection
-        return metadata
-
     def close(self) -> None:
-        """Close the connection (the next ``infer`` reconnects)."""
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        """Close the connections (the next ``infer`` reconnects)."""
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> OpenPIClientPolicy:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def _unbatch(batch: ObservationBatch) -> list[Observation]:

@@ -328,15 +328,25 @@ def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
         client.close()
 
 
+def test_client_spreads_a_batch_over_connections_and_keeps_the_order(policy: LinearPolicy, served) -> None:
+    policy.sleep_s = 0.02
+    observations = [make_observation(seed) for seed in range(8)]
+    with OpenPIClientPolicy(served.url, connections=4) as client:
+        chunk = client.infer(stack_observations(observations))
+    assert max(policy.batch_sizes) > 1 and sum(policy.batch_sizes) == 8
+    for index, observation in enumerate(observations):
+        np.testing.assert_allclose(chunk.actions[index], expected_actions(policy, observation), rtol=1e-5)
+
+
 def test_hot_swap_changes_version_without_dropping_the_connection(policy: LinearPolicy, served) -> None:
     observation = make_observation(3)
     with OpenPIClientPolicy(served.url) as client:
         before = client.infer(stack_observations([observation]))
-        connection = client._connection
+        connection = client._channels[0].connection
         new_policy = LinearPolicy(version="linear-v2", scale=2.0)
         served.server.swap_policy(new_policy)
         after = client.infer(stack_observations([observation]))
-        assert client._connection is connection, "the same connection carried both requests"
+        assert client._channels[0].connection is connection, "the same connection carried both requests"
         assert client.version == "linear-v2" and new_policy.calls == 1
     np.testing.assert_allclose(after.actions, 2.0 * before.actions, rtol=1e-5)
     with OpenPIClientPolicy(served.url) as late:

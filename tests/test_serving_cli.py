@@ -74,14 +74,14 @@ def test_serve_command_drives_a_metaworld_rollout_with_auth_reload_and_graceful_
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.read() == b"OK\n"
         current.write_text("scripted:push-v3\n")
-        connection = client._connection
+        connection = client._channels[0].connection
         process.send_signal(signal.SIGHUP)  # re-reads the file and swaps; the connection stays up
         observation = _first_observation()
         deadline = time.monotonic() + 60
         while client.infer_one(observation)["policy_version"] != "scripted:push-v3":
             assert time.monotonic() < deadline, "the swap never took effect"
             time.sleep(0.05)
-        assert client._connection is connection
+        assert client._channels[0].connection is connection
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:
