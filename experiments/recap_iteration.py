@@ -19,7 +19,10 @@ from experiments.evaluation import EvalResult, evaluate
 from experiments.policy_loader import load_policy
 from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
 from recap import POSITIVE_PROMPT, RelabelConfig, conditioned_episodes, relabel
-from storage import EpisodeRecord, ExperienceStore, RelabelRecord
+from storage import EpisodeRecord, ExperienceStore, Outcome, RelabelRecord
+
+#: Outcomes RECAP can assign a return to (error episodes carry no reward and are left out).
+LEARNABLE = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TRUNCATED)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,17 @@ class RecapIterationResult:
     trained: TrainedPolicy
     before: EvalResult | None
     after: EvalResult | None
+
+
+def with_task_horizon(config: RelabelConfig, task: str, horizon: int) -> RelabelConfig:
+    """The relabel config with the task's episode limit as its return horizon (unless one is configured)."""
+    reward = config.value.reward
+    if reward.max_episode_length is not None:
+        return config
+    value = config.value.model_copy(
+        update={"reward": reward.model_copy(update={"max_episode_length": {task: horizon}})}
+    )
+    return config.model_copy(update={"value": value})
 
 
 def collect_stage(config: RecapIterationConfig, progress: bool = True) -> CollectReport:
@@ -120,9 +134,13 @@ def run_recap_iteration(
     current = load_policy(config.policy, task=config.task, store=store, seed=config.seed)
     before = _evaluate(store, current, config, conditions=None)
     collection = collect_stage(config, progress)
-    selection = EpisodeFilter(tasks=[config.task], run_ids=config.data_runs)
+    selection = EpisodeFilter(
+        tasks=[config.task], run_ids=config.data_runs, outcomes=[o.value for o in LEARNABLE]
+    )
     episodes = load_training_episodes(store, selection)
-    record = relabel_stage(store, episodes, config.relabel)
+    record = relabel_stage(
+        store, episodes, with_task_horizon(config.relabel, config.task, config.env.episode_steps)
+    )
     trained = train_stage(store, selection, record, config, output_dir, current.version, progress)
     trained.policy.conditions = POSITIVE_PROMPT
     trained.policy.cfg_beta = config.cfg_beta

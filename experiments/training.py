@@ -34,7 +34,7 @@ class EpisodeFilter(BaseModel):
 
     tasks: list[str] = Field(min_length=1)
     run_ids: list[str] | None = None
-    outcome: Literal["success", "failure", "truncated", "error"] | None = None
+    outcomes: list[Literal["success", "failure", "truncated", "error"]] | None = None
     max_episodes_per_task: int | None = Field(default=None, ge=1)
 
 
@@ -73,10 +73,12 @@ def load_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> 
     """The stored episodes (with images) selected by ``selection``, oldest first."""
     records: list[EpisodeRecord] = []
     for task in selection.tasks:
-        runs = selection.run_ids or [None]
-        chosen: list[EpisodeRecord] = []
-        for run_id in runs:
-            chosen += store.iter_episodes(task=task, run_id=run_id, outcome=selection.outcome, images=True)
+        chosen = [
+            record
+            for run_id in selection.run_ids or [None]
+            for outcome in selection.outcomes or [None]
+            for record in store.iter_episodes(task=task, run_id=run_id, outcome=outcome, images=True)
+        ]
         records += chosen[: selection.max_episodes_per_task]
     if not records:
         raise ValueError(f"no stored episodes match {selection.model_dump(exclude_none=True)}")

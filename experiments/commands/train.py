@@ -42,7 +42,7 @@ def bc(
         selection = EpisodeFilter(
             tasks=task,
             run_ids=run_id,
-            outcome="success" if successes_only else None,
+            outcomes=["success"] if successes_only else None,
             max_episodes_per_task=episodes,
         )
         config = BCConfig(

@@ -1,0 +1,165 @@
+"""The typed pipeline config: one YAML file says what to improve, how, and where everything lives.
+
+Validation is pydantic's; ``load_pipeline_config`` turns the first problem into a one-line
+``PipelineConfigError`` naming the field (``gate.confidence: Input should be less than 1``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from envs import EnvConfig, SimulatedHumanConfig
+from envs.tasks import resolve_task
+from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
+from experiments.training import BCConfig
+from recap import RelabelConfig
+
+WIRED_METHODS = ("recap",)
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline config file is missing, unreadable or invalid (the message names the field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PriorConfig(_Strict):
+    """The policy deployed before the first iteration: a policy spec (``scripted``, a checkpoint directory, a
+    registered version) and, for ``scripted``, its action noise (a noisy expert is a mediocre prior)."""
+
+    policy: str = "scripted"
+    noise: float = Field(default=0.0, ge=0.0)
+
+
+class EnvSettings(_Strict):
+    """Camera, image size and episode length shared by collection, training and evaluation."""
+
+    cameras: tuple[str, ...] = ("corner2",)
+    image_size: int = Field(default=64, ge=16, le=512)
+    max_episode_steps: int | None = Field(default=None, ge=1, le=500)
+
+    def env(self, task: str, seed: int, render: bool = True) -> EnvConfig:
+        """The env of ``task`` with these settings."""
+        return EnvConfig(
+            task=task,
+            cameras=self.cameras,
+            width=self.image_size,
+            height=self.image_size,
+            max_episode_steps=self.max_episode_steps,
+            render=render,
+            seed=seed,
+        )
+
+
+class CollectionSettings(_Strict):
+    """Per-iteration collection budget and where it runs (``workers: 0`` = in this process)."""
+
+    episodes_per_task: int = Field(default=50, ge=1)
+    workers: int = Field(default=0, ge=0)
+    envs_per_worker: int = Field(default=1, ge=1)
+    inference: Literal["local", "batched"] = "local"
+    record_images: bool = True
+
+
+class EvaluationSettings(_Strict):
+    """Evaluation protocol: fresh episodes per task, with seeds disjoint from collection."""
+
+    episodes: int = Field(default=50, ge=1)
+    seed: int = Field(default=10_000, ge=0)
+
+
+class GateSettings(_Strict):
+    """When a candidate replaces the deployed policy.
+
+    ``ci`` (default): promote unless the candidate's Wilson upper bound lies below the deployed policy's
+    point success rate minus ``margin`` (i.e. it is confidently worse). ``point``: promote if its success rate
+    is at least the deployed one's minus ``margin``. ``always``: promote every candidate.
+    """
+
+    rule: Literal["ci", "point", "always"] = "ci"
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    margin: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class PipelineConfig(_Strict):
+    """A whole improvement pipeline: tasks, prior, method, budgets, gate, and the store/Ray/MLflow endpoints."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tasks: list[str] = Field(min_length=1)
+    prior: PriorConfig = PriorConfig()
+    method: Literal["recap", "rlt", "both"] = "recap"
+    env: EnvSettings = EnvSettings()
+    collection: CollectionSettings = CollectionSettings()
+    interventions: SimulatedHumanConfig | None = SimulatedHumanConfig()
+    relabel: RelabelConfig = RelabelConfig()
+    training: BCConfig = BCConfig(condition_dropout=0.3)
+    cfg_beta: float = Field(default=1.0, ge=0.0)
+    evaluation: EvaluationSettings = EvaluationSettings()
+    gate: GateSettings = GateSettings()
+    store_url: str | None = None
+    ray_address: str | None = None
+    mlflow_uri: str | None = None
+    checkpoints: str | None = Field(default=None, description="checkpoint folder (default: the data folder)")
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        resolved = [resolve_task(task) for task in tasks]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"expected distinct tasks, got {tasks}")
+        return resolved
+
+    @field_validator("method")
+    @classmethod
+    def _wired(cls, method: str) -> str:
+        if method not in WIRED_METHODS:
+            raise ValueError(
+                f"{method!r} is not yet wired into the pipeline (use 'recap'; RLT runs via `flywheel rlt`)"
+            )
+        return method
+
+    def resolved(self) -> PipelineConfig:
+        """This config with the embedded defaults filled in (store, MLflow, checkpoints)."""
+        return self.model_copy(
+            update={
+                "store_url": self.store_url or default_store_url(),
+                "mlflow_uri": self.mlflow_uri or default_mlflow_uri(),
+                "checkpoints": self.checkpoints or str(checkpoints_dir()),
+            }
+        )
+
+
+def first_error(error: ValidationError) -> str:
+    """Pydantic's first complaint as ``field.path: message``."""
+    problem = error.errors()[0]
+    location = ".".join(str(part) for part in problem["loc"]) or "config"
+    return f"{location}: {problem['msg'].removeprefix('Value error, ')}"
+
+
+def parse_pipeline_config(data: object, source: str = "config") -> PipelineConfig:
+    """Validate a mapping as a ``PipelineConfig``; raise ``PipelineConfigError`` with one line."""
+    if not isinstance(data, dict):
+        raise PipelineConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise PipelineConfigError(f"{source}: {first_error(error)}") from error
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML pipeline config."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineConfigError(f"--config: {path} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise PipelineConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    return parse_pipeline_config(data, str(path))

@@ -1,0 +1,103 @@
+"""The experiments layer end to end on a tiny budget: collect → BC prior → one RECAP iteration, all via the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs import EnvConfig, SimulatedHumanConfig
+from experiments.collection import CollectConfig, run_collection
+from experiments.evaluation import summarize, wilson_interval
+from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
+from experiments.training import BCConfig, EpisodeFilter, train_vla
+from recap import RelabelConfig, ValueConfig
+from storage import ExperienceStore
+
+TASK = "reach-v3"
+ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=40)
+TINY_BC = BCConfig(
+    cameras=("corner2",), image_size=48, steps=15, batch_size=8, eval_episodes=2, max_episode_steps=40
+)
+
+
+def test_wilson_interval_is_sane():
+    low, high = wilson_interval(35, 50)
+    assert 0.55 < low < 0.7 < high < 0.82
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory) -> tuple[ExperienceStore, str]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('flow') / 'flow.db'}"
+    report = run_collection(
+        CollectConfig(env=ENV, policy="scripted", noise=0.8, episodes=6, store_url=url, run_id="demos"),
+        progress=False,
+    )
+    assert report.episodes == 6
+    return ExperienceStore(url), url
+
+
+def test_collection_is_idempotent_by_run_id(demo_store):
+    store, url = demo_store
+    again = run_collection(
+        CollectConfig(env=ENV, policy="scripted", noise=0.8, episodes=6, store_url=url, run_id="demos"),
+        progress=False,
+    )
+    assert again.episodes == 6 and store.count_episodes(run_id="demos") == 6
+
+
+def test_train_vla_from_store_registers_and_evaluates(demo_store, tmp_path):
+    store, _ = demo_store
+    trained = train_vla(
+        store, EpisodeFilter(tasks=[TASK], run_ids=["demos"]), TINY_BC, tmp_path, progress=False
+    )
+    assert trained.episodes_used == 6 and trained.checkpoint.is_dir()
+    versions = {row["version"]: row for row in store.policy_versions()}
+    assert versions[trained.version]["kind"] == "vla"
+    assert versions[trained.version]["uri"] == str(trained.checkpoint.resolve())
+    [evaluation] = trained.evaluations
+    assert evaluation.n == 2 and evaluation.policy_version == trained.version
+    assert store.list_evaluations()[-1].policy_version == trained.version
+    losses = [row["loss"] for row in trained.train.history]
+    assert all(loss == loss for loss in losses)  # finite, no NaN
+
+
+def test_one_recap_iteration_end_to_end(demo_store, tmp_path):
+    store, url = demo_store
+    prior = train_vla(
+        store,
+        EpisodeFilter(tasks=[TASK], run_ids=["demos"]),
+        TINY_BC.model_copy(update={"eval_episodes": 0}),
+        tmp_path,
+        progress=False,
+    )
+    config = RecapIterationConfig(
+        task=TASK,
+        policy=prior.version,
+        store_url=url,
+        env=ENV,
+        collect_episodes=4,
+        human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=8),
+        relabel=RelabelConfig(value=ValueConfig(train_steps=30, hidden_dim=32, inputs="privileged")),
+        bc=TINY_BC.model_copy(update={"condition_dropout": 0.3, "eval_episodes": 0}),
+        eval_episodes=2,
+    )
+    result = run_recap_iteration(config, tmp_path, progress=False)
+    assert result.collection.episodes == 4
+    stored = store.load_relabel(result.relabel.relabel_id)
+    assert len(stored.labels) == store.count_episodes(task=TASK) - store.count_episodes(
+        task=TASK, outcome="error"
+    )
+    human_steps = 0
+    for labels in stored.labels:  # interventions are always positive
+        episode = store.load_episode(labels.episode_uuid, images=False)
+        human = episode.sources == 1
+        human_steps += int(human.sum())
+        assert labels.indicators[human].all()
+    assert human_steps > 0
+    versions = {row["version"]: row for row in store.policy_versions()}
+    assert versions[result.trained.version]["parent"] == prior.version
+    assert (
+        result.before.policy_version == prior.version
+        and result.after.policy_version == result.trained.version
+    )
+    assert summarize([], TASK, "none").n == 0
