@@ -6,6 +6,7 @@ its calls and batch sizes, and talks to it with the client adapter or a raw ``we
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -167,6 +168,13 @@ def test_missing_or_wrong_api_key_is_rejected_before_inference(policy: LinearPol
         with OpenPIClientPolicy(background.url, api_key="s3cret") as client:
             assert client.infer_one(make_observation())["policy_version"] == "linear-v1"
         assert policy.calls == 1
+        stats_url = f"http://127.0.0.1:{background.server.port}/stats"
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(stats_url, timeout=5)
+        request = urllib.request.Request(stats_url, headers={"Authorization": "Api-Key s3cret"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            stats = json.loads(response.read())
+        assert stats["policy_version"] == "linear-v1" and stats["requests"] == 1
 
 
 def _assert_error_then_close(connection: ClientConnection, *fragments: str) -> str:

@@ -3,7 +3,7 @@
 Wire protocol (openpi's, byte for byte): on connect the server sends one binary msgpack-numpy frame with the
 metadata; then lock-step, the client sends an observation and receives ``{"actions": H×D, "server_timing":
 {"infer_ms", ...}, "policy_version": ...}``; on an error the server sends a text frame and closes with 1011;
-``GET /healthz`` answers 200 ``OK``.
+``GET /healthz`` answers 200 ``OK`` (and ``GET /stats``, behind the API key, the counters as JSON).
 
 Beyond openpi: binds 127.0.0.1 unless told otherwise; optional API-key auth checked in the HTTP
 handshake (constant-time compare, 401 before any inference); a maximum message size; inference runs in a
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import http
+import json
 import logging
 import signal
 import threading
@@ -229,7 +230,7 @@ class PolicyServer:
         except Exception:
             logger.exception("reload failed; still serving %s", self._policy.version)
 
-    # ---- HTTP handshake: health and auth ----------------------------------------------------------
+    # ---- HTTP handshake: health, auth, stats ----------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
@@ -239,6 +240,9 @@ class PolicyServer:
         if self.config.api_key is not None and not self._authorized(request.headers.get("Authorization")):
             logger.warning("rejected connection from %s: missing or wrong API key", connection.remote_address)
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+        if request.path == "/stats":
+            stats = {"policy_version": self._policy.version, **self.stats()}
+            return connection.respond(http.HTTPStatus.OK, json.dumps(stats) + "\n")
         return None
 
     def _authorized(self, header: str | None) -> bool:
