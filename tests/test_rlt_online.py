@@ -14,6 +14,7 @@ from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 from rlt.toy import BiasedReachPrior, PointReachEnv
+from storage import ExperienceStore
 from storage.records import EpisodeRecord, StepSource
 
 torch.set_num_threads(1)
@@ -108,10 +109,16 @@ def test_env_interventions_replace_reference_and_action_in_the_buffer() -> None:
         assert record.policy_versions[3:8] == [None] * 5
 
 
-def test_replay_seeded_from_stored_records_matches_the_online_buffer() -> None:
-    records: list[EpisodeRecord] = []
-    online = _loop(switch=AlwaysCritical(), records=records, warmup_episodes=4, total_env_steps=100)
+def test_replay_seeded_from_the_store_matches_the_online_buffer(tmp_path) -> None:
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
+    store.upgrade()
+    online = _loop(switch=AlwaysCritical(), records=[], warmup_episodes=4, total_env_steps=100)
+    store.register_policy_version(online.prior.version, "scripted")
+    store.register_policy_version(online.config.rl_version, "rlt")
+    online.on_episode = store.write_episode
     online.run()
+    records = list(store.iter_episodes(task="point-reach"))
+    assert len(records) >= 5
     seeded = OnlineRLT(
         PointReachEnv(),
         _prior(),
