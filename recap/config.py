@@ -38,7 +38,8 @@ class ValueConfig(_Frozen):
     state, or both. ``time_feature`` appends t / max_episode_length (returns under a time limit depend on it).
     ``encoder`` names a registered observation encoder (``state_mlp`` default, ``image_conv`` adds a small
     conv net over ``camera``). ``target`` is the bin encoding of the return (two-hot or nearest bin).
-    ``reward`` defines the returns the model learns.
+    ``reward`` defines the returns the model learns. ``validation_fraction`` of each task's training episodes
+    is held out for early stopping (the best held-out loss, checked every ``eval_every`` steps, wins).
     """
 
     reward: RewardConfig = RewardConfig()
@@ -54,6 +55,8 @@ class ValueConfig(_Frozen):
     ensemble_size: int = Field(default=1, ge=1)
     target: Literal["two_hot", "nearest"] = "two_hot"
     train_steps: int = Field(default=1500, ge=1)
+    validation_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    eval_every: int = Field(default=100, ge=1)
     batch_size: int = Field(default=256, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)

@@ -8,6 +8,7 @@ normalization.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import uuid
@@ -103,7 +104,7 @@ class ValueModel:
         self.vector_std = torch.as_tensor(vector_std, dtype=torch.float32)
         self.training_uuids = training_uuids
         self.bins = ReturnBins(config.num_bins)
-        self.training_loss: float | None = None
+        self.training_loss: float | None = None  # held-out loss of the kept weights (else last batch loss)
         spec = EncoderSpec(
             vector_dim=int(self.vector_mean.shape[0]),
             hidden_dim=config.hidden_dim,
@@ -248,13 +249,35 @@ def normalized_returns(
     ).astype(np.float32)
 
 
+@dataclass
+class Targets:
+    """Model inputs of a set of steps and their binned return targets."""
+
+    inputs: StepInputs
+    targets: torch.Tensor
+
+
+def validation_split(
+    episodes: Sequence[EpisodeRecord], fraction: float, seed: int
+) -> tuple[list[EpisodeRecord], list[EpisodeRecord]]:
+    """Hold out ``fraction`` of each task's episodes (never a task's last training episode) for early stopping."""
+    rng = np.random.default_rng(seed)
+    held: set[uuid.UUID] = set()
+    for task in sorted({episode.task for episode in episodes}):
+        members = [episode.uuid for episode in episodes if episode.task == task]
+        count = min(round(fraction * len(members)), len(members) - 1)
+        held |= {members[i] for i in rng.permutation(len(members))[:count]}
+    return [ep for ep in episodes if ep.uuid not in held], [ep for ep in episodes if ep.uuid in held]
+
+
 def train_value(
     episodes: Sequence[EpisodeRecord], config: ValueConfig, horizons: dict[str, int] | None = None
 ) -> ValueModel:
     """Fit a distributional value model on ``episodes`` by cross-entropy to the binned Monte-Carlo returns.
 
-    ``horizons`` (task → max episode length) fixes the return normalization; by default it comes from
-    ``config.reward`` and the data. Deterministic for a given ``config.seed``.
+    ``config.validation_fraction`` of each task's episodes is held out and the weights with the lowest held-out
+    loss (checked every ``eval_every`` steps) are kept. ``horizons`` (task → max episode length) fixes the return
+    normalization; by default it comes from ``config.reward`` and the data. Deterministic for ``config.seed``.
     """
     check_learnable(episodes)
     horizons = dict(horizons) if horizons is not None else task_horizons(episodes, config.reward)
@@ -269,37 +292,63 @@ def train_value(
         np.where(std > 1e-6, std, 1.0),
         frozenset(episode.uuid for episode in episodes),
     )
-    inputs = model.step_inputs(episodes)
-    targets = model.bins.encode(
-        torch.from_numpy(normalized_returns(episodes, config, horizons)), config.target
-    )
-    losses = [_fit_member(model, member, inputs, targets, seed) for seed, member in enumerate(model.members)]
+    fit, held = validation_split(episodes, config.validation_fraction, config.seed)
+    train = _targets(model, fit, horizons)
+    validation = _targets(model, held, horizons) if held else None
+    losses = [
+        _fit_member(model, member, train, validation, seed) for seed, member in enumerate(model.members)
+    ]
     model.training_loss = float(np.mean(losses))
     return model
 
 
+def _targets(model: ValueModel, episodes: Sequence[EpisodeRecord], horizons: dict[str, int]) -> Targets:
+    returns = torch.from_numpy(normalized_returns(episodes, model.config, horizons))
+    return Targets(model.step_inputs(episodes), model.bins.encode(returns, model.config.target))
+
+
+def _loss(model: ValueModel, member: ValueNetwork, data: Targets, index: np.ndarray) -> torch.Tensor:
+    log_probs = torch.log_softmax(model._logits(member, data.inputs, index), dim=-1)
+    return -(data.targets[index] * log_probs).sum(-1).mean()
+
+
+@torch.no_grad()
+def _heldout_loss(model: ValueModel, member: ValueNetwork, data: Targets) -> float:
+    member.eval()
+    count = len(data.inputs.task_ids)
+    total = 0.0
+    for start in range(0, count, model.config.inference_batch_size):
+        index = np.arange(start, min(count, start + model.config.inference_batch_size))
+        total += _loss(model, member, data, index).item() * len(index)
+    member.train()
+    return total / count
+
+
 def _fit_member(
-    model: ValueModel, member: ValueNetwork, inputs: StepInputs, targets: torch.Tensor, offset: int
+    model: ValueModel, member: ValueNetwork, train: Targets, validation: Targets | None, offset: int
 ) -> float:
-    """Train one ensemble member; returns its mean loss over the last 10% of steps."""
+    """Train one ensemble member; keep its best weights on ``validation``; return that (or the final) loss."""
     config = model.config
     rng = np.random.default_rng(config.seed + offset)
     optimizer = torch.optim.AdamW(
         member.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    tail = max(1, config.train_steps // 10)
-    recent: list[float] = []
+    best = (float("inf"), copy.deepcopy(member.state_dict()))
     member.train()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + offset)
-        for step in range(config.train_steps):
-            index = rng.integers(0, len(inputs.task_ids), size=config.batch_size)
-            log_probs = torch.log_softmax(model._logits(member, inputs, index), dim=-1)
-            loss = -(targets[index] * log_probs).sum(-1).mean()
+        for step in range(1, config.train_steps + 1):
+            loss = _loss(
+                model, member, train, rng.integers(0, len(train.inputs.task_ids), size=config.batch_size)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if step >= config.train_steps - tail:
-                recent.append(loss.item())
+            if validation is not None and (step % config.eval_every == 0 or step == config.train_steps):
+                heldout = _heldout_loss(model, member, validation)
+                if heldout < best[0]:
+                    best = (heldout, copy.deepcopy(member.state_dict()))
+    if validation is not None:
+        member.load_state_dict(best[1])
     member.eval()
-    return float(np.mean(recent))
+    return best[0] if validation is not None else loss.item()

@@ -9,7 +9,7 @@ import torch
 from recap import RecapInputError, ReturnBins, RewardConfig, ValueConfig, ValueModel, train_value
 from recap.rewards import monte_carlo_returns, step_rewards, task_horizons
 from recap.synthetic import make_episode
-from recap.value import normalized_returns
+from recap.value import normalized_returns, validation_split
 from storage.records import EpisodeRecord, Outcome
 
 torch.set_num_threads(1)
@@ -135,3 +135,15 @@ def test_value_input_errors_are_clear() -> None:
     errored = make_episode("chain", np.zeros((2, 3)), np.zeros((2, 1)), Outcome.ERROR)
     with pytest.raises(RecapInputError, match="outcome 'error'"):
         train_value([*episodes, errored], FAST_VALUE)
+
+
+def test_validation_split_holds_out_episodes_per_task_for_early_stopping() -> None:
+    rng = np.random.default_rng(5)
+    episodes = [deterministic_chain(rng, task) for task in ("a", "a", "a", "a", "a", "b", "b", "c")]
+    fit, held = validation_split(episodes, 0.4, seed=0)
+    assert {ep.task for ep in held} == {"a", "b"}  # "c" has one episode: it must stay in training
+    assert sum(ep.task == "a" for ep in held) == 2 and sum(ep.task == "b" for ep in held) == 1
+    assert {ep.uuid for ep in fit}.isdisjoint({ep.uuid for ep in held})
+    assert len(fit) + len(held) == len(episodes)
+    model = train_value(episodes, FAST_VALUE.model_copy(update={"train_steps": 20, "eval_every": 5}))
+    assert model.training_uuids == {ep.uuid for ep in episodes}  # held-out episodes still count as seen
