@@ -58,6 +58,7 @@ class ServerConfig:
     instead of flywheel's nested observation. ``debug`` sends tracebacks in error frames. ``send_embeddings``
     adds the policy's per-observation backbone embeddings to each reply (for RLT over a remote VLA).
     ``allow_privileged`` accepts the simulator's full state (simulation only: serving scripted experts).
+    ``shutdown_timeout_s`` bounds how long shutdown waits for in-flight requests.
     """
 
     host: str = "127.0.0.1"
@@ -71,7 +72,7 @@ class ServerConfig:
     keys: ObservationKeys | None = None
     send_embeddings: bool = False
     allow_privileged: bool = False
-    shutdown_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
