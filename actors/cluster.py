@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from actors.inference import BatchingInferenceServer, ServedPolicy
 from actors.rollout import RolloutStats, RolloutWorker
 from policies.base import Policy
+from policies.rtc import supports_inpainting
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ def start_inference_server(
     server = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(BatchingInferenceServer).remote(
         policy, max_batch=max_batch, max_wait_ms=max_wait_ms
     )
-    served = ServedPolicy(server, policy.action_horizon, policy.action_dim, policy.version)
+    served = ServedPolicy(
+        server, policy.action_horizon, policy.action_dim, policy.version, supports_inpainting(policy)
+    )
     return server, served
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import ActionChunk, ObservationBatch, Policy, batch_size
+from policies.rtc import InpaintingTargets, infer_inpainted
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ServedChunk:
 class _Request:
     batch: ObservationBatch
     reply: asyncio.Future
+    inpainting: InpaintingTargets | None = None
 
 
 class BatchingInferenceServer:
@@ -62,13 +64,15 @@ class BatchingInferenceServer:
         sizes = self.batch_sizes or [0]
         return {"batches": float(len(self.batch_sizes)), "mean_batch": float(np.mean(sizes))}
 
-    async def infer(self, batch: ObservationBatch) -> ServedChunk:
-        """Queue a batch of observations and wait for its chunk."""
+    async def infer(
+        self, batch: ObservationBatch, inpainting: InpaintingTargets | None = None
+    ) -> ServedChunk:
+        """Queue a batch of observations (with optional RTC targets, one row each) and wait for its chunk."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._runner = asyncio.get_running_loop().create_task(self._serve_forever())
         reply = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(batch, reply))
+        await self._queue.put(_Request(batch, reply, inpainting))
         return await reply
 
     async def _serve_forever(self) -> None:
@@ -77,7 +81,11 @@ class BatchingInferenceServer:
             try:
                 policy = self.policy
                 merged = _concat_batches([request.batch for request in requests])
-                chunk = await asyncio.to_thread(policy.infer, merged)
+                targets = _concat_targets(requests, policy)
+                if targets is None:
+                    chunk = await asyncio.to_thread(policy.infer, merged)
+                else:
+                    chunk = await asyncio.to_thread(infer_inpainted, policy, merged, targets)
             except Exception as error:  # every waiting caller sees the failure, the server keeps serving
                 for request in requests:
                     request.reply.set_exception(error)
@@ -107,18 +115,26 @@ class BatchingInferenceServer:
 class ServedPolicy:
     """A ``Policy`` whose ``infer`` goes to a (Ray) ``BatchingInferenceServer``; its ``version`` follows the replies."""
 
-    def __init__(self, server: object, action_horizon: int, action_dim: int, version: str) -> None:
+    def __init__(
+        self,
+        server: object,
+        action_horizon: int,
+        action_dim: int,
+        version: str,
+        supports_inpainting: bool = False,
+    ) -> None:
         self.server = server
         self.action_horizon = action_horizon
         self.action_dim = action_dim
         self.version = version
+        self.supports_inpainting = supports_inpainting
 
-    def infer(self, batch: ObservationBatch) -> ActionChunk:
-        """Send the batch to the server and wait for the chunk."""
+    def infer(self, batch: ObservationBatch, inpainting: InpaintingTargets | None = None) -> ActionChunk:
+        """Send the batch (and RTC targets, if any) to the server and wait for the chunk."""
         import ray
 
         started = time.perf_counter()
-        served: ServedChunk = ray.get(self.server.infer.remote(batch))
+        served: ServedChunk = ray.get(self.server.infer.remote(batch, inpainting))
         self.version = served.version
         served.chunk.timing["infer_ms"] = (time.perf_counter() - started) * 1e3
         return served.chunk
@@ -137,6 +153,24 @@ def _concat_batches(batches: list[ObservationBatch]) -> ObservationBatch:
     if all("privileged" in b for b in batches):
         merged["privileged"] = np.concatenate([b["privileged"] for b in batches])
     return merged
+
+
+def _concat_targets(requests: list[_Request], policy: Policy) -> InpaintingTargets | None:
+    """RTC targets of a merged batch (zero weights for requests without any), or None if no request has some."""
+    given = [request.inpainting for request in requests if request.inpainting is not None]
+    if not given:
+        return None
+    horizon, dim = policy.action_horizon, policy.action_dim
+    parts = [
+        request.inpainting
+        or InpaintingTargets(
+            np.zeros((batch_size(request.batch), horizon, dim), np.float32),
+            np.zeros((batch_size(request.batch), horizon), np.float32),
+            given[0].beta,
+        )
+        for request in requests
+    ]
+    return InpaintingTargets.concat(parts)
 
 
 def _split_chunk(chunk: ActionChunk, requests: list[_Request]) -> list[ActionChunk]:

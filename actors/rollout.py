@@ -1,9 +1,10 @@
 """The rollout worker as a plain Python class: steps N envs with a chunking policy and emits finished episodes.
 
 Runs in-process for tests and debugging; ``actors.remote`` makes it a Ray actor without changing it.
-A worker asks the policy for a chunk only for envs whose current chunk is used up, so chunk requests from
-several envs share one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at the next
-chunk boundary of each env: every step records the version of the chunk it came from.
+A worker asks the policy for a chunk only for envs that need one (see ``actors.execution``: synchronous, naive
+async or Real-Time Chunking execution with a simulated inference delay), so chunk requests from several envs share
+one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at the next chunk request of each
+env: every step records the version of the chunk it came from.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import EpisodeRecorder
 from policies.base import ActionChunk, Observation, Policy, stack_observations
+from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class RolloutStats:
     errors: int = 0
     env_steps: int = 0
     human_steps: int = 0
+    waiting_steps: int = 0
     inference_calls: int = 0
     seconds: float = 0.0
     episode_uuids: list[str] = field(default_factory=list)
@@ -50,6 +54,7 @@ class RolloutStats:
             errors=self.errors + other.errors,
             env_steps=self.env_steps + other.env_steps,
             human_steps=self.human_steps + other.human_steps,
+            waiting_steps=self.waiting_steps + other.waiting_steps,
             inference_calls=self.inference_calls + other.inference_calls,
             seconds=max(self.seconds, other.seconds),
             episode_uuids=self.episode_uuids + other.episode_uuids,
@@ -63,21 +68,18 @@ class _EnvSlot:
     env: gym.Env
     env_id: str
     task: str
+    schedule: ChunkSchedule
     observation: Observation | None = None
     recorder: EpisodeRecorder | None = None
-    chunk: np.ndarray | None = None
-    chunk_id: int = -1
-    chunk_offset: int = 0
-    chunk_version: str | None = None
-    chunk_latency_ms: float = 0.0
 
 
 class RolloutWorker:
     """Steps several envs with one policy and hands each finished episode to ``sink``.
 
     ``env_factories`` build the envs (one slot each); ``seed`` seeds the episode seed sequence so that a
-    worker's episodes are reproducible; ``execute_horizon`` is how many actions of each chunk are executed
-    before asking for the next (default: the whole chunk).
+    worker's episodes are reproducible; ``execution`` says how chunks are executed (default: synchronously, no
+    delay, the whole chunk). RTC needs a policy that accepts guidance (``policies.rtc.supports_inpainting``);
+    with any other policy the worker logs a warning and runs naive async instead.
     """
 
     def __init__(
@@ -91,7 +93,7 @@ class RolloutWorker:
         seed: int = 0,
         run_id: str | None = None,
         record_images: bool = True,
-        execute_horizon: int | None = None,
+        execution: ExecutionConfig | None = None,
         episode_metadata: dict[str, Any] | None = None,
     ) -> None:
         if not env_factories:
@@ -101,14 +103,21 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.run_id = run_id
         self.record_images = record_images
-        self.execute_horizon = execute_horizon
+        self.execution = execution or ExecutionConfig()
+        self.execution.steps(policy.action_horizon)  # fail fast if s and d do not fit the chunk
         self.episode_metadata = dict(episode_metadata or {})
         self._seeds = np.random.default_rng([seed, worker_id])
         self._slots = [
-            _EnvSlot(env=factory(), env_id=f"worker{worker_id}/env{index}", task=task)
+            _EnvSlot(
+                env=factory(),
+                env_id=f"worker{worker_id}/env{index}",
+                task=task,
+                schedule=ChunkSchedule(self.execution, policy.action_horizon, policy.action_dim),
+            )
             for index, factory in enumerate(env_factories)
         ]
         self._pending_policy: Policy | None = None
+        self._inpaint = self._check_inpainting(policy)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch to a new policy version; each env picks it up at its next chunk boundary."""
@@ -163,44 +172,70 @@ class RolloutWorker:
         seed = int(self._seeds.integers(0, 2**31 - 1))
         observation, _ = slot.env.reset(seed=seed)
         slot.observation = observation
-        slot.chunk = None
+        if slot.schedule.horizon != self.policy.action_horizon:
+            slot.schedule = ChunkSchedule(self.execution, self.policy.action_horizon, self.policy.action_dim)
+        slot.schedule.reset()
         slot.recorder = EpisodeRecorder(
             task=slot.task,
             env_id=slot.env_id,
             seed=seed,
             run_id=self.run_id,
-            metadata=dict(self.episode_metadata),
+            metadata={**self.episode_metadata, **self._execution_metadata()},
             record_images=self.record_images,
         )
         self.policy.reset()
 
+    def _execution_metadata(self) -> dict[str, Any]:
+        mode = "naive_async" if self.execution.mode == "rtc" and not self._inpaint else self.execution.mode
+        return {
+            "execution_mode": mode,
+            "inference_delay": self.execution.delay,
+            "execute_horizon": self.execution.steps(self.policy.action_horizon),
+        }
+
+    def _check_inpainting(self, policy: Policy) -> bool:
+        """Whether RTC inpainting runs with ``policy`` (warns once when RTC has to fall back to naive async)."""
+        if self.execution.mode != "rtc":
+            return False
+        if supports_inpainting(policy):
+            return True
+        logger.warning(
+            "policy %s does not accept guidance: RTC falls back to naive async execution", policy.version
+        )
+        return False
+
     def _refill_chunks(self, stats: RolloutStats) -> None:
-        """One batched ``infer`` for every env whose chunk is used up."""
+        """One batched ``infer`` for every env that needs a chunk now."""
         if self._pending_policy is not None:
             self.policy, self._pending_policy = self._pending_policy, None
-        needy = [slot for slot in self._slots if slot.chunk is None]
+            self._inpaint = self._check_inpainting(self.policy)
+        needy = [slot for slot in self._slots if slot.schedule.needs_chunk()]
         if not needy:
             return
         batch = stack_observations([slot.observation for slot in needy])
         started = time.perf_counter()
-        result: ActionChunk = self.policy.infer(batch)
+        result = self._infer(batch, needy)
         latency_ms = result.timing.get("infer_ms", (time.perf_counter() - started) * 1e3)
         stats.inference_calls += 1
-        horizon = result.actions.shape[1]
-        execute = min(self.execute_horizon or horizon, horizon)
         for index, slot in enumerate(needy):
             chunk = result.actions[index]
-            slot.chunk = chunk[:execute]
-            slot.chunk_id = slot.recorder.add_chunk(chunk)
-            slot.chunk_offset = 0
-            slot.chunk_version = self.policy.version
-            slot.chunk_latency_ms = float(latency_ms)
+            chunk_id = slot.recorder.add_chunk(chunk)
+            slot.schedule.receive(chunk, chunk_id, self.policy.version, float(latency_ms))
+
+    def _infer(self, batch: dict, needy: list[_EnvSlot]) -> ActionChunk:
+        """Plain sampling, or RTC inpainting toward each env's current chunk when any env has one."""
+        if self._inpaint:
+            targets, weights = zip(*(slot.schedule.inpainting_target() for slot in needy), strict=True)
+            if any(w.any() for w in weights):
+                inpainting = InpaintingTargets(np.stack(targets), np.stack(weights), self.execution.beta)
+                return infer_inpainted(self.policy, batch, inpainting)
+        return self.policy.infer(batch)
 
     def _step(self, slot: _EnvSlot, stats: RolloutStats) -> EpisodeRecord | None:
         """Execute one action in one env; returns the finished episode's record, if it finished."""
-        action = slot.chunk[slot.chunk_offset]
+        scheduled = slot.schedule.next_action()
         try:
-            observation, reward, terminated, truncated, info = slot.env.step(action)
+            observation, reward, terminated, truncated, info = slot.env.step(scheduled.action)
         except Exception as error:  # an env that raises ends its episode as `error`, the worker goes on
             logger.warning("env %s raised during step: %s", slot.env_id, error)
             return self._finish(
@@ -210,22 +245,22 @@ class RolloutWorker:
         from_policy = source == StepSource.POLICY
         slot.recorder.add_step(
             slot.observation,
-            np.asarray(info.get("executed_action", action)),
+            np.asarray(info.get("executed_action", scheduled.action)),
             float(reward),
             bool(terminated),
             bool(truncated),
             source=source,
-            policy_version=slot.chunk_version if from_policy else None,
-            chunk_id=slot.chunk_id if from_policy else -1,
-            chunk_offset=slot.chunk_offset if from_policy else -1,
-            latency_ms=slot.chunk_latency_ms if from_policy and slot.chunk_offset == 0 else 0.0,
+            policy_version=scheduled.version if from_policy else None,
+            chunk_id=scheduled.chunk_id if from_policy else -1,
+            chunk_offset=scheduled.offset if from_policy else -1,
+            latency_ms=scheduled.latency_ms if from_policy else 0.0,
         )
         stats.env_steps += 1
         stats.human_steps += int(not from_policy)
+        stats.waiting_steps += int(from_policy and scheduled.waiting)
         slot.observation = observation
-        slot.chunk_offset += 1
-        if slot.chunk_offset >= len(slot.chunk) or not from_policy:
-            slot.chunk = None  # after a human step the policy replans from the new state
+        if not from_policy:
+            slot.schedule.reset()  # after a human step the policy replans from the new state
         success = bool(info.get("success", False))
         if success or terminated or truncated:
             outcome = Outcome.SUCCESS if success else Outcome.FAILURE

@@ -1,0 +1,200 @@
+"""Rollout throughput: Ray rollout workers vs a single-process loop and SB3's ``SubprocVecEnv``; batched vs per-worker
+inference with the built-in VLA.
+
+Part 1 (env-bound): Meta-World ``reach-v3`` without rendering, the scripted expert as the policy (one action per
+chunk, so every step is a policy call). It measures env steps/s of
+
+- one ``RolloutWorker`` stepping ``E`` envs in this process (the single-process loop),
+- ``W`` Ray rollout actors with ``E`` envs each (target ≥ 0.8 × W of the single-process loop),
+- SB3 ``SubprocVecEnv`` with ``W × E`` envs (one process each, SB3's usual set-up) and with ``W`` envs, stepped
+  by the same batched scripted policy (target: Ray ≥ 1.0 × the better SB3 figure).
+
+Every path runs the same env, the same policy call per step and discards episodes (no store), so the figures
+compare stepping machinery; the rollout workers additionally record every step into episode records.
+
+Part 2 (inference-bound): the tiny built-in VLA (randomly initialized; timing only) with 64 px images at ``W``
+workers × ``I`` envs, each worker holding its own copy vs one ``BatchingInferenceServer`` (target ≥ 1.5×).
+
+All figures and ratios are measured in the same run; the machine is shared, so repeat runs vary by ~10–20 %.
+
+    python benchmarks/rollout_throughput.py [--workers 2] [--envs-per-worker 4] [--steps 3000] [--vla-steps 320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym
+import numpy as np
+import ray
+import torch
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+from actors.cluster import ensure_ray, start_inference_server
+from actors.rollout import RolloutWorker
+from envs import EnvConfig, make_env
+from policies.base import Policy
+from policies.scripted import ScriptedPolicy
+from policies.training import EpisodeArrays, build_dataset, create_policy
+from policies.vla import VLAConfig, VLAPolicy
+
+STATE_ENV = EnvConfig(task="reach-v3", render=False)
+IMAGE = 64
+IMAGE_ENV = EnvConfig(task="reach-v3", cameras=("corner2",), width=IMAGE, height=IMAGE)
+
+
+def discard(_record) -> None:
+    """An episode sink that keeps nothing (picklable, module level)."""
+
+
+def tiny_vla(env: EnvConfig, horizon: int = 10, seed: int = 0) -> VLAPolicy:
+    """The tiny built-in VLA for ``env``'s observations, randomly initialized (statistics from random data)."""
+    rng = np.random.default_rng(seed)
+    steps = 32
+    episode = EpisodeArrays(
+        images={
+            camera: rng.integers(0, 256, (steps, env.height, env.width, 3), np.uint8)
+            for camera in env.cameras
+        },
+        state=rng.normal(size=(steps, 7)).astype(np.float32),
+        actions=rng.uniform(-1, 1, size=(steps, 4)).astype(np.float32),
+        prompt=env.instruction,
+    )
+    config = VLAConfig.preset(
+        "tiny", image_size=env.width, cameras=env.cameras, state_dim=7, action_dim=4, action_horizon=horizon
+    )
+    return create_policy(config, build_dataset([episode], horizon=horizon), seed=seed)
+
+
+def single_process(policy: Policy, env: EnvConfig, envs: int, steps: int) -> float:
+    """Env steps/s of one in-process ``RolloutWorker`` with ``envs`` envs."""
+    worker = RolloutWorker(
+        [functools.partial(make_env, env)] * envs, policy, discard, task=env.task, record_images=False
+    )
+    worker.run(env_steps=min(200, steps))  # warm-up: first resets, lazy imports
+    started = time.perf_counter()
+    stats = worker.run(env_steps=steps)
+    seconds = time.perf_counter() - started
+    worker.close()
+    return stats.env_steps / seconds
+
+
+def ray_workers(policy: Policy, env: EnvConfig, workers: int, envs: int, steps: int) -> float:
+    """Env steps/s of ``workers`` Ray rollout actors (1 CPU each) with ``envs`` envs each, ``steps`` each."""
+    actor = ray.remote(num_cpus=1)(RolloutWorker)
+    handles = [
+        actor.remote(
+            [functools.partial(make_env, env)] * envs,
+            policy,
+            discard,
+            task=env.task,
+            worker_id=index,
+            record_images=False,
+        )
+        for index in range(workers)
+    ]
+    ray.get([handle.run.remote(env_steps=min(200, steps)) for handle in handles])  # warm-up
+    started = time.perf_counter()
+    results = ray.get([handle.run.remote(env_steps=steps) for handle in handles])
+    seconds = time.perf_counter() - started
+    for handle in handles:
+        ray.kill(handle)
+    return sum(result.env_steps for result in results) / seconds
+
+
+class PrivilegedObservation(gym.ObservationWrapper):
+    """The flywheel env with its privileged 39-D vector as a Box observation (what SB3's buffers can hold)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(39,), dtype=np.float32)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return observation["privileged"]
+
+
+def _sb3_env(env: EnvConfig) -> gym.Env:
+    return PrivilegedObservation(make_env(env))
+
+
+def subproc_vec_env(policy: ScriptedPolicy, env: EnvConfig, envs: int, steps: int) -> float:
+    """Env steps/s of SB3 ``SubprocVecEnv`` with ``envs`` envs, stepped by the batched scripted policy."""
+    vec = SubprocVecEnv([functools.partial(_sb3_env, env)] * envs)
+    prompts = [env.instruction] * envs
+
+    def act(observation: np.ndarray) -> np.ndarray:
+        batch = {"images": {}, "state": observation[:, :4], "prompt": prompts, "privileged": observation}
+        return policy.infer(batch).actions[:, 0]
+
+    observation = vec.reset()
+    for _ in range(200 // envs):  # warm-up
+        observation, *_ = vec.step(act(observation))
+    rounds = max(1, steps // envs)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        observation, *_ = vec.step(act(observation))
+    seconds = time.perf_counter() - started
+    vec.close()
+    return rounds * envs / seconds
+
+
+def vla_inference(workers: int, envs: int, steps: int, batched: bool) -> tuple[float, float]:
+    """Env steps/s with the tiny VLA at ``workers`` × ``envs``: per-worker copies or one batching server."""
+    policy = tiny_vla(IMAGE_ENV)
+    server = None
+    if batched:
+        server, policy = start_inference_server(policy, max_batch=workers * envs, max_wait_ms=10.0)
+    rate = ray_workers(policy, IMAGE_ENV, workers, envs, steps)
+    mean_batch = ray.get(server.stats.remote())["mean_batch"] if server is not None else float(envs)
+    if server is not None:
+        ray.kill(server)
+    return rate, mean_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--envs-per-worker", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3000, help="env steps per worker (part 1)")
+    parser.add_argument("--vla-envs-per-worker", type=int, default=8)
+    parser.add_argument("--vla-steps", type=int, default=320, help="env steps per worker (part 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ensure_ray(num_cpus=args.workers)
+    w, e = args.workers, args.envs_per_worker
+    expert = ScriptedPolicy(STATE_ENV.task, version="expert")
+
+    print(
+        f"# part 1: reach-v3 state-only, scripted expert, {w} workers x {e} envs, {args.steps} steps/worker"
+    )
+    single = single_process(expert, STATE_ENV, e, args.steps)
+    print(f"single-process RolloutWorker ({e} envs):      {single:8.0f} steps/s")
+    distributed = ray_workers(expert, STATE_ENV, w, e, args.steps)
+    print(f"Ray: {w} RolloutWorker actors x {e} envs:        {distributed:8.0f} steps/s")
+    sb3_many = subproc_vec_env(expert, STATE_ENV, w * e, w * args.steps)
+    print(f"SB3 SubprocVecEnv ({w * e} envs, one process each): {sb3_many:8.0f} steps/s")
+    sb3_few = subproc_vec_env(expert, STATE_ENV, w, w * args.steps)
+    print(f"SB3 SubprocVecEnv ({w} envs, one process each):  {sb3_few:8.0f} steps/s")
+    print(f"ratio Ray / single process: {distributed / single:.2f}  (target >= {0.8 * w:.1f} = 0.8 x W)")
+    best_sb3 = max(sb3_many, sb3_few)
+    print(f"ratio Ray / best SubprocVecEnv: {distributed / best_sb3:.2f}  (target >= 1.0)")
+
+    ve = args.vla_envs_per_worker
+    print(f"\n# part 2: tiny VLA (random init), {IMAGE}px corner2 images, {w} workers x {ve} envs, H=10")
+    local, local_batch = vla_inference(w, ve, args.vla_steps, batched=False)
+    print(f"per-worker inference (a copy per worker):  {local:8.1f} steps/s  (batch <= {local_batch:.0f})")
+    served, served_batch = vla_inference(w, ve, args.vla_steps, batched=True)
+    print(
+        f"batched inference server (one copy):       {served:8.1f} steps/s  (mean batch {served_batch:.1f})"
+    )
+    print(f"ratio batched / per-worker: {served / local:.2f}  (target >= 1.5)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
