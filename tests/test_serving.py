@@ -312,20 +312,36 @@ def test_slow_clients_do_not_hold_up_others(policy: LinearPolicy, served) -> Non
     deaf.close()
 
 
+def _hold_until_queued(policy: LinearPolicy, server: PolicyServer, requests: int) -> threading.Thread:
+    """Hold the first inference until ``requests`` requests are in flight, so the next batch must hold the
+    others (makes batching deterministic however slowly the client threads are scheduled)."""
+    policy.release = threading.Event()
+
+    def release() -> None:
+        deadline = time.monotonic() + 20
+        while server.stats()["in_flight"] < requests and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert policy.release is not None
+        policy.release.set()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    return releaser
+
+
 def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
-    policy.sleep_s = 0.05
     clients = [OpenPIClientPolicy(served.url) for _ in range(4)]
     results: dict[int, list[np.ndarray]] = {}
 
     def run(index: int) -> None:
         results[index] = [clients[index].infer_one(make_observation(index))["actions"] for _ in range(3)]
 
+    releaser = _hold_until_queued(policy, served.server, 4)
     threads = [threading.Thread(target=run, args=(index,)) for index in range(4)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+    for thread in [*threads, releaser]:
         thread.join(30)
-    policy.sleep_s = 0.0
     assert max(policy.batch_sizes) > 1 and sum(policy.batch_sizes) == 12
     stats = served.server.stats()
     assert stats["requests"] == 12 and stats["largest_batch"] == max(policy.batch_sizes)
@@ -337,10 +353,11 @@ def test_concurrent_clients_are_batched(policy: LinearPolicy, served) -> None:
 
 
 def test_client_spreads_a_batch_over_connections_and_keeps_the_order(policy: LinearPolicy, served) -> None:
-    policy.sleep_s = 0.02
     observations = [make_observation(seed) for seed in range(8)]
     with OpenPIClientPolicy(served.url, connections=4) as client:
+        releaser = _hold_until_queued(policy, served.server, 4)
         chunk = client.infer(stack_observations(observations))
+        releaser.join(30)
     assert max(policy.batch_sizes) > 1 and sum(policy.batch_sizes) == 8
     for index, observation in enumerate(observations):
         np.testing.assert_allclose(chunk.actions[index], expected_actions(policy, observation), rtol=1e-5)
