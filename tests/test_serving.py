@@ -389,6 +389,17 @@ def test_hot_swap_refuses_a_policy_that_would_break_connected_clients(served) ->
     assert served.server.policy.version == "linear-v1"
 
 
+def _wait_until_not_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"port {port} still accepts connections")
+
+
 def test_graceful_shutdown_finishes_in_flight_then_closes_with_1001(policy: LinearPolicy) -> None:
     policy.release = threading.Event()
     background = start(policy)
@@ -397,7 +408,7 @@ def test_graceful_shutdown_finishes_in_flight_then_closes_with_1001(policy: Line
     assert policy.infer_started.wait(5)
     stopper = threading.Thread(target=background.stop)
     stopper.start()
-    time.sleep(0.1)  # let the shutdown begin while the inference is held
+    _wait_until_not_listening(background.server.port)  # shutdown has begun while the inference is held
     policy.release.set()
     reply = msgpack_numpy.unpackb(connection.recv(timeout=5))
     assert reply["actions"].shape == (HORIZON, ACTION_DIM)

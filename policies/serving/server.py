@@ -235,8 +235,6 @@ class PolicyServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
-            if self._closing:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self.config.api_key is not None and not self._authorized(request.headers.get("Authorization")):
             logger.warning("rejected connection from %s: missing or wrong API key", connection.remote_address)
