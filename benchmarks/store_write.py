@@ -276,6 +276,7 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
                     rounds, lambda i, r=rows: time_sqlite_raw(folder / f"rawz-{i}.db", r, compress=True)
                 )
                 report(label, steps, store, raw_z, "sqlite3.executemany + zlib", 0.6)
+        read_benchmark(f"sqlite:///{folder}/s-sqlite-0.db", folder / "s-sqlite-0.db", plain, rounds)
     if pg_url is None:
         return
     for label, episodes, rows in (
@@ -288,6 +289,60 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
             rounds, lambda _i, e=episodes: on_fresh_pg(pg_url, lambda url, e=e: time_store(url, e))
         )
         report(label, steps, store, raw, "psycopg COPY", 0.5)
+
+
+def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: int) -> None:
+    """load_episode (no images) vs a raw SELECT of the same step rows + np.frombuffer; then sampling rate."""
+    store = ExperienceStore(url)
+    uuids = [e.uuid for e in episodes]
+
+    def through_store(_i: int) -> float:
+        start = time.perf_counter()
+        for episode_uuid in uuids:
+            store.load_episode(episode_uuid, images=False)
+        return time.perf_counter() - start
+
+    def raw(_i: int) -> float:
+        connection = sqlite3.connect(path)
+        start = time.perf_counter()
+        for episode_uuid in uuids:
+            (episode_id,) = connection.execute(
+                "SELECT id FROM episodes WHERE uuid = ?", (episode_uuid.hex,)
+            ).fetchone()
+            rows = connection.execute(
+                "SELECT state, action, privileged, reward, terminated, truncated, source, chunk_index, "
+                "chunk_offset, latency_ms FROM steps WHERE episode_id = ? ORDER BY t",
+                (episode_id,),
+            ).fetchall()
+            columns = list(zip(*rows, strict=True))
+            for blobs in columns[:3]:
+                np.frombuffer(b"".join(blobs), dtype=np.float32)
+            for values in columns[3:]:
+                np.array(values)
+        elapsed = time.perf_counter() - start
+        connection.close()
+        return elapsed
+
+    steps = sum(e.length for e in episodes)
+    report(
+        "sqlite load_episode",
+        steps,
+        best_of(rounds, through_store),
+        best_of(rounds, raw),
+        "raw SELECT + frombuffer",
+        None,
+    )
+    rng = np.random.default_rng(0)
+    store.sample_transitions(256, rng, n_step=10)  # builds the in-memory index
+    start = time.perf_counter()
+    batches = 200
+    for _ in range(batches):
+        store.sample_transitions(256, rng, n_step=10)
+    per_batch = (time.perf_counter() - start) / batches
+    print(
+        f"sample_transitions(256, n_step=10): {per_batch * 1e3:.2f} ms per batch ({256 / per_batch:,.0f} windows/s)"
+    )
+    store.close()
 
 
 def on_fresh_pg(server_url: str, measure: Callable[[str], float]) -> float:

@@ -229,6 +229,17 @@ class ExperienceStore:
                 connection, Run, [{"id": run_id, "name": name, "config": config or {}}], ["id"]
             )
 
+    def list_runs(self, prefix: str | None = None) -> list[dict[str, Any]]:
+        """Recorded runs (id, name, config, created_at), oldest first; ``prefix`` filters on the id."""
+        query = sa.select(Run).order_by(Run.created_at, Run.id)
+        if prefix is not None:
+            query = query.where(Run.id.startswith(prefix, autoescape=True))
+        with self._read_session() as session:
+            return [
+                {"id": run.id, "name": run.name, "config": run.config, "created_at": run.created_at}
+                for run in session.scalars(query)
+            ]
+
     # ---- episodes: write ----
 
     def write_episode(self, record: EpisodeRecord) -> bool:
@@ -507,21 +518,12 @@ class ExperienceStore:
         )
 
     def _load(self, session: Session, episode: Episode, version: str | None, images: bool) -> EpisodeRecord:
-        arrays = self._load_arrays(session, episode)
-        steps = session.execute(
-            sa.select(
-                Step.policy_version_id, Step.chunk_index, Step.chunk_offset, Step.latency_ms, Step.subtask
-            )
-            .where(Step.episode_id == episode.id)
-            .order_by(Step.t)
-        ).all()
-        version_ids, chunk_index, chunk_offset, latency, subtasks = _columns(steps, 5)
+        rows = self._raw_rows(session, STEPS_OF_EPISODE, (episode.id,))
+        columns = _columns(rows, len(STEP_READ_COLUMNS))
+        arrays = _arrays_from_columns(episode, columns[:7])
+        version_ids, chunk_index, chunk_offset, latency, subtasks = columns[7:]
         self._load_versions_by_id({v for v in version_ids if v is not None})
-        chunks = session.execute(
-            sa.select(Chunk.horizon, Chunk.actions)
-            .where(Chunk.episode_id == episode.id)
-            .order_by(Chunk.chunk_index)
-        ).all()
+        chunks = [blob for (blob,) in self._raw_rows(session, CHUNKS_OF_EPISODE, (episode.id,))]
         segments = session.scalars(
             sa.select(Intervention)
             .where(Intervention.episode_id == episode.id)
@@ -553,23 +555,6 @@ class ExperienceStore:
             error=episode.error,
             subtasks=list(subtasks) if any(s is not None for s in subtasks) else None,
         )
-
-    @staticmethod
-    def _load_arrays(session: Session, episode: Episode) -> EpisodeArrays:
-        rows = session.execute(
-            sa.select(
-                Step.state,
-                Step.action,
-                Step.privileged,
-                Step.reward,
-                Step.terminated,
-                Step.truncated,
-                Step.source,
-            )
-            .where(Step.episode_id == episode.id)
-            .order_by(Step.t)
-        ).all()
-        return _arrays_from_rows(episode, rows)
 
     def _load_images(self, session: Session, episode_id: int, length: int) -> dict[str, np.ndarray]:
         rows = session.execute(
@@ -632,38 +617,41 @@ class ExperienceStore:
         self._require_schema()
         key = (task, None if outcome is None else Outcome(outcome).value, policy_version, run_id)
         replay = self._replays.setdefault(key, ReplayIndex())
-        query = self._episode_query(task, outcome, policy_version, run_id).order_by(Episode.id)
+        ids = self._episode_query(task, outcome, policy_version, run_id).with_only_columns(Episode.id)
         with self._read_session() as session:
-            new = [episode for episode, _ in session.execute(query) if episode.id not in replay.episode_ids]
-            for start in range(0, len(new), 200):
-                self._load_many_arrays(session, new[start : start + 200], replay)
+            new_ids = sorted(set(session.scalars(ids)) - replay.episode_ids)
+            for start in range(0, len(new_ids), 200):
+                batch = new_ids[start : start + 200]
+                episodes = session.scalars(sa.select(Episode).where(Episode.id.in_(batch))).all()
+                self._load_many_arrays(session, list(episodes), replay)
         if replay.size == 0:
-            raise NotFoundError(f"no steps to sample for filters task={task!r} outcome={outcome!r} ...")
+            filters = {"task": task, "outcome": outcome, "policy_version": policy_version, "run_id": run_id}
+            raise NotFoundError(f"no steps to sample for filters {filters}")
         return replay
 
-    @staticmethod
-    def _load_many_arrays(session: Session, episodes: list[Episode], replay: ReplayIndex) -> None:
+    def _load_many_arrays(self, session: Session, episodes: list[Episode], replay: ReplayIndex) -> None:
         by_id = {episode.id: episode for episode in episodes}
-        rows = session.execute(
-            sa.select(
-                Step.episode_id,
-                Step.state,
-                Step.action,
-                Step.privileged,
-                Step.reward,
-                Step.terminated,
-                Step.truncated,
-                Step.source,
-            )
-            .where(Step.episode_id.in_(list(by_id)))
-            .order_by(Step.episode_id, Step.t)
-        ).all()
+        marks = ", ".join("?" * len(by_id))
+        rows = self._raw_rows(session, STEPS_OF_EPISODES.format(ids=marks), tuple(by_id))
         grouped: dict[int, list[Any]] = {episode_id: [] for episode_id in by_id}
         for row in rows:
             grouped[row[0]].append(row[1:])
         for episode_id, episode_rows in grouped.items():
             episode = by_id[episode_id]
-            replay.add(episode_id, episode.uuid, _arrays_from_rows(episode, episode_rows))
+            arrays = _arrays_from_columns(episode, _columns(episode_rows, 7))
+            replay.add(episode_id, episode.uuid, arrays)
+
+    def _raw_rows(self, session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a read query (``?`` placeholders) on the session's connection straight through the driver.
+
+        Per-step reads return hundreds of rows; skipping SQLAlchemy's per-row processing makes them ~5× faster.
+        """
+        cursor = session.connection().connection.driver_connection.cursor()
+        try:
+            cursor.execute(sql.replace("?", "%s") if self.dialect == "postgresql" else sql, params)
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
     def _batch_images(self, batch: TransitionBatch) -> dict[str, dict[str, np.ndarray]]:
         keys = {(int(e), int(t)) for e, t in zip(batch.episode_ids, batch.t, strict=True)}
@@ -998,9 +986,9 @@ def _chunk_rows(record: EpisodeRecord, episode_id: int) -> list[tuple[Any, ...]]
     return [(episode_id, i, horizon, blob) for i, blob in enumerate(blobs)]
 
 
-def _chunk_array(rows: list[Any], horizon: int, action_dim: int) -> np.ndarray:
-    blob = b"".join(actions for _, actions in rows)
-    return np.frombuffer(blob, dtype="<f4").reshape(len(rows), horizon, action_dim).astype(np.float32)
+def _chunk_array(blobs: list[bytes], horizon: int, action_dim: int) -> np.ndarray:
+    data = np.frombuffer(b"".join(blobs), dtype="<f4")
+    return data.reshape(len(blobs), horizon, action_dim).astype(np.float32)
 
 
 def _as_utc(moment: dt.datetime) -> dt.datetime:
@@ -1013,10 +1001,10 @@ def _columns(rows: list[Any], width: int) -> list[tuple[Any, ...]]:
     return list(zip(*rows, strict=True)) if rows else [()] * width
 
 
-def _arrays_from_rows(episode: Episode, rows: list[Any]) -> EpisodeArrays:
-    """Per-step arrays from rows of (state, action, privileged, reward, terminated, truncated, source)."""
-    state, action, privileged, reward, terminated, truncated, source = _columns(rows, 7)
-    length = len(rows)
+def _arrays_from_columns(episode: Episode, columns: list[tuple[Any, ...]]) -> EpisodeArrays:
+    """Per-step arrays from the columns (state, action, privileged, reward, terminated, truncated, source)."""
+    state, action, privileged, reward, terminated, truncated, source = columns
+    length = len(reward)
     return EpisodeArrays(
         states=codec.vectors_from_blobs(list(state), length, episode.state_dim),
         actions=codec.vectors_from_blobs(list(action), length, episode.action_dim),
@@ -1030,3 +1018,26 @@ def _arrays_from_rows(episode: Episode, rows: list[Any]) -> EpisodeArrays:
             else codec.vectors_from_blobs(list(privileged), length, episode.privileged_dim)
         ),
     )
+
+
+STEP_READ_COLUMNS = (
+    "state",
+    "action",
+    "privileged",
+    "reward",
+    "terminated",
+    "truncated",
+    "source",
+    "policy_version_id",
+    "chunk_index",
+    "chunk_offset",
+    "latency_ms",
+    "subtask",
+)
+# Reads run straight through the driver (see ``ExperienceStore._raw_rows``).
+STEPS_OF_EPISODE = f"SELECT {', '.join(STEP_READ_COLUMNS)} FROM steps WHERE episode_id = ? ORDER BY t"
+STEPS_OF_EPISODES = (
+    f"SELECT episode_id, {', '.join(STEP_READ_COLUMNS[:7])} FROM steps WHERE episode_id IN ({{ids}}) "
+    "ORDER BY episode_id, t"
+)
+CHUNKS_OF_EPISODE = "SELECT actions FROM chunks WHERE episode_id = ? ORDER BY chunk_index"
