@@ -4,7 +4,8 @@ Both servers run in their own process with the same policy (the built-in VLA at 
 torch MLP whose cost is a fixed overhead plus a small per-item cost) on one torch thread, and speak the same
 openpi protocol. 1, 4 and 16 clients (threads of this process, each an ``OpenPIClientPolicy``) send lock-step
 requests; the benchmark prints requests/s and p50/p99 latency per server and client count, the mean batch
-the policy saw, and the batched server's speed-up over the baseline measured in the same run. A third row,
+the policy saw, the p99 latency of ``GET /healthz`` probes sent during the run (openpi's server answers them
+only between inferences), and the batched server's speed-up over the baseline measured in the same run. A third row,
 flywheel's server with ``max_batch=1``, separates the gain of batching from that of the worker thread.
 
     python benchmarks/serve_throughput.py [--policy vla|mlp] [--clients 1 4 16] [--requests 12] [--rounds 2]
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http
 import multiprocessing
 import socket
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,8 +123,12 @@ def run_openpi_style_server(policy_name: str, port: int, max_batch: int, max_wai
             reply = {"actions": chunk.actions[0], "server_timing": timing, "policy_version": policy.version}
             await connection.send(msgpack_numpy.packb(reply))
 
+    def health(connection, request):  # openpi's /healthz check
+        return connection.respond(http.HTTPStatus.OK, "OK\n") if request.path == "/healthz" else None
+
     async def main() -> None:
-        async with serve(handler, "127.0.0.1", port, compression=None, max_size=None) as server:
+        options = {"compression": None, "max_size": None, "process_request": health}
+        async with serve(handler, "127.0.0.1", port, **options) as server:
             await server.serve_forever()
 
     asyncio.run(main())
@@ -150,15 +157,32 @@ class Result:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    health_p99_ms: float
 
 
-def drive(
-    url: str, clients: int, requests: int, image_size: int, seed: int
-) -> tuple[float, list[float], list[int]]:
-    """``clients`` lock-step clients send ``requests`` each after one warm-up.
+@dataclass
+class Run:
+    """One load run: wall time (s), request latencies (ms), reported batch sizes, /healthz latencies (ms)."""
 
-    Returns the wall time in s, every latency in ms and the batch size each reply reports.
-    """
+    wall: float
+    latencies: list[float]
+    batches: list[int]
+    health: list[float]
+
+
+def probe_health(url: str, done: threading.Event, latencies: list[float]) -> None:
+    """GET /healthz every 20 ms until ``done``, recording how long each answer took."""
+    health_url = url.replace("ws://", "http://") + "/healthz"
+    while not done.is_set():
+        sent = time.perf_counter()
+        with urllib.request.urlopen(health_url, timeout=60) as response:
+            response.read()
+        latencies.append((time.perf_counter() - sent) * 1000)
+        done.wait(0.02)
+
+
+def drive(url: str, clients: int, requests: int, image_size: int, seed: int) -> Run:
+    """``clients`` lock-step clients send ``requests`` each after one warm-up, while /healthz is probed."""
     connections = [OpenPIClientPolicy(url, connect_timeout_s=120) for _ in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
     batches: list[list[int]] = [[] for _ in range(clients)]
@@ -180,12 +204,17 @@ def drive(
         thread.start()
     start.wait()
     began = time.perf_counter()
+    done, health = threading.Event(), []
+    prober = threading.Thread(target=probe_health, args=(url, done, health))
+    prober.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began
+    done.set()
+    prober.join()
     for client in connections:
         client.close()
-    return wall, [x for row in latencies for x in row], [b for row in batches for b in row]
+    return Run(wall, [x for row in latencies for x in row], [b for row in batches for b in row], health)
 
 
 def free_port() -> int:
@@ -214,22 +243,28 @@ def measure(
     on a shared machine hits every server alike); latencies and wall time are pooled over rounds."""
     results = []
     for clients in args.clients:
-        pooled: dict[str, tuple[float, list[float], list[int]]] = {name: (0.0, [], []) for name in servers}
+        pooled = {name: Run(0.0, [], [], []) for name in servers}
         for round_index in range(args.rounds):
             order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
             for name in order:
-                wall, latencies, batches = drive(servers[name][1], clients, args.requests, 96, args.seed)
-                total, all_latencies, all_batches = pooled[name]
-                pooled[name] = (total + wall, all_latencies + latencies, all_batches + batches)
-        for name, (wall, latencies, batches) in pooled.items():
+                run = drive(servers[name][1], clients, args.requests, 96, args.seed)
+                total = pooled[name]
+                pooled[name] = Run(
+                    total.wall + run.wall,
+                    total.latencies + run.latencies,
+                    total.batches + run.batches,
+                    total.health + run.health,
+                )
+        for name, run in pooled.items():
             results.append(
                 Result(
                     server=name,
                     clients=clients,
-                    requests_per_s=len(latencies) / wall,
-                    p50_ms=float(np.percentile(latencies, 50)),
-                    p99_ms=float(np.percentile(latencies, 99)),
-                    mean_batch=float(np.mean(batches)),
+                    requests_per_s=len(run.latencies) / run.wall,
+                    p50_ms=float(np.percentile(run.latencies, 50)),
+                    p99_ms=float(np.percentile(run.latencies, 99)),
+                    mean_batch=float(np.mean(run.batches)),
+                    health_p99_ms=float(np.percentile(run.health, 99)) if run.health else float("nan"),
                 )
             )
             print(_row(results[-1]), flush=True)
@@ -239,7 +274,7 @@ def measure(
 def _row(result: Result) -> str:
     return (
         f"{result.server:<20} {result.clients:>7} {result.requests_per_s:>9.2f} {result.p50_ms:>9.1f} "
-        f"{result.p99_ms:>9.1f} {result.mean_batch:>10.2f}"
+        f"{result.p99_ms:>9.1f} {result.mean_batch:>10.2f} {result.health_p99_ms:>14.1f}"
     )
 
 
@@ -258,7 +293,9 @@ def main() -> None:
     print(
         f"policy={args.policy}  requests/client/round={args.requests}  rounds={args.rounds}  (1 torch thread)"
     )
-    print(f"{'server':<20} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
+    print(
+        f"{'server':<20} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10} {'healthz p99 ms':>14}"
+    )
     servers = start_servers(args)
     try:
         results = measure(servers, args)
