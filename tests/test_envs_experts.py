@@ -47,7 +47,9 @@ def test_clean_expert_succeeds_with_image_observations(task):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", (*EXPERT_TASKS, "coffee-button-v3", "handle-press-v3"))
 def test_clean_expert_success_is_at_least_90_percent_over_20_episodes(task):
-    assert expert_success_rate(task, episodes=20) >= 0.9
+    rate = expert_success_rate(task, episodes=20)
+    print(f"expert success with 64x64 images, {task}: {rate:.2f}")  # shown with -s: the figure for the docs
+    assert rate >= 0.9
 
 
 def test_action_noise_lowers_expert_quality():
