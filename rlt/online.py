@@ -208,42 +208,52 @@ class OnlineRLT:
         self.prior.reset()
         self.phase_switch.reset()
         recorder = _EpisodeRecorder(self.config.record_images)
-        chunks, critical, done = EpisodeChunks(steps=[]), False, False
+        chunks, critical, terminated, done = EpisodeChunks(steps=[]), False, False, False
         while not done:
             context, proposal = self._context(observation)
             critical = critical or self.phase_switch.is_critical(observation, info)
             acting_rl = critical and mode != "prior"
             planned = self._rl_chunk(context, explore=mode == "learner") if acting_rl else context.reference
-            version = self.config.rl_version if acting_rl else self.prior.version
-            chunk_id = recorder.add_chunk(context.reference, proposal.timing.get("infer_ms", 0.0))
-            executed, rewards, intervened = planned.copy(), [], False
-            terminated = truncated = False
-            for offset in range(self.chunk_size):
-                state_before = observation
-                observation, _, terminated, truncated, info = self.env.step(planned[offset])
-                source = StepSource(int(info.get("source", StepSource.POLICY)))
-                executed[offset] = np.asarray(info.get("executed_action", planned[offset]), np.float32)
-                intervened = intervened or source == StepSource.HUMAN
-                terminated = bool(terminated or info.get("success", False))
-                rewards.append(float(info.get("success", False)))
-                recorder.add_step(state_before, executed[offset], source, version, chunk_id, offset, critical)
-                recorder.end_step(rewards[-1], terminated, bool(truncated), info.get("intervention_trigger"))
-                if terminated or truncated:
-                    break
-            done = terminated or bool(truncated)
-            if intervened:
-                context = ChunkContext(context.embeddings, context.proprio, executed)
-            chunks.steps.append(
-                ChunkStep(context, executed, np.asarray(rewards), terminated, critical, intervened)
+            recorder.begin_chunk(
+                context.reference,
+                proposal.timing.get("infer_ms", 0.0),
+                self.config.rl_version if acting_rl else self.prior.version,
+                critical,
             )
+            observation, info, step, done = self._execute(observation, context, planned, recorder)
+            terminated = step.terminated
+            chunks.steps.append(step)
         if not terminated:
             chunks.final = self._context(observation)[0]
-        record = recorder.finish(self.config, self.prior.version, seed, mode, success=bool(terminated))
+        record = recorder.finish(self.config, self.prior.version, seed, mode, success=terminated)
         if self.on_episode is not None:
             self.on_episode(record)
         stats = self._episode_stats(mode, chunks, record)
         self.stats.append(stats)
         return chunks, stats
+
+    def _execute(
+        self, observation: Observation, context: ChunkContext, planned: np.ndarray, recorder: _EpisodeRecorder
+    ) -> tuple[Observation, dict[str, Any], ChunkStep, bool]:
+        """Step the env through ``planned`` (until the episode ends); the env may substitute human actions."""
+        executed, rewards, intervened = planned.copy(), [], False
+        terminated = truncated = False
+        for offset in range(self.chunk_size):
+            before = observation
+            observation, _, terminated, truncated, info = self.env.step(planned[offset])
+            source = StepSource(int(info.get("source", StepSource.POLICY)))
+            executed[offset] = np.asarray(info.get("executed_action", planned[offset]), np.float32)
+            intervened = intervened or source == StepSource.HUMAN
+            terminated = bool(terminated or info.get("success", False))
+            rewards.append(float(info.get("success", False)))
+            recorder.add_step(before, executed[offset], source, offset)
+            recorder.end_step(rewards[-1], terminated, bool(truncated), info.get("intervention_trigger"))
+            if terminated or truncated:
+                break
+        if intervened:
+            context = ChunkContext(context.embeddings, context.proprio, executed)
+        step = ChunkStep(context, executed, np.asarray(rewards), terminated, recorder.critical, intervened)
+        return observation, info, step, terminated or bool(truncated)
 
     def _episode_stats(self, mode: Mode, chunks: EpisodeChunks, record: EpisodeRecord) -> EpisodeStats:
         if mode != "eval":
@@ -431,23 +441,17 @@ class _EpisodeRecorder:
         self.chunks: list[np.ndarray] = []
         self.latencies: list[float] = []
         self.triggers: list[str | None] = []
+        self.version, self.critical = "", False
 
-    def add_chunk(self, chunk: np.ndarray, latency_ms: float) -> int:
-        self.chunks.append(np.asarray(chunk, np.float32))
+    def begin_chunk(self, reference: np.ndarray, latency_ms: float, version: str, critical: bool) -> None:
+        """Start a chunk: the prior's reference, its inference latency, who acts and the phase flag."""
+        self.chunks.append(np.asarray(reference, np.float32))
         self.latencies.append(float(latency_ms))
-        return len(self.chunks) - 1
+        self.version, self.critical = version, critical
 
-    def add_step(
-        self,
-        observation: Observation,
-        action: np.ndarray,
-        source: StepSource,
-        version: str,
-        chunk_id: int,
-        offset: int,
-        critical: bool,
-    ) -> None:
-        columns = self.columns
+    def add_step(self, observation: Observation, action: np.ndarray, source: StepSource, offset: int) -> None:
+        """Record the observation before a step and the action executed from it."""
+        columns, chunk_id, critical, version = self.columns, len(self.chunks) - 1, self.critical, self.version
         columns["states"].append(np.asarray(observation["state"], np.float32))
         columns["actions"].append(np.asarray(action, np.float32))
         columns["sources"].append(int(source))
@@ -463,6 +467,7 @@ class _EpisodeRecorder:
                 self.images.setdefault(camera, []).append(frame)
 
     def end_step(self, reward: float, terminated: bool, truncated: bool, trigger: str | None) -> None:
+        """Record the step's outcome and, on human steps, the takeover trigger."""
         self.triggers.append(trigger)
         self.columns["rewards"].append(reward)
         self.columns["terminated"].append(terminated)
