@@ -211,6 +211,7 @@ def test_malformed_msgpack_gets_a_one_line_error_and_server_stays_up(policy: Lin
         (lambda m: m.update(state=np.zeros(7, np.float32)), ["state", "expected (3,)"]),
         (lambda m: m.update(state=np.array([np.nan, 0, 0], np.float32)), ["state", "NaN"]),
         (lambda m: m.pop("prompt"), ["prompt", "expected a str"]),
+        (lambda m: m["images"].update({b"main": m["images"]["main"]}), ["camera names must be str"]),
     ],
 )
 def test_wrong_fields_get_an_error_naming_the_field(policy: LinearPolicy, served, mutate, fragments) -> None:

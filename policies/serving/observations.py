@@ -236,12 +236,12 @@ def _check_images(images: Any, spec: ObservationSpec, keys: ObservationKeys | No
     if not isinstance(images, dict):
         got = type(images).__name__
         raise ObservationError(f"images: expected a map camera → H×W×3 uint8 array, got {got}")
+    if not all(isinstance(camera, str) for camera in images):
+        raise ObservationError(f"images: camera names must be str, got {list(images)!r:.100}")
     if spec.cameras and sorted(images) != sorted(spec.cameras):
         raise ObservationError(f"images: cameras {sorted(images)}, expected {sorted(spec.cameras)}")
     checked = {}
     for camera, image in images.items():
-        if not isinstance(camera, str):
-            raise ObservationError(f"images: camera names must be str, got {camera!r}")
         is_image = isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
         if not is_image or image.shape[2] != 3:
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
