@@ -56,7 +56,7 @@ class EnvConfig(BaseModel):
     width: int = Field(default=96, ge=16, le=1024)
     height: int = Field(default=96, ge=16, le=1024)
     render: bool = True
-    max_episode_steps: int | None = Field(default=None, ge=1, le=500)
+    max_episode_steps: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
     goal_in_state: bool = True
     terminate_on_success: bool = True
