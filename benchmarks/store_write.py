@@ -244,9 +244,15 @@ def report(label: str, steps: int, store_s: float, base_s: float, base: str, tar
     )
 
 
-def best_of(rounds: int, measure: Callable[[int], float]) -> float:
-    """The fastest of ``rounds`` measurements (the machine is shared; the minimum is the least disturbed)."""
-    return min(measure(i) for i in range(rounds))
+def interleaved(
+    rounds: int, store: Callable[[int], float], baseline: Callable[[int], float]
+) -> tuple[float, float]:
+    """Best (minimum) time of each over ``rounds`` alternating runs: both see the same machine load."""
+    store_times, baseline_times = [], []
+    for i in range(rounds):
+        baseline_times.append(baseline(i))
+        store_times.append(store(i))
+    return min(store_times), min(baseline_times)
 
 
 def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, rounds: int) -> None:
@@ -266,14 +272,17 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
             ("sqlite + images", with_images, image_rows),
         ):
             steps = sum(e.length for e in episodes)
-            raw = best_of(rounds, lambda i, r=rows, n=label: time_sqlite_raw(folder / f"raw-{n}-{i}.db", r))
-            store = best_of(
-                rounds, lambda i, e=episodes, n=label: time_store(f"sqlite:///{folder}/s-{n}-{i}.db", e)
+            store, raw = interleaved(
+                rounds,
+                lambda i, e=episodes, n=label: time_store(f"sqlite:///{folder}/s-{n}-{i}.db", e),
+                lambda i, r=rows, n=label: time_sqlite_raw(folder / f"raw-{n}-{i}.db", r),
             )
             report(label, steps, store, raw, "sqlite3.executemany", 0.6)
             if label.endswith("images"):
-                raw_z = best_of(
-                    rounds, lambda i, r=rows: time_sqlite_raw(folder / f"rawz-{i}.db", r, compress=True)
+                store, raw_z = interleaved(
+                    rounds,
+                    lambda i, e=episodes: time_store(f"sqlite:///{folder}/sz-{i}.db", e),
+                    lambda i, r=rows: time_sqlite_raw(folder / f"rawz-{i}.db", r, compress=True),
                 )
                 report(label, steps, store, raw_z, "sqlite3.executemany + zlib", 0.6)
         read_benchmark(f"sqlite:///{folder}/s-sqlite-0.db", folder / "s-sqlite-0.db", plain, rounds)
@@ -284,9 +293,10 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
         ("postgresql + images", with_images, image_rows),
     ):
         steps = sum(e.length for e in episodes)
-        raw = best_of(rounds, lambda _i, r=rows: on_fresh_pg(pg_url, lambda url, r=r: time_pg_copy(url, r)))
-        store = best_of(
-            rounds, lambda _i, e=episodes: on_fresh_pg(pg_url, lambda url, e=e: time_store(url, e))
+        store, raw = interleaved(
+            rounds,
+            lambda _i, e=episodes: on_fresh_pg(pg_url, lambda url, e=e: time_store(url, e)),
+            lambda _i, r=rows: on_fresh_pg(pg_url, lambda url, r=r: time_pg_copy(url, r)),
         )
         report(label, steps, store, raw, "psycopg COPY", 0.5)
 
@@ -327,8 +337,7 @@ def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: 
     report(
         "sqlite load_episode",
         steps,
-        best_of(rounds, through_store),
-        best_of(rounds, raw),
+        *interleaved(rounds, through_store, raw),
         "raw SELECT + frombuffer",
         None,
     )
@@ -337,7 +346,7 @@ def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: 
     start = time.perf_counter()
     batches = 200
     for _ in range(batches):
-        store.sample_transitions(256, rng, n_step=10)
+        store.sample_transitions(256, rng, n_step=10, refresh=False)
     per_batch = (time.perf_counter() - start) / batches
     print(
         f"sample_transitions(256, n_step=10): {per_batch * 1e3:.2f} ms per batch ({256 / per_batch:,.0f} windows/s)"

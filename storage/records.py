@@ -278,7 +278,10 @@ def _check_per_step_names(name: str, values: Any, steps: int) -> None:
             f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
         )
         raise EpisodeValidationError(name, f"a list of T={steps} str-or-None", got)
-    distinct = set(values) if all(v is None or isinstance(v, str) for v in values) else values
+    try:
+        distinct: Any = set(values)
+    except TypeError:  # unhashable entries: check them one by one
+        distinct = values
     for value in distinct:  # few distinct values: check each once, report the first bad index
         if value is not None and (not isinstance(value, str) or not value):
             first = values.index(value)

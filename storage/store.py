@@ -8,6 +8,7 @@ insert an episode's rows in bulk in one transaction, so a crash leaves either th
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -590,17 +591,19 @@ class ExperienceStore:
         policy_version: str | None = None,
         run_id: str | None = None,
         images: bool = False,
+        refresh: bool = True,
     ) -> TransitionBatch:
         """Uniformly sample ``batch_size`` steps and the ``n_step`` window starting at each.
 
         Windows never cross an episode boundary: steps past the end are masked out (``mask``) and
         ``next_states`` is only valid where ``has_next``. Non-image arrays of matching episodes are cached in
-        memory (episodes are immutable); new episodes are picked up on the next call. With ``images`` the
-        frames at ``t`` and ``t + n_step`` are fetched from the database for the sampled steps only.
+        memory (episodes are immutable); newly stored episodes are added on each call unless ``refresh`` is
+        False (then sampling is pure numpy once the index exists). With ``images`` the frames at ``t`` and
+        ``t + n_step`` are fetched from the database for the sampled steps only.
         """
         if batch_size < 1 or n_step < 1:
             raise ValueError(f"batch_size and n_step: expected >= 1, got {batch_size} and {n_step}")
-        replay = self.replay(task, outcome, policy_version, run_id)
+        replay = self.replay(task, outcome, policy_version, run_id, refresh=refresh)
         batch = replay.sample(batch_size, rng, n_step)
         if images:
             batch = batch._replace(**self._batch_images(batch))
@@ -612,10 +615,14 @@ class ExperienceStore:
         outcome: Outcome | str | None = None,
         policy_version: str | None = None,
         run_id: str | None = None,
+        refresh: bool = True,
     ) -> ReplayIndex:
-        """The in-memory index of all matching episodes' step arrays, refreshed with newly stored episodes."""
+        """The in-memory index of all matching episodes' step arrays (with newly stored ones if ``refresh``)."""
         self._require_schema()
         key = (task, None if outcome is None else Outcome(outcome).value, policy_version, run_id)
+        replay = self._replays.get(key)
+        if replay is not None and not refresh and replay.size:
+            return replay
         replay = self._replays.setdefault(key, ReplayIndex())
         ids = self._episode_query(task, outcome, policy_version, run_id).with_only_columns(Episode.id)
         with self._read_session() as session:
@@ -694,40 +701,37 @@ class ExperienceStore:
         self._require_schema()
         record.validate()
         relabel_id = record.relabel_id or uuid.uuid4().hex
-        with self._write_session.begin() as session:
-            if session.get(Relabel, relabel_id) is not None:
+        with self._write_engine.begin() as connection:
+            if self.dialect == "postgresql":  # one relabel writer at a time: version numbers stay dense
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(742002)")
+            if connection.scalar(sa.select(Relabel.id).where(Relabel.id == relabel_id)) is not None:
                 raise StoreError(f"relabel_id: {relabel_id!r} already exists; relabels are never overwritten")
-            if record.parent_id is not None and session.get(Relabel, record.parent_id) is None:
+            parent = record.parent_id
+            if (
+                parent is not None
+                and connection.scalar(sa.select(Relabel.id).where(Relabel.id == parent)) is None
+            ):
                 raise NotFoundError(f"parent_id: relabel {record.parent_id!r} does not exist")
-            episodes = self._episode_ids(session, [labels.episode_uuid for labels in record.labels])
+            episodes = self._episode_ids(connection, [labels.episode_uuid for labels in record.labels])
             for labels in record.labels:
                 labels.validate(episodes[labels.episode_uuid][1])
-            version = session.scalar(
+            version = connection.scalar(
                 sa.select(sa.func.coalesce(sa.func.max(Relabel.version), 0) + 1).where(
                     Relabel.method == record.method
                 )
             )
-            session.add(
-                Relabel(
-                    id=relabel_id,
-                    method=record.method,
-                    version=version,
-                    parent_id=record.parent_id,
-                    value_model_version=record.value_model_version,
-                    config=record.config,
-                    diagnostics=record.diagnostics,
-                )
-            )
-            session.flush()
-            rows = [
-                {
-                    "relabel_id": relabel_id,
-                    "episode_id": episodes[labels.episode_uuid][0],
-                    "t": t,
-                    "value": value,
-                    "advantage": advantage,
-                    "indicator": indicator,
-                }
+            row = {
+                "id": relabel_id,
+                "method": record.method,
+                "version": version,
+                "parent_id": record.parent_id,
+                "value_model_version": record.value_model_version,
+                "config": record.config,
+                "diagnostics": record.diagnostics,
+            }
+            connection.execute(Relabel.__table__.insert(), row)
+            values = [
+                (relabel_id, episodes[labels.episode_uuid][0], t, value, advantage, indicator)
                 for labels in record.labels
                 for t, (value, advantage, indicator) in enumerate(
                     zip(
@@ -738,18 +742,18 @@ class ExperienceStore:
                     )
                 )
             ]
-            if rows:
-                session.execute(sa.insert(RelabelValue), rows)
+            if values:
+                self._bulk_insert(connection, RelabelValue, values)
         return relabel_id
 
     @staticmethod
-    def _episode_ids(session: Session, uuids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+    def _episode_ids(connection: sa.Connection, uuids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
         found: dict[uuid.UUID, tuple[int, int]] = {}
         for start in range(0, len(uuids), 500):
             query = sa.select(Episode.uuid, Episode.id, Episode.length).where(
                 Episode.uuid.in_(uuids[start : start + 500])
             )
-            found.update({row.uuid: (row.id, row.length) for row in session.execute(query)})
+            found.update({row.uuid: (row.id, row.length) for row in connection.execute(query)})
         for episode_uuid in uuids:
             if episode_uuid not in found:
                 raise NotFoundError(f"labels: episode {episode_uuid} is not in the store")
@@ -762,23 +766,36 @@ class ExperienceStore:
             relabel = session.get(Relabel, relabel_id)
             if relabel is None:
                 raise NotFoundError(f"relabel {relabel_id!r}: not in the store")
-            rows = session.execute(
-                sa.select(Episode.uuid, RelabelValue.value, RelabelValue.advantage, RelabelValue.indicator)
-                .join(Episode, Episode.id == RelabelValue.episode_id)
-                .where(RelabelValue.relabel_id == relabel_id)
-                .order_by(RelabelValue.episode_id, RelabelValue.t)
-            ).all()
-        grouped: dict[uuid.UUID, list[Any]] = {}
-        for episode_uuid, value, advantage, indicator in rows:
-            grouped.setdefault(episode_uuid, []).append((value, advantage, indicator))
+            ids = dict(
+                session.execute(
+                    sa.select(Episode.id, Episode.uuid).join(
+                        RelabelValue.__table__,
+                        sa.and_(
+                            RelabelValue.episode_id == Episode.id,
+                            RelabelValue.relabel_id == relabel_id,
+                            RelabelValue.t == 0,
+                        ),
+                    )
+                ).all()
+            )
+            rows = self._raw_rows(session, VALUES_OF_RELABEL, (relabel_id,))
+        episode_ids, values, advantages, indicators = _columns(rows, 4)
+        episode_ids = np.array(episode_ids, dtype=np.int64)
+        starts = (
+            np.flatnonzero(np.r_[True, episode_ids[1:] != episode_ids[:-1]]) if rows else np.zeros(0, int)
+        )
+        bounds = [*starts.tolist(), len(rows)]
+        value_array = np.array(values, dtype=np.float32)
+        advantage_array = np.array(advantages, dtype=np.float32)
+        indicator_array = np.array(indicators, dtype=bool)
         labels = [
             EpisodeLabels(
-                episode_uuid=episode_uuid,
-                values=np.array([v for v, _, _ in values], dtype=np.float32),
-                advantages=np.array([a for _, a, _ in values], dtype=np.float32),
-                indicators=np.array([i for _, _, i in values], dtype=bool),
+                episode_uuid=ids[int(episode_ids[start])],
+                values=value_array[start:end].copy(),
+                advantages=advantage_array[start:end].copy(),
+                indicators=indicator_array[start:end].copy(),
             )
-            for episode_uuid, values in grouped.items()
+            for start, end in itertools.pairwise(bounds)
         ]
         return RelabelRecord(
             method=relabel.method,
@@ -948,7 +965,7 @@ def _step_rows(record: EpisodeRecord, episode_id: int, version_ids: dict[str, in
     states = _row_bytes(record.states)
     actions = _row_bytes(record.actions)
     privileged = _row_bytes(record.privileged) if record.privileged is not None else [None] * steps
-    versions = [None if v is None else version_ids[v] for v in record.policy_versions]
+    versions = list(map(version_ids.get, record.policy_versions))  # None stays None
     chunk_index = [None if c < 0 else c for c in record.chunk_ids.tolist()]
     subtasks = record.subtasks if record.subtasks is not None else [None] * steps
     return list(
@@ -1040,4 +1057,5 @@ STEPS_OF_EPISODES = (
     f"SELECT episode_id, {', '.join(STEP_READ_COLUMNS[:7])} FROM steps WHERE episode_id IN ({{ids}}) "
     "ORDER BY episode_id, t"
 )
+VALUES_OF_RELABEL = "SELECT episode_id, value, advantage, indicator FROM relabel_values WHERE relabel_id = ? ORDER BY episode_id, t"
 CHUNKS_OF_EPISODE = "SELECT actions FROM chunks WHERE episode_id = ? ORDER BY chunk_index"

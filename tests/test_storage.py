@@ -269,6 +269,7 @@ def test_sampling_picks_up_new_episodes_filters_and_fetches_images(store: Experi
     second = make_episode(rng, 6, task="reach-v3")
     store.write_episode(second)
     store.write_episode(make_episode(rng, 8, task="door-open-v3"))
+    assert store.replay(task="reach-v3", refresh=False).size == 10  # the cached index, no query
     assert store.replay(task="reach-v3").size == 16
     batch = store.sample_transitions(32, np.random.default_rng(1), n_step=2, task="reach-v3", images=True)
     by_uuid = {first.uuid: first, second.uuid: second}
