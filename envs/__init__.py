@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from envs.experts import ScriptedExpert
+from envs.experts import ScriptedExpert, expert_phases
 from envs.factory import make_env
 from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
 from envs.interventions import (
@@ -37,6 +37,7 @@ __all__ = [
     "TeleopContext",
     "TeleopDevice",
     "UnknownTaskError",
+    "expert_phases",
     "make_env",
     "resolve_task",
     "task_max_episode_steps",

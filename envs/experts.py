@@ -68,6 +68,12 @@ class ScriptedExpert:
         return f"phase{self._branch(parsed)}"
 
 
+def expert_phases(task: str, privileged: np.ndarray) -> list[str]:
+    """Phase labels for a stored episode's ``T×39`` privileged states (offline subtask relabelling)."""
+    expert = ScriptedExpert(task)
+    return [expert.phase(row) for row in np.asarray(privileged)]
+
+
 @functools.cache
 def _branch_function(policy_class: type) -> Callable[[dict[str, Any]], int] | None:
     """A copy of ``policy_class._desired_pos`` that returns the index of the ``return`` it reached."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs import EnvConfig, MetaWorldEnv, ScriptedExpert
+from envs import EnvConfig, MetaWorldEnv, ScriptedExpert, expert_phases
 from policies.base import Policy, stack_observations
 from policies.scripted import ScriptedPolicy
 
@@ -82,15 +82,17 @@ def test_expert_phases_follow_the_pick_place_script():
     env = MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False))
     expert = ScriptedExpert("pick-place-v3")
     obs, _ = env.reset(seed=0)
-    phases = []
+    phases, states = [], []
     for _ in range(env.max_episode_steps):
         phases.append(expert.phase(obs["privileged"]))
+        states.append(obs["privileged"])
         obs, _, terminated, truncated, _ = env.step(expert.act(obs["privileged"]))
         if terminated or truncated:
             break
     env.close()
     order = [phase for index, phase in enumerate(phases) if index == 0 or phases[index - 1] != phase]
     assert order == ["phase0", "phase1", "phase2", "phase3"]  # above puck, descend, grasp, carry to goal
+    assert expert_phases("pick-place-v3", np.stack(states)) == phases  # offline relabelling of stored states
     assert ScriptedExpert("reach-v3").phase(obs["privileged"]) == "phase0"
 
 
