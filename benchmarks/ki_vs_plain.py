@@ -131,7 +131,6 @@ def run(config: BenchmarkConfig) -> dict[str, dict]:
             state_dim=dataset.state.shape[1],
             action_dim=dataset.actions.shape[2],
             knowledge_insulation=variant == "ki",
-            fast_vocab_size=1 if variant == "ki" else 0,
         )
         policy = create_policy(model_config, dataset, seed=config.seed, fast_vocab_size=256)
         train_start = time.perf_counter()

@@ -137,9 +137,7 @@ def create_policy(
     prompt_tokenizer = train_prompt_tokenizer(prompts, vocab_size=config.vocab_size)
     fast_tokenizer = None
     if config.knowledge_insulation:
-        fast_tokenizer = FASTTokenizer.fit(
-            dataset.actions[dataset.action_mask.all(axis=1)], vocab_size=fast_vocab_size
-        )
+        fast_tokenizer = FASTTokenizer.fit(dataset.actions, vocab_size=fast_vocab_size)
     config = dataclasses.replace(
         config,
         vocab_size=prompt_tokenizer.get_vocab_size(),

@@ -39,11 +39,12 @@ class ConfigError(ValueError):
 class VLAConfig:
     """Everything that determines the VLA's parameter shapes and its sampling.
 
-    Build with :meth:`preset` (``"tiny"`` or ``"small"``) plus overrides. ``cameras`` are the camera names the
-    model reads (in this order); ``image_size`` is the square side in pixels; ``state_dim`` and ``action_dim`` are
-    the proprio and action sizes; ``action_horizon`` is H; ``num_steps`` the Euler steps at inference.
-    ``knowledge_insulation`` adds the FAST next-token head on the backbone and stops the action expert's gradient
-    into it; ``fast_vocab_size`` / ``max_fast_tokens`` size that head. ``vocab_size`` is the prompt tokenizer's.
+        Build with :meth:`preset` (``"tiny"`` or ``"small"``) plus overrides. ``cameras`` are the camera names the
+        model reads (in this order); ``image_size`` is the square side in pixels; ``state_dim`` and ``action_dim`` are
+        the proprio and action sizes; ``action_horizon`` is H; ``num_steps`` the Euler steps at inference.
+        ``knowledge_insulation`` adds the FAST next-token head on the backbone and stops the action expert's gradient
+        into it; ``fast_vocab_size`` / ``max_fast_tokens`` size that head (``create_policy`` fills ``fast_vocab_size``
+    from the fitted FAST tokenizer). ``vocab_size`` is the prompt tokenizer's.
     """
 
     size: str = "tiny"
@@ -54,7 +55,7 @@ class VLAConfig:
     action_horizon: int = 10
     num_steps: int = 10
     vocab_size: int = 512
-    max_prompt_tokens: int = 24
+    max_prompt_tokens: int = 32
     width: int = 128
     depth: int = 3
     heads: int = 4
@@ -146,9 +147,7 @@ class VLAConfig:
             )
         if self.normalization not in ("quantile", "zscore"):
             raise ConfigError(f"normalization: expected 'quantile' or 'zscore', got {self.normalization!r}")
-        if self.knowledge_insulation and self.fast_vocab_size <= 0:
-            raise ConfigError(
-                "fast_vocab_size: expected > 0 when knowledge_insulation is on (fit a FASTTokenizer)"
-            )
+        if self.fast_vocab_size < 0:
+            raise ConfigError(f"fast_vocab_size: expected >= 0, got {self.fast_vocab_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: expected in [0, 1), got {self.dropout!r}")

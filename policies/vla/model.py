@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policies.vla.config import VLAConfig
+from policies.vla.config import ConfigError, VLAConfig
 
 #: ``guidance(x_tau, tau, velocity_fn) -> velocity``; ``velocity_fn`` maps ``x_tau`` to the model's velocity and
 #: is differentiable, so inpainting guidance (RTC, ΠGDM) can take vector-Jacobian products through it.
@@ -182,6 +182,10 @@ class VLAModel(nn.Module):
         self.expert_norm = nn.LayerNorm(e)
         self.action_out = nn.Linear(e, config.action_dim)
         if config.knowledge_insulation:
+            if config.fast_vocab_size <= 0:
+                raise ConfigError(
+                    "fast_vocab_size: expected > 0 with knowledge_insulation (fit a FASTTokenizer)"
+                )
             # FAST ids, then BOS, EOS, PAD.
             self.fast_embedding = nn.Embedding(config.fast_vocab_size + 3, w)
             self.fast_position = nn.Parameter(torch.randn(config.max_fast_tokens + 1, w) * 0.02)
