@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EpisodeScores:
-    """Held-out per-step figures of one episode: value, Monte-Carlo return, advantage, indicator."""
+    """Held-out per-step figures of one episode: value, Monte-Carlo return, advantage, indicator, and whether
+    the step's advantage bootstraps from V (its N-step window ends before the episode does)."""
 
     episode: EpisodeRecord
     values: np.ndarray
     returns: np.ndarray
     advantages: np.ndarray
     indicators: np.ndarray
+    bootstrapped: np.ndarray
 
 
 def auc(scores: np.ndarray, positives: np.ndarray) -> float | None:
@@ -65,6 +67,11 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
     returns = np.concatenate([item.returns for item in scores])
     p_success = _mean(indicator[auto & step_success])
     p_failure = _mean(indicator[auto & ~step_success])
+    inner = auto & np.concatenate([item.bootstrapped for item in scores])
+    inner_success, inner_failure = (
+        _mean(indicator[inner & step_success]),
+        _mean(indicator[inner & ~step_success]),
+    )
     return {
         "episodes": len(scores),
         "successes": int(success.sum()),
@@ -77,6 +84,9 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
         "p_positive_given_success": p_success,
         "p_positive_given_failure": p_failure,
         "positive_gap": None if p_success is None or p_failure is None else p_success - p_failure,
+        "positive_gap_bootstrapped": None
+        if inner_success is None or inner_failure is None
+        else inner_success - inner_failure,
         "value_return_correlation": _correlation(values, returns),
         "value_return_mae": float(np.abs(values - returns).mean()),
         "first_step_value_auc": auc(np.array([item.values[0] for item in scores]), success),
@@ -103,6 +113,7 @@ def sanity_failures(name: str, figures: dict[str, Any], floor: SanityFloor) -> l
         ("first_step_value_auc", floor.min_first_step_auc),
         ("value_return_correlation", floor.min_value_correlation),
     ]
+    checks = [(key, minimum) for key, minimum in checks if minimum is not None]
     return [
         f"{name}: {key} = {_rounded(figures[key])} < floor {minimum}"
         for key, minimum in checks

@@ -70,6 +70,13 @@ def assign_folds(episodes: Sequence[EpisodeRecord], k_folds: int, seed: int) -> 
     return folds
 
 
+def bootstrapped_steps(length: int, config: RelabelConfig) -> np.ndarray:
+    """Steps whose advantage bootstraps from V: the N-step window ends before the episode (none for MC)."""
+    if config.advantage.estimator == "monte_carlo":
+        return np.zeros(length, dtype=bool)
+    return np.arange(length) + config.advantage.n_step < length
+
+
 def score_episodes(
     episodes: Sequence[EpisodeRecord],
     values: Sequence[np.ndarray],
@@ -87,6 +94,7 @@ def score_episodes(
             returns=monte_carlo_returns(reward),
             advantages=advantage,
             indicators=indicators(episode, advantage, thresholds[episode.task], config.advantage),
+            bootstrapped=bootstrapped_steps(episode.length, config),
         )
         for episode, value, reward, advantage in zip(episodes, values, rewards, raw, strict=True)
     ]
