@@ -105,10 +105,9 @@ def test_random_trigger_fires_at_the_configured_rate():
         env.close()
     sources = np.concatenate([e.sources for e in episodes])
     triggers = [t for e in episodes for t in e.triggers if t is not None]
-    assert len(sources) == 1000 and set(triggers) == {"random"}
-    assert (
-        0.07 <= np.mean(sources == Source.HUMAN) <= 0.13
-    )  # one human step per firing, ~100 of 1000 expected
+    assert len(sources) >= 600 and set(triggers) == {"random"}
+    # one human step per firing: the human share of steps estimates the per-step rate
+    assert 0.07 <= np.mean(sources == Source.HUMAN) <= 0.13
     for episode in episodes:
         assert_provenance_is_consistent(episode)
 
