@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from actors.execution import ExecutionConfig
 from actors.rollout import RolloutWorker
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
@@ -125,3 +126,33 @@ def test_raising_env_is_recorded_as_error_and_worker_goes_on(store_url):
     broken = store.load_episode(errors[0].uuid, images=False)
     assert broken.length == 6 and "motor driver fault" in broken.error
     assert store.count_episodes(outcome="success") == 2
+
+
+def test_version_switch_under_async_execution_happens_at_a_chunk_switch(store_url):
+    execution = ExecutionConfig(mode="naive_async", delay=1, execute_horizon=2)
+    store = ExperienceStore(store_url)
+    for version in ("a-old", "a-new"):
+        store.register_policy_version(version, kind="scripted")
+    factory = functools.partial(make_env, STATE_ONLY)
+    worker = RolloutWorker(
+        [factory] * 2,
+        ScriptedPolicy("reach-v3", action_horizon=4, version="a-old"),
+        StoreSink(store_url),
+        task="reach-v3",
+        seed=4,
+        execution=execution,
+    )
+    worker.run(env_steps=9)
+    worker.set_policy(ScriptedPolicy("reach-v3", action_horizon=4, version="a-new"))
+    stats = worker.run(episodes=3)
+    switches = 0
+    for uuid in stats.episode_uuids:
+        episode = store.load_episode(uuid, images=False)
+        versions = np.array(episode.policy_versions)
+        for t in np.flatnonzero(versions[1:] != versions[:-1]) + 1:
+            assert episode.chunk_ids[t] != episode.chunk_ids[t - 1], "a version changes only with the chunk"
+            switches += 1
+        later = episode.chunk_ids > np.min(episode.chunk_ids[episode.chunk_ids >= 0])
+        assert set(episode.chunk_offsets[later]) <= {1, 2}, "async chunks run at offsets d..s+d-1"
+        assert episode.metadata["execution_mode"] == "naive_async"
+    assert switches >= 1
