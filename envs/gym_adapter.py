@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import string
+import weakref
 from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -61,6 +62,8 @@ class GymAdapterEnv(gym.Env):
         self.prompt = config.prompt or config.env_id
         self.render_mode = "rgb_array"
         self._env = _make(config)
+        # Close the wrapped env (and its GL context) when the adapter goes away, at the latest before exit.
+        self._finalizer = weakref.finalize(self, self._env.close)
         self._seeded = False
         self._last_image: np.ndarray | None = None
         self.action_space = self._env.action_space
@@ -100,8 +103,8 @@ class GymAdapterEnv(gym.Env):
         return self._last_image
 
     def close(self) -> None:
-        """Close the wrapped env."""
-        self._env.close()
+        """Close the wrapped env (idempotent)."""
+        self._finalizer()
 
     def _observation(self, raw: Any) -> Observation:
         vector = gym.spaces.flatten(self._env.observation_space, raw).astype(np.float32)

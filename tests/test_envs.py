@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import mujoco
 import numpy as np
 import pytest
@@ -224,3 +225,53 @@ def test_generic_adapter_time_limit_and_bad_env_id():
         GymEnvConfig(env_id="Pushr-v5")
     with pytest.raises(ValueError, match="need a Meta-World task"):
         make_env(GymEnvConfig(env_id="Pusher-v5"), SimulatedHumanConfig())
+
+
+class FixedFrameEnv(gym.Env):
+    """A gymnasium env whose frames have their own size (it takes no width/height) and that reports success."""
+
+    metadata = {"render_modes": ["rgb_array"]}  # noqa: RUF012
+
+    def __init__(self, render_mode: str | None = None) -> None:
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Dict(
+            {"position": gym.spaces.Box(-1, 1, (2,)), "velocity": gym.spaces.Box(-1, 1, (1,))}
+        )
+        self.action_space = gym.spaces.Box(-1, 1, (1,))
+        self._t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return {"position": np.zeros(2, np.float32), "velocity": np.ones(1, np.float32)}, {}
+
+    def step(self, action):
+        self._t += 1
+        obs = {"position": np.full(2, 0.1 * self._t, np.float32), "velocity": np.ones(1, np.float32)}
+        return obs, 1.0, self._t >= 3, False, {"is_success": self._t >= 3}
+
+    def render(self):
+        frame = np.zeros((10, 20, 3), np.uint8)
+        frame[:, :10] = 255  # left half white
+        return frame
+
+
+def test_generic_adapter_flattens_dict_observations_and_resizes_frames():
+    gym.register("FlywheelTest/FixedFrame-v0", entry_point=FixedFrameEnv)
+    config = GymEnvConfig(
+        env_id="FlywheelTest/FixedFrame-v0",
+        render=True,
+        width=40,
+        height=20,
+        camera="front",
+        success_key="is_success",
+    )
+    env = make_env(config)
+    obs, _ = env.reset()
+    assert obs["images"]["front"].shape == (20, 40, 3)
+    assert obs["images"]["front"][:, :18].min() == 255 and obs["images"]["front"][:, 22:].max() == 0
+    np.testing.assert_array_equal(obs["state"], [0.0, 0.0, 1.0])  # Dict keys in sorted order, flattened
+    assert obs["prompt"] == "FlywheelTest/FixedFrame-v0"
+    successes = [env.step(np.zeros(1, np.float32))[4]["success"] for _ in range(3)]
+    assert successes == [False, False, True]
+    env.close()
