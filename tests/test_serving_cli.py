@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -114,3 +115,32 @@ def test_serve_command_needs_the_api_key_variable_it_names(monkeypatch) -> None:
 def test_serve_command_rejects_a_bad_key_map() -> None:
     result = CliRunner().invoke(serve_app, ["--policy", f"scripted:{TASK}", "--key", "image:corner"])
     assert result.exit_code == 2 and "expected NAME=WIRE_KEY" in result.output
+
+
+def test_serve_resolves_a_checkpoint_directory_and_a_registered_version(tmp_path) -> None:
+    """``--policy DIR`` loads the checkpoint (content-derived version); ``--policy v7 --store URL`` loads the
+    registered version's checkpoint under its registered name; both serve real chunks."""
+    from experiments.commands.serve import ServeConfig, build_server
+    from policies.serving import BackgroundServer
+    from storage import ExperienceStore
+    from tests.test_serving import _tiny_vla
+
+    checkpoint = tmp_path / "ckpt"
+    saved_version = _tiny_vla().save(checkpoint)
+    store_url = f"sqlite:///{tmp_path / 'fw.db'}"
+    store = ExperienceStore(store_url)
+    store.upgrade()
+    store.register_policy_version("v7", "vla", uri=str(checkpoint))
+    rng = np.random.default_rng(0)
+    observation = {
+        "images": {"corner": rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)},
+        "state": rng.normal(size=4).astype(np.float32),
+        "prompt": "push the puck",
+    }
+    for spec, expected_version in [(str(checkpoint), saved_version), ("v7", "v7")]:
+        server = build_server(ServeConfig(policy=spec, port=0, store=store_url))
+        with BackgroundServer(server) as background, OpenPIClientPolicy(background.url) as client:
+            reply = client.infer_one(observation)
+        assert reply["policy_version"] == expected_version and np.asarray(reply["actions"]).shape == (10, 4)
+    result = CliRunner().invoke(serve_app, ["--policy", "v8", "--store", store_url])
+    assert result.exit_code == 2 and "no such version registered" in result.output
