@@ -22,7 +22,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -30,6 +30,25 @@ import sqlalchemy as sa
 
 from storage import EpisodeRecord, ExperienceStore, Outcome
 from storage.codec import IMAGE_CODEC, content_hash, image_hash
+
+
+class Timing(NamedTuple):
+    """Wall-clock and this process's CPU seconds of one measured loop."""
+
+    wall: float
+    cpu: float
+
+
+class Timer:
+    """Measures wall and process CPU time of a ``with`` block into ``timing``."""
+
+    def __enter__(self) -> Timer:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.timing = Timing(time.perf_counter() - self._wall, time.process_time() - self._cpu)
+
 
 LENGTH = 500
 HORIZON = 10
@@ -139,21 +158,20 @@ STEP_COLUMNS = (
 )
 
 
-def time_store(url: str, episodes: list[EpisodeRecord]) -> float:
+def time_store(url: str, episodes: list[EpisodeRecord]) -> Timing:
     """Seconds to write ``episodes`` through ``ExperienceStore`` into a freshly migrated database."""
     store = ExperienceStore(url)
     store.upgrade()
     store.register_policy_version(VERSION, kind="bench")
-    start = time.perf_counter()
-    for record in episodes:
-        assert store.write_episode(record)
-    elapsed = time.perf_counter() - start
+    with Timer() as timer:
+        for record in episodes:
+            assert store.write_episode(record)
     assert store.count_episodes() == len(episodes)
     store.close()
-    return elapsed
+    return timer.timing
 
 
-def time_sqlite_raw(path: Path, rows: list[dict[str, list[Any]]], compress: bool = False) -> float:
+def time_sqlite_raw(path: Path, rows: list[dict[str, list[Any]]], compress: bool = False) -> Timing:
     """Seconds for ``sqlite3.executemany`` of the same rows, one transaction per episode, same schema/pragmas.
 
     With ``compress`` the image blobs are compressed inside the timed loop (zlib level 1, one thread).
@@ -165,36 +183,37 @@ def time_sqlite_raw(path: Path, rows: list[dict[str, list[Any]]], compress: bool
     connection = sqlite3.connect(path, isolation_level=None)
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
         connection.execute(f"PRAGMA {pragma}")
-    start = time.perf_counter()
-    for episode in rows:
-        connection.execute("BEGIN IMMEDIATE")
-        connection.executemany(
-            f"INSERT INTO episodes ({EPISODE_COLUMNS}) VALUES ({_marks(17)})", episode["episode"]
-        )
-        connection.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", episode["chunks"])
-        connection.executemany(f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({_marks(13)})", episode["steps"])
-        images = episode["images"]
-        if compress:
-            images = [
-                (d, IMAGE_CODEC, 96, 96, 3, zlib.compress(f.tobytes(), 1)) for d, f in episode["frames"]
-            ]
-        connection.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?, ?)", images)
-        connection.executemany("INSERT INTO step_images VALUES (?, ?, ?, ?)", episode["refs"])
-        connection.execute("COMMIT")
-    elapsed = time.perf_counter() - start
+    with Timer() as timer:
+        for episode in rows:
+            _insert_raw(connection, episode, compress)
     connection.close()
-    return elapsed
+    return timer.timing
 
 
-def time_pg_copy(url: str, rows: list[dict[str, list[tuple[Any, ...]]]]) -> float:
+def _insert_raw(connection: sqlite3.Connection, episode: dict[str, list[Any]], compress: bool) -> None:
+    """One episode's rows in one transaction, through ``sqlite3`` only."""
+    connection.execute("BEGIN IMMEDIATE")
+    connection.executemany(
+        f"INSERT INTO episodes ({EPISODE_COLUMNS}) VALUES ({_marks(17)})", episode["episode"]
+    )
+    connection.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", episode["chunks"])
+    connection.executemany(f"INSERT INTO steps ({STEP_COLUMNS}) VALUES ({_marks(13)})", episode["steps"])
+    images = episode["images"]
+    if compress:
+        images = [(d, IMAGE_CODEC, 96, 96, 3, zlib.compress(f.tobytes(), 1)) for d, f in episode["frames"]]
+    connection.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?, ?)", images)
+    connection.executemany("INSERT INTO step_images VALUES (?, ?, ?, ?)", episode["refs"])
+    connection.execute("COMMIT")
+
+
+def time_pg_copy(url: str, rows: list[dict[str, list[tuple[Any, ...]]]]) -> Timing:
     """Seconds for psycopg ``COPY`` of the same rows, one transaction per episode, same schema."""
     store = ExperienceStore(url)
     store.upgrade()
     store.register_policy_version(VERSION, kind="bench")
     store.close()
     conninfo = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo) as connection:
-        start = time.perf_counter()
+    with psycopg.connect(conninfo) as connection, Timer() as timer:
         for episode in rows:
             with connection.transaction(), connection.cursor() as cursor:
                 _copy(cursor, f"episodes ({EPISODE_COLUMNS})", episode["episode"])
@@ -206,7 +225,7 @@ def time_pg_copy(url: str, rows: list[dict[str, list[tuple[Any, ...]]]]) -> floa
                         episode["images"],
                     )
                 _copy(cursor, "step_images", episode["refs"])
-        return time.perf_counter() - start
+    return timer.timing
 
 
 def _copy(cursor: psycopg.Cursor, target: str, rows: list[tuple[Any, ...]]) -> None:
@@ -234,25 +253,32 @@ def fresh_pg_database(server_url: str) -> tuple[str, Callable[[], None]]:
     return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
 
 
-def report(label: str, steps: int, store_s: float, base_s: float, base: str, target: float | None) -> None:
-    """Print both throughputs and their ratio (and whether it meets ``target``)."""
-    ratio = base_s / store_s
+def report(
+    label: str, steps: int, store: Timing, base: Timing, name: str, target: float | None, cpu: bool
+) -> None:
+    """Print both throughputs (wall clock) and their ratio; with ``cpu`` also the ratio of process CPU time."""
+    ratio = base.wall / store.wall
     verdict = "" if target is None else f" ({'meets' if ratio >= target else 'MISSES'} target {target}x)"
+    cpu_ratio = f"; CPU-time ratio {base.cpu / store.cpu:.2f}x" if cpu else ""
     print(
-        f"{label:<20} store {steps / store_s:>8,.0f} steps/s | {base:<31} {steps / base_s:>8,.0f} steps/s | "
-        f"ratio {ratio:.2f}x{verdict}"
+        f"{label:<20} store {steps / store.wall:>7,.0f} steps/s | {name:<26} {steps / base.wall:>7,.0f} steps/s"
+        f" | ratio {ratio:.2f}x{verdict}{cpu_ratio}"
     )
 
 
 def interleaved(
-    rounds: int, store: Callable[[int], float], baseline: Callable[[int], float]
-) -> tuple[float, float]:
-    """Best (minimum) time of each over ``rounds`` alternating runs: both see the same machine load."""
+    rounds: int, store: Callable[[int], Timing], baseline: Callable[[int], Timing]
+) -> tuple[Timing, Timing]:
+    """Best (minimum) times of each over ``rounds`` alternating runs, so both see the same machine load."""
     store_times, baseline_times = [], []
     for i in range(rounds):
         baseline_times.append(baseline(i))
         store_times.append(store(i))
-    return min(store_times), min(baseline_times)
+    best = [
+        Timing(min(t.wall for t in times), min(t.cpu for t in times))
+        for times in (store_times, baseline_times)
+    ]
+    return best[0], best[1]
 
 
 def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, rounds: int) -> None:
@@ -277,14 +303,14 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
                 lambda i, e=episodes, n=label: time_store(f"sqlite:///{folder}/s-{n}-{i}.db", e),
                 lambda i, r=rows, n=label: time_sqlite_raw(folder / f"raw-{n}-{i}.db", r),
             )
-            report(label, steps, store, raw, "sqlite3.executemany", 0.6)
+            report(label, steps, store, raw, "sqlite3.executemany", 0.6, cpu=True)
             if label.endswith("images"):
                 store, raw_z = interleaved(
                     rounds,
                     lambda i, e=episodes: time_store(f"sqlite:///{folder}/sz-{i}.db", e),
                     lambda i, r=rows: time_sqlite_raw(folder / f"rawz-{i}.db", r, compress=True),
                 )
-                report(label, steps, store, raw_z, "sqlite3.executemany + zlib", 0.6)
+                report(label, steps, store, raw_z, "sqlite3.executemany + zlib", 0.6, cpu=True)
         read_benchmark(f"sqlite:///{folder}/s-sqlite-0.db", folder / "s-sqlite-0.db", plain, rounds)
     if pg_url is None:
         return
@@ -298,7 +324,7 @@ def run(n_episodes: int, n_image_episodes: int, pg_url: str | None, seed: int, r
             lambda _i, e=episodes: on_fresh_pg(pg_url, lambda url, e=e: time_store(url, e)),
             lambda _i, r=rows: on_fresh_pg(pg_url, lambda url, r=r: time_pg_copy(url, r)),
         )
-        report(label, steps, store, raw, "psycopg COPY", 0.5)
+        report(label, steps, store, raw, "psycopg COPY", 0.5, cpu=False)
 
 
 def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: int) -> None:
@@ -306,32 +332,19 @@ def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: 
     store = ExperienceStore(url)
     uuids = [e.uuid for e in episodes]
 
-    def through_store(_i: int) -> float:
-        start = time.perf_counter()
-        for episode_uuid in uuids:
-            store.load_episode(episode_uuid, images=False)
-        return time.perf_counter() - start
+    def through_store(_i: int) -> Timing:
+        with Timer() as timer:
+            for episode_uuid in uuids:
+                store.load_episode(episode_uuid, images=False)
+        return timer.timing
 
-    def raw(_i: int) -> float:
+    def raw(_i: int) -> Timing:
         connection = sqlite3.connect(path)
-        start = time.perf_counter()
-        for episode_uuid in uuids:
-            (episode_id,) = connection.execute(
-                "SELECT id FROM episodes WHERE uuid = ?", (episode_uuid.hex,)
-            ).fetchone()
-            rows = connection.execute(
-                "SELECT state, action, privileged, reward, terminated, truncated, source, chunk_index, "
-                "chunk_offset, latency_ms FROM steps WHERE episode_id = ? ORDER BY t",
-                (episode_id,),
-            ).fetchall()
-            columns = list(zip(*rows, strict=True))
-            for blobs in columns[:3]:
-                np.frombuffer(b"".join(blobs), dtype=np.float32)
-            for values in columns[3:]:
-                np.array(values)
-        elapsed = time.perf_counter() - start
+        with Timer() as timer:
+            for episode_uuid in uuids:
+                _select_raw(connection, episode_uuid)
         connection.close()
-        return elapsed
+        return timer.timing
 
     steps = sum(e.length for e in episodes)
     report(
@@ -340,6 +353,7 @@ def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: 
         *interleaved(rounds, through_store, raw),
         "raw SELECT + frombuffer",
         None,
+        cpu=True,
     )
     rng = np.random.default_rng(0)
     store.sample_transitions(256, rng, n_step=10)  # builds the in-memory index
@@ -349,12 +363,29 @@ def read_benchmark(url: str, path: Path, episodes: list[EpisodeRecord], rounds: 
         store.sample_transitions(256, rng, n_step=10, refresh=False)
     per_batch = (time.perf_counter() - start) / batches
     print(
-        f"sample_transitions(256, n_step=10): {per_batch * 1e3:.2f} ms per batch ({256 / per_batch:,.0f} windows/s)"
+        f"sample_transitions(256, n_step=10, refresh=False): {per_batch * 1e3:.2f} ms per batch ({256 / per_batch:,.0f} windows/s)"
     )
     store.close()
 
 
-def on_fresh_pg(server_url: str, measure: Callable[[str], float]) -> float:
+def _select_raw(connection: sqlite3.Connection, episode_uuid: uuid.UUID) -> None:
+    """Load one episode's step arrays with ``sqlite3`` and numpy only."""
+    (episode_id,) = connection.execute(
+        "SELECT id FROM episodes WHERE uuid = ?", (episode_uuid.hex,)
+    ).fetchone()
+    rows = connection.execute(
+        "SELECT state, action, privileged, reward, terminated, truncated, source, chunk_index, chunk_offset, "
+        "latency_ms FROM steps WHERE episode_id = ? ORDER BY t",
+        (episode_id,),
+    ).fetchall()
+    columns = list(zip(*rows, strict=True))
+    for blobs in columns[:3]:
+        np.frombuffer(b"".join(blobs), dtype=np.float32)
+    for values in columns[3:]:
+        np.array(values)
+
+
+def on_fresh_pg(server_url: str, measure: Callable[[str], Timing]) -> Timing:
     """Run ``measure`` on a new database of the server and drop it afterwards."""
     url, drop = fresh_pg_database(server_url)
     try:
