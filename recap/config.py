@@ -6,6 +6,9 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: Built-in encoders that read a camera (``ValueConfig.camera`` selects it; without a camera no images are read).
+IMAGE_ENCODERS = ("image_conv", "vla_image")
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,8 +39,9 @@ class ValueConfig(_Frozen):
 
     ``inputs`` selects the per-step vector: the policy's proprio ``state``, the simulator's ``privileged``
     state, or both. ``time_feature`` appends t / max_episode_length (returns under a time limit depend on it).
-    ``encoder`` names a registered observation encoder (``state_mlp`` default, ``image_conv`` adds a small
-    conv net over ``camera``). ``target`` is the bin encoding of the return (two-hot or nearest bin).
+    ``encoder`` names a registered observation encoder (``state_mlp`` default; ``image_conv`` / ``vla_image``
+    add a conv net over ``camera``). Images are read only when ``camera`` is set. ``target`` is the bin
+    encoding of the return (two-hot or nearest bin).
     ``reward`` defines the returns the model learns. ``validation_fraction`` of each task's training episodes
     is held out for early stopping (the best held-out loss, checked every ``eval_every`` steps, wins).
     """
@@ -66,8 +70,8 @@ class ValueConfig(_Frozen):
 
     @model_validator(mode="after")
     def _camera_for_images(self) -> Self:
-        if self.encoder == "image_conv" and not self.camera:
-            raise ValueError("ValueConfig.camera must name a camera when encoder='image_conv'")
+        if self.encoder in IMAGE_ENCODERS and not self.camera:
+            raise ValueError(f"ValueConfig.camera must name a camera when encoder={self.encoder!r}")
         return self
 
 

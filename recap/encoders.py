@@ -2,7 +2,7 @@
 
 An encoder maps a batch of normalized per-step vectors (B×F) and, optionally, camera images (B×H×W×3 uint8)
 to features (B×``out_dim``). ``state_mlp`` (default, fast) reads the vector only; ``image_conv`` adds a small
-convolutional net over one camera. Register another (e.g. one sharing the VLA's vision tower) with
+convolutional net over one camera; ``vla_image`` uses the built-in VLA's image-encoder design instead. Register another (e.g. one sharing the VLA's vision tower) with
 ``register_encoder`` and name it in ``ValueConfig.encoder``.
 """
 
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from policies.vla.config import VLAConfig
+from policies.vla.model import ImageEncoder
 
 
 @dataclass(frozen=True)
@@ -117,5 +120,32 @@ class ImageConvEncoder(ObservationEncoder):
         return torch.cat([self.state(vector, None), self.conv(pixels)], dim=-1)
 
 
+class VLAImageEncoder(ObservationEncoder):
+    """The built-in VLA's image encoder design (``policies.vla.model.ImageEncoder``, tiny preset, one camera),
+    its tokens mean-pooled, concatenated with the state MLP."""
+
+    uses_images = True
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        grid = max(1, min(6, spec.image_size // 8))
+        vla = VLAConfig.preset("tiny", cameras=("value",), image_size=spec.image_size, image_grid=grid)
+        self.image_size = spec.image_size
+        self.state = StateMLPEncoder(spec)
+        self.tokens = ImageEncoder(vla)
+        self.pool = nn.Sequential(nn.Linear(vla.width, spec.hidden_dim), nn.ReLU())
+        self.out_dim = 2 * spec.hidden_dim
+
+    def forward(self, vector: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        if image is None:
+            raise ValueError("vla_image encoder needs images; the episode has none for the configured camera")
+        pixels = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # the VLA reads images in [−1, 1]
+        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
+            pixels = nn.functional.interpolate(pixels, size=(self.image_size, self.image_size), mode="area")
+        pooled = self.tokens(pixels[:, None]).mean(dim=1)
+        return torch.cat([self.state(vector, None), self.pool(pooled)], dim=-1)
+
+
 register_encoder("state_mlp")(StateMLPEncoder)
 register_encoder("image_conv")(ImageConvEncoder)
+register_encoder("vla_image")(VLAImageEncoder)

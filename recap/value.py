@@ -75,7 +75,7 @@ def episode_vector(episode: EpisodeRecord, config: ValueConfig, horizon: int) ->
 
 def episode_images(episode: EpisodeRecord, config: ValueConfig) -> np.ndarray | None:
     """The T×H×W×3 images of the configured camera (None when the encoder reads no images)."""
-    if config.encoder != "image_conv":
+    if config.camera is None:
         return None
     if config.camera not in episode.images:
         raise RecapInputError(
@@ -111,7 +111,7 @@ class ValueModel:
             num_layers=config.num_layers,
             dropout=config.dropout,
             image_size=config.image_size,
-            uses_images=config.encoder == "image_conv",
+            uses_images=config.camera is not None,
         )
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)

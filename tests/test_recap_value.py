@@ -102,20 +102,21 @@ def test_value_training_is_seeded() -> None:
     np.testing.assert_array_equal(first.values(episodes[0]), second.values(episodes[0]))
 
 
-def test_image_encoder_trains_on_camera_images() -> None:
+def test_image_encoders_train_on_camera_images() -> None:
     rng = np.random.default_rng(3)
     episodes = []
     for _ in range(4):
         base = deterministic_chain(rng)
         images = {"top": rng.integers(0, 255, size=(base.length, 24, 24, 3), dtype=np.uint8)}
         episodes.append(make_episode("chain", base.states, base.actions, base.outcome, images=images))
-    config = FAST_VALUE.model_copy(
-        update={"encoder": "image_conv", "camera": "top", "image_size": 16, "train_steps": 5}
-    )
-    model = train_value(episodes, config)
-    assert model.values(episodes[0]).shape == (episodes[0].length,)
-    with pytest.raises(RecapInputError, match="no images for camera 'top'"):
-        model.values(deterministic_chain(rng))
+    for encoder in ("image_conv", "vla_image"):
+        config = FAST_VALUE.model_copy(
+            update={"encoder": encoder, "camera": "top", "image_size": 16, "train_steps": 5}
+        )
+        model = train_value(episodes, config)
+        assert model.values(episodes[0]).shape == (episodes[0].length,)
+        with pytest.raises(RecapInputError, match="no images for camera 'top'"):
+            model.values(deterministic_chain(rng))
 
 
 def test_value_input_errors_are_clear() -> None:
