@@ -453,15 +453,17 @@ class ExperienceStore:
         """The stored episode as an ``EpisodeRecord`` of numpy arrays (images decoded if ``images``)."""
         self._require_schema()
         episode_uuid = uuid.UUID(str(episode_uuid))
-        with self._read_session() as session:
-            row = session.execute(
-                sa.select(Episode, PolicyVersion.version)
-                .outerjoin(PolicyVersion, Episode.policy_version_id == PolicyVersion.id)
-                .where(Episode.uuid == episode_uuid)
-            ).one_or_none()
+        episodes, versions = Episode.__table__, PolicyVersion.__table__
+        query = (
+            sa.select(episodes, versions.c.version.label("policy_version"))
+            .select_from(episodes.outerjoin(versions, episodes.c.policy_version_id == versions.c.id))
+            .where(episodes.c.uuid == episode_uuid)
+        )
+        with self._read_engine.connect() as connection:
+            row = connection.execute(query).one_or_none()
             if row is None:
                 raise NotFoundError(f"episode {episode_uuid}: not in the store at {self._safe_url()}")
-            return self._load(session, row[0], row[1], images)
+            return self._load(connection, row, images)
 
     def iter_episodes(
         self,
@@ -518,23 +520,20 @@ class ExperienceStore:
             created_at=_as_utc(episode.created_at),
         )
 
-    def _load(self, session: Session, episode: Episode, version: str | None, images: bool) -> EpisodeRecord:
-        rows = self._raw_rows(session, STEPS_OF_EPISODE, (episode.id,))
+    def _load(self, connection: sa.Connection, episode: sa.Row[Any], images: bool) -> EpisodeRecord:
+        """Assemble an episode from its ``episodes`` row (Core row, with ``policy_version``)."""
+        rows = self._raw_rows(connection, STEPS_OF_EPISODE, (episode.id,))
         columns = _columns(rows, len(STEP_READ_COLUMNS))
         arrays = _arrays_from_columns(episode, columns[:7])
         version_ids, chunk_index, chunk_offset, latency, subtasks = columns[7:]
         self._load_versions_by_id({v for v in version_ids if v is not None})
-        chunks = [blob for (blob,) in self._raw_rows(session, CHUNKS_OF_EPISODE, (episode.id,))]
-        segments = session.scalars(
-            sa.select(Intervention)
-            .where(Intervention.episode_id == episode.id)
-            .order_by(Intervention.segment_index)
-        ).all()
+        chunks = [blob for (blob,) in self._raw_rows(connection, CHUNKS_OF_EPISODE, (episode.id,))]
+        segments = self._raw_rows(connection, INTERVENTIONS_OF_EPISODE, (episode.id,))
         return EpisodeRecord(
             uuid=episode.uuid,
             task=episode.task,
             env_id=episode.env_id,
-            policy_version=version,
+            policy_version=episode.policy_version,
             seed=episode.seed,
             outcome=Outcome(episode.outcome),
             states=arrays.states,
@@ -548,17 +547,17 @@ class ExperienceStore:
             chunk_offsets=np.array(chunk_offset, dtype=np.int32),
             latency_ms=np.array(latency, dtype=np.float32),
             chunks=_chunk_array(chunks, episode.chunk_horizon, episode.action_dim),
-            images=self._load_images(session, episode.id, episode.length) if images else {},
+            images=self._load_images(connection, episode.id, episode.length) if images else {},
             privileged=arrays.privileged,
-            interventions=[InterventionSegment(s.t_start, s.t_end, s.trigger) for s in segments],
-            metadata=episode.metadata_,
+            interventions=[InterventionSegment(*segment) for segment in segments],
+            metadata=episode.metadata,
             run_id=episode.run_id,
             error=episode.error,
             subtasks=list(subtasks) if any(s is not None for s in subtasks) else None,
         )
 
-    def _load_images(self, session: Session, episode_id: int, length: int) -> dict[str, np.ndarray]:
-        rows = session.execute(
+    def _load_images(self, connection: sa.Connection, episode_id: int, length: int) -> dict[str, np.ndarray]:
+        rows = connection.execute(
             sa.select(StepImage.camera, StepImage.t, StepImage.image_hash, Image.codec, Image.height)
             .add_columns(Image.width, Image.channels, Image.data)
             .join(Image, StepImage.image_hash == Image.hash)
@@ -639,7 +638,7 @@ class ExperienceStore:
     def _load_many_arrays(self, session: Session, episodes: list[Episode], replay: ReplayIndex) -> None:
         by_id = {episode.id: episode for episode in episodes}
         marks = ", ".join("?" * len(by_id))
-        rows = self._raw_rows(session, STEPS_OF_EPISODES.format(ids=marks), tuple(by_id))
+        rows = self._raw_rows(session.connection(), STEPS_OF_EPISODES.format(ids=marks), tuple(by_id))
         grouped: dict[int, list[Any]] = {episode_id: [] for episode_id in by_id}
         for row in rows:
             grouped[row[0]].append(row[1:])
@@ -648,12 +647,14 @@ class ExperienceStore:
             arrays = _arrays_from_columns(episode, _columns(episode_rows, 7))
             replay.add(episode_id, episode.uuid, arrays)
 
-    def _raw_rows(self, session: Session, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Run a read query (``?`` placeholders) on the session's connection straight through the driver.
+    def _raw_rows(
+        self, connection: sa.Connection, sql: str, params: tuple[Any, ...]
+    ) -> list[tuple[Any, ...]]:
+        """Run a read query (``?`` placeholders) on ``connection`` straight through the driver.
 
         Per-step reads return hundreds of rows; skipping SQLAlchemy's per-row processing makes them ~5× faster.
         """
-        cursor = session.connection().connection.driver_connection.cursor()
+        cursor = connection.connection.driver_connection.cursor()
         try:
             cursor.execute(sql.replace("?", "%s") if self.dialect == "postgresql" else sql, params)
             return cursor.fetchall()
@@ -778,7 +779,7 @@ class ExperienceStore:
                     )
                 ).all()
             )
-            rows = self._raw_rows(session, VALUES_OF_RELABEL, (relabel_id,))
+            rows = self._raw_rows(session.connection(), VALUES_OF_RELABEL, (relabel_id,))
         episode_ids, values, advantages, indicators = _columns(rows, 4)
         episode_ids = np.array(episode_ids, dtype=np.int64)
         starts = (
@@ -1018,7 +1019,7 @@ def _columns(rows: list[Any], width: int) -> list[tuple[Any, ...]]:
     return list(zip(*rows, strict=True)) if rows else [()] * width
 
 
-def _arrays_from_columns(episode: Episode, columns: list[tuple[Any, ...]]) -> EpisodeArrays:
+def _arrays_from_columns(episode: Episode | sa.Row[Any], columns: list[tuple[Any, ...]]) -> EpisodeArrays:
     """Per-step arrays from the columns (state, action, privileged, reward, terminated, truncated, source)."""
     state, action, privileged, reward, terminated, truncated, source = columns
     length = len(reward)
@@ -1058,4 +1059,7 @@ STEPS_OF_EPISODES = (
     "ORDER BY episode_id, t"
 )
 VALUES_OF_RELABEL = "SELECT episode_id, value, advantage, indicator FROM relabel_values WHERE relabel_id = ? ORDER BY episode_id, t"
+INTERVENTIONS_OF_EPISODE = (
+    "SELECT t_start, t_end, trigger FROM interventions WHERE episode_id = ? ORDER BY segment_index"
+)
 CHUNKS_OF_EPISODE = "SELECT actions FROM chunks WHERE episode_id = ? ORDER BY chunk_index"
