@@ -9,8 +9,8 @@ human step is stored with the executed actions as both ``ã`` and the action. Re
 
 ``run`` does: warm-up episodes with the prior alone → fit and freeze the RL token on their embeddings (unless
 it was fitted already) → seed the replay buffer from the warm-up episodes (and any stored ``EpisodeRecord``
-passed to ``seed_from_records``) → online episodes, with ``utd_ratio`` updates per collected chunk after each
-episode. Every finished episode is emitted as an ``EpisodeRecord`` to ``on_episode`` (the caller commits it to
+passed to ``seed_from_records``) and train on it (``utd_ratio`` updates per warm-up chunk, once the buffer holds
+``learning_starts``) → online episodes, with ``utd_ratio`` updates per collected chunk after each episode. Every finished episode is emitted as an ``EpisodeRecord`` to ``on_episode`` (the caller commits it to
 the store).
 """
 
@@ -150,7 +150,7 @@ class OnlineRLT:
         for _ in range(self.config.warmup_episodes):
             self._pending.append(self.run_episode("prior")[0])
         self.fit_token()
-        self._add_to_replay(self._pending)
+        self.learner.update(self._add_to_replay(self._pending))
         self._pending = []
         end = self.env_steps + self.config.total_env_steps
         next_eval = self.env_steps
