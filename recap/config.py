@@ -82,7 +82,8 @@ class AdvantageConfig(_Frozen):
     advantages and 40% positive; ``pretrain`` (demonstration/pretraining data) → Monte-Carlo advantages and
     30% positive.
     ``positive_fraction`` is the share of autonomous (non-intervention) steps of each task labelled positive;
-    intervention steps are positive regardless when ``interventions_positive``.
+    intervention steps are positive regardless when ``interventions_positive``. Defaults are resolved at
+    construction: build a new ``AdvantageConfig(phase=...)`` rather than ``model_copy`` to switch phase.
     """
 
     phase: Literal["finetune", "pretrain"] = "finetune"

@@ -282,6 +282,9 @@ def train_value(
     check_learnable(episodes)
     horizons = dict(horizons) if horizons is not None else task_horizons(episodes, config.reward)
     tasks = sorted({episode.task for episode in episodes})
+    missing = [task for task in tasks if task not in horizons]
+    if missing:
+        raise RecapInputError(f"horizons: no max episode length for task {missing[0]!r}; pass one per task")
     vectors = np.concatenate([episode_vector(ep, config, horizons[ep.task]) for ep in episodes])
     std = vectors.std(axis=0)
     model = ValueModel(

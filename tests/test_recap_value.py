@@ -148,3 +148,10 @@ def test_validation_split_holds_out_episodes_per_task_for_early_stopping() -> No
     assert len(fit) + len(held) == len(episodes)
     model = train_value(episodes, FAST_VALUE.model_copy(update={"train_steps": 20, "eval_every": 5}))
     assert model.training_uuids == {ep.uuid for ep in episodes}  # held-out episodes still count as seen
+
+
+def test_missing_horizon_is_a_clear_error() -> None:
+    rng = np.random.default_rng(6)
+    episodes = [deterministic_chain(rng, "a"), deterministic_chain(rng, "b")]
+    with pytest.raises(RecapInputError, match="no max episode length for task 'b'"):
+        train_value(episodes, FAST_VALUE, horizons={"a": 40})
