@@ -1,0 +1,171 @@
+"""``flywheel robot``: run a (sim-backed) robot against a policy server, upload its spool, run the ingest endpoint.
+
+```
+flywheel robot run --server ws://127.0.0.1:8000 --task reach-v3 --episodes 5 --spool robot.db [--human-rate 0.02]
+flywheel robot upload --spool robot.db --url http://127.0.0.1:8100 --api-key-env FLYWHEEL_INGEST_KEY
+flywheel robot pending --spool robot.db
+flywheel robot ingest --store sqlite:///fw.db --api-key-env FLYWHEEL_INGEST_KEY [--port 8100]
+```
+See docs/real-robot.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import typer
+
+app = typer.Typer(help="Robot runtime, crash-safe episode spool, upload client and ingest endpoint.")
+
+
+def _api_key(variable: str) -> str:
+    key = os.environ.get(variable, "")
+    if not key:
+        typer.echo(f"error: --api-key-env: environment variable {variable} is empty or unset", err=True)
+        raise typer.Exit(code=2)
+    return key
+
+
+@app.command()
+def run(
+    server: str = typer.Option("ws://127.0.0.1:8000", help="Policy server (openpi protocol)."),
+    task: str = typer.Option("reach-v3", help="Meta-World task of the sim robot."),
+    episodes: int = typer.Option(1, min=1),
+    spool: str = typer.Option("robot-spool.db", help="SQLite spool file."),
+    seed: int = typer.Option(0),
+    rate_hz: float = typer.Option(50.0, help="Control rate."),
+    mode: str = typer.Option("async", help="async (inference overlaps execution) or sync (robot waits)."),
+    max_steps: int = typer.Option(200, min=1),
+    injected_latency_ms: float = typer.Option(0.0, help="Extra inference latency to simulate a far server."),
+    human_rate: float = typer.Option(0.0, help="Simulated human: random takeover rate per step."),
+    images: bool = typer.Option(False, help="Render and record a 64×64 camera."),
+    own_process: bool = typer.Option(True, help="Run the sim robot in its own process."),
+    api_key_env: str | None = typer.Option(None, help="Environment variable with the policy server's key."),
+) -> None:
+    """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
+    from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
+    from envs.robot import RobotProcess, SimRobot, sim_robot_factory
+    from experiments.robot_runtime import RobotRuntime, RuntimeConfig, remote_chunks
+    from policies.openpi_client import OpenPIClientPolicy
+    from storage.spool import EpisodeSpool
+
+    env = EnvConfig(task=task, render=images, width=64, height=64, max_episode_steps=max_steps, seed=seed)
+    robot = RobotProcess(sim_robot_factory(env)) if own_process else SimRobot(env)
+    human = None
+    if human_rate > 0:
+        human = SimulatedHuman(env.task, SimulatedHumanConfig(no_progress_steps=None, random_rate=human_rate))
+    client = OpenPIClientPolicy(
+        server, api_key=_api_key(api_key_env) if api_key_env else None, send_privileged=True
+    )
+    config = RuntimeConfig(
+        rate_hz=rate_hz, mode=mode, max_steps=max_steps, injected_latency_ms=injected_latency_ms
+    )
+    runtime = RobotRuntime(
+        robot,
+        remote_chunks(client),
+        EpisodeSpool(spool),
+        config,
+        task=env.task,
+        env_id=f"sim-robot:{env.task}",
+        teleop=human,
+    )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda *_: runtime.e_stop())
+    try:
+        for result in runtime.run(episodes, seed):
+            record = result.record
+            typer.echo(
+                f"{record.uuid} {record.outcome.value} steps={record.length} "
+                f"human={int(record.sources.sum())} starved={result.starved_steps}"
+            )
+    finally:
+        runtime.close()
+        client.close()
+        robot.close()
+
+
+@app.command()
+def upload(
+    spool: str = typer.Option("robot-spool.db", help="SQLite spool file."),
+    url: str = typer.Option("http://127.0.0.1:8100", help="Ingest endpoint."),
+    api_key_env: str = typer.Option("FLYWHEEL_INGEST_KEY", help="Environment variable with the ingest key."),
+    max_attempts: int = typer.Option(8, min=1, help="Tries per episode before the pass gives up."),
+    backoff_s: float = typer.Option(0.5, help="First retry delay (doubles each retry)."),
+    max_backoff_s: float = typer.Option(30.0, help="Longest retry delay."),
+    watch_s: float = typer.Option(0.0, help="Keep passing until nothing is pending or this many seconds."),
+) -> None:
+    """Upload pending episodes; exits 1 if some remain pending."""
+    from experiments.upload import UploadAuthError, UploadConfig, Uploader
+    from storage.spool import EpisodeSpool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = UploadConfig(
+        url=url,
+        api_key=_api_key(api_key_env),
+        max_attempts=max_attempts,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+    )
+    uploader = Uploader(EpisodeSpool(spool), config)
+    try:
+        report = uploader.upload_until_empty(watch_s) if watch_s > 0 else uploader.upload_pending()
+    except UploadAuthError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    typer.echo(
+        f"stored={len(report.stored)} duplicates={len(report.duplicates)} rejected={len(report.rejected)} "
+        f"retries={report.retries} pending={report.remaining}"
+    )
+    for episode, message in report.rejected.items():
+        typer.echo(f"rejected {episode}: {message}")
+    if report.gave_up:
+        typer.echo(f"gave up: {report.gave_up}", err=True)
+    if report.remaining:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def pending(spool: str = typer.Option("robot-spool.db", help="SQLite spool file.")) -> None:
+    """List the episodes not yet acknowledged (and the rejected ones), with counts."""
+    from storage.spool import EpisodeSpool, SpoolStatus
+
+    store = EpisodeSpool(spool)
+    counts = store.counts()
+    typer.echo(" ".join(f"{status}={count}" for status, count in counts.items()))
+    for entry in store.entries():
+        if entry.status != SpoolStatus.SENT:
+            error = f" last_error={entry.last_error}" if entry.last_error else ""
+            typer.echo(f"{entry.uuid} {entry.status.value} {entry.size_bytes}B attempts={entry.attempts}{error}")
+
+
+@app.command()
+def ingest(
+    store: str = typer.Option(..., help="Experience store URL (sqlite:///... or postgresql+psycopg://...)."),
+    api_key_env: str = typer.Option("FLYWHEEL_INGEST_KEY", help="Environment variable with the ingest key."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it)."),
+    port: int = typer.Option(8100),
+    max_episode_bytes: int = typer.Option(256 * 1024 * 1024, help="Largest accepted episode."),
+    register_unknown_versions: bool = typer.Option(
+        False, help="Register policy versions robots report instead of refusing them (422)."
+    ),
+) -> None:
+    """Serve the authenticated ingest endpoint until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    from experiments.ingest import IngestApp, IngestConfig
+    from storage.store import ExperienceStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    experience = ExperienceStore(store)
+    experience.upgrade()
+    config = IngestConfig(
+        api_key=_api_key(api_key_env),
+        host=host,
+        port=port,
+        max_episode_bytes=max_episode_bytes,
+        register_unknown_versions=register_unknown_versions,
+    )
+    web.run_app(IngestApp(experience, config).app, host=host, port=port, access_log=None)

@@ -1,0 +1,390 @@
+"""The robot runtime: a fixed-rate control loop over a ``RobotInterface`` that executes action chunks from a
+policy server, lets a teleop device take over, and spools every episode with per-step provenance and timing.
+
+Each tick (period ``1 / rate_hz``; sleep, then a short spin to the deadline) the loop reads the observation,
+picks the policy's action from the current chunk, polls the teleop device, and sends one command.
+
+- ``async`` (default): inference runs in a background thread. The next chunk is requested ``lead`` steps
+  before the current one reaches ``execute_horizon`` (``lead`` = the measured inference delay in steps, plus
+  one); while it runs the robot keeps executing the current chunk (up to its full horizon), and when the reply
+  arrives the loop switches to it at the offset of the elapsed steps (action ``i`` of a chunk requested at
+  step ``t`` is meant for step ``t + i``). Only when no chunk has actions left does the robot hold (zero motion,
+  gripper command kept) — a *starved* step, counted per episode.
+- ``sync``: the robot waits for every chunk (the loop blocks on inference), for comparison.
+
+Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), the command
+moves from the last executed action toward the new source's action by at most ``max_action_delta`` per
+dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
+the interrupted episode is spooled with outcome ``error``.
+
+Recorded per step: source (policy/human), the chunk and offset, the policy version named in the server's
+reply, the chunk's inference latency (``latency_ms``), and in ``metadata["timing"]`` the tick lateness (ms)
+and each chunk's delay in steps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.recorder import EpisodeRecorder
+from envs.interventions import TeleopContext, TeleopDevice
+from envs.robot import EStopError, RobotInterface
+from policies.base import Observation
+from policies.openpi_client import OpenPIClientPolicy
+from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+from storage.spool import EpisodeSpool
+
+
+class RuntimeConfig(BaseModel):
+    """Control-loop settings (validated)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate_hz: float = Field(default=50.0, ge=1.0, le=1000.0)
+    mode: Literal["async", "sync"] = "async"
+    execute_horizon: int | None = Field(default=None, ge=1)
+    max_steps: int = Field(default=200, ge=1)
+    max_action_delta: float | None = Field(default=0.25, gt=0.0)
+    injected_latency_ms: float = Field(default=0.0, ge=0.0)
+    spin_ms: float = Field(default=1.5, ge=0.0)
+    record_images: bool = True
+    held_dims: tuple[int, ...] = (3,)
+
+    @property
+    def period_s(self) -> float:
+        """Seconds per tick."""
+        return 1.0 / self.rate_hz
+
+
+@dataclass(frozen=True)
+class ChunkReply:
+    """One chunk from the policy: ``H×D`` actions, the version that produced them, and the latency."""
+
+    actions: np.ndarray
+    version: str
+    latency_ms: float
+
+
+ChunkSource = Callable[[Observation], ChunkReply]
+
+
+def remote_chunks(client: OpenPIClientPolicy) -> ChunkSource:
+    """Chunks from a policy server: one lock-step request per observation; the version comes from the reply."""
+
+    def infer(observation: Observation) -> ChunkReply:
+        reply = client.infer_one(observation)
+        actions = np.asarray(reply["actions"], dtype=np.float32)[: client.action_horizon]
+        version = str(reply.get("policy_version") or client.version)
+        return ChunkReply(actions, version, float(reply["round_trip_ms"]))
+
+    return infer
+
+
+class RateClock:
+    """Fixed-rate ticks: sleep until ``spin`` before the deadline, then spin; an overrun restarts the grid."""
+
+    def __init__(self, period_s: float, spin_s: float) -> None:
+        self.period_s = period_s
+        self.spin_s = spin_s
+        self._next: float | None = None
+
+    def wait(self) -> float:
+        """Block until the next tick; return how late it started (seconds, ≥ 0)."""
+        now = time.perf_counter()
+        if self._next is None:
+            self._next = now
+        target = self._next
+        if target - now > self.spin_s:
+            time.sleep(target - now - self.spin_s)
+        while (now := time.perf_counter()) < target:
+            pass
+        late = now - target
+        self._next = now + self.period_s if late > self.period_s else target + self.period_s
+        return late
+
+
+@dataclass
+class _Chunk:
+    reply: ChunkReply
+    chunk_id: int
+    offset: int
+    delay_steps: int
+
+
+@dataclass
+class _Pending:
+    future: Future[ChunkReply]
+    step: int
+
+
+@dataclass
+class EpisodeResult:
+    """What one episode did: outcome, steps, starved (holding) steps, tick lateness and the spooled record."""
+
+    record: EpisodeRecord
+    starved_steps: int
+    tick_late_ms: list[float]
+    e_stopped: bool = False
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The episode's UUID."""
+        return self.record.uuid
+
+
+@dataclass
+class _Takeover:
+    """Source switching and the bumpless transition."""
+
+    human: bool = False
+    transition: bool = False
+    segments: list[InterventionSegment] = field(default_factory=list)
+    open_since: tuple[int, str] | None = None
+
+    def switch(self, human: bool, t: int, reason: str) -> None:
+        if human != self.human:
+            self.transition = True
+            if human:
+                self.open_since = (t, reason)
+            else:
+                self.close(t)
+        self.human = human
+
+    def close(self, t: int) -> None:
+        if self.open_since is not None:
+            self.segments.append(InterventionSegment(self.open_since[0], t, self.open_since[1]))
+            self.open_since = None
+
+
+class RobotRuntime:
+    """Runs episodes on ``robot`` with chunks from ``chunks``, optional ``teleop``, spooling into ``spool``."""
+
+    def __init__(
+        self,
+        robot: RobotInterface,
+        chunks: ChunkSource,
+        spool: EpisodeSpool,
+        config: RuntimeConfig | None = None,
+        *,
+        task: str,
+        env_id: str,
+        teleop: TeleopDevice | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.robot = robot
+        self.chunks = chunks
+        self.spool = spool
+        self.config = config or RuntimeConfig()
+        self.task = task
+        self.env_id = env_id
+        self.teleop = teleop
+        self.run_id = run_id
+        self._e_stop = threading.Event()
+        self._pool = ThreadPoolExecutor(1, "robot-inference")
+        self._latency_ema_ms: float | None = None
+
+    # ---- control ----
+
+    def e_stop(self) -> None:
+        """Stop the robot now (any thread); the loop ends at its next check and the run stops."""
+        self._e_stop.set()
+        self.robot.e_stop()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``e_stop`` was called."""
+        return self._e_stop.is_set()
+
+    def run(self, episodes: int, seed: int = 0) -> list[EpisodeResult]:
+        """Run up to ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...), stopping early on e-stop."""
+        results = []
+        for index in range(episodes):
+            if self.stopped:
+                break
+            results.append(self.run_episode(seed + index))
+        return results
+
+    def close(self) -> None:
+        """Stop the inference thread."""
+        self._pool.shutdown(wait=True)
+
+    # ---- one episode ----
+
+    def run_episode(self, seed: int) -> EpisodeResult:
+        """Run one episode at the fixed rate and spool it; returns its record and timing."""
+        config = self.config
+        observation = self.robot.reset(seed)
+        if self.teleop is not None:
+            self.teleop.reset(seed)
+        recorder = EpisodeRecorder(
+            self.task, self.env_id, seed, self.run_id, record_images=config.record_images
+        )
+        clock = RateClock(config.period_s, config.spin_ms / 1000)
+        last = np.zeros(self.robot.action_dim, dtype=np.float32)
+        chunk: _Chunk | None = None
+        pending: _Pending | None = None
+        takeover = _Takeover()
+        late_ms: list[float] = []
+        chunk_delays: list[int] = []
+        starved = 0
+        reward, info, outcome, error = 0.0, {}, Outcome.TRUNCATED, None
+        for t in range(config.max_steps):
+            late_ms.append(clock.wait() * 1000)
+            if self.stopped:
+                outcome, error = Outcome.ERROR, f"e-stop before step {t}"
+                break
+            observation = self.robot.observe()
+            chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_delays)
+            policy_action, chunk_id, offset = self._policy_action(chunk, last)
+            starved += chunk_id < 0
+            command = None
+            if self.teleop is not None:
+                command = self.teleop.poll(TeleopContext(observation, policy_action, t, reward, info))
+            human = command is not None and command.takeover
+            takeover.switch(human, t, command.reason if human else "")
+            target = np.asarray(command.action if human else policy_action, dtype=np.float32)
+            executed = self._bumpless(last, target, takeover)
+            try:
+                feedback = self.robot.act(executed)
+            except EStopError:
+                outcome, error = Outcome.ERROR, f"e-stop at step {t}"
+                break
+            last, reward = executed, feedback.reward
+            info = {"success": feedback.success, "dense_reward": feedback.reward}
+            done = feedback.terminated or feedback.truncated or t == config.max_steps - 1
+            recorder.add_step(
+                observation,
+                executed,
+                feedback.reward,
+                feedback.terminated,
+                done and not feedback.terminated,
+                source=StepSource.HUMAN if human else StepSource.POLICY,
+                policy_version=None if human or chunk is None else chunk.reply.version,
+                chunk_id=-1 if human else chunk_id,
+                chunk_offset=-1 if human else offset,
+                latency_ms=0.0 if human or chunk_id < 0 else chunk.reply.latency_ms,
+            )
+            if feedback.success:
+                outcome = Outcome.SUCCESS
+            if done:
+                break
+        takeover.close(recorder.length)
+        if pending is not None:
+            pending.future.cancel()
+        recorder.metadata = {
+            "robot_runtime": {"mode": config.mode, "rate_hz": config.rate_hz, "starved_steps": starved},
+            "timing": {
+                "tick_late_ms": [round(v, 3) for v in late_ms[: recorder.length]],
+                "chunk_delay_steps": chunk_delays,
+            },
+        }
+        segments = [s for s in takeover.segments if s.t_start < s.t_end <= recorder.length]
+        record = recorder.finish(outcome, segments, error)
+        self.spool.put(record)
+        return EpisodeResult(record, starved, late_ms, e_stopped=self.stopped)
+
+    # ---- chunks ----
+
+    def _advance_chunks(
+        self,
+        chunk: _Chunk | None,
+        pending: _Pending | None,
+        observation: Observation,
+        t: int,
+        recorder: EpisodeRecorder,
+        chunk_delays: list[int],
+    ) -> tuple[_Chunk | None, _Pending | None]:
+        """Switch to an arrived chunk, and request the next one when it is time (or wait for it in sync)."""
+        horizon_left = self._execute_horizon(chunk)
+        if self.config.mode == "sync":
+            if chunk is None or chunk.offset >= horizon_left:
+                reply = self._infer(observation)
+                chunk = _Chunk(reply, recorder.add_chunk(reply.actions), 0, 0)
+                chunk_delays.append(0)
+            return chunk, None
+        if pending is not None and pending.future.done():
+            reply = pending.future.result()
+            delay = t - pending.step
+            chunk_delays.append(delay)
+            if delay < len(reply.actions):
+                chunk = _Chunk(reply, recorder.add_chunk(reply.actions), delay, delay)
+            pending = None
+        if pending is None and (chunk is None or chunk.offset >= horizon_left - self._lead_steps()):
+            pending = _Pending(self._pool.submit(self._infer, observation), t)
+        return chunk, pending
+
+    def _execute_horizon(self, chunk: _Chunk | None) -> int:
+        if chunk is None:
+            return 0
+        horizon = len(chunk.reply.actions)
+        return min(self.config.execute_horizon or horizon, horizon)
+
+    def _lead_steps(self) -> int:
+        latency = self._latency_ema_ms if self._latency_ema_ms is not None else 0.0
+        return math.ceil(latency / 1000 / self.config.period_s) + 1
+
+    def _infer(self, observation: Observation) -> ChunkReply:
+        started = time.perf_counter()
+        if self.config.injected_latency_ms:
+            time.sleep(self.config.injected_latency_ms / 1000)
+        reply = self.chunks(observation)
+        latency = (time.perf_counter() - started) * 1000
+        self._latency_ema_ms = (
+            latency if self._latency_ema_ms is None else 0.7 * self._latency_ema_ms + 0.3 * latency
+        )
+        return ChunkReply(reply.actions, reply.version, latency)
+
+    def _policy_action(self, chunk: _Chunk | None, last: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """The current chunk's next action (and its chunk id and offset), or a hold (id −1) when starved."""
+        if chunk is None or chunk.offset >= len(chunk.reply.actions):
+            hold = np.zeros_like(last)
+            held = list(self.config.held_dims)
+            hold[held] = last[held]
+            return hold, -1, -1
+        action = chunk.reply.actions[chunk.offset]
+        chunk.offset += 1
+        return action, chunk.chunk_id, chunk.offset - 1
+
+    def _bumpless(self, last: np.ndarray, target: np.ndarray, takeover: _Takeover) -> np.ndarray:
+        """During a transition, move from ``last`` toward ``target`` by at most ``max_action_delta`` per step."""
+        delta = self.config.max_action_delta
+        if not takeover.transition or delta is None:
+            return target.astype(np.float32)
+        step = np.clip(target - last, -delta, delta)
+        if np.array_equal(step, target - last):
+            takeover.transition = False
+        return (last + step).astype(np.float32)
+
+
+def action_jumps(record: EpisodeRecord, window: int = 1) -> dict[str, float]:
+    """Largest command change (∞-norm) at chunk boundaries and around takeovers / hand-backs.
+
+    A chunk boundary is a policy step whose chunk differs from the previous policy step's (a hold step counts
+    as chunk −1). A takeover's jump is the largest change over the ``window`` steps starting where the source
+    changed (the bumpless transition).
+    """
+    actions, sources, chunk_ids = record.actions, record.sources, record.chunk_ids
+    diffs = np.abs(np.diff(actions, axis=0)).max(axis=1) if len(actions) > 1 else np.zeros(0)
+    policy = StepSource.POLICY
+    boundary = [
+        diffs[t - 1]
+        for t in range(1, len(actions))
+        if sources[t] == sources[t - 1] == policy and chunk_ids[t] != chunk_ids[t - 1]
+    ]
+    switches = [t for t in range(1, len(actions)) if sources[t] != sources[t - 1]]
+    takeover = [diffs[t - 1 : t - 1 + window].max() for t in switches]
+    return {
+        "chunk_boundary": float(max(boundary, default=0.0)),
+        "takeover": float(max(takeover, default=0.0)),
+        "switches": float(len(switches)),
+    }
