@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,6 +117,12 @@ class ExperienceStore:
         self._version_names: dict[int, str] = {}
         self._replays: dict[tuple[Any, ...], ReplayIndex] = {}
         self._schema_ready = False
+        self._insert_new_episode = (
+            self._dialect_insert(Episode)
+            .on_conflict_do_nothing(index_elements=["uuid"])
+            .returning(Episode.__table__.c.id)
+        )
+        self._writer: tuple[int, sa.Connection] | None = None
 
     @property
     def dialect(self) -> str:
@@ -124,6 +131,9 @@ class ExperienceStore:
 
     def close(self) -> None:
         """Release pooled connections."""
+        if self._writer is not None and self._writer[0] == os.getpid():
+            self._writer[1].close()
+        self._writer = None
         self._read_engine.dispose()
 
     # ---- schema ----
@@ -253,12 +263,24 @@ class ExperienceStore:
         record.validate()
         version_ids = self._resolve_versions(record)
         prepared = self._prepare(record)
-        with self._write_engine.begin() as connection:
+        connection = self._writer_connection()
+        with connection.begin():
             if self._insert_episode(connection, prepared, version_ids):
                 return True
             stored = connection.scalar(sa.select(Episode.content_hash).where(Episode.uuid == record.uuid))
             assert stored is not None
             return self._check_duplicate(record.uuid, stored, prepared.content_hash)  # a conflict rolls back
+
+    def _writer_connection(self) -> sa.Connection:
+        """This process's connection for episode writes, kept open between episodes (reopened after a fork)."""
+        if (
+            self._writer is None
+            or self._writer[0] != os.getpid()
+            or self._writer[1].closed
+            or self._writer[1].invalidated
+        ):
+            self._writer = (os.getpid(), self._write_engine.connect())
+        return self._writer[1]
 
     @staticmethod
     def _check_duplicate(episode_uuid: uuid.UUID, stored_hash: str, new_hash: str) -> bool:
@@ -326,10 +348,7 @@ class ExperienceStore:
         if record.run_id is not None:
             self._insert_ignore(connection, Run, [{"id": record.run_id, "config": {}}], ["id"])
         episode_id = connection.execute(
-            self._dialect_insert(Episode)
-            .on_conflict_do_nothing(index_elements=["uuid"])
-            .returning(Episode.__table__.c.id),
-            self._episode_row(prepared, version_ids),
+            self._insert_new_episode, self._episode_row(prepared, version_ids)
         ).scalar_one_or_none()
         if episode_id is None:
             return False

@@ -211,6 +211,7 @@ def test_filters_list_count_and_iterate(store: ExperienceStore) -> None:
         "pick-place-v3": {"failure": 1, "success": 2},
     }
     assert stats["runs"] == 2 and stats["steps"] == 75 and stats["human_steps"] == 20
+    assert sorted(run["id"] for run in store.list_runs(prefix="run-")) == ["run-a", "run-b"]
 
 
 def test_images_are_content_addressed_and_shared(store: ExperienceStore) -> None:
