@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from actors.rollout import RolloutStats, RolloutWorker
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
+from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load_policy
 from storage import ExperienceStore
 
@@ -39,6 +40,7 @@ class CollectConfig(BaseModel):
     run_id: str | None = None
     seed: int = Field(default=0, ge=0)
     record_images: bool = True
+    subtask_labels: bool = Field(default=False, description="label steps with the scripted expert's phase")
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
@@ -73,7 +75,9 @@ def run_collection(config: CollectConfig, progress: bool = True) -> CollectRepor
     worker_kwargs = dict(
         env_factories=[functools.partial(make_env, config.env, config.human)] * config.envs_per_worker,
         policy=policy,
-        sink=StoreSink(config.store_url),
+        sink=ExpertPhaseLabels(StoreSink(config.store_url), config.env.task)
+        if config.subtask_labels
+        else StoreSink(config.store_url),
         task=config.env.task,
         seed=config.seed,
         run_id=run_id,

@@ -1,4 +1,6 @@
-"""Episode-metadata prompts (π0.7): hidden sources of variation in the data turned into conditions the policy sees.
+"""Context conditions from the π-series: episode-metadata prompts (π0.7) and subtask labels (Hi-Robot / π0.5).
+
+Episode metadata: hidden sources of variation in the data turned into conditions the policy sees.
 
 Each stored episode is described by its demonstration quality (the noise level of whoever acted), its speed
 (length relative to the task's median) and its mistakes (how often a human had to step in). Training appends
@@ -9,11 +11,12 @@ mistakes: none``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from envs.experts import expert_phases
 from storage import EpisodeRecord
 
 DESIRED_METADATA = "quality: high, speed: fast, mistakes: none"
@@ -78,3 +81,27 @@ def metadata_conditions(
         episode.uuid: [metadata_prompt(episode, medians[episode.task], config)] * episode.length
         for episode in episodes
     }
+
+
+class ExpertPhaseLabels:
+    """A sink wrapper that labels each step of a scripted episode with the expert's phase before storing it.
+
+    Subtask provenance goes into the episode metadata (``subtask_source: expert_phase``). Picklable, so it
+    travels into Ray rollout actors with the sink it wraps.
+    """
+
+    def __init__(self, sink: Callable[[EpisodeRecord], object], task: str) -> None:
+        self.sink = sink
+        self.task = task
+
+    def __call__(self, record: EpisodeRecord) -> object:
+        """Label ``record`` (when it carries the simulator state) and pass it on."""
+        if record.privileged is not None and record.length > 0:
+            record.subtasks = expert_phases(self.task, record.privileged)
+            record.metadata = {**record.metadata, "subtask_source": "expert_phase"}
+        return self.sink(record)
+
+
+def subtask_prompt(subtask: str | None) -> str | None:
+    """The condition text of a subtask label."""
+    return None if subtask is None else f"subtask: {subtask}"

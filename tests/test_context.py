@@ -14,6 +14,7 @@ from experiments.context import (
     metadata_conditions,
     metadata_prompt,
     quality_word,
+    subtask_prompt,
     task_median_lengths,
 )
 from experiments.training import BCConfig, EpisodeFilter, train_vla
@@ -87,3 +88,17 @@ def test_metadata_conditioned_policy_trains_from_store_and_answers_the_desired_p
     plain = trained.policy.infer(stack_observations([observation]), conditions=None, noise=noise)
     assert desired.actions.shape == (1, 10, 4)
     assert not np.allclose(desired.actions, plain.actions), "the metadata prompt must reach the model"
+
+
+def test_scripted_demos_get_expert_phase_subtasks_in_the_store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'phases.db'}"
+    env = EnvConfig(task="pick-place-v3", render=False, max_episode_steps=120)
+    run_collection(
+        CollectConfig(env=env, policy="scripted", episodes=2, store_url=url, subtask_labels=True),
+        progress=False,
+    )
+    for episode in ExperienceStore(url).iter_episodes():
+        assert episode.metadata["subtask_source"] == "expert_phase"
+        assert len(episode.subtasks) == episode.length
+        assert len(set(episode.subtasks)) >= 2, "pick-place moves through several phases"
+        assert subtask_prompt(episode.subtasks[0]).startswith("subtask: phase")

@@ -43,6 +43,9 @@ def collect(
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
     ] = False,
+    subtask_labels: Annotated[
+        bool, typer.Option(help="Label steps with the scripted expert's phase")
+    ] = False,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     run_id: Annotated[str | None, typer.Option(help="Resume/extend this run id (idempotent target)")] = None,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
@@ -77,6 +80,7 @@ def collect(
             run_id=run_id,
             seed=seed,
             record_images=not no_images,
+            subtask_labels=subtask_labels,
         )
     except ValidationError as error:
         raise typer.BadParameter(_first_error(error)) from error
