@@ -112,7 +112,12 @@ class EvalPoint:
 
 
 class OnlineRLT:
-    """The single-process online loop (see the module docstring)."""
+    """The single-process online loop (see the module docstring).
+
+    The constructor resets ``env`` once (seed ``config.seed``) to read the proprio width, and builds the
+    learner with ``state_dim = token.config.z_dim + proprio``. Pass ``token_fitted=True`` with an already
+    fitted token to skip fitting; ``on_episode`` receives every finished episode's ``EpisodeRecord``.
+    """
 
     def __init__(
         self,
