@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from envs import EnvConfig, SimulatedHumanConfig
-from envs.tasks import resolve_task
+from envs.tasks import UnknownTaskError, resolve_task
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.training import BCConfig
 from recap import RelabelConfig
@@ -106,12 +106,21 @@ class PipelineConfig(_Strict):
     ray_address: str | None = None
     mlflow_uri: str | None = None
     checkpoints: str | None = Field(default=None, description="checkpoint folder (default: the data folder)")
+    data_runs: list[str] = Field(
+        default_factory=list, description="stored runs (e.g. demos) always trained on"
+    )
+    serve_pid_files: list[str] = Field(
+        default_factory=list, description="pid files of `flywheel serve` processes to SIGHUP after a deploy"
+    )
     seed: int = Field(default=0, ge=0)
 
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        resolved = [resolve_task(task) for task in tasks]
+        try:
+            resolved = [resolve_task(task) for task in tasks]
+        except UnknownTaskError as error:
+            raise ValueError(str(error).removeprefix("task: ")) from None
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"expected distinct tasks, got {tasks}")
         return resolved

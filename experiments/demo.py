@@ -1,0 +1,165 @@
+"""``flywheel demo``: the whole loop on the embedded defaults, on a laptop-class CPU.
+
+Scripted demos from a noisy expert → BC-train the built-in VLA (tiny) as a mediocre prior → one pipeline
+iteration (collect with simulated interventions → cross-fitted value + advantage relabel → advantage-conditioned
+retraining → evaluation of prior and candidate → gate → registry → deploy). Every step is idempotent, so a rerun
+after an interruption continues where it stopped; the pipeline part is the same runner ``flywheel iterate`` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from envs import SimulatedHumanConfig
+from experiments.collection import CollectConfig, run_collection
+from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
+from experiments.pipeline import IterationState, Pipeline
+from experiments.pipeline_config import (
+    CollectionSettings,
+    EnvSettings,
+    EvaluationSettings,
+    PipelineConfig,
+    PriorConfig,
+)
+from experiments.training import BCConfig, EpisodeFilter, train_vla
+from recap import RelabelConfig, ValueConfig
+from storage import ExperienceStore
+
+DEMO_RUN = "demo/scripted-demos"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Budgets of one demo variant."""
+
+    name: str
+    task: str
+    demo_episodes: int
+    demo_noise: float
+    prior_steps: int
+    collect_episodes: int
+    value_steps: int
+    policy_steps: int
+    eval_episodes: int
+    image_size: int
+    max_episode_steps: int
+
+
+FULL = DemoPlan("demo", "reach-v3", 24, 1.0, 600, 24, 300, 600, 20, 48, 60)
+QUICK = DemoPlan("demo-quick", "reach-v3", 6, 1.0, 20, 6, 30, 20, 4, 48, 40)
+
+
+def demo_config(plan: DemoPlan, prior_version: str, store_url: str, mlflow_uri: str) -> PipelineConfig:
+    """The pipeline config the demo runs (prior = the BC-trained VLA, demos always in the training data)."""
+    return PipelineConfig(
+        name=plan.name,
+        tasks=[plan.task],
+        prior=PriorConfig(policy=prior_version),
+        env=EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps),
+        collection=CollectionSettings(episodes_per_task=plan.collect_episodes),
+        interventions=SimulatedHumanConfig(no_progress_steps=10, takeover_steps=15),
+        relabel=RelabelConfig(
+            value=ValueConfig(inputs="privileged", hidden_dim=64, train_steps=plan.value_steps, eval_every=50)
+        ),
+        training=_bc(plan, plan.policy_steps, condition_dropout=0.3),
+        evaluation=EvaluationSettings(episodes=plan.eval_episodes),
+        store_url=store_url,
+        mlflow_uri=mlflow_uri,
+        data_runs=[f"{DEMO_RUN}/{plan.task}"],
+    )
+
+
+def _bc(plan: DemoPlan, steps: int, condition_dropout: float = 0.0) -> BCConfig:
+    return BCConfig(
+        image_size=plan.image_size,
+        steps=steps,
+        batch_size=16,
+        condition_dropout=condition_dropout,
+        max_episode_steps=plan.max_episode_steps,
+    )
+
+
+def collect_demos(plan: DemoPlan, store_url: str, progress: bool) -> str:
+    """Noisy scripted demonstrations (idempotent: the run is topped up to its target)."""
+    run_id = f"{DEMO_RUN}/{plan.task}"
+    env = EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps).env(plan.task, 0)
+    run_collection(
+        CollectConfig(
+            env=env,
+            policy="scripted",
+            noise=plan.demo_noise,
+            episodes=plan.demo_episodes,
+            store_url=store_url,
+            run_id=run_id,
+        ),
+        progress=progress,
+    )
+    return run_id
+
+
+def train_prior(plan: DemoPlan, store: ExperienceStore, demo_run: str, progress: bool) -> str:
+    """BC-train the tiny VLA on the demos (reused if this plan's prior is already registered)."""
+    folder = checkpoints_dir() / f"{plan.name}-prior"
+    prefix = str(folder.resolve())
+    existing = [row for row in store.policy_versions() if str(row["uri"] or "").startswith(prefix)]
+    if existing:
+        return existing[-1]["version"]
+    folder.mkdir(parents=True, exist_ok=True)
+    trained = train_vla(
+        store,
+        EpisodeFilter(tasks=[plan.task], run_ids=[demo_run]),
+        _bc(plan, plan.prior_steps),
+        folder,
+        progress=progress,
+    )
+    return trained.version
+
+
+def run_demo(quick: bool = False, progress: bool = True, on_step=None) -> tuple[Pipeline, IterationState]:
+    """Run (or finish) the demo; returns the pipeline and its first iteration."""
+    plan = QUICK if quick else FULL
+    say = on_step or (lambda text: None)
+    store_url, mlflow_uri = default_store_url(), default_mlflow_uri()
+    store = ExperienceStore(store_url)
+    store.upgrade()
+    say(
+        f"1/3 scripted demonstrations ({plan.demo_episodes} episodes of {plan.task}, noise {plan.demo_noise})"
+    )
+    demo_run = collect_demos(plan, store_url, progress)
+    say(f"2/3 behaviour-cloning the built-in VLA prior ({plan.prior_steps} steps)")
+    prior = train_prior(plan, store, demo_run, progress)
+    say("3/3 one RECAP iteration: collect with interventions → relabel → retrain → evaluate → gate → deploy")
+    pipeline = Pipeline(
+        demo_config(plan, prior, store_url, mlflow_uri),
+        progress=progress,
+        on_stage=lambda i, s, o: say(f"    {s} done"),
+    )
+    states = pipeline.iterations()
+    state = states[0] if states and states[0].finished else pipeline.run_iteration()
+    return pipeline, state
+
+
+def before_after(state: IterationState) -> list[dict[str, Any]]:
+    """Rows of the before/after table: the prior (deployed) and the RECAP candidate, per task."""
+    evaluation = state.outputs["evaluate"]
+    rows = []
+    for label, role in (("before (prior)", "deployed"), ("after (RECAP)", "candidate")):
+        for task, figures in evaluation[role].items():
+            rows.append({"policy": label, "version": evaluation["versions"][role], "task": task, **figures})
+    return rows
+
+
+def mlflow_hint(pipeline: Pipeline) -> str:
+    """Where to look in MLflow."""
+    return (
+        f"MLflow: `flywheel dashboard` (tracking store {pipeline.config.mlflow_uri}) → experiment "
+        f"'flywheel/{pipeline.config.name}' → run 'iteration-1' (metrics, plots/, videos/, nested stage runs); "
+        f"Models → '{pipeline.tracker.model_name}' (alias 'deployed'). Deployed version file: {pipeline.deploy_file()}"
+    )
+
+
+def demo_home_note() -> Path:
+    """The folder the demo writes to."""
+    return checkpoints_dir().parent

@@ -1,0 +1,47 @@
+"""The evaluation gate: a candidate policy replaces the deployed one only if it is not worse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from experiments.evaluation import wilson_interval
+from experiments.pipeline_config import GateSettings
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether to promote, and why (pooled over tasks)."""
+
+    promote: bool
+    reason: str
+    candidate_rate: float
+    candidate_ci: tuple[float, float]
+    deployed_rate: float
+    deployed_ci: tuple[float, float]
+
+    def as_dict(self) -> dict:
+        """JSON-able form (for the stage record and MLflow)."""
+        return asdict(self)
+
+
+def decide(candidate: tuple[int, int], deployed: tuple[int, int], settings: GateSettings) -> GateDecision:
+    """Compare ``(successes, n)`` of the candidate with the deployed policy's under ``settings.rule``."""
+    (cand_s, cand_n), (dep_s, dep_n) = candidate, deployed
+    cand_rate, dep_rate = cand_s / max(cand_n, 1), dep_s / max(dep_n, 1)
+    cand_ci = wilson_interval(cand_s, cand_n, settings.confidence)
+    dep_ci = wilson_interval(dep_s, dep_n, settings.confidence)
+    floor = dep_rate - settings.margin
+    figures = f"candidate {cand_s}/{cand_n} [{cand_ci[0]:.2f}, {cand_ci[1]:.2f}] vs deployed {dep_s}/{dep_n}"
+    if settings.rule == "always":
+        promote, why = True, "gate rule 'always'"
+    elif settings.rule == "point":
+        promote = cand_rate >= floor
+        why = f"success {cand_rate:.2f} {'≥' if promote else '<'} deployed {dep_rate:.2f} − margin {settings.margin}"
+    else:
+        promote = cand_ci[1] >= floor
+        why = (
+            f"upper {settings.confidence:.0%} bound {cand_ci[1]:.2f} {'≥' if promote else '<'} "
+            f"deployed {dep_rate:.2f} − margin {settings.margin}"
+        )
+    verdict = "promoted" if promote else "rejected: worse than deployed"
+    return GateDecision(promote, f"{verdict} ({why}; {figures})", cand_rate, cand_ci, dep_rate, dep_ci)

@@ -1,0 +1,499 @@
+"""The improvement pipeline: collect → relabel (train value) → train policy → evaluate → gate → register →
+deploy, one iteration at a time, every stage recorded in the experience store and tracked in MLflow.
+
+Resumability: a finished stage writes a stage record (a row of the store's ``runs`` table with id
+``pipeline:<name>/iter-NNNN/<stage>`` and the stage's outputs as its config). A rerun skips finished stages and
+redoes the interrupted one, which is itself idempotent: collection tops its run up to the target; a relabel,
+a trained checkpoint or an evaluation that was written just before a kill is found again (by the stage id in
+the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.collection import CollectConfig, run_collection
+from experiments.evaluation import evaluate, wilson_interval
+from experiments.gate import decide
+from experiments.pipeline_artifacts import write_iteration_artifacts
+from experiments.pipeline_config import PipelineConfig
+from experiments.policy_loader import load_policy
+from experiments.tracking import PipelineTracker
+from experiments.training import EpisodeFilter, load_training_episodes, train_vla
+from policies.base import Policy
+from recap import POSITIVE_PROMPT, conditioned_episodes
+from recap.relabel import cross_fit
+from storage import ExperienceStore, Outcome
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("collect", "relabel", "train", "evaluate", "gate", "register", "deploy", "report")
+STAGE_RECORD = "pipeline-stage"
+
+
+@dataclass
+class IterationState:
+    """What the stages of one iteration produced so far (each entry is that stage's record)."""
+
+    iteration: int
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """True once the last stage is recorded."""
+        return STAGES[-1] in self.outputs
+
+
+class Pipeline:
+    """Runs iterations of one ``PipelineConfig`` against its store and MLflow tracking store."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        progress: bool = True,
+        on_stage: Callable[[int, str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config.resolved()
+        self.store = ExperienceStore(self.config.store_url)
+        self.store.upgrade()
+        self.tracker = PipelineTracker(self.config.mlflow_uri, self.config.name)
+        self.progress = progress
+        self.on_stage = on_stage or (lambda iteration, stage, output: None)
+        self.prefix = f"pipeline:{self.config.name}/"
+        self.home = Path(self.config.checkpoints) / self.config.name
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._prior_version: str | None = None
+
+    # ---- state ----
+
+    def stage_id(self, iteration: int, stage: str) -> str:
+        """The store run id that records ``stage`` of ``iteration`` as finished."""
+        return f"{self.prefix}iter-{iteration:04d}/{stage}"
+
+    def iterations(self) -> list[IterationState]:
+        """Every iteration with at least one finished stage, in order."""
+        states: dict[int, IterationState] = {}
+        for run in self.store.list_runs(prefix=self.prefix):
+            if run["name"] != STAGE_RECORD:
+                continue
+            iteration = int(run["config"]["iteration"])
+            states.setdefault(iteration, IterationState(iteration)).outputs[run["config"]["stage"]] = run[
+                "config"
+            ]["output"]
+        return [states[key] for key in sorted(states)]
+
+    def deployed_version(self) -> str:
+        """The version the last finished iteration deployed, else the prior's."""
+        for state in reversed(self.iterations()):
+            if "deploy" in state.outputs:
+                return state.outputs["deploy"]["deployed"]
+        return self.prior_version()
+
+    def finished_at(self, iteration: int) -> dt.datetime:
+        """When ``iteration``'s deploy stage was recorded (UTC)."""
+        [run] = [
+            r
+            for r in self.store.list_runs(prefix=self.stage_id(iteration, STAGES[-1]))
+            if r["name"] == STAGE_RECORD
+        ]
+        moment = run["created_at"]
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+    def deploy_file(self) -> Path:
+        """The file holding the deployed version (``flywheel serve --policy @FILE --store URL`` reads it)."""
+        return self.home / "deployed"
+
+    # ---- running ----
+
+    def run_iteration(self) -> IterationState:
+        """Finish the last unfinished iteration, or run a new one; returns its outputs."""
+        states = self.iterations()
+        state = states[-1] if states and not states[-1].finished else IterationState(len(states) + 1)
+        parent_run = self.tracker.iteration_run(state.iteration, self.config.model_dump(mode="json"))
+        stage_functions = {
+            "collect": self._collect,
+            "relabel": self._relabel,
+            "train": self._train,
+            "evaluate": self._evaluate,
+            "gate": self._gate,
+            "register": self._register,
+            "deploy": self._deploy,
+            "report": lambda state, _run: self._report(state, parent_run),
+        }
+        for stage in STAGES:
+            if stage in state.outputs:
+                continue
+            stage_run = self.tracker.stage_run(parent_run, state.iteration, stage)
+            try:
+                output = stage_functions[stage](state, stage_run)
+            except BaseException:
+                self.tracker.finish(stage_run, failed=True)
+                raise
+            self._record(state, stage, output)
+            self.tracker.finish(stage_run)
+        self.tracker.finish(parent_run)
+        return state
+
+    def _record(self, state: IterationState, stage: str, output: dict[str, Any]) -> None:
+        output = _finite(json.loads(dump_json(output)))
+        self.store.register_run(
+            self.stage_id(state.iteration, stage),
+            name=STAGE_RECORD,
+            config={"iteration": state.iteration, "stage": stage, "output": output},
+        )
+        state.outputs[stage] = output
+        logger.info("iteration %d: %s done %s", state.iteration, stage, output)
+        self.on_stage(state.iteration, stage, output)
+
+    # ---- stages ----
+
+    def _collect(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        deployed = self.deployed_version()
+        spec, noise = self._spec_of(deployed)
+        runs, metrics = {}, {}
+        for index, task in enumerate(self.config.tasks):
+            collection_run = f"{self.stage_id(state.iteration, 'collect')}/{task}"
+            seed = self.config.seed + 1000 * state.iteration + index
+            report = run_collection(
+                CollectConfig(
+                    env=self.config.env.env(task, seed),
+                    policy=spec,
+                    noise=noise,
+                    episodes=self.config.collection.episodes_per_task,
+                    human=self.config.interventions,
+                    workers=self.config.collection.workers,
+                    envs_per_worker=self.config.collection.envs_per_worker,
+                    inference=self.config.collection.inference,
+                    ray_address=self.config.ray_address,
+                    store_url=self.config.store_url,
+                    run_id=collection_run,
+                    seed=seed,
+                    record_images=self.config.collection.record_images,
+                    metadata={"pipeline": self.config.name, "iteration": state.iteration},
+                ),
+                progress=self.progress,
+            )
+            runs[task] = collection_run
+            summaries = self.store.list_episodes(run_id=collection_run)
+            steps = sum(s.length for s in summaries)
+            metrics |= {
+                f"{task}/collect_success_rate": report.success_rate,
+                f"{task}/intervention_rate": sum(s.human_steps for s in summaries) / max(steps, 1),
+                f"{task}/collect_episode_length": steps / max(len(summaries), 1),
+                f"{task}/collect_steps_per_second": report.env_steps / max(report.seconds, 1e-9),
+            }
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        return {"policy": deployed, "runs": runs, "metrics": metrics}
+
+    def _data_runs(self, iteration: int) -> list[str]:
+        runs = list(self.config.data_runs)
+        for state in self.iterations():
+            if state.iteration <= iteration and "collect" in state.outputs:
+                runs += list(state.outputs["collect"]["runs"].values())
+        return runs
+
+    def _selection(self, iteration: int) -> EpisodeFilter:
+        return EpisodeFilter(tasks=self.config.tasks, run_ids=self._data_runs(iteration))
+
+    def _relabel(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        stage_id = self.stage_id(state.iteration, "relabel")
+        existing = [
+            r for r in self.store.list_relabels(method="recap") if r.config.get("pipeline_stage") == stage_id
+        ]
+        if existing:
+            record, value_losses = existing[-1], []
+        else:
+            episodes = [
+                episode
+                for episode in load_training_episodes(self.store, self._selection(state.iteration))
+                if episode.outcome != Outcome.ERROR
+            ]
+            result = cross_fit(episodes, self.config.relabel)
+            record = result.record
+            record.config["pipeline_stage"] = stage_id
+            record.relabel_id = self.store.write_relabel(record)
+            value_losses = [
+                fold.model.training_loss for fold in result.folds if fold.model.training_loss is not None
+            ]
+        indicators = [bool(x) for labels in record.labels for x in labels.indicators]
+        pooled = record.diagnostics.get("all", {})
+        metrics = {
+            "advantage_positive_fraction": sum(indicators) / max(len(indicators), 1),
+            "relabel_episodes": float(len(record.labels)),
+            **{f"diag/{k}": v for k, v in pooled.items() if isinstance(v, int | float)},
+        }
+        if value_losses:
+            metrics["value_loss"] = sum(value_losses) / len(value_losses)
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        self.tracker.set_tags(run_id, {"relabel_id": str(record.relabel_id)})
+        return {
+            "relabel_id": str(record.relabel_id),
+            "sanity_ok": bool(record.diagnostics.get("sanity_ok", True)),
+            "metrics": metrics,
+        }
+
+    def _train(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        output_dir = self.home / f"iter-{state.iteration:04d}"
+        found = self._version_under(output_dir)
+        if found is not None:
+            return {"version": found["version"], "checkpoint": found["uri"], "metrics": {}}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        selection = self._selection(state.iteration)
+        record = self.store.load_relabel(state.outputs["relabel"]["relabel_id"])
+        by_uuid = {
+            item.episode.uuid: item.conditions
+            for item in conditioned_episodes(load_training_episodes(self.store, selection), record)
+        }
+        trained = train_vla(
+            self.store,
+            selection,
+            self.config.training.model_copy(
+                update={"eval_episodes": 0, "seed": self.config.seed + state.iteration}
+            ),
+            output_dir,
+            conditions=lambda episode: by_uuid.get(episode.uuid),
+            parent_version=state.outputs["collect"]["policy"],
+            progress=self.progress,
+        )
+        losses = [row["loss"] for row in trained.train.history]
+        self.tracker.log_curve(run_id, "train_loss", losses)
+        metrics = {"final_train_loss": losses[-1]} if losses else {}
+        metrics["train_episodes"] = float(trained.episodes_used)
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        return {
+            "version": trained.version,
+            "checkpoint": str(trained.checkpoint.resolve()),
+            "metrics": metrics,
+        }
+
+    def _evaluate(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        candidate = state.outputs["train"]["version"]
+        deployed = state.outputs["collect"]["policy"]
+        results = {
+            "candidate": self._evaluations(
+                candidate, f"{self.stage_id(state.iteration, 'evaluate')}/candidate"
+            ),
+            "deployed": self._evaluations(deployed, f"{self.prefix}baseline/{deployed}"),
+        }
+        metrics: dict[str, float] = {}
+        for role, per_task in results.items():
+            for task, figures in per_task.items():
+                metrics |= {f"{role}/{task}/{key}": value for key, value in figures.items()}
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        return {"versions": {"candidate": candidate, "deployed": deployed}, **results}
+
+    def _evaluations(self, version: str, eval_run: str) -> dict[str, dict[str, float]]:
+        """Per-task evaluation figures of ``version`` (reused from the store when already recorded)."""
+        done = {
+            e.task: e.metrics
+            for e in self.store.list_evaluations(policy_version=version)
+            if e.run_id == eval_run
+        }
+        protocol = self.config.evaluation
+        for task in self.config.tasks:
+            if task in done:
+                continue
+            policy = self._load(version, task)
+            env = self.config.env.env(task, protocol.seed)
+            result, _ = evaluate(policy, env, protocol.episodes, seed=protocol.seed)
+            metrics = result.as_metrics()
+            self.store.write_evaluation(
+                version, task, result.n, result.successes, metrics=metrics, run_id=eval_run
+            )
+            done[task] = metrics
+        return {task: done[task] for task in self.config.tasks}
+
+    def _gate(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        evaluation = state.outputs["evaluate"]
+
+        def pooled(role: str) -> tuple[int, int]:
+            figures = evaluation[role].values()
+            return int(sum(f["successes"] for f in figures)), int(sum(f["n"] for f in figures))
+
+        decision = decide(pooled("candidate"), pooled("deployed"), self.config.gate)
+        self.tracker.log_metrics(
+            run_id,
+            {
+                "promoted": float(decision.promote),
+                "candidate_success_rate": decision.candidate_rate,
+                "deployed_success_rate": decision.deployed_rate,
+            },
+            state.iteration,
+        )
+        self.tracker.set_tags(run_id, {"gate_reason": decision.reason})
+        return decision.as_dict()
+
+    def _register(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        train, gate = state.outputs["train"], state.outputs["gate"]
+        model_version = self.tracker.register(
+            train["version"], train["checkpoint"], run_id, description=gate["reason"]
+        )
+        self.tracker.tag_version(
+            model_version,
+            {"gate": "promoted" if gate["promote"] else "rejected", "gate_reason": gate["reason"]},
+        )
+        return {
+            "model": self.tracker.model_name,
+            "model_version": model_version,
+            "store_version": train["version"],
+        }
+
+    def _deploy(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        promoted = state.outputs["gate"]["promote"]
+        deployed = state.outputs["train"]["version"] if promoted else state.outputs["collect"]["policy"]
+        if promoted:
+            self.tracker.set_deployed(state.outputs["register"]["model_version"])
+        _write_atomically(self.deploy_file(), deployed + "\n")
+        notified = self._notify_servers()
+        self.tracker.set_tags(run_id, {"deployed": deployed})
+        return {
+            "deployed": deployed,
+            "promoted": promoted,
+            "deploy_file": str(self.deploy_file()),
+            "notified": notified,
+        }
+
+    def _notify_servers(self) -> list[int]:
+        """SIGHUP every ``flywheel serve`` whose pid is listed in ``deploy.pid_files`` so it reloads @FILE."""
+        notified = []
+        for pid_file in self.config.serve_pid_files:
+            try:
+                pid = int(Path(pid_file).read_text().strip())
+                os.kill(pid, signal.SIGHUP)
+                notified.append(pid)
+            except (OSError, ValueError) as error:
+                logger.warning("could not notify the server of %s: %s", pid_file, error)
+        return notified
+
+    # ---- summary ----
+
+    def _report(self, state: IterationState, parent_run: str) -> dict[str, Any]:
+        """Iteration-level metrics, tags and artifacts on the iteration run."""
+        evaluation = state.outputs["evaluate"]
+        metrics: dict[str, float] = {"promoted": float(state.outputs["gate"]["promote"])}
+        for role in ("candidate", "deployed"):
+            figures = list(evaluation[role].values())
+            successes, n = sum(f["successes"] for f in figures), sum(f["n"] for f in figures)
+            low, high = wilson_interval(int(successes), int(n))
+            metrics |= {
+                f"{role}_success_rate": successes / max(n, 1),
+                f"{role}_ci_low": low,
+                f"{role}_ci_high": high,
+                f"{role}_successes_per_hour": sum(f["successes_per_hour"] for f in figures) / len(figures),
+                f"{role}_episode_length": sum(f["mean_length"] for f in figures) / len(figures),
+            }
+        for stage in ("collect", "relabel", "train"):
+            metrics |= {
+                k: v for k, v in state.outputs[stage].get("metrics", {}).items() if isinstance(v, float | int)
+            }
+        self.tracker.log_metrics(parent_run, metrics, state.iteration)
+        self.tracker.set_tags(
+            parent_run,
+            {
+                "candidate": state.outputs["train"]["version"],
+                "deployed": state.outputs["deploy"]["deployed"],
+                "gate_reason": state.outputs["gate"]["reason"],
+                "relabel_id": state.outputs["relabel"]["relabel_id"],
+            },
+        )
+        folder = self.home / f"iter-{state.iteration:04d}" / "artifacts"
+        artifacts = []
+        for path, artifact_folder in write_iteration_artifacts(self, state, folder):
+            self.tracker.log_artifact(parent_run, path, artifact_folder)
+            artifacts.append(f"{artifact_folder}/{path.name}" if artifact_folder else path.name)
+        return {"metrics": metrics, "artifacts": artifacts}
+
+    # ---- helpers ----
+
+    def prior_version(self) -> str:
+        """The store version of the configured prior (loaded once)."""
+        if self._prior_version is None:
+            prior = self.config.prior
+            self._prior_version = load_policy(
+                prior.policy,
+                task=self.config.tasks[0],
+                store=self.store,
+                noise=prior.noise,
+                seed=self.config.seed,
+            ).version
+        return self._prior_version
+
+    def _spec_of(self, version: str) -> tuple[str, float]:
+        """The loadable spec (and scripted noise) of a version: the prior's spec, else the version itself."""
+        if version == self.prior_version():
+            return self.config.prior.policy, self.config.prior.noise
+        return version, 0.0
+
+    def _load(self, version: str, task: str) -> Policy:
+        """Load a version; pipeline-trained (RECAP) versions are conditioned on "Advantage: positive"."""
+        spec, noise = self._spec_of(version)
+        policy = load_policy(spec, task=task, store=self.store, noise=noise, seed=self.config.seed)
+        if self._trained_here(policy.version):
+            policy.conditions = POSITIVE_PROMPT
+            policy.cfg_beta = self.config.cfg_beta
+        return policy
+
+    def _trained_here(self, version: str) -> bool:
+        return any(
+            row["version"] == version and str(row["uri"] or "").startswith(str(self.home.resolve()))
+            for row in self.store.policy_versions()
+        )
+
+    def _version_under(self, folder: Path) -> dict[str, Any] | None:
+        prefix = str(folder.resolve()) + os.sep
+        rows = [r for r in self.store.policy_versions() if str(r["uri"] or "").startswith(prefix)]
+        return rows[-1] if rows else None
+
+
+def _finite(data: Any) -> Any:
+    """JSON data with NaN/inf replaced by None (PostgreSQL's JSON rejects them)."""
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_finite(value) for value in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def iteration_table(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """One row per finished iteration: candidate vs deployed success, the gate verdict, the deployed version."""
+    rows = []
+    for state in pipeline.iterations():
+        if not state.finished:
+            continue
+        gate = state.outputs["gate"]
+        rows.append(
+            {
+                "iteration": state.iteration,
+                "candidate": state.outputs["train"]["version"],
+                "candidate_success": gate["candidate_rate"],
+                "deployed_success": gate["deployed_rate"],
+                "promoted": gate["promote"],
+                "deployed": state.outputs["deploy"]["deployed"],
+                "reason": gate["reason"],
+            }
+        )
+    return rows
+
+
+def dump_json(data: Any) -> str:
+    """Pretty JSON for artifacts."""
+    return json.dumps(
+        data, indent=1, default=lambda value: value.item() if hasattr(value, "item") else str(value)
+    )
