@@ -1,0 +1,51 @@
+"""`flywheel demo --quick` on a fresh data folder: demos → VLA prior → one pipeline iteration → table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from mlflow import MlflowClient
+
+from storage import ExperienceStore
+from tests.test_pipeline import REPO
+
+
+def test_demo_quick_runs_the_whole_loop(tmp_path):
+    env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "demo", "--quick", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "before (prior)" in out and "after (RECAP)" in out and "gate:" in out
+    assert "flywheel dashboard" in out and "flywheel/demo-quick" in out
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'home' / 'experience.db'}")
+    runs = {run["id"] for run in store.list_runs()}
+    assert "demo/scripted-demos/reach-v3" in runs
+    assert "pipeline:demo-quick/iter-0001/report" in runs
+    assert store.count_episodes(run_id="demo/scripted-demos/reach-v3") == 6
+    assert store.count_episodes(run_id="pipeline:demo-quick/iter-0001/collect/reach-v3") == 6
+    kinds = [row["kind"] for row in store.policy_versions()]
+    assert kinds.count("vla") == 2  # the BC prior and the RECAP candidate
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("flywheel/demo-quick")
+    [run] = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'iteration'")
+    assert "candidate_success_rate" in run.data.metrics and "deployed_success_rate" in run.data.metrics
+    # rerunning finds the finished demo and prints the same table without redoing anything
+    again = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "demo", "--quick", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store.count_episodes() == 12 and len(store.list_evaluations()) == 2
