@@ -12,9 +12,9 @@ picks the policy's action from the current chunk, polls the teleop device, and s
   gripper command kept) — a *starved* step, counted per episode.
 - ``sync``: the robot waits for every chunk (the loop blocks on inference), for comparison.
 
-Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), the command
-moves from the last executed action toward the new source's action by at most ``max_action_delta`` per
-dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
+Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), or the policy
+resumes after a hold, the command moves from the last executed action toward the new source's action by at
+most ``max_action_delta`` per dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
 the interrupted episode is spooled with outcome ``error``.
 
 Recorded per step: source (policy/human), the chunk and offset, the policy version named in the server's
@@ -236,7 +236,7 @@ class RobotRuntime:
         takeover = _Takeover()
         late_ms: list[float] = []
         chunk_delays: list[int] = []
-        starved = 0
+        starved, holding = 0, False
         reward, info, outcome, error = 0.0, {}, Outcome.TRUNCATED, None
         for t in range(config.max_steps):
             late_ms.append(clock.wait() * 1000)
@@ -246,7 +246,10 @@ class RobotRuntime:
             observation = self.robot.observe()
             chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_delays)
             policy_action, chunk_id, offset = self._policy_action(chunk, last)
-            starved += chunk_id < 0
+            if chunk_id >= 0 and holding:
+                takeover.transition = True  # resuming from a hold (episode start, starvation) is bumpless too
+            holding = chunk_id < 0
+            starved += holding
             command = None
             if self.teleop is not None:
                 command = self.teleop.poll(TeleopContext(observation, policy_action, t, reward, info))

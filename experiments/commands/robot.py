@@ -72,8 +72,9 @@ def run(
         env_id=f"sim-robot:{env.task}",
         teleop=human,
     )
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda *_: runtime.e_stop())
+        previous = signal.signal(signal.SIGINT, lambda *_: runtime.e_stop())
     try:
         for result in runtime.run(episodes, seed):
             record = result.record
@@ -82,6 +83,8 @@ def run(
                 f"human={int(record.sources.sum())} starved={result.starved_steps}"
             )
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         runtime.close()
         client.close()
         robot.close()
@@ -138,7 +141,9 @@ def pending(spool: str = typer.Option("robot-spool.db", help="SQLite spool file.
     for entry in store.entries():
         if entry.status != SpoolStatus.SENT:
             error = f" last_error={entry.last_error}" if entry.last_error else ""
-            typer.echo(f"{entry.uuid} {entry.status.value} {entry.size_bytes}B attempts={entry.attempts}{error}")
+            typer.echo(
+                f"{entry.uuid} {entry.status.value} {entry.size_bytes}B attempts={entry.attempts}{error}"
+            )
 
 
 @app.command()
