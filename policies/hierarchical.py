@@ -1,0 +1,167 @@
+"""A two-level policy (Hi-Robot / π0.5): a high-level model names the next subtask as text, and the built-in VLA
+acts conditioned on the task prompt plus ``subtask: <name>``.
+
+The high-level model is small on purpose: a conv encoder over one camera, the proprio state and a learned
+embedding of the task prompt, classifying into the subtask vocabulary seen in training. Its output is text, so
+a human (or a bigger model) can replace it without touching the low level.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from policies.base import ActionChunk, ObservationBatch, Policy
+
+
+class SubtaskInputError(ValueError):
+    """Input the subtask model cannot use; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SubtaskVocabulary:
+    """The prompts and subtask names a high-level model knows, in index order."""
+
+    prompts: tuple[str, ...]
+    subtasks: tuple[str, ...]
+
+    def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
+        """Indices of ``prompts``; an unknown prompt is an error naming it."""
+        lookup = {prompt: index for index, prompt in enumerate(self.prompts)}
+        unknown = [p for p in prompts if p not in lookup]
+        if unknown:
+            raise SubtaskInputError(
+                f"prompt: {unknown[0]!r} was not in training; known: {list(self.prompts)}"
+            )
+        return torch.tensor([lookup[p] for p in prompts])
+
+
+class SubtaskModel(nn.Module):
+    """Image + state + task prompt → logits over the subtask vocabulary."""
+
+    def __init__(
+        self, vocabulary: SubtaskVocabulary, camera: str, image_size: int, state_dim: int, width: int = 64
+    ):
+        super().__init__()
+        self.vocabulary, self.camera, self.image_size, self.state_dim = (
+            vocabulary,
+            camera,
+            image_size,
+            state_dim,
+        )
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, width), nn.ReLU(),
+        )  # fmt: skip
+        self.prompt_embedding = nn.Embedding(len(vocabulary.prompts), width)
+        self.head = nn.Sequential(
+            nn.Linear(2 * width + state_dim, width), nn.ReLU(), nn.Linear(width, len(vocabulary.subtasks))
+        )
+
+    def forward(self, images: torch.Tensor, state: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """``images`` B×H×W×3 uint8, ``state`` B×S float, ``prompt_ids`` B → logits B×L."""
+        pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        features = torch.cat([self.encoder(pixels), self.prompt_embedding(prompt_ids), state], dim=1)
+        return self.head(features)
+
+    def check(self, batch: ObservationBatch) -> None:
+        """Raise ``SubtaskInputError`` naming the field if the batch does not fit the model."""
+        if self.camera not in batch["images"]:
+            raise SubtaskInputError(f"images: missing camera {self.camera!r}, got {sorted(batch['images'])}")
+        shape = batch["images"][self.camera].shape[1:]
+        if shape != (self.image_size, self.image_size, 3):
+            raise SubtaskInputError(
+                f"images[{self.camera!r}]: expected {self.image_size}×{self.image_size}×3, got {shape}"
+            )
+        if batch["state"].shape[1] != self.state_dim:
+            raise SubtaskInputError(f"state: expected {self.state_dim} values, got {batch['state'].shape[1]}")
+
+    @torch.no_grad()
+    def predict(self, batch: ObservationBatch) -> list[str]:
+        """The most likely next subtask of every observation."""
+        self.check(batch)
+        self.eval()
+        logits = self(
+            torch.from_numpy(np.ascontiguousarray(batch["images"][self.camera])),
+            torch.from_numpy(np.asarray(batch["state"], dtype=np.float32)),
+            self.vocabulary.prompt_ids(list(batch["prompt"])),
+        )
+        return [self.vocabulary.subtasks[i] for i in logits.argmax(dim=1).tolist()]
+
+
+def train_subtask_model(
+    images: np.ndarray,
+    state: np.ndarray,
+    prompts: list[str],
+    subtasks: list[str],
+    *,
+    camera: str,
+    steps: int = 500,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[SubtaskModel, list[float]]:
+    """Fit a ``SubtaskModel`` on per-step samples (N images, states, prompts, labels); returns it and its losses."""
+    if not (len(images) == len(state) == len(prompts) == len(subtasks)) or len(images) == 0:
+        raise SubtaskInputError(
+            f"samples: expected equal, non-zero lengths, got images {len(images)}, state {len(state)}, "
+            f"prompts {len(prompts)}, subtasks {len(subtasks)}"
+        )
+    torch.manual_seed(seed)
+    vocabulary = SubtaskVocabulary(tuple(sorted(set(prompts))), tuple(sorted(set(subtasks))))
+    model = SubtaskModel(vocabulary, camera, images.shape[1], state.shape[1])
+    labels = torch.tensor([vocabulary.subtasks.index(s) for s in subtasks])
+    prompt_ids = vocabulary.prompt_ids(prompts)
+    images_t, state_t = torch.from_numpy(images), torch.from_numpy(state.astype(np.float32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    rng, losses = np.random.default_rng(seed), []
+    model.train()
+    for _ in tqdm(range(steps), desc="train subtasks", disable=not progress):
+        index = torch.from_numpy(rng.integers(0, len(labels), size=min(batch_size, len(labels))))
+        loss = F.cross_entropy(model(images_t[index], state_t[index], prompt_ids[index]), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return model, losses
+
+
+class HierarchicalPolicy:
+    """High level names the subtask, low level (a VLA taking ``conditions=``) acts on ``task + subtask``.
+
+    ``last_subtasks`` holds the subtask of each row of the latest batch (rollouts record it with the chunk).
+    """
+
+    def __init__(self, high_level: SubtaskModel, low_level: Policy) -> None:
+        self.high_level = high_level
+        self.low_level = low_level
+        self.action_horizon = low_level.action_horizon
+        self.action_dim = low_level.action_dim
+        self.last_subtasks: list[str] = []
+
+    @property
+    def version(self) -> str:
+        """The low level's version (the high level is recorded per step as the subtask text)."""
+        return self.low_level.version
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        """Predict each row's subtask, then its chunk conditioned on ``subtask: <name>``."""
+        started = time.perf_counter()
+        self.last_subtasks = self.high_level.predict(batch)
+        chunk = self.low_level.infer(batch, conditions=[f"subtask: {s}" for s in self.last_subtasks])
+        chunk.timing["high_level_ms"] = (time.perf_counter() - started) * 1e3 - chunk.timing.get(
+            "infer_ms", 0.0
+        )
+        return chunk
+
+    def reset(self) -> None:
+        """Reset the low level."""
+        self.low_level.reset()
