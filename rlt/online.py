@@ -173,6 +173,10 @@ class OnlineRLT:
         """Fit and freeze the RL token on the embeddings of the collected warm-up episodes (once)."""
         if self.token_fitted:
             return []
+        if not self._pending:
+            raise RLTInputError(
+                "warmup_episodes: expected ≥ 1 to fit the RL token (or pass token_fitted=True)"
+            )
         embeddings = np.stack(
             [step.context.embeddings for episode in self._pending for step in episode.steps]
         )
@@ -192,7 +196,8 @@ class OnlineRLT:
 
         Observations are rebuilt from each record and the prior is re-run at chunk starts for its embeddings;
         the recorded chunk (or, for human steps, the executed actions) is the reference. The RL token must be
-        fitted first (``fit_token`` or ``token_fitted=True``).
+        fitted first (``fit_token`` or ``token_fitted=True``); image-based priors need records loaded with
+        ``images=True``.
         """
         episodes = [episode_chunks_from_record(record, self.prior, self.chunk_size) for record in records]
         return self._add_to_replay(episodes)

@@ -160,6 +160,8 @@ def test_bad_priors_are_clear_errors() -> None:
         bare.run_episode("prior")
     with pytest.raises(RLTInputError, match="RL token must be fitted"):
         _loop().run_episode("learner")
+    with pytest.raises(RLTInputError, match="warmup_episodes"):
+        _loop(warmup_episodes=0).run()
 
 
 def test_phase_switches() -> None:
