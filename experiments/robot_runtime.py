@@ -9,11 +9,14 @@ picks the policy's action from the current chunk, polls the teleop device, and s
   one); while it runs the robot keeps executing the current chunk (up to its full horizon), and when the reply
   arrives the loop switches to it at the offset of the elapsed steps (action ``i`` of a chunk requested at
   step ``t`` is meant for step ``t + i``). Only when no chunk has actions left does the robot hold (zero motion,
-  gripper command kept) — a *starved* step, counted per episode.
+  gripper command kept) — after the episode's first chunk that is a *starved* step (a pause between chunks),
+  counted per episode. With one request in flight, continuous execution needs ``H ≥ 2·d`` (H the chunk
+  length, d the inference delay in steps): a chunk that arrives d steps late has ``H − d`` actions left, and
+  the next request must go out d steps before they run out.
 - ``sync``: the robot waits for every chunk (the loop blocks on inference), for comparison.
 
 Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), or the policy
-resumes after a hold, the command moves from the last executed action toward the new source's action by at
+resumes after a hold, or starts holding, the command moves from the last executed action toward the new source's action by at
 most ``max_action_delta`` per dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
 the interrupted episode is spooled with outcome ``error``.
 
@@ -246,10 +249,10 @@ class RobotRuntime:
             observation = self.robot.observe()
             chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_delays)
             policy_action, chunk_id, offset = self._policy_action(chunk, last)
-            if chunk_id >= 0 and holding:
-                takeover.transition = True  # resuming from a hold (episode start, starvation) is bumpless too
+            if (chunk_id < 0) != holding:
+                takeover.transition = True  # entering or leaving a hold is bumpless too
             holding = chunk_id < 0
-            starved += holding
+            starved += holding and bool(chunk_delays)  # a hold after the first chunk: a pause between chunks
             command = None
             if self.teleop is not None:
                 command = self.teleop.poll(TeleopContext(observation, policy_action, t, reward, info))
