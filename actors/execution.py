@@ -126,6 +126,7 @@ class ChunkSchedule:
 
     def needs_chunk(self) -> bool:
         """Whether a request should go out now."""
+        self._promote()
         if self._pending is not None:
             return False
         if self._current is None:
@@ -153,8 +154,7 @@ class ChunkSchedule:
 
     def next_action(self) -> ScheduledAction:
         """The action for this step (advancing the schedule by one step)."""
-        if self._pending is not None and self._wait == 0:
-            self._current, self._pending = self._pending, None
+        self._promote()
         if self._pending is not None:
             self._wait -= 1
         chunk = self._current
@@ -167,6 +167,11 @@ class ChunkSchedule:
         latency = chunk.latency_ms if chunk.first else 0.0
         chunk.first = False
         return ScheduledAction(self._last_action, chunk.chunk_id, offset, chunk.version, latency)
+
+    def _promote(self) -> None:
+        """Make the pending chunk current once it has arrived."""
+        if self._pending is not None and self._wait == 0:
+            self._current, self._pending = self._pending, None
 
     def _hold(self) -> np.ndarray:
         hold = np.zeros(self.action_dim, dtype=np.float32)

@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--vla-steps", type=int, default=320, help="env steps per worker (part 2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # Ray starts worker processes at niceness 15 by default; on a machine shared with other jobs that alone starves
+    # them against the nice-0 baselines, so the comparison runs every path at the same priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray(num_cpus=args.workers)
     w, e = args.workers, args.envs_per_worker
     expert = ScriptedPolicy(STATE_ENV.task, version="expert")

@@ -7,7 +7,8 @@ for every d) on the same episode seeds. Inference delay is simulated in steps (s
 
 Reported per (task, mode, d): success rate, mean episode length (failures count their full length), the mean
 action jump ‖a_t − a_{t−1}‖ at chunk switches, and the share of waiting steps. The plot goes to
-``benchmarks/results/rtc_delay_sweep.png`` and the table to ``benchmarks/results/rtc_delay_sweep.json``.
+``benchmarks/results/rtc_delay_sweep.png`` and the table to ``benchmarks/results/rtc_delay_sweep.json``; the
+trained policy is cached there too (reused by the next run with the same settings unless ``--retrain``).
 
 State-conditioned variant: rendering cost ~50 ms per 48 px frame on the shared 2-core machine (≈25 min for the
 sweep's ~30k steps), so the envs do not render and the VLA's camera input is a constant blank 16 px frame
@@ -129,17 +130,24 @@ def sweep_task(task: str, args: argparse.Namespace) -> list[SweepPoint]:
     import torch
 
     from actors.execution import ExecutionConfig
+    from policies.vla import VLAPolicy
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    policy, demo_success, samples = train_policy(
-        task, args.demos, args.train_steps, args.max_steps, args.seed
-    )
-    print(
-        f"[{task}] demos success {demo_success:.0%}, {samples} samples, trained in {time.perf_counter() - started:.0f} s"
-        f" ({time.process_time():.0f} CPU s so far)",
-        flush=True,
-    )
+    checkpoint = RESULTS / f"rtc_sweep_{task}_demos{args.demos}_steps{args.train_steps}_seed{args.seed}"
+    if checkpoint.exists() and not args.retrain:
+        policy = VLAPolicy.load(checkpoint)
+        print(f"[{task}] loaded the trained policy from {checkpoint}", flush=True)
+    else:
+        policy, demo_success, samples = train_policy(
+            task, args.demos, args.train_steps, args.max_steps, args.seed
+        )
+        policy.save(checkpoint)
+        print(
+            f"[{task}] demos success {demo_success:.0%}, {samples} samples, trained in"
+            f" {time.perf_counter() - started:.0f} s ({time.process_time():.0f} CPU s so far)",
+            flush=True,
+        )
     env = _env_config(task, args.max_steps)
     points = []
     for mode in MODES:
@@ -226,6 +234,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--max-steps", type=int, default=150, help="episode step limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retrain", action="store_true", help="ignore a cached trained policy")
     args = parser.parse_args()
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(min(len(args.tasks), 2)) as pool:

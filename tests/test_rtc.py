@@ -141,10 +141,9 @@ def _guidance(policy: VLAPolicy, targets: InpaintingTargets):
 def test_schedule_timing_per_mode():
     """Request times, waiting steps and executed offsets for H=6, d=2, s=3 over 9 steps."""
 
-    def run(mode: str) -> list[tuple[int, int]]:
-        schedule = ChunkSchedule(
-            ExecutionConfig(mode=mode, delay=2, execute_horizon=3), horizon=6, action_dim=4
-        )
+    def run(mode: str, delay: int = 2, steps: int = 3) -> list[tuple[int, int]]:
+        execution = ExecutionConfig(mode=mode, delay=delay, execute_horizon=steps)
+        schedule = ChunkSchedule(execution, horizon=6, action_dim=4)
         trace, chunks = [], 0
         for _ in range(11):
             if schedule.needs_chunk():
@@ -159,6 +158,9 @@ def test_schedule_timing_per_mode():
     # async: the first chunk has nothing to continue; later chunks run at offsets d..s+d−1
     expected = [wait, wait, (0, 0), (0, 1), (0, 2), (1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
     assert run("naive_async") == expected == run("rtc")
+    # d = s: the next request goes out as soon as a chunk arrives, so the robot never waits again
+    d_equals_s = [wait, wait, (0, 0), (0, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 2), (3, 3), (4, 2)]
+    assert run("naive_async", delay=2, steps=2) == d_equals_s
 
 
 def _collect(policy, execution: ExecutionConfig, episodes: int = 2) -> list[EpisodeRecord]:
