@@ -1,4 +1,5 @@
-"""The authenticated ingest endpoint: bad uploads are refused with a clear error and nothing is written."""
+"""The authenticated ingest endpoint (SQLite and PostgreSQL stores): bad uploads are refused with a clear
+error and nothing is written."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -15,14 +15,16 @@ import pytest
 from experiments.ingest import IngestConfig, IngestServer
 from storage.spool import encode_episode
 from storage.store import ExperienceStore
+from tests.storage_fixtures import pg_database, store_url  # noqa: F401 (fixtures: both store backends)
 from tests.test_spool import make_record
 
 KEY = "ingest-secret"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ExperienceStore:
-    experience = ExperienceStore(f"sqlite:///{tmp_path / 'fw.db'}")
+def store(store_url: str) -> ExperienceStore:  # noqa: F811
+    """An empty store on SQLite and on the PostgreSQL server, with the test policy version registered."""
+    experience = ExperienceStore(store_url)
     experience.upgrade()
     experience.register_policy_version("robot-test-v1", kind="scripted")
     return experience
