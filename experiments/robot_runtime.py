@@ -18,7 +18,9 @@ picks the policy's action from the current chunk, polls the teleop device, and s
 Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), or the policy
 resumes after a hold, or starts holding, the command moves from the last executed action toward the new source's action by at
 most ``max_action_delta`` per dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
-the interrupted episode is spooled with outcome ``error``.
+the interrupted episode is spooled with outcome ``error``. If the policy server fails (error frame, lost
+connection, timeout), the loop stops commanding at once, spools the steps so far with outcome ``error`` and
+raises ``PolicyUnavailableError``.
 
 Recorded per step: source (policy/human), the chunk and offset, the policy version named in the server's
 reply, the chunk's inference latency (``latency_ms``), and in ``metadata["timing"]`` the tick lateness (ms)
@@ -67,6 +69,10 @@ class RuntimeConfig(BaseModel):
     def period_s(self) -> float:
         """Seconds per tick."""
         return 1.0 / self.rate_hz
+
+
+class PolicyUnavailableError(RuntimeError):
+    """The policy server failed mid-episode: the robot stopped commanding; the steps so far were spooled."""
 
 
 @dataclass(frozen=True)
@@ -241,13 +247,19 @@ class RobotRuntime:
         chunk_delays: list[int] = []
         starved, holding = 0, False
         reward, info, outcome, error = 0.0, {}, Outcome.TRUNCATED, None
+        policy_error: str | None = None
         for t in range(config.max_steps):
             late_ms.append(clock.wait() * 1000)
             if self.stopped:
                 outcome, error = Outcome.ERROR, f"e-stop before step {t}"
                 break
             observation = self.robot.observe()
-            chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_delays)
+            try:
+                chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_delays)
+            except Exception as failure:  # the policy server failed: stop commanding, keep what happened
+                policy_error = f"policy: {type(failure).__name__}: {failure}"
+                outcome, error, pending = Outcome.ERROR, policy_error, None
+                break
             policy_action, chunk_id, offset = self._policy_action(chunk, last)
             if (chunk_id < 0) != holding:
                 takeover.transition = True  # entering or leaving a hold is bumpless too
@@ -296,7 +308,12 @@ class RobotRuntime:
         }
         segments = [s for s in takeover.segments if s.t_start < s.t_end <= recorder.length]
         record = recorder.finish(outcome, segments, error)
-        self.spool.put(record)
+        if record.length:
+            self.spool.put(record)
+        if policy_error is not None:
+            raise PolicyUnavailableError(
+                f"episode {record.uuid} stopped at step {record.length}: {policy_error}"
+            )
         return EpisodeResult(record, starved, late_ms, e_stopped=self.stopped)
 
     # ---- chunks ----

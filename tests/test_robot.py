@@ -3,6 +3,10 @@ interventions, spool, ingest and upload; bumpless takeover; e-stop; sync vs asyn
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +19,16 @@ from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig, TeleopCommand,
 from envs.robot import EStopError, RobotInterface, RobotProcess, SimRobot, sim_robot_factory
 from experiments.commands.robot import app
 from experiments.ingest import IngestConfig, IngestServer
-from experiments.robot_runtime import ChunkReply, RobotRuntime, RuntimeConfig, action_jumps, remote_chunks
+from experiments.robot_runtime import (
+    ChunkReply,
+    PolicyUnavailableError,
+    RobotRuntime,
+    RuntimeConfig,
+    action_jumps,
+    remote_chunks,
+)
 from experiments.upload import UploadConfig, Uploader
-from policies.openpi_client import OpenPIClientPolicy
+from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig
 from storage.records import Outcome, StepSource
@@ -246,3 +257,69 @@ def test_cli_run_pending_upload(
     assert uploaded.exit_code == 0, uploaded.output
     assert "stored=2" in uploaded.output and "pending=0" in uploaded.output
     assert len(store.list_episodes()) == 2
+
+
+class FailingChunks(ConstantChunks):
+    """Serves ``good`` chunks, then fails as a crashed policy server would."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__([0.1, 0.0, 0.0, 0.0])
+        self.good = good
+
+    def __call__(self, observation: dict) -> ChunkReply:
+        if self.calls >= self.good:
+            raise ServerError("connection lost: policy server went away")
+        return super().__call__(observation)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_policy_failure_stops_commanding_and_keeps_the_steps(tmp_path: Path, mode: str) -> None:
+    robot = SimRobot(EnvConfig(task=TASK, render=False))
+    runtime = _runtime(robot, tmp_path, None, mode=mode)
+    runtime.chunks = FailingChunks(good=2)
+    with pytest.raises(PolicyUnavailableError, match="went away"):
+        runtime.run_episode(seed=0)
+    runtime.close()
+    (entry,) = runtime.spool.pending()
+    record = runtime.spool.load(entry.uuid)
+    assert record.outcome == Outcome.ERROR and "ServerError" in record.error
+    assert 0 < record.length == robot.steps < 40  # nothing was commanded after the failure
+    robot.close()
+
+
+_ROBOT = "from experiments.commands.robot import app; app()"
+
+
+def test_robot_process_sigkilled_mid_run_then_everything_recorded_arrives_once(
+    policy_server: BackgroundServer, store: ExperienceStore, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "robot.db"
+    command = [
+        sys.executable,
+        "-c",
+        _ROBOT,
+        "run",
+        "--server",
+        policy_server.url,
+        "--episodes",
+        "50",
+        "--spool",
+        str(spool_path),
+        "--max-steps",
+        "40",
+        "--human-rate",
+        "0.05",
+    ]
+    robot = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    assert robot.stdout is not None
+    for _ in range(2):
+        assert robot.stdout.readline()  # two episodes spooled, the third is running
+    os.kill(robot.pid, signal.SIGKILL)
+    robot.wait()
+    spool = EpisodeSpool(spool_path)
+    recorded = [entry.uuid for entry in spool.entries()]
+    assert len(recorded) >= 2
+    with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as ingest:
+        report = Uploader(spool, UploadConfig(url=ingest.url, api_key=KEY)).upload_pending()
+    assert report.complete and sorted(report.stored) == sorted(str(u) for u in recorded)
+    assert sorted(s.uuid for s in store.list_episodes()) == sorted(recorded)

@@ -48,7 +48,7 @@ def run(
     """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
     from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
     from envs.robot import RobotProcess, SimRobot, sim_robot_factory
-    from experiments.robot_runtime import RobotRuntime, RuntimeConfig, remote_chunks
+    from experiments.robot_runtime import PolicyUnavailableError, RobotRuntime, RuntimeConfig, remote_chunks
     from policies.openpi_client import OpenPIClientPolicy
     from storage.spool import EpisodeSpool
 
@@ -82,6 +82,9 @@ def run(
                 f"{record.uuid} {record.outcome.value} steps={record.length} "
                 f"human={int(record.sources.sum())} starved={result.starved_steps}"
             )
+    except PolicyUnavailableError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from error
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
