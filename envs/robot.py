@@ -120,7 +120,12 @@ def _serve_robot(factory: Callable[[], RobotInterface], pipe: Any) -> None:
     robot = factory()
     pipe.send(("ready", robot.action_dim))
     while True:
-        method, args = pipe.recv()
+        try:
+            method, args = pipe.recv()
+        except EOFError:  # the runtime died (e.g. SIGKILL): release the robot and exit
+            robot.e_stop()
+            robot.close()
+            return
         try:
             result = getattr(robot, method)(*args)
             if method == "act":

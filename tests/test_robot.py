@@ -306,7 +306,9 @@ def test_robot_process_sigkilled_mid_run_then_everything_recorded_arrives_once(
         "--spool",
         str(spool_path),
         "--max-steps",
-        "40",
+        "30",
+        "--rate-hz",
+        "100",
         "--human-rate",
         "0.05",
     ]
@@ -314,11 +316,11 @@ def test_robot_process_sigkilled_mid_run_then_everything_recorded_arrives_once(
     assert robot.stdout is not None
     for _ in range(2):
         assert robot.stdout.readline()  # two episodes spooled, the third is running
-    os.kill(robot.pid, signal.SIGKILL)
+    os.kill(robot.pid, signal.SIGKILL)  # its robot process sees the pipe close and exits
     robot.wait()
     spool = EpisodeSpool(spool_path)
     recorded = [entry.uuid for entry in spool.entries()]
-    assert len(recorded) >= 2
+    assert 2 <= len(recorded) < 50
     with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as ingest:
         report = Uploader(spool, UploadConfig(url=ingest.url, api_key=KEY)).upload_pending()
     assert report.complete and sorted(report.stored) == sorted(str(u) for u in recorded)

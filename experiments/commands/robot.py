@@ -76,7 +76,10 @@ def run(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: runtime.e_stop())
     try:
-        for result in runtime.run(episodes, seed):
+        for index in range(episodes):
+            if runtime.stopped:
+                break
+            result = runtime.run_episode(seed + index)
             record = result.record
             typer.echo(
                 f"{record.uuid} {record.outcome.value} steps={record.length} "
