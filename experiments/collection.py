@@ -19,6 +19,7 @@ from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load_policy
+from policies.base import Policy
 from storage import ExperienceStore
 
 
@@ -63,11 +64,17 @@ class CollectReport:
         return self.successes / max(self.episodes, 1)
 
 
-def run_collection(config: CollectConfig, progress: bool = True) -> CollectReport:
-    """Collect ``config.episodes`` episodes into the store; returns counts and rates."""
+def run_collection(
+    config: CollectConfig, progress: bool = True, policy: Policy | None = None
+) -> CollectReport:
+    """Collect ``config.episodes`` episodes into the store; returns counts and rates.
+
+    ``policy`` overrides loading ``config.policy`` (e.g. a RECAP policy already set to its "Advantage:
+    positive" condition); its version must be registered in the store.
+    """
     store = ExperienceStore(config.store_url)
     store.upgrade()
-    policy = load_policy(
+    policy = policy or load_policy(
         config.policy, task=config.env.task, store=store, noise=config.noise, seed=config.seed
     )
     run_id = config.run_id or f"collect-{uuid.uuid4().hex[:12]}"

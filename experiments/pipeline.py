@@ -181,6 +181,7 @@ class Pipeline:
                     metadata={"pipeline": self.config.name, "iteration": state.iteration},
                 ),
                 progress=self.progress,
+                policy=self._load(deployed, task, seed),
             )
             runs[task] = collection_run
             summaries = self.store.list_episodes(run_id=collection_run)
@@ -433,10 +434,11 @@ class Pipeline:
             return self.config.prior.policy, self.config.prior.noise
         return version, 0.0
 
-    def _load(self, version: str, task: str) -> Policy:
+    def _load(self, version: str, task: str, seed: int | None = None) -> Policy:
         """Load a version; pipeline-trained (RECAP) versions are conditioned on "Advantage: positive"."""
         spec, noise = self._spec_of(version)
-        policy = load_policy(spec, task=task, store=self.store, noise=noise, seed=self.config.seed)
+        seed = self.config.seed if seed is None else seed
+        policy = load_policy(spec, task=task, store=self.store, noise=noise, seed=seed)
         if self._trained_here(policy.version):
             policy.conditions = POSITIVE_PROMPT
             policy.cfg_beta = self.config.cfg_beta

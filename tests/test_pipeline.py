@@ -294,3 +294,17 @@ def _check_in_browser(url: str, run_name: str, tmp: Path) -> None:
     dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
     assert run_name in dom, dom[-2000:]
     assert "success_over_iterations" in dom or "candidate_success_rate" in dom or "Metrics" in dom
+
+
+def test_schedule_resumes_from_the_store_and_is_exclusive(two_iterations):
+    import datetime as dt
+
+    from experiments.schedule import next_due, pipeline_lock, run_once
+
+    pipeline, _ = two_iterations
+    finished = pipeline.finished_at(2)
+    assert next_due(pipeline, 3600) == finished + dt.timedelta(
+        hours=1
+    )  # a restarted scheduler keeps the cadence
+    with pipeline_lock(pipeline), pytest.raises(ScheduleError, match="already being iterated"):
+        run_once(pipeline)
