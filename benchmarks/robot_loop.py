@@ -37,7 +37,14 @@ import numpy as np
 from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
 from envs.robot import RobotProcess, sim_robot_factory
 from experiments.ingest import IngestConfig, IngestServer
-from experiments.robot_runtime import RateClock, RobotRuntime, RuntimeConfig, action_jumps, remote_chunks
+from experiments.robot_runtime import (
+    RateClock,
+    RobotRuntime,
+    RuntimeConfig,
+    action_jumps,
+    realtime_thread,
+    remote_chunks,
+)
 from experiments.upload import UploadConfig, Uploader
 from policies.openpi_client import OpenPIClientPolicy
 from policies.scripted import ScriptedPolicy
@@ -57,10 +64,11 @@ def _period_jitter(late_ms: list[float]) -> list[float]:
     return [abs(b - a) for a, b in itertools.pairwise(late_ms)]
 
 
-def empty_loop_baseline(rate_hz: float, ticks: int) -> tuple[list[float], list[float]]:
-    """Tick lateness and period jitter of a loop that does nothing, on the same clock."""
+def empty_loop_baseline(rate_hz: float, ticks: int, priority: int | None) -> tuple[list[float], list[float]]:
+    """Tick lateness and period jitter of a loop that does nothing, on the same clock and priority."""
     clock = RateClock(1 / rate_hz, 0.0015)
-    late = [clock.wait() * 1000 for _ in range(ticks)]
+    with realtime_thread(priority):
+        late = [clock.wait() * 1000 for _ in range(ticks)]
     return late, _period_jitter(late)
 
 
@@ -73,6 +81,7 @@ def run_cell(robot, client, spool, args, mode: str, latency_ms: float, bumpless:
         injected_latency_ms=latency_ms,
         record_images=False,
         max_action_delta=0.25 if bumpless else None,
+        realtime_priority=args.realtime,
     )
     human = SimulatedHuman(
         TASK, SimulatedHumanConfig(no_progress_steps=None, random_rate=0.02, takeover_steps=10)
@@ -102,7 +111,7 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
     env = EnvConfig(task=TASK, render=False, max_episode_steps=args.max_steps)
     robot = RobotProcess(sim_robot_factory(env))
     spool = EpisodeSpool(workdir / "bench-spool.db")
-    base_late, base_jitter = empty_loop_baseline(args.rate_hz, 200)
+    base_late, base_jitter = empty_loop_baseline(args.rate_hz, 200, args.realtime)
     print(
         f"baseline empty loop @ {args.rate_hz:g} Hz: lateness p50/p99 {np.percentile(base_late, 50):.2f}/"
         f"{np.percentile(base_late, 99):.2f} ms, period jitter p50/p99 {np.percentile(base_jitter, 50):.2f}/"
@@ -144,7 +153,9 @@ def outage(args: argparse.Namespace, workdir: Path) -> None:
     spool = EpisodeSpool(workdir / "outage-spool.db")
     env = EnvConfig(task=TASK, render=False, max_episode_steps=args.max_steps)
     robot = RobotProcess(sim_robot_factory(env))
-    config = RuntimeConfig(rate_hz=args.rate_hz, max_steps=args.max_steps, record_images=False)
+    config = RuntimeConfig(
+        rate_hz=args.rate_hz, max_steps=args.max_steps, record_images=False, realtime_priority=args.realtime
+    )
     port = _free_port()
     upload = UploadConfig(url=f"http://127.0.0.1:{port}", api_key="bench", backoff_s=0.5, max_backoff_s=8.0)
     uploader = Uploader(spool, upload)
@@ -208,6 +219,7 @@ def main() -> None:
     )
     parser.add_argument("--outage-s", type=float, default=60.0, help="Ingest downtime (0 skips the variant).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--realtime", type=int, default=None, help="SCHED_FIFO priority of the loop thread.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         latency_table(args, Path(workdir))

@@ -29,12 +29,15 @@ and each chunk's delay in steps.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +51,8 @@ from policies.base import Observation
 from policies.openpi_client import OpenPIClientPolicy
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 from storage.spool import EpisodeSpool
+
+logger = logging.getLogger(__name__)
 
 
 class RuntimeConfig(BaseModel):
@@ -64,6 +69,7 @@ class RuntimeConfig(BaseModel):
     spin_ms: float = Field(default=1.5, ge=0.0)
     record_images: bool = True
     held_dims: tuple[int, ...] = (3,)
+    realtime_priority: int | None = Field(default=None, ge=1, le=99)
 
     @property
     def period_s(self) -> float:
@@ -230,7 +236,15 @@ class RobotRuntime:
     # ---- one episode ----
 
     def run_episode(self, seed: int) -> EpisodeResult:
-        """Run one episode at the fixed rate and spool it; returns its record and timing."""
+        """Run one episode at the fixed rate and spool it; returns its record and timing.
+
+        With ``realtime_priority`` the calling thread runs under ``SCHED_FIFO`` for the episode (Linux, needs
+        ``CAP_SYS_NICE``; without it a warning is logged and the loop runs at normal priority).
+        """
+        with realtime_thread(self.config.realtime_priority):
+            return self._run_episode(seed)
+
+    def _run_episode(self, seed: int) -> EpisodeResult:
         config = self.config
         observation = self.robot.reset(seed)
         if self.teleop is not None:
@@ -387,6 +401,25 @@ class RobotRuntime:
         if np.array_equal(step, target - last):
             takeover.transition = False
         return (last + step).astype(np.float32)
+
+
+@contextmanager
+def realtime_thread(priority: int | None) -> Iterator[None]:
+    """Run the calling thread under SCHED_FIFO at ``priority`` (if allowed), restoring its policy after."""
+    if priority is None or not hasattr(os, "sched_setscheduler"):
+        yield
+        return
+    previous_policy, previous_param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError as error:
+        logger.warning("realtime_priority: SCHED_FIFO refused (%s); running at normal priority", error)
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, previous_policy, previous_param)
 
 
 def action_jumps(record: EpisodeRecord, window: int = 1) -> dict[str, float]:

@@ -325,3 +325,22 @@ def test_robot_process_sigkilled_mid_run_then_everything_recorded_arrives_once(
         report = Uploader(spool, UploadConfig(url=ingest.url, api_key=KEY)).upload_pending()
     assert report.complete and sorted(report.stored) == sorted(str(u) for u in recorded)
     assert sorted(s.uuid for s in store.list_episodes()) == sorted(recorded)
+
+
+def test_realtime_priority_applies_to_the_loop_thread_and_is_restored(tmp_path: Path) -> None:
+    before = os.sched_getscheduler(0)
+    seen: list[int] = []
+    robot = SimRobot(EnvConfig(task=TASK, render=False))
+    runtime = _runtime(
+        robot,
+        tmp_path,
+        WindowTeleop(99, 99, [0, 0, 0, 0], lambda t: seen.append(os.sched_getscheduler(0))),
+        realtime_priority=5,
+        max_steps=3,
+    )
+    runtime.run_episode(seed=0)
+    runtime.close()
+    robot.close()
+    if seen[0] != os.SCHED_FIFO:
+        pytest.skip("SCHED_FIFO is not permitted here (needs CAP_SYS_NICE); the runtime logged a warning")
+    assert set(seen) == {os.SCHED_FIFO} and os.sched_getscheduler(0) == before
