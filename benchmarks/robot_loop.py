@@ -113,9 +113,9 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
     spool = EpisodeSpool(workdir / "bench-spool.db")
     base_late, base_jitter = empty_loop_baseline(args.rate_hz, 200, args.realtime)
     print(
-        f"baseline empty loop @ {args.rate_hz:g} Hz: lateness p50/p99 {np.percentile(base_late, 50):.2f}/"
-        f"{np.percentile(base_late, 99):.2f} ms, period jitter p50/p99 {np.percentile(base_jitter, 50):.2f}/"
-        f"{np.percentile(base_jitter, 99):.2f} ms"
+        f"baseline empty loop @ {args.rate_hz:g} Hz: lateness p50/p99 {np.percentile(base_late, 50):.3f}/"
+        f"{np.percentile(base_late, 99):.3f} ms, period jitter p50/p99 {np.percentile(base_jitter, 50):.3f}/"
+        f"{np.percentile(base_jitter, 99):.3f} ms"
     )
     header = (
         f"{'latency':>8} {'mode':>6} {'late p50/p99 ms':>16} {'jitter p50/p99 ms':>18} {'success':>8} "
@@ -131,8 +131,8 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
             for mode in ("sync", "async"):
                 cell = run_cell(robot, client, spool, args, mode, latency)
                 print(
-                    f"{latency:>6g}ms {mode:>6} {cell['late'][0]:>7.2f}/{cell['late'][1]:<8.2f} "
-                    f"{cell['jitter'][0]:>8.2f}/{cell['jitter'][1]:<9.2f} {cell['success']:>8.2f} "
+                    f"{latency:>6g}ms {mode:>6} {cell['late'][0]:>7.3f}/{cell['late'][1]:<8.3f} "
+                    f"{cell['jitter'][0]:>8.3f}/{cell['jitter'][1]:<9.3f} {cell['success']:>8.2f} "
                     f"{cell['pauses']:>7d} {cell['steps']:>6d} {cell['chunk_jump']:>10.3f} "
                     f"{cell['takeover_jump']:>13.3f} {cell['takeovers']:>9d}",
                     flush=True,

@@ -205,8 +205,18 @@ class RobotRuntime:
         self.teleop = teleop
         self.run_id = run_id
         self._e_stop = threading.Event()
-        self._pool = ThreadPoolExecutor(1, "robot-inference")
+        self._pool = ThreadPoolExecutor(1, "robot-inference", initializer=self._prioritize_inference_thread)
         self._latency_ema_ms: float | None = None
+
+    def _prioritize_inference_thread(self) -> None:
+        """Under ``realtime_priority`` the inference thread runs SCHED_FIFO one level lower, so the loop never
+        waits for a GIL held by a thread the OS has descheduled (priority inversion)."""
+        priority = self.config.realtime_priority
+        if priority is not None and hasattr(os, "sched_setscheduler"):
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(max(1, priority - 1)))
+            except PermissionError:
+                logger.warning("realtime_priority: SCHED_FIFO refused for the inference thread")
 
     # ---- control ----
 
