@@ -7,6 +7,7 @@ at ``--rate-hz``. For each injected inference latency and mode it reports:
 
 - tick lateness p50/p99 (ms after the fixed-rate schedule) and period jitter p50/p99 (|period − 1/rate|),
   next to the same figures for an empty loop on the same clock in the same run (the machine's baseline);
+- command time p50/p99: tick start to the command being sent (observe, chunk pick, teleop poll);
 - success rate; pauses between chunks: steps the robot held for lack of a chunk after the first one (async)
   or ticks that started more than half
   a period late (sync: the robot waits for inference);
@@ -92,11 +93,13 @@ def run_cell(robot, client, spool, args, mode: str, latency_ms: float, bumpless:
     late = [v for r in results for v in r.tick_late_ms[1:]]
     jitter = [v for r in results for v in _period_jitter(r.tick_late_ms[1:])]
     jumps = [action_jumps(r.record) for r in results]
+    command = [v for r in results for v in r.record.metadata["timing"]["command_ms"]]
     half_period = 500 / args.rate_hz
     pauses = sum(r.starved_steps for r in results) if mode == "async" else sum(v > half_period for v in late)
     return {
         "late": _percentiles(late),
         "jitter": _percentiles(jitter),
+        "command": _percentiles(command),
         "success": float(np.mean([r.record.outcome == "success" for r in results])),
         "pauses": pauses,
         "steps": sum(r.record.length for r in results),
@@ -119,7 +122,7 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
     )
     header = (
         f"{'latency':>8} {'mode':>6} {'late p50/p99 ms':>16} {'jitter p50/p99 ms':>18} {'success':>8} "
-        f"{'pauses':>7} {'steps':>6} {'chunk jump':>10} {'takeover jump':>13} {'takeovers':>9}"
+        f"{'cmd p50/p99 ms':>15} {'pauses':>7} {'steps':>6} {'chunk jump':>10} {'takeover jump':>13} {'takeovers':>9}"
     )
     print(header)
     server = PolicyServer(policy, ServerConfig(port=0, allow_privileged=True))
@@ -133,6 +136,7 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
                 print(
                     f"{latency:>6g}ms {mode:>6} {cell['late'][0]:>7.3f}/{cell['late'][1]:<8.3f} "
                     f"{cell['jitter'][0]:>8.3f}/{cell['jitter'][1]:<9.3f} {cell['success']:>8.2f} "
+                    f"{cell['command'][0]:>6.3f}/{cell['command'][1]:<8.3f} "
                     f"{cell['pauses']:>7d} {cell['steps']:>6d} {cell['chunk_jump']:>10.3f} "
                     f"{cell['takeover_jump']:>13.3f} {cell['takeovers']:>9d}",
                     flush=True,

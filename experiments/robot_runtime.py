@@ -23,8 +23,9 @@ connection, timeout), the loop stops commanding at once, spools the steps so far
 raises ``PolicyUnavailableError``.
 
 Recorded per step: source (policy/human), the chunk and offset, the policy version named in the server's
-reply, the chunk's inference latency (``latency_ms``), and in ``metadata["timing"]`` the tick lateness (ms)
-and each chunk's delay in steps.
+reply, the chunk's inference latency (``latency_ms``), and in ``metadata["timing"]`` the tick lateness
+(``tick_late_ms``: tick start after its fixed-rate deadline), ``command_ms`` (tick start to the command being
+sent: observation, chunk bookkeeping, teleop poll) and each chunk's delay in steps.
 """
 
 from __future__ import annotations
@@ -268,12 +269,14 @@ class RobotRuntime:
         pending: _Pending | None = None
         takeover = _Takeover()
         late_ms: list[float] = []
+        command_ms: list[float] = []
         chunk_delays: list[int] = []
         starved, holding = 0, False
         reward, info, outcome, error = 0.0, {}, Outcome.TRUNCATED, None
         policy_error: str | None = None
         for t in range(config.max_steps):
             late_ms.append(clock.wait() * 1000)
+            tick_start = time.perf_counter()
             if self.stopped:
                 outcome, error = Outcome.ERROR, f"e-stop before step {t}"
                 break
@@ -297,6 +300,7 @@ class RobotRuntime:
             target = np.asarray(command.action if human else policy_action, dtype=np.float32)
             executed = self._bumpless(last, target, takeover)
             try:
+                command_ms.append((time.perf_counter() - tick_start) * 1000)
                 feedback = self.robot.act(executed)
             except EStopError:
                 outcome, error = Outcome.ERROR, f"e-stop at step {t}"
@@ -327,6 +331,7 @@ class RobotRuntime:
             "robot_runtime": {"mode": config.mode, "rate_hz": config.rate_hz, "starved_steps": starved},
             "timing": {
                 "tick_late_ms": [round(v, 3) for v in late_ms[: recorder.length]],
+                "command_ms": [round(v, 3) for v in command_ms[: recorder.length]],
                 "chunk_delay_steps": chunk_delays,
             },
         }
