@@ -44,6 +44,7 @@ def run(
     images: bool = typer.Option(False, help="Render and record a 64×64 camera."),
     own_process: bool = typer.Option(True, help="Run the sim robot in its own process."),
     api_key_env: str | None = typer.Option(None, help="Environment variable with the policy server's key."),
+    realtime_priority: int | None = typer.Option(None, help="SCHED_FIFO priority of the loop (needs root)."),
 ) -> None:
     """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
     from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
@@ -61,7 +62,11 @@ def run(
         server, api_key=_api_key(api_key_env) if api_key_env else None, send_privileged=True
     )
     config = RuntimeConfig(
-        rate_hz=rate_hz, mode=mode, max_steps=max_steps, injected_latency_ms=injected_latency_ms
+        rate_hz=rate_hz,
+        mode=mode,
+        max_steps=max_steps,
+        injected_latency_ms=injected_latency_ms,
+        realtime_priority=realtime_priority,
     )
     runtime = RobotRuntime(
         robot,
