@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from storage import ExperienceStore
 from tests.test_pipeline import REPO
 
 
+@pytest.mark.slow  # ~3 min on an idle 2-core machine, ~8 min on a loaded one
 def test_demo_quick_runs_the_whole_loop(tmp_path):
     env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     result = subprocess.run(
