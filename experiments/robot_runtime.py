@@ -8,7 +8,8 @@ picks the policy's action from the current chunk, polls the teleop device, and s
   before the current one reaches ``execute_horizon`` (``lead`` = the measured inference delay in steps, plus
   one); while it runs the robot keeps executing the current chunk (up to its full horizon), and when the reply
   arrives the loop switches to it at the offset of the elapsed steps (action ``i`` of a chunk requested at
-  step ``t`` is meant for step ``t + i``). Only when no chunk has actions left does the robot hold (zero motion,
+  step ``t`` is meant for step ``t + i``; a chunk that arrives after its horizon still gives its last action,
+  so an H=1 policy runs as a one-step-late closed loop). Only when no chunk has actions left does the robot hold (zero motion,
   gripper command kept) — after the episode's first chunk that is a *starved* step (a pause between chunks),
   counted per episode. With one request in flight, continuous execution needs ``H ≥ 2·d`` (H the chunk
   length, d the inference delay in steps): a chunk that arrives d steps late has ``H − d`` actions left, and
@@ -368,8 +369,8 @@ class RobotRuntime:
             reply = pending.future.result()
             delay = t - pending.step
             chunk_delays.append(delay)
-            if delay < len(reply.actions):
-                chunk = _Chunk(reply, recorder.add_chunk(reply.actions), delay, delay)
+            offset = min(delay, len(reply.actions) - 1)  # a late chunk still gives its most recent action
+            chunk = _Chunk(reply, recorder.add_chunk(reply.actions), offset, delay)
             pending = None
         if pending is None and (chunk is None or chunk.offset >= horizon_left - self._lead_steps()):
             pending = _Pending(self._pool.submit(self._infer, observation), t)

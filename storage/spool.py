@@ -304,6 +304,15 @@ class EpisodeSpool:
         """Record a permanent refusal (bad episode, too big, conflict): it is kept but no longer retried."""
         self._set_status(episode_uuid, SpoolStatus.REJECTED, error)
 
+    def requeue_rejected(self) -> int:
+        """Make every rejected episode pending again (after the platform was fixed); returns how many."""
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "UPDATE spool SET status = ?, attempts = 0 WHERE status = ?",
+                (SpoolStatus.PENDING.value, SpoolStatus.REJECTED.value),
+            )
+        return cursor.rowcount
+
     def record_attempt(self, episode_uuid: uuid.UUID, error: str | None) -> None:
         """Count one upload attempt and remember its error (``None`` on success)."""
         with self._transaction() as connection:

@@ -135,3 +135,9 @@ def test_refusals_are_recorded_and_auth_errors_raise(tmp_path: Path) -> None:
     rejected = {entry.uuid: entry for entry in spool.entries(SpoolStatus.REJECTED)}
     assert set(rejected) == {unknown.uuid, big.uuid}
     assert len(store.list_episodes()) == 1
+    store.register_policy_version("unregistered", kind="scripted")  # the platform is fixed: resend
+    assert spool.requeue_rejected() == 2
+    with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as server:
+        report = Uploader(spool, UploadConfig(url=server.url, api_key=KEY)).upload_pending()
+    assert sorted(report.stored) == sorted([str(unknown.uuid), str(big.uuid)])
+    assert len(store.list_episodes()) == 3 and spool.counts()["rejected"] == 0

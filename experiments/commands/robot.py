@@ -110,6 +110,9 @@ def upload(
     backoff_s: float = typer.Option(0.5, help="First retry delay (doubles each retry)."),
     max_backoff_s: float = typer.Option(30.0, help="Longest retry delay."),
     watch_s: float = typer.Option(0.0, help="Keep passing until nothing is pending or this many seconds."),
+    retry_rejected: bool = typer.Option(
+        False, help="Send rejected episodes again (after fixing the platform)."
+    ),
 ) -> None:
     """Upload pending episodes; exits 1 if some remain pending."""
     from experiments.upload import UploadAuthError, UploadConfig, Uploader
@@ -123,7 +126,10 @@ def upload(
         backoff_s=backoff_s,
         max_backoff_s=max_backoff_s,
     )
-    uploader = Uploader(EpisodeSpool(spool), config)
+    episodes = EpisodeSpool(spool)
+    if retry_rejected:
+        typer.echo(f"requeued {episodes.requeue_rejected()} rejected episodes")
+    uploader = Uploader(episodes, config)
     try:
         report = uploader.upload_until_empty(watch_s) if watch_s > 0 else uploader.upload_pending()
     except UploadAuthError as error:
