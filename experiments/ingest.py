@@ -8,7 +8,8 @@ nothing written:
 - ``413`` body larger than ``max_episode_bytes`` (refused from ``Content-Length``/while reading);
 - ``400`` not a decodable episode (bad msgpack, unknown/missing fields, bad array maps);
 - ``422`` fields, shapes or dtypes that ``EpisodeRecord.validate`` refuses, or an unregistered policy version;
-- ``409`` the UUID is already stored with different content.
+- ``409`` the UUID is already stored with different content;
+- ``503`` the store failed (unreachable database, ...): the robot keeps the episode and retries.
 
 Success is ``201 {"uuid", "status": "stored"}``, or ``200 {"uuid", "status": "duplicate"}`` when the identical
 episode is already stored (a robot resending after a lost acknowledgement), so an upload is idempotent by UUID.
@@ -22,11 +23,10 @@ import hmac
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
-from storage.records import EpisodeValidationError
+from storage.records import EpisodeRecord, EpisodeValidationError
 from storage.spool import EpisodeDecodeError, decode_episode
 from storage.store import EpisodeConflictError, ExperienceStore
 
@@ -93,13 +93,16 @@ class IngestApp:
                 return _error(409, str(error))
             except EpisodeValidationError as error:
                 return _error(422, f"episode: {error}")
+            except Exception as error:  # the store is unreachable or failed: the robot keeps it and retries
+                logger.exception("episode %s: store write failed", record.uuid)
+                return _error(503, f"store unavailable: {type(error).__name__}: {error}".splitlines()[0])
         status = "stored" if inserted else "duplicate"
         logger.info("episode %s %s (%d bytes)", record.uuid, status, len(body))
         return web.json_response(
             {"uuid": str(record.uuid), "status": status}, status=201 if inserted else 200
         )
 
-    def _write(self, record: Any) -> bool:
+    def _write(self, record: EpisodeRecord) -> bool:
         if self.config.register_unknown_versions:
             for version in {v for v in [record.policy_version, *record.policy_versions] if v is not None}:
                 self.store.register_policy_version(version, kind="robot-reported")

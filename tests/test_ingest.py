@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -119,3 +120,27 @@ def test_register_unknown_versions_when_allowed(store: ExperienceStore) -> None:
         record = make_record(version="robot-reported-v9")
         assert post(server, encode_episode(record))[0] == 201
     assert store.list_episodes(policy_version="robot-reported-v9")[0].uuid == record.uuid
+
+
+class FlakyStore(ExperienceStore):
+    """A store whose database is unreachable for the first write."""
+
+    failures = 1
+
+    def write_episode(self, record):  # type: ignore[no-untyped-def]
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database at 10.0.0.5:5432 is unreachable")
+        return super().write_episode(record)
+
+
+def test_store_failure_is_a_retryable_503(tmp_path: Path) -> None:
+    store = FlakyStore(f"sqlite:///{tmp_path / 'flaky.db'}")
+    store.upgrade()
+    store.register_policy_version("robot-test-v1", kind="scripted")
+    record = make_record()
+    with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as server:
+        status, reply = post(server, encode_episode(record))
+        assert status == 503 and "unreachable" in reply["error"]
+        assert store.list_episodes() == []
+        assert post(server, encode_episode(record))[0] == 201
