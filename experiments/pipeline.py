@@ -99,7 +99,7 @@ class Pipeline:
         return self.prior_version()
 
     def finished_at(self, iteration: int) -> dt.datetime:
-        """When ``iteration``'s deploy stage was recorded (UTC)."""
+        """When ``iteration``'s last stage was recorded (UTC)."""
         [run] = [
             r
             for r in self.store.list_runs(prefix=self.stage_id(iteration, STAGES[-1]))
@@ -471,27 +471,6 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
     temporary.replace(path)
-
-
-def iteration_table(pipeline: Pipeline) -> list[dict[str, Any]]:
-    """One row per finished iteration: candidate vs deployed success, the gate verdict, the deployed version."""
-    rows = []
-    for state in pipeline.iterations():
-        if not state.finished:
-            continue
-        gate = state.outputs["gate"]
-        rows.append(
-            {
-                "iteration": state.iteration,
-                "candidate": state.outputs["train"]["version"],
-                "candidate_success": gate["candidate_rate"],
-                "deployed_success": gate["deployed_rate"],
-                "promoted": gate["promote"],
-                "deployed": state.outputs["deploy"]["deployed"],
-                "reason": gate["reason"],
-            }
-        )
-    return rows
 
 
 def dump_json(data: Any) -> str:
