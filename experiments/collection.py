@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from actors.execution import ExecutionConfig
 from actors.rollout import RolloutStats, RolloutWorker
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
@@ -41,6 +42,7 @@ class CollectConfig(BaseModel):
     run_id: str | None = None
     seed: int = Field(default=0, ge=0)
     record_images: bool = True
+    execution: ExecutionConfig = ExecutionConfig()
     subtask_labels: bool = Field(default=False, description="label steps with the scripted expert's phase")
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
@@ -89,6 +91,7 @@ def run_collection(
         seed=config.seed,
         run_id=run_id,
         record_images=config.record_images,
+        execution=config.execution,
         episode_metadata={**config.metadata, "noise_std": config.noise},
     )
     already = store.count_episodes(run_id=run_id)

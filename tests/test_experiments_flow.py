@@ -101,3 +101,22 @@ def test_one_recap_iteration_end_to_end(demo_store, tmp_path):
         and result.after.policy_version == result.trained.version
     )
     assert summarize([], TASK, "none").n == 0
+
+
+def test_collect_cli_rejects_bad_settings_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    runner = CliRunner()
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    base = ["collect", "--task", "reach-v3", "--episodes", "1", "--no-images", "--db", db]
+    bad_mode = runner.invoke(app, [*base, "--execution", "warp"])
+    assert bad_mode.exit_code == 2 and "mode" in bad_mode.output
+    too_long_delay = runner.invoke(app, [*base, "--execution", "rtc", "--delay", "2"])
+    assert too_long_delay.exit_code == 2 and "s + d <= H" in too_long_delay.output
+    unknown = runner.invoke(app, [*base, "--policy", "no-such-policy"])
+    assert unknown.exit_code == 2 and "no-such-policy" in unknown.output
+    typo = runner.invoke(app, ["collect", "--task", "pick-plase-v3", "--db", db])
+    assert typo.exit_code == 2 and "pick-place-v3" in typo.output
+    assert ExperienceStore(db).count_episodes() == 0

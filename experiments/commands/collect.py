@@ -8,9 +8,11 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from actors.execution import ExecutionConfig, ExecutionConfigError
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
+from experiments.policy_loader import PolicySpecError
 
 app = typer.Typer()
 console = Console()
@@ -43,6 +45,9 @@ def collect(
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
     ] = False,
+    execution: Annotated[str, typer.Option(help="Chunk execution: sync, naive_async or rtc")] = "sync",
+    delay: Annotated[int, typer.Option(min=0, help="Simulated inference delay d in steps")] = 0,
+    execute_horizon: Annotated[int | None, typer.Option(min=1, help="Actions s executed per chunk")] = None,
     subtask_labels: Annotated[
         bool, typer.Option(help="Label steps with the scripted expert's phase")
     ] = False,
@@ -81,10 +86,14 @@ def collect(
             seed=seed,
             record_images=not no_images,
             subtask_labels=subtask_labels,
+            execution=ExecutionConfig(mode=execution, delay=delay, execute_horizon=execute_horizon),
         )
     except ValidationError as error:
         raise typer.BadParameter(_first_error(error)) from error
-    report = run_collection(config)
+    try:
+        report = run_collection(config)
+    except (ExecutionConfigError, PolicySpecError) as error:
+        raise typer.BadParameter(str(error)) from error
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]policy[/bold] {report.policy_version}\n"
         f"episodes {report.episodes}  success {report.success_rate:.0%}  env steps {report.env_steps}"
