@@ -16,6 +16,7 @@ from envs import EnvConfig, SimulatedHumanConfig
 from envs.tasks import UnknownTaskError, resolve_task
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.training import BCConfig
+from experiments.validation import first_error
 from recap import RelabelConfig
 
 WIRED_METHODS = ("recap",)
@@ -143,13 +144,6 @@ class PipelineConfig(_Strict):
                 "checkpoints": self.checkpoints or str(checkpoints_dir()),
             }
         )
-
-
-def first_error(error: ValidationError) -> str:
-    """Pydantic's first complaint as ``field.path: message``."""
-    problem = error.errors()[0]
-    location = ".".join(str(part) for part in problem["loc"]) or "config"
-    return f"{location}: {problem['msg'].removeprefix('Value error, ')}"
 
 
 def parse_pipeline_config(data: object, source: str = "config") -> PipelineConfig:

@@ -13,6 +13,7 @@ from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
 from experiments.policy_loader import PolicySpecError
+from experiments.validation import first_error
 
 app = typer.Typer()
 console = Console()
@@ -89,7 +90,7 @@ def collect(
             execution=ExecutionConfig(mode=execution, delay=delay, execute_horizon=execute_horizon),
         )
     except ValidationError as error:
-        raise typer.BadParameter(_first_error(error)) from error
+        raise typer.BadParameter(first_error(error)) from error
     try:
         report = run_collection(config)
     except (ExecutionConfigError, PolicySpecError) as error:
@@ -100,9 +101,3 @@ def collect(
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
         f"\nstore {config.store_url}"
     )
-
-
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    return f"{location}: {first['msg']}"

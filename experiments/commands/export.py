@@ -9,7 +9,7 @@ import typer
 from pydantic import ValidationError
 
 from experiments.paths import default_store_url
-from experiments.pipeline_config import first_error
+from experiments.validation import first_error
 
 app = typer.Typer()
 

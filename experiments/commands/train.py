@@ -11,6 +11,7 @@ from rich.table import Table
 
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.training import BCConfig, EpisodeFilter, train_vla
+from experiments.validation import first_error
 from storage import ExperienceStore
 
 app = typer.Typer(help="Train policies from stored episodes.", no_args_is_help=True)
@@ -56,8 +57,7 @@ def bc(
             seed=seed,
         )
     except ValidationError as error:
-        first = error.errors()[0]
-        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from error
+        raise typer.BadParameter(first_error(error)) from error
     store = ExperienceStore(db or default_store_url())
     store.upgrade()
     trained = train_vla(store, selection, config, checkpoints_dir())
