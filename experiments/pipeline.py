@@ -262,6 +262,8 @@ class Pipeline:
             ),
             output_dir,
             conditions=lambda episode: by_uuid.get(episode.uuid),
+            inference_conditions=POSITIVE_PROMPT,
+            cfg_beta=self.config.cfg_beta,
             parent_version=state.outputs["collect"]["policy"],
             progress=self.progress,
         )

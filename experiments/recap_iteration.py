@@ -120,6 +120,8 @@ def train_stage(
         config.bc,
         output_dir,
         conditions=lambda episode: by_uuid[episode.uuid],
+        inference_conditions=POSITIVE_PROMPT,
+        cfg_beta=config.cfg_beta,
         parent_version=parent_version,
         progress=progress,
     )
@@ -142,8 +144,6 @@ def run_recap_iteration(
         store, episodes, with_task_horizon(config.relabel, config.task, config.env.episode_steps)
     )
     trained = train_stage(store, selection, record, config, output_dir, current.version, progress)
-    trained.policy.conditions = POSITIVE_PROMPT
-    trained.policy.cfg_beta = config.cfg_beta
     after = _evaluate(store, trained.policy, config, conditions=POSITIVE_PROMPT)
     return RecapIterationResult(collection, record, trained, before, after)
 

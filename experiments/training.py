@@ -109,10 +109,16 @@ def train_vla(
     output_dir: Path,
     *,
     conditions: ConditionFn | None = None,
+    inference_conditions: str | None = None,
+    cfg_beta: float = 1.0,
     parent_version: str | None = None,
     progress: bool = True,
 ) -> TrainedPolicy:
-    """Train a fresh VLA on the selected episodes, save it to ``output_dir``, register and evaluate it."""
+    """Train a fresh VLA on the selected episodes, save it to ``output_dir``, register and evaluate it.
+
+    ``inference_conditions`` / ``cfg_beta`` are how the policy is queried after training (RECAP: "Advantage:
+    positive"); they are saved in the checkpoint, so evaluation, rollouts and ``flywheel serve`` agree.
+    """
     records = load_training_episodes(store, selection)
     dataset = build_dataset(to_episode_arrays(records, conditions), config.action_horizon)
     vla_config = VLAConfig.preset(
@@ -137,6 +143,7 @@ def train_vla(
             progress=progress,
         ),
     )
+    policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta
     checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
     version = save_checkpoint(policy, checkpoint)
     policy.version = version

@@ -1,7 +1,9 @@
 """VLA checkpoints: one directory with safetensors weights, JSON config, normalization stats and tokenizers.
 
 Files: ``model.safetensors``, ``config.json``, ``norm_stats.json``, ``tokenizer.json`` (prompt BPE), and with
-Knowledge Insulation ``fast_tokenizer.json``. Loading validates every file and every tensor shape against the
+Knowledge Insulation ``fast_tokenizer.json``; ``inference.json`` keeps how the policy is meant to be queried (its
+condition text, e.g. RECAP's "Advantage: positive", and the CFG β), so a served checkpoint behaves as evaluated.
+Loading validates every file and every tensor shape against the
 config and raises :class:`CheckpointError` naming the file and field. The policy version is derived from the
 weights' content (``vla-<size>-<sha256 prefix>``), so identical weights always carry the same version.
 """
@@ -23,12 +25,13 @@ from policies.vla.config import ConfigError, VLAConfig
 from policies.vla.model import VLAModel
 from policies.vla.policy import VLAInputError, VLAPolicy, check_components
 
-WEIGHTS, CONFIG, NORM_STATS, TOKENIZER, FAST_TOKENIZER = (
+WEIGHTS, CONFIG, NORM_STATS, TOKENIZER, FAST_TOKENIZER, INFERENCE = (
     "model.safetensors",
     "config.json",
     "norm_stats.json",
     "tokenizer.json",
     "fast_tokenizer.json",
+    "inference.json",
 )
 
 
@@ -47,6 +50,8 @@ def save_checkpoint(policy: VLAPolicy, directory: str | Path) -> str:
     policy.prompt_tokenizer.save(str(path / TOKENIZER))
     if policy.fast_tokenizer is not None:
         policy.fast_tokenizer.save(path / FAST_TOKENIZER)
+    inference = {"conditions": policy.conditions, "cfg_beta": policy.cfg_beta}
+    (path / INFERENCE).write_text(json.dumps(inference, indent=1))
     return weights_version(path, policy.config)
 
 
@@ -64,6 +69,8 @@ def load_checkpoint(directory: str | Path, **policy_kwargs) -> VLAPolicy:
     model = VLAModel(config)
     _load_weights(model, path / WEIGHTS)
     policy_kwargs.setdefault("version", weights_version(path, config))
+    for name, value in _load_inference(path / INFERENCE).items():
+        policy_kwargs.setdefault(name, value)
     try:
         check_components(config, prompt_tokenizer, norm_stats, fast_tokenizer)
     except VLAInputError as error:
@@ -91,6 +98,22 @@ def _load_config(path: Path) -> VLAConfig:
         return VLAConfig.from_dict(data)
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"{file}: {error}") from error
+
+
+def _load_inference(file: Path) -> dict[str, object]:
+    """The saved inference settings (none for checkpoints written before they were saved)."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}: not valid JSON ({error})") from error
+    conditions, beta = data.get("conditions"), data.get("cfg_beta", 1.0)
+    if conditions is not None and not isinstance(conditions, str):
+        raise CheckpointError(f"{file}: conditions: expected a string or null, got {conditions!r}")
+    if isinstance(beta, bool) or not isinstance(beta, int | float):
+        raise CheckpointError(f"{file}: cfg_beta: expected a number, got {beta!r}")
+    return {"conditions": conditions, "cfg_beta": float(beta)}
 
 
 def _load_part(file: Path, loader, errors):

@@ -44,6 +44,7 @@ def test_round_trip_gives_identical_outputs(saved) -> None:
     assert sorted(p.name for p in directory.iterdir()) == [
         "config.json",
         "fast_tokenizer.json",
+        "inference.json",
         "model.safetensors",
         "norm_stats.json",
         "tokenizer.json",
@@ -98,3 +99,23 @@ def test_normalization_stats_round_trip(saved, tmp_path) -> None:
     np.testing.assert_allclose(
         stats.state.unnormalize(stats.state.normalize(x, "zscore"), "zscore"), x, atol=1e-5
     )
+
+
+def test_inference_conditions_travel_with_the_checkpoint(saved, tmp_path) -> None:
+    policy, dataset, _, _ = saved
+    conditioned_dir = tmp_path / "conditioned"
+    policy.conditions, policy.cfg_beta = "Advantage: positive", 1.5
+    try:
+        policy.save(conditioned_dir)
+    finally:
+        policy.conditions, policy.cfg_beta = None, 1.0
+    loaded = load_checkpoint(conditioned_dir)
+    assert (loaded.conditions, loaded.cfg_beta) == ("Advantage: positive", 1.5)
+    batch = observation_batch(dataset)
+    noise = np.random.default_rng(4).normal(size=(3, 10, 4)).astype(np.float32)
+    explicit = policy.infer(batch, conditions="Advantage: positive", cfg_beta=1.5, noise=noise)
+    np.testing.assert_array_equal(loaded.infer(batch, noise=noise).actions, explicit.actions)
+    assert load_checkpoint(conditioned_dir, conditions=None).conditions is None  # the caller can override
+    (conditioned_dir / "inference.json").write_text(json.dumps({"conditions": 3}))
+    with pytest.raises(CheckpointError, match=r"inference\.json: conditions: expected a string"):
+        load_checkpoint(conditioned_dir)
