@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from storage import EpisodeRecord, ExperienceStore, Outcome
 from storage.codec import IMAGE_CODEC, content_hash, image_hash
+from storage.engine import create_scratch_database
 
 
 class Timing(NamedTuple):
@@ -240,17 +241,7 @@ def _marks(n: int) -> str:
 
 def fresh_pg_database(server_url: str) -> tuple[str, Callable[[], None]]:
     """A new, empty database on the server and a function that drops it."""
-    name = f"flywheel_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-    return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
+    return create_scratch_database(server_url, prefix="flywheel_bench")
 
 
 def report(

@@ -7,6 +7,8 @@ writer processes queue on the busy timeout instead of failing on a stale snapsho
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,23 @@ def _sqlite_engine(url: URL) -> Engine:
         connection.exec_driver_sql(connection.get_execution_options().get(BEGIN_OPTION, "BEGIN"))
 
     return engine
+
+
+def create_scratch_database(
+    server_url: str, prefix: str = "flywheel_scratch"
+) -> tuple[str, Callable[[], None]]:
+    """Create a uniquely named, empty PostgreSQL database on the server; return its URL and a function that drops it.
+
+    For tests and benchmarks that must not share state with anything else on the server.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False), drop

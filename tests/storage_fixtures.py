@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from storage import EpisodeRecord, ExperienceStore, InterventionSegment, Outcome, StepSource
+from storage.engine import create_scratch_database
 
 POLICY_VERSION = "vla-v1"
 
@@ -120,18 +121,8 @@ def assert_episodes_equal(actual: EpisodeRecord, expected: EpisodeRecord, images
 
 
 def fresh_pg_database(server_url: str) -> tuple[str, Callable[[], None]]:
-    """Create a uniquely named database on the server; return its URL and a function that drops it."""
-    name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-    return sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False), drop
+    """A new, empty database on the server and a function that drops it."""
+    return create_scratch_database(server_url, prefix="flywheel_test")
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
