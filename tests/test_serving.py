@@ -395,7 +395,7 @@ def _wait_until_not_listening(port: int) -> None:
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: the listener closed mid-handshake
             return
         time.sleep(0.01)
     raise AssertionError(f"port {port} still accepts connections")
