@@ -1,4 +1,11 @@
-"""Accumulates one episode's steps and chunks into a columnar ``EpisodeRecord``."""
+"""Accumulates one episode's steps and chunks into a columnar ``EpisodeRecord``.
+
+Subtasks (Hi-Robot / π0.5) are recorded per step with their provenance: ``policy`` (a hierarchical policy's high
+level named it), ``human`` (an intervening human corrected it) or ``expert_phase`` (derived from the scripted
+expert). The store has one ``subtask`` column; provenance travels in the episode metadata as run-length
+segments under ``subtask_sources`` (``[{"source", "t_start", "t_end"}]``, ``t_end`` exclusive), read back per step
+with :func:`subtask_sources`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ import numpy as np
 
 from policies.base import Observation
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+
+SUBTASK_POLICY, SUBTASK_HUMAN, SUBTASK_EXPERT = "policy", "human", "expert_phase"
+SUBTASK_SOURCES_KEY = "subtask_sources"
 
 
 @dataclass
@@ -40,16 +50,24 @@ class EpisodeRecorder:
     _chunk_offsets: list[int] = field(default_factory=list)
     _latency_ms: list[float] = field(default_factory=list)
     _chunks: list[np.ndarray] = field(default_factory=list)
+    _chunk_subtasks: list[str | None] = field(default_factory=list)
+    _subtasks: list[str | None] = field(default_factory=list)
+    _subtask_sources: list[str | None] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         """Steps recorded so far."""
         return len(self._actions)
 
-    def add_chunk(self, actions: np.ndarray) -> int:
-        """Register a predicted ``H×D`` chunk; returns its index in the episode's chunk list."""
+    def add_chunk(self, actions: np.ndarray, subtask: str | None = None) -> int:
+        """Register a predicted ``H×D`` chunk (and the subtask it was conditioned on); returns its index."""
         self._chunks.append(np.asarray(actions, dtype=np.float32))
+        self._chunk_subtasks.append(subtask)
         return len(self._chunks) - 1
+
+    def chunk_subtask(self, chunk_id: int) -> str | None:
+        """The subtask chunk ``chunk_id`` was conditioned on (None for ``-1`` or an unconditioned chunk)."""
+        return self._chunk_subtasks[chunk_id] if chunk_id >= 0 else None
 
     def add_step(
         self,
@@ -64,8 +82,18 @@ class EpisodeRecorder:
         chunk_id: int,
         chunk_offset: int,
         latency_ms: float,
+        subtask: str | None = None,
+        subtask_source: str | None = None,
     ) -> None:
-        """Record one step: the observation the action was chosen from and what happened."""
+        """Record one step: the observation the action was chosen from and what happened.
+
+        ``subtask`` / ``subtask_source`` label the step's subtask and who named it (``policy``, ``human``).
+        """
+        if (subtask is None) != (subtask_source is None):
+            raise ValueError(
+                f"subtask_source: expected a source exactly when a subtask is given, got {subtask!r}, "
+                f"{subtask_source!r}"
+            )
         self._states.append(np.asarray(observation["state"], dtype=np.float32))
         if "privileged" in observation:
             self._privileged.append(np.asarray(observation["privileged"], dtype=np.float32))
@@ -81,6 +109,8 @@ class EpisodeRecorder:
         self._chunk_ids.append(chunk_id)
         self._chunk_offsets.append(chunk_offset)
         self._latency_ms.append(float(latency_ms))
+        self._subtasks.append(subtask)
+        self._subtask_sources.append(subtask_source)
 
     def finish(
         self,
@@ -92,6 +122,10 @@ class EpisodeRecorder:
         action_dim = self._actions[0].shape[0] if self._actions else 0
         horizon = self._chunks[0].shape[0] if self._chunks else 1
         versions = [v for v in self._versions if v is not None]
+        labelled = any(s is not None for s in self._subtasks)
+        metadata = dict(self.metadata)
+        if labelled:
+            metadata[SUBTASK_SOURCES_KEY] = source_segments(self._subtask_sources)
         return EpisodeRecord(
             uuid=self.episode_uuid,
             task=self.task,
@@ -113,9 +147,10 @@ class EpisodeRecorder:
             images={camera: np.stack(frames) for camera, frames in self._images.items()},
             privileged=_stack(self._privileged, np.float32) if self._privileged else None,
             interventions=list(interventions or []),
-            metadata=dict(self.metadata),
+            metadata=metadata,
             run_id=self.run_id,
             error=error,
+            subtasks=list(self._subtasks) if labelled else None,
         )
 
 
@@ -124,3 +159,32 @@ def _stack(rows: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...] = (
     if not rows:
         return np.zeros(empty_shape, dtype=dtype)
     return np.stack(rows).astype(dtype, copy=False)
+
+
+def source_segments(sources: list[str | None]) -> list[dict[str, object]]:
+    """Run-length segments ``{"source", "t_start", "t_end"}`` of per-step sources (``None`` runs left out)."""
+    segments: list[dict[str, object]] = []
+    for t, source in enumerate(sources):
+        if segments and segments[-1]["source"] == source and segments[-1]["t_end"] == t:
+            segments[-1]["t_end"] = t + 1
+        elif source is not None:
+            segments.append({"source": source, "t_start": t, "t_end": t + 1})
+    return segments
+
+
+def subtask_sources(record: EpisodeRecord) -> list[str | None]:
+    """Per-step provenance of ``record.subtasks`` (``policy``, ``human``, ``expert_phase``; None where unlabelled).
+
+    Reads the ``subtask_sources`` segments of the episode metadata, or a whole-episode ``subtask_source``.
+    """
+    sources: list[str | None] = [None] * record.length
+    if record.subtasks is None:
+        return sources
+    segments = record.metadata.get(SUBTASK_SOURCES_KEY)
+    if segments is None:
+        whole = record.metadata.get("subtask_source")
+        return [whole if s is not None else None for s in record.subtasks]
+    for segment in segments:
+        for t in range(int(segment["t_start"]), min(int(segment["t_end"]), record.length)):
+            sources[t] = str(segment["source"])
+    return sources

@@ -5,6 +5,10 @@ A worker asks the policy for a chunk only for envs that need one (see ``actors.e
 async or Real-Time Chunking execution with a simulated inference delay), so chunk requests from several envs share
 one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at the next chunk request of each
 env: every step records the version of the chunk it came from.
+
+A hierarchical policy (one with ``last_subtasks``, e.g. ``policies.hierarchical.HierarchicalPolicy``) also
+names each row's subtask; every step records the subtask of its chunk with provenance ``policy``. A human step
+records the subtask the intervening device named (``info["subtask"]``) with provenance ``human``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 from actors.execution import ChunkSchedule, ExecutionConfig
-from actors.recorder import EpisodeRecorder
+from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
@@ -217,10 +221,22 @@ class RolloutWorker:
         result = self._infer(batch, needy)
         latency_ms = result.timing.get("infer_ms", (time.perf_counter() - started) * 1e3)
         stats.inference_calls += 1
+        subtasks = self._chunk_subtasks(len(needy))
         for index, slot in enumerate(needy):
             chunk = result.actions[index]
-            chunk_id = slot.recorder.add_chunk(chunk)
+            chunk_id = slot.recorder.add_chunk(chunk, subtask=subtasks[index])
             slot.schedule.receive(chunk, chunk_id, self.policy.version, float(latency_ms))
+
+    def _chunk_subtasks(self, rows: int) -> list[str | None]:
+        """The subtask a hierarchical policy named for each row of its latest batch (None for flat policies)."""
+        subtasks = getattr(self.policy, "last_subtasks", None)
+        if subtasks is None:
+            return [None] * rows
+        if len(subtasks) != rows:
+            raise RuntimeError(
+                f"policy {self.policy.version}: last_subtasks has {len(subtasks)} rows for a batch of {rows}"
+            )
+        return list(subtasks)
 
     def _infer(self, batch: dict, needy: list[_EnvSlot]) -> ActionChunk:
         """Plain sampling, or RTC inpainting toward each env's current chunk when any env has one."""
@@ -243,6 +259,7 @@ class RolloutWorker:
             )
         source = StepSource(int(info.get("source", StepSource.POLICY)))
         from_policy = source == StepSource.POLICY
+        subtask = slot.recorder.chunk_subtask(scheduled.chunk_id) if from_policy else info.get("subtask")
         slot.recorder.add_step(
             slot.observation,
             np.asarray(info.get("executed_action", scheduled.action)),
@@ -254,6 +271,8 @@ class RolloutWorker:
             chunk_id=scheduled.chunk_id if from_policy else -1,
             chunk_offset=scheduled.offset if from_policy else -1,
             latency_ms=scheduled.latency_ms if from_policy else 0.0,
+            subtask=subtask,
+            subtask_source=None if subtask is None else SUBTASK_POLICY if from_policy else SUBTASK_HUMAN,
         )
         stats.env_steps += 1
         stats.human_steps += int(not from_policy)

@@ -12,13 +12,17 @@ those episodes and evaluates each on the same fresh seeds (success with a Wilson
 
     python benchmarks/metadata_conditioning.py --task push-v3 --episodes-per-noise 20 --steps 1500 --eval-episodes 50
     python benchmarks/metadata_conditioning.py --quick     # a smoke run of a few minutes
+
+The table and the settings are written to ``--output`` (JSON) and next to it as ``.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -46,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-episode-steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).parent / "results" / "metadata_conditioning.json",
+        help="JSON summary (a .txt table is written next to it)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.episodes_per_noise, args.steps, args.eval_episodes, args.max_episode_steps = 3, 30, 5, 60
@@ -102,19 +112,42 @@ def main() -> None:
     }
     results: dict[str, EvalResult] = {}
     for name, (chosen, config, conditions, ask) in variants.items():
+        started = time.perf_counter()
         trained = train_vla(store, chosen, config, workdir, conditions=conditions, progress=False)
         trained.policy.conditions = ask
         results[name], _ = evaluate(trained.policy, env, args.eval_episodes, seed=10_000 + args.seed)
         print(
-            f"trained {name}: {trained.episodes_used} episodes, final loss {trained.train.history[-1]['loss']:.4f}"
+            f"trained {name}: {trained.episodes_used} episodes, final loss "
+            f"{trained.train.history[-1]['loss']:.4f} ({time.perf_counter() - started:.0f} s train + eval)"
         )
-    print(f"\n{'variant':<10} {'success':>8} {'95% CI':>15} {'mean length':>12} {'success length':>15}")
+    table = format_table(results)
+    print(f"\n{table}\n(store and checkpoints in {workdir})")
+    save(args, results, table, data=f"{len(episodes)} episodes ({successes} successful)")
+
+
+def format_table(results: dict[str, EvalResult]) -> str:
+    """The comparison as a fixed-width text table."""
+    lines = [f"{'variant':<10} {'success':>8} {'95% CI':>15} {'mean length':>12} {'success length':>15}"]
     for name, result in results.items():
-        print(
-            f"{name:<10} {result.success_rate:>8.2f} [{result.ci_low:.2f}, {result.ci_high:.2f}]"
+        lines.append(
+            f"{name:<10} {result.successes:>3}/{result.n:<4} [{result.ci_low:.2f}, {result.ci_high:.2f}]"
             f" {result.mean_length:>12.1f} {result.mean_success_length:>15.1f}"
         )
-    print(f"\n(store and checkpoints in {workdir})")
+    return "\n".join(lines)
+
+
+def save(args: argparse.Namespace, results: dict[str, EvalResult], table: str, data: str) -> None:
+    """Write the settings and results as JSON to ``args.output`` and the text table next to it."""
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary = {
+        "settings": settings,
+        "data": data,
+        "eval_seed": 10_000 + args.seed,
+        "results": {name: {**r.as_metrics(), "task": r.task} for name, r in results.items()},
+    }
+    args.output.write_text(json.dumps(summary, indent=1))
+    args.output.with_suffix(".txt").write_text(f"{settings}\ndata: {data}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ is executed (``Source.POLICY``). Every step's ``info`` carries:
 - ``source``: ``int`` (0 policy, 1 human — the same values as ``storage.records.StepSource``),
 - ``executed_action``: the action actually applied (clipped to the action space), ``policy_action``: what
   the policy proposed, ``intervention_trigger``: the reason of the current takeover (``None`` on policy
-  steps),
+  steps), ``subtask``: the subtask the human says the robot is on (a corrected high-level label; ``None`` on
+  policy steps and from devices that do not name one),
 - ``interventions``: the episode's takeover segments so far (contiguous human steps form one segment, named
   by the trigger that started it), as dicts ``{"t_start", "t_end", "trigger"}``
   with ``t_end`` exclusive (an open segment is reported up to the current step), complete on the episode's
@@ -18,7 +19,8 @@ when a trigger fires — no progress for K steps (progress is the env's dense re
 ``info["dense_reward"]``, falling back to the step reward), the policy's action deviating from the clean
 expert action by more than a threshold (L2 over the 4 action dimensions) for some consecutive steps, or at
 random with a per-step rate — then acts for ``takeover_steps`` steps (with its own action noise) and hands
-back. A real keyboard, gamepad or spacemouse is another ``TeleopDevice``: it returns its own command from
+back. While acting it also names the subtask it is executing (the scripted expert's phase), so rollouts of a
+hierarchical policy store a human-corrected subtask for every intervention step. A real keyboard, gamepad or spacemouse is another ``TeleopDevice``: it returns its own command from
 ``poll`` and ignores the context."""
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ class TeleopContext:
 
 @dataclass(frozen=True)
 class TeleopCommand:
-    """A device's answer: ``takeover=True`` runs ``action`` instead of the policy's; ``reason`` says why."""
+    """A device's answer: ``takeover=True`` runs ``action`` instead of the policy's; ``reason`` says why.
+
+    ``subtask`` optionally names the subtask the human is executing (a correction of the high-level policy).
+    """
 
     takeover: bool
     action: np.ndarray | None = None
     reason: str = "teleop"
+    subtask: str | None = None
 
 
 @runtime_checkable
@@ -136,7 +142,12 @@ class SimulatedHuman:
         self._remaining -= 1
         if self._remaining == 0:
             self._watch_from_scratch()  # hand back: judge the policy afresh
-        return TeleopCommand(takeover=True, action=self.expert.act(privileged), reason=self._reason)
+        return TeleopCommand(
+            takeover=True,
+            action=self.expert.act(privileged),
+            reason=self._reason,
+            subtask=self.expert.phase(privileged),
+        )
 
     def _watch_from_scratch(self) -> None:
         self._best_progress = -np.inf
@@ -237,6 +248,7 @@ class InterventionWrapper(gym.Wrapper):
             "executed_action": executed,
             "policy_action": policy_action,
             "intervention_trigger": command.reason if human else None,
+            "subtask": command.subtask if human else None,
             "interventions": [asdict(segment) for segment in self.interventions],
         }
         return observation, reward, terminated, truncated, info

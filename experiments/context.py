@@ -7,17 +7,38 @@ Each stored episode is described by its demonstration quality (the noise level o
 that description to the prompt (dropped at random, like RECAP's indicator, so the unconditioned policy is
 trained too); at inference the policy is asked for the behaviour wanted: ``quality: high, speed: fast,
 mistakes: none``.
+
+Subtasks: each step's subtask label (scripted-expert phase for demonstrations, the high level's or a human's
+name in rollouts; see ``actors.recorder`` for provenance) becomes ``subtask: <name>`` on the low-level VLA's
+prompt, and a small high-level ``SubtaskModel`` learns to name it from the camera, the state and the task
+prompt (``train_hierarchical``). ``phase_outcomes`` says where episodes end in terms of the expert's phases.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.recorder import SUBTASK_EXPERT, SUBTASK_SOURCES_KEY, source_segments
 from envs.experts import expert_phases
-from storage import EpisodeRecord
+from envs.tasks import task_prompt
+from experiments.evaluation import EvalResult
+from experiments.training import (
+    BCConfig,
+    EpisodeFilter,
+    TrainedPolicy,
+    _evaluate_and_record,
+    load_training_episodes,
+    train_vla,
+)
+from policies.hierarchical import HierarchicalPolicy, save_hierarchical, train_subtask_model
+from storage import EpisodeRecord, ExperienceStore
 
 DESIRED_METADATA = "quality: high, speed: fast, mistakes: none"
 
@@ -98,10 +119,192 @@ class ExpertPhaseLabels:
         """Label ``record`` (when it carries the simulator state) and pass it on."""
         if record.privileged is not None and record.length > 0:
             record.subtasks = expert_phases(self.task, record.privileged)
-            record.metadata = {**record.metadata, "subtask_source": "expert_phase"}
+            record.metadata = {
+                **record.metadata,
+                "subtask_source": SUBTASK_EXPERT,
+                SUBTASK_SOURCES_KEY: source_segments([SUBTASK_EXPERT] * record.length),
+            }
         return self.sink(record)
 
 
 def subtask_prompt(subtask: str | None) -> str | None:
     """The condition text of a subtask label."""
     return None if subtask is None else f"subtask: {subtask}"
+
+
+def subtask_labels(record: EpisodeRecord) -> list[str | None]:
+    """The episode's stored per-step subtasks, or the scripted expert's phases derived from its simulator state."""
+    if record.subtasks is not None:
+        return list(record.subtasks)
+    if record.privileged is None:
+        raise ValueError(
+            f"episode {record.uuid}: no stored subtasks and no privileged state to derive expert phases from"
+        )
+    return expert_phases(record.task, record.privileged)
+
+
+def train_metadata_conditioned(
+    store: ExperienceStore,
+    selection: EpisodeFilter,
+    config: BCConfig,
+    output_dir: Path,
+    *,
+    desired: str = DESIRED_METADATA,
+    prompt_config: MetadataPromptConfig | None = None,
+    progress: bool = True,
+) -> TrainedPolicy:
+    """Train the VLA with each episode's metadata description on its prompt; it is queried with ``desired``."""
+    descriptions = metadata_conditions(load_training_episodes(store, selection), prompt_config)
+    return train_vla(
+        store,
+        selection,
+        config,
+        output_dir,
+        conditions=lambda episode: descriptions[episode.uuid],
+        inference_conditions=desired,
+        progress=progress,
+    )
+
+
+class SubtaskTrainConfig(BaseModel):
+    """Optimisation of the high-level subtask model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+
+
+@dataclass
+class TrainedHierarchical:
+    """A trained, saved and registered two-level policy."""
+
+    policy: HierarchicalPolicy
+    checkpoint: Path
+    version: str
+    low_level: TrainedPolicy
+    subtask_losses: list[float]
+    subtasks: tuple[str, ...]
+    evaluations: list[EvalResult]
+
+
+def train_hierarchical(
+    store: ExperienceStore,
+    selection: EpisodeFilter,
+    config: BCConfig,
+    output_dir: Path,
+    *,
+    subtask: SubtaskTrainConfig | None = None,
+    progress: bool = True,
+) -> TrainedHierarchical:
+    """Train a subtask-conditioned VLA and a high-level subtask model on the same episodes; save, register, evaluate.
+
+    Labels come from ``subtask_labels`` (stored, else expert phases); the high level sees ``config.cameras[0]``.
+    """
+    subtask = subtask or SubtaskTrainConfig()
+    records = load_training_episodes(store, selection)
+    labels = {record.uuid: subtask_labels(record) for record in records}
+    low = train_vla(
+        store,
+        selection,
+        config.model_copy(update={"eval_episodes": 0}),
+        output_dir,
+        conditions=lambda episode: [subtask_prompt(s) for s in labels[episode.uuid]],
+        progress=progress,
+    )
+    high, losses = _train_high_level(records, labels, config.cameras[0], subtask, config.seed, progress)
+    policy = HierarchicalPolicy(high, low.policy)
+    checkpoint = output_dir / f"hier-{uuid.uuid4().hex[:8]}"
+    version = save_hierarchical(policy, checkpoint)
+    store.register_policy_version(
+        version,
+        kind="hierarchical",
+        uri=str(checkpoint.resolve()),
+        parent=low.version,
+        metadata={
+            "subtasks": list(high.vocabulary.subtasks),
+            "subtask_config": subtask.model_dump(mode="json"),
+            "final_subtask_loss": losses[-1],
+        },
+    )
+    evaluations = [
+        _evaluate_and_record(store, policy, task, config)
+        for task in selection.tasks
+        if config.eval_episodes > 0
+    ]
+    return TrainedHierarchical(
+        policy, checkpoint, version, low, losses, high.vocabulary.subtasks, evaluations
+    )
+
+
+def _train_high_level(
+    records: list[EpisodeRecord],
+    labels: dict[object, list[str | None]],
+    camera: str,
+    config: SubtaskTrainConfig,
+    seed: int,
+    progress: bool,
+) -> tuple[object, list[float]]:
+    """Fit the subtask model on every labelled step of ``records``."""
+    missing = [str(r.uuid) for r in records if camera not in r.images and r.length > 0]
+    if missing:
+        raise ValueError(f"images: camera {camera!r} is not stored for episode {missing[0]}")
+    rows = [
+        (record.images[camera][t], record.states[t], task_prompt(record.task), label)
+        for record in records
+        for t, label in enumerate(labels[record.uuid])
+        if label is not None
+    ]
+    if not rows:
+        raise ValueError("subtasks: the selected episodes have no labelled steps")
+    images, states, prompts, names = zip(*rows, strict=True)
+    return train_subtask_model(
+        np.stack(images),
+        np.stack(states),
+        list(prompts),
+        list(names),
+        camera=camera,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def _phase_index(phase: str) -> int:
+    return int(phase.removeprefix("phase")) if phase.removeprefix("phase").isdigit() else -1
+
+
+def phase_outcomes(records: Sequence[EpisodeRecord], task: str) -> dict[str, object]:
+    """Where episodes end, in the scripted expert's phases (from each episode's simulator state).
+
+    For failed episodes: how often each phase was the furthest reached (highest phase index; for pick-place and
+    push the index order is the temporal order) and the phase at the last step; for episodes with policy
+    subtasks, the subtask named at the last step and the fraction of steps whose named subtask equals the
+    expert's phase.
+    """
+    furthest, final, named_final = Counter(), Counter(), Counter()
+    agree = labelled = 0
+    failures = [r for r in records if r.outcome != "success" and r.privileged is not None and r.length > 0]
+    for record in records:
+        if record.subtasks is None or record.privileged is None:
+            continue
+        phases = expert_phases(task, record.privileged)
+        pairs = [(s, p) for s, p in zip(record.subtasks, phases, strict=True) if s is not None]
+        agree += sum(s == p for s, p in pairs)
+        labelled += len(pairs)
+    for record in failures:
+        phases = expert_phases(task, record.privileged)
+        furthest[max(phases, key=_phase_index)] += 1
+        final[phases[-1]] += 1
+        if record.subtasks is not None:
+            named_final[str(record.subtasks[-1])] += 1
+    return {
+        "failures": len(failures),
+        "furthest_phase": dict(sorted(furthest.items())),
+        "final_phase": dict(sorted(final.items())),
+        "final_named_subtask": dict(sorted(named_final.items())),
+        "subtask_agreement": agree / labelled if labelled else None,
+    }

@@ -1,8 +1,8 @@
 """Turn a policy spec from a config or the command line into a ``Policy`` — and record it in the store.
 
 Specs: ``scripted`` (Meta-World's expert, ``noise`` sets its quality), a checkpoint directory of the built-in
-VLA, a policy version registered in the store (resolved to its checkpoint), or ``openpi:ws://host:port`` for
-any openpi-compatible server.
+VLA or of a hierarchical policy (``policies.hierarchical``), a policy version registered in the store
+(resolved to its checkpoint), or ``openpi:ws://host:port`` for any openpi-compatible server.
 """
 
 from __future__ import annotations
@@ -54,7 +54,12 @@ def _checkpoint_of_version(version: str, store: ExperienceStore) -> Path:
 
 def _load_checkpoint(directory: Path, store: ExperienceStore) -> Policy:
     from policies.checkpoint import load_checkpoint
+    from policies.hierarchical import is_hierarchical_checkpoint, load_hierarchical
 
+    if is_hierarchical_checkpoint(directory):
+        policy = load_hierarchical(directory)
+        store.register_policy_version(policy.version, kind="hierarchical", uri=str(directory.resolve()))
+        return policy
     policy = load_checkpoint(directory)
     store.register_policy_version(policy.version, kind="vla", uri=str(directory.resolve()))
     return policy

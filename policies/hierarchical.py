@@ -4,20 +4,36 @@ acts conditioned on the task prompt plus ``subtask: <name>``.
 The high-level model is small on purpose: a conv encoder over one camera, the proprio state and a learned
 embedding of the task prompt, classifying into the subtask vocabulary seen in training. Its output is text, so
 a human (or a bigger model) can replace it without touching the low level.
+
+A hierarchical checkpoint is one directory: ``low_level/`` (a VLA checkpoint, see ``policies.checkpoint``),
+``subtask_model.safetensors`` and ``subtask_model.json`` (vocabulary, camera, sizes). Its version,
+``hier-<12 hex>``, is derived from both levels' weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from policies.base import ActionChunk, ObservationBatch, Policy
+from policies.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from policies.vla.policy import VLAPolicy
+
+LOW_LEVEL_DIR, SUBTASK_WEIGHTS, SUBTASK_CONFIG = (
+    "low_level",
+    "subtask_model.safetensors",
+    "subtask_model.json",
+)
 
 
 class SubtaskInputError(ValueError):
@@ -49,11 +65,12 @@ class SubtaskModel(nn.Module):
         self, vocabulary: SubtaskVocabulary, camera: str, image_size: int, state_dim: int, width: int = 64
     ):
         super().__init__()
-        self.vocabulary, self.camera, self.image_size, self.state_dim = (
+        self.vocabulary, self.camera, self.image_size, self.state_dim, self.width = (
             vocabulary,
             camera,
             image_size,
             state_dim,
+            width,
         )
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 16, 5, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
@@ -140,17 +157,22 @@ class HierarchicalPolicy:
     ``last_subtasks`` holds the subtask of each row of the latest batch (rollouts record it with the chunk).
     """
 
-    def __init__(self, high_level: SubtaskModel, low_level: Policy) -> None:
+    def __init__(self, high_level: SubtaskModel, low_level: Policy, version: str | None = None) -> None:
         self.high_level = high_level
         self.low_level = low_level
         self.action_horizon = low_level.action_horizon
         self.action_dim = low_level.action_dim
         self.last_subtasks: list[str] = []
+        self._version = version
 
     @property
     def version(self) -> str:
-        """The low level's version (the high level is recorded per step as the subtask text)."""
-        return self.low_level.version
+        """The saved checkpoint's ``hier-…`` version, else the low level's (subtasks are recorded per step)."""
+        return self._version or self.low_level.version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
 
     def infer(self, batch: ObservationBatch) -> ActionChunk:
         """Predict each row's subtask, then its chunk conditioned on ``subtask: <name>``."""
@@ -165,3 +187,55 @@ class HierarchicalPolicy:
     def reset(self) -> None:
         """Reset the low level."""
         self.low_level.reset()
+
+
+def is_hierarchical_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a hierarchical checkpoint (rather than a plain VLA one)."""
+    return (Path(directory) / SUBTASK_CONFIG).is_file()
+
+
+def save_hierarchical(policy: HierarchicalPolicy, directory: str | Path) -> str:
+    """Write both levels to ``directory``; returns (and sets on ``policy``) the content-derived version."""
+    if not isinstance(policy.low_level, VLAPolicy):
+        raise TypeError(f"low_level: only a built-in VLA can be saved, got {type(policy.low_level).__name__}")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(policy.low_level, path / LOW_LEVEL_DIR)
+    high = policy.high_level
+    save_file({k: v.detach().contiguous() for k, v in high.state_dict().items()}, str(path / SUBTASK_WEIGHTS))
+    config = {
+        "prompts": list(high.vocabulary.prompts),
+        "subtasks": list(high.vocabulary.subtasks),
+        "camera": high.camera,
+        "image_size": high.image_size,
+        "state_dim": high.state_dim,
+        "width": high.width,
+    }
+    (path / SUBTASK_CONFIG).write_text(json.dumps(config, indent=1))
+    policy.version = _hierarchical_version(path)
+    return policy.version
+
+
+def load_hierarchical(directory: str | Path) -> HierarchicalPolicy:
+    """Load a checkpoint written by ``save_hierarchical``; a missing or bad file raises ``CheckpointError``."""
+    path = Path(directory)
+    if not is_hierarchical_checkpoint(path):
+        raise CheckpointError(f"{path / SUBTASK_CONFIG}: missing subtask model config")
+    try:
+        config = json.loads((path / SUBTASK_CONFIG).read_text())
+        vocabulary = SubtaskVocabulary(tuple(config["prompts"]), tuple(config["subtasks"]))
+        high = SubtaskModel(
+            vocabulary, config["camera"], config["image_size"], config["state_dim"], config["width"]
+        )
+        high.load_state_dict(load_file(str(path / SUBTASK_WEIGHTS)))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: bad subtask model ({type(error).__name__}: {error})") from error
+    high.eval()
+    return HierarchicalPolicy(high, load_checkpoint(path / LOW_LEVEL_DIR), _hierarchical_version(path))
+
+
+def _hierarchical_version(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in (path / LOW_LEVEL_DIR / WEIGHTS, path / SUBTASK_WEIGHTS, path / SUBTASK_CONFIG):
+        digest.update(file.read_bytes())
+    return f"hier-{digest.hexdigest()[:12]}"

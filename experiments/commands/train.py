@@ -1,4 +1,4 @@
-"""``flywheel train``: train policies from the experience store."""
+"""``flywheel train``: train policies from the experience store, and evaluate them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,23 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from envs import EnvConfig
+from experiments.context import (
+    DESIRED_METADATA,
+    SubtaskTrainConfig,
+    phase_outcomes,
+    train_hierarchical,
+    train_metadata_conditioned,
+)
+from experiments.evaluation import EvalResult, evaluate
 from experiments.paths import checkpoints_dir, default_store_url
+from experiments.policy_loader import PolicySpecError, load_policy
 from experiments.training import BCConfig, EpisodeFilter, train_vla
 from experiments.validation import first_error
+from policies.checkpoint import CheckpointError
 from storage import ExperienceStore
 
-app = typer.Typer(help="Train policies from stored episodes.", no_args_is_help=True)
+app = typer.Typer(help="Train policies from stored episodes, and evaluate them.", no_args_is_help=True)
 console = Console()
 
 
@@ -32,13 +43,46 @@ def bc(
     knowledge_insulation: Annotated[
         bool, typer.Option(help="FAST loss on the backbone, stop-gradient from the expert")
     ] = False,
+    metadata: Annotated[
+        bool,
+        typer.Option(
+            help="π0.7 metadata prompts: train with each episode's 'quality: …, speed: …, mistakes: …' on the "
+            "prompt; the policy is then queried with --ask"
+        ),
+    ] = False,
+    ask: Annotated[
+        str, typer.Option(help="With --metadata: the description asked for at inference")
+    ] = DESIRED_METADATA,
+    subtasks: Annotated[
+        bool,
+        typer.Option(
+            help="Hi-Robot/π0.5 hierarchy: a VLA conditioned on 'subtask: <name>' (stored labels, else the "
+            "scripted expert's phases) plus a high-level model that names the subtask"
+        ),
+    ] = False,
+    subtask_steps: Annotated[
+        int, typer.Option(min=1, help="With --subtasks: gradient steps of the high-level model")
+    ] = 500,
+    condition_dropout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --metadata/--subtasks: fraction of samples trained without the condition",
+        ),
+    ] = 0.3,
     eval_episodes: Annotated[
         int, typer.Option(min=0, help="Evaluation episodes per task after training")
     ] = 20,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
-    """Behaviour-clone the built-in VLA on stored episodes; the checkpoint is registered as a policy version."""
+    """Behaviour-clone the built-in VLA on stored episodes; the checkpoint is registered as a policy version.
+
+    Plain BC by default; --metadata conditions on episode metadata, --subtasks trains a two-level policy.
+    """
+    if metadata and subtasks:
+        raise typer.BadParameter("--metadata and --subtasks: choose one condition per policy")
     try:
         selection = EpisodeFilter(
             tasks=task,
@@ -53,24 +97,103 @@ def bc(
             knowledge_insulation=knowledge_insulation,
             steps=steps,
             batch_size=batch_size,
+            condition_dropout=condition_dropout if metadata or subtasks else 0.0,
             eval_episodes=eval_episodes,
             seed=seed,
         )
+        subtask_config = SubtaskTrainConfig(steps=subtask_steps)
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
     store = ExperienceStore(db or default_store_url())
     store.upgrade()
-    trained = train_vla(store, selection, config, checkpoints_dir())
-    console.print(
-        f"trained on {trained.episodes_used} episodes → [bold]{trained.version}[/bold] at {trained.checkpoint}"
-    )
-    if trained.evaluations:
-        table = Table("task", "success", "95% CI", "mean length")
-        for result in trained.evaluations:
-            table.add_row(
-                result.task,
-                f"{result.successes}/{result.n} ({result.success_rate:.0%})",
-                f"[{result.ci_low:.2f}, {result.ci_high:.2f}]",
-                f"{result.mean_length:.0f}",
+    try:
+        if subtasks:
+            trained = train_hierarchical(store, selection, config, checkpoints_dir(), subtask=subtask_config)
+            used, version, checkpoint = trained.low_level.episodes_used, trained.version, trained.checkpoint
+            console.print(f"subtasks: {', '.join(trained.subtasks)}")
+        else:
+            trained = (
+                train_metadata_conditioned(store, selection, config, checkpoints_dir(), desired=ask)
+                if metadata
+                else train_vla(store, selection, config, checkpoints_dir())
             )
-        console.print(table)
+            used, version, checkpoint = trained.episodes_used, trained.version, trained.checkpoint
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    console.print(f"trained on {used} episodes → [bold]{version}[/bold] at {checkpoint}")
+    if trained.evaluations:
+        console.print(_results_table(trained.evaluations))
+
+
+@app.command("eval")
+def eval_policy(
+    policy: Annotated[
+        str, typer.Option(help="A checkpoint dir (VLA or hierarchical) or a registered version")
+    ],
+    task: Annotated[str, typer.Option(help="Meta-World task, e.g. pick-place-v3")],
+    episodes: Annotated[int, typer.Option(min=1, help="Fresh evaluation episodes")] = 20,
+    ask: Annotated[
+        str | None,
+        typer.Option(help="Condition text for a flat VLA (e.g. the desired metadata); default: as trained"),
+    ] = None,
+    max_episode_steps: Annotated[
+        int | None, typer.Option(min=1, help="Episode limit (default: task's)")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the evaluation episodes")] = 10_000,
+    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+) -> None:
+    """Evaluate a trained policy on fresh episodes: success (Wilson 95% CI), length, and where failures end.
+
+    Cameras and image size come from the checkpoint. Failures are described by the scripted expert's phases
+    (furthest phase reached, phase at the last step) and, for a hierarchical policy, the subtask it named last.
+    The result is recorded in the store's evaluations.
+    """
+    store = ExperienceStore(db or default_store_url())
+    store.upgrade()
+    try:
+        loaded = load_policy(policy, task=task, store=store)
+    except (PolicySpecError, CheckpointError) as error:
+        raise typer.BadParameter(str(error)) from error
+    vla = getattr(loaded, "low_level", loaded)
+    if not hasattr(vla, "config"):
+        raise typer.BadParameter(
+            f"policy {policy!r}: only built-in VLA or hierarchical checkpoints are evaluated"
+        )
+    if ask is not None:
+        vla.conditions = ask
+    try:
+        env = EnvConfig(
+            task=task,
+            cameras=vla.config.cameras,
+            width=vla.config.image_size,
+            height=vla.config.image_size,
+            max_episode_steps=max_episode_steps,
+        )
+    except ValidationError as error:
+        raise typer.BadParameter(first_error(error)) from error
+    result, records = evaluate(loaded, env, episodes, seed=seed)
+    store.write_evaluation(loaded.version, task, result.n, result.successes, metrics=result.as_metrics())
+    console.print(_results_table([result]))
+    where = phase_outcomes(records, task)
+    console.print(
+        f"failures {where['failures']}: furthest expert phase {where['furthest_phase']}, "
+        f"phase at the end {where['final_phase']}"
+    )
+    if where["subtask_agreement"] is not None:
+        console.print(
+            f"subtask named at the end of failures {where['final_named_subtask']}; named subtask = expert phase "
+            f"on {where['subtask_agreement']:.0%} of steps"
+        )
+
+
+def _results_table(results: list[EvalResult]) -> Table:
+    table = Table("task", "policy", "success", "95% CI", "mean length")
+    for result in results:
+        table.add_row(
+            result.task,
+            result.policy_version,
+            f"{result.successes}/{result.n} ({result.success_rate:.0%})",
+            f"[{result.ci_low:.2f}, {result.ci_high:.2f}]",
+            f"{result.mean_length:.0f}",
+        )
+    return table
