@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from policies.base import stack_observations
-from policies.hierarchical import HierarchicalPolicy, SubtaskInputError, train_subtask_model
+from policies.checkpoint import CheckpointError
+from policies.hierarchical import (
+    HierarchicalPolicy,
+    SubtaskInputError,
+    is_hierarchical_checkpoint,
+    load_hierarchical,
+    save_hierarchical,
+    train_subtask_model,
+)
 from policies.training import EpisodeArrays, build_dataset, create_policy
 from policies.vla.config import VLAConfig
 
@@ -47,8 +55,9 @@ def test_bad_inputs_name_the_field():
         train_subtask_model(images, state[:5], prompts, labels, camera="corner", progress=False)
 
 
-def test_hierarchical_policy_conditions_the_vla_on_the_predicted_subtask():
-    images, state, prompts, labels = _samples(40, size=48)
+def _two_level(images, state, labels):
+    """A tiny trained high level and an (untrained) subtask-conditioned VLA on the same samples."""
+    prompts = [PROMPT] * len(labels)
     high, _ = train_subtask_model(images, state, prompts, labels, camera="corner", steps=50, progress=False)
     episode = EpisodeArrays(
         images={"corner": images},
@@ -59,7 +68,13 @@ def test_hierarchical_policy_conditions_the_vla_on_the_predicted_subtask():
     )
     config = VLAConfig.preset("tiny", cameras=("corner",), image_size=48, state_dim=4, action_dim=4)
     low = create_policy(config, build_dataset([episode], config.action_horizon))
-    policy = HierarchicalPolicy(high, low)
+    return HierarchicalPolicy(high, low), config
+
+
+def test_hierarchical_policy_conditions_the_vla_on_the_predicted_subtask():
+    images, state, _, labels = _samples(40, size=48)
+    policy, config = _two_level(images, state, labels)
+    high, low = policy.high_level, policy.low_level
     batch = stack_observations(
         [{"images": {"corner": images[i]}, "state": state[i], "prompt": PROMPT} for i in range(4)]
     )
@@ -71,3 +86,29 @@ def test_hierarchical_policy_conditions_the_vla_on_the_predicted_subtask():
     direct = low.infer(batch, conditions=[f"subtask: {s}" for s in expected])
     np.testing.assert_allclose(chunk.actions, direct.actions, atol=1e-6)
     assert policy.version == low.version and chunk.actions.shape == (4, config.action_horizon, 4)
+
+
+def test_hierarchical_checkpoint_round_trips_both_levels(tmp_path):
+    images, state, _, labels = _samples(40, size=48)
+    policy, config = _two_level(images, state, labels)
+    version = save_hierarchical(policy, tmp_path / "hier")
+    assert (
+        version.startswith("hier-")
+        and policy.version == version
+        and is_hierarchical_checkpoint(tmp_path / "hier")
+    )
+    loaded = load_hierarchical(tmp_path / "hier")
+    assert loaded.version == version and loaded.high_level.vocabulary == policy.high_level.vocabulary
+    batch = stack_observations(
+        [{"images": {"corner": images[i]}, "state": state[i], "prompt": PROMPT} for i in range(6)]
+    )
+    noise = np.random.default_rng(2).standard_normal((6, config.action_horizon, 4)).astype(np.float32)
+    for two_level in (policy, loaded):
+        two_level.low_level.infer = functools.partial(two_level.low_level.infer, noise=noise)
+    np.testing.assert_allclose(policy.infer(batch).actions, loaded.infer(batch).actions, atol=1e-5)
+    assert loaded.last_subtasks == policy.last_subtasks
+    (tmp_path / "hier" / "subtask_model.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="bad subtask model"):
+        load_hierarchical(tmp_path / "hier")
+    with pytest.raises(CheckpointError, match="missing subtask model config"):
+        load_hierarchical(tmp_path)
