@@ -5,7 +5,7 @@ train on exactly those stored episodes, with the same VLA budget (steps, batch, 
 
 - ``flat``: the built-in VLA on the task prompt (plain BC, as ``flywheel train bc``);
 - ``hierarchical``: the VLA on task prompt + ``subtask: <phase>``, plus a small high-level ``SubtaskModel``
-  (camera + state + prompt → phase; ``--subtask-steps`` extra steps of a ~40k-parameter model), as
+  (camera + state + prompt → phase; ``--subtask-steps`` extra steps of a ~48k-parameter model), as
   ``flywheel train bc --subtasks``;
 - ``oracle`` (diagnostic, not a deployable policy): the hierarchical low level given the true expert phase
   from the simulator state, which separates high-level mistakes from what subtask conditioning can buy.

@@ -37,7 +37,7 @@ from experiments.training import (
     load_training_episodes,
     train_vla,
 )
-from policies.hierarchical import HierarchicalPolicy, save_hierarchical, train_subtask_model
+from policies.hierarchical import HierarchicalPolicy, SubtaskModel, save_hierarchical, train_subtask_model
 from storage import EpisodeRecord, ExperienceStore
 
 DESIRED_METADATA = "quality: high, speed: fast, mistakes: none"
@@ -245,7 +245,7 @@ def _train_high_level(
     config: SubtaskTrainConfig,
     seed: int,
     progress: bool,
-) -> tuple[object, list[float]]:
+) -> tuple[SubtaskModel, list[float]]:
     """Fit the subtask model on every labelled step of ``records``."""
     missing = [str(r.uuid) for r in records if camera not in r.images and r.length > 0]
     if missing:
@@ -285,7 +285,9 @@ def phase_outcomes(records: Sequence[EpisodeRecord], task: str) -> dict[str, obj
     subtasks, the subtask named at the last step and the fraction of steps whose named subtask equals the
     expert's phase.
     """
-    furthest, final, named_final = Counter(), Counter(), Counter()
+    furthest: Counter[str] = Counter()
+    final: Counter[str] = Counter()
+    named_final: Counter[str] = Counter()
     agree = labelled = 0
     failures = [r for r in records if r.outcome != "success" and r.privileged is not None and r.length > 0]
     for record in records:
