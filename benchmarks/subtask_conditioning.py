@@ -12,7 +12,8 @@ train on exactly those stored episodes, with the same VLA budget (steps, batch, 
 
 Each is evaluated on the same fresh seeds: success with a Wilson 95% interval, mean length, and where failures
 end (the furthest expert phase reached and the phase at the last step; for the hierarchical policy the subtask it
-named last and how often its named subtask equals the expert's phase).
+named last and how often its named subtask equals the expert's phase, next to the same agreement on the training
+demos).
 
     python benchmarks/subtask_conditioning.py --tasks pick-place-v3 push-v3 --demos 30 --steps 800 --eval-episodes 50
     python benchmarks/subtask_conditioning.py --quick      # a smoke run of a few minutes
@@ -31,11 +32,13 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from envs import EnvConfig
 from envs.experts import ScriptedExpert
+from envs.tasks import task_prompt
 from experiments.collection import CollectConfig, run_collection
 from experiments.context import SubtaskTrainConfig, phase_outcomes, subtask_prompt, train_hierarchical
 from experiments.evaluation import EvalResult, evaluate
-from experiments.training import BCConfig, EpisodeFilter, train_vla
+from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
 from policies.base import ActionChunk, ObservationBatch, Policy
+from policies.hierarchical import SubtaskModel
 from storage import ExperienceStore
 
 
@@ -133,6 +136,7 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
         "final_loss": hier.low_level.train.history[-1]["loss"],
         "final_subtask_loss": hier.subtask_losses[-1],
         "subtasks": list(hier.subtasks),
+        "demo_accuracy": demo_accuracy(hier.policy.high_level, load_training_episodes(store, selection)),
     }
     policies = {"flat": flat.policy, "hierarchical": hier.policy}
     if args.oracle:
@@ -150,6 +154,20 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
         print(f"  {row(name, result)}  failures: {out[name]['where']}")
     out["demos"] = {"episodes": demos.episodes, "successes": demos.successes, "noise": args.noise}
     return out
+
+
+def demo_accuracy(model: SubtaskModel, records: list) -> float:
+    """Fraction of the training demos' steps whose stored subtask the high level names (in-distribution)."""
+    hits = total = 0
+    for record in records:
+        batch = {
+            "images": {model.camera: record.images[model.camera]},
+            "state": record.states,
+            "prompt": [task_prompt(record.task)] * record.length,
+        }
+        hits += sum(p == s for p, s in zip(model.predict(batch), record.subtasks, strict=True))
+        total += record.length
+    return hits / max(total, 1)
 
 
 def row(name: str, result: EvalResult | dict) -> str:
@@ -175,6 +193,8 @@ def format_table(summary: dict[str, dict]) -> str:
                 extra += f" named-last {where['final_named_subtask']}"
             if agreement is not None:
                 extra += f" named=expert {agreement:.0%}"
+            if "demo_accuracy" in result:
+                extra += f" (on demos {result['demo_accuracy']:.0%})"
             lines.append(f"{task:<15} {row(name, result)}  {where['failures']}: {extra}")
     return "\n".join(lines)
 
