@@ -14,8 +14,10 @@ over seeds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,8 @@ from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 
-OBJECT, GOAL = [4, 5, 6], [36, 37, 38]
+HAND, OBJECT, GOAL = [0, 1, 2], [4, 5, 6], [36, 37, 38]
+HANDOFF_PAIRS = {"hand-object": (HAND, OBJECT), "object-goal": (OBJECT, GOAL)}
 EVAL_SEED_BASE = 500_000
 
 
@@ -53,10 +56,12 @@ class BenchmarkConfig:
     episode_steps: int = 200
     prior_noise: float = 0.3
     chunk_size: int = 10
-    critical_distance: float | None = None
+    critical_distance: float | None = 0.05
+    critical_pair: str = "hand-object"
     warmup_episodes: int = 20
+    residual_scale: float = 0.1
     output: str = "benchmarks/results"
-    arms: tuple[str, ...] = ("prior", "rlt", "sac")
+    arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Curve:
     seed: int
     steps: list[int] = field(default_factory=list)
     success: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
 
 
 def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
@@ -115,11 +121,33 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
 
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
+    learner = LearnerConfig(chunk_size=config.chunk_size, seed=seed)
+    return _online(config, seed, "rlt", learner, exploration_noise=0.2)
+
+
+def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
+    """ResFiT-style residual TD3 on the same state and data: ``ã + s · π`` (zero-initialised), no β, no dropout.
+
+    Exploration noise is scaled with the residual (``s / 2``) so it stays within what the residual can reach.
+    """
+    learner = LearnerConfig(
+        chunk_size=config.chunk_size,
+        beta=0.0,
+        ref_dropout=0.0,
+        residual_scale=config.residual_scale,
+        seed=seed,
+    )
+    return _online(config, seed, "residual", learner, exploration_noise=config.residual_scale / 2)
+
+
+def _online(
+    config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
+) -> Curve:
     torch.manual_seed(seed)
     switch: PhaseSwitch = (
         AlwaysCritical()
         if config.critical_distance is None
-        else DistanceSwitch(OBJECT, GOAL, config.critical_distance)
+        else DistanceSwitch(*HANDOFF_PAIRS[config.critical_pair], config.critical_distance)
     )
     loop = OnlineRLT(
         make_env(config),
@@ -136,12 +164,14 @@ def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
             token_steps=500,
             eval_seed_base=EVAL_SEED_BASE,
             record_images=False,
+            exploration_noise=exploration_noise,
+            rl_version=arm,
             seed=seed,
         ),
-        LearnerConfig(chunk_size=config.chunk_size, seed=seed),
+        learner,
     )
     curve = loop.run()
-    return Curve("rlt", seed, [point.env_steps for point in curve], [point.success_rate for point in curve])
+    return Curve(arm, seed, [point.env_steps for point in curve], [point.success_rate for point in curve])
 
 
 class _StateEnv(gym.Env):
@@ -244,7 +274,47 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
     figure.savefig(path)
 
 
-ARMS = {"prior": run_prior, "rlt": run_rlt, "sac": run_sac}
+ARMS = {"prior": run_prior, "rlt": run_rlt, "residual": run_residual, "sac": run_sac}
+
+
+def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
+    """Run one arm and seed, or load its curve if this exact configuration already ran.
+
+    Curves are cached under ``<output>/rlt_runs/<task>/<key>/<arm>_seed<seed>.json`` (``key`` hashes every
+    setting that changes results), so arms can run in parallel processes and a final call only summarizes.
+    """
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output")}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(config.output) / "rlt_runs" / config.task / key / f"{arm}_seed{seed}.json"
+    if path.exists():
+        return Curve(**json.loads(path.read_text()))
+    started = time.time()
+    curve = ARMS[arm](config, seed)
+    curve.wall_s = time.time() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(curve)))
+    return curve
+
+
+def targets(summary: dict, budget: int) -> dict[str, object]:
+    """The issue's three targets, judged on RLT's final evaluation (mean over seeds)."""
+    rlt, prior = summary["rlt"]["mean"][-1], summary["prior"]["mean"][-1]
+    result: dict[str, object] = {
+        "rlt_final": rlt,
+        "prior": prior,
+        "rlt_at_least_0.9": rlt >= 0.9,
+        "rlt_minus_prior": rlt - prior,
+        "rlt_30_points_above_prior": rlt - prior >= 0.3,
+    }
+    if "sac" in summary:
+        level = rlt
+        rlt_steps, sac_steps = steps_to_reach(summary, "rlt", level), steps_to_reach(summary, "sac", level)
+        result.update(level=level, rlt_steps_to_level=rlt_steps, sac_steps_to_level=sac_steps)
+        if rlt_steps and level > 0:
+            bound = sac_steps if sac_steps is not None else budget
+            result["speedup_vs_sac"] = f"{'' if sac_steps is not None else '> '}{bound / rlt_steps:.1f}x"
+            result["at_least_3x_fewer_steps"] = bound / rlt_steps >= 3
+    return result
 
 
 def main(config: BenchmarkConfig) -> dict:
@@ -253,10 +323,11 @@ def main(config: BenchmarkConfig) -> dict:
     curves = []
     for arm in config.arms:
         for seed in config.seeds:
-            curves.append(ARMS[arm](config, seed))
+            curves.append(run_cached(config, arm, seed))
             pairs = zip(curves[-1].steps, curves[-1].success, strict=True)
             print(
-                f"{arm:>5} seed {seed}: " + ", ".join(f"{step}:{rate:.2f}" for step, rate in pairs),
+                f"{arm:>8} seed {seed} ({curves[-1].wall_s:.0f} s): "
+                + ", ".join(f"{step}:{rate:.2f}" for step, rate in pairs),
                 flush=True,
             )
     summary = summarize(curves)
@@ -265,17 +336,18 @@ def main(config: BenchmarkConfig) -> dict:
             f"{step}: {mean:.2f} ± {half:.2f}"
             for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
         )
-        print(f"{arm:>5} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
-    if "rlt" in summary and "sac" in summary:
-        level = max(summary["rlt"]["mean"])
-        print(
-            f"steps to reach {level:.2f} (RLT's best): RLT {steps_to_reach(summary, 'rlt', level)}, "
-            f"SAC {steps_to_reach(summary, 'sac', level)} (None = not reached within {config.env_steps})"
-        )
+        print(f"{arm:>8} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
+    verdict = targets(summary, config.env_steps) if {"rlt", "prior"} <= summary.keys() else {}
+    print("targets:", json.dumps(verdict))
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"rlt_sample_efficiency_{config.task}"
-    result = {"config": asdict(config), "curves": [asdict(curve) for curve in curves], "summary": summary}
+    result = {
+        "config": asdict(config),
+        "curves": [asdict(curve) for curve in curves],
+        "summary": summary,
+        "targets": verdict,
+    }
     (output / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(summary, config, output / f"{stem}.png")
     return result
@@ -292,8 +364,15 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
     parser.add_argument("--episode-steps", type=int, default=defaults.episode_steps)
     parser.add_argument("--prior-noise", type=float, default=defaults.prior_noise)
-    parser.add_argument("--critical-distance", type=float, default=None)
+    parser.add_argument(
+        "--critical-distance",
+        type=float,
+        default=defaults.critical_distance,
+        help="hand-off distance (≤ 0: RLT acts from the first chunk)",
+    )
+    parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(HANDOFF_PAIRS))
     parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
+    parser.add_argument("--residual-scale", type=float, default=defaults.residual_scale)
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
     parser.add_argument("--output", default=defaults.output)
     args = parser.parse_args()
@@ -305,8 +384,10 @@ def parse_args() -> BenchmarkConfig:
         eval_episodes=args.eval_episodes,
         episode_steps=args.episode_steps,
         prior_noise=args.prior_noise,
-        critical_distance=args.critical_distance,
+        critical_distance=args.critical_distance if args.critical_distance > 0 else None,
+        critical_pair=args.critical_pair,
         warmup_episodes=args.warmup_episodes,
+        residual_scale=args.residual_scale,
         arms=tuple(args.arms),
         output=args.output,
     )

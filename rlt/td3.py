@@ -44,6 +44,8 @@ class LearnerConfig:
 
     ``utd_ratio`` is the number of critic updates per chunk transition collected, ``policy_delay`` the number
     of critic updates per actor update, ``beta`` the weight of ``mean((a − ã)²)`` in the actor loss.
+    ``residual_scale`` (ResFiT-style baseline, off by default) makes the policy ``clip(ã + s · π(x, ã))`` with
+    the actor's last layer zero-initialised, so it starts exactly at the prior's chunk.
     """
 
     chunk_size: int = 10
@@ -60,6 +62,7 @@ class LearnerConfig:
     tau: float = 0.005
     target_policy_noise: float = 0.2
     target_noise_clip: float = 0.5
+    residual_scale: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +74,7 @@ class LearnerConfig:
             "utd_ratio": self.utd_ratio >= 1,
             "policy_delay": self.policy_delay >= 1,
             "batch_size": self.batch_size >= 1,
+            "residual_scale": self.residual_scale is None or self.residual_scale > 0.0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -154,6 +158,28 @@ class ChunkedTD3(TD3):
         self.set_logger(Logger(folder=None, output_formats=[]))
         self.dropout_generator = torch.Generator().manual_seed(self.config.seed)
         self.last_losses: dict[str, float] = {}
+        if self.config.residual_scale is not None:
+            self._zero_last_layer()
+
+    def _zero_last_layer(self) -> None:
+        """ResFiT initialisation: the residual actor (and its target) output exactly zero at the start."""
+        last = [module for module in self.actor.mu if isinstance(module, torch.nn.Linear)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.actor_target.load_state_dict(self.actor.state_dict())
+
+    def policy_chunks(
+        self, actor: torch.nn.Module, observations: torch.Tensor, actor_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flat chunks of ``actor`` for stored observations ``x ‖ ã`` (``ã + s · π`` in residual mode).
+
+        ``actor_input`` (default: ``observations``) is what the network reads, e.g. with the reference dropped.
+        """
+        output = actor(observations if actor_input is None else actor_input)
+        if self.config.residual_scale is None:
+            return output
+        reference = observations[:, self.state_dim :]
+        return (reference + self.config.residual_scale * output).clamp(-1.0, 1.0)
 
     @property
     def chunk_shape(self) -> tuple[int, int]:
@@ -188,7 +214,7 @@ class ChunkedTD3(TD3):
             )
         observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
         with torch.no_grad():
-            chunks = self.actor(torch.as_tensor(observations)).numpy()
+            chunks = self.policy_chunks(self.actor, torch.as_tensor(observations)).numpy()
         return chunks.reshape(len(states), *self.chunk_shape)
 
     def critic_targets(self, batch: ReplayBufferSamples) -> torch.Tensor:
@@ -196,7 +222,8 @@ class ChunkedTD3(TD3):
         with torch.no_grad():
             noise = batch.actions.clone().normal_(0, self.target_policy_noise)
             noise = noise.clamp(-self.target_noise_clip, self.target_noise_clip)
-            next_actions = (self.actor_target(batch.next_observations) + noise).clamp(-1, 1)
+            next_actions = self.policy_chunks(self.actor_target, batch.next_observations)
+            next_actions = (next_actions + noise).clamp(-1, 1)
             next_q = torch.cat(self.critic_target(batch.next_observations, next_actions), dim=1)
             next_q = next_q.min(dim=1, keepdim=True).values
             return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
@@ -206,7 +233,7 @@ class ChunkedTD3(TD3):
         actor_input, _ = apply_reference_dropout(
             observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
         )
-        actions = self.actor(actor_input)
+        actions = self.policy_chunks(self.actor, observations, actor_input)
         reference = observations[:, self.state_dim :]
         q_value = self.critic.q1_forward(observations, actions).mean()
         return -q_value + self.config.beta * torch.mean((actions - reference) ** 2)

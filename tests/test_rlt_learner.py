@@ -145,3 +145,17 @@ def test_diverged_critic_stops_training_and_writes_no_checkpoint(tmp_path) -> No
     with pytest.raises(CriticDivergedError, match="not finite"):
         learner.save_checkpoint(tmp_path / "broken.safetensors")
     assert not (tmp_path / "broken.safetensors").exists()
+
+
+def test_residual_mode_starts_at_the_reference_and_stays_within_its_scale() -> None:
+    learner = _learner(residual_scale=0.1, beta=0.0, ref_dropout=0.0)
+    rng = _filled(learner)
+    states = rng.normal(size=(8, STATE_DIM))
+    references = rng.uniform(-0.9, 0.9, (8, CHUNK, ACTION_DIM))
+    np.testing.assert_allclose(learner.act(states, references), references, atol=1e-6)
+    learner.update(40)
+    chunks = learner.act(states, references)
+    assert not np.allclose(chunks, references, atol=1e-6), "the residual learns"
+    assert np.abs(chunks - references).max() <= 0.1 + 1e-5
+    with pytest.raises(RLTInputError, match="residual_scale"):
+        LearnerConfig(residual_scale=0.0)
