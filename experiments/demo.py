@@ -47,7 +47,7 @@ class DemoPlan:
     max_episode_steps: int
 
 
-FULL = DemoPlan("demo", "reach-v3", 24, 1.0, 600, 24, 300, 600, 20, 48, 60)
+FULL = DemoPlan("demo", "reach-v3", 40, 1.0, 1000, 60, 400, 1500, 50, 48, 60)
 QUICK = DemoPlan("demo-quick", "reach-v3", 6, 1.0, 20, 6, 30, 20, 4, 48, 40)
 
 
