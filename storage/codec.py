@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.records import EpisodeRecord
+from storage.records import ARRAY_FIELDS, EpisodeRecord
 
 IMAGE_CODEC = "zlib1"
 
@@ -72,19 +72,7 @@ def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> s
         "images": frame_hashes,
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    arrays = {
-        "states": record.states,
-        "actions": record.actions,
-        "rewards": record.rewards,
-        "terminated": record.terminated,
-        "truncated": record.truncated,
-        "sources": record.sources,
-        "chunk_ids": record.chunk_ids,
-        "chunk_offsets": record.chunk_offsets,
-        "latency_ms": record.latency_ms,
-        "chunks": record.chunks,
-        "privileged": record.privileged,
-    }
+    arrays = {name: getattr(record, name) for name in (*ARRAY_FIELDS, "privileged")}
     for name, array in arrays.items():
         if array is None:
             digest.update(f"{name}:none;".encode())

@@ -44,6 +44,38 @@ class EpisodeValidationError(ValueError):
         self.got = got
 
 
+def parse_outcome(value: Outcome | str) -> Outcome:
+    """``value`` as an ``Outcome``; ``EpisodeValidationError`` naming the choices if it is none of them."""
+    try:
+        return Outcome(value)
+    except ValueError:
+        choices = "/".join(o.value for o in Outcome)
+        raise EpisodeValidationError("outcome", f"one of {choices}", repr(value)) from None
+
+
+@dataclass(frozen=True)
+class EpisodeQuery:
+    """Which episodes a read covers: every field that is not None must match (all None: every episode).
+
+    ``outcome`` may be given as a string; it is stored as an ``Outcome`` (a bad value raises
+    ``EpisodeValidationError``), so equal filters compare and hash equal.
+    """
+
+    task: str | None = None
+    outcome: Outcome | str | None = None
+    policy_version: str | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome is not None:
+            object.__setattr__(self, "outcome", parse_outcome(self.outcome))
+
+    def __str__(self) -> str:
+        filters = {name: getattr(self, name) for name in ("task", "outcome", "policy_version", "run_id")}
+        given = ", ".join(f"{name}={str(value)!r}" for name, value in filters.items() if value is not None)
+        return f"episodes with {given}" if given else "all episodes"
+
+
 @dataclass(frozen=True)
 class InterventionSegment:
     """A human takeover covering steps ``t_start`` (inclusive) to ``t_end`` (exclusive)."""
@@ -51,6 +83,21 @@ class InterventionSegment:
     t_start: int
     t_end: int
     trigger: str
+
+
+# The numpy array fields every ``EpisodeRecord`` has (``privileged`` and ``images`` are optional).
+ARRAY_FIELDS = (
+    "states",
+    "actions",
+    "rewards",
+    "terminated",
+    "truncated",
+    "sources",
+    "chunk_ids",
+    "chunk_offsets",
+    "latency_ms",
+    "chunks",
+)
 
 
 @dataclass
@@ -110,12 +157,7 @@ class EpisodeRecord:
         _check_optional_name("run_id", self.run_id)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise EpisodeValidationError("seed", "an int or None", repr(self.seed))
-        if not isinstance(self.outcome, Outcome):
-            try:
-                Outcome(self.outcome)
-            except ValueError:
-                choices = "/".join(o.value for o in Outcome)
-                raise EpisodeValidationError("outcome", f"one of {choices}", repr(self.outcome)) from None
+        parse_outcome(self.outcome)
         if self.error is not None and not isinstance(self.error, str):
             raise EpisodeValidationError("error", "a str or None", repr(self.error))
         _check_array("actions", self.actions, np.float32, 2, finite=True)

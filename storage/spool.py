@@ -28,21 +28,15 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from storage.records import EpisodeRecord, EpisodeValidationError, InterventionSegment, Outcome
+from storage.records import (
+    ARRAY_FIELDS,
+    EpisodeRecord,
+    EpisodeValidationError,
+    InterventionSegment,
+    Outcome,
+)
 
 EPISODE_FORMAT = "flywheel.episode/1"
-_ARRAY_FIELDS = (
-    "states",
-    "actions",
-    "rewards",
-    "terminated",
-    "truncated",
-    "sources",
-    "chunk_ids",
-    "chunk_offsets",
-    "latency_ms",
-    "chunks",
-)
 _ALLOWED_KINDS = "biuf"
 
 
@@ -81,7 +75,7 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "error": record.error,
         "subtasks": record.subtasks,
     }
-    for name in _ARRAY_FIELDS:
+    for name in ARRAY_FIELDS:
         body[name] = _pack_array(getattr(record, name))
     return msgpack.packb(body, use_bin_type=True)
 
@@ -118,7 +112,7 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         run_id=body["run_id"],
         error=body["error"],
         subtasks=body["subtasks"],
-        **{name: _unpack_array(name, body[name]) for name in _ARRAY_FIELDS},
+        **{name: _unpack_array(name, body[name]) for name in ARRAY_FIELDS},
     )
     record.validate()
     return record

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from storage import EpisodeRecord, ExperienceStore, InterventionSegment, Outcome, StepSource
 from storage.engine import create_scratch_database
+from storage.records import ARRAY_FIELDS
 
 POLICY_VERSION = "vla-v1"
 
@@ -88,19 +89,7 @@ def make_episode(
 
 def assert_episodes_equal(actual: EpisodeRecord, expected: EpisodeRecord, images: bool = True) -> None:
     """Field-by-field equality, arrays compared bytewise with dtype and shape."""
-    array_fields = (
-        "states",
-        "actions",
-        "rewards",
-        "terminated",
-        "truncated",
-        "sources",
-        "chunk_ids",
-        "chunk_offsets",
-        "latency_ms",
-        "chunks",
-    )
-    for name in array_fields:
+    for name in ARRAY_FIELDS:
         a, e = getattr(actual, name), getattr(expected, name)
         assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, a.shape, e.dtype, e.shape)
         assert a.tobytes() == e.tobytes(), name
