@@ -17,6 +17,7 @@ demos).
 
     python benchmarks/subtask_conditioning.py --tasks pick-place-v3 push-v3 --demos 30 --steps 800 --eval-episodes 50
     python benchmarks/subtask_conditioning.py --quick      # a smoke run of a few minutes
+    python benchmarks/subtask_conditioning.py --combine results/a.json results/b.json   # pool seeds
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from scipy import stats as scipy_stats
+
 from envs import EnvConfig
 from envs.experts import ScriptedExpert
 from envs.tasks import task_prompt
 from experiments.collection import CollectConfig, run_collection
 from experiments.context import SubtaskTrainConfig, phase_outcomes, subtask_prompt, train_hierarchical
-from experiments.evaluation import EvalResult, evaluate
+from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
 from policies.base import ActionChunk, ObservationBatch, Policy
 from policies.hierarchical import SubtaskModel
@@ -75,6 +78,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the oracle diagnostic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="pool finished runs' JSON files (no training)"
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -199,8 +205,33 @@ def format_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[Path]) -> str:
+    """Per-task, per-variant successes pooled over several runs (seeds), with a Wilson 95% interval."""
+    pooled: dict[tuple[str, str], list[int]] = {}
+    for path in paths:
+        for task, variants in json.loads(path.read_text())["results"].items():
+            for name, result in variants.items():
+                if name != "demos":
+                    counts = pooled.setdefault((task, name), [0, 0])
+                    counts[0] += int(result["successes"])
+                    counts[1] += int(result["n"])
+    lines = [f"pooled over {len(paths)} runs: {', '.join(p.name for p in paths)}"]
+    for (task, name), (successes, n) in pooled.items():
+        low, high = wilson_interval(successes, n)
+        line = f"{task:<15} {name:<13} {successes:>3}/{n:<4} {successes / n:.2f} [{low:.2f}, {high:.2f}]"
+        if name != "flat" and (task, "flat") in pooled:
+            flat_successes, flat_n = pooled[(task, "flat")]
+            table = [[successes, n - successes], [flat_successes, flat_n - flat_successes]]
+            line += f"  vs flat: Fisher exact p = {scipy_stats.fisher_exact(table).pvalue:.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.combine:
+        print(combine(args.combine))
+        return
     started = time.perf_counter()
     summary = {}
     for task in args.tasks:
