@@ -44,6 +44,10 @@ class RecapIterationConfig(BaseModel):
         default=None, description="runs to aggregate (default: every stored run)"
     )
     cfg_beta: float = Field(default=1.0, ge=0.0)
+    retrain_from: Path | None = Field(
+        default=None,
+        description="pretrained checkpoint the policy is retrained from each iteration (default: a fresh model)",
+    )
     eval_episodes: int = Field(default=50, ge=0)
     seed: int = 0
 
@@ -112,7 +116,7 @@ def train_stage(
     """Retrain the policy on all aggregated data with per-step "Advantage: positive/negative" conditions."""
     by_uuid = {
         item.episode.uuid: item.conditions
-        for item in conditioned_episodes(load_training_episodes(store, selection), record)
+        for item in conditioned_episodes(load_training_episodes(store, selection, images=False), record)
     }
     return train_vla(
         store,
@@ -120,6 +124,7 @@ def train_stage(
         config.bc,
         output_dir,
         conditions=lambda episode: by_uuid[episode.uuid],
+        init_from=config.retrain_from,
         inference_conditions=POSITIVE_PROMPT,
         cfg_beta=config.cfg_beta,
         parent_version=parent_version,
@@ -139,7 +144,7 @@ def run_recap_iteration(
     selection = EpisodeFilter(
         tasks=[config.task], run_ids=config.data_runs, outcomes=[o.value for o in LEARNABLE]
     )
-    episodes = load_training_episodes(store, selection)
+    episodes = load_training_episodes(store, selection, images=config.relabel.value.camera is not None)
     record = relabel_stage(
         store, episodes, with_task_horizon(config.relabel, config.task, config.env.episode_steps)
     )

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs import EnvConfig
 from envs.tasks import task_prompt
 from experiments.evaluation import EvalResult, evaluate
-from policies.checkpoint import save_checkpoint
+from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, create_policy, train_bc
 from policies.vla.config import VLAConfig
 from policies.vla.policy import VLAPolicy
@@ -25,6 +26,8 @@ from storage import EpisodeRecord, ExperienceStore
 
 #: Per-step condition text for a stored episode (RECAP's advantage indicator, metadata prompts), or None.
 ConditionFn = Callable[[EpisodeRecord], list[str | None] | None]
+#: Per-step loss weights for a stored episode (filtered BC: 0/1, AWR: exp(A/τ)), or None for all ones.
+WeightFn = Callable[[EpisodeRecord], np.ndarray | None]
 
 
 class EpisodeFilter(BaseModel):
@@ -69,15 +72,17 @@ class TrainedPolicy:
     episodes_used: int
 
 
-def load_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> list[EpisodeRecord]:
-    """The stored episodes (with images) selected by ``selection``, oldest first."""
+def load_training_episodes(
+    store: ExperienceStore, selection: EpisodeFilter, images: bool = True
+) -> list[EpisodeRecord]:
+    """The stored episodes selected by ``selection``, oldest first (``images=False`` skips the image blobs)."""
     records: list[EpisodeRecord] = []
     for task in selection.tasks:
         chosen = [
             record
             for run_id in selection.run_ids or [None]
             for outcome in selection.outcomes or [None]
-            for record in store.iter_episodes(task=task, run_id=run_id, outcome=outcome, images=True)
+            for record in store.iter_episodes(task=task, run_id=run_id, outcome=outcome, images=images)
         ]
         records += chosen[: selection.max_episodes_per_task]
     if not records:
@@ -86,9 +91,10 @@ def load_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> 
 
 
 def to_episode_arrays(
-    records: list[EpisodeRecord], conditions: ConditionFn | None = None
+    records: list[EpisodeRecord], conditions: ConditionFn | None = None, weights: WeightFn | None = None
 ) -> list[EpisodeArrays]:
-    """Store records → the training loop's per-episode arrays (prompt from the task, optional conditions)."""
+    """Store records → the training loop's per-episode arrays (prompt from the task, optional conditions and
+    per-step loss weights)."""
     return [
         EpisodeArrays(
             images=record.images,
@@ -96,6 +102,7 @@ def to_episode_arrays(
             actions=record.actions,
             prompt=task_prompt(record.task),
             conditions=conditions(record) if conditions else None,
+            weights=weights(record) if weights else None,
         )
         for record in records
         if record.length > 0
@@ -109,28 +116,24 @@ def train_vla(
     output_dir: Path,
     *,
     conditions: ConditionFn | None = None,
+    weights: WeightFn | None = None,
+    init_from: Path | None = None,
     inference_conditions: str | None = None,
     cfg_beta: float = 1.0,
     parent_version: str | None = None,
     progress: bool = True,
 ) -> TrainedPolicy:
-    """Train a fresh VLA on the selected episodes, save it to ``output_dir``, register and evaluate it.
+    """Train a VLA on the selected episodes, save it to ``output_dir``, register and evaluate it.
 
+    A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
+    weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).
+    ``weights`` gives per-step loss weights (0 drops a step): filtered BC and AWR ablations.
     ``inference_conditions`` / ``cfg_beta`` are how the policy is queried after training (RECAP: "Advantage:
     positive"); they are saved in the checkpoint, so evaluation, rollouts and ``flywheel serve`` agree.
     """
     records = load_training_episodes(store, selection)
-    dataset = build_dataset(to_episode_arrays(records, conditions), config.action_horizon)
-    vla_config = VLAConfig.preset(
-        config.size,
-        cameras=config.cameras,
-        image_size=config.image_size,
-        state_dim=dataset.state.shape[1],
-        action_dim=dataset.actions.shape[2],
-        action_horizon=config.action_horizon,
-        knowledge_insulation=config.knowledge_insulation,
-    )
-    policy = create_policy(vla_config, dataset, seed=config.seed)
+    dataset = build_dataset(to_episode_arrays(records, conditions, weights), config.action_horizon)
+    policy = _initial_policy(dataset, config, init_from)
     train_result = train_bc(
         policy,
         dataset,
@@ -165,6 +168,40 @@ def train_vla(
         if config.eval_episodes > 0
     ]
     return TrainedPolicy(policy, checkpoint, version, train_result, evaluations, len(records))
+
+
+def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPolicy:
+    """A fresh policy fitted on ``dataset``, or the checkpoint at ``init_from`` (checked against ``config``)."""
+    if init_from is not None:
+        policy = load_checkpoint(init_from, seed=config.seed)
+        expected = (
+            tuple(config.cameras),
+            config.image_size,
+            config.action_horizon,
+            config.knowledge_insulation,
+        )
+        found = (
+            tuple(policy.config.cameras),
+            policy.config.image_size,
+            policy.config.action_horizon,
+            policy.config.knowledge_insulation,
+        )
+        if found != expected:
+            raise ValueError(
+                f"init_from {init_from}: checkpoint has (cameras, image_size, action_horizon, knowledge_insulation)"
+                f" = {found}, the BC config asks for {expected}"
+            )
+        return policy
+    vla_config = VLAConfig.preset(
+        config.size,
+        cameras=config.cameras,
+        image_size=config.image_size,
+        state_dim=dataset.state.shape[1],
+        action_dim=dataset.actions.shape[2],
+        action_horizon=config.action_horizon,
+        knowledge_insulation=config.knowledge_insulation,
+    )
+    return create_policy(vla_config, dataset, seed=config.seed)
 
 
 def _evaluate_and_record(

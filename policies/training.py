@@ -5,6 +5,10 @@ chunk targets (chunk at t = actions[t:t+H], padded at the end by repeating the l
 :func:`create_policy` fits the prompt tokenizer, the normalization statistics and (with Knowledge Insulation) the
 FAST tokenizer on the dataset; :func:`train_bc` runs AdamW over minibatches with a progress bar, a periodic
 evaluation callback and condition dropout (RECAP trains "Advantage: …" text with 30% dropout).
+
+Optional per-step loss ``weights`` (filtered BC, advantage-weighted regression): the weight of step t weighs the
+chunk sample at t. Minibatches are drawn uniformly from the samples with weight > 0 (so weight 0 excludes a sample
+exactly: training equals training on the filtered dataset) and the flow-matching loss is the weighted mean.
 """
 
 from __future__ import annotations
@@ -32,19 +36,22 @@ EvalCallback = Callable[[int, VLAPolicy], dict[str, float] | None]
 @dataclass
 class EpisodeArrays:
     """One episode as arrays (T steps): images per camera ``T×S×S×3`` uint8, ``state`` ``T×S``, ``actions``
-    ``T×D``, the task ``prompt`` and an optional per-step ``conditions`` text (e.g. "Advantage: positive")."""
+    ``T×D``, the task ``prompt``, an optional per-step ``conditions`` text (e.g. "Advantage: positive") and
+    optional per-step loss ``weights`` ``T`` (≥ 0; 0 drops the step)."""
 
     images: dict[str, np.ndarray]
     state: np.ndarray
     actions: np.ndarray
     prompt: str
     conditions: list[str | None] | None = None
+    weights: np.ndarray | None = None
 
 
 @dataclass
 class BCDataset:
     """N training samples: images per camera ``N×S×S×3`` uint8, ``state`` ``N×S``, ``prompts`` (N), ``actions``
-    ``N×H×D`` chunk targets, ``action_mask`` ``N×H`` (False on end-of-episode padding), optional ``conditions``."""
+    ``N×H×D`` chunk targets, ``action_mask`` ``N×H`` (False on end-of-episode padding), optional ``conditions``
+    and optional per-sample loss ``weights`` ``N`` (finite, ≥ 0, at least one > 0)."""
 
     images: dict[str, np.ndarray]
     state: np.ndarray
@@ -52,6 +59,7 @@ class BCDataset:
     actions: np.ndarray
     action_mask: np.ndarray
     conditions: list[str | None] | None = None
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -81,6 +89,21 @@ class BCDataset:
             raise VLAInputError(
                 f"conditions: expected {n} entries (one per sample), got {len(self.conditions)}"
             )
+        if self.weights is not None:
+            validate_weights(self.weights, n, "weights")
+
+
+def validate_weights(weights: np.ndarray, n: int, name: str) -> None:
+    """Raise :class:`VLAInputError` unless ``weights`` is ``n`` finite non-negative numbers, not all zero."""
+    array = np.asarray(weights)
+    if array.shape != (n,):
+        raise VLAInputError(f"{name}.shape: expected ({n},) (one weight per step), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+        raise VLAInputError(f"{name}: expected finite numbers, got NaN/inf or a non-numeric dtype")
+    if (array < 0).any():
+        raise VLAInputError(f"{name}: expected weights >= 0, got minimum {array.min():g}")
+    if not (array > 0).any():
+        raise VLAInputError(f"{name}: every weight is 0, nothing to train on")
 
 
 def chunk_episode(actions: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +124,8 @@ def build_dataset(episodes: Sequence[EpisodeArrays], horizon: int) -> BCDataset:
     chunks, masks = zip(*(chunk_episode(episode.actions, horizon) for episode in episodes), strict=True)
     use_conditions = any(episode.conditions is not None for episode in episodes)
     conditions: list[str | None] | None = [] if use_conditions else None
+    use_weights = any(episode.weights is not None for episode in episodes)
+    weights: list[np.ndarray] = []
     for index, episode in enumerate(episodes):
         steps = len(episode.actions)
         if sorted(episode.images) != cameras:
@@ -114,6 +139,8 @@ def build_dataset(episodes: Sequence[EpisodeArrays], horizon: int) -> BCDataset:
             )
         if conditions is not None:
             conditions += episode.conditions if episode.conditions is not None else [None] * steps
+        if use_weights:
+            weights.append(_episode_weights(episode, index, steps))
     return BCDataset(
         images={
             camera: np.concatenate([episode.images[camera] for episode in episodes]) for camera in cameras
@@ -123,7 +150,22 @@ def build_dataset(episodes: Sequence[EpisodeArrays], horizon: int) -> BCDataset:
         actions=np.concatenate(chunks),
         action_mask=np.concatenate(masks),
         conditions=conditions,
+        weights=np.concatenate(weights) if use_weights else None,
     )
+
+
+def _episode_weights(episode: EpisodeArrays, index: int, steps: int) -> np.ndarray:
+    """The episode's per-step weights (1 when it has none), checked for length and sign."""
+    if episode.weights is None:
+        return np.ones(steps, dtype=np.float32)
+    array = np.asarray(episode.weights, dtype=np.float32)
+    if array.shape != (steps,):
+        raise VLAInputError(
+            f"episodes[{index}].weights.shape: expected ({steps},) (one weight per step), got {array.shape}"
+        )
+    if not np.isfinite(array).all() or (array < 0).any():
+        raise VLAInputError(f"episodes[{index}].weights: expected finite weights >= 0")
+    return array
 
 
 def create_policy(
@@ -196,6 +238,7 @@ def train_bc(
     actions = policy.normalize_actions(dataset.actions)
     action_mask = torch.from_numpy(dataset.action_mask)
     fast_tokens = _fast_targets(policy, dataset) if policy.config.knowledge_insulation else None
+    support, sample_weights = _weighted_support(dataset, policy.config.knowledge_insulation)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -204,14 +247,17 @@ def train_bc(
     model.train()
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, desc="train bc", unit="step")
     for step in bar:
-        index = torch.from_numpy(rng.integers(0, len(dataset), size=min(config.batch_size, len(dataset))))
+        index = support[
+            torch.from_numpy(rng.integers(0, len(support), size=min(config.batch_size, len(support))))
+        ]
         prompts = _batch_prompts(dataset, index.numpy(), config.condition_dropout, rng)
         tokens, token_valid = policy.tokenize(prompts, trim=True)
         pixels = _augment(images[index].float() / 127.5 - 1.0, config.image_shift, generator)
         prefix = model.encode_prefix(pixels, tokens, token_valid)
         noise = torch.randn(actions[index].shape, generator=generator)
         tau = sample_tau(len(index), generator)
-        flow = model.flow_loss(prefix, state[index], actions[index], action_mask[index], noise, tau)
+        weights = sample_weights[index] if sample_weights is not None else None
+        flow = model.flow_loss(prefix, state[index], actions[index], action_mask[index], noise, tau, weights)
         fast = model.fast_loss(prefix, fast_tokens[index]) if fast_tokens is not None else torch.zeros(())
         loss = flow + fast
         optimizer.zero_grad(set_to_none=True)
@@ -233,6 +279,24 @@ def train_bc(
                 result.evaluations.append({"step": step, **metrics})
     model.eval()
     return result
+
+
+def _weighted_support(
+    dataset: BCDataset, knowledge_insulation: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices of the samples to draw from (weight > 0) and the loss weights (None when all are equal)."""
+    if dataset.weights is None:
+        return torch.arange(len(dataset)), None
+    weights = np.asarray(dataset.weights, dtype=np.float32)
+    support = np.flatnonzero(weights > 0)
+    if np.ptp(weights[support]) == 0:
+        return torch.from_numpy(support), None
+    if knowledge_insulation:
+        raise VLAInputError(
+            "weights: unequal loss weights are not supported with knowledge_insulation (the FAST loss is "
+            "unweighted); use 0/1 weights"
+        )
+    return torch.from_numpy(support), torch.from_numpy(weights)
 
 
 def _batch_prompts(

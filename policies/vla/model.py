@@ -250,13 +250,21 @@ class VLAModel(nn.Module):
         action_mask: torch.Tensor,
         noise: torch.Tensor,
         tau: torch.Tensor,
+        sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Masked MSE between predicted and target velocity ``A − ε`` at ``A^τ = τA + (1−τ)ε``."""
+        """Masked MSE between predicted and target velocity ``A − ε`` at ``A^τ = τA + (1−τ)ε``.
+
+        ``sample_weights`` (``B``, ≥ 0) weigh each sample's chunk (AWR, filtered BC); the loss is their weighted
+        mean over unmasked entries, so all-equal weights give the unweighted loss.
+        """
         t = tau[:, None, None]
         x_tau = t * actions + (1 - t) * noise
         predicted = self.velocity(self.expert_prefix(prefix), state, x_tau, tau)
         error = ((predicted - (actions - noise)) ** 2).mean(dim=-1)
         weights = action_mask.float()
+        if sample_weights is not None:
+            weights = weights * sample_weights[:, None]
+            return (error * weights).sum() / weights.sum().clamp(min=1e-12)
         return (error * weights).sum() / weights.sum().clamp(min=1.0)
 
     # ----- FAST stream (Knowledge Insulation) ---------------------------------------------------------------
