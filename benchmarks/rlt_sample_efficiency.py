@@ -34,13 +34,11 @@ from envs import EnvConfig, MetaWorldEnv
 from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
 from rlt.online import OnlineConfig, OnlineRLT
-from rlt.phase import AlwaysCritical, DistanceSwitch, PhaseSwitch
+from rlt.phase import METAWORLD_PAIRS, metaworld_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 
-HAND, OBJECT, GOAL = [0, 1, 2], [4, 5, 6], [36, 37, 38]
-HANDOFF_PAIRS = {"hand-object": (HAND, OBJECT), "object-goal": (OBJECT, GOAL)}
 EVAL_SEED_BASE = 500_000
 
 
@@ -144,11 +142,7 @@ def _online(
     config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
 ) -> Curve:
     torch.manual_seed(seed)
-    switch: PhaseSwitch = (
-        AlwaysCritical()
-        if config.critical_distance is None
-        else DistanceSwitch(*HANDOFF_PAIRS[config.critical_pair], config.critical_distance)
-    )
+    switch = metaworld_switch(config.critical_pair, config.critical_distance or 0.0)
     loop = OnlineRLT(
         make_env(config),
         make_prior(config, seed),
@@ -370,7 +364,7 @@ def parse_args() -> BenchmarkConfig:
         default=defaults.critical_distance,
         help="hand-off distance (≤ 0: RLT acts from the first chunk)",
     )
-    parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(HANDOFF_PAIRS))
+    parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(METAWORLD_PAIRS))
     parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
     parser.add_argument("--residual-scale", type=float, default=defaults.residual_scale)
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))

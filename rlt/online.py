@@ -7,11 +7,12 @@ whose ``info["source"]`` is ``StepSource.HUMAN`` executed ``info["executed_actio
 human step is stored with the executed actions as both ``ã`` and the action. Reward is sparse (+1 on
 ``info["success"]``, which terminates).
 
-``run`` does: warm-up episodes with the prior alone → fit and freeze the RL token on their embeddings (unless
-it was fitted already) → seed the replay buffer from the warm-up episodes (and any stored ``EpisodeRecord``
-passed to ``seed_from_records``) and train on it (``utd_ratio`` updates per warm-up chunk, once the buffer holds
-``learning_starts``) → online episodes, with ``utd_ratio`` updates per collected chunk after each episode. Every finished episode is emitted as an ``EpisodeRecord`` to ``on_episode`` (the caller commits it to
-the store).
+``run`` does: warm-up episodes with the prior alone (plus any stored ``EpisodeRecord`` passed to ``run``) →
+fit and freeze the RL token on their embeddings (unless it was fitted already) → seed the replay buffer from
+them and train on it (``utd_ratio`` updates per warm-up chunk, once the buffer holds ``learning_starts``) →
+online episodes, with ``utd_ratio`` updates per collected chunk after each episode. Every finished episode is
+emitted as an ``EpisodeRecord`` to the episode sink ``on_episode`` (e.g. ``ExperienceStore.write_episode`` or
+``actors.sinks.StoreSink``), so online steps are committed to the store like every other episode.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from rlt.buffer import ChunkTransition, chunk_backup
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
-from rlt.phase import PhaseSwitch
+from rlt.phase import AlwaysCritical, PhaseSwitch
 from rlt.rl_token import RLToken, fit_rl_token
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3, LearnerConfig
@@ -116,7 +117,9 @@ class OnlineRLT:
 
     The constructor resets ``env`` once (seed ``config.seed``) to read the proprio width, and builds the
     learner with ``state_dim = token.config.z_dim + proprio``. Pass ``token_fitted=True`` with an already
-    fitted token to skip fitting; ``on_episode`` receives every finished episode's ``EpisodeRecord``.
+    fitted token to skip fitting. ``on_episode`` is the episode sink: it receives every finished episode's
+    ``EpisodeRecord`` (its return value is ignored, so ``ExperienceStore.write_episode`` and
+    ``actors.sinks.StoreSink`` fit); ``on_stats`` receives every episode's ``EpisodeStats`` (progress display).
     """
 
     def __init__(
@@ -127,11 +130,12 @@ class OnlineRLT:
         token: RLToken,
         config: OnlineConfig,
         learner_config: LearnerConfig | None = None,
-        on_episode: Callable[[EpisodeRecord], None] | None = None,
+        on_episode: Callable[[EpisodeRecord], object] | None = None,
         token_fitted: bool = False,
+        on_stats: Callable[[EpisodeStats], object] | None = None,
     ) -> None:
         self.env, self.prior, self.phase_switch = env, prior, phase_switch
-        self.config, self.on_episode = config, on_episode
+        self.config, self.on_episode, self.on_stats = config, on_episode, on_stats
         self.token, self.token_fitted = token, token_fitted
         learner_config = learner_config or LearnerConfig(seed=config.seed)
         proprio_dim = int(np.asarray(env.reset(seed=config.seed)[0]["state"]).shape[0])
@@ -150,10 +154,15 @@ class OnlineRLT:
         """``C``."""
         return self.learner.config.chunk_size
 
-    def run(self) -> list[EvalPoint]:
-        """Warm up, fit the RL token, seed replay, train for ``total_env_steps``; return the eval curve."""
+    def run(self, records: Iterable[EpisodeRecord] = ()) -> list[EvalPoint]:
+        """Warm up, fit the RL token, seed replay, train for ``total_env_steps``; return the eval curve.
+
+        ``records`` (stored episodes of the task, e.g. the prior's earlier rollouts) join the warm-up: their
+        embeddings help fit the token and their chunks seed the replay buffer (see ``seed_from_records``).
+        """
         for _ in range(self.config.warmup_episodes):
             self._pending.append(self.run_episode("prior")[0])
+        self._pending.extend(self._record_chunks(records))
         self.fit_token()
         self.learner.update(self._add_to_replay(self._pending))
         self._pending = []
@@ -175,7 +184,8 @@ class OnlineRLT:
             return []
         if not self._pending:
             raise RLTInputError(
-                "warmup_episodes: expected ≥ 1 to fit the RL token (or pass token_fitted=True)"
+                "warmup_episodes: expected ≥ 1 (or stored episodes) to fit the RL token, "
+                "or pass token_fitted=True"
             )
         embeddings = np.stack(
             [step.context.embeddings for episode in self._pending for step in episode.steps]
@@ -195,12 +205,17 @@ class OnlineRLT:
         """Add stored episodes (warm-up data, interventions) to the replay buffer; return transitions added.
 
         Observations are rebuilt from each record and the prior is re-run at chunk starts for its embeddings;
-        the recorded chunk (or, for human steps, the executed actions) is the reference. The RL token must be
-        fitted first (``fit_token`` or ``token_fitted=True``); image-based priors need records loaded with
-        ``images=True``.
+        the recorded chunk (or, for human steps, the executed actions) is the reference. Records without a
+        ``critical_phase`` flag get it from this loop's phase switch. The RL token must be fitted first
+        (``fit_token`` or ``token_fitted=True``); image-based priors need records loaded with ``images=True``.
         """
-        episodes = [episode_chunks_from_record(record, self.prior, self.chunk_size) for record in records]
-        return self._add_to_replay(episodes)
+        return self._add_to_replay(self._record_chunks(records))
+
+    def _record_chunks(self, records: Iterable[EpisodeRecord]) -> list[EpisodeChunks]:
+        return [
+            episode_chunks_from_record(record, self.prior, self.chunk_size, self.phase_switch)
+            for record in records
+        ]
 
     def evaluate(self, episodes: int, mode: Mode = "eval") -> float:
         """Success rate over ``episodes`` episodes on fixed evaluation seeds (no exploration, no updates)."""
@@ -236,10 +251,13 @@ class OnlineRLT:
         if not terminated:
             chunks.final = self._context(observation)[0]
         record = recorder.finish(self.config, self.prior.version, seed, mode, success=terminated)
+        record.metadata["actor_updates"] = int(self.learner._n_updates)
         if self.on_episode is not None:
             self.on_episode(record)
         stats = self._episode_stats(mode, chunks, record)
         self.stats.append(stats)
+        if self.on_stats is not None:
+            self.on_stats(stats)
         return chunks, stats
 
     def _execute(
@@ -361,20 +379,32 @@ def chunk_transitions(episode: EpisodeChunks, encoder: RLStateEncoder, gamma: fl
     return transitions
 
 
-def episode_chunks_from_record(record: EpisodeRecord, prior: Policy, chunk_size: int) -> EpisodeChunks:
+def episode_chunks_from_record(
+    record: EpisodeRecord, prior: Policy, chunk_size: int, phase_switch: PhaseSwitch | None = None
+) -> EpisodeChunks:
     """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings.
 
     Chunk starts are the steps with ``chunk_offsets == 0`` (every ``chunk_size`` steps for records without
     chunks). The reference is the recorded chunk; chunks containing a human step use the executed actions as
-    both reference and action. ``metadata["critical_phase"]`` (if present) marks critical steps.
+    both reference and action. ``metadata["critical_phase"]`` (if present) marks critical steps; otherwise
+    ``phase_switch`` is asked at each chunk start (latched; no env info is stored, so it sees ``{}``), and
+    without a switch every chunk counts as critical.
     """
     length = record.length
     starts = _chunk_starts(record, chunk_size)
-    critical = np.asarray(record.metadata.get("critical_phase", np.ones(length)), bool)
-    steps = []
+    stored = record.metadata.get("critical_phase")
+    critical = np.asarray(stored if stored is not None else np.zeros(length), bool)
+    switch = None if stored is not None else (phase_switch or AlwaysCritical())
+    if switch is not None:
+        switch.reset()
+    steps, latched = [], False
     for start in starts:
         end = min(start + chunk_size, length)
-        context = _record_context(record, prior, start, chunk_size)
+        observation = _record_observation(record, start)
+        if switch is not None:
+            latched = latched or switch.is_critical(observation, {})
+            critical[start] = latched
+        context = _record_context(record, observation, prior, start, chunk_size)
         executed = context.reference.copy()
         executed[: end - start] = record.actions[start:end]
         intervened = bool(np.any(record.sources[start:end] == StepSource.HUMAN))
@@ -400,7 +430,7 @@ def _chunk_starts(record: EpisodeRecord, chunk_size: int) -> list[int]:
     return starts if starts and starts[0] == 0 else [0, *starts]
 
 
-def _record_context(record: EpisodeRecord, prior: Policy, t: int, chunk_size: int) -> ChunkContext:
+def _record_observation(record: EpisodeRecord, t: int) -> Observation:
     observation = Observation(
         images={camera: frames[t] for camera, frames in record.images.items()},
         state=np.asarray(record.states[t], np.float32),
@@ -408,6 +438,12 @@ def _record_context(record: EpisodeRecord, prior: Policy, t: int, chunk_size: in
     )
     if record.privileged is not None:
         observation["privileged"] = record.privileged[t]
+    return observation
+
+
+def _record_context(
+    record: EpisodeRecord, observation: Observation, prior: Policy, t: int, chunk_size: int
+) -> ChunkContext:
     proposal = prior.infer(stack_observations([observation]))
     if proposal.embeddings is None:
         raise EmbeddingDimError("embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior")

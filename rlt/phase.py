@@ -86,3 +86,19 @@ class AlwaysCritical:
 
     def is_critical(self, observation: Observation, info: dict[str, Any]) -> bool:
         return True
+
+
+METAWORLD_PAIRS: dict[str, tuple[list[int], list[int]]] = {
+    "hand-object": ([0, 1, 2], [4, 5, 6]),
+    "object-goal": ([4, 5, 6], [36, 37, 38]),
+}
+"""Index groups of Meta-World's 39-D privileged state (hand xyz, first object xyz, goal xyz)."""
+
+
+def metaworld_switch(pair: str, distance: float) -> PhaseSwitch:
+    """``DistanceSwitch`` on a ``METAWORLD_PAIRS`` pair; ``distance ≤ 0`` means RLT acts from the start."""
+    if pair not in METAWORLD_PAIRS:
+        raise RLTInputError(f"hand-off pair: expected one of {sorted(METAWORLD_PAIRS)}, got {pair!r}")
+    if distance <= 0:
+        return AlwaysCritical()
+    return DistanceSwitch(*METAWORLD_PAIRS[pair], distance)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from actors.sinks import StoreSink
 from envs.interventions import InterventionWrapper, TeleopCommand, TeleopContext
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
-from rlt.online import OnlineConfig, OnlineRLT
+from rlt.online import OnlineConfig, OnlineRLT, chunk_transitions, episode_chunks_from_record
 from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
@@ -178,3 +179,57 @@ def test_phase_switches() -> None:
     assert operator.is_critical(observation, {})
     operator.reset()
     assert not operator.is_critical(observation, {})
+
+
+def test_online_episodes_are_committed_to_the_store_with_provenance(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'rlt.db'}"
+    store = ExperienceStore(url)
+    store.upgrade()
+    env = InterventionWrapper(PointReachEnv(), _TakeOverBetweenSteps())
+    loop = _loop(env=env, warmup_episodes=3, total_env_steps=120)
+    loop.learner.learning_starts = 8
+    store.register_policy_version(loop.prior.version, "scripted")
+    store.register_policy_version(loop.config.rl_version, "rlt")
+    loop.on_episode = StoreSink(url)
+    loop.run()
+    modes = [stats.mode for stats in loop.stats]
+    assert store.count_episodes(task="point-reach") == len(loop.stats) == len(modes)
+    assert modes[:3] == ["prior"] * 3 and set(modes[3:]) == {"learner"}
+    stored = sorted(store.iter_episodes(task="point-reach"), key=lambda r: r.metadata["actor_updates"])
+    assert sum(record.length for record in stored if record.metadata["mode"] == "learner") >= 120
+    for record in stored:
+        critical = np.asarray(record.metadata["critical_phase"], bool)
+        human = record.sources == StepSource.HUMAN
+        assert human[3:8].all() and not human[8:].any()
+        assert [(s.t_start, s.t_end, s.trigger) for s in record.interventions] == [(3, 8, "test")]
+        rl_acting = critical & ~human & (record.metadata["mode"] == "learner")
+        expected = np.where(rl_acting, "rlt", loop.prior.version).astype(object)
+        expected[human] = None
+        assert record.policy_versions == expected.tolist()
+    assert any(
+        np.asarray(r.metadata["critical_phase"]).any() for r in stored if r.metadata["mode"] == "learner"
+    )
+    assert stored[-1].metadata["actor_updates"] > stored[0].metadata["actor_updates"] == 0
+
+
+def test_run_warms_up_from_stored_episodes_alone(tmp_path) -> None:
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
+    store.upgrade()
+    collector = _loop(records=[], warmup_episodes=6)
+    store.register_policy_version(collector.prior.version, "scripted")
+    collector.on_episode = store.write_episode
+    for _ in range(6):
+        collector.run_episode("prior")
+    records = list(store.iter_episodes(task="point-reach"))
+    for record in records:
+        del record.metadata["critical_phase"]  # as from a plain collection: the switch marks the phase
+    loop = _loop(warmup_episodes=0, total_env_steps=0)
+    loop.run(records)
+    assert loop.token_fitted
+    episodes = [
+        episode_chunks_from_record(r, loop.prior, 10, DistanceSwitch([0, 1], [2, 3], 0.15)) for r in records
+    ]
+    expected = sum(len(chunk_transitions(episode, loop.encoder, 0.99)) for episode in episodes)
+    assert loop.learner.replay_buffer.size() == expected > 0
+    flags = [step.critical for episode in episodes for step in episode.steps]
+    assert any(flags) and not all(flags), "the switch marks the hand-off in records without a flag"
