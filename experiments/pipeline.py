@@ -26,6 +26,7 @@ from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
 from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig
+from experiments.pipeline_rlt import RLT_KIND, PriorSpec, is_rlt_checkpoint, load_rlt_policy, run_rlt
 from experiments.policy_loader import load_policy
 from experiments.tracking import PipelineTracker
 from experiments.training import EpisodeFilter, load_training_episodes, train_vla
@@ -37,7 +38,19 @@ from storage import ExperienceStore, Outcome
 logger = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("collect", "relabel", "train", "evaluate", "gate", "register", "deploy", "report")
+"""RECAP's stages (``method: recap``)."""
 STAGE_RECORD = "pipeline-stage"
+_CLOSING = ("evaluate", "gate", "register", "deploy", "report")
+
+
+def stages_for(method: str) -> tuple[str, ...]:
+    """The stages of an iteration: RECAP's; ``rlt`` = online RLT around the deployed policy then the gate;
+    ``both`` = RECAP's collect/relabel/train, then RLT around the RECAP candidate, then the gate."""
+    if method == "rlt":
+        return ("rlt", *_CLOSING)
+    if method == "both":
+        return ("collect", "relabel", "train", "rlt", *_CLOSING)
+    return STAGES
 
 
 @dataclass
@@ -72,6 +85,7 @@ class Pipeline:
         self.home = Path(self.config.checkpoints) / self.config.name
         self.home.mkdir(parents=True, exist_ok=True)
         self._prior_version: str | None = None
+        self.stages = stages_for(self.config.method)
 
     # ---- state ----
 
@@ -89,6 +103,11 @@ class Pipeline:
             states.setdefault(iteration, IterationState(iteration)).outputs[run["config"]["stage"]] = run[
                 "config"
             ]["output"]
+        order = {stage: index for index, stage in enumerate(self.stages)}
+        for state in states.values():
+            state.outputs = dict(
+                sorted(state.outputs.items(), key=lambda item: order.get(item[0], len(order)))
+            )
         return [states[key] for key in sorted(states)]
 
     def deployed_version(self) -> str:
@@ -123,13 +142,14 @@ class Pipeline:
             "collect": self._collect,
             "relabel": self._relabel,
             "train": self._train,
+            "rlt": self._rlt,
             "evaluate": self._evaluate,
             "gate": self._gate,
             "register": self._register,
             "deploy": self._deploy,
             "report": lambda state, _run: self._report(state, parent_run),
         }
-        for stage in STAGES:
+        for stage in self.stages:
             if stage in state.outputs:
                 continue
             stage_run = self.tracker.stage_run(parent_run, state.iteration, stage)
@@ -159,6 +179,10 @@ class Pipeline:
     def _collect(self, state: IterationState, run_id: str) -> dict[str, Any]:
         deployed = self.deployed_version()
         spec, noise = self._spec_of(deployed)
+        if self.config.collection.workers and self._kind(deployed) == RLT_KIND:
+            raise ValueError(
+                f"collection.workers: the deployed RLT policy {deployed!r} is collected in-process only; set 0"
+            )
         runs, metrics = {}, {}
         for index, task in enumerate(self.config.tasks):
             collection_run = f"{self.stage_id(state.iteration, 'collect')}/{task}"
@@ -278,9 +302,76 @@ class Pipeline:
             "metrics": metrics,
         }
 
+    def _rlt(self, state: IterationState, run_id: str) -> dict[str, Any]:
+        """Online RLT around the deployed policy (``rlt``) or the RECAP candidate (``both``)."""
+        deployed = (
+            state.outputs["collect"]["policy"] if "collect" in state.outputs else self.deployed_version()
+        )
+        prior = state.outputs["train"]["version"] if "train" in state.outputs else deployed
+        folder = self.home / f"iter-{state.iteration:04d}" / "rlt"
+        version = f"rlt:{self.config.name}/iter-{state.iteration:04d}"
+        output = {
+            "version": version,
+            "checkpoint": str(folder.resolve()),
+            "prior": prior,
+            "deployed": deployed,
+        }
+        if is_rlt_checkpoint(folder):
+            return output | {"metrics": {}}
+        task, seed = self.config.tasks[0], self.config.seed + 1000 * state.iteration
+        settings = self.config.rlt
+        result = run_rlt(
+            self.store,
+            self._prior_spec(prior, seed),
+            lambda spec: self._load(spec, task, seed),
+            self.config.env.env(task, seed, render=settings.record_images or not self._scripted(prior)),
+            settings,
+            version=version,
+            run_id=self.rlt_run(state.iteration),
+            folder=folder,
+            seed=seed,
+        )
+        for point in result.curve:
+            self.tracker.log_metrics(run_id, {"rl_eval_success_rate": point.success_rate}, point.env_steps)
+        for stats in result.episode_stats:
+            if stats["mode"] != "eval":  # eval episodes are summarised by the curve
+                self.tracker.log_metrics(
+                    run_id,
+                    {
+                        "rl_train_success": float(stats["success"]),
+                        "rl_train_episode_length": float(stats["length"]),
+                        **{f"rl_{key}": value for key, value in stats["losses"].items()},
+                    },
+                    stats["env_steps"],
+                )
+        metrics = {
+            "rl_env_steps": float(result.episode_stats[-1]["env_steps"] if result.episode_stats else 0),
+            "rl_episodes": float(len(result.episode_stats)),
+        }
+        if result.curve:
+            metrics["rl_final_eval_success_rate"] = result.curve[-1].success_rate
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        curve = [[point.env_steps, point.success_rate] for point in result.curve]
+        return output | {"metrics": metrics, "curve": curve}
+
+    def rlt_run(self, iteration: int) -> str:
+        """The store run holding the episodes of ``iteration``'s RLT stage."""
+        return f"{self.stage_id(iteration, 'rlt')}/{self.config.tasks[0]}"
+
+    def _candidate_stage(self) -> str:
+        return "train" if self.config.method == "recap" else "rlt"
+
+    def _deployed_at(self, state: IterationState) -> str:
+        """The version deployed when ``state``'s iteration started."""
+        return (
+            state.outputs["collect"]["policy"]
+            if "collect" in state.outputs
+            else state.outputs["rlt"]["deployed"]
+        )
+
     def _evaluate(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        candidate = state.outputs["train"]["version"]
-        deployed = state.outputs["collect"]["policy"]
+        candidate = state.outputs[self._candidate_stage()]["version"]
+        deployed = self._deployed_at(state)
         results = {
             "candidate": self._evaluations(
                 candidate, f"{self.stage_id(state.iteration, 'evaluate')}/candidate"
@@ -308,7 +399,9 @@ class Pipeline:
             policy = self._load(version, task)
             env = self.config.env.env(task, protocol.seed)
             result, _ = evaluate(policy, env, protocol.episodes, seed=protocol.seed)
-            metrics = result.as_metrics()
+            metrics = _finite(
+                result.as_metrics()
+            )  # no successes → NaN lengths, which PostgreSQL's JSON rejects
             self.store.write_evaluation(
                 version, task, result.n, result.successes, metrics=metrics, run_id=eval_run
             )
@@ -336,13 +429,17 @@ class Pipeline:
         return decision.as_dict()
 
     def _register(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        train, gate = state.outputs["train"], state.outputs["gate"]
+        train, gate = state.outputs[self._candidate_stage()], state.outputs["gate"]
         model_version = self.tracker.register(
             train["version"], train["checkpoint"], run_id, description=gate["reason"]
         )
         self.tracker.tag_version(
             model_version,
-            {"gate": "promoted" if gate["promote"] else "rejected", "gate_reason": gate["reason"]},
+            {
+                "gate": "promoted" if gate["promote"] else "rejected",
+                "gate_reason": gate["reason"],
+                "policy_kind": RLT_KIND if self._candidate_stage() == "rlt" else "vla",
+            },
         )
         return {
             "model": self.tracker.model_name,
@@ -352,7 +449,8 @@ class Pipeline:
 
     def _deploy(self, state: IterationState, run_id: str) -> dict[str, Any]:
         promoted = state.outputs["gate"]["promote"]
-        deployed = state.outputs["train"]["version"] if promoted else state.outputs["collect"]["policy"]
+        candidate = state.outputs[self._candidate_stage()]["version"]
+        deployed = candidate if promoted else self._deployed_at(state)
         if promoted:
             self.tracker.set_deployed(state.outputs["register"]["model_version"])
         _write_atomically(self.deploy_file(), deployed + "\n")
@@ -394,20 +492,21 @@ class Pipeline:
                 f"{role}_successes_per_hour": sum(f["successes_per_hour"] for f in figures) / len(figures),
                 f"{role}_episode_length": sum(f["mean_length"] for f in figures) / len(figures),
             }
-        for stage in ("collect", "relabel", "train"):
+        for stage in ("collect", "relabel", "train", "rlt"):
             metrics |= {
-                k: v for k, v in state.outputs[stage].get("metrics", {}).items() if isinstance(v, float | int)
+                k: v
+                for k, v in state.outputs.get(stage, {}).get("metrics", {}).items()
+                if isinstance(v, float | int)
             }
         self.tracker.log_metrics(parent_run, metrics, state.iteration)
-        self.tracker.set_tags(
-            parent_run,
-            {
-                "candidate": state.outputs["train"]["version"],
-                "deployed": state.outputs["deploy"]["deployed"],
-                "gate_reason": state.outputs["gate"]["reason"],
-                "relabel_id": state.outputs["relabel"]["relabel_id"],
-            },
-        )
+        tags = {
+            "candidate": state.outputs[self._candidate_stage()]["version"],
+            "deployed": state.outputs["deploy"]["deployed"],
+            "gate_reason": state.outputs["gate"]["reason"],
+        }
+        if "relabel" in state.outputs:
+            tags["relabel_id"] = state.outputs["relabel"]["relabel_id"]
+        self.tracker.set_tags(parent_run, tags)
         folder = self.home / f"iter-{state.iteration:04d}" / "artifacts"
         artifacts = []
         for path, artifact_folder in write_iteration_artifacts(self, state, folder):
@@ -436,21 +535,31 @@ class Pipeline:
             return self.config.prior.policy, self.config.prior.noise
         return version, 0.0
 
-    def _load(self, version: str, task: str, seed: int | None = None) -> Policy:
-        """Load a version; pipeline-trained (RECAP) versions are conditioned on "Advantage: positive"."""
-        spec, noise = self._spec_of(version)
-        seed = self.config.seed if seed is None else seed
-        policy = load_policy(spec, task=task, store=self.store, noise=noise, seed=seed)
-        if self._trained_here(policy.version):
-            policy.conditions = POSITIVE_PROMPT
-            policy.cfg_beta = self.config.cfg_beta
-        return policy
+    def _scripted(self, version: str) -> bool:
+        return version == self.prior_version() and self.config.prior.policy == "scripted"
 
-    def _trained_here(self, version: str) -> bool:
-        return any(
-            row["version"] == version and str(row["uri"] or "").startswith(str(self.home.resolve()))
-            for row in self.store.policy_versions()
-        )
+    def _prior_spec(self, version: str, seed: int) -> PriorSpec:
+        """What RLT acts around: the scripted prior rebuilt with chunks and embeddings, else a stored version."""
+        noise = self.config.prior.noise if self._scripted(version) else None
+        return PriorSpec(version, noise, seed)
+
+    def _load(self, version: str, task: str, seed: int | None = None) -> Policy:
+        """Load a version as it is served: a checkpoint carries its own inference conditions (RECAP's
+        "Advantage: positive", CFG β) in ``inference.json``; RLT versions are rebuilt around their prior."""
+        seed = self.config.seed if seed is None else seed
+        row = next((r for r in self.store.policy_versions() if r["version"] == version), None)
+        if row is not None and row["kind"] == RLT_KIND:
+            return load_rlt_policy(
+                Path(row["uri"]), version, task, lambda prior: self._load(prior, task, seed)
+            )
+        spec, noise = self._spec_of(version)
+        return load_policy(spec, task=task, store=self.store, noise=noise, seed=seed)
+
+    def _row(self, version: str) -> dict[str, Any]:
+        return next((row for row in self.store.policy_versions() if row["version"] == version), {})
+
+    def _kind(self, version: str) -> str | None:
+        return self._row(version).get("kind")
 
     def _version_under(self, folder: Path) -> dict[str, Any] | None:
         prefix = str(folder.resolve()) + os.sep

@@ -35,17 +35,21 @@ def write_iteration_artifacts(
     config_path.write_text(yaml.safe_dump(pipeline.config.model_dump(mode="json"), sort_keys=False))
     outputs_path = folder / "stages.json"
     outputs_path.write_text(dump_json(state.outputs))
-    relabel_path = folder / "relabel_ids.json"
-    relabel_path.write_text(dump_json({"relabel_id": state.outputs["relabel"]["relabel_id"]}))
-    files: list[tuple[Path, str | None]] = [(config_path, None), (outputs_path, None), (relabel_path, None)]
+    files: list[tuple[Path, str | None]] = [(config_path, None), (outputs_path, None)]
     files.append((plot_success_over_iterations(pipeline, folder / "success_over_iterations.png"), "plots"))
     episodes = _showcase_episodes(pipeline, state)
-    record = pipeline.store.load_relabel(state.outputs["relabel"]["relabel_id"])
-    labelled = {labels.episode_uuid for labels in record.labels}
-    for episode in episodes[:PLOT_EPISODES]:
-        if episode.uuid in labelled:
-            path = folder / f"value_along_episode_{episode.outcome.value}_{str(episode.uuid)[:8]}.png"
-            files.append((plot_episode_values(episode, record, path), "plots"))
+    if "relabel" in state.outputs:
+        relabel_path = folder / "relabel_ids.json"
+        relabel_path.write_text(dump_json({"relabel_id": state.outputs["relabel"]["relabel_id"]}))
+        files.append((relabel_path, None))
+        record = pipeline.store.load_relabel(state.outputs["relabel"]["relabel_id"])
+        labelled = {labels.episode_uuid for labels in record.labels}
+        for episode in episodes[:PLOT_EPISODES]:
+            if episode.uuid in labelled:
+                path = folder / f"value_along_episode_{episode.outcome.value}_{str(episode.uuid)[:8]}.png"
+                files.append((plot_episode_values(episode, record, path), "plots"))
+    if state.outputs.get("rlt", {}).get("curve"):
+        files.append((plot_rl_curve(state.outputs["rlt"], folder / "rl_curve.png"), "plots"))
     for episode in episodes[:VIDEO_EPISODES]:
         video = write_rollout_gif(
             episode, folder / f"rollout_{episode.outcome.value}_{str(episode.uuid)[:8]}.gif"
@@ -56,12 +60,12 @@ def write_iteration_artifacts(
 
 
 def _showcase_episodes(pipeline: Pipeline, state: IterationState) -> list[EpisodeRecord]:
-    """A failed and a successful episode (with images) of this iteration's collection, when there are both."""
-    summaries = [
-        summary
-        for run in state.outputs["collect"]["runs"].values()
-        for summary in pipeline.store.list_episodes(run_id=run)
-    ]
+    """A failed and a successful episode of this iteration's collection (else its RLT run), when there are
+    both."""
+    runs = list(state.outputs.get("collect", {}).get("runs", {}).values())
+    if not runs:
+        runs = [pipeline.rlt_run(state.iteration)]
+    summaries = [summary for run in runs for summary in pipeline.store.list_episodes(run_id=run)]
     picked = []
     for outcome in (Outcome.FAILURE, Outcome.SUCCESS, Outcome.TRUNCATED):
         match = next((s for s in summaries if s.outcome == outcome), None)
@@ -76,6 +80,23 @@ def write_rollout_gif(episode: EpisodeRecord, path: Path, fps: int = 10) -> Path
         return None
     frames = next(iter(episode.images.values()))
     iio.imwrite(path, np.asarray(frames, dtype=np.uint8), duration=1000 // fps, loop=0)
+    return path
+
+
+def plot_rl_curve(rlt_output: dict, path: Path) -> Path:
+    """The RLT stage's evaluation success rate against env steps (warm-up included)."""
+    steps, rates = zip(*rlt_output["curve"], strict=True)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, rates, marker="o")
+    axis.set(
+        xlabel="env steps",
+        ylabel="eval success rate",
+        ylim=(-0.02, 1.02),
+        title=f"RLT: {rlt_output['version']}",
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from envs import EnvConfig, SimulatedHumanConfig
 from envs.tasks import UnknownTaskError, resolve_task
@@ -19,7 +19,11 @@ from experiments.training import BCConfig
 from experiments.validation import first_error
 from recap import RelabelConfig
 
-WIRED_METHODS = ("recap",)
+HANDOFF_PAIRS: dict[str, tuple[list[int], list[int]]] = {
+    "hand-object": ([0, 1, 2], [4, 5, 6]),
+    "object-goal": ([4, 5, 6], [36, 37, 38]),
+}
+"""Indices into Meta-World's 39-D privileged state whose distance triggers the RLT hand-off."""
 
 
 class PipelineConfigError(ValueError):
@@ -88,6 +92,35 @@ class GateSettings(_Strict):
     margin: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class RLTSettings(_Strict):
+    """The RLT stage: online RL around the deployed policy (``method: rlt``) or the RECAP candidate (``both``).
+
+    ``env_steps`` is the online budget after ``warmup_episodes`` prior-only episodes; the learner's success is
+    measured every ``eval_every_steps`` on ``eval_episodes`` fixed episodes (the RL curve in MLflow).
+    ``handoff`` picks the critical phase where RLT takes over: ``always`` (from the first chunk) or the
+    distance between two privileged-state points falling under ``handoff_distance``. A scripted prior gets
+    fixed random-projection embeddings of the privileged state (``rlt.state.EmbeddingPrior``); a VLA prior's
+    own embeddings feed the RL token.
+    """
+
+    warmup_episodes: int = Field(default=20, ge=1)
+    env_steps: int = Field(default=20_000, ge=0)
+    eval_every_steps: int = Field(default=5_000, ge=0)
+    eval_episodes: int = Field(default=20, ge=1)
+    exploration_noise: float = Field(default=0.2, ge=0.0)
+    handoff: Literal["always", "hand-object", "object-goal"] = "hand-object"
+    handoff_distance: float = Field(default=0.05, gt=0.0)
+    token_steps: int = Field(default=500, ge=1)
+    z_dim: int = Field(default=32, ge=1)
+    chunk_size: int = Field(default=10, ge=1)
+    beta: float = Field(default=1.0, ge=0.0)
+    utd_ratio: int = Field(default=5, ge=1)
+    net_arch: tuple[int, ...] = (256, 256)
+    batch_size: int = Field(default=256, ge=1)
+    learning_starts: int = Field(default=256, ge=1)
+    record_images: bool = False
+
+
 class PipelineConfig(_Strict):
     """A whole improvement pipeline: tasks, prior, method, budgets, gate, and the store/Ray/MLflow endpoints."""
 
@@ -100,6 +133,7 @@ class PipelineConfig(_Strict):
     interventions: SimulatedHumanConfig | None = SimulatedHumanConfig()
     relabel: RelabelConfig = RelabelConfig()
     training: BCConfig = BCConfig(condition_dropout=0.3)
+    rlt: RLTSettings = RLTSettings()
     cfg_beta: float = Field(default=1.0, ge=0.0)
     evaluation: EvaluationSettings = EvaluationSettings()
     gate: GateSettings = GateSettings()
@@ -126,14 +160,13 @@ class PipelineConfig(_Strict):
             raise ValueError(f"expected distinct tasks, got {tasks}")
         return resolved
 
-    @field_validator("method")
-    @classmethod
-    def _wired(cls, method: str) -> str:
-        if method not in WIRED_METHODS:
+    @model_validator(mode="after")
+    def _rlt_on_one_task(self) -> PipelineConfig:
+        if self.method != "recap" and len(self.tasks) != 1:
             raise ValueError(
-                f"{method!r} is not yet wired into the pipeline (use 'recap'; RLT runs via `flywheel rlt`)"
+                f"method {self.method!r} trains one RLT learner per pipeline: expected 1 task, got {self.tasks}"
             )
-        return method
+        return self
 
     def resolved(self) -> PipelineConfig:
         """This config with the embedded defaults filled in (store, MLflow, checkpoints)."""

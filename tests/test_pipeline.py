@@ -71,8 +71,8 @@ def two_iterations(tmp_path_factory) -> tuple[Pipeline, Path]:
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(PipelineConfigError, match=r"gate\.confidence"):
         parse_pipeline_config({"name": "x", "tasks": ["reach-v3"], "gate": {"confidence": 2}})
-    with pytest.raises(PipelineConfigError, match=r"method: 'rlt' is not yet wired"):
-        parse_pipeline_config({"name": "x", "tasks": ["reach-v3"], "method": "rlt"})
+    with pytest.raises(PipelineConfigError, match=r"method: Input should be 'recap', 'rlt' or 'both'"):
+        parse_pipeline_config({"name": "x", "tasks": ["reach-v3"], "method": "ppo"})
     with pytest.raises(
         PipelineConfigError, match=r"tasks: unknown Meta-World task 'reach-v9'; closest names: reach-v3"
     ):

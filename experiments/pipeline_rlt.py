@@ -1,0 +1,238 @@
+"""The pipeline's RLT stage: online RLT (``rlt.online.OnlineRLT``) around a prior, saved as its own policy kind.
+
+An RLT result is not a VLA checkpoint: it is the frozen prior plus an RL token and a chunked actor that take
+over in the critical phase. It is saved as a folder (``rlt.json`` + ``token.safetensors`` +
+``learner.safetensors``) and registered in the store as kind ``rlt`` with the prior as its parent;
+``load_rlt_policy`` rebuilds it as a ``Policy`` (``RLTDeployedPolicy``) for evaluation, collection and the next
+iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from envs import EnvConfig, make_env
+from experiments.pipeline_config import HANDOFF_PAIRS, RLTSettings
+from policies.base import ActionChunk, Observation, ObservationBatch, Policy
+from policies.scripted import ScriptedPolicy
+from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
+from rlt.phase import AlwaysCritical, DistanceSwitch, PhaseSwitch
+from rlt.rl_token import RLToken
+from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder, token_config_for
+from rlt.td3 import ChunkedTD3, LearnerConfig
+from storage import EpisodeRecord, ExperienceStore
+
+RLT_KIND = "rlt"
+MANIFEST, TOKEN, LEARNER = "rlt.json", "token.safetensors", "learner.safetensors"
+PRIVILEGED_DIM = 39
+SCRIPTED_EMBEDDING = {"num_tokens": 8, "embed_dim": 32}
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """The prior an RLT policy acts around: a store version, or ``scripted`` with its noise (``scripted_noise``)."""
+
+    version: str
+    scripted_noise: float | None
+    seed: int
+
+    def load(self, task: str, chunk_size: int, load_version: Callable[[str], Policy]) -> Policy:
+        """The prior with embeddings: a stored version via ``load_version`` (a VLA, or an earlier RLT policy),
+        or a scripted expert holding its action for ``chunk_size`` steps with projected privileged state."""
+        if self.scripted_noise is None:
+            return load_version(self.version)
+        scripted = ScriptedPolicy(
+            task,
+            noise_std=self.scripted_noise,
+            seed=self.seed,
+            action_horizon=chunk_size,
+            version=self.version,
+        )
+        embedder = StateProjectionEmbedder(
+            PRIVILEGED_DIM, key="privileged", seed=self.seed, **SCRIPTED_EMBEDDING
+        )
+        return EmbeddingPrior(scripted, embedder)
+
+
+@dataclass(frozen=True)
+class RLTResult:
+    """What an RLT stage produced: the saved policy, its RL curve and per-episode statistics."""
+
+    version: str
+    checkpoint: Path
+    curve: list[EvalPoint]
+    episode_stats: list[dict[str, Any]]
+
+
+def handoff_switch(settings: RLTSettings) -> PhaseSwitch:
+    """The phase switch the settings name."""
+    if settings.handoff == "always":
+        return AlwaysCritical()
+    return DistanceSwitch(*HANDOFF_PAIRS[settings.handoff], settings.handoff_distance)
+
+
+def run_rlt(
+    store: ExperienceStore,
+    prior: PriorSpec,
+    load_version: Callable[[str], Policy],
+    env: EnvConfig,
+    settings: RLTSettings,
+    *,
+    version: str,
+    run_id: str,
+    folder: Path,
+    seed: int,
+) -> RLTResult:
+    """Run online RLT around ``prior`` on ``env``; store every episode under ``run_id``; save to ``folder``.
+
+    ``version`` is registered (kind ``rlt``, parent = the prior) before the first episode, because the
+    episodes' steps name it. Episode ids are derived from ``run_id`` and the episode's index, so a rerun after
+    a kill writes the same ids again (idempotent) instead of adding episodes.
+    """
+    torch.manual_seed(seed)
+    policy = prior.load(env.task, settings.chunk_size, load_version)
+    switch = handoff_switch(settings)
+    environment = make_env(env)
+    observation, _ = environment.reset(seed=seed)
+    token = RLToken(token_config_for(policy, observation, z_dim=settings.z_dim))
+    manifest = _manifest(prior, env, settings, token)
+    store.register_policy_version(
+        version, kind=RLT_KIND, uri=str(folder.resolve()), parent=prior.version, metadata=manifest
+    )
+    store.register_run(run_id, name="rlt", config={"prior": prior.version, "version": version})
+    loop = OnlineRLT(
+        environment,
+        policy,
+        switch,
+        token,
+        OnlineConfig(
+            task=env.task,
+            env_id=f"metaworld/{env.task}",
+            warmup_episodes=settings.warmup_episodes,
+            total_env_steps=settings.env_steps,
+            exploration_noise=settings.exploration_noise,
+            token_steps=settings.token_steps,
+            token_batch_size=min(128, settings.batch_size),
+            eval_every_steps=settings.eval_every_steps,
+            eval_episodes=settings.eval_episodes,
+            record_images=settings.record_images,
+            rl_version=version,
+            seed=seed,
+        ),
+        learner_config(settings, seed),
+        on_episode=_writer(store, run_id),
+    )
+    curve = loop.run()
+    environment.close()
+    folder.mkdir(parents=True, exist_ok=True)
+    loop.token.save(folder / TOKEN)
+    loop.learner.save_checkpoint(folder / LEARNER)
+    temporary = folder / f"{MANIFEST}.tmp"  # written last and atomically: its presence marks a finished stage
+    temporary.write_text(json.dumps(manifest, indent=1))
+    temporary.replace(folder / MANIFEST)
+    stats = [dataclasses.asdict(s) for s in loop.stats]
+    return RLTResult(version, folder, curve, stats)
+
+
+def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
+    """The chunked actor-critic's settings."""
+    return LearnerConfig(
+        chunk_size=settings.chunk_size,
+        beta=settings.beta,
+        utd_ratio=settings.utd_ratio,
+        net_arch=tuple(settings.net_arch),
+        batch_size=settings.batch_size,
+        learning_starts=settings.learning_starts,
+        seed=seed,
+    )
+
+
+def _manifest(prior: PriorSpec, env: EnvConfig, settings: RLTSettings, token: RLToken) -> dict[str, Any]:
+    return {
+        "prior": dataclasses.asdict(prior),
+        "task": env.task,
+        "settings": settings.model_dump(mode="json"),
+        "token": dataclasses.asdict(token.config),
+    }
+
+
+def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], None]:
+    """Commit each episode under ``run_id`` with an id derived from the run and the episode's index; ids an
+    earlier, killed attempt of the stage already wrote are skipped."""
+    stored = {summary.uuid for summary in store.list_episodes(run_id=run_id)}
+    count = [0]
+
+    def write(record: EpisodeRecord) -> None:
+        episode_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}#{count[0]}")
+        count[0] += 1
+        if episode_id not in stored:
+            store.write_episode(dataclasses.replace(record, uuid=episode_id, run_id=run_id))
+
+    return write
+
+
+def is_rlt_checkpoint(folder: Path) -> bool:
+    """True if ``folder`` holds a finished RLT stage's files."""
+    return all((folder / name).is_file() for name in (MANIFEST, TOKEN, LEARNER))
+
+
+def load_rlt_policy(
+    folder: Path, version: str, task: str, load_version: Callable[[str], Policy]
+) -> RLTDeployedPolicy:
+    """Rebuild a saved RLT policy; its prior is loaded with ``load_version`` or rebuilt as a scripted expert."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    settings = RLTSettings.model_validate(manifest["settings"])
+    prior = PriorSpec(**manifest["prior"]).load(task, settings.chunk_size, load_version)
+    token = RLToken.load(folder / TOKEN)
+    learner = ChunkedTD3.load_checkpoint(folder / LEARNER)
+    return RLTDeployedPolicy(prior, token, learner, handoff_switch(settings), version)
+
+
+class RLTDeployedPolicy:
+    """The prior until the hand-off, then the deterministic RLT actor on ``(z_rl, proprio)`` and the prior's
+    chunk — the learner's ``eval`` mode of ``OnlineRLT`` as a batched ``Policy``.
+
+    The hand-off latches per batch row until ``reset`` (called at every episode start by the rollout worker);
+    with one env per worker that is exactly the training loop's per-episode latch.
+    """
+
+    def __init__(
+        self, prior: Policy, token: RLToken, learner: ChunkedTD3, switch: PhaseSwitch, version: str
+    ) -> None:
+        self.prior, self.learner, self.switch = prior, learner, switch
+        self.encoder = RLStateEncoder(token, learner.state_dim - token.config.z_dim)
+        self.version = version
+        self.action_horizon = learner.config.chunk_size
+        self.action_dim = prior.action_dim
+        self._critical: dict[int, bool] = {}
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        proposal = self.prior.infer(batch)
+        actions = np.asarray(proposal.actions[:, : self.action_horizon], np.float32).copy()
+        rows = [row for row in range(len(actions)) if self._is_critical(row, batch)]
+        if rows:
+            states = self.encoder.encode(
+                np.asarray(proposal.embeddings, np.float32)[rows], np.asarray(batch["state"])[rows]
+            )
+            actions[rows] = np.clip(self.learner.act(states, actions[rows]), -1.0, 1.0)
+        return ActionChunk(actions=actions, embeddings=proposal.embeddings, timing=proposal.timing)
+
+    def reset(self) -> None:
+        self.prior.reset()
+        self.switch.reset()
+        self._critical.clear()
+
+    def _is_critical(self, row: int, batch: ObservationBatch) -> bool:
+        if not self._critical.get(row, False):
+            observation = Observation(**{key: value[row] for key, value in batch.items() if key != "images"})
+            self._critical[row] = self.switch.is_critical(observation, {})
+        return self._critical[row]
