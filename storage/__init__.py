@@ -1,7 +1,16 @@
 """flywheel: storage — the experience store (the only code that touches SQL) and its record types."""
 
+from storage.errors import (
+    EpisodeConflictError,
+    NotFoundError,
+    SchemaNotReadyError,
+    StoreError,
+    UnknownPolicyVersionError,
+)
+from storage.evaluations import EvaluationSummary
 from storage.records import (
     EpisodeLabels,
+    EpisodeQuery,
     EpisodeRecord,
     EpisodeSummary,
     EpisodeValidationError,
@@ -11,20 +20,13 @@ from storage.records import (
     StepSource,
 )
 from storage.sampling import EpisodeArrays, ReplayIndex, TransitionBatch
-from storage.store import (
-    EpisodeConflictError,
-    EvaluationSummary,
-    ExperienceStore,
-    NotFoundError,
-    SchemaNotReadyError,
-    StoreError,
-    UnknownPolicyVersionError,
-)
+from storage.store import ExperienceStore
 
 __all__ = [
     "EpisodeArrays",
     "EpisodeConflictError",
     "EpisodeLabels",
+    "EpisodeQuery",
     "EpisodeRecord",
     "EpisodeSummary",
     "EpisodeValidationError",

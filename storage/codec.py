@@ -46,6 +46,14 @@ def decode_image(codec: str, data: bytes, shape: tuple[int, int, int]) -> np.nda
     return np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(shape)
 
 
+def blobs_from_vectors(array: np.ndarray) -> list[bytes]:
+    """Each row of a 2-D float32 array as little-endian bytes (one numpy call, no Python loop)."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    if data.shape[1] == 0:
+        return [b""] * data.shape[0]
+    return data.view(np.dtype((np.void, data.shape[1] * 4))).ravel().tolist()
+
+
 def vectors_from_blobs(blobs: list[bytes], length: int, dim: int) -> np.ndarray:
     """Join per-step float32 blobs back into a ``length×dim`` array (a fresh, writable copy)."""
     if length == 0:
