@@ -1,0 +1,85 @@
+"""RECAP ablations through the store: weighted BC and retraining from the prior via ``train_vla``, and a relabel
+with a state-input value model that never loads images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import experiments.recap_iteration as recap_iteration
+from envs import EnvConfig, SimulatedHumanConfig
+from experiments.collection import CollectConfig, run_collection
+from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
+from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from policies.vla import VLAInputError
+from recap import RelabelConfig
+from storage import ExperienceStore
+
+TASK = "reach-v3"
+ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
+BC = BCConfig(cameras=("corner2",), image_size=48, steps=3, batch_size=8)
+SELECTION = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
+
+
+@pytest.fixture(scope="module")
+def store_and_prior(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ablations")
+    url = f"sqlite:///{folder / 'ablations.db'}"
+    run_collection(
+        CollectConfig(env=ENV, policy="scripted", noise=0.5, episodes=3, store_url=url, run_id="demos"),
+        progress=False,
+    )
+    store = ExperienceStore(url)
+    return store, url, train_vla(store, SELECTION, BC, folder, progress=False)
+
+
+def test_weighted_retraining_starts_from_the_prior(store_and_prior, tmp_path):
+    store, _, prior = store_and_prior
+    episodes = load_training_episodes(store, SELECTION, images=False)
+    assert all(not episode.images for episode in episodes)
+    weights = {e.uuid: (np.arange(e.length) < e.length // 2).astype(np.float32) for e in episodes}
+    frozen = BC.model_copy(update={"learning_rate": 1e-12, "steps": 1})
+    retrained = train_vla(
+        store, SELECTION, frozen, tmp_path, weights=lambda e: weights[e.uuid], init_from=prior.checkpoint,
+        parent_version=prior.version, progress=False,
+    )  # fmt: skip
+    for a, b in zip(prior.policy.model.parameters(), retrained.policy.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # a ~zero learning rate keeps the prior's weights
+    np.testing.assert_array_equal(prior.policy.norm_stats.state.mean, retrained.policy.norm_stats.state.mean)
+    parents = {row["version"]: row["parent"] for row in store.policy_versions()}
+    assert parents[retrained.version] == prior.version
+
+
+def test_bad_weights_and_mismatched_prior_fail_with_one_line(store_and_prior, tmp_path):
+    store, _, prior = store_and_prior
+    with pytest.raises(VLAInputError, match="every weight is 0"):
+        train_vla(store, SELECTION, BC, tmp_path, weights=lambda e: np.zeros(e.length), progress=False)
+    with pytest.raises(VLAInputError, match=r"weights.shape: expected"):
+        train_vla(store, SELECTION, BC, tmp_path, weights=lambda e: np.ones(e.length + 1), progress=False)
+    bigger = BC.model_copy(update={"image_size": 64})
+    with pytest.raises(ValueError, match=r"init_from .* image_size"):
+        train_vla(store, SELECTION, bigger, tmp_path, init_from=prior.checkpoint, progress=False)
+
+
+class _Relabeled(Exception):
+    """Stops the iteration once the relabel stage has been reached."""
+
+
+def test_state_value_relabel_loads_no_images(store_and_prior, tmp_path, monkeypatch):
+    _, url, prior = store_and_prior
+    seen: list[bool] = []
+
+    def spy(episodes, config):
+        seen.extend(bool(episode.images) for episode in episodes)
+        raise _Relabeled
+
+    monkeypatch.setattr(recap_iteration, "relabel", spy)
+    config = RecapIterationConfig(
+        task=TASK, policy=str(prior.checkpoint), store_url=url, env=ENV, collect_episodes=1,
+        human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=5), relabel=RelabelConfig(),
+        bc=BC, eval_episodes=0,
+    )  # fmt: skip
+    with pytest.raises(_Relabeled):
+        run_recap_iteration(config, tmp_path, progress=False)
+    assert len(seen) == 4 and not any(seen)  # 3 demos + 1 rollout, none with images
