@@ -319,17 +319,24 @@ class Pipeline:
         if is_rlt_checkpoint(folder):
             return output | {"metrics": {}}
         task, seed = self.config.tasks[0], self.config.seed + 1000 * state.iteration
-        settings = self.config.rlt
+        settings, images = self.config.rlt, not self._scripted(prior)
+        collected = [
+            summary.uuid
+            for run in state.outputs.get("collect", {}).get("runs", {}).values()
+            for summary in self.store.list_episodes(run_id=run)
+            if summary.outcome != Outcome.ERROR
+        ]
         result = run_rlt(
             self.store,
             self._prior_spec(prior, seed),
             lambda spec: self._load(spec, task, seed),
-            self.config.env.env(task, seed, render=settings.record_images or not self._scripted(prior)),
+            self.config.env.env(task, seed, render=settings.record_images or images),
             settings,
             version=version,
             run_id=self.rlt_run(state.iteration),
             folder=folder,
             seed=seed,
+            records=(self.store.load_episode(episode, images=images) for episode in collected),
         )
         for point in result.curve:
             self.tracker.log_metrics(run_id, {"rl_eval_success_rate": point.success_rate}, point.env_steps)
@@ -347,6 +354,7 @@ class Pipeline:
         metrics = {
             "rl_env_steps": float(result.episode_stats[-1]["env_steps"] if result.episode_stats else 0),
             "rl_episodes": float(len(result.episode_stats)),
+            "rl_warmup_stored_episodes": float(len(collected)),
         }
         if result.curve:
             metrics["rl_final_eval_success_rate"] = result.curve[-1].success_rate

@@ -19,12 +19,6 @@ from experiments.training import BCConfig
 from experiments.validation import first_error
 from recap import RelabelConfig
 
-HANDOFF_PAIRS: dict[str, tuple[list[int], list[int]]] = {
-    "hand-object": ([0, 1, 2], [4, 5, 6]),
-    "object-goal": ([4, 5, 6], [36, 37, 38]),
-}
-"""Indices into Meta-World's 39-D privileged state whose distance triggers the RLT hand-off."""
-
 
 class PipelineConfigError(ValueError):
     """A pipeline config file is missing, unreadable or invalid (the message names the field)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from envs import EnvConfig, make_env
-from experiments.pipeline_config import HANDOFF_PAIRS, RLTSettings
+from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
 from policies.scripted import ScriptedPolicy
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
-from rlt.phase import AlwaysCritical, DistanceSwitch, PhaseSwitch
+from rlt.phase import METAWORLD_PAIRS, AlwaysCritical, DistanceSwitch, PhaseSwitch
 from rlt.rl_token import RLToken
 from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder, token_config_for
 from rlt.td3 import ChunkedTD3, LearnerConfig
@@ -77,7 +77,7 @@ def handoff_switch(settings: RLTSettings) -> PhaseSwitch:
     """The phase switch the settings name."""
     if settings.handoff == "always":
         return AlwaysCritical()
-    return DistanceSwitch(*HANDOFF_PAIRS[settings.handoff], settings.handoff_distance)
+    return DistanceSwitch(*METAWORLD_PAIRS[settings.handoff], settings.handoff_distance)
 
 
 def run_rlt(
@@ -91,9 +91,12 @@ def run_rlt(
     run_id: str,
     folder: Path,
     seed: int,
+    records: Iterable[EpisodeRecord] = (),
 ) -> RLTResult:
     """Run online RLT around ``prior`` on ``env``; store every episode under ``run_id``; save to ``folder``.
 
+    ``records`` (stored episodes of the task, e.g. this iteration's collection with its interventions) join
+    the warm-up: they help fit the RL token and seed the replay buffer.
     ``version`` is registered (kind ``rlt``, parent = the prior) before the first episode, because the
     episodes' steps name it. Episode ids are derived from ``run_id`` and the episode's index, so a rerun after
     a kill writes the same ids again (idempotent) instead of adding episodes.
@@ -131,7 +134,7 @@ def run_rlt(
         learner_config(settings, seed),
         on_episode=_writer(store, run_id),
     )
-    curve = loop.run()
+    curve = loop.run(records)
     environment.close()
     folder.mkdir(parents=True, exist_ok=True)
     loop.token.save(folder / TOKEN)

@@ -90,6 +90,11 @@ def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
         recap, rlt = state.outputs["train"]["version"], state.outputs["rlt"]["version"]
         assert versions[recap]["kind"] == "vla" and versions[recap]["parent"] == pipeline.prior_version()
         assert versions[rlt]["kind"] == RLT_KIND and versions[rlt]["parent"] == recap
+        # the collected episodes (with their interventions) joined RLT's warm-up
+        assert (
+            state.outputs["rlt"]["metrics"]["rl_warmup_stored_episodes"]
+            == settings.collection.episodes_per_task
+        )
         rlt_run = pipeline.rlt_run(1)
         count = store.count_episodes(run_id=rlt_run)
         assert count == _expected_rlt_episodes(pipeline, 1) > settings.rlt.warmup_episodes
