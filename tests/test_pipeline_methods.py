@@ -118,44 +118,9 @@ def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
         drop()
 
 
-@pytest.fixture(scope="module")
-def rlt_two_iterations(tmp_path_factory) -> Pipeline:
-    """Two ``rlt`` iterations, the second with gate 'always': RLT around the deployed RLT policy."""
-    tmp = tmp_path_factory.mktemp("rlt")
-    _iterate(tiny_config(tmp, method="rlt"))
-    always = tiny_config(tmp, method="rlt", gate={"rule": "always"})
-    _iterate(always)
-    return Pipeline(load_pipeline_config(always), progress=False)
-
-
-def test_rlt_iterations_record_episodes_versions_and_curves(rlt_two_iterations):
-    pipeline = rlt_two_iterations
-    store = pipeline.store
-    first, second = pipeline.iterations()
-    assert tuple(first.outputs) == tuple(second.outputs) == stages_for("rlt")
-    prior = pipeline.prior_version()
-    one, two = first.outputs["rlt"]["version"], second.outputs["rlt"]["version"]
-    versions = {row["version"]: row for row in store.policy_versions()}
-    assert versions[one]["kind"] == versions[two]["kind"] == RLT_KIND
-    assert versions[one]["parent"] == prior == first.outputs["rlt"]["prior"]
-    # iteration 2 runs RLT around what iteration 1 deployed
-    deployed_after_first = first.outputs["deploy"]["deployed"]
-    assert second.outputs["rlt"]["prior"] == deployed_after_first == versions[two]["parent"]
-    assert store.count_episodes() == sum(store.count_episodes(run_id=pipeline.rlt_run(i)) for i in (1, 2))
-    for iteration in (1, 2):
-        _assert_rl_curve_in_mlflow(pipeline, iteration)
-        assert store.count_episodes(run_id=pipeline.rlt_run(iteration)) == _expected_rlt_episodes(
-            pipeline, iteration
-        )
-    assert second.outputs["gate"]["promote"] and pipeline.deployed_version() == two
-    deployed = pipeline._load(two, pipeline.config.tasks[0])
-    assert isinstance(deployed, RLTDeployedPolicy)
-    # nested when iteration 1 promoted its RLT policy, else around the scripted prior
-    assert isinstance(deployed.prior, RLTDeployedPolicy) == (deployed_after_first == one)
-    assert pipeline.deploy_file().read_text().strip() == two
-
-
-def test_sigkill_mid_rlt_then_resume_without_duplicates(tmp_path):
+def test_rlt_resumes_after_sigkill_then_iterates_around_the_deployed_policy(tmp_path):
+    """Iteration 1 is killed in the middle of its RLT stage and rerun (no duplicates); iteration 2 (gate
+    'always') runs RLT around what iteration 1 deployed and deploys it."""
     config = tiny_config(tmp_path, method="rlt")
     pipeline = Pipeline(load_pipeline_config(config), progress=False)
     store, rlt_run = pipeline.store, pipeline.rlt_run(1)
@@ -165,13 +130,30 @@ def test_sigkill_mid_rlt_then_resume_without_duplicates(tmp_path):
     process = _start(config)
     _, stderr = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 0, stderr.decode()[-3000:]
-    [state] = pipeline.iterations()
-    assert state.finished
+    [first] = pipeline.iterations()
+    assert first.finished and tuple(first.outputs) == stages_for("rlt")
     count = store.count_episodes()
     assert count == store.count_episodes(run_id=rlt_run) == _expected_rlt_episodes(pipeline, 1)
     assert {s.uuid for s in store.list_episodes(run_id=rlt_run)} == _rlt_episode_ids(pipeline, 1, count)
-    assert [r["version"] for r in store.policy_versions() if r["kind"] == RLT_KIND] == [
-        state.outputs["rlt"]["version"]
-    ]
+    one = first.outputs["rlt"]["version"]
+    assert [r["version"] for r in store.policy_versions() if r["kind"] == RLT_KIND] == [one]
     client = MlflowClient(pipeline.config.mlflow_uri, registry_uri=pipeline.config.mlflow_uri)
     assert len(client.search_model_versions(f"name = '{pipeline.tracker.model_name}'")) == 1
+    _assert_rl_curve_in_mlflow(pipeline, 1)
+
+    _iterate(tiny_config(tmp_path, method="rlt", gate={"rule": "always"}))
+    first, second = pipeline.iterations()
+    two, deployed_after_first = second.outputs["rlt"]["version"], first.outputs["deploy"]["deployed"]
+    versions = {row["version"]: row for row in store.policy_versions()}
+    assert versions[one]["parent"] == pipeline.prior_version() == first.outputs["rlt"]["prior"]
+    assert versions[two]["kind"] == RLT_KIND
+    assert second.outputs["rlt"]["prior"] == deployed_after_first == versions[two]["parent"]
+    assert store.count_episodes(run_id=pipeline.rlt_run(2)) == _expected_rlt_episodes(pipeline, 2)
+    assert store.count_episodes() == count + _expected_rlt_episodes(pipeline, 2)
+    _assert_rl_curve_in_mlflow(pipeline, 2)
+    assert second.outputs["gate"]["promote"] and pipeline.deployed_version() == two
+    assert pipeline.deploy_file().read_text().strip() == two
+    deployed = pipeline._load(two, pipeline.config.tasks[0])
+    assert isinstance(deployed, RLTDeployedPolicy)
+    # nested when iteration 1 promoted its RLT policy, else around the scripted prior
+    assert isinstance(deployed.prior, RLTDeployedPolicy) == (deployed_after_first == one)
