@@ -56,35 +56,34 @@ class Database:
         """Insert rows (keyed by column name), skipping those whose ``keys`` already exist."""
         connection.execute(self.insert(model).on_conflict_do_nothing(index_elements=keys), rows)
 
-    def bulk_insert(self, connection: sa.Connection, model: type[Base], rows: list[tuple[Any, ...]]) -> None:
+    def bulk_insert(
+        self,
+        connection: sa.Connection,
+        model: type[Base],
+        rows: list[tuple[Any, ...]],
+        skip_existing: bool = False,
+    ) -> None:
         """Insert tuples in column order straight through the driver, inside the connection's transaction.
 
         ``COPY`` on PostgreSQL, ``executemany`` on SQLite: per-row SQLAlchemy parameter processing would cost
-        more than the insert itself.
+        more than the insert itself. With ``skip_existing`` rows whose key is already stored are skipped
+        (``executemany`` of ``INSERT … ON CONFLICT DO NOTHING`` / ``INSERT OR IGNORE`` on both backends).
         """
         table = model.__table__
         columns = ", ".join(table.c.keys())
-        if self.dialect == "postgresql":
+        if self.dialect == "postgresql" and not skip_existing:
             cursor = connection.connection.driver_connection.cursor()
             with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
             return
-        marks = ", ".join("?" * len(table.c))
-        connection.exec_driver_sql(f"INSERT INTO {table.name} ({columns}) VALUES ({marks})", rows)
-
-    def insert_or_ignore_rows(
-        self, connection: sa.Connection, model: type[Base], rows: list[tuple[Any, ...]]
-    ) -> None:
-        """Insert tuples in column order through the driver, skipping rows whose key already exists."""
-        table = model.__table__
-        columns = ", ".join(table.c.keys())
         if self.dialect == "postgresql":
             marks = ", ".join(["%s"] * len(table.c))
             sql = f"INSERT INTO {table.name} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING"
         else:
             marks = ", ".join("?" * len(table.c))
-            sql = f"INSERT OR IGNORE INTO {table.name} ({columns}) VALUES ({marks})"
+            verb = "INSERT OR IGNORE" if skip_existing else "INSERT"
+            sql = f"{verb} INTO {table.name} ({columns}) VALUES ({marks})"
         connection.exec_driver_sql(sql, rows)
 
     def raw_rows(self, connection: sa.Connection, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -57,7 +57,7 @@ class FrameStore:
     def write(self, connection: sa.Connection, episode_id: int, frames: PreparedFrames) -> None:
         """Inside the episode's transaction: new frames (insert-or-ignore) and the step → frame refs."""
         if frames.new_rows:
-            self._db.insert_or_ignore_rows(connection, Image, frames.new_rows)
+            self._db.bulk_insert(connection, Image, frames.new_rows, skip_existing=True)
         refs = [
             (episode_id, t, camera, digest)
             for camera, hashes in frames.hashes.items()

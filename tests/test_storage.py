@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from storage import (
     EpisodeConflictError,
     EpisodeLabels,
+    EpisodeQuery,
     EpisodeValidationError,
     ExperienceStore,
     InterventionSegment,
@@ -281,8 +282,28 @@ def test_sampling_picks_up_new_episodes_filters_and_fetches_images(store: Experi
         assert np.array_equal(batch.images["corner"][i], record.images["corner"][t])
         next_t = t + 2 if batch.has_next[i] else t
         assert np.array_equal(batch.next_images["corner"][i], record.images["corner"][next_t])
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="task='no-such-task'"):
         store.sample_transitions(4, rng, task="no-such-task")
+    store.write_episode(make_episode(rng, 5, task="reach-v3", outcome=Outcome.FAILURE))
+    failures = store.replay(task="reach-v3", outcome="failure")
+    assert failures.size == 5
+    assert (
+        store.replay(task="reach-v3", outcome=Outcome.FAILURE, refresh=False) is failures
+    )  # one cache entry
+
+
+def test_episode_query_normalizes_outcome_and_names_its_filters() -> None:
+    query = EpisodeQuery(task="reach-v3", outcome="success")
+    assert query.outcome is Outcome.SUCCESS
+    assert query == EpisodeQuery("reach-v3", Outcome.SUCCESS) and hash(query) == hash(
+        EpisodeQuery("reach-v3", "success")
+    )
+    assert str(query) == "episodes with task='reach-v3', outcome='success'"
+    assert str(EpisodeQuery()) == "all episodes"
+    with pytest.raises(
+        EpisodeValidationError, match="outcome: expected one of success/failure/truncated/error"
+    ):
+        EpisodeQuery(outcome="won")
 
 
 def test_relabels_are_versioned_and_never_overwrite(store: ExperienceStore) -> None:
