@@ -127,6 +127,7 @@ class ExperienceStore:
 
     def list_runs(self, prefix: str | None = None) -> list[dict[str, Any]]:
         """Recorded runs (id, name, config, created_at), oldest first; ``prefix`` filters on the id."""
+        self._schema.require()
         return self._runs.runs(prefix)
 
     # ---- episodes ----

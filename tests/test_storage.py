@@ -19,6 +19,7 @@ from storage import (
     NotFoundError,
     Outcome,
     RelabelRecord,
+    SchemaNotReadyError,
     StoreError,
     UnknownPolicyVersionError,
 )
@@ -40,6 +41,14 @@ def test_upgrade_from_empty_creates_every_table_at_head(store_url: str) -> None:
     expected |= {"interventions", "relabels", "relabel_values", "evaluations", "alembic_version"}
     assert expected <= tables
     assert experience.stats()["episodes"] == 0
+    experience.close()
+
+
+@pytest.mark.parametrize("read", ["list_runs", "policy_versions", "list_episodes", "stats"])
+def test_reads_on_a_store_without_schema_name_the_upgrade_command(store_url: str, read: str) -> None:
+    experience = ExperienceStore(store_url)
+    with pytest.raises(SchemaNotReadyError, match="flywheel db upgrade"):
+        getattr(experience, read)()
     experience.close()
 
 
