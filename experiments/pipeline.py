@@ -1,11 +1,14 @@
 """The improvement pipeline: collect → relabel (train value) → train policy → evaluate → gate → register →
 deploy, one iteration at a time, every stage recorded in the experience store and tracked in MLflow.
+``method: rlt`` replaces collect/relabel/train with an online RLT stage around the deployed policy; ``both``
+runs RLT around the RECAP candidate after RECAP's train stage (``stages_for``).
 
 Resumability: a finished stage writes a stage record (a row of the store's ``runs`` table with id
 ``pipeline:<name>/iter-NNNN/<stage>`` and the stage's outputs as its config). A rerun skips finished stages and
 redoes the interrupted one, which is itself idempotent: collection tops its run up to the target; a relabel,
 a trained checkpoint or an evaluation that was written just before a kill is found again (by the stage id in
-the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone.
+the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone; an
+interrupted RLT stage is rerun from its start, its episodes landing on the same derived ids (no duplicates).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
 from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig
-from experiments.pipeline_rlt import RLT_KIND, PriorSpec, is_rlt_checkpoint, load_rlt_policy, run_rlt
+from experiments.pipeline_rlt import (
+    RLT_KIND,
+    PriorSpec,
+    RLTResult,
+    is_rlt_checkpoint,
+    load_rlt_policy,
+    load_rlt_result,
+    run_rlt,
+)
 from experiments.policy_loader import load_policy
 from experiments.tracking import PipelineTracker
 from experiments.training import EpisodeFilter, load_training_episodes, train_vla
@@ -316,41 +327,30 @@ class Pipeline:
             "prior": prior,
             "deployed": deployed,
         }
-        if is_rlt_checkpoint(folder):
-            return output | {"metrics": {}}
         task, seed = self.config.tasks[0], self.config.seed + 1000 * state.iteration
-        settings, images = self.config.rlt, not self._scripted(prior)
         collected = [
             summary.uuid
             for run in state.outputs.get("collect", {}).get("runs", {}).values()
             for summary in self.store.list_episodes(run_id=run)
             if summary.outcome != Outcome.ERROR
         ]
-        result = run_rlt(
-            self.store,
-            self._prior_spec(prior, seed),
-            lambda spec: self._load(spec, task, seed),
-            self.config.env.env(task, seed, render=settings.record_images or images),
-            settings,
-            version=version,
-            run_id=self.rlt_run(state.iteration),
-            folder=folder,
-            seed=seed,
-            records=(self.store.load_episode(episode, images=images) for episode in collected),
-        )
-        for point in result.curve:
-            self.tracker.log_metrics(run_id, {"rl_eval_success_rate": point.success_rate}, point.env_steps)
-        for stats in result.episode_stats:
-            if stats["mode"] != "eval":  # eval episodes are summarised by the curve
-                self.tracker.log_metrics(
-                    run_id,
-                    {
-                        "rl_train_success": float(stats["success"]),
-                        "rl_train_episode_length": float(stats["length"]),
-                        **{f"rl_{key}": value for key, value in stats["losses"].items()},
-                    },
-                    stats["env_steps"],
-                )
+        if is_rlt_checkpoint(folder):
+            result = load_rlt_result(folder, version)
+        else:
+            settings, images = self.config.rlt, not self._scripted(prior)
+            result = run_rlt(
+                self.store,
+                self._prior_spec(prior, seed),
+                lambda spec: self._load(spec, task, seed),
+                self.config.env.env(task, seed, render=settings.record_images or images),
+                settings,
+                version=version,
+                run_id=self.rlt_run(state.iteration),
+                folder=folder,
+                seed=seed,
+                records=(self.store.load_episode(episode, images=images) for episode in collected),
+            )
+        self._log_rl_history(run_id, result)
         metrics = {
             "rl_env_steps": float(result.episode_stats[-1]["env_steps"] if result.episode_stats else 0),
             "rl_episodes": float(len(result.episode_stats)),
@@ -361,6 +361,19 @@ class Pipeline:
         self.tracker.log_metrics(run_id, metrics, state.iteration)
         curve = [[point.env_steps, point.success_rate] for point in result.curve]
         return output | {"metrics": metrics, "curve": curve}
+
+    def _log_rl_history(self, run_id: str, result: RLTResult) -> None:
+        """The RL curve (eval success per eval point) and per-episode training figures, at their env step."""
+        for point in result.curve:
+            self.tracker.log_metrics(run_id, {"rl_eval_success_rate": point.success_rate}, point.env_steps)
+        for stats in result.episode_stats:
+            if stats["mode"] != "eval":  # eval episodes are summarised by the curve
+                figures = {
+                    "rl_train_success": float(stats["success"]),
+                    "rl_train_episode_length": float(stats["length"]),
+                    **{f"rl_{key}": value for key, value in stats["losses"].items()},
+                }
+                self.tracker.log_metrics(run_id, figures, stats["env_steps"])
 
     def rlt_run(self, iteration: int) -> str:
         """The store run holding the episodes of ``iteration``'s RLT stage."""

@@ -33,6 +33,7 @@ from storage import EpisodeRecord, ExperienceStore
 
 RLT_KIND = "rlt"
 MANIFEST, TOKEN, LEARNER = "rlt.json", "token.safetensors", "learner.safetensors"
+HISTORY = "history.json"
 PRIVILEGED_DIM = 39
 SCRIPTED_EMBEDDING = {"num_tokens": 8, "embed_dim": 32}
 
@@ -139,11 +140,21 @@ def run_rlt(
     folder.mkdir(parents=True, exist_ok=True)
     loop.token.save(folder / TOKEN)
     loop.learner.save_checkpoint(folder / LEARNER)
+    stats = [dataclasses.asdict(s) for s in loop.stats]
+    history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
+    (folder / HISTORY).write_text(json.dumps(history, default=lambda value: value.item()))
     temporary = folder / f"{MANIFEST}.tmp"  # written last and atomically: its presence marks a finished stage
     temporary.write_text(json.dumps(manifest, indent=1))
     temporary.replace(folder / MANIFEST)
-    stats = [dataclasses.asdict(s) for s in loop.stats]
     return RLTResult(version, folder, curve, stats)
+
+
+def load_rlt_result(folder: Path, version: str) -> RLTResult:
+    """The result of a finished RLT stage, read back from its folder (a rerun after a kill that came after
+    the save logs the same curve instead of training again)."""
+    history = json.loads((folder / HISTORY).read_text())
+    curve = [EvalPoint(**point) for point in history["curve"]]
+    return RLTResult(version, folder, curve, history["episodes"])
 
 
 def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
@@ -185,7 +196,7 @@ def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], No
 
 def is_rlt_checkpoint(folder: Path) -> bool:
     """True if ``folder`` holds a finished RLT stage's files."""
-    return all((folder / name).is_file() for name in (MANIFEST, TOKEN, LEARNER))
+    return all((folder / name).is_file() for name in (MANIFEST, TOKEN, LEARNER, HISTORY))
 
 
 def load_rlt_policy(

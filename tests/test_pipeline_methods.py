@@ -18,7 +18,7 @@ from experiments.pipeline import STAGE_RECORD, Pipeline, stages_for
 from experiments.pipeline_config import PipelineConfigError, load_pipeline_config, parse_pipeline_config
 from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy
 from storage.engine import create_scratch_database
-from tests.test_pipeline import tiny_config
+from tests.test_pipeline import REPO, tiny_config
 from tests.test_pipeline_resume import TIMEOUT, _finished, _kill_when, _start
 
 
@@ -64,6 +64,7 @@ def test_method_config_errors():
         parse_pipeline_config({"name": "x", "tasks": ["reach-v3", "push-v3"], "method": "rlt"})
     with pytest.raises(PipelineConfigError, match=r"rlt\.handoff: Input should be"):
         parse_pipeline_config({"name": "x", "tasks": ["reach-v3"], "method": "rlt", "rlt": {"handoff": "x"}})
+    assert load_pipeline_config(REPO / "configs" / "peg-rlt.yaml").rlt.handoff == "hand-object"
     assert stages_for("rlt") == ("rlt", "evaluate", "gate", "register", "deploy", "report")
     assert stages_for("both")[:4] == ("collect", "relabel", "train", "rlt")
 
