@@ -32,6 +32,7 @@ from experiments.pipeline_config import (
     parse_pipeline_config,
 )
 from experiments.schedule import ScheduleError, parse_interval
+from recap import POSITIVE_PROMPT
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -127,6 +128,9 @@ def test_store_records_every_stage_without_duplicates(two_iterations):
         candidate = versions[state.outputs["train"]["version"]]
         assert candidate["kind"] == "vla" and candidate["parent"] == prior
         assert Path(candidate["uri"]).is_dir()
+        # the checkpoint carries its RECAP inference conditions; loading applies them once, from inference.json
+        loaded = pipeline._load(candidate["version"], config.tasks[0])
+        assert (loaded.conditions, loaded.cfg_beta) == (POSITIVE_PROMPT, config.cfg_beta)
         evaluations = store.list_evaluations(policy_version=candidate["version"])
         assert [e.n for e in evaluations] == [config.evaluation.episodes]
     # the deployed prior is evaluated once and reused by iteration 2
