@@ -36,12 +36,12 @@ def decide(candidate: tuple[int, int], deployed: tuple[int, int], settings: Gate
         promote, why = True, "gate rule 'always'"
     elif settings.rule == "point":
         promote = cand_rate >= floor
-        why = f"success {cand_rate:.2f} {'≥' if promote else '<'} deployed {dep_rate:.2f} − margin {settings.margin}"
+        why = f"success {cand_rate:.3f} {'≥' if promote else '<'} deployed {dep_rate:.3f} − margin {settings.margin}"
     else:
         promote = cand_ci[1] >= floor
         why = (
-            f"upper {settings.confidence:.0%} bound {cand_ci[1]:.2f} {'≥' if promote else '<'} "
-            f"deployed {dep_rate:.2f} − margin {settings.margin}"
+            f"upper {settings.confidence:.0%} bound {cand_ci[1]:.3f} {'≥' if promote else '<'} "
+            f"deployed {dep_rate:.3f} − margin {settings.margin}"
         )
     verdict = "promoted" if promote else "rejected: worse than deployed"
     return GateDecision(promote, f"{verdict} ({why}; {figures})", cand_rate, cand_ci, dep_rate, dep_ci)
