@@ -28,7 +28,7 @@ from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
 from experiments.pipeline_artifacts import write_iteration_artifacts
-from experiments.pipeline_config import PipelineConfig
+from experiments.pipeline_config import PipelineConfig, PipelineConfigError
 from experiments.pipeline_rlt import (
     RLT_KIND,
     PriorSpec,
@@ -191,7 +191,7 @@ class Pipeline:
         deployed = self.deployed_version()
         spec, noise = self._spec_of(deployed)
         if self.config.collection.workers and self._kind(deployed) == RLT_KIND:
-            raise ValueError(
+            raise PipelineConfigError(
                 f"collection.workers: the deployed RLT policy {deployed!r} is collected in-process only; set 0"
             )
         runs, metrics = {}, {}
