@@ -1,8 +1,9 @@
 """The pipeline's RLT stage: online RLT (``rlt.online.OnlineRLT``) around a prior, saved as its own policy kind.
 
 An RLT result is not a VLA checkpoint: it is the frozen prior plus an RL token and a chunked actor that take
-over in the critical phase. It is saved as a folder (``rlt.json`` + ``token.safetensors`` +
-``learner.safetensors``) and registered in the store as kind ``rlt`` with the prior as its parent;
+over in the critical phase. It is saved as an ``rlt.checkpoint`` directory (written atomically; its manifest
+holds the prior, the settings and the RL history) and registered in the store as kind ``rlt`` with the prior
+as its parent;
 ``load_rlt_policy`` rebuilds it as a ``Policy`` (``RLTDeployedPolicy``) for evaluation, collection and the next
 iteration.
 """
@@ -24,6 +25,7 @@ from envs import EnvConfig, make_env
 from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
 from policies.scripted import ScriptedPolicy
+from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, AlwaysCritical, DistanceSwitch, PhaseSwitch
 from rlt.rl_token import RLToken
@@ -32,8 +34,6 @@ from rlt.td3 import ChunkedTD3, LearnerConfig
 from storage import EpisodeRecord, ExperienceStore
 
 RLT_KIND = "rlt"
-MANIFEST, TOKEN, LEARNER = "rlt.json", "token.safetensors", "learner.safetensors"
-HISTORY = "history.json"
 PRIVILEGED_DIM = 39
 SCRIPTED_EMBEDDING = {"num_tokens": 8, "embed_dim": 32}
 
@@ -100,7 +100,8 @@ def run_rlt(
     the warm-up: they help fit the RL token and seed the replay buffer.
     ``version`` is registered (kind ``rlt``, parent = the prior) before the first episode, because the
     episodes' steps name it. Episode ids are derived from ``run_id`` and the episode's index, so a rerun after
-    a kill writes the same ids again (idempotent) instead of adding episodes.
+    a kill skips the ids the killed attempt stored instead of adding episodes. The checkpoint
+    (``rlt.checkpoint.save_rlt_checkpoint``, renamed into place when complete) marks a finished stage.
     """
     torch.manual_seed(seed)
     policy = prior.load(env.task, settings.chunk_size, load_version)
@@ -137,22 +138,17 @@ def run_rlt(
     )
     curve = loop.run(records)
     environment.close()
-    folder.mkdir(parents=True, exist_ok=True)
-    loop.token.save(folder / TOKEN)
-    loop.learner.save_checkpoint(folder / LEARNER)
     stats = [dataclasses.asdict(s) for s in loop.stats]
     history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
-    (folder / HISTORY).write_text(json.dumps(history, default=lambda value: value.item()))
-    temporary = folder / f"{MANIFEST}.tmp"  # written last and atomically: its presence marks a finished stage
-    temporary.write_text(json.dumps(manifest, indent=1))
-    temporary.replace(folder / MANIFEST)
+    history = json.loads(json.dumps(history, default=lambda value: value.item()))
+    save_rlt_checkpoint(folder, loop.learner, loop.token, manifest | {"history": history})
     return RLTResult(version, folder, curve, stats)
 
 
 def load_rlt_result(folder: Path, version: str) -> RLTResult:
     """The result of a finished RLT stage, read back from its folder (a rerun after a kill that came after
     the save logs the same curve instead of training again)."""
-    history = json.loads((folder / HISTORY).read_text())
+    history = json.loads((folder / MANIFEST_FILE).read_text())["history"]
     curve = [EvalPoint(**point) for point in history["curve"]]
     return RLTResult(version, folder, curve, history["episodes"])
 
@@ -195,20 +191,18 @@ def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], No
 
 
 def is_rlt_checkpoint(folder: Path) -> bool:
-    """True if ``folder`` holds a finished RLT stage's files."""
-    return all((folder / name).is_file() for name in (MANIFEST, TOKEN, LEARNER, HISTORY))
+    """True if ``folder`` holds a finished RLT stage's checkpoint (it is renamed into place when complete)."""
+    return (folder / MANIFEST_FILE).is_file()
 
 
 def load_rlt_policy(
     folder: Path, version: str, task: str, load_version: Callable[[str], Policy]
 ) -> RLTDeployedPolicy:
     """Rebuild a saved RLT policy; its prior is loaded with ``load_version`` or rebuilt as a scripted expert."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    settings = RLTSettings.model_validate(manifest["settings"])
-    prior = PriorSpec(**manifest["prior"]).load(task, settings.chunk_size, load_version)
-    token = RLToken.load(folder / TOKEN)
-    learner = ChunkedTD3.load_checkpoint(folder / LEARNER)
-    return RLTDeployedPolicy(prior, token, learner, handoff_switch(settings), version)
+    checkpoint = load_rlt_checkpoint(folder)
+    settings = RLTSettings.model_validate(checkpoint.manifest["settings"])
+    prior = PriorSpec(**checkpoint.manifest["prior"]).load(task, settings.chunk_size, load_version)
+    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, handoff_switch(settings), version)
 
 
 class RLTDeployedPolicy:
