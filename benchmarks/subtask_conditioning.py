@@ -41,7 +41,7 @@ from experiments.context import SubtaskTrainConfig, phase_outcomes, subtask_prom
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
 from policies.base import ActionChunk, ObservationBatch, Policy
-from policies.hierarchical import SubtaskModel
+from policies.hierarchical import SubtaskModel, previous_subtasks
 from storage import ExperienceStore
 
 
@@ -163,7 +163,8 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
 
 
 def demo_accuracy(model: SubtaskModel, records: list) -> float:
-    """Fraction of the training demos' steps whose stored subtask the high level names (in-distribution)."""
+    """Fraction of the training demos' steps whose stored subtask the high level names (in-distribution: its
+    recent-subtask input is the demo's own previous labels)."""
     hits = total = 0
     for record in records:
         batch = {
@@ -171,7 +172,8 @@ def demo_accuracy(model: SubtaskModel, records: list) -> float:
             "state": record.states,
             "prompt": [task_prompt(record.task)] * record.length,
         }
-        hits += sum(p == s for p, s in zip(model.predict(batch), record.subtasks, strict=True))
+        named = model.predict(batch, previous_subtasks(record.subtasks, model.history))
+        hits += sum(p == s for p, s in zip(named, record.subtasks, strict=True))
         total += record.length
     return hits / max(total, 1)
 

@@ -37,7 +37,13 @@ from experiments.training import (
     load_training_episodes,
     train_vla,
 )
-from policies.hierarchical import HierarchicalPolicy, SubtaskModel, save_hierarchical, train_subtask_model
+from policies.hierarchical import (
+    HierarchicalPolicy,
+    SubtaskModel,
+    previous_subtasks,
+    save_hierarchical,
+    train_subtask_model,
+)
 from storage import EpisodeRecord, ExperienceStore
 
 DESIRED_METADATA = "quality: high, speed: fast, mistakes: none"
@@ -174,6 +180,10 @@ class SubtaskTrainConfig(BaseModel):
     steps: int = Field(default=500, ge=1)
     batch_size: int = Field(default=64, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
+    history: int = Field(default=1, ge=0)  # recent subtasks the high level sees (the demo's previous labels)
+    history_noise: float = Field(
+        default=0.3, ge=0, le=1
+    )  # chance each is replaced by a random one in training
 
 
 @dataclass
@@ -251,20 +261,25 @@ def _train_high_level(
     if missing:
         raise ValueError(f"images: camera {camera!r} is not stored for episode {missing[0]}")
     rows = [
-        (record.images[camera][t], record.states[t], task_prompt(record.task), label)
+        (record.images[camera][t], record.states[t], task_prompt(record.task), label, recent)
         for record in records
-        for t, label in enumerate(labels[record.uuid])
+        for t, (label, recent) in enumerate(
+            zip(labels[record.uuid], previous_subtasks(labels[record.uuid], config.history), strict=True)
+        )
         if label is not None
     ]
     if not rows:
         raise ValueError("subtasks: the selected episodes have no labelled steps")
-    images, states, prompts, names = zip(*rows, strict=True)
+    images, states, prompts, names, previous = zip(*rows, strict=True)
     return train_subtask_model(
         np.stack(images),
         np.stack(states),
         list(prompts),
         list(names),
         camera=camera,
+        previous=list(previous),
+        history=config.history,
+        history_noise=config.history_noise,
         steps=config.steps,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,

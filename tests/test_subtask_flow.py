@@ -20,7 +20,7 @@ from experiments.context import (
 )
 from experiments.policy_loader import load_policy
 from experiments.training import BCConfig, EpisodeFilter
-from policies.hierarchical import HierarchicalPolicy
+from policies.hierarchical import HierarchicalPolicy, load_hierarchical
 from storage import ExperienceStore, Outcome, StepSource
 
 TASK = "pick-place-v3"
@@ -93,8 +93,9 @@ def test_hierarchical_rollouts_record_both_levels_with_provenance_and_retrain(de
     config = BCConfig(image_size=48, steps=3, batch_size=4)
     selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
     trained = train_hierarchical(
-        store, selection, config, root, subtask=SubtaskTrainConfig(steps=3), progress=False
+        store, selection, config, root, subtask=SubtaskTrainConfig(steps=3, history=2), progress=False
     )
+    assert load_hierarchical(trained.checkpoint).high_level.history == 2
     assert {"version": trained.version, "kind": "hierarchical"}.items() <= {
         k: v for row in store.policy_versions() if row["version"] == trained.version for k, v in row.items()
     }.items()
