@@ -223,7 +223,7 @@ def run_sac(config: BenchmarkConfig, seed: int) -> Curve:
 
 
 def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
-    """Per arm: eval steps, mean success over seeds and the 95% t-interval half-width."""
+    """Per arm: eval steps (mean over seeds: RLT's include its warm-up), mean success, 95% t-interval half-width."""
     summary = {}
     for arm in sorted({curve.arm for curve in curves}):
         runs = [curve for curve in curves if curve.arm == arm]
@@ -235,7 +235,7 @@ def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
             else np.full(length, np.nan)
         )
         summary[arm] = {
-            "steps": runs[0].steps[:length],
+            "steps": np.mean([curve.steps[:length] for curve in runs], axis=0).round().astype(int).tolist(),
             "mean": values.mean(axis=0).tolist(),
             "ci95": np.asarray(half).tolist(),
         }
