@@ -160,12 +160,7 @@ class OnlineRLT:
         ``records`` (stored episodes of the task, e.g. the prior's earlier rollouts) join the warm-up: their
         embeddings help fit the token and their chunks seed the replay buffer (see ``seed_from_records``).
         """
-        for _ in range(self.config.warmup_episodes):
-            self._pending.append(self.run_episode("prior")[0])
-        self._pending.extend(self._record_chunks(records))
-        self.fit_token()
-        self.learner.update(self._add_to_replay(self._pending))
-        self._pending = []
+        self.warm_up(records)
         end = self.env_steps + self.config.total_env_steps
         next_eval = self.env_steps
         while self.env_steps < end:
@@ -177,6 +172,19 @@ class OnlineRLT:
         if self.config.eval_every_steps:
             self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
         return self.curve
+
+    def warm_up(self, records: Iterable[EpisodeRecord] = ()) -> int:
+        """``run``'s first phase: prior episodes (+ ``records``) → fit the token → seed replay and train on it.
+
+        Returns the number of transitions added to replay.
+        """
+        for _ in range(self.config.warmup_episodes):
+            self._pending.append(self.run_episode("prior")[0])
+        self._pending.extend(self._record_chunks(records))
+        self.fit_token()
+        added = self.learn(self._pending)
+        self._pending = []
+        return added
 
     def fit_token(self) -> list[float]:
         """Fit and freeze the RL token on the embeddings of the collected warm-up episodes (once)."""
@@ -200,6 +208,24 @@ class OnlineRLT:
         self.encoder = RLStateEncoder(self.token, self.proprio_dim)
         self.token_fitted = True
         return losses
+
+    def use_token(self, state: dict[str, Any]) -> None:
+        """Adopt an RL token fitted elsewhere (its ``state_dict``, e.g. from another loop), frozen."""
+        self.token.load_state_dict(state)
+        self.encoder = RLStateEncoder(self.token, self.proprio_dim)
+        self.token_fitted = True
+
+    def learn(self, episodes: list[EpisodeChunks]) -> int:
+        """Add externally collected episodes (``run_episode`` output) to replay and train on them.
+
+        Runs ``utd_ratio`` updates per new transition (once the buffer holds ``learning_starts``), as ``run``
+        does after each online episode; returns the number of transitions added.
+        """
+        if self.encoder is None:
+            raise RLTInputError("learn: the RL token must be fitted first (warm_up, fit_token or use_token)")
+        added = self._add_to_replay(episodes)
+        self.learner.update(added)
+        return added
 
     def seed_from_records(self, records: Iterable[EpisodeRecord]) -> int:
         """Add stored episodes (warm-up data, interventions) to the replay buffer; return transitions added.

@@ -190,6 +190,22 @@ class ChunkedTD3(TD3):
         """Store one chunk transition in the replay buffer (validated there)."""
         self.replay_buffer.add_chunk(transition)
 
+    @property
+    def weights_version(self) -> int:
+        """Gradient steps taken so far: names the actor weights (``metadata["actor_updates"]`` of records)."""
+        return int(self._n_updates)
+
+    def actor_weights(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the actor's weights (what acting needs; critics and targets stay here)."""
+        return {name: value.detach().clone() for name, value in self.actor.state_dict().items()}
+
+    def load_actor_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Act with ``weights`` from another learner (e.g. a remote one); ``version`` is its ``weights_version``."""
+        if version < 0:
+            raise RLTInputError(f"version: expected ≥ 0, got {version}")
+        self.actor.load_state_dict(weights)
+        self._n_updates = int(version)
+
     def update(self, new_transitions: int = 1) -> int:
         """Run ``utd_ratio × new_transitions`` critic updates once the buffer holds ``learning_starts``.
 
