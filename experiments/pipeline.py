@@ -420,9 +420,7 @@ class Pipeline:
             policy = self._load(version, task)
             env = self.config.env.env(task, protocol.seed)
             result, _ = evaluate(policy, env, protocol.episodes, seed=protocol.seed)
-            metrics = _finite(
-                result.as_metrics()
-            )  # no successes → NaN lengths, which PostgreSQL's JSON rejects
+            metrics = result.as_metrics()  # the store keeps NaN (no successes → no mean length) as null
             self.store.write_evaluation(
                 version, task, result.n, result.successes, metrics=metrics, run_id=eval_run
             )

@@ -1,10 +1,17 @@
-"""Evaluation results: successes out of n episodes of a policy version on a task."""
+"""Evaluation results: successes out of n episodes of a policy version on a task.
+
+Metrics are stored as JSON. JSON has no NaN or infinity (PostgreSQL rejects them), yet callers legitimately
+produce them (e.g. the mean length of successful episodes when there were none), so every non-finite float in
+the metrics, at any depth, is stored as null and reads back as ``None`` on every backend.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from storage.database import Database
@@ -29,6 +36,17 @@ class EvaluationSummary:
     def success_rate(self) -> float:
         """``successes / n`` (0 when n is 0)."""
         return self.successes / self.n if self.n else 0.0
+
+
+def finite_metrics(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±inf; numpy floats too) replaced by ``None``."""
+    if isinstance(data, dict):
+        return {key: finite_metrics(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_metrics(value) for value in data]
+    if isinstance(data, float | np.floating) and not math.isfinite(data):
+        return None
+    return data
 
 
 class EvaluationRepository:
@@ -57,7 +75,7 @@ class EvaluationRepository:
             "task": task,
             "n": n,
             "successes": successes,
-            "metrics": metrics or {},
+            "metrics": finite_metrics(metrics or {}),
             "run_id": run_id,
         }
         table = Evaluation.__table__

@@ -254,7 +254,10 @@ class ExperienceStore:
         metrics: dict[str, Any] | None = None,
         run_id: str | None = None,
     ) -> int:
-        """Record ``successes`` of ``n`` episodes of ``policy_version`` on ``task``; returns the row id."""
+        """Record ``successes`` of ``n`` episodes of ``policy_version`` on ``task``; returns the row id.
+
+        Non-finite metric values (NaN, ±inf, at any depth) are stored as null and read back as ``None``.
+        """
         self._schema.require()
         return self._evaluations.write(policy_version, task, n, successes, metrics, run_id)
 
