@@ -3,6 +3,12 @@
 Specs: ``scripted`` (Meta-World's expert, ``noise`` sets its quality), a checkpoint directory of the built-in
 VLA or of a hierarchical policy (``policies.hierarchical``), a policy version registered in the store
 (resolved to its checkpoint), or ``openpi:ws://host:port`` for any openpi-compatible server.
+
+An RLT checkpoint directory (``rlt.checkpoint``, written by ``flywheel rlt`` or the pipeline's RLT stage) or an
+``rlt`` version loads as its prior until the hand-off and the deterministic RLT actor after it
+(``experiments.pipeline_rlt.RLTDeployedPolicy``); its prior is loaded recursively, so nested RLT policies work.
+A scripted prior and a distance hand-off read ``privileged`` (the simulator state), so serving such a policy to
+observations without it fails with a one-line error naming ``privileged``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ def load_policy(spec: str, *, task: str, store: ExperienceStore, noise: float = 
     directory = Path(spec)
     if not directory.is_dir():
         directory = _checkpoint_of_version(spec, store)
-    return _load_checkpoint(directory, store)
+    return _load_checkpoint(directory, store, task)
 
 
 def _checkpoint_of_version(version: str, store: ExperienceStore) -> Path:
@@ -52,10 +58,13 @@ def _checkpoint_of_version(version: str, store: ExperienceStore) -> Path:
     )
 
 
-def _load_checkpoint(directory: Path, store: ExperienceStore) -> Policy:
+def _load_checkpoint(directory: Path, store: ExperienceStore, task: str) -> Policy:
+    from experiments.pipeline_rlt import is_rlt_checkpoint
     from policies.checkpoint import load_checkpoint
     from policies.hierarchical import is_hierarchical_checkpoint, load_hierarchical
 
+    if is_rlt_checkpoint(directory):
+        return load_rlt(directory, store, task)
     if is_hierarchical_checkpoint(directory):
         policy = load_hierarchical(directory)
         store.register_policy_version(policy.version, kind="hierarchical", uri=str(directory.resolve()))
@@ -63,3 +72,33 @@ def _load_checkpoint(directory: Path, store: ExperienceStore) -> Policy:
     policy = load_checkpoint(directory)
     store.register_policy_version(policy.version, kind="vla", uri=str(directory.resolve()))
     return policy
+
+
+def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -> Policy:
+    """An RLT checkpoint directory as the policy it deploys, registered in ``store`` (kind ``rlt``, parent = its
+    prior); ``task`` (default: the checkpoint's) must be the task it was trained on."""
+    from experiments.pipeline_rlt import RLT_KIND, PriorSpec, RLTDeployedPolicy
+    from rlt.checkpoint import deployment_of, load_rlt_checkpoint
+    from rlt.errors import RLTInputError
+
+    try:
+        checkpoint = load_rlt_checkpoint(directory)
+        deployment = deployment_of(checkpoint.manifest)
+        switch = deployment.switch()
+    except RLTInputError as error:
+        raise PolicySpecError(str(error)) from None
+    task = task or deployment.task
+    if deployment.task != task:
+        raise PolicySpecError(f"RLT checkpoint {directory} was trained on {deployment.task!r}, not {task!r}")
+    uri = str(directory.resolve())
+    version = next((row["version"] for row in store.policy_versions() if row["uri"] == uri), None)
+    version = version or checkpoint.manifest.get("rl_version") or directory.name
+    prior = PriorSpec(deployment.prior_version, deployment.scripted_noise, deployment.seed).load(
+        task, checkpoint.learner.config.chunk_size, lambda spec: load_policy(spec, task=task, store=store)
+    )
+    if deployment.scripted_noise is not None:
+        store.register_policy_version(
+            prior.version, kind="scripted", metadata={"noise_std": deployment.scripted_noise}
+        )
+    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=prior.version)
+    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, switch, version)

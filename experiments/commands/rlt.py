@@ -103,7 +103,9 @@ def rlt(
     directory = output or checkpoints_dir() / rl_version
     if directory.exists():
         _fail(f"--output {directory}: already exists")
-    experience.register_policy_version(rl_version, kind="rlt", uri=str(directory.resolve()))
+    experience.register_policy_version(
+        rl_version, kind="rlt", uri=str(directory.resolve()), parent=policy.version
+    )
     token = RLToken(token_config_for(policy, env.reset(seed=seed)[0], z_dim=PSEUDO_WIDTH))
     records = list(
         experience.iter_episodes(task=env_config.task, limit=stored_episodes, images=env_config.render)
@@ -125,6 +127,8 @@ def rlt(
             "task": env_config.task,
             "prior": policy.version,
             "prior_spec": prior,
+            "prior_noise": prior_noise,
+            "seed": seed,
             "rl_version": rl_version,
             "handoff": {"pair": handoff, "distance": handoff_distance},
             "env_steps": loop.env_steps,

@@ -3,8 +3,9 @@
 ``--policy`` is a VLA checkpoint directory, ``scripted:<task>`` (Meta-World's scripted expert; simulation
 only, it reads the simulator state the client sends), or a version registered in the experience store given
 with ``--store`` (its ``uri`` must be a checkpoint directory or ``scripted:<task>``); ``@FILE`` reads one of
-those from FILE. SIGHUP resolves ``--policy`` again (re-reading FILE) and hot-swaps to the result without
-dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys version v7.
+those from FILE. An RLT checkpoint directory or ``rlt`` version (its prior + the RLT actor, loaded by
+``experiments.policy_loader``) needs ``--store``. SIGHUP resolves ``--policy`` again (re-reading FILE) and
+hot-swaps to the result without dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys v7.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def resolve_policy(spec: str, store_url: str | None = None) -> Policy:
     if Path(spec).is_dir():
         from policies.checkpoint import load_checkpoint
 
+        if (Path(spec) / "rlt.json").is_file():
+            return _resolve_rlt(Path(spec), store_url)
+
         return load_checkpoint(spec)
     if store_url is None:
         raise PolicyResolutionError(
@@ -91,14 +95,36 @@ def _resolve_registered(version: str, store_url: str) -> Policy:
         return ScriptedPolicy(uri.removeprefix(SCRIPTED_PREFIX), version=version)
     if not Path(uri).is_dir():
         raise PolicyResolutionError(f"--policy {version!r}: uri {uri!r} is not a checkpoint directory here")
+    if registered[version]["kind"] == "rlt":
+        return _resolve_rlt(Path(uri), store_url)
     from policies.checkpoint import load_checkpoint
 
     return load_checkpoint(uri, version=version)
 
 
-def _reads_privileged(policy: Policy) -> bool:
-    from policies.scripted import ScriptedPolicy
+def _resolve_rlt(directory: Path, store_url: str | None) -> Policy:
+    """An RLT checkpoint (prior + RLT actor); the store holds its prior and gets its version registered."""
+    from experiments.policy_loader import load_rlt
+    from storage import ExperienceStore
 
+    if store_url is None:
+        raise PolicyResolutionError(
+            f"--policy {directory}: an RLT checkpoint needs --store (it holds its prior)"
+        )
+    return load_rlt(directory, ExperienceStore(store_url))
+
+
+def _reads_privileged(policy: Policy) -> bool:
+    """Scripted experts, and RLT policies whose prior, embeddings or hand-off read the simulator state."""
+    from experiments.pipeline_rlt import RLTDeployedPolicy
+    from policies.scripted import ScriptedPolicy
+    from rlt.phase import DistanceSwitch
+    from rlt.state import EmbeddingPrior
+
+    if isinstance(policy, RLTDeployedPolicy):
+        return isinstance(policy.switch, DistanceSwitch) or _reads_privileged(policy.prior)
+    if isinstance(policy, EmbeddingPrior):
+        return getattr(policy.embedder, "key", None) == "privileged" or _reads_privileged(policy.policy)
     return isinstance(policy, ScriptedPolicy)
 
 

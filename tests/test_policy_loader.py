@@ -1,0 +1,194 @@
+"""``load_policy`` loads RLT checkpoints (``flywheel rlt`` and pipeline manifests) for collection and serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from envs import EnvConfig, MetaWorldEnv
+from experiments.cli import app
+from experiments.collection import CollectConfig, run_collection
+from experiments.commands.serve import PolicyResolutionError, resolve_policy
+from experiments.pipeline_config import RLTSettings
+from experiments.pipeline_rlt import PriorSpec, RLTDeployedPolicy, run_rlt
+from experiments.policy_loader import PolicySpecError, load_policy
+from policies.base import stack_observations
+from policies.openpi_client import OpenPIClientPolicy, ServerError
+from rlt.checkpoint import MANIFEST_FILE, RLTDeployment, deployment_of, load_rlt_checkpoint
+from rlt.phase import AlwaysCritical, DistanceSwitch
+from storage import ExperienceStore, StepSource
+
+TASK = "peg-insert-side-v3"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[str, str]:
+    """A tiny ``flywheel rlt`` run (the cheapest budget of tests/test_rlt_cli.py): store URL and RLT version."""
+    home = tmp_path_factory.mktemp("rlt")
+    url = f"sqlite:///{home / 'store.db'}"
+    args = ["rlt", "--task", TASK, "--store", url, "--env-steps", "30", "--warmup-episodes", "1"]
+    args += ["--episode-steps", "30", "--handoff-distance", "0", "--token-steps", "5", "--eval-episodes", "1"]
+    args += ["--no-progress", "--output", str(home / "ckpt")]
+    result = runner.invoke(app, args, env={"COLUMNS": "200", "FLYWHEEL_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    return url, load_rlt_checkpoint(home / "ckpt").manifest["rl_version"]
+
+
+def test_collect_with_an_rlt_version_stores_episodes_naming_it(trained, tmp_path) -> None:
+    url, version = trained
+    before = {record.uuid for record in ExperienceStore(url).iter_episodes(task=TASK)}
+    args = ["collect", "--task", TASK, "--policy", version, "--episodes", "2", "--no-images", "--db", url]
+    result = runner.invoke(app, args, env={"COLUMNS": "200", "FLYWHEEL_HOME": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    store = ExperienceStore(url)
+    collected = [r for r in store.iter_episodes(task=TASK) if r.uuid not in before]
+    assert len(collected) == 2
+    for record in collected:
+        from_policy = [
+            v
+            for v, source in zip(record.policy_versions, record.sources, strict=True)
+            if source == StepSource.POLICY
+        ]
+        assert from_policy and set(from_policy) == {version}, (
+            "hand-off at distance 0: RLT acts on every chunk"
+        )
+    row = next(row for row in store.policy_versions() if row["version"] == version)
+    assert row["kind"] == "rlt" and row["parent"] == "scripted-noise0.3"
+
+
+def test_loaded_rlt_policy_is_the_prior_plus_the_saved_actor(trained, tmp_path) -> None:
+    url, version = trained
+    store = ExperienceStore(url)
+    policy = load_policy(version, task=TASK, store=store)
+    assert isinstance(policy, RLTDeployedPolicy) and policy.version == version
+    assert isinstance(policy.switch, AlwaysCritical) and policy.action_horizon == 10
+    observation, _ = MetaWorldEnv(EnvConfig(task=TASK, render=False, seed=3)).reset(seed=3)
+    policy.reset()
+    chunk = policy.infer(stack_observations([observation]))
+    assert chunk.actions.shape == (1, 10, 4) and np.all(np.abs(chunk.actions) <= 1.0)
+    prior = policy.prior.infer(stack_observations([observation])).actions[:, :10]
+    assert not np.allclose(chunk.actions, prior), "the RLT actor, not the prior, acts after the hand-off"
+
+    served = {key: value for key, value in observation.items() if key != "privileged"}
+    policy.reset()
+    with pytest.raises(ValueError, match="needs 'privileged'") as error:
+        policy.infer(stack_observations([served]))
+    assert "\n" not in str(error.value)
+
+    with pytest.raises(PolicySpecError, match=f"trained on '{TASK}', not 'reach-v3'"):
+        load_policy(version, task="reach-v3", store=store)
+    assert resolve_policy(version, url).version == version
+    with pytest.raises(PolicyResolutionError, match="an RLT checkpoint needs --store"):
+        resolve_policy(str(_checkpoint(store, version)))
+
+
+def _checkpoint(store: ExperienceStore, version: str) -> Path:
+    return Path(next(row["uri"] for row in store.policy_versions() if row["version"] == version))
+
+
+def test_both_manifest_layouts_describe_one_deployment() -> None:
+    pipeline = {
+        "task": TASK,
+        "prior": {"version": "scripted-noise0.3", "scripted_noise": 0.3, "seed": 4},
+        "settings": {"handoff": "object-goal", "handoff_distance": 0.07, "chunk_size": 10},
+    }
+    assert deployment_of(pipeline) == RLTDeployment(TASK, "scripted-noise0.3", 0.3, 4, "object-goal", 0.07)
+    assert isinstance(deployment_of(pipeline).switch(), DistanceSwitch)
+    always = pipeline | {"settings": {"handoff": "always", "handoff_distance": 0.05}}
+    assert isinstance(deployment_of(always).switch(), AlwaysCritical)
+    cli = {
+        "task": TASK,
+        "prior": "vla-7",
+        "prior_spec": "vla-7",
+        "prior_noise": 0.3,
+        "seed": 1,
+        "handoff": {"pair": "hand-object", "distance": 0.05},
+    }
+    assert deployment_of(cli) == RLTDeployment(TASK, "vla-7", None, 1, "hand-object", 0.05)
+
+
+def test_an_old_manifest_without_the_seed_is_a_one_line_error(trained, tmp_path) -> None:
+    url, version = trained
+    store = ExperienceStore(url)
+    source = _checkpoint(store, version)
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("actor_critic.safetensors", "rl_token.safetensors"):
+        (old / name).write_bytes((source / name).read_bytes())
+    manifest = load_rlt_checkpoint(source).manifest
+    (old / MANIFEST_FILE).write_text(
+        json.dumps({key: value for key, value in manifest.items() if key != "seed"})
+    )
+    with pytest.raises(PolicySpecError, match="RLT manifest: missing 'seed'"):
+        load_policy(str(old), task=TASK, store=store)
+
+
+def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
+    """The pipeline's RLT stage (``run_rlt``, tiny budget, distance hand-off) writes the same checkpoint format;
+    ``load_policy`` rebuilds it with its hand-off and collection stores the RLT version after the hand-off."""
+    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    store = ExperienceStore(url)
+    store.upgrade()
+    prior = PriorSpec("scripted-noise0.3", 0.3, 0)
+    store.register_policy_version(prior.version, kind="scripted", metadata={"noise_std": 0.3})
+    settings = RLTSettings(
+        warmup_episodes=1,
+        env_steps=30,
+        eval_every_steps=0,
+        eval_episodes=1,
+        token_steps=5,
+        handoff_distance=0.1,
+        net_arch=(32, 32),
+        batch_size=16,
+        learning_starts=16,
+    )
+    env = EnvConfig(task=TASK, render=False, max_episode_steps=30, seed=0)
+    version = "rlt:tiny/iter-0001"
+    folder = tmp_path / "rlt"
+    load = lambda spec: load_policy(spec, task=TASK, store=store)  # noqa: E731 (unused: the prior is scripted)
+    run_rlt(store, prior, load, env, settings, version=version, run_id="rlt-run", folder=folder, seed=0)
+
+    policy = load_policy(version, task=TASK, store=store)
+    assert isinstance(policy, RLTDeployedPolicy) and isinstance(policy.switch, DistanceSwitch)
+    assert policy.switch.threshold == 0.1
+    report = run_collection(
+        CollectConfig(env=env, policy=version, episodes=2, store_url=url, record_images=False, run_id="c"),
+        progress=False,
+    )
+    assert report.episodes == 2 and report.policy_version == version
+    for record in ExperienceStore(url).iter_episodes(run_id="c"):
+        from_policy = [
+            v for v, s in zip(record.policy_versions, record.sources, strict=True) if s == StepSource.POLICY
+        ]
+        assert set(from_policy) == {version}
+
+
+def test_serve_an_rlt_version_and_name_the_missing_privileged_state(trained) -> None:
+    """``flywheel serve`` resolves the RLT version; a client that keeps ``privileged`` back gets one line."""
+    url, version = trained
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", version, "--store", url]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    observation, _ = MetaWorldEnv(EnvConfig(task=TASK, render=False, seed=1)).reset(seed=1)
+    try:
+        client = OpenPIClientPolicy(f"ws://127.0.0.1:{port}", send_privileged=True, connect_timeout_s=60)
+        assert client.infer_one(observation)["policy_version"] == version
+        blind = OpenPIClientPolicy(f"ws://127.0.0.1:{port}", connect_timeout_s=60)
+        with pytest.raises(ServerError, match="privileged") as error:
+            blind.infer_one(observation)
+        assert "\n" not in str(error.value)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
