@@ -28,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from envs import EnvConfig
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import collect_scripted_demos
 from experiments.context import DESIRED_METADATA, metadata_conditions
 from experiments.evaluation import EvalResult, evaluate
 from experiments.recap_iteration import with_task_horizon
@@ -67,13 +67,7 @@ def collect(args: argparse.Namespace, env: EnvConfig, url: str) -> list[str]:
     runs = []
     for noise in args.noise:
         run_id = f"demos-noise{noise:g}"
-        run_collection(
-            CollectConfig(
-                env=env, policy="scripted", noise=noise, episodes=args.episodes_per_noise, store_url=url,
-                run_id=run_id, seed=args.seed,
-            ),
-            progress=False,
-        )  # fmt: skip
+        collect_scripted_demos(env, url, run_id, args.episodes_per_noise, noise, seed=args.seed)
         runs.append(run_id)
     return runs
 

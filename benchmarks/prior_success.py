@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from envs import EnvConfig
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate
 from experiments.training import BCConfig, EpisodeFilter, train_vla
 from policies.scripted import ScriptedPolicy
@@ -63,13 +63,7 @@ def main() -> None:
             task=task, width=args.image_size, height=args.image_size, max_episode_steps=args.max_episode_steps
         )
         run_id = f"demos-{task}"
-        run_collection(
-            CollectConfig(
-                env=env, policy="scripted", noise=args.noise, episodes=args.demos, store_url=url, run_id=run_id,
-                seed=args.seed,
-            ),
-            progress=False,
-        )  # fmt: skip
+        collect_scripted_demos(env, url, run_id, args.demos, args.noise, seed=args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
         config = BCConfig(image_size=args.image_size, steps=args.steps, seed=args.seed)
         trained = train_vla(

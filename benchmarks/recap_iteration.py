@@ -31,7 +31,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 
 from envs import EnvConfig, SimulatedHumanConfig
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate
 from experiments.recap_iteration import LEARNABLE, RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
@@ -104,13 +104,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     )
     demos = f"demos-{task}"
     started = time.perf_counter()
-    run_collection(
-        CollectConfig(
-            env=env, policy="scripted", noise=args.noise, episodes=args.demos, store_url=url, run_id=demos,
-            seed=args.seed,
-        ),
-        progress=False,
-    )  # fmt: skip
+    collect_scripted_demos(env, url, demos, args.demos, args.noise, seed=args.seed)
     store = ExperienceStore(url)
     prior_config = BCConfig(image_size=args.image_size, steps=args.prior_steps, seed=args.seed)
     prior = train_vla(

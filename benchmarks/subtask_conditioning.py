@@ -36,7 +36,7 @@ from scipy import stats as scipy_stats
 from envs import EnvConfig
 from envs.experts import ScriptedExpert
 from envs.tasks import task_prompt
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import collect_scripted_demos
 from experiments.context import SubtaskTrainConfig, phase_outcomes, subtask_prompt, train_hierarchical
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
@@ -106,13 +106,9 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
     )
     url = f"sqlite:///{workdir / 'store.db'}"
     started = time.perf_counter()
-    demos = run_collection(
-        CollectConfig(
-            env=env, policy="scripted", noise=args.noise, episodes=args.demos, store_url=url,
-            run_id=f"demos-{task}", seed=args.seed, subtask_labels=True,
-        ),
-        progress=False,
-    )  # fmt: skip
+    demos = collect_scripted_demos(
+        env, url, f"demos-{task}", args.demos, args.noise, seed=args.seed, subtask_labels=True
+    )
     print(
         f"{task}: {demos.episodes} demos ({demos.successes} successful) in {time.perf_counter() - started:.0f} s"
     )

@@ -111,6 +111,30 @@ def run_collection(
     )
 
 
+def collect_scripted_demos(
+    env: EnvConfig,
+    store_url: str,
+    run_id: str,
+    episodes: int,
+    noise: float,
+    seed: int = 0,
+    subtask_labels: bool = False,
+    progress: bool = False,
+) -> CollectReport:
+    """Noisy scripted-expert demonstrations into ``run_id`` (idempotent: the run is topped up to ``episodes``)."""
+    config = CollectConfig(
+        env=env,
+        policy="scripted",
+        noise=noise,
+        episodes=episodes,
+        store_url=store_url,
+        run_id=run_id,
+        seed=seed,
+        subtask_labels=subtask_labels,
+    )
+    return run_collection(config, progress=progress)
+
+
 def _collect_in_process(worker_kwargs: dict, episodes: int, progress: bool) -> RolloutStats:
     worker = RolloutWorker(**worker_kwargs)
     with tqdm(total=episodes, desc="episodes", unit="ep", disable=not progress) as bar:

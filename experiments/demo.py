@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from envs import SimulatedHumanConfig
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import collect_scripted_demos
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.pipeline import IterationState, Pipeline
 from experiments.pipeline_config import (
@@ -85,17 +85,7 @@ def collect_demos(plan: DemoPlan, store_url: str, progress: bool) -> str:
     """Noisy scripted demonstrations (idempotent: the run is topped up to its target)."""
     run_id = f"{DEMO_RUN}/{plan.task}"
     env = EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps).env(plan.task, 0)
-    run_collection(
-        CollectConfig(
-            env=env,
-            policy="scripted",
-            noise=plan.demo_noise,
-            episodes=plan.demo_episodes,
-            store_url=store_url,
-            run_id=run_id,
-        ),
-        progress=progress,
-    )
+    collect_scripted_demos(env, store_url, run_id, plan.demo_episodes, plan.demo_noise, progress=progress)
     return run_id
 
 
