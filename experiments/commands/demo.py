@@ -36,6 +36,9 @@ def demo(
             f"{row['successes_per_hour']:.0f}",
         )
     console.print(table)
+    console.print(
+        "versions: " + ", ".join(f"{row['policy']} = {row['version']}" for row in before_after(state))
+    )
     console.print(f"gate: {state.outputs['gate']['reason']}")
     console.print(mlflow_hint(pipeline))
     console.print(f"wall time {time.monotonic() - started:.0f} s")
