@@ -25,7 +25,7 @@ from envs import EnvConfig, make_env
 from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
 from policies.scripted import ScriptedPolicy
-from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.checkpoint import MANIFEST_FILE, deployment_of, load_rlt_checkpoint, save_rlt_checkpoint
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, AlwaysCritical, DistanceSwitch, PhaseSwitch
 from rlt.rl_token import RLToken
@@ -198,11 +198,14 @@ def is_rlt_checkpoint(folder: Path) -> bool:
 def load_rlt_policy(
     folder: Path, version: str, task: str, load_version: Callable[[str], Policy]
 ) -> RLTDeployedPolicy:
-    """Rebuild a saved RLT policy; its prior is loaded with ``load_version`` or rebuilt as a scripted expert."""
+    """Rebuild a saved RLT policy (a pipeline's or ``flywheel rlt``'s, read by ``rlt.checkpoint.deployment_of``);
+    its prior is loaded with ``load_version`` or rebuilt as a scripted expert."""
     checkpoint = load_rlt_checkpoint(folder)
-    settings = RLTSettings.model_validate(checkpoint.manifest["settings"])
-    prior = PriorSpec(**checkpoint.manifest["prior"]).load(task, settings.chunk_size, load_version)
-    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, handoff_switch(settings), version)
+    deployment = deployment_of(checkpoint.manifest)
+    prior = PriorSpec(deployment.prior_version, deployment.scripted_noise, deployment.seed).load(
+        task, checkpoint.learner.config.chunk_size, load_version
+    )
+    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, deployment.switch(), version)
 
 
 class RLTDeployedPolicy:

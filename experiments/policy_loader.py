@@ -13,6 +13,7 @@ observations without it fails with a one-line error naming ``privileged``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from policies.base import Policy
@@ -75,16 +76,16 @@ def _load_checkpoint(directory: Path, store: ExperienceStore, task: str) -> Poli
 
 
 def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -> Policy:
-    """An RLT checkpoint directory as the policy it deploys, registered in ``store`` (kind ``rlt``, parent = its
-    prior); ``task`` (default: the checkpoint's) must be the task it was trained on."""
-    from experiments.pipeline_rlt import RLT_KIND, PriorSpec, RLTDeployedPolicy
-    from rlt.checkpoint import deployment_of, load_rlt_checkpoint
+    """An RLT checkpoint directory as the policy it deploys (``experiments.pipeline_rlt.load_rlt_policy``),
+    registered in ``store`` (kind ``rlt``, parent = its prior); ``task`` (default: the checkpoint's) must be the
+    task it was trained on."""
+    from experiments.pipeline_rlt import RLT_KIND, load_rlt_policy
+    from rlt.checkpoint import MANIFEST_FILE, deployment_of
     from rlt.errors import RLTInputError
 
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
     try:
-        checkpoint = load_rlt_checkpoint(directory)
-        deployment = deployment_of(checkpoint.manifest)
-        switch = deployment.switch()
+        deployment = deployment_of(manifest)
     except RLTInputError as error:
         raise PolicySpecError(str(error)) from None
     task = task or deployment.task
@@ -92,13 +93,16 @@ def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -
         raise PolicySpecError(f"RLT checkpoint {directory} was trained on {deployment.task!r}, not {task!r}")
     uri = str(directory.resolve())
     version = next((row["version"] for row in store.policy_versions() if row["uri"] == uri), None)
-    version = version or checkpoint.manifest.get("rl_version") or directory.name
-    prior = PriorSpec(deployment.prior_version, deployment.scripted_noise, deployment.seed).load(
-        task, checkpoint.learner.config.chunk_size, lambda spec: load_policy(spec, task=task, store=store)
-    )
+    version = version or manifest.get("rl_version") or directory.name
+    try:
+        policy = load_rlt_policy(
+            directory, version, task, lambda spec: load_policy(spec, task=task, store=store)
+        )
+    except RLTInputError as error:
+        raise PolicySpecError(str(error)) from None
     if deployment.scripted_noise is not None:
         store.register_policy_version(
-            prior.version, kind="scripted", metadata={"noise_std": deployment.scripted_noise}
+            deployment.prior_version, kind="scripted", metadata={"noise_std": deployment.scripted_noise}
         )
-    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=prior.version)
-    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, switch, version)
+    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=deployment.prior_version)
+    return policy

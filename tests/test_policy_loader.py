@@ -17,7 +17,7 @@ from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.commands.serve import PolicyResolutionError, resolve_policy
 from experiments.pipeline_config import RLTSettings
-from experiments.pipeline_rlt import PriorSpec, RLTDeployedPolicy, run_rlt
+from experiments.pipeline_rlt import PriorSpec, RLTDeployedPolicy, load_rlt_policy, run_rlt
 from experiments.policy_loader import PolicySpecError, load_policy
 from policies.base import stack_observations
 from policies.openpi_client import OpenPIClientPolicy, ServerError
@@ -192,3 +192,15 @@ def test_serve_an_rlt_version_and_name_the_missing_privileged_state(trained) -> 
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_the_pipeline_rebuilds_a_flywheel_rlt_checkpoint(trained) -> None:
+    """``load_rlt_policy`` (the pipeline's loader) reads ``flywheel rlt``'s manifest too, so the pipeline can
+    deploy such a checkpoint's version as its prior."""
+    url, version = trained
+    store = ExperienceStore(url)
+    policy = load_rlt_policy(
+        _checkpoint(store, version), version, TASK, lambda spec: load_policy(spec, task=TASK, store=store)
+    )
+    assert isinstance(policy.switch, AlwaysCritical) and policy.prior.version == "scripted-noise0.3"
+    assert policy.version == version and policy.action_horizon == 10
