@@ -133,7 +133,8 @@ def test_an_old_manifest_without_the_seed_is_a_one_line_error(trained, tmp_path)
 
 def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
     """The pipeline's RLT stage (``run_rlt``, tiny budget, distance hand-off) writes the same checkpoint format;
-    ``load_policy`` rebuilds it with its hand-off and collection stores the RLT version after the hand-off."""
+    ``load_policy`` rebuilds it with its hand-off, the actor acts once the hand is near the peg, and the
+    collected episodes name the RLT version."""
     url = f"sqlite:///{tmp_path / 'pipeline.db'}"
     store = ExperienceStore(url)
     store.upgrade()
@@ -150,20 +151,25 @@ def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
         batch_size=16,
         learning_starts=16,
     )
-    env = EnvConfig(task=TASK, render=False, max_episode_steps=30, seed=0)
+    env = EnvConfig(task=TASK, render=False, max_episode_steps=150, seed=0)  # hand near the peg by ~100
     version = "rlt:tiny/iter-0001"
-    folder = tmp_path / "rlt"
     load = lambda spec: load_policy(spec, task=TASK, store=store)  # noqa: E731 (unused: the prior is scripted)
-    run_rlt(store, prior, load, env, settings, version=version, run_id="rlt-run", folder=folder, seed=0)
+    run_rlt(
+        store, prior, load, env, settings, version=version, run_id="rlt-run", folder=tmp_path / "rlt", seed=0
+    )
 
     policy = load_policy(version, task=TASK, store=store)
     assert isinstance(policy, RLTDeployedPolicy) and isinstance(policy.switch, DistanceSwitch)
     assert policy.switch.threshold == 0.1
-    report = run_collection(
-        CollectConfig(env=env, policy=version, episodes=2, store_url=url, record_images=False, run_id="c"),
-        progress=False,
+    acted: list[int] = []
+    act = policy.learner.act
+    policy.learner.act = lambda states, chunks: (acted.append(len(chunks)), act(states, chunks))[1]
+    config = CollectConfig(
+        env=env, policy=version, episodes=2, store_url=url, record_images=False, run_id="c"
     )
+    report = run_collection(config, progress=False, policy=policy)
     assert report.episodes == 2 and report.policy_version == version
+    assert acted, "the hand-off fired and the RLT actor produced chunks"
     for record in ExperienceStore(url).iter_episodes(run_id="c"):
         from_policy = [
             v for v, s in zip(record.policy_versions, record.sources, strict=True) if s == StepSource.POLICY
