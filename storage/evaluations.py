@@ -38,13 +38,16 @@ class EvaluationSummary:
         return self.successes / self.n if self.n else 0.0
 
 
-def finite_metrics(data: Any) -> Any:
-    """``data`` with every non-finite float (NaN, ±inf; numpy floats too) replaced by ``None``."""
+def json_metrics(data: Any) -> Any:
+    """``data`` as plain JSON values: numpy scalars and arrays become Python ones, and every non-finite float
+    (NaN, ±inf) becomes ``None``."""
+    if isinstance(data, np.ndarray | np.generic):
+        data = data.tolist()
     if isinstance(data, dict):
-        return {key: finite_metrics(value) for key, value in data.items()}
+        return {key: json_metrics(value) for key, value in data.items()}
     if isinstance(data, list | tuple):
-        return [finite_metrics(value) for value in data]
-    if isinstance(data, float | np.floating) and not math.isfinite(data):
+        return [json_metrics(value) for value in data]
+    if isinstance(data, float) and not math.isfinite(data):
         return None
     return data
 
@@ -75,7 +78,7 @@ class EvaluationRepository:
             "task": task,
             "n": n,
             "successes": successes,
-            "metrics": finite_metrics(metrics or {}),
+            "metrics": json_metrics(metrics or {}),
             "run_id": run_id,
         }
         table = Evaluation.__table__

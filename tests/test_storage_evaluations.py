@@ -17,6 +17,7 @@ def test_non_finite_metrics_are_stored_as_null(store: ExperienceStore) -> None: 
         "mean_return": -math.inf,
         "per_seed": [1.5, np.float64("nan"), np.float32("inf")],
         "nested": {"best": math.inf, "name": "eval", "count": 3},
+        "numpy": {"rate": np.float32(0.5), "count": np.int64(4), "curve": np.array([0.25, np.nan])},
     }
     store.write_evaluation(POLICY_VERSION, "reach-v3", 10, 0, metrics=metrics, run_id="eval-1")
     (stored,) = store.list_evaluations(POLICY_VERSION)
@@ -26,6 +27,7 @@ def test_non_finite_metrics_are_stored_as_null(store: ExperienceStore) -> None: 
         "mean_return": None,
         "per_seed": [1.5, None, None],
         "nested": {"best": None, "name": "eval", "count": 3},
+        "numpy": {"rate": 0.5, "count": 4, "curve": [0.25, None]},
     }
     assert (stored.n, stored.successes, stored.run_id) == (10, 0, "eval-1")
     assert math.isnan(metrics["mean_success_length"]), "the caller's dict is not modified"
