@@ -17,30 +17,15 @@ import torch
 
 from actors.cluster import ensure_ray
 from actors.rlt_learner import RLTCluster
-from rlt.online import OnlineConfig, OnlineRLT
-from rlt.phase import DistanceSwitch
-from rlt.rl_token import RLToken, RLTokenConfig
-from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.online import OnlineRLT
 from rlt.td3 import LearnerConfig
-from rlt.toy import BiasedReachPrior, PointReachEnv
+from rlt.toy import toy_online_loop
 
 
 def toy_loop(seed: int, warmup_episodes: int = 20) -> OnlineRLT:
     """The CI toy loop (``rlt.toy``) with the learner settings of ``tests/test_rlt_online.py``."""
-    torch.manual_seed(0)
-    token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
-    prior = EmbeddingPrior(BiasedReachPrior(noise=0.1, seed=seed), StateProjectionEmbedder(4, 4, 16, seed=0))
-    config = OnlineConfig(
-        task="point-reach",
-        env_id="rlt-toy/point-reach",
-        warmup_episodes=warmup_episodes,
-        total_env_steps=0,
-        token_steps=50,
-        record_images=False,
-        seed=seed,
-    )
     learner = LearnerConfig(batch_size=128, learning_starts=128, net_arch=(128, 128), seed=seed)
-    return OnlineRLT(PointReachEnv(), prior, DistanceSwitch([0, 1], [2, 3], 0.15), token, config, learner)
+    return toy_online_loop(seed, learner, warmup_episodes)
 
 
 def single_process(episodes: int, seed: int) -> dict[str, float]:

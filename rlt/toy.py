@@ -8,12 +8,19 @@ RLT tests and as a smoke benchmark; observations follow flywheel's ``Observation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from policies.base import ActionChunk, Observation, ObservationBatch
+from rlt.online import OnlineConfig, OnlineRLT
+from rlt.phase import DistanceSwitch
+from rlt.rl_token import RLToken, RLTokenConfig
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.td3 import LearnerConfig
 
 
 class PointReachEnv(gym.Env):
@@ -100,3 +107,28 @@ class BiasedReachPrior:
 
     def reset(self) -> None:
         """Stateless."""
+
+
+def toy_online_loop(
+    seed: int,
+    learner: LearnerConfig,
+    warmup_episodes: int = 20,
+    on_episode: Callable[[Any], Any] | None = None,
+) -> OnlineRLT:
+    """The toy task's online RLT loop: biased prior with projected-state embeddings, hand-off within 0.15 of the
+    goal. The embedder and the token's initial weights are the same for every seed; ``seed`` drives the prior's
+    noise, the episodes and the learner."""
+    torch.manual_seed(0)
+    token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
+    prior = EmbeddingPrior(BiasedReachPrior(noise=0.1, seed=seed), StateProjectionEmbedder(4, 4, 16, seed=0))
+    config = OnlineConfig(
+        task="point-reach",
+        env_id="rlt-toy/point-reach",
+        warmup_episodes=warmup_episodes,
+        total_env_steps=0,
+        token_steps=50,
+        record_images=False,
+        seed=seed,
+    )
+    switch = DistanceSwitch([0, 1], [2, 3], 0.15)
+    return OnlineRLT(PointReachEnv(), prior, switch, token, config, learner, on_episode=on_episode)

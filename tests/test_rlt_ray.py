@@ -15,12 +15,9 @@ from actors.cluster import ensure_ray
 from actors.rlt_learner import RLTCluster
 from actors.sinks import StoreSink
 from rlt.errors import RLTInputError
-from rlt.online import OnlineConfig, OnlineRLT, chunk_transitions
-from rlt.phase import DistanceSwitch
-from rlt.rl_token import RLToken, RLTokenConfig
-from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.online import OnlineRLT, chunk_transitions
 from rlt.td3 import LearnerConfig
-from rlt.toy import BiasedReachPrior, PointReachEnv
+from rlt.toy import toy_online_loop
 from storage import ExperienceStore
 
 torch.set_num_threads(1)
@@ -28,27 +25,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not
 
 
 def _toy_loop(seed: int, store_url: str | None = None, warmup_episodes: int = 20) -> OnlineRLT:
-    """The CI toy (rlt.toy) loop; the prior's embedder and the token's initial weights are shared by all seeds."""
-    torch.manual_seed(0)
-    token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
-    prior = EmbeddingPrior(BiasedReachPrior(noise=0.1, seed=seed), StateProjectionEmbedder(4, 4, 16, seed=0))
-    return OnlineRLT(
-        PointReachEnv(),
-        prior,
-        DistanceSwitch([0, 1], [2, 3], 0.15),
-        token,
-        OnlineConfig(
-            task="point-reach",
-            env_id="rlt-toy/point-reach",
-            warmup_episodes=warmup_episodes,
-            total_env_steps=0,
-            token_steps=50,
-            record_images=False,
-            seed=seed,
-        ),
-        LearnerConfig(batch_size=32, learning_starts=32, net_arch=(64, 64), seed=seed),
-        on_episode=None if store_url is None else StoreSink(store_url),
-    )
+    """The CI toy (rlt.toy) loop with small learner settings; episodes go to ``store_url`` when given."""
+    learner = LearnerConfig(batch_size=32, learning_starts=32, net_arch=(64, 64), seed=seed)
+    sink = None if store_url is None else StoreSink(store_url)
+    return toy_online_loop(seed, learner, warmup_episodes, on_episode=sink)
 
 
 def test_weights_and_token_move_between_loops_and_learn_trains_on_foreign_episodes() -> None:
