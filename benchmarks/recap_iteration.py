@@ -17,6 +17,7 @@ episode length and successes per hour of robot time (10 Hz).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -52,6 +53,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-progress-steps", type=int, default=30, help="simulated human's trigger")
     parser.add_argument("--takeover-steps", type=int, default=20)
     parser.add_argument("--value-steps", type=int, default=1500)
+    parser.add_argument(
+        "--value-inputs",
+        choices=["state", "privileged", "state_privileged"],
+        default="state",
+        help="what the value model reads: the policy's proprio state or the simulator's privileged state",
+    )
+    parser.add_argument(
+        "--cfg-betas",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also evaluate the RECAP policy with classifier-free guidance at these β (eval-only arms)",
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--max-episode-steps", type=int, default=150)
@@ -62,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.tasks, args.demos, args.prior_steps, args.collect = ["reach-v3"], 3, 10, 4
         args.retrain_steps, args.value_steps, args.eval_episodes, args.image_size = 5, 30, 3, 48
-        args.max_episode_steps = 60
+        args.max_episode_steps, args.cfg_betas = 60, [2.0]
     return args
 
 
@@ -123,7 +137,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         human=SimulatedHumanConfig(
             no_progress_steps=args.no_progress_steps, takeover_steps=args.takeover_steps, seed=args.seed
         ),
-        relabel=RelabelConfig(value=ValueConfig(train_steps=args.value_steps)),
+        relabel=RelabelConfig(value=ValueConfig(train_steps=args.value_steps, inputs=args.value_inputs)),
         bc=retrain,
         eval_episodes=args.eval_episodes,
         retrain_from=prior.checkpoint,
@@ -147,6 +161,12 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         arm_row(task, "prior", before, before, 0.0),
         arm_row(task, "recap", iteration.after, before, recap_seconds),
     ]
+    for beta in args.cfg_betas:
+        guided = copy.copy(iteration.trained.policy)
+        guided.cfg_beta = beta
+        result, _ = evaluate(guided, env, args.eval_episodes, seed=EVAL_SEED)
+        rows.append(arm_row(task, f"recap β={beta:g}", result, before, 0.0))
+        print(f"[{task}] recap with CFG β={beta:g} evaluated ({time.perf_counter() - started:.0f} s)", flush=True)
     for arm, weights in arms.items():
         clock = time.perf_counter()
         trained = train_vla(
@@ -186,7 +206,8 @@ def format_report(results: list[dict[str, Any]], args: argparse.Namespace) -> st
         f"{args.image_size} px, camera corner2, {args.max_episode_steps}-step episodes; every arm retrains from the "
         f"prior for {args.retrain_steps} steps (batch 32) on the same demos + {args.collect} rollouts with the "
         f"simulated human (takes over for {args.takeover_steps} steps after {args.no_progress_steps} without "
-        f"progress); eval: {args.eval_episodes} episodes, seeds {EVAL_SEED}+, identical for every arm; "
+        f"progress); value model reads the {args.value_inputs} state; 'recap β=b': the same RECAP policy "
+        f"sampled with classifier-free guidance β=b; eval: {args.eval_episodes} episodes, seeds {EVAL_SEED}+, identical for every arm; "
         f"seed {args.seed}. 'train s': wall seconds of the arm's training (recap: the whole iteration incl. "
         "collection, relabel and both evaluations); succ/h: successes per hour of robot time at 10 Hz",
         "",

@@ -249,7 +249,10 @@ class OnlineRLT:
         return float(np.mean(successes))
 
     def run_episode(self, mode: Mode, seed: int | None = None) -> tuple[EpisodeChunks, EpisodeStats]:
-        """Play one episode; emit its ``EpisodeRecord``; return its chunks and statistics."""
+        """Play one episode; emit its ``EpisodeRecord``; return its chunks and statistics.
+
+        The learner acts after the hand-off once it has taken a gradient step; until then the prior does.
+        """
         if mode != "prior" and self.encoder is None:
             raise RLTInputError(
                 "mode: the RL token must be fitted before the learner acts (run warm-up first)"
@@ -260,10 +263,11 @@ class OnlineRLT:
         self.phase_switch.reset()
         recorder = _EpisodeRecorder(self.config.record_images)
         chunks, critical, terminated, done = EpisodeChunks(steps=[]), False, False, False
+        rl_ready = mode != "prior" and self.learner.weights_version > 0  # an untrained actor leaves it to the prior
         while not done:
             context, proposal = self._context(observation)
             critical = critical or self.phase_switch.is_critical(observation, info)
-            acting_rl = critical and mode != "prior"
+            acting_rl = critical and rl_ready
             planned = self._rl_chunk(context, explore=mode == "learner") if acting_rl else context.reference
             recorder.begin_chunk(
                 context.reference,
@@ -277,10 +281,10 @@ class OnlineRLT:
         if not terminated:
             chunks.final = self._context(observation)[0]
         record = recorder.finish(self.config, self.prior.version, seed, mode, success=terminated)
-        record.metadata["actor_updates"] = int(self.learner._n_updates)
+        record.metadata["actor_updates"] = self.learner.weights_version
         if self.on_episode is not None:
             self.on_episode(record)
-        stats = self._episode_stats(mode, chunks, record)
+        stats = self._episode_stats(mode, chunks, record, rl_ready)
         self.stats.append(stats)
         if self.on_stats is not None:
             self.on_stats(stats)
@@ -309,7 +313,9 @@ class OnlineRLT:
         step = ChunkStep(context, executed, np.asarray(rewards), terminated, recorder.critical, intervened)
         return observation, info, step, terminated or bool(truncated)
 
-    def _episode_stats(self, mode: Mode, chunks: EpisodeChunks, record: EpisodeRecord) -> EpisodeStats:
+    def _episode_stats(
+        self, mode: Mode, chunks: EpisodeChunks, record: EpisodeRecord, rl_ready: bool
+    ) -> EpisodeStats:
         if mode != "eval":
             self.env_steps += record.length
         self.episode_index += 1
@@ -320,7 +326,7 @@ class OnlineRLT:
             length=record.length,
             env_steps=self.env_steps,
             critical_steps=int(np.sum(record.metadata["critical_phase"])),
-            rl_chunks=sum(step.critical for step in chunks.steps) if mode != "prior" else 0,
+            rl_chunks=sum(step.critical for step in chunks.steps) if rl_ready else 0,
             interventions=sum(step.intervened for step in chunks.steps),
             losses=dict(self.learner.last_losses),
         )

@@ -33,7 +33,9 @@ def _token(seed: int = 0) -> RLToken:
     return RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
 
 
-def _loop(env=None, switch=None, seed: int = 0, records: list | None = None, **config) -> OnlineRLT:
+def _loop(
+    env=None, switch=None, seed: int = 0, records: list | None = None, learning_starts: int = 128, **config
+) -> OnlineRLT:
     settings = {"warmup_episodes": 20, "total_env_steps": 0, "token_steps": 50, "seed": seed, **config}
     return OnlineRLT(
         env or PointReachEnv(),
@@ -41,7 +43,7 @@ def _loop(env=None, switch=None, seed: int = 0, records: list | None = None, **c
         switch or DistanceSwitch([0, 1], [2, 3], 0.15),
         _token(seed),
         OnlineConfig(task="point-reach", env_id="rlt-toy/point-reach", **settings),
-        LearnerConfig(batch_size=128, learning_starts=128, net_arch=(128, 128), seed=seed),
+        LearnerConfig(batch_size=128, learning_starts=learning_starts, net_arch=(128, 128), seed=seed),
         on_episode=None if records is None else records.append,
     )
 
@@ -58,7 +60,7 @@ def test_online_rlt_fixes_the_biased_prior_on_a_tight_tolerance() -> None:
 
 def test_records_mark_the_hand_off_per_step() -> None:
     records: list[EpisodeRecord] = []
-    loop = _loop(records=records, warmup_episodes=3, total_env_steps=150)
+    loop = _loop(records=records, warmup_episodes=3, total_env_steps=150, learning_starts=8)
     loop.run()
     assert [record.metadata["mode"] for record in records[:3]] == ["prior"] * 3
     for record in records:
@@ -68,12 +70,13 @@ def test_records_mark_the_hand_off_per_step() -> None:
         assert np.all(np.diff(critical) >= 0), "the hand-off is latched within an episode"
         assert record.chunks.shape[1:] == (10, 2)
         assert record.rewards.sum() == (record.outcome == "success")
-        acting = record.metadata["mode"] != "prior"
+        acting = record.metadata["mode"] != "prior" and record.metadata["actor_updates"] > 0
         expected = [
             "rlt" if acting and flag else loop.prior.version for flag in record.metadata["critical_phase"]
         ]
         assert record.policy_versions == expected
     assert any(np.asarray(r.metadata["critical_phase"]).any() for r in records)
+    assert any("rlt" in r.policy_versions for r in records), "the trained learner acted"
     assert any(not np.asarray(r.metadata["critical_phase"]).all() for r in records)
 
 

@@ -61,6 +61,9 @@ def rlt(
     ] = 0.05,
     chunk_size: Annotated[int, typer.Option(min=1, help="Action chunk length C")] = 10,
     token_steps: Annotated[int, typer.Option(min=1, help="Gradient steps fitting the RL token")] = 1000,
+    learning_starts: Annotated[
+        int, typer.Option(min=1, help="Chunk transitions in replay before the first update (RLT acts after it)")
+    ] = 256,
     episode_steps: Annotated[
         int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
     ] = 200,
@@ -90,7 +93,7 @@ def rlt(
             seed=seed,
         )
         switch = metaworld_switch(handoff, handoff_distance)
-        learner_config = LearnerConfig(chunk_size=chunk_size, seed=seed)
+        learner_config = LearnerConfig(chunk_size=chunk_size, learning_starts=learning_starts, seed=seed)
     except ValidationError as error:
         cause = error.errors()[0].get("ctx", {}).get("error")  # our validators' messages name the field
         _fail(str(cause) if cause else first_error(error))
