@@ -166,7 +166,10 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         guided.cfg_beta = beta
         result, _ = evaluate(guided, env, args.eval_episodes, seed=EVAL_SEED)
         rows.append(arm_row(task, f"recap β={beta:g}", result, before, 0.0))
-        print(f"[{task}] recap with CFG β={beta:g} evaluated ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"[{task}] recap with CFG β={beta:g} evaluated ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
     for arm, weights in arms.items():
         clock = time.perf_counter()
         trained = train_vla(

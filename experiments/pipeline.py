@@ -31,7 +31,6 @@ from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
 from experiments.pipeline_rlt import (
     RLT_KIND,
-    PriorSpec,
     RLTResult,
     is_rlt_checkpoint,
     load_rlt_policy,
@@ -44,6 +43,7 @@ from experiments.training import EpisodeFilter, load_training_episodes, train_vl
 from policies.base import Policy
 from recap import POSITIVE_PROMPT, conditioned_episodes
 from recap.relabel import cross_fit
+from rlt.deployment import PriorSpec
 from storage import ExperienceStore, Outcome
 
 logger = logging.getLogger(__name__)

@@ -24,44 +24,16 @@ import torch
 from envs import EnvConfig, make_env
 from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
-from policies.scripted import ScriptedPolicy
-from rlt.checkpoint import MANIFEST_FILE, deployment_of, load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
-from rlt.phase import METAWORLD_PAIRS, AlwaysCritical, DistanceSwitch, PhaseSwitch
+from rlt.phase import PhaseSwitch
 from rlt.rl_token import RLToken
-from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder, token_config_for
+from rlt.state import RLStateEncoder, token_config_for
 from rlt.td3 import ChunkedTD3, LearnerConfig
 from storage import EpisodeRecord, ExperienceStore
 
 RLT_KIND = "rlt"
-PRIVILEGED_DIM = 39
-SCRIPTED_EMBEDDING = {"num_tokens": 8, "embed_dim": 32}
-
-
-@dataclass(frozen=True)
-class PriorSpec:
-    """The prior an RLT policy acts around: a store version, or ``scripted`` with its noise (``scripted_noise``)."""
-
-    version: str
-    scripted_noise: float | None
-    seed: int
-
-    def load(self, task: str, chunk_size: int, load_version: Callable[[str], Policy]) -> Policy:
-        """The prior with embeddings: a stored version via ``load_version`` (a VLA, or an earlier RLT policy),
-        or a scripted expert holding its action for ``chunk_size`` steps with projected privileged state."""
-        if self.scripted_noise is None:
-            return load_version(self.version)
-        scripted = ScriptedPolicy(
-            task,
-            noise_std=self.scripted_noise,
-            seed=self.seed,
-            action_horizon=chunk_size,
-            version=self.version,
-        )
-        embedder = StateProjectionEmbedder(
-            PRIVILEGED_DIM, key="privileged", seed=self.seed, **SCRIPTED_EMBEDDING
-        )
-        return EmbeddingPrior(scripted, embedder)
 
 
 @dataclass(frozen=True)
@@ -74,11 +46,9 @@ class RLTResult:
     episode_stats: list[dict[str, Any]]
 
 
-def handoff_switch(settings: RLTSettings) -> PhaseSwitch:
-    """The phase switch the settings name."""
-    if settings.handoff == "always":
-        return AlwaysCritical()
-    return DistanceSwitch(*METAWORLD_PAIRS[settings.handoff], settings.handoff_distance)
+def deployment_for(task: str, prior: PriorSpec, settings: RLTSettings) -> RLTDeployment:
+    """The deployment block the stage's checkpoint carries: the prior and the settings' hand-off."""
+    return RLTDeployment(task, prior, settings.handoff, settings.handoff_distance)
 
 
 def run_rlt(
@@ -105,13 +75,18 @@ def run_rlt(
     """
     torch.manual_seed(seed)
     policy = prior.load(env.task, settings.chunk_size, load_version)
-    switch = handoff_switch(settings)
+    deployment = deployment_for(env.task, prior, settings)
+    switch = deployment.switch()
     environment = make_env(env)
     observation, _ = environment.reset(seed=seed)
     token = RLToken(token_config_for(policy, observation, z_dim=settings.z_dim))
-    manifest = _manifest(prior, env, settings, token)
+    manifest = _manifest(settings, token)
     store.register_policy_version(
-        version, kind=RLT_KIND, uri=str(folder.resolve()), parent=prior.version, metadata=manifest
+        version,
+        kind=RLT_KIND,
+        uri=str(folder.resolve()),
+        parent=prior.version,
+        metadata=manifest | deployment.to_manifest(),
     )
     store.register_run(run_id, name="rlt", config={"prior": prior.version, "version": version})
     loop = OnlineRLT(
@@ -141,7 +116,7 @@ def run_rlt(
     stats = [dataclasses.asdict(s) for s in loop.stats]
     history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
     history = json.loads(json.dumps(history, default=lambda value: value.item()))
-    save_rlt_checkpoint(folder, loop.learner, loop.token, manifest | {"history": history})
+    save_rlt_checkpoint(folder, loop.learner, loop.token, deployment, manifest | {"history": history})
     return RLTResult(version, folder, curve, stats)
 
 
@@ -166,13 +141,8 @@ def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
     )
 
 
-def _manifest(prior: PriorSpec, env: EnvConfig, settings: RLTSettings, token: RLToken) -> dict[str, Any]:
-    return {
-        "prior": dataclasses.asdict(prior),
-        "task": env.task,
-        "settings": settings.model_dump(mode="json"),
-        "token": dataclasses.asdict(token.config),
-    }
+def _manifest(settings: RLTSettings, token: RLToken) -> dict[str, Any]:
+    return {"settings": settings.model_dump(mode="json"), "token": dataclasses.asdict(token.config)}
 
 
 def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], None]:
@@ -198,13 +168,11 @@ def is_rlt_checkpoint(folder: Path) -> bool:
 def load_rlt_policy(
     folder: Path, version: str, task: str, load_version: Callable[[str], Policy]
 ) -> RLTDeployedPolicy:
-    """Rebuild a saved RLT policy (a pipeline's or ``flywheel rlt``'s, read by ``rlt.checkpoint.deployment_of``);
-    its prior is loaded with ``load_version`` or rebuilt as a scripted expert."""
+    """Rebuild a saved RLT policy (a pipeline's or ``flywheel rlt``'s) from its deployment block; its prior is
+    loaded with ``load_version`` or rebuilt as a scripted expert."""
     checkpoint = load_rlt_checkpoint(folder)
-    deployment = deployment_of(checkpoint.manifest)
-    prior = PriorSpec(deployment.prior_version, deployment.scripted_noise, deployment.seed).load(
-        task, checkpoint.learner.config.chunk_size, load_version
-    )
+    deployment = checkpoint.deployment
+    prior = deployment.prior.load(task, checkpoint.learner.config.chunk_size, load_version)
     return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, deployment.switch(), version)
 
 

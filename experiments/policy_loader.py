@@ -80,12 +80,13 @@ def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -
     registered in ``store`` (kind ``rlt``, parent = its prior); ``task`` (default: the checkpoint's) must be the
     task it was trained on."""
     from experiments.pipeline_rlt import RLT_KIND, load_rlt_policy
-    from rlt.checkpoint import MANIFEST_FILE, deployment_of
+    from rlt.checkpoint import MANIFEST_FILE
+    from rlt.deployment import RLTDeployment
     from rlt.errors import RLTInputError
 
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     try:
-        deployment = deployment_of(manifest)
+        deployment = RLTDeployment.from_manifest(manifest)
     except RLTInputError as error:
         raise PolicySpecError(str(error)) from None
     task = task or deployment.task
@@ -100,9 +101,10 @@ def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -
         )
     except RLTInputError as error:
         raise PolicySpecError(str(error)) from None
-    if deployment.scripted_noise is not None:
+    prior = deployment.prior
+    if prior.scripted_noise is not None:
         store.register_policy_version(
-            deployment.prior_version, kind="scripted", metadata={"noise_std": deployment.scripted_noise}
+            prior.version, kind="scripted", metadata={"noise_std": prior.scripted_noise}
         )
-    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=deployment.prior_version)
+    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=prior.version)
     return policy

@@ -17,11 +17,12 @@ from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.commands.serve import PolicyResolutionError, resolve_policy
 from experiments.pipeline_config import RLTSettings
-from experiments.pipeline_rlt import PriorSpec, RLTDeployedPolicy, load_rlt_policy, run_rlt
+from experiments.pipeline_rlt import RLTDeployedPolicy, deployment_for, load_rlt_policy, run_rlt
 from experiments.policy_loader import PolicySpecError, load_policy
 from policies.base import stack_observations
 from policies.openpi_client import OpenPIClientPolicy, ServerError
-from rlt.checkpoint import MANIFEST_FILE, RLTDeployment, deployment_of, load_rlt_checkpoint
+from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint
+from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.phase import AlwaysCritical, DistanceSwitch
 from storage import ExperienceStore, StepSource
 
@@ -94,28 +95,20 @@ def _checkpoint(store: ExperienceStore, version: str) -> Path:
     return Path(next(row["uri"] for row in store.policy_versions() if row["version"] == version))
 
 
-def test_both_manifest_layouts_describe_one_deployment() -> None:
-    pipeline = {
-        "task": TASK,
-        "prior": {"version": "scripted-noise0.3", "scripted_noise": 0.3, "seed": 4},
-        "settings": {"handoff": "object-goal", "handoff_distance": 0.07, "chunk_size": 10},
-    }
-    assert deployment_of(pipeline) == RLTDeployment(TASK, "scripted-noise0.3", 0.3, 4, "object-goal", 0.07)
-    assert isinstance(deployment_of(pipeline).switch(), DistanceSwitch)
-    always = pipeline | {"settings": {"handoff": "always", "handoff_distance": 0.05}}
-    assert isinstance(deployment_of(always).switch(), AlwaysCritical)
-    cli = {
-        "task": TASK,
-        "prior": "vla-7",
-        "prior_spec": "vla-7",
-        "prior_noise": 0.3,
-        "seed": 1,
-        "handoff": {"pair": "hand-object", "distance": 0.05},
-    }
-    assert deployment_of(cli) == RLTDeployment(TASK, "vla-7", None, 1, "hand-object", 0.05)
+def test_both_writers_leave_one_deployment_block(trained, tmp_path) -> None:
+    """``flywheel rlt`` and the pipeline's stage write the same ``deployment`` block; its hand-off rebuilds."""
+    url, version = trained
+    cli = load_rlt_checkpoint(_checkpoint(ExperienceStore(url), version)).deployment
+    assert cli == RLTDeployment(TASK, PriorSpec("scripted-noise0.3", 0.3, 0), "hand-object", 0.0)
+    assert isinstance(cli.switch(), AlwaysCritical)
+    pipeline = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="object-goal"))
+    assert RLTDeployment.from_manifest(json.loads(json.dumps(pipeline.to_manifest()))) == pipeline
+    assert isinstance(pipeline.switch(), DistanceSwitch)
+    always = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="always"))
+    assert isinstance(always.switch(), AlwaysCritical)
 
 
-def test_an_old_manifest_without_the_seed_is_a_one_line_error(trained, tmp_path) -> None:
+def test_a_manifest_without_a_deployment_block_is_a_one_line_error(trained, tmp_path) -> None:
     url, version = trained
     store = ExperienceStore(url)
     source = _checkpoint(store, version)
@@ -125,9 +118,9 @@ def test_an_old_manifest_without_the_seed_is_a_one_line_error(trained, tmp_path)
         (old / name).write_bytes((source / name).read_bytes())
     manifest = load_rlt_checkpoint(source).manifest
     (old / MANIFEST_FILE).write_text(
-        json.dumps({key: value for key, value in manifest.items() if key != "seed"})
+        json.dumps({key: value for key, value in manifest.items() if key != "deployment"})
     )
-    with pytest.raises(PolicySpecError, match="RLT manifest: missing 'seed'"):
+    with pytest.raises(PolicySpecError, match="RLT manifest: no valid 'deployment' block"):
         load_policy(str(old), task=TASK, store=store)
 
 

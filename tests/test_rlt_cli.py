@@ -47,14 +47,16 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     rl_version = checkpoint.manifest["rl_version"]
     for record in records:
         critical = np.asarray(record.metadata["critical_phase"], bool)
-        trained = record.metadata["actor_updates"] > 0  # an untrained actor leaves the critical phase to the prior
+        trained = (
+            record.metadata["actor_updates"] > 0
+        )  # an untrained actor leaves the critical phase to the prior
         acting = critical & (record.metadata["mode"] != "prior") & trained
         expected = np.where(acting, rl_version, "scripted-noise0.3").tolist()
         assert record.policy_versions == expected
-    assert any(
-        rl_version in r.policy_versions for r in records if r.metadata["mode"] == "learner"
-    ), "the trained learner acted in the critical phase"
-    assert checkpoint.manifest["prior"] == "scripted-noise0.3"
+    assert any(rl_version in r.policy_versions for r in records if r.metadata["mode"] == "learner"), (
+        "the trained learner acted in the critical phase"
+    )
+    assert checkpoint.deployment.prior.version == "scripted-noise0.3"
     assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.token.config.num_tokens == 8
     assert {row["version"] for row in store.policy_versions()} >= {rl_version, "scripted-noise0.3"}
 

@@ -8,6 +8,7 @@ import torch
 
 from rlt.buffer import ChunkTransition, chunk_backup
 from rlt.checkpoint import load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.td3 import ChunkedTD3, LearnerConfig, apply_reference_dropout
@@ -165,15 +166,17 @@ def test_residual_mode_starts_at_the_reference_and_stays_within_its_scale() -> N
 
 def test_rlt_checkpoint_round_trips_and_a_diverged_learner_writes_nothing(tmp_path) -> None:
     learner, token = _learner(), RLToken(RLTokenConfig(num_tokens=2, embed_dim=4, z_dim=STATE_DIM))
-    save_rlt_checkpoint(tmp_path / "ok", learner, token, {"task": "t"})
+    deployment = RLTDeployment("t", PriorSpec("vla-3", None, 0), "hand-object", 0.05)
+    save_rlt_checkpoint(tmp_path / "ok", learner, token, deployment, {"note": "n"})
     loaded = load_rlt_checkpoint(tmp_path / "ok")
     states, references = np.zeros((1, STATE_DIM)), np.zeros((1, CHUNK, ACTION_DIM))
     np.testing.assert_allclose(loaded.learner.act(states, references), learner.act(states, references))
-    assert loaded.manifest == {"task": "t"} and loaded.token.config == token.config
+    assert loaded.manifest["note"] == "n" and loaded.deployment == deployment
+    assert loaded.token.config == token.config
     with torch.no_grad():
         next(learner.critic.parameters()).fill_(float("nan"))
     with pytest.raises(CriticDivergedError):
-        save_rlt_checkpoint(tmp_path / "bad", learner, token, {})
+        save_rlt_checkpoint(tmp_path / "bad", learner, token, deployment)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ok"]
     with pytest.raises(RLTInputError, match="missing"):
         load_rlt_checkpoint(tmp_path)

@@ -20,18 +20,19 @@ from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
 from policies.scripted import ScriptedPolicy
 from rlt.checkpoint import save_rlt_checkpoint
+from rlt.deployment import PriorSpec, RLTDeployment, with_projected_embeddings
 from rlt.errors import CriticDivergedError, RLTInputError
 from rlt.online import EpisodeStats, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
 from rlt.rl_token import RLToken
-from rlt.state import EmbeddingPrior, StateProjectionEmbedder, token_config_for
+from rlt.state import token_config_for
 from rlt.td3 import LearnerConfig
 from storage import ExperienceStore, StoreError
 
 app = typer.Typer(help="RLT: online RL on top of a frozen prior.", no_args_is_help=True)
 console = Console()
 
-PSEUDO_TOKENS, PSEUDO_WIDTH = 8, 32
+Z_DIM = 32  # width of the RL token bottleneck z_rl
 
 
 @app.command("rlt")
@@ -62,7 +63,8 @@ def rlt(
     chunk_size: Annotated[int, typer.Option(min=1, help="Action chunk length C")] = 10,
     token_steps: Annotated[int, typer.Option(min=1, help="Gradient steps fitting the RL token")] = 1000,
     learning_starts: Annotated[
-        int, typer.Option(min=1, help="Chunk transitions in replay before the first update (RLT acts after it)")
+        int,
+        typer.Option(min=1, help="Chunk transitions in replay before the first update (RLT acts after it)"),
     ] = 256,
     episode_steps: Annotated[
         int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
@@ -109,7 +111,7 @@ def rlt(
     experience.register_policy_version(
         rl_version, kind="rlt", uri=str(directory.resolve()), parent=policy.version
     )
-    token = RLToken(token_config_for(policy, env.reset(seed=seed)[0], z_dim=PSEUDO_WIDTH))
+    token = RLToken(token_config_for(policy, env.reset(seed=seed)[0], z_dim=Z_DIM))
     records = list(
         experience.iter_episodes(task=env_config.task, limit=stored_episodes, images=env_config.render)
     )
@@ -127,18 +129,16 @@ def rlt(
     try:
         prior_rate, rlt_rate = _train_and_evaluate(loop, records, env_steps, eval_episodes, progress)
         manifest = {
-            "task": env_config.task,
-            "prior": policy.version,
-            "prior_spec": prior,
-            "prior_noise": prior_noise,
-            "seed": seed,
             "rl_version": rl_version,
-            "handoff": {"pair": handoff, "distance": handoff_distance},
             "env_steps": loop.env_steps,
             "stored_episodes": len(records),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
         }
-        save_rlt_checkpoint(directory, loop.learner, loop.token, manifest)
+        scripted_noise = prior_noise if prior == "scripted" else None
+        deployment = RLTDeployment(
+            env_config.task, PriorSpec(policy.version, scripted_noise, seed), handoff, handoff_distance
+        )
+        save_rlt_checkpoint(directory, loop.learner, loop.token, deployment, manifest)
     except (RLTInputError, CriticDivergedError) as error:
         _fail(f"{error} (no checkpoint written)", code=1)
     successes = round(rlt_rate * eval_episodes)
@@ -168,7 +168,7 @@ def _load_prior(
     if spec == "scripted":
         scripted = ScriptedPolicy(env_config.task, noise_std=noise, seed=seed, action_horizon=chunk_size)
         store.register_policy_version(scripted.version, kind="scripted", metadata={"noise_std": noise})
-        return _with_embeddings(scripted, seed), env_config
+        return with_projected_embeddings(scripted, seed), env_config
     try:
         policy = load_policy(spec, task=env_config.task, store=store, seed=seed)
     except (PolicySpecError, CheckpointError) as error:
@@ -181,15 +181,8 @@ def _load_prior(
         )
     probe = MetaWorldEnv(env_config).reset(seed=seed)[0]
     if policy.infer(stack_observations([probe])).embeddings is None:
-        policy = _with_embeddings(policy, seed)
+        policy = with_projected_embeddings(policy, seed)
     return policy, env_config
-
-
-def _with_embeddings(policy: Policy, seed: int) -> EmbeddingPrior:
-    """A prior without embeddings gets a fixed random projection of the 39-D simulator state."""
-    return EmbeddingPrior(
-        policy, StateProjectionEmbedder(39, PSEUDO_TOKENS, PSEUDO_WIDTH, key="privileged", seed=seed)
-    )
 
 
 def _train_and_evaluate(

@@ -1,0 +1,94 @@
+"""What a saved RLT policy deploys with: the prior it refines and the hand-off to its actor.
+
+Every RLT checkpoint's manifest carries this as one ``deployment`` block, whichever command wrote it
+(``flywheel rlt`` or the pipeline's RLT stage), so loading never has to know who trained the policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from envs.metaworld_env import PRIVILEGED_DIM
+from policies.base import Policy
+from policies.scripted import ScriptedPolicy
+from rlt.errors import RLTInputError
+from rlt.phase import AlwaysCritical, PhaseSwitch, metaworld_switch
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+
+#: Shape of the stand-in "VLA embeddings" of a prior that has none: a fixed projection of the 39-D sim state.
+PROJECTED_TOKENS, PROJECTED_WIDTH = 8, 32
+ALWAYS = "always"
+
+
+def with_projected_embeddings(policy: Policy, seed: int) -> EmbeddingPrior:
+    """``policy`` with a fixed random projection of the privileged simulator state as its embeddings."""
+    embedder = StateProjectionEmbedder(
+        PRIVILEGED_DIM, PROJECTED_TOKENS, PROJECTED_WIDTH, key="privileged", seed=seed
+    )
+    return EmbeddingPrior(policy, embedder)
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """The prior an RLT policy acts around: a store version, or a scripted expert with its noise and seed."""
+
+    version: str
+    scripted_noise: float | None
+    seed: int
+
+    def load(self, task: str, chunk_size: int, load_version: Callable[[str], Policy]) -> Policy:
+        """The prior: a stored version via ``load_version`` (a VLA, or an earlier RLT policy), or a scripted
+        expert holding its action for ``chunk_size`` steps, with projected privileged state as embeddings."""
+        if self.scripted_noise is None:
+            return load_version(self.version)
+        scripted = ScriptedPolicy(
+            task,
+            noise_std=self.scripted_noise,
+            seed=self.seed,
+            action_horizon=chunk_size,
+            version=self.version,
+        )
+        return with_projected_embeddings(scripted, self.seed)
+
+
+@dataclass(frozen=True)
+class RLTDeployment:
+    """The task, the prior and the hand-off of an RLT policy.
+
+    ``handoff`` is a ``rlt.phase.METAWORLD_PAIRS`` pair (the actor takes over once its distance falls below
+    ``handoff_distance``; ``≤ 0`` means from the first chunk) or ``"always"``.
+    """
+
+    task: str
+    prior: PriorSpec
+    handoff: str
+    handoff_distance: float
+
+    def switch(self) -> PhaseSwitch:
+        """The phase switch that hands off to the actor."""
+        if self.handoff == ALWAYS:
+            return AlwaysCritical()
+        return metaworld_switch(self.handoff, self.handoff_distance)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The ``deployment`` block of a checkpoint manifest (plain JSON)."""
+        return {"deployment": dataclasses.asdict(self)}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> RLTDeployment:
+        """Read the ``deployment`` block; a manifest without one (or missing a field) is a one-line error."""
+        try:
+            block = manifest["deployment"]
+            return cls(
+                block["task"],
+                PriorSpec(**block["prior"]),
+                block["handoff"],
+                float(block["handoff_distance"]),
+            )
+        except (KeyError, TypeError) as error:
+            raise RLTInputError(
+                f"RLT manifest: no valid 'deployment' block ({error}); written by an older flywheel? retrain it"
+            ) from None
