@@ -40,10 +40,13 @@ def load_policy(spec: str, *, task: str, store: ExperienceStore, noise: float = 
         policy = OpenPIClientPolicy(spec.removeprefix(OPENPI_PREFIX))
         store.register_policy_version(policy.version, kind="openpi", uri=spec.removeprefix(OPENPI_PREFIX))
         return policy
+    return _load_checkpoint(checkpoint_directory(spec, store), store, task)
+
+
+def checkpoint_directory(spec: str, store: ExperienceStore) -> Path:
+    """``spec`` as a checkpoint directory: the directory itself, or a registered version's."""
     directory = Path(spec)
-    if not directory.is_dir():
-        directory = _checkpoint_of_version(spec, store)
-    return _load_checkpoint(directory, store, task)
+    return directory if directory.is_dir() else _checkpoint_of_version(spec, store)
 
 
 def _checkpoint_of_version(version: str, store: ExperienceStore) -> Path:

@@ -159,6 +159,7 @@ def train_vla(
             "bc_config": config.model_dump(mode="json"),
             "selection": selection.model_dump(mode="json"),
             "episodes": len(records),
+            "init_from": str(init_from.resolve()) if init_from is not None else None,
             "final_loss": train_result.history[-1]["loss"] if train_result.history else None,
         },
     )

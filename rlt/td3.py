@@ -43,7 +43,7 @@ class LearnerConfig:
     """Hyper-parameters of the chunked actor-critic (defaults follow the RLT recipe).
 
     ``utd_ratio`` is the number of critic updates per chunk transition collected, ``policy_delay`` the number
-    of critic updates per actor update, ``beta`` the weight of ``mean((a − ã)²)`` in the actor loss.
+    of critic updates per actor update, ``beta`` the weight of ``‖a − ã‖²`` (over the C×D chunk) in the actor loss.
     ``residual_scale`` (ResFiT-style baseline, off by default) makes the policy ``clip(ã + s · π(x, ã))`` with
     the actor's last layer zero-initialised, so it starts exactly at the prior's chunk.
     """
@@ -245,14 +245,14 @@ class ChunkedTD3(TD3):
             return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
 
     def actor_loss(self, observations: torch.Tensor) -> torch.Tensor:
-        """``−Q1(x, π(x, ã with dropout)) + β · mean((π − ã)²)``."""
+        """``−Q1(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the whole chunk, mean over the batch)."""
         actor_input, _ = apply_reference_dropout(
             observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
         )
         actions = self.policy_chunks(self.actor, observations, actor_input)
         reference = observations[:, self.state_dim :]
         q_value = self.critic.q1_forward(observations, actions).mean()
-        return -q_value + self.config.beta * torch.mean((actions - reference) ** 2)
+        return -q_value + self.config.beta * ((actions - reference) ** 2).sum(dim=1).mean()
 
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:
         """TD3's update loop with chunked targets and the reference-regularized actor loss."""

@@ -120,3 +120,35 @@ def test_collect_cli_rejects_bad_settings_with_one_line(tmp_path):
     typo = runner.invoke(app, ["collect", "--task", "pick-plase-v3", "--db", db])
     assert typo.exit_code == 2 and "pick-place-v3" in typo.output
     assert ExperienceStore(db).count_episodes() == 0
+
+
+def test_recap_iterate_cli_retrains_from_the_pretrained_checkpoint(demo_store, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    store, url = demo_store
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    prior = train_vla(
+        store,
+        EpisodeFilter(tasks=[TASK], run_ids=["demos"]),
+        TINY_BC.model_copy(update={"eval_episodes": 0}),
+        tmp_path,
+        progress=False,
+    )
+    runner = CliRunner()
+    base = ["recap", "iterate", "--task", TASK, "--policy", prior.version, "--db", url, "--image-size", "48"]
+    base += ["--episodes", "2", "--steps", "3", "--eval-episodes", "1", "--value-steps", "20"]
+    too_short = runner.invoke(app, [*base, "--max-episode-steps", "30"], env={"COLUMNS": "200"})
+    assert too_short.exit_code == 2 and "error: episode" in too_short.output
+    assert "exceeds max_episode_length 30" in too_short.output
+    base += ["--max-episode-steps", "40"]
+    missing = runner.invoke(app, [*base, "--retrain-from", "no-such-version"], env={"COLUMNS": "200"})
+    assert missing.exit_code == 2 and missing.output.startswith(
+        "error: --retrain-from: policy 'no-such-version'"
+    )
+    result = runner.invoke(app, [*base, "--retrain-from", prior.version], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    retrained = [row for row in store.policy_versions() if row["parent"] == prior.version]
+    assert retrained and retrained[-1]["metadata"]["init_from"] == str(prior.checkpoint.resolve())
+    assert retrained[-1]["metadata"]["bc_config"]["steps"] == 3

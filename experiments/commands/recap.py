@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -10,8 +10,10 @@ from rich.table import Table
 
 from envs import EnvConfig
 from experiments.paths import checkpoints_dir, default_store_url
+from experiments.policy_loader import PolicySpecError, checkpoint_directory
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig
+from recap import RecapInputError, RelabelConfig, ValueConfig
 from storage import ExperienceStore
 
 app = typer.Typer(
@@ -32,25 +34,54 @@ def iterate(
     cfg_beta: Annotated[
         float, typer.Option(min=0.0, help="Classifier-free guidance β (1 = plain conditioning)")
     ] = 1.0,
+    retrain_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Pretrained checkpoint (registered version or directory) π is retrained from, as the recipe "
+            "does every iteration; default: a fresh model"
+        ),
+    ] = None,
+    value_steps: Annotated[int, typer.Option(min=1, help="Value-model training steps per fold")] = 1500,
+    max_episode_steps: Annotated[
+        int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
+    ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate."""
     camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip())
+    store_url = db or default_store_url()
+    env = EnvConfig(
+        task=task,
+        cameras=camera_names,
+        width=image_size,
+        height=image_size,
+        max_episode_steps=max_episode_steps,
+        seed=seed,
+    )
+    try:
+        pretrained = checkpoint_directory(retrain_from, ExperienceStore(store_url)) if retrain_from else None
+    except PolicySpecError as error:
+        _fail(f"--retrain-from: {error}")
     config = RecapIterationConfig(
         task=task,
         policy=policy,
-        store_url=db or default_store_url(),
-        env=EnvConfig(task=task, cameras=camera_names, width=image_size, height=image_size, seed=seed),
+        store_url=store_url,
+        env=env,
         collect_episodes=episodes,
+        relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps)),
         bc=BCConfig(
             cameras=camera_names, image_size=image_size, steps=steps, condition_dropout=0.3, seed=seed
         ),
         cfg_beta=cfg_beta,
+        retrain_from=pretrained,
         eval_episodes=eval_episodes,
         seed=seed,
     )
-    result = run_recap_iteration(config, checkpoints_dir())
+    try:
+        result = run_recap_iteration(config, checkpoints_dir())
+    except RecapInputError as error:
+        _fail(str(error))
     diagnostics = result.relabel.diagnostics
     console.print(f"relabel [bold]{result.relabel.relabel_id}[/bold]  diagnostics: {_headline(diagnostics)}")
     table = Table("policy", "version", "success", "95% CI", "mean length", "successes/h")
@@ -65,6 +96,12 @@ def iterate(
                 f"{evaluation.successes_per_hour:.0f}",
             )
     console.print(table)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print one ``error: …`` line and exit 2 (bad input)."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 @app.command("relabels")
