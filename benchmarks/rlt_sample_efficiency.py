@@ -58,6 +58,9 @@ class BenchmarkConfig:
     critical_pair: str = "hand-object"
     warmup_episodes: int = 20
     residual_scale: float = 0.1
+    utd_ratio: int = 5
+    beta: float = 1.0
+    token_steps: int = 2000
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
 
@@ -119,7 +122,9 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
 
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
-    learner = LearnerConfig(chunk_size=config.chunk_size, seed=seed)
+    learner = LearnerConfig(
+        chunk_size=config.chunk_size, beta=config.beta, utd_ratio=config.utd_ratio, seed=seed
+    )
     return _online(config, seed, "rlt", learner, exploration_noise=0.2)
 
 
@@ -133,6 +138,7 @@ def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
         beta=0.0,
         ref_dropout=0.0,
         residual_scale=config.residual_scale,
+        utd_ratio=config.utd_ratio,
         seed=seed,
     )
     return _online(config, seed, "residual", learner, exploration_noise=config.residual_scale / 2)
@@ -155,7 +161,7 @@ def _online(
             total_env_steps=config.env_steps,
             eval_every_steps=config.eval_every,
             eval_episodes=config.eval_episodes,
-            token_steps=500,
+            token_steps=config.token_steps,
             eval_seed_base=EVAL_SEED_BASE,
             record_images=False,
             exploration_noise=exploration_noise,
@@ -367,6 +373,13 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(METAWORLD_PAIRS))
     parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
     parser.add_argument("--residual-scale", type=float, default=defaults.residual_scale)
+    parser.add_argument(
+        "--utd-ratio", type=int, default=defaults.utd_ratio, help="critic updates per chunk (RLT and residual)"
+    )
+    parser.add_argument("--beta", type=float, default=defaults.beta, help="RLT's weight of ‖a − ã‖²")
+    parser.add_argument(
+        "--token-steps", type=int, default=defaults.token_steps, help="gradient steps fitting the RL token"
+    )
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
     parser.add_argument("--output", default=defaults.output)
     args = parser.parse_args()
@@ -382,6 +395,9 @@ def parse_args() -> BenchmarkConfig:
         critical_pair=args.critical_pair,
         warmup_episodes=args.warmup_episodes,
         residual_scale=args.residual_scale,
+        utd_ratio=args.utd_ratio,
+        beta=args.beta,
+        token_steps=args.token_steps,
         arms=tuple(args.arms),
         output=args.output,
     )

@@ -104,7 +104,7 @@ class RLTSettings(_Strict):
     exploration_noise: float = Field(default=0.2, ge=0.0)
     handoff: Literal["always", "hand-object", "object-goal"] = "hand-object"
     handoff_distance: float = Field(default=0.05, gt=0.0)
-    token_steps: int = Field(default=500, ge=1)
+    token_steps: int = Field(default=2000, ge=1)
     z_dim: int = Field(default=32, ge=1)
     chunk_size: int = Field(default=10, ge=1)
     beta: float = Field(default=1.0, ge=0.0)

@@ -50,7 +50,7 @@ class OnlineConfig:
     warmup_episodes: int = 20
     total_env_steps: int = 20_000
     exploration_noise: float = 0.2
-    token_steps: int = 1000
+    token_steps: int = 2000
     token_batch_size: int = 128
     eval_every_steps: int = 0
     eval_episodes: int = 20

@@ -61,7 +61,7 @@ def rlt(
         float, typer.Option(help="Hand off once that distance is below this (≤ 0: RLT acts from the start)")
     ] = 0.05,
     chunk_size: Annotated[int, typer.Option(min=1, help="Action chunk length C")] = 10,
-    token_steps: Annotated[int, typer.Option(min=1, help="Gradient steps fitting the RL token")] = 1000,
+    token_steps: Annotated[int, typer.Option(min=1, help="Gradient steps fitting the RL token")] = 2000,
     learning_starts: Annotated[
         int,
         typer.Option(min=1, help="Chunk transitions in replay before the first update (RLT acts after it)"),
