@@ -33,7 +33,7 @@ import numpy as np
 
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
-from experiments.evaluation import EvalResult, evaluate
+from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.recap_iteration import LEARNABLE, RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
 from recap import RelabelConfig, ValueConfig, awr_weights, filtered_bc_weights
@@ -72,6 +72,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="write the table (.txt) and json here")
     parser.add_argument("--quick", action="store_true", help="tiny budget smoke run")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the table pooled over earlier runs' .json outputs (e.g. one per seed) instead of running",
+    )
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.demos, args.prior_steps, args.collect = ["reach-v3"], 3, 10, 4
@@ -256,8 +263,37 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def pooled_report(paths: list[Path]) -> str:
+    """Per task and arm, pooled over runs (seeds): successes/n with a Wilson interval, mean Δ and × prior."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        for result in run["results"]:
+            for row in result["rows"]:
+                cells.setdefault((row["task"], row["arm"]), []).append(row)
+    seeds = sorted({run["settings"]["seed"] for run in runs})
+    lines = [
+        f"pooled over {len(runs)} runs (seeds {seeds}); runs: how many of them have the arm",
+        f"{'task':<24} {'arm':<12} {'runs':>4} {'success':>9} {'rate':>5} {'95% CI':>13} {'Δ pts':>6} "
+        f"{'× prior':>7}  per-run rates",
+    ]
+    for (task, arm), rows in cells.items():
+        successes, n = sum(row["successes"] for row in rows), sum(row["n"] for row in rows)
+        low, high = wilson_interval(successes, n)
+        lines.append(
+            f"{task:<24} {arm:<12} {len(rows):>4} {successes:>4}/{n:<4} {successes / n:>5.2f} "
+            f"[{low:.2f}, {high:.2f}] {np.mean([r['delta_points'] for r in rows]):>+6.0f} "
+            f"{np.mean([r['throughput_ratio'] for r in rows]):>7.2f}  "
+            + " ".join(f"{row['success_rate']:.2f}" for row in rows)
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.combine:
+        print(pooled_report(args.combine))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="flywheel-recap-"))
     results: list[dict[str, Any]] = []
     for task in args.tasks:
