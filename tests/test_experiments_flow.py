@@ -8,7 +8,7 @@ from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import summarize, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.training import BCConfig, EpisodeFilter, train_vla
+from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, train_vla
 from recap import RelabelConfig, ValueConfig
 from storage import ExperienceStore
 
@@ -61,15 +61,17 @@ def test_train_vla_from_store_registers_and_evaluates(demo_store, tmp_path):
     assert all(loss == loss for loss in losses)  # finite, no NaN
 
 
+def _tiny_prior(store: ExperienceStore, output_dir) -> TrainedPolicy:
+    """A few BC steps on the demos (no evaluation): the prior the RECAP tests improve."""
+    selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
+    return train_vla(
+        store, selection, TINY_BC.model_copy(update={"eval_episodes": 0}), output_dir, progress=False
+    )
+
+
 def test_one_recap_iteration_end_to_end(demo_store, tmp_path):
     store, url = demo_store
-    prior = train_vla(
-        store,
-        EpisodeFilter(tasks=[TASK], run_ids=["demos"]),
-        TINY_BC.model_copy(update={"eval_episodes": 0}),
-        tmp_path,
-        progress=False,
-    )
+    prior = _tiny_prior(store, tmp_path)
     config = RecapIterationConfig(
         task=TASK,
         policy=prior.version,
@@ -129,13 +131,7 @@ def test_recap_iterate_cli_retrains_from_the_pretrained_checkpoint(demo_store, t
 
     store, url = demo_store
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
-    prior = train_vla(
-        store,
-        EpisodeFilter(tasks=[TASK], run_ids=["demos"]),
-        TINY_BC.model_copy(update={"eval_episodes": 0}),
-        tmp_path,
-        progress=False,
-    )
+    prior = _tiny_prior(store, tmp_path)
     runner = CliRunner()
     base = ["recap", "iterate", "--task", TASK, "--policy", prior.version, "--db", url, "--image-size", "48"]
     base += ["--episodes", "2", "--steps", "3", "--eval-episodes", "1", "--value-steps", "20"]
