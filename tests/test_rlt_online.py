@@ -43,7 +43,13 @@ def _loop(
         switch or DistanceSwitch([0, 1], [2, 3], 0.15),
         _token(seed),
         OnlineConfig(task="point-reach", env_id="rlt-toy/point-reach", **settings),
-        LearnerConfig(batch_size=128, learning_starts=learning_starts, net_arch=(128, 128), seed=seed),
+        LearnerConfig(
+            batch_size=128,
+            learning_starts=learning_starts,
+            net_arch=(128, 128),
+            beta=0.05,  # β‖a − ã‖² over C×D = 20 entries: the strength this test was tuned with (β = 1 per entry)
+            seed=seed,
+        ),
         on_episode=None if records is None else records.append,
     )
 
