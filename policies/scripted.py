@@ -22,6 +22,11 @@ from policies.base import ActionChunk, ObservationBatch
 _TASK_BY_PROMPT = {prompt: task for task, prompt in TASK_PROMPTS.items()}
 
 
+def scripted_version(noise_std: float) -> str:
+    """The policy version a scripted expert with action noise ``noise_std`` is registered under."""
+    return f"scripted-noise{noise_std:g}"
+
+
 class ScriptedPolicy:
     """Meta-World scripted experts as a batched chunking policy with a noise knob."""
 
@@ -41,7 +46,7 @@ class ScriptedPolicy:
         self.task = task
         self.noise_std = noise_std
         self.action_horizon = action_horizon
-        self.version = version or f"scripted-noise{noise_std:g}"
+        self.version = version or scripted_version(noise_std)
         self._seeds = np.random.default_rng(seed)
         self._experts: dict[str, ScriptedExpert] = {}
         if task is not None:

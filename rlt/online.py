@@ -263,9 +263,8 @@ class OnlineRLT:
         self.phase_switch.reset()
         recorder = _EpisodeRecorder(self.config.record_images)
         chunks, critical, terminated, done = EpisodeChunks(steps=[]), False, False, False
-        rl_ready = (
-            mode != "prior" and self.learner.weights_version > 0
-        )  # an untrained actor leaves it to the prior
+        # an untrained actor (no gradient step yet) leaves the critical phase to the prior
+        rl_ready = mode != "prior" and self.learner.weights_version > 0
         while not done:
             context, proposal = self._context(observation)
             critical = critical or self.phase_switch.is_critical(observation, info)

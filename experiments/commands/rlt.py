@@ -18,7 +18,7 @@ from experiments.policy_loader import PolicySpecError, load_policy
 from experiments.validation import first_error
 from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
-from policies.scripted import ScriptedPolicy
+from policies.scripted import scripted_version
 from rlt.checkpoint import save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment, with_projected_embeddings
 from rlt.errors import CriticDivergedError, RLTInputError
@@ -102,7 +102,7 @@ def rlt(
     except RLTInputError as error:
         _fail(str(error))
     experience = _open_store(store)
-    policy, env_config = _load_prior(prior, env_config, experience, prior_noise, chunk_size, seed)
+    prior_spec, policy, env_config = _load_prior(prior, env_config, experience, prior_noise, chunk_size, seed)
     env = MetaWorldEnv(env_config)
     rl_version = f"rlt-{env_config.task}-{uuid.uuid4().hex[:8]}"
     directory = output or checkpoints_dir() / rl_version
@@ -134,10 +134,7 @@ def rlt(
             "stored_episodes": len(records),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
         }
-        scripted_noise = prior_noise if prior == "scripted" else None
-        deployment = RLTDeployment(
-            env_config.task, PriorSpec(policy.version, scripted_noise, seed), handoff, handoff_distance
-        )
+        deployment = RLTDeployment(env_config.task, prior_spec, handoff, handoff_distance)
         save_rlt_checkpoint(directory, loop.learner, loop.token, deployment, manifest)
     except (RLTInputError, CriticDivergedError) as error:
         _fail(f"{error} (no checkpoint written)", code=1)
@@ -163,14 +160,19 @@ def _open_store(url: str | None) -> ExperienceStore:
 
 def _load_prior(
     spec: str, env_config: EnvConfig, store: ExperienceStore, noise: float, chunk_size: int, seed: int
-) -> tuple[Policy, EnvConfig]:
-    """The prior (with embeddings) and the env config it needs (cameras for a VLA)."""
+) -> tuple[PriorSpec, Policy, EnvConfig]:
+    """The prior as saved in the deployment block, the prior itself (with embeddings) and the env config it
+    needs (cameras for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
+
+    def load_version(version: str) -> Policy:
+        return load_policy(version, task=env_config.task, store=store, seed=seed)
+
     if spec == "scripted":
-        scripted = ScriptedPolicy(env_config.task, noise_std=noise, seed=seed, action_horizon=chunk_size)
-        store.register_policy_version(scripted.version, kind="scripted", metadata={"noise_std": noise})
-        return with_projected_embeddings(scripted, seed), env_config
+        prior = PriorSpec(scripted_version(noise), noise, seed)
+        store.register_policy_version(prior.version, kind="scripted", metadata={"noise_std": noise})
+        return prior, prior.load(env_config.task, chunk_size, load_version), env_config
     try:
-        policy = load_policy(spec, task=env_config.task, store=store, seed=seed)
+        policy = load_version(spec)
     except (PolicySpecError, CheckpointError) as error:
         _fail(f"--prior: {error}")
     vla = getattr(policy, "low_level", policy)
@@ -182,7 +184,7 @@ def _load_prior(
     probe = MetaWorldEnv(env_config).reset(seed=seed)[0]
     if policy.infer(stack_observations([probe])).embeddings is None:
         policy = with_projected_embeddings(policy, seed)
-    return policy, env_config
+    return PriorSpec(policy.version, None, seed), policy, env_config
 
 
 def _train_and_evaluate(
