@@ -53,6 +53,7 @@ class BenchmarkConfig:
     eval_episodes: int = 20
     episode_steps: int = 200
     prior_noise: float = 0.3
+    success_tolerance: float | None = None
     chunk_size: int = 10
     critical_distance: float | None = 0.05
     critical_pair: str = "hand-object"
@@ -85,6 +86,7 @@ def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
             reward="sparse",
             terminate_on_success=True,
             max_episode_steps=config.episode_steps,
+            success_tolerance=config.success_tolerance,
         )
     )
 
@@ -365,6 +367,12 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument("--episode-steps", type=int, default=defaults.episode_steps)
     parser.add_argument("--prior-noise", type=float, default=defaults.prior_noise)
     parser.add_argument(
+        "--success-tolerance",
+        type=float,
+        default=defaults.success_tolerance,
+        help="harder-tolerance variant: success when the task's distance is ≤ this (envs.TOLERANCE_PAIRS)",
+    )
+    parser.add_argument(
         "--critical-distance",
         type=float,
         default=defaults.critical_distance,
@@ -391,6 +399,7 @@ def parse_args() -> BenchmarkConfig:
         eval_episodes=args.eval_episodes,
         episode_steps=args.episode_steps,
         prior_noise=args.prior_noise,
+        success_tolerance=args.success_tolerance,
         critical_distance=args.critical_distance if args.critical_distance > 0 else None,
         critical_pair=args.critical_pair,
         warmup_episodes=args.warmup_episodes,

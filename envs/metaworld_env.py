@@ -13,7 +13,10 @@ Observation (see ``policies.base.Observation``):
   previous frame's 18 values, goal) — for scripted experts and simulated humans only.
 
 ``info["success"]`` is a bool and ``info["dense_reward"]`` Meta-World's shaped reward (whatever ``reward``
-is configured), next to Meta-World's own info keys. By default an episode terminates on success
+is configured), next to Meta-World's own info keys. ``success_tolerance`` makes a harder-tolerance variant of
+a task in ``TOLERANCE_PAIRS``: success is then ``‖a − b‖ ≤ tolerance`` for the task's pair of privileged-state
+positions (e.g. hand and goal for ``reach-v3``; Meta-World's own test is 5 cm), the distance is in
+``info["tolerance_distance"]`` and Meta-World's verdict in ``info["metaworld_success"]``. By default an episode terminates on success
 (``terminate_on_success``) and is truncated after ``max_episode_steps`` (per-task default from
 ``envs.tasks``).
 
@@ -32,7 +35,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium as gym
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from envs.rendering import CameraRenderer
 from envs.tasks import resolve_task, task_max_episode_steps, task_prompt
@@ -40,10 +43,18 @@ from policies.base import Observation
 
 HAND = slice(0, 3)
 GRIPPER = slice(3, 4)
+OBJECT = slice(4, 7)
 GOAL = slice(36, 39)
 PRIVILEGED_DIM = 39
 ACTION_DIM = 4
 PROMPT_SPACE = gym.spaces.Text(max_length=512, charset=string.printable)
+#: Tasks whose success is a distance between two privileged-state positions (Meta-World tests it at 5 cm):
+#: the positions a ``success_tolerance`` variant measures.
+TOLERANCE_PAIRS: dict[str, tuple[slice, slice]] = {
+    "reach-v3": (HAND, GOAL),
+    "push-v3": (OBJECT, GOAL),
+    "pick-place-v3": (OBJECT, GOAL),
+}
 
 
 class EnvConfig(BaseModel):
@@ -62,6 +73,7 @@ class EnvConfig(BaseModel):
     terminate_on_success: bool = True
     reward: Literal["dense", "sparse"] = "dense"
     prompt: str | None = None
+    success_tolerance: float | None = Field(default=None, gt=0.0)
 
     @field_validator("task")
     @classmethod
@@ -74,6 +86,14 @@ class EnvConfig(BaseModel):
         if len(set(cameras)) != len(cameras):
             raise ValueError(f"cameras: expected distinct camera names, got {list(cameras)}")
         return cameras
+
+    @model_validator(mode="after")
+    def _tolerance_task(self) -> EnvConfig:
+        if self.success_tolerance is not None and self.task not in TOLERANCE_PAIRS:
+            raise ValueError(
+                f"success_tolerance: supported for {sorted(TOLERANCE_PAIRS)}, not {self.task!r}"
+            )
+        return self
 
     @property
     def episode_steps(self) -> int:
@@ -143,8 +163,15 @@ class MetaWorldEnv(gym.Env):
             raise RuntimeError("step() called after the episode was truncated; call reset() first")
         raw, dense_reward, _, _, sim_info = self._sim.step(action)
         self._steps += 1
-        success = bool(sim_info["success"])
-        info = {**sim_info, "success": success, "dense_reward": float(dense_reward)}
+        info = {**sim_info, "success": bool(sim_info["success"]), "dense_reward": float(dense_reward)}
+        if self.config.success_tolerance is not None:
+            distance = self._tolerance_distance(raw)
+            info |= {
+                "metaworld_success": info["success"],
+                "tolerance_distance": distance,
+                "success": distance <= self.config.success_tolerance,
+            }
+        success = info["success"]
         reward = float(success) if self.config.reward == "sparse" else float(dense_reward)
         terminated = success and self.config.terminate_on_success
         truncated = self._steps >= self.max_episode_steps and not terminated
@@ -162,6 +189,10 @@ class MetaWorldEnv(gym.Env):
             self._renderer.close()
             self._renderer = None
         self._sim.close()
+
+    def _tolerance_distance(self, raw: np.ndarray) -> float:
+        first, second = TOLERANCE_PAIRS[self.task]
+        return float(np.linalg.norm(raw[first] - raw[second]))
 
     def _observation(self, raw: np.ndarray) -> Observation:
         privileged = raw.astype(np.float32)

@@ -33,17 +33,24 @@ def with_projected_embeddings(policy: Policy, seed: int) -> EmbeddingPrior:
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """The prior an RLT policy acts around: a store version, or a scripted expert with its noise and seed."""
+    """The prior an RLT policy acts around: a store version, or a scripted expert with its noise and seed.
+
+    ``projected_embeddings`` marks a stored version that returns no embeddings (a state policy, an openpi
+    server sending none): RLT trained on a fixed projection of its privileged state, and deployment rebuilds it.
+    """
 
     version: str
     scripted_noise: float | None
     seed: int
+    projected_embeddings: bool = False
 
     def load(self, task: str, chunk_size: int, load_version: Callable[[str], Policy]) -> Policy:
-        """The prior: a stored version via ``load_version`` (a VLA, or an earlier RLT policy), or a scripted
-        expert holding its action for ``chunk_size`` steps, with projected privileged state as embeddings."""
+        """The prior: a stored version via ``load_version`` (a VLA, or an earlier RLT policy; wrapped with
+        projected embeddings if it was trained that way), or a scripted expert holding its action for
+        ``chunk_size`` steps, with projected privileged state as embeddings."""
         if self.scripted_noise is None:
-            return load_version(self.version)
+            policy = load_version(self.version)
+            return with_projected_embeddings(policy, self.seed) if self.projected_embeddings else policy
         scripted = ScriptedPolicy(
             task,
             noise_std=self.scripted_noise,

@@ -91,6 +91,7 @@ class AlwaysCritical:
 METAWORLD_PAIRS: dict[str, tuple[list[int], list[int]]] = {
     "hand-object": ([0, 1, 2], [4, 5, 6]),
     "object-goal": ([4, 5, 6], [36, 37, 38]),
+    "hand-goal": ([0, 1, 2], [36, 37, 38]),
 }
 """Index groups of Meta-World's 39-D privileged state (hand xyz, first object xyz, goal xyz)."""
 

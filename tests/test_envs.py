@@ -190,6 +190,31 @@ def test_episodes_truncate_at_max_steps_and_terminate_on_success():
     env.close()
 
 
+def test_a_tighter_success_tolerance_asks_for_more_than_metaworld_does():
+    """The clean expert reaches Meta-World's 5 cm before it reaches 5 mm: the variant succeeds later, exactly
+    when the hand-goal distance first drops to the tolerance."""
+    first_success = {}
+    for tolerance in (None, 0.005):
+        config = EnvConfig(task="reach-v3", render=False, reward="sparse", success_tolerance=tolerance)
+        env, expert = MetaWorldEnv(config), ScriptedExpert("reach-v3")
+        obs, _ = env.reset(seed=3)
+        steps, terminated, truncated = 0, False, False
+        while not (terminated or truncated):
+            obs, reward, terminated, truncated, info = env.step(expert.act(obs["privileged"]))
+            steps += 1
+        assert terminated and reward == 1.0
+        first_success[tolerance] = steps
+        env.close()
+    distance = np.linalg.norm(obs["privileged"][0:3] - obs["privileged"][36:39])
+    assert info["tolerance_distance"] == pytest.approx(distance, abs=1e-6) and distance <= 0.005
+    assert info["metaworld_success"]
+    assert first_success[0.005] > first_success[None]
+    with pytest.raises(ValidationError, match="success_tolerance: supported for"):
+        EnvConfig(task="peg-insert-side-v3", success_tolerance=0.01)
+    with pytest.raises(ValidationError, match="success_tolerance"):
+        EnvConfig(task="reach-v3", success_tolerance=0.0)
+
+
 def test_generic_adapter_wraps_a_gymnasium_mujoco_env_by_configuration():
     config = GymEnvConfig(
         env_id="Pusher-v5", prompt="push the object to the goal", render=True, width=64, height=64, seed=5

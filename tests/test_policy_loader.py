@@ -21,6 +21,7 @@ from experiments.pipeline_rlt import RLTDeployedPolicy, deployment_for, load_rlt
 from experiments.policy_loader import PolicySpecError, load_policy
 from policies.base import stack_observations
 from policies.openpi_client import OpenPIClientPolicy, ServerError
+from policies.scripted import ScriptedPolicy
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.phase import AlwaysCritical, DistanceSwitch
@@ -106,6 +107,24 @@ def test_both_writers_leave_one_deployment_block(trained, tmp_path) -> None:
     assert isinstance(pipeline.switch(), DistanceSwitch)
     always = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="always"))
     assert isinstance(always.switch(), AlwaysCritical)
+
+
+def test_a_prior_without_embeddings_deploys_with_the_projection_it_trained_on() -> None:
+    """A stored prior that returns no embeddings is recorded as projected; deployment rebuilds the same
+    embeddings from the manifest instead of loading the bare version."""
+    observation = MetaWorldEnv(EnvConfig(task=TASK, render=False)).reset(seed=0)[0]
+    bare = ScriptedPolicy(TASK, seed=0, action_horizon=10, version="state-bc-1")
+    assert bare.infer(stack_observations([observation])).embeddings is None
+    spec = PriorSpec("state-bc-1", None, 3, projected_embeddings=True)
+    block = RLTDeployment(TASK, spec, "hand-object", 0.05).to_manifest()
+    loaded = RLTDeployment.from_manifest(json.loads(json.dumps(block))).prior
+    assert loaded == spec
+    trained = spec.load(TASK, 10, lambda _: bare).infer(stack_observations([observation])).embeddings
+    deployed = loaded.load(TASK, 10, lambda _: bare).infer(stack_observations([observation])).embeddings
+    assert trained is not None and trained.shape == (1, 8, 32)
+    np.testing.assert_array_equal(deployed, trained)
+    unprojected = PriorSpec("state-bc-1", None, 3).load(TASK, 10, lambda _: bare)
+    assert unprojected.infer(stack_observations([observation])).embeddings is None
 
 
 def test_a_manifest_without_a_deployment_block_is_a_one_line_error(trained, tmp_path) -> None:

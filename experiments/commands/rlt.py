@@ -20,7 +20,7 @@ from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
 from policies.scripted import scripted_version
 from rlt.checkpoint import save_rlt_checkpoint
-from rlt.deployment import PriorSpec, RLTDeployment, with_projected_embeddings
+from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.errors import CriticDivergedError, RLTInputError
 from rlt.online import EpisodeStats, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
@@ -182,9 +182,9 @@ def _load_prior(
             update={"render": True, "cameras": tuple(vla.config.cameras), "width": size, "height": size}
         )
     probe = MetaWorldEnv(env_config).reset(seed=seed)[0]
-    if policy.infer(stack_observations([probe])).embeddings is None:
-        policy = with_projected_embeddings(policy, seed)
-    return PriorSpec(policy.version, None, seed), policy, env_config
+    projected = policy.infer(stack_observations([probe])).embeddings is None
+    prior = PriorSpec(policy.version, None, seed, projected_embeddings=projected)
+    return prior, prior.load(env_config.task, chunk_size, lambda _: policy), env_config
 
 
 def _train_and_evaluate(
