@@ -66,13 +66,22 @@ class RLTDeployment:
     """The task, the prior and the hand-off of an RLT policy.
 
     ``handoff`` is a ``rlt.phase.METAWORLD_PAIRS`` pair (the actor takes over once its distance falls below
-    ``handoff_distance``; ``≤ 0`` means from the first chunk) or ``"always"``.
+    ``handoff_distance``) or ``"always"`` (from the first chunk; build with ``with_handoff``). Manifests
+    written before ``with_handoff`` may say a pair with distance ``≤ 0``, which still means the same.
     """
 
     task: str
     prior: PriorSpec
     handoff: str
     handoff_distance: float
+
+    @classmethod
+    def with_handoff(cls, task: str, prior: PriorSpec, pair: str, distance: float) -> RLTDeployment:
+        """A distance hand-off on ``pair``; ``distance ≤ 0`` (RLT from the first chunk) is recorded as
+        ``"always"``, the one spelling of that hand-off in a manifest."""
+        if distance <= 0:
+            return cls(task, prior, ALWAYS, 0.0)
+        return cls(task, prior, pair, distance)
 
     def switch(self) -> PhaseSwitch:
         """The phase switch that hands off to the actor."""

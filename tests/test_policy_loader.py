@@ -100,7 +100,7 @@ def test_both_writers_leave_one_deployment_block(trained, tmp_path) -> None:
     """``flywheel rlt`` and the pipeline's stage write the same ``deployment`` block; its hand-off rebuilds."""
     url, version = trained
     cli = load_rlt_checkpoint(_checkpoint(ExperienceStore(url), version)).deployment
-    assert cli == RLTDeployment(TASK, PriorSpec("scripted-noise0.3", 0.3, 0), "hand-object", 0.0)
+    assert cli == RLTDeployment(TASK, PriorSpec("scripted-noise0.3", 0.3, 0), "always", 0.0)
     assert isinstance(cli.switch(), AlwaysCritical)
     pipeline = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="object-goal"))
     assert RLTDeployment.from_manifest(json.loads(json.dumps(pipeline.to_manifest()))) == pipeline

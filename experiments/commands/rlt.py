@@ -134,7 +134,7 @@ def rlt(
             "stored_episodes": len(records),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
         }
-        deployment = RLTDeployment(env_config.task, prior_spec, handoff, handoff_distance)
+        deployment = RLTDeployment.with_handoff(env_config.task, prior_spec, handoff, handoff_distance)
         save_rlt_checkpoint(directory, loop.learner, loop.token, deployment, manifest)
     except (RLTInputError, CriticDivergedError) as error:
         _fail(f"{error} (no checkpoint written)", code=1)
