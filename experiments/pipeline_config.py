@@ -102,7 +102,7 @@ class RLTSettings(_Strict):
     eval_every_steps: int = Field(default=5_000, ge=0)
     eval_episodes: int = Field(default=20, ge=1)
     exploration_noise: float = Field(default=0.2, ge=0.0)
-    handoff: Literal["always", "hand-object", "object-goal"] = "hand-object"
+    handoff: Literal["always", "hand-object", "object-goal", "hand-goal"] = "hand-object"
     handoff_distance: float = Field(default=0.05, gt=0.0)
     token_steps: int = Field(default=2000, ge=1)
     z_dim: int = Field(default=32, ge=1)

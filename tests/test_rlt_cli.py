@@ -57,6 +57,8 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
         "the trained learner acted in the critical phase"
     )
     assert checkpoint.deployment.prior.version == "scripted-noise0.3"
+    assert checkpoint.manifest["env"]["task"] == "peg-insert-side-v3"
+    assert checkpoint.manifest["env"]["success_tolerance"] is None
     assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.token.config.num_tokens == 8
     assert {row["version"] for row in store.policy_versions()} >= {rl_version, "scripted-noise0.3"}
 
@@ -73,6 +75,10 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
         (["--task", "peg-insert-side-v3", "--handoff", "elbow"], "error: hand-off pair: expected one of"),
         (["--task", "peg-insert-side-v3", "--prior", "v9"], "error: --prior: policy 'v9': not 'scripted'"),
         (["--task", "peg-insert-side-v3", "--store", "foo://x"], "error: --store: store url: expected"),
+        (
+            ["--task", "peg-insert-side-v3", "--success-tolerance", "0.01"],
+            "error: success_tolerance: supported for ['pick-place-v3', 'push-v3', 'reach-v3']",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args: list[str], message: str) -> None:
@@ -82,3 +88,13 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args: list[str], mes
     assert result.exit_code == 2
     assert result.output.startswith(message), result.output
     assert result.output.count("\n") == 1
+
+
+def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> None:
+    """``--success-tolerance`` makes the run's env the harder variant; the manifest records the env config."""
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    url = f"sqlite:///{tmp_path / 'rlt.db'}"
+    args = ["--task", "reach-v3", "--success-tolerance", "0.005", "--handoff", "hand-goal"]
+    _invoke(*args, "--store", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c"))
+    manifest = load_rlt_checkpoint(tmp_path / "c").manifest
+    assert manifest["env"]["task"] == "reach-v3" and manifest["env"]["success_tolerance"] == 0.005

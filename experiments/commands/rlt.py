@@ -72,6 +72,10 @@ def rlt(
     eval_episodes: Annotated[
         int, typer.Option(min=1, help="Evaluation episodes of the prior and of RLT at the end")
     ] = 20,
+    success_tolerance: Annotated[
+        float | None,
+        typer.Option(help="Harder-tolerance variant: success within this distance (reach/push/pick-place)"),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option(help="Checkpoint directory to create (default: under the data folder)")
     ] = None,
@@ -93,6 +97,7 @@ def rlt(
             terminate_on_success=True,
             max_episode_steps=episode_steps,
             seed=seed,
+            success_tolerance=success_tolerance,
         )
         switch = metaworld_switch(handoff, handoff_distance)
         learner_config = LearnerConfig(chunk_size=chunk_size, learning_starts=learning_starts, seed=seed)
@@ -132,6 +137,7 @@ def rlt(
             "rl_version": rl_version,
             "env_steps": loop.env_steps,
             "stored_episodes": len(records),
+            "env": env_config.model_dump(mode="json"),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
         }
         deployment = RLTDeployment.with_handoff(env_config.task, prior_spec, handoff, handoff_distance)
