@@ -9,6 +9,9 @@ Success is measured on the same fixed evaluation seeds for every arm; curves are
 over seeds.
 
     python benchmarks/rlt_sample_efficiency.py --task peg-insert-side-v3 --seeds 0 1 2 --env-steps 20000
+
+A harder-tolerance precision task (``--success-tolerance``, e.g. reach-v3 at 5 mm with a ``hand-goal`` hand-off)
+changes the success test of every arm alike.
 """
 
 from __future__ import annotations
