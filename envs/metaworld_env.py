@@ -17,8 +17,8 @@ is configured), next to Meta-World's own info keys. ``success_tolerance`` makes 
 a task in ``TOLERANCE_PAIRS``: success is then ``‖a − b‖ ≤ tolerance`` for the task's pair of privileged-state
 positions (e.g. hand and goal for ``reach-v3``; Meta-World's own test is 5 cm), the distance is in
 ``info["tolerance_distance"]`` and Meta-World's verdict in ``info["metaworld_success"]``. By default an
-episode terminates on success (``terminate_on_success``) and is truncated after ``max_episode_steps`` (per-task default from
-``envs.tasks``).
+episode terminates on success (``terminate_on_success``) and is truncated after ``max_episode_steps``
+(per-task default from ``envs.tasks``).
 
 Seeding: ``reset(seed=s)`` reseeds the task's object/goal sampler, so the same seed gives the same initial
 scene; ``reset()`` without a seed continues the stream (the first reset uses ``EnvConfig.seed``).
