@@ -6,14 +6,15 @@ checkpoint is registered as a policy version so that every episode it later prod
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from envs import EnvConfig
 from envs.tasks import task_prompt
@@ -56,8 +57,20 @@ class BCConfig(BaseModel):
     learning_rate: float = Field(default=3e-4, gt=0)
     condition_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
     eval_episodes: int = Field(default=0, ge=0)
+    eval_every: int = Field(default=0, ge=0)
     max_episode_steps: int | None = Field(default=None, ge=1)
     seed: int = 0
+
+    @field_validator("eval_every")
+    @classmethod
+    def _eval_every_fits(cls, value: int, info: ValidationInfo) -> int:
+        """Evaluate every ``eval_every`` steps (0 = only after the last step): needs evaluation episodes."""
+        steps, episodes = info.data.get("steps"), info.data.get("eval_episodes")
+        if value and steps is not None and value > steps:
+            raise ValueError(f"expected at most steps={steps} (0 = evaluate only at the end), got {value}")
+        if value and episodes == 0:
+            raise ValueError(f"evaluating every {value} steps needs eval_episodes > 0")
+        return value
 
 
 @dataclass
@@ -70,6 +83,8 @@ class TrainedPolicy:
     train: TrainResult
     evaluations: list[EvalResult]
     episodes_used: int
+    #: Every evaluation during training as (step, result), the final ones (step = ``steps``) included.
+    evaluation_curve: list[tuple[int, EvalResult]] = field(default_factory=list)
 
 
 def load_training_episodes(
@@ -123,7 +138,10 @@ def train_vla(
     parent_version: str | None = None,
     progress: bool = True,
 ) -> TrainedPolicy:
-    """Train a VLA on the selected episodes, save it to ``output_dir``, register and evaluate it.
+    """Train a VLA on the selected episodes, save it to ``output_dir``, register it, and record its evaluations.
+
+    With ``config.eval_episodes`` > 0 the policy is evaluated in each task's env at the last step and every
+    ``config.eval_every`` steps (:class:`EnvEvaluator`); every point is recorded under the registered version.
 
     A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
     weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).
@@ -134,6 +152,8 @@ def train_vla(
     records = load_training_episodes(store, selection)
     dataset = build_dataset(to_episode_arrays(records, conditions, weights), config.action_horizon)
     policy = _initial_policy(dataset, config, init_from)
+    policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta  # evaluations query it as deployed
+    evaluator = EnvEvaluator(selection.tasks, config) if config.eval_episodes > 0 else None
     train_result = train_bc(
         policy,
         dataset,
@@ -142,11 +162,12 @@ def train_vla(
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             condition_dropout=config.condition_dropout,
+            eval_every=config.eval_every,
             seed=config.seed,
             progress=progress,
         ),
+        callback=evaluator,
     )
-    policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta
     checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
     version = save_checkpoint(policy, checkpoint)
     policy.version = version
@@ -161,14 +182,55 @@ def train_vla(
             "episodes": len(records),
             "init_from": str(init_from.resolve()) if init_from is not None else None,
             "final_loss": train_result.history[-1]["loss"] if train_result.history else None,
+            "evaluation_curve": evaluator.curve_metadata() if evaluator else [],
         },
     )
-    evaluations = [
-        _evaluate_and_record(store, policy, task, config)
-        for task in selection.tasks
-        if config.eval_episodes > 0
-    ]
-    return TrainedPolicy(policy, checkpoint, version, train_result, evaluations, len(records))
+    curve = evaluator.registered(version) if evaluator else []
+    final = [_record_evaluation(store, result) for step, result in curve if step == config.steps]
+    return TrainedPolicy(policy, checkpoint, version, train_result, final, len(records), curve)
+
+
+class EnvEvaluator:
+    """``train_bc``'s callback: evaluates the policy in every task's env and keeps each result with its step.
+
+    Returns the success rate and its Wilson 95% interval per task (``<task>/success``, ``<task>/ci_low``,
+    ``<task>/ci_high``), which land in ``TrainResult.evaluations`` and next to the progress bar.
+    """
+
+    def __init__(self, tasks: list[str], config: BCConfig) -> None:
+        self.tasks = tasks
+        self.config = config
+        self.results: list[tuple[int, EvalResult]] = []
+
+    def __call__(self, step: int, policy: VLAPolicy) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for task in self.tasks:
+            result = _evaluate(policy, task, self.config)
+            self.results.append((step, result))
+            metrics |= {
+                f"{task}/success": result.success_rate,
+                f"{task}/ci_low": result.ci_low,
+                f"{task}/ci_high": result.ci_high,
+            }
+        return metrics
+
+    def registered(self, version: str) -> list[tuple[int, EvalResult]]:
+        """Every (step, result) relabelled with the registered ``version`` (the weights of the last step)."""
+        return [(step, dataclasses.replace(result, policy_version=version)) for step, result in self.results]
+
+    def curve_metadata(self) -> list[dict[str, float | int | str]]:
+        """The learning curve for the version's metadata: intermediate weights have no version of their own."""
+        return [
+            {
+                "step": step,
+                "task": r.task,
+                "n": r.n,
+                "successes": r.successes,
+                "ci_low": r.ci_low,
+                "ci_high": r.ci_high,
+            }
+            for step, r in self.results
+        ]
 
 
 def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPolicy:
@@ -208,6 +270,11 @@ def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPol
 def _evaluate_and_record(
     store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig
 ) -> EvalResult:
+    """Evaluate a registered policy on ``task`` (``config``'s cameras, image size, episodes) and record it."""
+    return _record_evaluation(store, _evaluate(policy, task, config))
+
+
+def _evaluate(policy: VLAPolicy, task: str, config: BCConfig) -> EvalResult:
     env = EnvConfig(
         task=task,
         cameras=config.cameras,
@@ -216,5 +283,12 @@ def _evaluate_and_record(
         max_episode_steps=config.max_episode_steps,
     )
     result, _ = evaluate(policy, env, config.eval_episodes)
-    store.write_evaluation(policy.version, task, result.n, result.successes, metrics=result.as_metrics())
+    return result
+
+
+def _record_evaluation(store: ExperienceStore, result: EvalResult) -> EvalResult:
+    """Write ``result`` (an evaluation of a registered version) to the store's evaluations."""
+    store.write_evaluation(
+        result.policy_version, result.task, result.n, result.successes, metrics=result.as_metrics()
+    )
     return result

@@ -246,6 +246,7 @@ def train_bc(
     result = TrainResult()
     model.train()
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, desc="train bc", unit="step")
+    postfix: dict[str, str] = {}  # the latest loss and evaluation, shown next to the bar
     for step in bar:
         index = support[
             torch.from_numpy(rng.integers(0, len(support), size=min(config.batch_size, len(support))))
@@ -268,7 +269,8 @@ def train_bc(
         if step % config.log_every == 0 or step == config.steps:
             record = {"step": step, "loss": loss.item(), "flow_loss": flow.item(), "fast_loss": fast.item()}
             result.history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            postfix["loss"] = f"{record['loss']:.4f}"
+            bar.set_postfix(postfix)
         if callback is not None and (
             (config.eval_every and step % config.eval_every == 0) or step == config.steps
         ):
@@ -277,6 +279,8 @@ def train_bc(
             model.train()
             if metrics:
                 result.evaluations.append({"step": step, **metrics})
+                postfix |= {"eval_step": str(step)} | {key: f"{value:.2f}" for key, value in metrics.items()}
+                bar.set_postfix(postfix)
     model.eval()
     return result
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from envs import EnvConfig, SimulatedHumanConfig
+from envs.tasks import task_prompt
+from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import summarize, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, train_vla
+from experiments.training import (
+    BCConfig,
+    EpisodeFilter,
+    TrainedPolicy,
+    load_training_episodes,
+    to_episode_arrays,
+    train_vla,
+)
+from policies.training import build_dataset
 from recap import RelabelConfig, ValueConfig
 from storage import ExperienceStore
 
@@ -61,6 +73,84 @@ def test_train_vla_from_store_registers_and_evaluates(demo_store, tmp_path):
     assert all(loss == loss for loss in losses)  # finite, no NaN
 
 
+def test_train_vla_evaluates_in_the_env_every_k_steps_and_records_each(demo_store, tmp_path):
+    store, _ = demo_store
+    config = BCConfig.model_validate(TINY_BC.model_dump() | {"steps": 7, "eval_every": 3, "eval_episodes": 1})
+    trained = train_vla(
+        store, EpisodeFilter(tasks=[TASK], run_ids=["demos"]), config, tmp_path, progress=False
+    )
+    assert [row["step"] for row in trained.train.evaluations] == [3, 6, 7]  # every k steps, and the end
+    for row in trained.train.evaluations:
+        assert 0.0 <= row[f"{TASK}/ci_low"] <= row[f"{TASK}/success"] <= row[f"{TASK}/ci_high"] <= 1.0
+    assert [step for step, _ in trained.evaluation_curve] == [3, 6, 7]
+    assert [row[f"{TASK}/success"] for row in trained.train.evaluations] == [
+        result.success_rate for _, result in trained.evaluation_curve
+    ]
+    assert trained.evaluations == [trained.evaluation_curve[-1][1]]  # the final one is the last point
+    [stored] = store.list_evaluations(policy_version=trained.version)  # only the registered weights' one
+    assert (stored.task, stored.n, stored.successes) == (TASK, 1, trained.evaluations[0].successes)
+    [version] = [row for row in store.policy_versions() if row["version"] == trained.version]
+    curve = version["metadata"]["evaluation_curve"]
+    assert [(point["step"], point["task"], point["n"]) for point in curve] == [
+        (step, TASK, 1) for step in (3, 6, 7)
+    ]
+    assert [point["successes"] for point in curve] == [r.successes for _, r in trained.evaluation_curve]
+
+
+def test_one_model_trains_on_two_tasks_and_the_prompt_selects_the_task(tmp_path):
+    url, tasks = f"sqlite:///{tmp_path / 'multi.db'}", [TASK, "button-press-topdown-v3"]
+    for task in tasks:
+        env = EnvConfig(task=task, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
+        run_collection(
+            CollectConfig(env=env, policy="scripted", noise=0.1, episodes=2, store_url=url, run_id=task),
+            progress=False,
+        )
+    store, selection = ExperienceStore(url), EpisodeFilter(tasks=tasks)
+    config = BCConfig(image_size=48, steps=3, batch_size=8, eval_episodes=1, max_episode_steps=30)
+    trained = train_vla(store, selection, config, tmp_path, progress=False)
+    assert [row["version"] for row in store.policy_versions() if row["kind"] == "vla"] == [trained.version]
+    assert [(e.task, e.n) for e in trained.evaluations] == [(task, 1) for task in tasks]
+    assert [(e.task, e.policy_version) for e in store.list_evaluations()] == [
+        (task, trained.version) for task in tasks
+    ]
+    dataset = build_dataset(to_episode_arrays(load_training_episodes(store, selection)), 10)
+    assert set(dataset.prompts) == {task_prompt(task) for task in tasks}
+    observation = {"images": {"corner2": dataset.images["corner2"][:1]}, "state": dataset.state[:1]}
+    noise = np.random.default_rng(0).normal(size=(1, 10, dataset.actions.shape[2])).astype(np.float32)
+    reach, press = (
+        trained.policy.infer({**observation, "prompt": [task_prompt(task)]}, noise=noise).actions
+        for task in tasks
+    )
+    assert not np.allclose(reach, press)
+
+
+def test_train_bc_cli_trains_registers_and_evaluates_every_k_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    url = f"sqlite:///{tmp_path / 'cli-bc.db'}"
+    env = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
+    run_collection(
+        CollectConfig(env=env, policy="scripted", noise=0.1, episodes=2, store_url=url, run_id="demos"),
+        progress=False,
+    )
+    runner = CliRunner()
+    base = ["train", "bc", "--task", TASK, "--db", url, "--image-size", "48", "--steps", "2"]
+    base += ["--batch-size", "4", "--eval-episodes", "1", "--max-episode-steps", "30", "--seed", "0"]
+    too_sparse = runner.invoke(app, [*base, "--eval-every", "3"], env={"COLUMNS": "200"})
+    assert too_sparse.exit_code == 2 and "eval_every: expected at most steps=2" in too_sparse.output
+    result = runner.invoke(app, [*base, "--eval-every", "1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    store = ExperienceStore(url)
+    [registered] = [row for row in store.policy_versions() if row["kind"] == "vla"]
+    assert f"trained on 2 episodes → {registered['version']} at" in result.output
+    assert registered["uri"].startswith(str((tmp_path / "home").resolve()))
+    assert registered["metadata"]["bc_config"]["eval_every"] == 1
+    assert registered["metadata"]["bc_config"]["max_episode_steps"] == 30
+    assert [(e.task, e.n) for e in store.list_evaluations(policy_version=registered["version"])] == [
+        (TASK, 1)
+    ]
+    assert [point["step"] for point in registered["metadata"]["evaluation_curve"]] == [1, 2]
+
+
 def _tiny_prior(store: ExperienceStore, output_dir) -> TrainedPolicy:
     """A few BC steps on the demos (no evaluation): the prior the RECAP tests improve."""
     selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
@@ -106,10 +196,6 @@ def test_one_recap_iteration_end_to_end(demo_store, tmp_path):
 
 
 def test_collect_cli_rejects_bad_settings_with_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    from experiments.cli import app
-
     runner = CliRunner()
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     base = ["collect", "--task", "reach-v3", "--episodes", "1", "--no-images", "--db", db]
@@ -125,10 +211,6 @@ def test_collect_cli_rejects_bad_settings_with_one_line(tmp_path):
 
 
 def test_recap_iterate_cli_retrains_from_the_pretrained_checkpoint(demo_store, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from experiments.cli import app
-
     store, url = demo_store
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     prior = _tiny_prior(store, tmp_path)

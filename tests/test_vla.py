@@ -12,6 +12,7 @@ from policies.training import (
     EpisodeArrays,
     TrainConfig,
     _batch_prompts,
+    _fast_targets,
     build_dataset,
     chunk_episode,
     create_policy,
@@ -156,12 +157,17 @@ def _backbone_parameters(model: VLAModel) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
 
 
-def _flow_loss_backward(policy: VLAPolicy, dataset: BCDataset) -> None:
-    model = policy.model
-    model.zero_grad(set_to_none=True)
+def _prefix_of_first_eight(policy: VLAPolicy, dataset: BCDataset):
+    """The prefix pass (with gradients) over the first 8 samples, after clearing every gradient."""
+    policy.model.zero_grad(set_to_none=True)
     tokens, token_valid = policy.tokenize(dataset.prompts[:8])
     images = torch.from_numpy(dataset.images["corner"][:8]).permute(0, 3, 1, 2)[:, None].float() / 127.5 - 1
-    prefix = model.encode_prefix(images, tokens, token_valid)
+    return policy.model.encode_prefix(images, tokens, token_valid)
+
+
+def _flow_loss_backward(policy: VLAPolicy, dataset: BCDataset) -> None:
+    model = policy.model
+    prefix = _prefix_of_first_eight(policy, dataset)
     actions = policy.normalize_actions(dataset.actions[:8])
     generator = torch.Generator().manual_seed(0)
     state = torch.from_numpy(dataset.state[:8])
@@ -190,6 +196,17 @@ def test_knowledge_insulation_stops_expert_gradient_into_backbone(knowledge_insu
 
 def test_knowledge_insulation_fast_loss_trains_backbone() -> None:
     policy, dataset = toy_policy(knowledge_insulation=True)
+    prefix = _prefix_of_first_eight(policy, dataset)
+    policy.model.fast_loss(prefix, _fast_targets(policy, dataset)[:8]).backward()
+    touched = {
+        name
+        for name, p in _backbone_parameters(policy.model).items()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    every_layer = {f"backbone.{i}.qkv.weight" for i in range(policy.config.depth)}
+    assert {"image_encoder.stem.0.weight", "image_encoder.proj.weight", "token_embedding.weight"} <= touched
+    assert every_layer <= touched, sorted(every_layer - touched)
+    assert policy.model.action_out.weight.grad is None  # the FAST loss never reaches the action expert
     result = train_bc(policy, dataset, TrainConfig(steps=30, batch_size=16, progress=False, log_every=5))
     assert result.history[-1]["fast_loss"] < result.history[0]["fast_loss"]
     assert all(h["fast_loss"] > 0 for h in result.history)
@@ -263,3 +280,47 @@ def test_mismatched_action_dimension_raises() -> None:
         train_bc(policy, wrong, TrainConfig(steps=1, progress=False))
     with pytest.raises(VLAInputError, match="action_dim=4"):
         policy.normalize_actions(np.zeros((2, 10, 5)))
+
+
+@pytest.mark.parametrize(  # the smallest image each preset accepts: 8 px per patch-grid cell
+    ("size", "side", "horizon", "image_tokens_per_camera"), [("small", 64, 5, 8 * 8), ("tiny", 48, 3, 6 * 6)]
+)
+def test_two_cameras_sizes_and_horizons_infer_round_trip_and_name_a_missing_camera(
+    size: str, side: int, horizon: int, image_tokens_per_camera: int, tmp_path
+) -> None:
+    cameras, rng = ("a", "b"), np.random.default_rng(0)
+    episodes = [
+        EpisodeArrays(
+            {camera: rng.integers(0, 256, size=(12, side, side, 3), dtype=np.uint8) for camera in cameras},
+            rng.normal(size=(12, 4)).astype(np.float32),
+            rng.uniform(-1, 1, size=(12, 4)).astype(np.float32),
+            PROMPT,
+        )
+        for _ in range(2)
+    ]
+    dataset = build_dataset(episodes, horizon)
+    config = VLAConfig.preset(
+        size, cameras=cameras, image_size=side, state_dim=4, action_dim=4, action_horizon=horizon
+    )
+    policy = create_policy(config, dataset)
+    train_bc(policy, dataset, TrainConfig(steps=2, batch_size=4, progress=False))
+    batch = {
+        "images": {camera: dataset.images[camera][:2] for camera in cameras},
+        "state": dataset.state[:2],
+        "prompt": dataset.prompts[:2],
+    }
+    noise = rng.normal(size=(2, horizon, 4)).astype(np.float32)
+    chunk = policy.infer(batch, noise=noise)
+    prefix_tokens = 2 * image_tokens_per_camera + config.max_prompt_tokens  # cameras' patches, then prompt
+    assert chunk.actions.shape == (2, horizon, 4) and chunk.actions.dtype == np.float32
+    assert chunk.embeddings is not None and chunk.embeddings.shape == (2, prefix_tokens, policy.config.width)
+    _, valid = policy.prefix_embeddings(batch)
+    assert valid[:, : 2 * image_tokens_per_camera].all() and not valid[:, -1].any()
+    version = policy.save(tmp_path / "checkpoint")
+    loaded = VLAPolicy.load(tmp_path / "checkpoint")
+    assert loaded.version == version and loaded.config == policy.config
+    again = loaded.infer(batch, noise=noise)
+    np.testing.assert_array_equal(again.actions, chunk.actions)
+    np.testing.assert_array_equal(again.embeddings, chunk.embeddings)
+    with pytest.raises(VLAInputError, match=r"images\['b'\]: missing camera, expected cameras \['a', 'b'\]"):
+        loaded.infer({**batch, "images": {"a": batch["images"]["a"]}})

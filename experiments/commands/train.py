@@ -72,8 +72,18 @@ def bc(
         ),
     ] = 0.3,
     eval_episodes: Annotated[
-        int, typer.Option(min=0, help="Evaluation episodes per task after training")
+        int, typer.Option(min=0, help="Evaluation episodes per task (at the end and every --eval-every)")
     ] = 20,
+    eval_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also evaluate in the env every this many steps (0 = only at the end); recorded in the store",
+        ),
+    ] = 0,
+    max_episode_steps: Annotated[
+        int | None, typer.Option(min=1, help="Episode limit of the evaluations (default: task's)")
+    ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
@@ -83,6 +93,10 @@ def bc(
     """
     if metadata and subtasks:
         raise typer.BadParameter("--metadata and --subtasks: choose one condition per policy")
+    if subtasks and eval_every:
+        raise typer.BadParameter(
+            "--eval-every: not with --subtasks (the two-level policy is evaluated at the end)"
+        )
     try:
         selection = EpisodeFilter(
             tasks=task,
@@ -99,6 +113,8 @@ def bc(
             batch_size=batch_size,
             condition_dropout=condition_dropout if metadata or subtasks else 0.0,
             eval_episodes=eval_episodes,
+            eval_every=eval_every,
+            max_episode_steps=max_episode_steps,
             seed=seed,
         )
         subtask_config = SubtaskTrainConfig(steps=subtask_steps)
@@ -110,6 +126,7 @@ def bc(
         if subtasks:
             trained = train_hierarchical(store, selection, config, checkpoints_dir(), subtask=subtask_config)
             used, version, checkpoint = trained.low_level.episodes_used, trained.version, trained.checkpoint
+            curve = []
             console.print(f"subtasks: {', '.join(trained.subtasks)}")
         else:
             trained = (
@@ -118,10 +135,13 @@ def bc(
                 else train_vla(store, selection, config, checkpoints_dir())
             )
             used, version, checkpoint = trained.episodes_used, trained.version, trained.checkpoint
+            curve = trained.evaluation_curve
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     console.print(f"trained on {used} episodes → [bold]{version}[/bold] at {checkpoint}")
-    if trained.evaluations:
+    if len(curve) > len(trained.evaluations):
+        console.print(_results_table([result for _, result in curve], [step for step, _ in curve]))
+    elif trained.evaluations:
         console.print(_results_table(trained.evaluations))
 
 
@@ -186,10 +206,12 @@ def eval_policy(
         )
 
 
-def _results_table(results: list[EvalResult]) -> Table:
-    table = Table("task", "policy", "success", "95% CI", "mean length")
-    for result in results:
+def _results_table(results: list[EvalResult], steps: list[int] | None = None) -> Table:
+    """One row per evaluation; with ``steps``, a first column names the training step it was taken at."""
+    table = Table(*(["step"] if steps else []), "task", "policy", "success", "95% CI", "mean length")
+    for index, result in enumerate(results):
         table.add_row(
+            *([str(steps[index])] if steps else []),
             result.task,
             result.policy_version,
             f"{result.successes}/{result.n} ({result.success_rate:.0%})",
