@@ -20,9 +20,14 @@ def postgres_url() -> str:
     return os.environ.get("FLYWHEEL_TEST_PG_URL", DEFAULT_PG_URL)
 
 
+def postgres_required() -> bool:
+    """True when PostgreSQL must be there (CI sets ``FLYWHEEL_REQUIRE_PG=1``): then an unreachable server fails."""
+    return os.environ.get("FLYWHEEL_REQUIRE_PG", "") not in ("", "0")
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    """The reachable PostgreSQL URL, or a skip that says why no server could be used."""
+    """The reachable PostgreSQL URL; if none, a failure (``FLYWHEEL_REQUIRE_PG`` set) or a skip saying why."""
     import sqlalchemy as sa
 
     url = postgres_url()
@@ -31,6 +36,11 @@ def pg_url() -> str:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
         engine.dispose()
-    except Exception as error:  # the reason is reported in the skip message
-        pytest.skip(f"PostgreSQL at {url} is not reachable: {error.__class__.__name__}: {error}")
+    except Exception as error:  # the reason is reported in the failure or skip message
+        reason = f"PostgreSQL at {url} is not reachable: {error.__class__.__name__}: {error}"
+        if postgres_required():
+            pytest.fail(
+                f"{reason} (FLYWHEEL_REQUIRE_PG is set: the PostgreSQL tests must run)", pytrace=False
+            )
+        pytest.skip(reason)
     return url

@@ -9,6 +9,7 @@ emptied before each test.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -198,8 +199,12 @@ def episode_for_seed(seed: int, length: int = 40) -> EpisodeRecord:
     return make_episode(np.random.default_rng(seed), length, image_size=24)
 
 
-def write_seeds(url: str, seeds: list[int], ack_path: str | None = None) -> list[bool]:
-    """Child-process body: write the episode of each seed; after each commit append ``seed`` to ``ack_path``."""
+def write_seeds(
+    url: str, seeds: list[int], ack_path: str | None = None, ack_delay_s: float = 0.0
+) -> list[bool]:
+    """Child-process body: write the episode of each seed; after each commit append ``"<seed> <inserted>"``
+    (``write_episode``'s result as 1 or 0; 0 is an identical resubmission) to ``ack_path``, ``ack_delay_s``
+    later (the latency of an acknowledgement travelling back to a remote client)."""
     experience = ExperienceStore(url)
     ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if ack_path else None
     if ack is not None:
@@ -208,5 +213,6 @@ def write_seeds(url: str, seeds: list[int], ack_path: str | None = None) -> list
     for seed in seeds:
         results.append(experience.write_episode(episode_for_seed(seed)))
         if ack is not None:
-            os.write(ack, f"{seed}\n".encode())
+            time.sleep(ack_delay_s)
+            os.write(ack, f"{seed} {int(results[-1])}\n".encode())
     return results

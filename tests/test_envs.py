@@ -53,6 +53,8 @@ def test_observation_dict_has_the_contracted_shapes_and_dtypes(pick_place_env):
     assert not terminated and not truncated
     assert pick_place_env.observation_space.contains(obs)
     assert stack_observations([obs, obs])["images"]["corner2"].shape == (2, 48, 64, 3)
+    quality = pick_place_env.unwrapped_sim.model.vis.quality
+    assert (quality.shadowsize, quality.offsamples) == (0, 0), "fast rendering: no shadows, no multisampling"
 
 
 def test_state_is_hand_gripper_and_goal_from_the_privileged_vector(pick_place_env):

@@ -9,7 +9,10 @@ from envs import EnvConfig, MetaWorldEnv, ScriptedExpert, expert_phases
 from policies.base import Policy, stack_observations
 from policies.scripted import ScriptedPolicy
 
-EXPERT_TASKS = ("reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3")
+# Every rendered step costs ~15 ms of CPU whatever the image size, so the default run uses five tasks whose clean
+# expert finishes in 30-55 steps (docs/envs.md, MT50 table); the slow run adds longer ones.
+EXPERT_TASKS = ("reach-v3", "pick-place-v3", "handle-press-v3", "coffee-button-v3", "door-unlock-v3")
+LONGER_EXPERT_TASKS = ("push-v3", "drawer-open-v3", "button-press-topdown-v3")
 
 
 def run_episodes(env: MetaWorldEnv, policy: ScriptedPolicy, seeds: range) -> list[bool]:
@@ -26,28 +29,40 @@ def run_episodes(env: MetaWorldEnv, policy: ScriptedPolicy, seeds: range) -> lis
                     break
             if terminated or truncated:
                 break
+        assert_rendered(env, obs)
         outcomes.append(info["success"])
     return outcomes
 
 
-def expert_success_rate(task: str, episodes: int) -> float:
-    env = MetaWorldEnv(EnvConfig(task=task, cameras=("corner2",), width=64, height=64, seed=0))
+def assert_rendered(env: MetaWorldEnv, obs: dict) -> None:
+    """With rendering on, the observation carries a non-blank frame of the configured size per camera."""
+    config = env.config
+    if not config.render:
+        return
+    assert set(obs["images"]) == set(config.cameras)
+    for image in obs["images"].values():
+        assert image.shape == (config.height, config.width, 3) and image.std() > 5
+
+
+def expert_successes(task: str, episodes: int, size: int) -> list[bool]:
+    """Clean-expert outcomes of ``episodes`` seeded episodes with ``size``×``size`` ``corner2`` images."""
+    env = MetaWorldEnv(EnvConfig(task=task, cameras=("corner2",), width=size, height=size, seed=0))
     try:
-        outcomes = run_episodes(env, ScriptedPolicy(task), range(100, 100 + episodes))
+        return run_episodes(env, ScriptedPolicy(task), range(100, 100 + episodes))
     finally:
         env.close()
-    return float(np.mean(outcomes))
 
 
 @pytest.mark.parametrize("task", EXPERT_TASKS)
-def test_clean_expert_succeeds_with_image_observations(task):
-    assert expert_success_rate(task, episodes=3) >= 0.9
+def test_clean_expert_succeeds_at_least_9_of_10_with_image_observations(task):
+    outcomes = expert_successes(task, episodes=10, size=32)
+    assert sum(outcomes) >= 9, f"{task}: {sum(outcomes)}/10 expert successes with 32x32 images"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", (*EXPERT_TASKS, "coffee-button-v3", "handle-press-v3"))
+@pytest.mark.parametrize("task", (*EXPERT_TASKS, *LONGER_EXPERT_TASKS))
 def test_clean_expert_success_is_at_least_90_percent_over_20_episodes(task):
-    rate = expert_success_rate(task, episodes=20)
+    rate = float(np.mean(expert_successes(task, episodes=20, size=64)))
     print(f"expert success with 64x64 images, {task}: {rate:.2f}")  # shown with -s: the figure for the docs
     assert rate >= 0.9
 

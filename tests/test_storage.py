@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sqlite3
 import uuid
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from storage import (
     EpisodeConflictError,
@@ -23,6 +27,7 @@ from storage import (
     StoreError,
     UnknownPolicyVersionError,
 )
+from storage.schema import Base
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, make_episode
 
@@ -42,6 +47,27 @@ def test_upgrade_from_empty_creates_every_table_at_head(store_url: str) -> None:
     assert expected <= tables
     assert experience.stats()["episodes"] == 0
     experience.close()
+
+
+def test_migrated_database_matches_the_schema_models(store_url: str) -> None:
+    """Alembic autogenerate finds no difference between the migrations' result and ``storage/schema.py``."""
+    experience = ExperienceStore(store_url)
+    experience.upgrade()
+    experience.close()
+    engine = sa.create_engine(store_url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    engine.dispose()
+    assert differences == []
+
+
+def test_sqlite_store_journals_in_wal_mode(tmp_path) -> None:
+    experience = ExperienceStore(f"sqlite:///{tmp_path / 'store.db'}")
+    experience.upgrade()
+    experience.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as connection:  # WAL persists in the file
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 @pytest.mark.parametrize("read", ["list_runs", "policy_versions", "list_episodes", "stats"])

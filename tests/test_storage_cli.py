@@ -7,9 +7,11 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
+from envs import ScriptedExpert
+from experiments.commands import collect as collect_commands
 from experiments.commands import db as db_commands
 from experiments.commands import episodes as episode_commands
-from storage import ExperienceStore, Outcome
+from storage import ExperienceStore, InterventionSegment, Outcome, StepSource
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, make_episode
 
@@ -56,3 +58,35 @@ def test_db_upgrade_stats_and_episode_browsing(store_url: str) -> None:
     )
     assert missing.exit_code == 1 and "not in the store" in missing.output
     store.close()
+
+
+def human_runs(sources: np.ndarray) -> list[tuple[int, int]]:
+    """``(t_start, t_end)`` of each maximal run of human steps (``t_end`` exclusive)."""
+    human = np.concatenate([[0], (sources == StepSource.HUMAN).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(human))
+    return [(int(start), int(end)) for start, end in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def test_collect_with_simulated_interventions_stores_consistent_provenance(store_url: str) -> None:
+    args = ["--task", "reach-v3", "--policy", "scripted", "--noise", "0.5", "--episodes", "2", "--no-images"]
+    args += ["--interventions", "--deviation-threshold", "0.8", "--human-noise", "0.3"]
+    args += ["--no-progress-steps", "1000", "--takeover-steps", "10", "--db", store_url]
+    result = runner.invoke(collect_commands.app, args)
+    assert result.exit_code == 0, result.output
+    store = ExperienceStore(store_url)
+    records = [store.load_episode(summary.uuid) for summary in store.list_episodes()]
+    store.close()
+    assert len(records) == 2
+    human_steps = sum(int((record.sources == StepSource.HUMAN).sum()) for record in records)
+    assert human_steps > 0 and f"human steps {human_steps}" in " ".join(result.output.split())
+    for record in records:
+        assert record.interventions == [
+            InterventionSegment(start, end, "deviation") for start, end in human_runs(record.sources)
+        ]
+        human = record.sources == StepSource.HUMAN
+        assert all(record.policy_versions[t] is None for t in np.flatnonzero(human))
+    human_actions = np.concatenate([r.actions[r.sources == StepSource.HUMAN] for r in records])
+    human_states = np.concatenate([r.privileged[r.sources == StepSource.HUMAN] for r in records])
+    expert = ScriptedExpert("reach-v3")
+    clean = np.stack([expert.clean_action(state) for state in human_states])
+    assert not np.allclose(human_actions, clean, atol=1e-3)  # the human acts with --human-noise
