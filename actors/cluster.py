@@ -1,5 +1,5 @@
 """The Ray layer: rollout workers as restartable actors, weight sync through the object store, and a coordinator
-that drives a collection job to an exact episode target even when workers die.
+that drives a collection job to a target (exact in episodes, at least in env steps) even when workers die.
 
 Workers commit episodes themselves (one transaction each), so the experience store is the source of truth:
 after any failure the coordinator recounts what is committed and hands out only what is still missing, which is
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from actors.inference import BatchingInferenceServer, ServedPolicy
@@ -24,6 +27,9 @@ from policies.base import Policy
 from policies.rtc import supports_inpainting
 
 logger = logging.getLogger(__name__)
+
+WorkerDeathPolicy = Literal["discard", "record"]
+TargetUnit = Literal["episodes", "env_steps"]
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -65,6 +71,14 @@ class RolloutCluster:
 
     ``worker_kwargs`` are ``RolloutWorker`` constructor arguments (env factories, policy, sink, task, …);
     they are pickled to each actor, and a restarted actor is rebuilt from them, then given the latest policy.
+    Each actor runs two threads, so a policy published while a ``run`` call is going reaches the worker at
+    once (and takes effect at each env's next chunk).
+
+    ``on_worker_death`` says what happens to the episodes a killed worker had open: ``discard`` (they are
+    lost) or ``record`` (each worker journals its open episodes at every chunk boundary under ``journal_dir``,
+    default a fresh temporary directory removed by ``shutdown``; the restarted worker commits them as ``error`` episodes, truncated at
+    the last journaled step, and they count toward the target like any committed episode). The journal is a
+    local file: a worker restarted on another node, or not restarted at all, cannot recover it.
     """
 
     def __init__(
@@ -74,19 +88,37 @@ class RolloutCluster:
         *,
         max_restarts: int = 3,
         cpus_per_worker: float = 1.0,
+        on_worker_death: WorkerDeathPolicy = "discard",
+        journal_dir: str | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be ≥ 1, got {num_workers}")
-        actor_class = ray.remote(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0)(
-            RolloutWorker
+        if on_worker_death not in ("discard", "record"):
+            raise ValueError(f"on_worker_death must be 'discard' or 'record', got {on_worker_death!r}")
+        self._temporary_journal_dir = (
+            tempfile.mkdtemp(prefix="flywheel-journal-")
+            if on_worker_death == "record" and not journal_dir
+            else None
         )
+        if on_worker_death == "record":
+            worker_kwargs = {**worker_kwargs, "journal_dir": journal_dir or self._temporary_journal_dir}
+        actor_class = ray.remote(
+            num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
+        )(RolloutWorker)
         self.workers = [actor_class.remote(**worker_kwargs, worker_id=index) for index in range(num_workers)]
         self._latest_policy: ray.ObjectRef | None = None
 
     def publish_policy(self, policy: Policy) -> None:
-        """Put the policy in the object store once and point every worker at it (applied between chunks)."""
+        """Put the policy in the object store once and point every worker at it (applied between chunks).
+
+        A worker that is restarting misses the call and gets the policy when the coordinator restores it.
+        """
         self._latest_policy = ray.put(policy)
-        ray.get([worker.set_policy.remote(self._latest_policy) for worker in self.workers])
+        for worker, reply in [(w, w.set_policy.remote(self._latest_policy)) for w in self.workers]:
+            try:
+                ray.get(reply)
+            except RayActorError as error:
+                logger.warning("rollout worker %s did not take the new policy now (%s)", worker, error)
 
     def pids(self) -> list[int]:
         """Process ids of the worker actors (for fault-injection tests)."""
@@ -94,70 +126,136 @@ class RolloutCluster:
 
     def collect(
         self,
-        target_episodes: int,
+        target: int,
         count_committed: Callable[[], int],
         *,
+        unit: TargetUnit = "episodes",
         episodes_per_call: int = 1,
+        env_steps_per_call: int = 256,
         progress: bool = True,
         max_failures: int = 20,
+        restart_timeout_s: float = 120.0,
     ) -> CollectionResult:
-        """Run until ``count_committed()`` reaches ``target_episodes``, re-dispatching work lost to dead workers."""
+        """Run until ``count_committed()`` reaches ``target``, re-dispatching work lost to dead workers.
+
+        ``unit`` is what ``target`` and ``count_committed`` count: ``episodes`` (the job ends with exactly
+        ``target`` episodes) or ``env_steps`` (steps of committed episodes; episodes are only committed whole, so
+        the job ends with at least ``target`` steps, at most about one episode per env more). A failed worker's
+        share is held for it while Ray restarts it (up to ``restart_timeout_s``); the others keep working.
+        """
+        if unit not in ("episodes", "env_steps"):
+            raise ValueError(f"unit must be 'episodes' or 'env_steps', got {unit!r}")
+        job = _Job(
+            self, unit, episodes_per_call if unit == "episodes" else env_steps_per_call, restart_timeout_s
+        )
         committed = count_committed()
-        stats, failures, errors = RolloutStats(), 0, []
-        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
-        live = set(range(len(self.workers)))
-        bar = tqdm(total=target_episodes, initial=committed, desc="episodes", unit="ep", disable=not progress)
-        while committed < target_episodes:
-            self._dispatch(in_flight, live, target_episodes - committed, episodes_per_call)
-            if not in_flight:
-                raise RuntimeError(
-                    f"collection stopped at {committed}/{target_episodes}: every worker is dead"
-                )
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            worker_index, _ = in_flight.pop(done[0])
-            try:
-                stats = stats.merge(ray.get(done[0]))
-            except (RayActorError, RayTaskError) as error:
-                failures += 1
-                errors.append(f"worker {worker_index}: {error.__class__.__name__}")
-                logger.warning("rollout worker %d failed (%s); re-dispatching its work", worker_index, error)
-                if failures > max_failures:
-                    raise RuntimeError(f"collection gave up after {failures} worker failures") from error
-                self._restore(worker_index, live)
+        bar = tqdm(
+            total=target,
+            initial=committed,
+            desc=unit.replace("_", " "),
+            unit="ep" if unit == "episodes" else "step",
+            disable=not progress,
+        )
+        while committed < target:
+            job.advance(target - committed, committed)
+            if job.failures > max_failures:
+                raise RuntimeError(f"collection gave up after {job.failures} worker failures")
             committed = count_committed()
             bar.update(committed - bar.n)
+        job.drain()
+        bar.update(count_committed() - bar.n)
         bar.close()
-        return CollectionResult(committed=committed, stats=stats, worker_failures=failures, errors=errors)
+        return CollectionResult(
+            committed=count_committed(), stats=job.stats, worker_failures=job.failures, errors=job.errors
+        )
 
-    def _dispatch(
-        self,
-        in_flight: dict[ray.ObjectRef, tuple[int, int]],
-        live: set[int],
-        missing: int,
-        episodes_per_call: int,
-    ) -> None:
-        """Give every idle live worker a share of what is missing, never more than is missing in total."""
-        busy = {index for index, _ in in_flight.values()}
-        budget = missing - sum(count for _, count in in_flight.values())
-        for index in sorted(live - busy):
-            if budget <= 0:
-                return
-            count = min(episodes_per_call, budget)
-            in_flight[self.workers[index].run.remote(episodes=count)] = (index, count)
-            budget -= count
-
-    def _restore(self, worker_index: int, live: set[int]) -> None:
-        """After a failure: give a restarted worker the latest policy, or drop it if it stays dead."""
+    def restore(self, worker_index: int) -> bool | None:
+        """Whether the worker answers again (then it gets the latest policy); None while it is restarting."""
         worker = self.workers[worker_index]
         try:
-            ray.get(worker.pid.remote(), timeout=120)
+            ray.get(worker.pid.remote(), timeout=10)
             if self._latest_policy is not None:
-                ray.get(worker.set_policy.remote(self._latest_policy))
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            logger.warning("rollout worker %d is gone for good", worker_index)
-            live.discard(worker_index)
+                ray.get(worker.set_policy.remote(self._latest_policy), timeout=10)
+        except (ActorUnavailableError, GetTimeoutError):
+            return None
+        except RayActorError:
+            return False
+        return True
 
     def shutdown(self) -> None:
-        """Kill every worker actor."""
+        """Close every worker (its open episodes are abandoned, not recorded), then kill its actor."""
+        closing = [worker.close.remote() for worker in self.workers]
+        for ref in closing:
+            try:
+                ray.get(ref, timeout=30)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError) as error:
+                logger.warning("a rollout worker did not close cleanly (%s)", error)
         for worker in self.workers:
             ray.kill(worker)
+        if self._temporary_journal_dir is not None:
+            shutil.rmtree(self._temporary_journal_dir, ignore_errors=True)
+
+
+class _Job:
+    """The coordinator's bookkeeping for one ``collect`` call: calls in flight, workers being restored, stats."""
+
+    def __init__(
+        self, cluster: RolloutCluster, unit: TargetUnit, per_call: int, restart_timeout_s: float
+    ) -> None:
+        self.cluster, self.unit, self.per_call = cluster, unit, per_call
+        self.restart_timeout_s = restart_timeout_s
+        self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # call -> (worker, share)
+        self.restoring: dict[int, tuple[float, int]] = {}  # worker -> (deadline, share held for it)
+        self.live = set(range(len(cluster.workers)))
+        self.stats, self.failures, self.errors = RolloutStats(), 0, []
+
+    def advance(self, missing: int, committed: int) -> None:
+        """Hand out work, then wait for one call to end (or a short while, when a worker is restarting)."""
+        self._poll_restoring()
+        self._dispatch(missing)
+        if not self.in_flight and not self.restoring:
+            raise RuntimeError(f"collection stopped at {committed} {self.unit}: every worker is dead")
+        if not self.in_flight:
+            time.sleep(0.2)
+            return
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5 if self.restoring else None)
+        for ref in done:
+            self._collect_result(ref)
+
+    def drain(self) -> None:
+        """Wait for calls still running when the target was reached (so no worker is stepping at shutdown)."""
+        for ref in list(self.in_flight):
+            self._collect_result(ref)
+
+    def _dispatch(self, missing: int) -> None:
+        """Give every idle live worker a share of what is missing, never more than is missing in total."""
+        busy = {index for index, _ in self.in_flight.values()} | set(self.restoring)
+        held = sum(share for _, share in self.in_flight.values()) + sum(s for _, s in self.restoring.values())
+        budget = missing - held
+        for index in sorted(self.live - busy):
+            if budget <= 0:
+                return
+            share = min(self.per_call, budget)
+            self.in_flight[self.cluster.workers[index].run.remote(**{self.unit: share})] = (index, share)
+            budget -= share
+
+    def _collect_result(self, ref: ray.ObjectRef) -> None:
+        index, share = self.in_flight.pop(ref)
+        try:
+            self.stats = self.stats.merge(ray.get(ref))
+        except (RayActorError, RayTaskError) as error:
+            self.failures += 1
+            self.errors.append(f"worker {index}: {error.__class__.__name__}")
+            logger.warning("rollout worker %d failed (%s); its share waits for its restart", index, error)
+            self.restoring[index] = (time.monotonic() + self.restart_timeout_s, share)
+
+    def _poll_restoring(self) -> None:
+        """Put restarted workers back to work; give up on those that stay dead (their share goes to others)."""
+        for index, (deadline, _) in list(self.restoring.items()):
+            answer = self.cluster.restore(index)
+            if answer is None and time.monotonic() < deadline:
+                continue
+            del self.restoring[index]
+            if not answer:
+                logger.warning("rollout worker %d is gone for good", index)
+                self.live.discard(index)

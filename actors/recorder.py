@@ -153,6 +153,12 @@ class EpisodeRecorder:
             subtasks=list(self._subtasks) if labelled else None,
         )
 
+    def truncated_snapshot(self, error: str) -> EpisodeRecord:
+        """The episode so far as an ``error`` episode truncated at its last step (the recorder stays usable)."""
+        record = self.finish(Outcome.ERROR, error=error)
+        record.truncated[-1] = True
+        return record
+
 
 def _stack(rows: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...] = (0, 0)) -> np.ndarray:
     """Stack per-step rows, or an empty array of ``empty_shape`` when the episode has none."""

@@ -4,7 +4,11 @@ Runs in-process for tests and debugging; ``actors.remote`` makes it a Ray actor 
 A worker asks the policy for a chunk only for envs that need one (see ``actors.execution``: synchronous, naive
 async or Real-Time Chunking execution with a simulated inference delay), so chunk requests from several envs share
 one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at the next chunk request of each
-env: every step records the version of the chunk it came from.
+env: every step records the version of the chunk it came from. ``set_policy`` may be called from another thread
+while ``run`` is going (a Ray actor with ``max_concurrency`` > 1 does this).
+
+With a ``journal_dir``, a worker snapshots each open episode at every chunk boundary into a crash-safe journal
+(``storage.journal``); a worker rebuilt after its process died commits those snapshots as ``error`` episodes.
 
 A hierarchical policy (one with ``last_subtasks``, e.g. ``policies.hierarchical.HierarchicalPolicy``) also
 names each row's subtask; every step records the subtask of its chunk with provenance ``policy``. A human step
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +34,8 @@ from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
+from storage.errors import EpisodeConflictError
+from storage.journal import EpisodeJournal
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 
 logger = logging.getLogger(__name__)
@@ -83,7 +91,9 @@ class RolloutWorker:
     ``env_factories`` build the envs (one slot each); ``seed`` seeds the episode seed sequence so that a
     worker's episodes are reproducible; ``execution`` says how chunks are executed (default: synchronously, no
     delay, the whole chunk). RTC needs a policy that accepts guidance (``policies.rtc.supports_inpainting``);
-    with any other policy the worker logs a warning and runs naive async instead.
+    with any other policy the worker logs a warning and runs naive async instead. ``journal_dir`` turns on the
+    crash journal (``<journal_dir>/worker<worker_id>.sqlite``); building the worker commits what a previous,
+    killed incarnation with the same id left there (``recovered_episodes`` says how many).
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class RolloutWorker:
         record_images: bool = True,
         execution: ExecutionConfig | None = None,
         episode_metadata: dict[str, Any] | None = None,
+        journal_dir: str | None = None,
     ) -> None:
         if not env_factories:
             raise ValueError("RolloutWorker needs at least one env factory")
@@ -121,11 +132,17 @@ class RolloutWorker:
             for index, factory in enumerate(env_factories)
         ]
         self._pending_policy: Policy | None = None
+        self._policy_lock = threading.Lock()
         self._inpaint = self._check_inpainting(policy)
+        self._journal = (
+            EpisodeJournal(Path(journal_dir) / f"worker{worker_id}.sqlite") if journal_dir else None
+        )
+        self.recovered_episodes = self._recover_open_episodes()
 
     def set_policy(self, policy: Policy) -> None:
         """Switch to a new policy version; each env picks it up at its next chunk boundary."""
-        self._pending_policy = policy
+        with self._policy_lock:
+            self._pending_policy = policy
 
     def run(
         self,
@@ -162,9 +179,30 @@ class RolloutWorker:
         return os.getpid()
 
     def close(self) -> None:
-        """Close every env."""
+        """Close every env; open episodes are abandoned (and dropped from the journal, if any)."""
         for slot in self._slots:
             slot.env.close()
+            if self._journal is not None and slot.recorder is not None:
+                self._journal.drop(slot.recorder.episode_uuid)
+        if self._journal is not None:
+            self._journal.close()
+
+    def _recover_open_episodes(self) -> int:
+        """Commit the snapshots a killed predecessor left in the journal as ``error`` episodes; how many."""
+        if self._journal is None:
+            return 0
+        recovered = 0
+        for record in self._journal.open_episodes():
+            try:
+                self.sink(record)
+                recovered += 1
+                logger.warning(
+                    "worker %d: committed episode %s left open by a dead worker", self.worker_id, record.uuid
+                )
+            except EpisodeConflictError:  # it was committed whole just before the process died
+                logger.info("worker %d: episode %s was already committed whole", self.worker_id, record.uuid)
+            self._journal.drop(record.uuid)
+        return recovered
 
     @staticmethod
     def _target_reached(stats: RolloutStats, episodes: int | None, env_steps: int | None) -> bool:
@@ -210,12 +248,15 @@ class RolloutWorker:
 
     def _refill_chunks(self, stats: RolloutStats) -> None:
         """One batched ``infer`` for every env that needs a chunk now."""
-        if self._pending_policy is not None:
-            self.policy, self._pending_policy = self._pending_policy, None
+        with self._policy_lock:
+            pending, self._pending_policy = self._pending_policy, None
+        if pending is not None:
+            self.policy = pending
             self._inpaint = self._check_inpainting(self.policy)
         needy = [slot for slot in self._slots if slot.schedule.needs_chunk()]
         if not needy:
             return
+        self._journal_open_episodes(needy)
         batch = stack_observations([slot.observation for slot in needy])
         started = time.perf_counter()
         result = self._infer(batch, needy)
@@ -226,6 +267,18 @@ class RolloutWorker:
             chunk = result.actions[index]
             chunk_id = slot.recorder.add_chunk(chunk, subtask=subtasks[index])
             slot.schedule.receive(chunk, chunk_id, self.policy.version, float(latency_ms))
+
+    def _journal_open_episodes(self, slots: list[_EnvSlot]) -> None:
+        """Snapshot each open episode of ``slots`` (at its chunk boundary) as it would be recorded if we died now."""
+        if self._journal is None:
+            return
+        message = (
+            f"rollout worker {self.worker_id} (pid {os.getpid()}) died mid-episode; "
+            "steps recorded up to its last chunk boundary"
+        )
+        for slot in slots:
+            if slot.recorder.length > 0:
+                self._journal.save(slot.recorder.truncated_snapshot(message))
 
     def _chunk_subtasks(self, rows: int) -> list[str | None]:
         """The subtask a hierarchical policy named for each row of its latest batch (None for flat policies)."""
@@ -304,6 +357,8 @@ class RolloutWorker:
         on_episode: Callable[[EpisodeRecord], None] | None,
     ) -> None:
         self.sink(record)
+        if self._journal is not None:
+            self._journal.drop(record.uuid)
         stats.episodes += 1
         stats.successes += int(record.outcome == Outcome.SUCCESS)
         stats.errors += int(record.outcome == Outcome.ERROR)

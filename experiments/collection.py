@@ -7,11 +7,13 @@ server or a policy copy per worker. Either way the experience store is where the
 from __future__ import annotations
 
 import functools
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from actors.execution import ExecutionConfig
@@ -33,11 +35,19 @@ class CollectConfig(BaseModel):
     policy: str = "scripted"
     noise: float = Field(default=0.0, ge=0.0, description="Gaussian action noise of a scripted policy")
     episodes: int = Field(default=10, ge=1)
+    env_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="target in committed env steps instead of episodes (at least this many)",
+    )
     human: SimulatedHumanConfig | None = None
     workers: int = Field(default=0, ge=0, description="Ray rollout actors; 0 runs in this process")
     envs_per_worker: int = Field(default=1, ge=1)
     inference: Literal["local", "batched"] = "local"
     ray_address: str | None = None
+    on_worker_death: Literal["discard", "record"] = Field(
+        default="discard", description="a killed Ray worker's open episodes: dropped, or committed as error"
+    )
     store_url: str
     run_id: str | None = None
     seed: int = Field(default=0, ge=0)
@@ -45,6 +55,22 @@ class CollectConfig(BaseModel):
     execution: ExecutionConfig = ExecutionConfig()
     subtask_labels: bool = Field(default=False, description="label steps with the scripted expert's phase")
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> CollectConfig:
+        if self.env_steps is not None and "episodes" in self.model_fields_set:
+            raise ValueError("give a target in episodes or in env_steps, not both")
+        return self
+
+    @property
+    def target_unit(self) -> Literal["episodes", "env_steps"]:
+        """What the target counts: committed episodes, or steps of committed episodes."""
+        return "episodes" if self.env_steps is None else "env_steps"
+
+    @property
+    def target(self) -> int:
+        """The target in ``target_unit``."""
+        return self.episodes if self.env_steps is None else self.env_steps
 
 
 @dataclass
@@ -59,6 +85,7 @@ class CollectReport:
     human_steps: int
     seconds: float
     worker_failures: int = 0
+    committed_env_steps: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -69,7 +96,7 @@ class CollectReport:
 def run_collection(
     config: CollectConfig, progress: bool = True, policy: Policy | None = None
 ) -> CollectReport:
-    """Collect ``config.episodes`` episodes into the store; returns counts and rates.
+    """Collect ``config.episodes`` episodes (or ``config.env_steps`` committed steps) into the store.
 
     ``policy`` overrides loading ``config.policy`` (e.g. a RECAP policy already set to its "Advantage:
     positive" condition); its version must be registered in the store.
@@ -94,11 +121,12 @@ def run_collection(
         execution=config.execution,
         episode_metadata={**config.metadata, "noise_std": config.noise},
     )
-    already = store.count_episodes(run_id=run_id)
+    count_committed = functools.partial(_count_committed, store, run_id, config.target_unit)
     if config.workers == 0:
-        stats, failures = _collect_in_process(worker_kwargs, config.episodes - already, progress), 0
+        stats = _collect_in_process(worker_kwargs, config, count_committed, progress)
+        failures = 0
     else:
-        stats, failures = _collect_on_ray(config, worker_kwargs, store, run_id, progress)
+        stats, failures = _collect_on_ray(config, worker_kwargs, count_committed, progress)
     return CollectReport(
         run_id=run_id,
         policy_version=policy.version,
@@ -108,6 +136,7 @@ def run_collection(
         human_steps=stats.human_steps,
         seconds=stats.seconds,
         worker_failures=failures,
+        committed_env_steps=_count_committed(store, run_id, "env_steps"),
     )
 
 
@@ -135,34 +164,62 @@ def collect_scripted_demos(
     return run_collection(config, progress=progress)
 
 
-def _collect_in_process(worker_kwargs: dict, episodes: int, progress: bool) -> RolloutStats:
+def _count_committed(store: ExperienceStore, run_id: str, unit: str) -> int:
+    """Committed episodes of the run, or their total steps."""
+    if unit == "episodes":
+        return store.count_episodes(run_id=run_id)
+    return sum(summary.length for summary in store.list_episodes(run_id=run_id))
+
+
+def _collect_in_process(
+    worker_kwargs: dict, config: CollectConfig, count_committed: Callable[[], int], progress: bool
+) -> RolloutStats:
+    """Run one worker until the target is committed (an env-step target may take several ``run`` calls)."""
     worker = RolloutWorker(**worker_kwargs)
-    with tqdm(total=episodes, desc="episodes", unit="ep", disable=not progress) as bar:
-        stats = (
-            worker.run(episodes=episodes, on_episode=lambda _record: bar.update(1))
-            if episodes > 0
-            else RolloutStats()
-        )
+    stats, committed, started = RolloutStats(), count_committed(), time.perf_counter()
+    unit = config.target_unit
+    with tqdm(
+        total=config.target,
+        initial=committed,
+        desc=unit.replace("_", " "),
+        unit="ep" if unit == "episodes" else "step",
+        disable=not progress,
+    ) as bar:
+        while committed < config.target:
+            stats = stats.merge(
+                worker.run(
+                    **{unit: config.target - committed},
+                    on_episode=lambda record: bar.update(1 if unit == "episodes" else record.length),
+                )
+            )
+            committed = count_committed()
     worker.close()
+    stats.seconds = time.perf_counter() - started
     return stats
 
 
 def _collect_on_ray(
-    config: CollectConfig, worker_kwargs: dict, store: ExperienceStore, run_id: str, progress: bool
+    config: CollectConfig, worker_kwargs: dict, count_committed: Callable[[], int], progress: bool
 ) -> tuple[RolloutStats, int]:
+    import ray
+
     from actors.cluster import RolloutCluster, ensure_ray, start_inference_server
 
     ensure_ray(config.ray_address)
+    server = None
     if config.inference == "batched":
-        _server, worker_kwargs["policy"] = start_inference_server(worker_kwargs["policy"])
-    cluster = RolloutCluster(config.workers, worker_kwargs)
+        server, worker_kwargs["policy"] = start_inference_server(worker_kwargs["policy"])
+    cluster = RolloutCluster(config.workers, worker_kwargs, on_worker_death=config.on_worker_death)
     try:
         result = cluster.collect(
-            config.episodes,
-            lambda: store.count_episodes(run_id=run_id),
+            config.target,
+            count_committed,
+            unit=config.target_unit,
             episodes_per_call=config.envs_per_worker,
             progress=progress,
         )
     finally:
         cluster.shutdown()
+        if server is not None:
+            ray.kill(server)
     return result.stats, result.worker_failures

@@ -7,11 +7,13 @@ import functools
 import gymnasium as gym
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from actors.execution import ExecutionConfig
 from actors.rollout import RolloutWorker
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
+from experiments.cli import app
 from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore, Outcome, StepSource
 
@@ -156,3 +158,51 @@ def test_version_switch_under_async_execution_happens_at_a_chunk_switch(store_ur
         assert set(episode.chunk_offsets[later]) <= {1, 2}, "async chunks run at offsets d..s+d-1"
         assert episode.metadata["execution_mode"] == "naive_async"
     assert switches >= 1
+
+
+def test_rebuilt_worker_commits_the_open_episodes_its_predecessor_journaled(store_url, tmp_path):
+    policy = ScriptedPolicy("reach-v3", action_horizon=3, version="journaled")
+    ExperienceStore(store_url).register_policy_version(policy.version, kind="scripted")
+    build = functools.partial(
+        RolloutWorker,
+        [functools.partial(make_env, STATE_ONLY)] * 2,
+        policy,
+        StoreSink(store_url),
+        task="reach-v3",
+        journal_dir=str(tmp_path / "journal"),
+    )
+    first = build()
+    assert first.recovered_episodes == 0
+    first.run(env_steps=20)  # both envs are 10 steps into their first episode; `first` is never closed
+    second = build()  # what Ray does after the process died: the same worker id, rebuilt from its arguments
+    store = ExperienceStore(store_url)
+    errors = store.list_episodes(outcome="error")
+    assert second.recovered_episodes == 2 == len(errors) == store.count_episodes()
+    for summary in errors:
+        assert "rollout worker 0" in summary.error and "died mid-episode" in summary.error
+        episode = store.load_episode(summary.uuid, images=False)
+        # journaled at the chunk boundary before step 10: steps 0..8 (three chunks of 3)
+        assert episode.length == 9 and episode.truncated[-1] and not episode.terminated.any()
+        np.testing.assert_allclose(
+            episode.actions, episode.chunks[episode.chunk_ids, episode.chunk_offsets], atol=1e-6
+        )
+    assert build().recovered_episodes == 0, "recovered episodes leave the journal"
+    second.run(episodes=2)
+    second.close()
+    assert build().recovered_episodes == 0, "finished and abandoned episodes are not recovered"
+    assert store.count_episodes() == 4
+
+
+def test_collect_cli_to_an_env_step_target(tmp_path):
+    db = f"sqlite:///{tmp_path / 'steps.db'}"
+    args = ["collect", "--task", "reach-v3", "--no-images", "--db", db, "--run-id", "steps"]
+    both = CliRunner().invoke(app, [*args, "--episodes", "2", "--env-steps", "50"])
+    assert both.exit_code == 2 and "not both" in both.output
+    result = CliRunner().invoke(app, [*args, "--env-steps", "120"])
+    assert result.exit_code == 0, result.output
+    assert "step/s" in result.output, "the progress bar counts env steps"
+    summaries = ExperienceStore(db).list_episodes(run_id="steps")
+    committed = sum(s.length for s in summaries)
+    # episodes are committed whole: the target is passed by less than one episode of the single env
+    assert 120 <= committed < 120 + max(s.length for s in summaries)
+    assert f"({committed} steps)" in result.output

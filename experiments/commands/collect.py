@@ -25,7 +25,10 @@ def collect(
     policy: Annotated[
         str, typer.Option(help="'scripted', a checkpoint dir, a registered version, or openpi:ws://…")
     ] = "scripted",
-    episodes: Annotated[int, typer.Option(min=1, help="Episodes to commit")] = 20,
+    episodes: Annotated[int | None, typer.Option(min=1, help="Episodes to commit (default 20)")] = None,
+    env_steps: Annotated[
+        int | None, typer.Option(min=1, help="Instead of --episodes: commit at least this many env steps")
+    ] = None,
     noise: Annotated[float, typer.Option(min=0.0, help="Action noise std of the scripted policy")] = 0.0,
     interventions: Annotated[
         bool, typer.Option(help="A simulated human (the scripted expert) watches and takes over")
@@ -35,12 +38,20 @@ def collect(
     ] = 30,
     random_rate: Annotated[float, typer.Option(help="Per-step probability of a spontaneous takeover")] = 0.0,
     takeover_steps: Annotated[int, typer.Option(help="Steps the human acts once it takes over")] = 20,
+    deviation_threshold: Annotated[
+        float | None,
+        typer.Option(help="Human takes over when the policy's action is this far (L2) from the expert's"),
+    ] = None,
+    human_noise: Annotated[float, typer.Option(help="Action noise std of the simulated human")] = 0.0,
     workers: Annotated[int, typer.Option(min=0, help="Ray rollout actors (0: in this process)")] = 0,
     envs_per_worker: Annotated[int, typer.Option(min=1, help="Envs stepped by each worker")] = 1,
     inference: Annotated[
         str, typer.Option(help="'local' (a policy copy per worker) or 'batched' (one server)")
     ] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Existing Ray cluster address")] = None,
+    on_worker_death: Annotated[
+        str, typer.Option(help="A killed worker's open episodes: 'discard' or 'record' (as error episodes)")
+    ] = "discard",
     image_size: Annotated[int, typer.Option(min=16, help="Camera image width and height")] = 96,
     cameras: Annotated[str, typer.Option(help="Comma-separated camera names")] = "corner2",
     no_images: Annotated[
@@ -69,11 +80,13 @@ def collect(
             ),
             policy=policy,
             noise=noise,
-            episodes=episodes,
+            **_target(episodes, env_steps),
             human=SimulatedHumanConfig(
                 no_progress_steps=no_progress_steps,
                 random_rate=random_rate,
                 takeover_steps=takeover_steps,
+                deviation_threshold=deviation_threshold,
+                noise_std=human_noise,
                 seed=seed,
             )
             if interventions
@@ -82,6 +95,7 @@ def collect(
             envs_per_worker=envs_per_worker,
             inference=inference,
             ray_address=ray_address,
+            on_worker_death=on_worker_death,
             store_url=db or default_store_url(),
             run_id=run_id,
             seed=seed,
@@ -97,7 +111,15 @@ def collect(
         raise typer.BadParameter(str(error)) from error
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]policy[/bold] {report.policy_version}\n"
-        f"episodes {report.episodes}  success {report.success_rate:.0%}  env steps {report.env_steps}"
+        f"episodes {report.episodes} ({report.committed_env_steps} steps)  success {report.success_rate:.0%}"
+        f"  env steps {report.env_steps}"
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
         f"\nstore {config.store_url}"
     )
+
+
+def _target(episodes: int | None, env_steps: int | None) -> dict[str, int]:
+    """The target fields given on the command line (20 episodes when neither is)."""
+    if env_steps is None:
+        return {"episodes": 20 if episodes is None else episodes}
+    return {"env_steps": env_steps} if episodes is None else {"episodes": episodes, "env_steps": env_steps}
