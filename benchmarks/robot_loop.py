@@ -16,8 +16,15 @@ at ``--rate-hz``. For each injected inference latency and mode it reports:
 
 Then the outage variant: the ingest endpoint is down for ``--outage-s`` seconds (60 in the issue) while the
 robot keeps recording and the uploader retries with backoff; afterwards every episode must be in the store
-exactly once. RTC is not in this table: the remote policy (scripted expert over the openpi protocol) has no
-guidance hook, so async here is naive async.
+exactly once. The scripted expert cannot inpaint, so async in that table is naive async.
+
+RTC over the wire: the tiny built-in VLA, trained for ``--rtc-train-steps`` steps on smooth synthetic
+trajectories (so its chunks are smooth within a chunk, like a real policy's, but differ between samples),
+served by a ``PolicyServer``, drives a rendering ``SimRobot`` at ``--rtc-rate-hz`` with ``execute_horizon`` =
+H/2 and bumpless transfer off, in ``async`` (naive) and ``rtc`` mode on the same seeds. Per mode: the chunk-boundary jump (∞-norm change
+of the command where the robot switches to the next chunk; mean and max), the continuation error (the new
+chunk's first executed action vs what the old chunk had for that step), the measured delay in steps, pauses,
+and how many chunks the server inpainted. ``--rtc-episodes 0`` skips it.
 
     python benchmarks/robot_loop.py                         # full: 3 episodes per cell, 60 s outage
     python benchmarks/robot_loop.py --episodes 2 --outage-s 5   # quick
@@ -50,6 +57,7 @@ from experiments.upload import UploadConfig, Uploader
 from policies.openpi_client import OpenPIClientPolicy
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig
+from storage.records import EpisodeRecord
 from storage.spool import EpisodeSpool
 from storage.store import ExperienceStore
 
@@ -149,6 +157,94 @@ def latency_table(args: argparse.Namespace, workdir: Path) -> None:
     robot.close()
 
 
+def smooth_vla(env: EnvConfig, train_steps: int, horizon: int = 10):
+    """The tiny VLA for ``env`` (one 48×48 camera, 7-D state), trained briefly on sinusoidal trajectories."""
+    from policies.training import EpisodeArrays, TrainConfig, build_dataset, create_policy, train_bc
+    from policies.vla import VLAConfig
+
+    rng = np.random.default_rng(0)
+    episodes = []
+    for _ in range(8):
+        phase, amplitude = rng.uniform(0, 2 * np.pi, size=4), rng.uniform(0.3, 1.0, size=4)
+        actions = amplitude * np.sin(0.15 * np.arange(40)[:, None] + phase)
+        images = rng.integers(0, 256, size=(40, env.height, env.width, 3), dtype=np.uint8)
+        episodes.append(
+            EpisodeArrays(
+                images={env.cameras[0]: images},
+                state=rng.normal(size=(40, 7)).astype(np.float32),
+                actions=actions.astype(np.float32),
+                prompt=env.instruction,
+            )
+        )
+    config = VLAConfig.preset(
+        "tiny", image_size=env.width, cameras=env.cameras, state_dim=7, action_dim=4, action_horizon=horizon
+    )
+    dataset = build_dataset(episodes, horizon=horizon)
+    policy = create_policy(config, dataset, seed=0)
+    settings = TrainConfig(
+        steps=train_steps, learning_rate=1e-3, warmup_steps=10, image_shift=0, progress=False
+    )
+    train_bc(policy, dataset, settings)
+    return policy
+
+
+def chunk_switches(record: EpisodeRecord) -> list[tuple[float, float]]:
+    """At each switch straight from one chunk to the next: (command jump, continuation error)."""
+    ids, offsets, chunks = record.chunk_ids, record.chunk_offsets, record.chunks
+    switches = []
+    for t in range(1, record.length):
+        if ids[t - 1] >= 0 and ids[t] == ids[t - 1] + 1:
+            planned = chunks[ids[t - 1]][min(offsets[t - 1] + 1, chunks.shape[1] - 1)]
+            jump = np.abs(record.actions[t] - record.actions[t - 1]).max()
+            switches.append((float(jump), float(np.abs(chunks[ids[t]][offsets[t]] - planned).max())))
+    return switches
+
+
+def rtc_table(args: argparse.Namespace, workdir: Path) -> None:
+    """Naive async vs RTC through the robot loop against a served, inpainting-capable VLA."""
+    env = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=args.max_steps)
+    policy = smooth_vla(env, args.rtc_train_steps)
+    print(
+        f"\nRTC over the wire: tiny VLA ({args.rtc_train_steps} training steps), {args.rtc_rate_hz:g} Hz, "
+        f"H = {policy.action_horizon}, execute_horizon = {policy.action_horizon // 2}, "
+        f"{args.rtc_episodes} episode(s) of ≤ {args.max_steps} steps per mode"
+    )
+    print(
+        f"{'mode':>6} {'switches':>8} {'jump mean/max':>14} {'continuation mean/max':>22} "
+        f"{'delay steps':>11} {'pauses':>6} {'inpainted':>9}"
+    )
+    robot = RobotProcess(sim_robot_factory(env))
+    with (
+        BackgroundServer(PolicyServer(policy, ServerConfig(port=0))) as background,
+        OpenPIClientPolicy(background.url) as client,
+    ):
+        for mode in ("async", "rtc"):
+            config = RuntimeConfig(
+                rate_hz=args.rtc_rate_hz,
+                mode=mode,
+                execute_horizon=policy.action_horizon // 2,
+                max_steps=args.max_steps,
+                max_action_delta=None,  # raw boundary jumps: no rate limit after a pause
+                record_images=False,
+                realtime_priority=args.realtime,
+            )
+            spool = EpisodeSpool(workdir / f"rtc-{mode}.db")
+            runtime = RobotRuntime(robot, remote_chunks(client), spool, config, task=TASK, env_id="sim")
+            results = runtime.run(args.rtc_episodes, seed=args.seed)
+            runtime.close()
+            switches = np.array([s for r in results for s in chunk_switches(r.record)]).reshape(-1, 2)
+            delays = [d for r in results for d in r.record.metadata["timing"]["chunk_delay_steps"][1:]]
+            inpainted = sum(r.record.metadata["robot_runtime"]["rtc_chunks"] for r in results)
+            chunks = sum(len(r.record.chunks) for r in results)
+            print(
+                f"{mode:>6} {len(switches):>8d} {switches[:, 0].mean():>6.3f}/{switches[:, 0].max():<7.3f} "
+                f"{switches[:, 1].mean():>10.3f}/{switches[:, 1].max():<11.3f} {np.mean(delays):>11.2f} "
+                f"{sum(r.starved_steps for r in results):>6d} {inpainted:>4d}/{chunks:<4d}",
+                flush=True,
+            )
+    robot.close()
+
+
 def outage(args: argparse.Namespace, workdir: Path) -> None:
     """Robot records while the ingest endpoint is down for ``outage_s``; then everything must arrive once."""
     store = ExperienceStore(f"sqlite:///{workdir / 'platform.db'}")
@@ -224,9 +320,18 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=60.0, help="Ingest downtime (0 skips the variant).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--realtime", type=int, default=None, help="SCHED_FIFO priority of the loop thread.")
+    parser.add_argument(
+        "--rtc-episodes", type=int, default=2, help="Episodes per mode of the RTC table (0 skips)."
+    )
+    parser.add_argument("--rtc-rate-hz", type=float, default=10.0, help="Control rate of the RTC table.")
+    parser.add_argument(
+        "--rtc-train-steps", type=int, default=150, help="Training steps of the RTC table's VLA."
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         latency_table(args, Path(workdir))
+        if args.rtc_episodes > 0:
+            rtc_table(args, Path(workdir))
         if args.outage_s > 0:
             outage(args, Path(workdir))
 

@@ -12,7 +12,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -21,7 +21,11 @@ from websockets.sync.client import ClientConnection, connect
 
 from policies.base import ActionChunk, Observation, ObservationBatch, batch_size
 from policies.serving import msgpack_numpy
+from policies.serving.inpainting import RTC_FIELD, RTCRequest
 from policies.serving.observations import ObservationKeys, observation_to_wire
+
+if TYPE_CHECKING:
+    from policies.rtc import InpaintingTargets
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,14 @@ class ServerError(RuntimeError):
 
 class AuthenticationError(ServerError):
     """The server refused the connection's API key (HTTP 401 in the handshake)."""
+
+
+class MissingMetadataError(ServerError):
+    """The server's metadata lacks ``name`` (``action_horizon`` or ``action_dim``) and none was passed in."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"server metadata has no {name!r}; pass {name}= to OpenPIClientPolicy")
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -128,12 +140,15 @@ class OpenPIClientPolicy:
     """A remote policy: ``infer`` sends each observation of the batch and stacks the returned chunks.
 
     ``version``, ``action_horizon`` and ``action_dim`` come from the server's metadata frame (flywheel
-    servers send them); a server that does not (openpi's usually send ``{}``) needs them passed in. A longer
-    chunk than ``action_horizon`` is cut to it. ``version`` follows ``policy_version`` in every reply, so
+    servers send them); a server that does not (openpi's usually send ``{}``) needs them passed in. A given
+    ``action_horizon`` may be shorter than the server's (chunks are cut to it); a given ``action_dim`` must
+    match the server's. ``version`` follows ``policy_version`` in every reply, so
     after a server-side hot swap it names the weights that produced the last chunk. ``send_privileged``
     sends the simulator's full state (simulated robots and scripted experts only). ``connections`` > 1 opens
     that many lock-step connections and sends a batch's observations over them concurrently, so a batching
-    server (flywheel's) can answer them in one inference.
+    server (flywheel's) can answer them in one inference. ``supports_inpainting`` is the server's ``rtc``
+    metadata flag: then ``infer(batch, inpainting=targets)`` sends each row's RTC targets in the ``rtc``
+    field (:mod:`policies.serving.inpainting`), so rollouts in RTC mode work over the wire.
     """
 
     def __init__(
@@ -167,18 +182,24 @@ class OpenPIClientPolicy:
             channel.connect()
         self._pool = ThreadPoolExecutor(connections, "openpi-client") if connections > 1 else None
         self.version: str = str(self.metadata.get("policy_version") or version or f"openpi@{self.url}")
-        self.action_horizon: int = _required(self.metadata, "action_horizon", action_horizon)
-        self.action_dim: int = _required(self.metadata, "action_dim", action_dim)
+        self.action_horizon: int = _chunk_size(self.metadata, "action_horizon", action_horizon)
+        self.action_dim: int = _chunk_size(self.metadata, "action_dim", action_dim)
+        self.supports_inpainting: bool = bool(self.metadata.get(RTC_FIELD, False))
 
     # ---- Policy protocol ---------------------------------------------------------------------------------
 
-    def infer(self, batch: ObservationBatch) -> ActionChunk:
-        """Send the batch's observations (lock-step per connection) and stack the chunks into ``B×H×D``."""
+    def infer(self, batch: ObservationBatch, inpainting: InpaintingTargets | None = None) -> ActionChunk:
+        """Send the batch's observations (lock-step per connection) and stack the chunks into ``B×H×D``;
+        ``inpainting`` (one row per observation) goes along as each request's ``rtc`` field."""
         observations = _unbatch(batch)
+        requests = _rtc_requests(inpainting, len(observations))
         if self._pool is None or len(observations) == 1:
-            replies = [self.infer_one(observation) for observation in observations]
+            channel = self._channels[0]
+            replies = [
+                self._request(channel, obs, rtc) for obs, rtc in zip(observations, requests, strict=True)
+            ]
         else:
-            replies = self._infer_spread(observations)
+            replies = self._infer_spread(observations, requests)
         embeddings = [reply.get("embeddings") for reply in replies]
         infer_ms = [float(reply.get("server_timing", {}).get("infer_ms", np.nan)) for reply in replies]
         return ActionChunk(
@@ -195,28 +216,37 @@ class OpenPIClientPolicy:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    def infer_one(self, observation: Observation) -> dict[str, Any]:
+    def infer_one(self, observation: Observation, rtc: RTCRequest | None = None) -> dict[str, Any]:
         """One lock-step round trip on the first connection; the server's reply plus ``round_trip_ms``.
 
-        A connection the server closed gracefully (restart, 1001) is re-opened and the request sent again;
-        an error frame, a 1011/1009 close or a timeout raises :class:`ServerError`.
+        ``rtc`` asks a flywheel server to inpaint toward the chunk being executed (the reply's ``rtc`` says
+        whether it did; other servers ignore it). A connection the server closed gracefully (restart, 1001)
+        is re-opened and the request sent again; an error frame, a 1011/1009 close or a timeout raises
+        :class:`ServerError`.
         """
-        return self._request(self._channels[0], observation)
+        return self._request(self._channels[0], observation, rtc)
 
-    def _request(self, channel: _Channel, observation: Observation) -> dict[str, Any]:
-        message = msgpack_numpy.packb(observation_to_wire(observation, self.keys, self.send_privileged))
-        reply = channel.request(message)
+    def _request(
+        self, channel: _Channel, observation: Observation, rtc: RTCRequest | None = None
+    ) -> dict[str, Any]:
+        wire = observation_to_wire(observation, self.keys, self.send_privileged)
+        if rtc is not None:
+            wire[RTC_FIELD] = rtc.to_wire()
+        reply = channel.request(msgpack_numpy.packb(wire))
         if "policy_version" in reply:
             self.version = str(reply["policy_version"])
         return reply
 
-    def _infer_spread(self, observations: list[Observation]) -> list[dict[str, Any]]:
+    def _infer_spread(
+        self, observations: list[Observation], requests: list[RTCRequest | None]
+    ) -> list[dict[str, Any]]:
         """Observation ``i`` goes over connection ``i mod N``; each connection stays lock-step."""
         assert self._pool is not None
         count = len(self._channels)
 
         def run(lane: int) -> list[dict[str, Any]]:
-            return [self._request(self._channels[lane], obs) for obs in observations[lane::count]]
+            lane_items = zip(observations[lane::count], requests[lane::count], strict=True)
+            return [self._request(self._channels[lane], obs, rtc) for obs, rtc in lane_items]
 
         lanes = list(self._pool.map(run, range(min(count, len(observations)))))
         return [lanes[index % count][index // count] for index in range(len(observations))]
@@ -259,11 +289,32 @@ def _unbatch(batch: ObservationBatch) -> list[Observation]:
     return observations
 
 
-def _required(metadata: dict[str, Any], name: str, given: int | None) -> int:
-    value = metadata.get(name, given)
-    if value is None:
-        raise ServerError(f"server metadata has no {name!r}; pass {name}= to OpenPIClientPolicy")
-    return int(value)
+def _rtc_requests(inpainting: InpaintingTargets | None, rows: int) -> list[RTCRequest | None]:
+    """One ``rtc`` field per row (None for rows whose weights are all zero: plain sampling)."""
+    if inpainting is None:
+        return [None] * rows
+    if len(inpainting.actions) != rows:
+        raise ValueError(f"inpainting: {len(inpainting.actions)} rows for a batch of {rows}")
+    return [
+        RTCRequest(actions, weights=weights) if weights.any() else None
+        for actions, weights in zip(inpainting.actions, inpainting.weights, strict=True)
+    ]
+
+
+def _chunk_size(metadata: dict[str, Any], name: str, given: int | None) -> int:
+    """``given`` if set, else the server's value; a given horizon may be shorter than the server's, a given
+    dim must equal it."""
+    served = metadata.get(name)
+    if given is None:
+        if served is None:
+            raise MissingMetadataError(name)
+        return int(served)
+    if given < 1:
+        raise ValueError(f"{name} must be ≥ 1, got {given}")
+    fits = served is None or (given <= int(served) if name == "action_horizon" else given == int(served))
+    if not fits:
+        raise ServerError(f"{name}={given} does not fit the server's {name} {served}")
+    return given
 
 
 def _describe_close(closed: ConnectionClosed, sent_bytes: int) -> str:

@@ -1,4 +1,5 @@
-"""``load_policy`` loads RLT checkpoints (``flywheel rlt`` and pipeline manifests) for collection and serving."""
+"""``load_policy``: ``openpi:`` specs (with options) collecting against a served policy, and RLT checkpoints
+(``flywheel rlt`` and pipeline manifests) for collection and serving."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from experiments.policy_loader import PolicySpecError, load_policy
 from policies.base import stack_observations
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
+from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.phase import AlwaysCritical, DistanceSwitch
@@ -222,3 +224,105 @@ def test_the_pipeline_rebuilds_a_flywheel_rlt_checkpoint(trained) -> None:
     )
     assert isinstance(policy.switch, AlwaysCritical) and policy.prior.version == "scripted-noise0.3"
     assert policy.version == version and policy.action_horizon == 10
+
+
+class OpenPIStyleServer(PolicyServer):
+    """A flywheel server that answers like openpi's: metadata ``{}``, replies without a policy version."""
+
+    def metadata(self) -> dict:
+        return {}
+
+    async def _answer(self, message: str | bytes) -> dict:
+        reply = await super()._answer(message)
+        del reply["policy_version"]
+        return reply
+
+
+def _served_scripted(server_class: type[PolicyServer] = PolicyServer) -> BackgroundServer:
+    """reach-v3's scripted expert (H=8) behind an API key, taking openpi-style field names."""
+    config = ServerConfig(
+        port=0,
+        api_key="k-openpi",
+        allow_privileged=True,
+        keys=ObservationKeys.parse(["image:corner=observation/image"]),
+    )
+    policy = ScriptedPolicy("reach-v3", action_horizon=8, version="scripted-served")
+    return BackgroundServer(server_class(policy, config))
+
+
+def _collect(url: str, spec: str, run_id: str) -> list:
+    env = EnvConfig(task="reach-v3", cameras=("corner",), width=16, height=16, max_episode_steps=24)
+    config = CollectConfig(
+        env=env, policy=spec, episodes=2, store_url=url, record_images=False, run_id=run_id
+    )
+    run_collection(config, progress=False)
+    return list(ExperienceStore(url).iter_episodes(run_id=run_id))
+
+
+def _policy_step_versions(record) -> set:
+    return {v for v, s in zip(record.policy_versions, record.sources, strict=True) if s == StepSource.POLICY}
+
+
+def test_collect_through_an_openpi_spec_with_key_map_api_key_and_horizon(tmp_path, monkeypatch) -> None:
+    """``openpi:ws://…?options`` reaches a keyed server with openpi field names; the chunks are cut to the
+    spec's horizon; every policy step names the served version, registered as kind ``openpi``."""
+    monkeypatch.setenv("FW_OPENPI_KEY", "k-openpi")
+    url = f"sqlite:///{tmp_path / 'fw.db'}"
+    options = "key=image:corner=observation/image&privileged=1&api_key_env=FW_OPENPI_KEY&horizon=5"
+    with _served_scripted() as background:
+        records = _collect(url, f"openpi:{background.url}?{options}", "openpi-run")
+        calls = background.server.stats()["requests"]
+        store = ExperienceStore(url)
+        for extra, message in [
+            ("horizon=9", "action_horizon=9 does not fit the server's action_horizon 8"),
+            ("dim=3", "action_dim=3 does not fit the server's action_dim 4"),
+        ]:
+            with pytest.raises(PolicySpecError, match=message):
+                load_policy(f"openpi:{background.url}?{options}&{extra}", task="reach-v3", store=store)
+    assert len(records) == 2 and calls >= 2 * 24 // 5
+    for record in records:
+        assert record.length == 24 and _policy_step_versions(record) == {"scripted-served"}
+        assert set(record.chunk_offsets.tolist()) == set(range(5)), "chunks cut to horizon=5"
+    row = next(r for r in ExperienceStore(url).policy_versions() if r["version"] == "scripted-served")
+    assert row["kind"] == "openpi" and row["uri"] == background.url
+    assert row["metadata"]["action_horizon"] == 5 and "k-openpi" not in json.dumps(row["metadata"])
+
+
+def test_an_openpi_server_with_empty_metadata_needs_horizon_and_dim(tmp_path, monkeypatch) -> None:
+    """Against an openpi-style server (metadata ``{}``, no version in replies) the spec supplies H, D and the
+    version to record; leaving H out is a one-line error naming the option."""
+    monkeypatch.setenv("FW_OPENPI_KEY", "k-openpi")
+    url = f"sqlite:///{tmp_path / 'fw.db'}"
+    store = ExperienceStore(url)
+    store.upgrade()
+    options = "key=image:corner=observation/image&privileged=1&api_key_env=FW_OPENPI_KEY"
+    with _served_scripted(OpenPIStyleServer) as background:
+        with pytest.raises(PolicySpecError, match="no 'action_horizon'; add horizon=N") as error:
+            load_policy(f"openpi:{background.url}?{options}", task="reach-v3", store=store)
+        assert "\n" not in str(error.value)
+        spec = f"openpi:{background.url}?{options}&horizon=8&dim=4&version=pi-like"
+        records = _collect(url, spec, "openpi-style")
+    assert len(records) == 2
+    assert all(_policy_step_versions(record) == {"pi-like"} for record in records)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("horizon=ten", "horizon='ten'; expected a positive int"),
+        ("dims=4", "unknown option 'dims'; known: keys, key,"),
+        ("keys=aloha", "keys='aloha'; expected libero or droid"),
+        ("key=image:corner", "expected NAME=WIRE_KEY"),
+        ("api_key_env=FW_SURELY_UNSET", "environment variable 'FW_SURELY_UNSET' is unset"),
+        ("privileged=yes", "privileged='yes'; expected 1 or 0"),
+        ("horizon", "option 'horizon': expected option=value"),
+    ],
+)
+def test_bad_openpi_options_are_one_line_errors(tmp_path, monkeypatch, options, message) -> None:
+    monkeypatch.delenv("FW_SURELY_UNSET", raising=False)
+    args = ["collect", "--task", "reach-v3", "--episodes", "1", "--db", f"sqlite:///{tmp_path / 'fw.db'}"]
+    result = runner.invoke(
+        app, [*args, "--policy", f"openpi:ws://127.0.0.1:9?{options}"], env={"COLUMNS": "300"}
+    )
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output

@@ -30,7 +30,7 @@ from experiments.robot_runtime import (
 from experiments.upload import UploadConfig, Uploader
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
-from policies.serving import BackgroundServer, PolicyServer, ServerConfig
+from policies.serving import BackgroundServer, PolicyServer, RTCRequest, ServerConfig
 from storage.records import Outcome, StepSource
 from storage.spool import EpisodeSpool
 from storage.store import ExperienceStore
@@ -38,6 +38,8 @@ from storage.store import ExperienceStore
 TASK = "reach-v3"
 VERSION = "scripted-h8"
 KEY = "robot-ingest-key"
+#: What the tiny VLA of tests/test_rtc.py sees: one 48×48 camera, 7-D state.
+VLA_ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +357,74 @@ def test_single_action_chunks_run_closed_loop_in_async_mode(tmp_path: Path) -> N
     robot.close()
     from_chunk = result.record.chunk_ids >= 0
     assert from_chunk[5:].mean() > 0.5  # late one-action chunks are executed, not dropped as stale
+
+
+@pytest.fixture(scope="module")
+def vla_server() -> Iterator[BackgroundServer]:
+    """The tiny built-in VLA (random init; supports RTC inpainting) behind a policy server."""
+    from tests.test_rtc import tiny_vla
+
+    with BackgroundServer(PolicyServer(tiny_vla(), ServerConfig(port=0))) as server:
+        with OpenPIClientPolicy(server.url) as client:  # warm up plain and guided sampling
+            observation = SimRobot(VLA_ENV).reset(0)
+            rest = client.infer_one(observation)["actions"][5:]
+            assert client.infer_one(observation, RTCRequest(rest, 1))["rtc"] is True
+        yield server
+
+
+def _switches(record) -> list[int]:
+    """Steps where the robot switched from one chunk straight to the next (both policy steps)."""
+    ids = record.chunk_ids
+    return [t for t in range(1, record.length) if ids[t - 1] >= 0 and ids[t] == ids[t - 1] + 1]
+
+
+def _continuation_error(record, t: int) -> float:
+    """At switch step ``t``: the new chunk's action vs the action the previous chunk had for step ``t``."""
+    old, new = record.chunk_ids[t - 1], record.chunk_ids[t]
+    expected = record.chunks[old][min(record.chunk_offsets[t - 1] + 1, record.chunks.shape[1] - 1)]
+    return float(np.abs(record.chunks[new][record.chunk_offsets[t]] - expected).max())
+
+
+def test_rtc_mode_continues_the_executing_chunk_across_boundaries(
+    vla_server: BackgroundServer, tmp_path: Path
+) -> None:
+    """In ``rtc`` mode every request carries the unexecuted rest of the chunk and the measured delay; the
+    server inpaints, so at each switch the new chunk continues the old one — closer than naive async on the
+    same seeds, with a smaller command jump at the boundary."""
+    errors: dict[str, list[float]] = {}
+    jumps: dict[str, list[float]] = {}
+    for mode in ("async", "rtc"):
+        robot, client = SimRobot(VLA_ENV), OpenPIClientPolicy(vla_server.url)
+        config = RuntimeConfig(
+            rate_hz=6.0,
+            mode=mode,
+            execute_horizon=4,
+            max_steps=24,
+            max_action_delta=None,  # the random VLA's actions jump more than any rate limit
+            record_images=False,
+        )
+        runtime = RobotRuntime(
+            robot,
+            remote_chunks(client),
+            EpisodeSpool(tmp_path / f"{mode}.db"),
+            config,
+            task=TASK,
+            env_id="sim",
+        )
+        try:
+            records = [result.record for result in runtime.run(episodes=1, seed=0)]
+        finally:
+            runtime.close()
+            client.close()
+            robot.close()
+        switches = [(record, t) for record in records for t in _switches(record)]
+        assert len(switches) >= 4, "the episode runs through several chunks"
+        errors[mode] = [_continuation_error(record, t) for record, t in switches]
+        jumps[mode] = [
+            float(np.abs(record.actions[t] - record.actions[t - 1]).max()) for record, t in switches
+        ]
+        inpainted = sum(record.metadata["robot_runtime"]["rtc_chunks"] for record in records)
+        chunks = sum(len(record.chunks) for record in records)
+        assert inpainted == (chunks - len(records) if mode == "rtc" else 0), "all but each first chunk"
+    assert np.mean(errors["rtc"]) < 0.5 * np.mean(errors["async"]), errors
+    assert np.mean(jumps["rtc"]) < np.mean(jumps["async"]), jumps

@@ -27,6 +27,7 @@ from policies.serving import (
     ObservationKeys,
     ObservationSpec,
     PolicyServer,
+    RTCRequest,
     ServerConfig,
     msgpack_numpy,
     observation_from_wire,
@@ -532,3 +533,129 @@ def test_key_map_parses_from_command_line_entries() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             ObservationKeys.parse(bad)
+
+
+@pytest.fixture(scope="module")
+def rtc_vla() -> Policy:
+    from tests.test_rtc import tiny_vla
+
+    return tiny_vla()
+
+
+def _vla_observation(seed: int) -> Observation:
+    from tests.test_rtc import ENV, IMAGE
+
+    rng = np.random.default_rng(seed)
+    return Observation(
+        images={"corner2": rng.integers(0, 256, size=(IMAGE, IMAGE, 3), dtype=np.uint8)},
+        state=rng.normal(size=7).astype(np.float32),
+        prompt=ENV.instruction,
+    )
+
+
+def test_rtc_field_inpaints_toward_the_unexecuted_actions(rtc_vla: Policy) -> None:
+    """A request with ``rtc`` (the rest of the chunk being executed, delay d) gets a chunk whose first d
+    actions repeat that rest, and whose action d (the first the robot executes) stays closer to the rest's
+    than a plain request's does."""
+    executed, delay = 4, 2
+    prefix_errors, naive_errors, rtc_switch, naive_switch = [], [], [], []
+    with start(rtc_vla) as background, OpenPIClientPolicy(background.url) as client:
+        assert client.metadata["rtc"] is True
+        for seed in range(6):
+            previous = client.infer_one(_vla_observation(2 * seed))["actions"]
+            rest = previous[executed:]
+            observation = _vla_observation(2 * seed + 1)
+            plain = client.infer_one(observation)
+            reply = client.infer_one(observation, RTCRequest(rest, delay))
+            assert reply["rtc"] is True and "rtc" not in plain
+            inpainted, naive = reply["actions"], plain["actions"]
+            prefix_errors.append(np.abs(inpainted[:delay] - rest[:delay]).max())
+            naive_errors.append(np.abs(naive[:delay] - rest[:delay]).max())
+            rtc_switch.append(np.abs(inpainted[delay] - rest[delay]).max())
+            naive_switch.append(np.abs(naive[delay] - rest[delay]).max())
+    span = float(np.ptp(previous))
+    assert max(prefix_errors) < 0.05 * span, f"committed prefix drifted by {max(prefix_errors):.3f}"
+    assert max(prefix_errors) < 0.2 * max(naive_errors)
+    assert np.mean(rtc_switch) < 0.5 * np.mean(naive_switch), (rtc_switch, naive_switch)
+
+
+def test_rtc_and_plain_requests_share_a_batch(rtc_vla: Policy) -> None:
+    """An RTC request and a plain one are answered from one batched inference; only the former is inpainted."""
+    rest = rtc_vla.infer(stack_observations([_vla_observation(0)])).actions[0, 3:]
+    replies: dict[str, dict] = {}
+    with start(rtc_vla, max_wait_ms=2000.0) as background:
+        clients = {name: OpenPIClientPolicy(background.url) for name in ("rtc", "plain")}
+        requests = {"rtc": RTCRequest(rest, 3), "plain": None}
+
+        def run(name: str) -> None:
+            replies[name] = clients[name].infer_one(_vla_observation(1), requests[name])
+
+        threads = [threading.Thread(target=run, args=(name,)) for name in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert background.server.stats()["largest_batch"] == 2
+    assert replies["rtc"]["rtc"] is True and "rtc" not in replies["plain"]
+    assert replies["rtc"]["server_timing"]["batch_size"] == 2
+    committed = np.abs(replies["rtc"]["actions"][:3] - rest[:3]).max()
+    assert committed < np.abs(replies["plain"]["actions"][:3] - rest[:3]).max()
+
+
+def test_rtc_field_is_ignored_by_a_policy_that_cannot_inpaint(policy: LinearPolicy, served) -> None:
+    observation = make_observation(3)
+    from policies.rtc import supports_inpainting
+
+    with OpenPIClientPolicy(served.url) as client:
+        assert client.metadata["rtc"] is False and not supports_inpainting(client)
+        reply = client.infer_one(observation, RTCRequest(np.ones((2, ACTION_DIM), np.float32), 1))
+    assert reply["rtc"] is False
+    np.testing.assert_allclose(reply["actions"], expected_actions(policy, observation), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rtc", "fragment"),
+    [
+        ([1, 2], "rtc: expected a map with prev_chunk and delay, got list"),
+        ({"delay": 1}, "rtc.prev_chunk: expected a K×4 float array, got NoneType"),
+        ({"prev_chunk": np.zeros((3, 5), np.float32), "delay": 1}, "rtc.prev_chunk: shape (3, 5)"),
+        ({"prev_chunk": np.zeros((11, 4), np.float32), "delay": 1}, "with 1 ≤ K ≤ 10"),
+        ({"prev_chunk": np.zeros((3, 4), np.float32)}, "rtc.delay: expected an int ≥ 0, got None"),
+        ({"prev_chunk": np.zeros((3, 4), np.float32), "delay": 1, "execute_horizon": 0}, "1 ≤ s ≤ 10"),
+        (
+            {"prev_chunk": np.zeros((3, 4), np.float32), "weights": np.ones(2)},
+            "rtc.weights: expected 3 floats",
+        ),
+        ({"prev_chunk": np.zeros((3, 4), np.float32), "weights": np.full(3, 2.0)}, "in [0, 1]"),
+    ],
+)
+def test_malformed_rtc_field_gets_a_one_line_error(rtc_vla: Policy, rtc, fragment) -> None:
+    with start(rtc_vla) as background:
+        connection, _ = raw_connect(background.url)
+        message = observation_to_wire(_vla_observation(0))
+        connection.send(msgpack_numpy.packb({**message, "rtc": rtc}))
+        text = _assert_error_then_close(connection, "ObservationError", fragment)
+        assert "\n" not in text
+        with OpenPIClientPolicy(background.url) as client:
+            assert client.infer_one(_vla_observation(1))["actions"].shape == (10, 4)
+
+
+def test_rollouts_in_rtc_mode_inpaint_through_the_openpi_client(rtc_vla: Policy) -> None:
+    """A rollout worker in RTC mode with the client as its policy: the targets travel in the ``rtc`` field
+    (explicit weights), so each chunk's committed prefix continues the chunk that was executing."""
+    from actors.execution import ExecutionConfig
+    from policies.rtc import supports_inpainting
+    from tests.test_rtc import _collect
+
+    delay, steps = 2, 4
+    with start(rtc_vla) as background, OpenPIClientPolicy(background.url) as client:
+        assert supports_inpainting(client)
+        records = _collect(
+            client, ExecutionConfig(mode="rtc", delay=delay, execute_horizon=steps), episodes=1
+        )
+    assert len(records) == 1 and records[0].metadata["execution_mode"] == "rtc"
+    chunks = records[0].chunks
+    assert len(chunks) > 3
+    for k in range(2, len(chunks)):
+        committed = chunks[k - 1, steps : steps + delay]
+        assert np.abs(chunks[k, :delay] - committed).max() < 0.05 * np.ptp(chunks)

@@ -1,5 +1,6 @@
 """``flywheel serve`` as a real process: a Meta-World rollout through the openpi client adapter, auth from an
-environment variable, SIGHUP reload, graceful SIGTERM, and a clear error for an unloadable policy."""
+environment variable, SIGHUP reload, graceful SIGTERM, a clear error for an unloadable policy, and (slow) the
+whole CLI chain serve → robot run → ingest → upload delivering each episode exactly once."""
 
 from __future__ import annotations
 
@@ -144,3 +145,71 @@ def test_serve_resolves_a_checkpoint_directory_and_a_registered_version(tmp_path
         assert reply["policy_version"] == expected_version and np.asarray(reply["actions"]).shape == (10, 4)
     result = CliRunner().invoke(serve_app, ["--policy", "v8", "--store", store_url])
     assert result.exit_code == 2 and "no such version registered" in result.output
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "experiments.cli", *args]
+    return subprocess.Popen(
+        command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.2)
+
+
+@pytest.mark.slow  # three CLI processes, each importing the whole stack: over a minute on a loaded 2-core box
+def test_cli_chain_serve_robot_run_ingest_upload_delivers_each_episode_once(tmp_path) -> None:
+    """The real processes end to end: ``flywheel serve`` (scripted expert, API key), ``flywheel robot run``
+    (sim robot in its own process, simulated human) spooling locally, ``flywheel robot ingest`` into a store;
+    then ``flywheel robot upload`` twice: every episode the robot reported is stored exactly once."""
+    from experiments.cli import app
+    from storage import ExperienceStore
+
+    serve_port, ingest_port = _free_port(), _free_port()
+    store_url = f"sqlite:///{tmp_path / 'fw.db'}"
+    store = ExperienceStore(store_url)
+    store.upgrade()
+    store.register_policy_version(f"scripted:{TASK}", kind="scripted", uri=f"scripted:{TASK}")
+    env = {"FW_POLICY_KEY": "p-key", "FLYWHEEL_INGEST_KEY": "i-key"}
+    spool, ingest_url = str(tmp_path / "robot.db"), f"http://127.0.0.1:{ingest_port}"
+    robot_args = [
+        "--server",
+        f"ws://127.0.0.1:{serve_port}",
+        "--api-key-env",
+        "FW_POLICY_KEY",
+        "--spool",
+        spool,
+    ]
+    serve_args = ["--policy", f"scripted:{TASK}", "--port", str(serve_port), "--api-key-env", "FW_POLICY_KEY"]
+    server = _cli("serve", *serve_args, env=env)
+    ingest = _cli("robot", "ingest", "--store", store_url, "--port", str(ingest_port), env=env)
+    robot = _cli(
+        "robot", "run", *robot_args, "--episodes", "2", "--max-steps", "30", "--human-rate", "0.05", env=env
+    )
+    try:
+        robot_output = robot.communicate(timeout=240)[0]
+        assert robot.returncode == 0, robot_output
+        reported = [line.split()[0] for line in robot_output.splitlines() if " steps=" in line]
+        assert len(reported) == 2, robot_output
+        _wait_healthy(f"{ingest_url}/healthz", ingest)
+        upload = ["robot", "upload", "--spool", spool, "--url", ingest_url]
+        first, second = (CliRunner().invoke(app, upload, env=env) for _ in range(2))
+    finally:
+        for process in (server, ingest, robot):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=30)[0] for process in (server, ingest)]
+    assert "stored=2 duplicates=0 rejected=0" in first.output and "pending=0" in first.output, first.output
+    assert "stored=0 duplicates=0 rejected=0" in second.output and "pending=0" in second.output, second.output
+    assert sorted(str(summary.uuid) for summary in store.list_episodes()) == sorted(reported)
+    assert server.returncode == 0 and "server stopped" in outputs[0], outputs[0]

@@ -37,7 +37,16 @@ def run(
     spool: str = typer.Option("robot-spool.db", help="SQLite spool file."),
     seed: int = typer.Option(0),
     rate_hz: float = typer.Option(50.0, help="Control rate."),
-    mode: str = typer.Option("async", help="async (inference overlaps execution) or sync (robot waits)."),
+    mode: str = typer.Option(
+        "async",
+        help="async (inference overlaps execution), rtc (async + RTC inpainting where the server's policy "
+        "supports it) or sync (robot waits).",
+    ),
+    execute_horizon: int | None = typer.Option(
+        None,
+        min=1,
+        help="Actions of a chunk to execute before the next one is due (default: all; rtc: ~H/2).",
+    ),
     max_steps: int = typer.Option(200, min=1),
     injected_latency_ms: float = typer.Option(0.0, help="Extra inference latency to simulate a far server."),
     human_rate: float = typer.Option(0.0, help="Simulated human: random takeover rate per step."),
@@ -64,6 +73,7 @@ def run(
     config = RuntimeConfig(
         rate_hz=rate_hz,
         mode=mode,
+        execute_horizon=execute_horizon,
         max_steps=max_steps,
         injected_latency_ms=injected_latency_ms,
         realtime_priority=realtime_priority,

@@ -1,5 +1,6 @@
 """Serving policies over openpi's WebSocket protocol: msgpack-numpy codec, observation checks, server."""
 
+from policies.serving.inpainting import RTCRequest
 from policies.serving.msgpack_numpy import WireFormatError, packb, unpackb
 from policies.serving.observations import (
     ObservationError,
@@ -17,6 +18,7 @@ __all__ = [
     "ObservationKeys",
     "ObservationSpec",
     "PolicyServer",
+    "RTCRequest",
     "ServerConfig",
     "WireFormatError",
     "observation_from_wire",

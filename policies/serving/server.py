@@ -10,7 +10,9 @@ handshake (constant-time compare, 401 before any inference); a maximum message s
 worker thread so health checks and other clients stay responsive; concurrent requests are batched into one
 ``policy.infer``; each reply names the policy version; :meth:`PolicyServer.swap_policy` hot-swaps between
 requests without dropping connections; :meth:`PolicyServer.shutdown` finishes in-flight requests and closes
-with 1001; error frames carry a one-line message unless ``debug`` is on.
+with 1001; error frames carry a one-line message unless ``debug`` is on; an optional ``rtc`` request field
+(:mod:`policies.serving.inpainting`) samples the chunk by Real-Time Chunking inpainting when the policy
+supports it (ignored otherwise, as an openpi server would), also inside a batch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.asyncio.server import Request, Response, Server, ServerConnection, serve
@@ -38,12 +40,22 @@ from websockets.frames import CloseCode
 
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.serving import msgpack_numpy
+from policies.serving.inpainting import (
+    RTC_FIELD,
+    can_inpaint,
+    concat_targets,
+    infer_with_targets,
+    targets_from_wire,
+)
 from policies.serving.observations import (
     ObservationError,
     ObservationKeys,
     ObservationSpec,
     observation_from_wire,
 )
+
+if TYPE_CHECKING:
+    from policies.rtc import InpaintingTargets
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +105,7 @@ class InferenceError(RuntimeError):
 class _Request:
     observation: Observation
     future: asyncio.Future[dict[str, Any]]
+    inpainting: InpaintingTargets | None = None
     received: float = field(default_factory=time.monotonic)
 
 
@@ -162,6 +175,7 @@ class PolicyServer:
             "max_batch": self.config.max_batch,
             "auth": self.config.api_key is not None,
             "embeddings": self.config.send_embeddings,
+            "rtc": can_inpaint(policy),
         }
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -281,17 +295,24 @@ class PolicyServer:
         if isinstance(message, str):
             raise ObservationError("observation: expected a binary msgpack frame, got a text frame")
         config = self.config
+        decoded = msgpack_numpy.unpackb(message)
         observation = observation_from_wire(
-            msgpack_numpy.unpackb(message),
-            self._spec,
-            config.keys,
-            config.default_prompt,
-            config.allow_privileged,
+            decoded, self._spec, config.keys, config.default_prompt, config.allow_privileged
         )
         assert self._queue is not None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(observation, future))
-        return await future
+        await self._queue.put(_Request(observation, future, self._inpainting_targets(decoded)))
+        reply = await future
+        if RTC_FIELD in decoded:
+            reply.setdefault(RTC_FIELD, False)  # asked for RTC, but this policy cannot inpaint
+        return reply
+
+    def _inpainting_targets(self, decoded: dict[str, Any]) -> InpaintingTargets | None:
+        """The request's RTC targets, if it sent some and the current policy can inpaint (else ignored)."""
+        policy = self._policy
+        if RTC_FIELD not in decoded or not can_inpaint(policy):
+            return None
+        return targets_from_wire(decoded[RTC_FIELD], policy.action_horizon, policy.action_dim)
 
     async def _send_error(self, connection: ServerConnection, error: Exception) -> None:
         if self.config.debug:
@@ -337,9 +358,13 @@ class PolicyServer:
     async def _infer_group(self, requests: list[_Request]) -> None:
         policy = self._policy
         started = time.monotonic()
+        targets = None
+        if can_inpaint(policy):
+            parts = [request.inpainting for request in requests]
+            targets = concat_targets(parts, policy.action_horizon, policy.action_dim)
         try:
             chunk = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _infer, policy, [r.observation for r in requests]
+                self._executor, _infer, policy, [r.observation for r in requests], targets
             )
         except InferenceError as error:
             if len(requests) > 1:  # isolate the observation that broke the batch; the others get answers
@@ -354,15 +379,20 @@ class PolicyServer:
         self._served["largest_batch"] = max(self._served["largest_batch"], len(requests))
         for index, request in enumerate(requests):
             reply = _reply(chunk, index, policy.version, infer_ms, started, request)
+            if targets is not None and request.inpainting is not None:
+                reply[RTC_FIELD] = True
             if self.config.send_embeddings and chunk.embeddings is not None:
                 reply["embeddings"] = np.ascontiguousarray(chunk.embeddings[index])
             _resolve(request.future, reply=reply)
 
 
-def _infer(policy: Policy, observations: list[Observation]) -> ActionChunk:
-    """Run in the worker thread: one ``policy.infer`` over the stacked batch, with its output checked."""
+def _infer(
+    policy: Policy, observations: list[Observation], targets: InpaintingTargets | None = None
+) -> ActionChunk:
+    """Run in the worker thread: one ``policy.infer`` (RTC inpainting toward ``targets`` if given) over the
+    stacked batch, with its output checked."""
     try:
-        chunk = policy.infer(stack_observations(observations))
+        chunk = infer_with_targets(policy, stack_observations(observations), targets)
     except Exception as error:
         raise InferenceError(f"policy {policy.version} failed: {type(error).__name__}: {error}") from error
     expected = (len(observations), policy.action_horizon, policy.action_dim)
