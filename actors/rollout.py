@@ -133,6 +133,7 @@ class RolloutWorker:
         ]
         self._pending_policy: Policy | None = None
         self._policy_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # a Ray actor may call close() from a second thread during run()
         self._inpaint = self._check_inpainting(policy)
         self._journal = (
             EpisodeJournal(Path(journal_dir) / f"worker{worker_id}.sqlite") if journal_dir else None
@@ -158,6 +159,15 @@ class RolloutWorker:
         """
         if (episodes is None) == (env_steps is None):
             raise ValueError("run() takes exactly one of episodes= or env_steps=")
+        with self._run_lock:
+            return self._run(episodes, env_steps, on_episode)
+
+    def _run(
+        self,
+        episodes: int | None,
+        env_steps: int | None,
+        on_episode: Callable[[EpisodeRecord], None] | None,
+    ) -> RolloutStats:
         stats = RolloutStats()
         started = time.perf_counter()
         while not self._target_reached(stats, episodes, env_steps):
@@ -178,14 +188,26 @@ class RolloutWorker:
         """Process id of the process running this worker."""
         return os.getpid()
 
-    def close(self) -> None:
-        """Close every env; open episodes are abandoned (and dropped from the journal, if any)."""
-        for slot in self._slots:
-            slot.env.close()
-            if self._journal is not None and slot.recorder is not None:
-                self._journal.drop(slot.recorder.episode_uuid)
-        if self._journal is not None:
-            self._journal.close()
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Close every env; open episodes are abandoned (and dropped from the journal, if any).
+
+        Waits up to ``timeout_s`` for a ``run`` in progress to return, so envs are never closed under it; if it
+        does not, nothing is closed (the caller kills the process anyway).
+        """
+        if not self._run_lock.acquire(timeout=timeout_s):
+            logger.warning(
+                "worker %d: still running after %.0f s; not closing its envs", self.worker_id, timeout_s
+            )
+            return
+        try:
+            for slot in self._slots:
+                slot.env.close()
+                if self._journal is not None and slot.recorder is not None:
+                    self._journal.drop(slot.recorder.episode_uuid)
+            if self._journal is not None:
+                self._journal.close()
+        finally:
+            self._run_lock.release()
 
     def _recover_open_episodes(self) -> int:
         """Commit the snapshots a killed predecessor left in the journal as ``error`` episodes; how many."""

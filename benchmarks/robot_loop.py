@@ -236,6 +236,12 @@ def rtc_table(args: argparse.Namespace, workdir: Path) -> None:
             delays = [d for r in results for d in r.record.metadata["timing"]["chunk_delay_steps"][1:]]
             inpainted = sum(r.record.metadata["robot_runtime"]["rtc_chunks"] for r in results)
             chunks = sum(len(r.record.chunks) for r in results)
+            if not len(switches):
+                print(
+                    f"{mode:>6}: no chunk switch in {args.rtc_episodes} episode(s); raise --max-steps",
+                    flush=True,
+                )
+                continue
             print(
                 f"{mode:>6} {len(switches):>8d} {switches[:, 0].mean():>6.3f}/{switches[:, 0].max():<7.3f} "
                 f"{switches[:, 1].mean():>10.3f}/{switches[:, 1].max():<11.3f} {np.mean(delays):>11.2f} "

@@ -34,7 +34,7 @@ class CollectConfig(BaseModel):
     env: EnvConfig = EnvConfig()
     policy: str = "scripted"
     noise: float = Field(default=0.0, ge=0.0, description="Gaussian action noise of a scripted policy")
-    episodes: int = Field(default=10, ge=1)
+    episodes: int | None = Field(default=None, ge=1, description="target in committed episodes (default 10)")
     env_steps: int | None = Field(
         default=None,
         ge=1,
@@ -58,8 +58,12 @@ class CollectConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_target(self) -> CollectConfig:
-        if self.env_steps is not None and "episodes" in self.model_fields_set:
+        if self.env_steps is not None and self.episodes is not None:
             raise ValueError("give a target in episodes or in env_steps, not both")
+        if self.env_steps is None and self.episodes is None:
+            self.episodes = 10
+        if self.on_worker_death == "record" and self.workers == 0:
+            raise ValueError("on_worker_death='record' needs Ray workers (workers > 0)")
         return self
 
     @property
@@ -70,7 +74,7 @@ class CollectConfig(BaseModel):
     @property
     def target(self) -> int:
         """The target in ``target_unit``."""
-        return self.episodes if self.env_steps is None else self.env_steps
+        return self.env_steps if self.env_steps is not None else self.episodes or 0
 
 
 @dataclass

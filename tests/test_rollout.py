@@ -198,6 +198,8 @@ def test_collect_cli_to_an_env_step_target(tmp_path):
     args = ["collect", "--task", "reach-v3", "--no-images", "--db", db, "--run-id", "steps"]
     both = CliRunner().invoke(app, [*args, "--episodes", "2", "--env-steps", "50"])
     assert both.exit_code == 2 and "not both" in both.output
+    in_process = CliRunner().invoke(app, [*args, "--episodes", "2", "--on-worker-death", "record"])
+    assert in_process.exit_code == 2 and "needs Ray workers" in in_process.output
     result = CliRunner().invoke(app, [*args, "--env-steps", "120"])
     assert result.exit_code == 0, result.output
     assert "step/s" in result.output, "the progress bar counts env steps"

@@ -45,7 +45,7 @@ def run(
     execute_horizon: int | None = typer.Option(
         None,
         min=1,
-        help="Actions of a chunk to execute before the next one is due (default: all; rtc: ~H/2).",
+        help="Actions of a chunk to execute before the next one is due (default: all; for rtc try about H/2).",
     ),
     max_steps: int = typer.Option(200, min=1),
     injected_latency_ms: float = typer.Option(0.0, help="Extra inference latency to simulate a far server."),
