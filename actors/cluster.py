@@ -106,6 +106,7 @@ class RolloutCluster:
             num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
         )(RolloutWorker)
         self.workers = [actor_class.remote(**worker_kwargs, worker_id=index) for index in range(num_workers)]
+        self._incarnations = [0] * num_workers  # restarts seen per worker: each gets its own seed stream
         self._latest_policy: ray.ObjectRef | None = None
 
     def publish_policy(self, policy: Policy) -> None:
@@ -170,10 +171,13 @@ class RolloutCluster:
         )
 
     def restore(self, worker_index: int) -> bool | None:
-        """Whether the worker answers again (then it gets the latest policy); None while it is restarting."""
+        """Whether the worker answers again (then it gets the latest policy and a fresh seed stream); None
+        while it is restarting."""
         worker = self.workers[worker_index]
         try:
             ray.get(worker.pid.remote(), timeout=10)
+            self._incarnations[worker_index] += 1
+            ray.get(worker.reseed.remote(self._incarnations[worker_index]), timeout=10)
             if self._latest_policy is not None:
                 ray.get(worker.set_policy.remote(self._latest_policy), timeout=10)
         except (ActorUnavailableError, GetTimeoutError):

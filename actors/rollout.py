@@ -121,6 +121,7 @@ class RolloutWorker:
         self.execution = execution or ExecutionConfig()
         self.execution.steps(policy.action_horizon)  # fail fast if s and d do not fit the chunk
         self.episode_metadata = dict(episode_metadata or {})
+        self._seed = seed
         self._seeds = np.random.default_rng([seed, worker_id])
         self._slots = [
             _EnvSlot(
@@ -183,6 +184,14 @@ class RolloutWorker:
                         break
         stats.seconds = time.perf_counter() - started
         return stats
+
+    def reseed(self, incarnation: int) -> None:
+        """Draw episode seeds from a stream of its own for this ``incarnation`` of the worker.
+
+        A worker rebuilt after its process died starts from its constructor arguments again; without a new
+        stream it would replay the episode seeds of its first life.
+        """
+        self._seeds = np.random.default_rng([self._seed, self.worker_id, incarnation])
 
     def pid(self) -> int:
         """Process id of the process running this worker."""

@@ -122,6 +122,8 @@ def test_sigkilled_worker_restarts_loses_nothing_committed_and_job_reaches_targe
     assert restarted_pid != victim, "the killed worker answers again, from a new process"
     assert _victim_episodes(store, run_id) > victim_committed_before, "the restarted worker commits again"
     _assert_exact(store, run_id, 16)
+    victim_seeds = [s.seed for s in store.list_episodes(run_id=run_id) if s.env_id.startswith("worker0/")]
+    assert len(set(victim_seeds)) == len(victim_seeds), "the restarted worker does not replay its old seeds"
     died = [s for s in store.list_episodes(run_id=run_id) if "died mid-episode" in (s.error or "")]
     if on_worker_death == "discard":
         assert not died
