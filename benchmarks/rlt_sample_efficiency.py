@@ -395,7 +395,10 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
     parser.add_argument("--residual-scale", type=float, default=defaults.residual_scale)
     parser.add_argument(
-        "--utd-ratio", type=int, default=defaults.utd_ratio, help="critic updates per chunk (RLT and residual)"
+        "--utd-ratio",
+        type=int,
+        default=defaults.utd_ratio,
+        help="critic updates per chunk (RLT and residual)",
     )
     parser.add_argument("--beta", type=float, default=defaults.beta, help="RLT's weight of ‖a − ã‖²")
     parser.add_argument(

@@ -90,9 +90,7 @@ class EnvConfig(BaseModel):
     @model_validator(mode="after")
     def _tolerance_task(self) -> EnvConfig:
         if self.success_tolerance is not None and self.task not in TOLERANCE_PAIRS:
-            raise ValueError(
-                f"success_tolerance: supported for {sorted(TOLERANCE_PAIRS)}, not {self.task!r}"
-            )
+            raise ValueError(f"success_tolerance: supported for {sorted(TOLERANCE_PAIRS)}, not {self.task!r}")
         return self
 
     @property

@@ -95,6 +95,8 @@ def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url = f"sqlite:///{tmp_path / 'rlt.db'}"
     args = ["--task", "reach-v3", "--success-tolerance", "0.005", "--handoff", "hand-goal"]
-    _invoke(*args, "--store", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c"))
+    _invoke(
+        *args, "--store", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c")
+    )
     manifest = load_rlt_checkpoint(tmp_path / "c").manifest
     assert manifest["env"]["task"] == "reach-v3" and manifest["env"]["success_tolerance"] == 0.005
