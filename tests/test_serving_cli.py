@@ -1,5 +1,5 @@
 """``flywheel serve`` as a real process: a Meta-World rollout through the openpi client adapter, auth from an
-environment variable, SIGHUP reload, graceful SIGTERM, a clear error for an unloadable policy, and (slow) the
+environment variable, SIGHUP reload, graceful SIGTERM, a clear error for an unloadable policy, and the
 whole CLI chain serve → robot run → ingest → upload delivering each episode exactly once."""
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 60.0) 
             time.sleep(0.2)
 
 
-@pytest.mark.slow  # three CLI processes, each importing the whole stack: over a minute on a loaded 2-core box
+# Three CLI processes, each importing the whole stack: ~15 s idle, over a minute on a loaded 2-core box.
 def test_cli_chain_serve_robot_run_ingest_upload_delivers_each_episode_once(tmp_path) -> None:
     """The real processes end to end: ``flywheel serve`` (scripted expert, API key), ``flywheel robot run``
     (sim robot in its own process, simulated human) spooling locally, ``flywheel robot ingest`` into a store;
