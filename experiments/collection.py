@@ -172,7 +172,7 @@ def _count_committed(store: ExperienceStore, run_id: str, unit: str) -> int:
     """Committed episodes of the run, or their total steps."""
     if unit == "episodes":
         return store.count_episodes(run_id=run_id)
-    return sum(summary.length for summary in store.list_episodes(run_id=run_id))
+    return store.count_steps(run_id=run_id)
 
 
 def _collect_in_process(

@@ -65,6 +65,13 @@ class EpisodeReader:
         with self._db.read_session() as session:
             return int(session.scalar(select) or 0)
 
+    def count_steps(self, query: EpisodeQuery) -> int:
+        """Total length (env steps) of the matching episodes."""
+        matched = select_episodes(query).subquery()
+        select = sa.select(sa.func.coalesce(sa.func.sum(matched.c.length), 0))
+        with self._db.read_session() as session:
+            return int(session.scalar(select) or 0)
+
     def load(self, episode_uuid: uuid.UUID, images: bool) -> EpisodeRecord:
         """The stored episode (frames decoded if ``images``); ``NotFoundError`` if there is none."""
         episodes, versions = Episode.__table__, PolicyVersion.__table__

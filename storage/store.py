@@ -166,6 +166,17 @@ class ExperienceStore:
         self._schema.require()
         return self._reader.count(EpisodeQuery(task, outcome, policy_version, run_id))
 
+    def count_steps(
+        self,
+        task: str | None = None,
+        outcome: Outcome | str | None = None,
+        policy_version: str | None = None,
+        run_id: str | None = None,
+    ) -> int:
+        """Total env steps (episode lengths) of the episodes matching the filters, summed in SQL."""
+        self._schema.require()
+        return self._reader.count_steps(EpisodeQuery(task, outcome, policy_version, run_id))
+
     def load_episode(self, episode_uuid: uuid.UUID | str, images: bool = True) -> EpisodeRecord:
         """The stored episode as an ``EpisodeRecord`` of numpy arrays (images decoded if ``images``)."""
         self._schema.require()

@@ -232,6 +232,8 @@ def test_filters_list_count_and_iterate(store: ExperienceStore) -> None:
     ]
     assert [s.uuid for s in store.list_episodes(run_id="run-b", limit=1)] == [records[2].uuid]
     assert store.count_episodes(task="pick-place-v3", outcome=Outcome.SUCCESS) == 2
+    assert store.count_steps(run_id="run-b") == 30 and store.count_steps(task="door-open-v3") == 30
+    assert store.count_steps(run_id="no-such-run") == 0 and store.count_steps() == 75
     summary = store.list_episodes(task="door-open-v3", outcome="truncated")[0]
     assert (summary.length, summary.human_steps, summary.policy_version) == (15, 4, "vla-v2")
     assert summary.total_reward == pytest.approx(float(records[3].rewards.sum()), rel=1e-6)
