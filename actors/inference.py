@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import ActionChunk, ObservationBatch, Policy, batch_size
-from policies.rtc import InpaintingTargets, infer_inpainted
+from policies.rtc import InpaintingTargets, infer_with_targets, merge_targets
 
 
 @dataclass
@@ -81,11 +81,13 @@ class BatchingInferenceServer:
             try:
                 policy = self.policy
                 merged = _concat_batches([request.batch for request in requests])
-                targets = _concat_targets(requests, policy)
-                if targets is None:
-                    chunk = await asyncio.to_thread(policy.infer, merged)
-                else:
-                    chunk = await asyncio.to_thread(infer_inpainted, policy, merged, targets)
+                targets = merge_targets(
+                    [request.inpainting for request in requests],
+                    [batch_size(request.batch) for request in requests],
+                    policy.action_horizon,
+                    policy.action_dim,
+                )
+                chunk = await asyncio.to_thread(infer_with_targets, policy, merged, targets)
             except Exception as error:  # every waiting caller sees the failure, the server keeps serving
                 for request in requests:
                     request.reply.set_exception(error)
@@ -153,24 +155,6 @@ def _concat_batches(batches: list[ObservationBatch]) -> ObservationBatch:
     if all("privileged" in b for b in batches):
         merged["privileged"] = np.concatenate([b["privileged"] for b in batches])
     return merged
-
-
-def _concat_targets(requests: list[_Request], policy: Policy) -> InpaintingTargets | None:
-    """RTC targets of a merged batch (zero weights for requests without any), or None if no request has some."""
-    given = [request.inpainting for request in requests if request.inpainting is not None]
-    if not given:
-        return None
-    horizon, dim = policy.action_horizon, policy.action_dim
-    parts = [
-        request.inpainting
-        or InpaintingTargets(
-            np.zeros((batch_size(request.batch), horizon, dim), np.float32),
-            np.zeros((batch_size(request.batch), horizon), np.float32),
-            given[0].beta,
-        )
-        for request in requests
-    ]
-    return InpaintingTargets.concat(parts)
 
 
 def _split_chunk(chunk: ActionChunk, requests: list[_Request]) -> list[ActionChunk]:

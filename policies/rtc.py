@@ -127,6 +127,31 @@ def supports_inpainting(policy: Policy) -> bool:
     return accepts_keyword(policy, "guidance") and hasattr(policy, "normalize_actions")
 
 
+def merge_targets(
+    parts: list[InpaintingTargets | None], rows: list[int], horizon: int, action_dim: int
+) -> InpaintingTargets | None:
+    """Targets of requests merged into one batch: each part's rows, all-zero weights (plain sampling) for the
+    ``rows[i]`` items of a part without targets; None if no part has some. β of the first part that has some."""
+    given = [part for part in parts if part is not None]
+    if not given:
+        return None
+
+    def plain(count: int) -> InpaintingTargets:
+        actions = np.zeros((count, horizon, action_dim), np.float32)
+        return InpaintingTargets(actions, np.zeros((count, horizon), np.float32), given[0].beta)
+
+    return InpaintingTargets.concat(
+        [plain(count) if part is None else part for part, count in zip(parts, rows, strict=True)]
+    )
+
+
+def infer_with_targets(
+    policy: Policy, batch: ObservationBatch, targets: InpaintingTargets | None
+) -> ActionChunk:
+    """``policy.infer``, or RTC inpainting toward ``targets`` when there are some."""
+    return policy.infer(batch) if targets is None else infer_inpainted(policy, batch, targets)
+
+
 def infer_inpainted(policy: Policy, batch: ObservationBatch, targets: InpaintingTargets) -> ActionChunk:
     """Sample a chunk for ``batch`` with RTC inpainting toward ``targets`` (one row per observation)."""
     if accepts_keyword(policy, "inpainting"):

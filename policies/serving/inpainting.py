@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from policies.base import ActionChunk, ObservationBatch, Policy
+from policies.base import Policy
 from policies.serving.observations import ObservationError
 
 if TYPE_CHECKING:
@@ -109,29 +109,3 @@ def _non_negative_int(value: dict, name: str, default: int | None) -> int:
     if isinstance(number, bool) or not isinstance(number, int | np.integer) or number < 0:
         raise ObservationError(f"rtc.{name}: expected an int ≥ 0, got {number!r:.40}")
     return int(number)
-
-
-def concat_targets(
-    parts: list[InpaintingTargets | None], horizon: int, action_dim: int
-) -> InpaintingTargets | None:
-    """Targets for a batch of one-row requests (all-zero weights, i.e. plain sampling, for requests without
-    any), or None if none has some."""
-    from policies.rtc import InpaintingTargets
-
-    if all(part is None for part in parts):
-        return None
-    plain = InpaintingTargets(
-        np.zeros((1, horizon, action_dim), np.float32), np.zeros((1, horizon), np.float32)
-    )
-    return InpaintingTargets.concat([plain if part is None else part for part in parts])
-
-
-def infer_with_targets(
-    policy: Policy, batch: ObservationBatch, targets: InpaintingTargets | None
-) -> ActionChunk:
-    """``policy.infer``, or RTC inpainting toward ``targets`` when there are some."""
-    if targets is None:
-        return policy.infer(batch)
-    from policies.rtc import infer_inpainted
-
-    return infer_inpainted(policy, batch, targets)

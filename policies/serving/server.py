@@ -40,13 +40,7 @@ from websockets.frames import CloseCode
 
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.serving import msgpack_numpy
-from policies.serving.inpainting import (
-    RTC_FIELD,
-    can_inpaint,
-    concat_targets,
-    infer_with_targets,
-    targets_from_wire,
-)
+from policies.serving.inpainting import RTC_FIELD, can_inpaint, targets_from_wire
 from policies.serving.observations import (
     ObservationError,
     ObservationKeys,
@@ -360,8 +354,10 @@ class PolicyServer:
         started = time.monotonic()
         targets = None
         if can_inpaint(policy):
+            from policies.rtc import merge_targets  # torch, imported on use: clients stay torch-free
+
             parts = [request.inpainting for request in requests]
-            targets = concat_targets(parts, policy.action_horizon, policy.action_dim)
+            targets = merge_targets(parts, [1] * len(requests), policy.action_horizon, policy.action_dim)
         try:
             chunk = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _infer, policy, [r.observation for r in requests], targets
@@ -392,6 +388,8 @@ def _infer(
     """Run in the worker thread: one ``policy.infer`` (RTC inpainting toward ``targets`` if given) over the
     stacked batch, with its output checked."""
     try:
+        from policies.rtc import infer_with_targets
+
         chunk = infer_with_targets(policy, stack_observations(observations), targets)
     except Exception as error:
         raise InferenceError(f"policy {policy.version} failed: {type(error).__name__}: {error}") from error
