@@ -19,17 +19,15 @@ from typing import Any, Literal
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
-from tqdm.auto import tqdm
 
 from actors.inference import BatchingInferenceServer, ServedPolicy
-from actors.rollout import RolloutStats, RolloutWorker
+from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from policies.base import Policy
 from policies.rtc import supports_inpainting
 
 logger = logging.getLogger(__name__)
 
 WorkerDeathPolicy = Literal["discard", "record"]
-TargetUnit = Literal["episodes", "env_steps"]
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -150,13 +148,7 @@ class RolloutCluster:
             self, unit, episodes_per_call if unit == "episodes" else env_steps_per_call, restart_timeout_s
         )
         committed = count_committed()
-        bar = tqdm(
-            total=target,
-            initial=committed,
-            desc=unit.replace("_", " "),
-            unit="ep" if unit == "episodes" else "step",
-            disable=not progress,
-        )
+        bar = target_progress_bar(unit, target, committed, progress)
         while committed < target:
             job.advance(target - committed, committed)
             if job.failures > max_failures:
@@ -192,7 +184,7 @@ class RolloutCluster:
         for ref in closing:
             try:
                 ray.get(ref, timeout=30)
-            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError) as error:
+            except (RayActorError, RayTaskError, GetTimeoutError) as error:
                 logger.warning("a rollout worker did not close cleanly (%s)", error)
         for worker in self.workers:
             ray.kill(worker)

@@ -25,10 +25,11 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
+from tqdm.auto import tqdm
 
 from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
@@ -39,6 +40,20 @@ from storage.journal import EpisodeJournal
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 
 logger = logging.getLogger(__name__)
+
+TargetUnit = Literal["episodes", "env_steps"]
+
+
+def target_progress_bar(unit: TargetUnit, total: int, initial: int, progress: bool) -> tqdm:
+    """The progress bar of a collection job counting committed ``episodes`` or ``env_steps``."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=unit.replace("_", " "),
+        unit="ep" if unit == "episodes" else "step",
+        disable=not progress,
+    )
+
 
 EpisodeSink = Callable[[EpisodeRecord], Any]
 EnvFactory = Callable[[], gym.Env]

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
 
 from actors.execution import ExecutionConfig
-from actors.rollout import RolloutStats, RolloutWorker
+from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
@@ -67,7 +66,7 @@ class CollectConfig(BaseModel):
         return self
 
     @property
-    def target_unit(self) -> Literal["episodes", "env_steps"]:
+    def target_unit(self) -> TargetUnit:
         """What the target counts: committed episodes, or steps of committed episodes."""
         return "episodes" if self.env_steps is None else "env_steps"
 
@@ -182,13 +181,7 @@ def _collect_in_process(
     worker = RolloutWorker(**worker_kwargs)
     stats, committed, started = RolloutStats(), count_committed(), time.perf_counter()
     unit = config.target_unit
-    with tqdm(
-        total=config.target,
-        initial=committed,
-        desc=unit.replace("_", " "),
-        unit="ep" if unit == "episodes" else "step",
-        disable=not progress,
-    ) as bar:
+    with target_progress_bar(unit, config.target, committed, progress) as bar:
         while committed < config.target:
             stats = stats.merge(
                 worker.run(

@@ -141,7 +141,8 @@ def train_vla(
     """Train a VLA on the selected episodes, save it to ``output_dir``, register it, and record its evaluations.
 
     With ``config.eval_episodes`` > 0 the policy is evaluated in each task's env at the last step and every
-    ``config.eval_every`` steps (:class:`EnvEvaluator`); every point is recorded under the registered version.
+    ``config.eval_every`` steps (:class:`EnvEvaluator`): the last point goes to the store's evaluations under the
+    registered version, the whole curve into the version's metadata (``evaluation_curve``).
 
     A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
     weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).

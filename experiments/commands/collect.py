@@ -80,7 +80,8 @@ def collect(
             ),
             policy=policy,
             noise=noise,
-            **_target(episodes, env_steps),
+            episodes=20 if episodes is None and env_steps is None else episodes,
+            env_steps=env_steps,
             human=SimulatedHumanConfig(
                 no_progress_steps=no_progress_steps,
                 random_rate=random_rate,
@@ -116,10 +117,3 @@ def collect(
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
         f"\nstore {config.store_url}"
     )
-
-
-def _target(episodes: int | None, env_steps: int | None) -> dict[str, int]:
-    """The target fields given on the command line (20 episodes when neither is)."""
-    if env_steps is None:
-        return {"episodes": 20 if episodes is None else episodes}
-    return {"env_steps": env_steps} if episodes is None else {"episodes": episodes, "env_steps": env_steps}

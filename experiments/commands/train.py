@@ -78,7 +78,7 @@ def bc(
         int,
         typer.Option(
             min=0,
-            help="Also evaluate in the env every this many steps (0 = only at the end); recorded in the store",
+            help="Also evaluate in the env every this many steps (0 = only at the end); the curve is saved in the version's metadata",
         ),
     ] = 0,
     max_episode_steps: Annotated[
