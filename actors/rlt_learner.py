@@ -12,7 +12,8 @@ Both sides are plain ``rlt.online.OnlineRLT`` loops built by the same picklable 
   the episode's record) and sends the episode's chunks to the learner.
 
 ``RLTCluster`` starts and drives them. Sends are asynchronous; the learner actor handles one call at a time,
-so a worker's ``latest`` call returns after its own previous episode was trained on.
+so a worker's ``latest`` call returns after its own previous episode was trained on. ``snapshot`` brings the
+trained learner (actor, critic, replay) and the RL token back to the driver, to evaluate and save them there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from rlt.errors import RLTInputError
 from rlt.online import EpisodeChunks, OnlineRLT
+from rlt.td3 import ChunkedTD3
 from storage.records import EpisodeRecord
 
 LoopFactory = Callable[[int], OnlineRLT]
@@ -41,12 +43,23 @@ class RLTWeights:
 
 @dataclass(frozen=True)
 class ActedEpisode:
-    """One rollout episode as seen by the learner or a worker: who played it and with which weights."""
+    """One rollout episode as seen by the learner or a worker: who played it, with which weights, how long."""
 
     worker_id: int
     version: int
     transitions: int
     success: bool
+    length: int
+
+
+@dataclass(frozen=True)
+class LearnerSnapshot:
+    """The learner actor's loop state: its whole ``ChunkedTD3`` (actor, critic, replay), the frozen RL token's
+    state and the env steps the loop played itself (its warm-up episodes)."""
+
+    learner: ChunkedTD3
+    token: dict[str, torch.Tensor]
+    env_steps: int
 
 
 def weights_checksum(actor: dict[str, torch.Tensor]) -> float:
@@ -71,7 +84,8 @@ class RLTLearner:
     def add_episode(self, chunks: EpisodeChunks, worker_id: int, version: int, success: bool) -> int:
         """Train on one rollout episode acted by weights ``version``; returns the new weights version."""
         added = self.loop.learn([chunks])
-        self.received.append(ActedEpisode(worker_id, version, added, success))
+        length = sum(len(step.rewards) for step in chunks.steps)
+        self.received.append(ActedEpisode(worker_id, version, added, success, length))
         return self.loop.learner.weights_version
 
     def weights(self) -> RLTWeights:
@@ -95,6 +109,10 @@ class RLTLearner:
         """Episodes received so far and the checksum of every published version."""
         return list(self.received), dict(self.published)
 
+    def snapshot(self) -> LearnerSnapshot:
+        """The loop's trained state (raises ``RLTInputError`` before the token is fitted)."""
+        return LearnerSnapshot(self.loop.learner, self.weights().token, self.loop.env_steps)
+
 
 class RLTRolloutWorker:
     """The rollout side: plays learner-mode episodes with the newest weights pulled between episodes."""
@@ -115,7 +133,7 @@ class RLTRolloutWorker:
             self._sync()
             chunks, stats = self.loop.run_episode("learner")
             sent.append(self.learner.add_episode.remote(chunks, self.worker_id, self.version, stats.success))
-            acted = ActedEpisode(self.worker_id, self.version, stats.rl_chunks, stats.success)
+            acted = ActedEpisode(self.worker_id, self.version, stats.rl_chunks, stats.success, stats.length)
             played.append((acted, weights_checksum(self.loop.learner.actor_weights())))
         ray.get(sent)  # every episode was trained on before run returns
         return played
@@ -163,6 +181,10 @@ class RLTCluster:
     def history(self) -> tuple[list[ActedEpisode], dict[int, float]]:
         """The learner's received episodes and published checksums (after every sent episode was trained on)."""
         return ray.get(self.learner.history.remote())
+
+    def snapshot(self) -> LearnerSnapshot:
+        """The learner's trained state (``RLTLearner.snapshot``), e.g. to evaluate and save on the driver."""
+        return ray.get(self.learner.snapshot.remote())
 
     def shutdown(self) -> None:
         """Kill the learner and every rollout actor."""

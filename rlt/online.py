@@ -215,6 +215,15 @@ class OnlineRLT:
         self.encoder = RLStateEncoder(self.token, self.proprio_dim)
         self.token_fitted = True
 
+    def use_learner(self, learner: ChunkedTD3) -> None:
+        """Act and evaluate with ``learner`` trained elsewhere (e.g. by a learner actor); same shapes required."""
+        if (learner.state_dim, learner.action_dim) != (self.learner.state_dim, self.learner.action_dim):
+            raise RLTInputError(
+                f"learner: expected state/action dims {(self.learner.state_dim, self.learner.action_dim)}, "
+                f"got {(learner.state_dim, learner.action_dim)}"
+            )
+        self.learner = learner
+
     def learn(self, episodes: list[EpisodeChunks]) -> int:
         """Add externally collected episodes (``run_episode`` output) to replay and train on them.
 

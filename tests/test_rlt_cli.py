@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray
 from typer.testing import CliRunner
 
+from actors.cluster import ensure_ray
 from experiments.cli import app
 from rlt.checkpoint import load_rlt_checkpoint
 from storage import ExperienceStore
@@ -32,6 +34,20 @@ def _invoke(*args: str) -> str:
     return result.output
 
 
+def _assert_versions_follow_the_handoff(records: list, rl_version: str) -> None:
+    """RLT's version where it acted (critical step, not a prior episode, trained actor), else the prior's."""
+    for record in records:
+        critical = np.asarray(record.metadata["critical_phase"], bool)
+        # an untrained actor leaves the critical phase to the prior
+        trained = record.metadata["actor_updates"] > 0
+        acting = critical & (record.metadata["mode"] != "prior") & trained
+        expected = np.where(acting, rl_version, "scripted-noise0.3").tolist()
+        assert record.policy_versions == expected
+    assert any(rl_version in r.policy_versions for r in records if r.metadata["mode"] == "learner"), (
+        "the trained learner acted in the critical phase"
+    )
+
+
 def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url = f"sqlite:///{tmp_path / 'rlt.db'}"
@@ -45,17 +61,7 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     assert modes[-2:] == ["prior", "eval"], "the prior and RLT are evaluated on the same seed"
     checkpoint = load_rlt_checkpoint(first)
     rl_version = checkpoint.manifest["rl_version"]
-    for record in records:
-        critical = np.asarray(record.metadata["critical_phase"], bool)
-        trained = (
-            record.metadata["actor_updates"] > 0
-        )  # an untrained actor leaves the critical phase to the prior
-        acting = critical & (record.metadata["mode"] != "prior") & trained
-        expected = np.where(acting, rl_version, "scripted-noise0.3").tolist()
-        assert record.policy_versions == expected
-    assert any(rl_version in r.policy_versions for r in records if r.metadata["mode"] == "learner"), (
-        "the trained learner acted in the critical phase"
-    )
+    _assert_versions_follow_the_handoff(records, rl_version)
     assert checkpoint.deployment.prior.version == "scripted-noise0.3"
     assert checkpoint.manifest["env"]["task"] == "peg-insert-side-v3"
     assert checkpoint.manifest["env"]["success_tolerance"] is None
@@ -66,6 +72,50 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     output = _invoke("--store", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
     assert f"{len(records)} stored + 0 fresh warm-up episodes" in output
     assert load_rlt_checkpoint(second).manifest["stored_episodes"] == len(records)
+
+
+@pytest.fixture
+def local_ray():
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
+    local_ray, tmp_path, monkeypatch
+) -> None:
+    """``--workers 2``: the learner actor's warm-up, two rollout actors' online episodes (each with the
+    weights version that acted) and the driver's evaluation all reach the store; the checkpoint is written as
+    without Ray."""
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    url, output_dir = f"sqlite:///{tmp_path / 'rlt.db'}", tmp_path / "c"
+    budget, workers, episode_steps = 60, 2, 30  # --episode-steps 30 is in TINY
+    args = ["--store", url, "--env-steps", str(budget), "--warmup-episodes", "2", "--output", str(output_dir)]
+    output = _invoke(*args, "--workers", str(workers))
+    checkpoint = load_rlt_checkpoint(output_dir)
+    rl_version = checkpoint.manifest["rl_version"]
+    assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.manifest["workers"] == workers
+    records = list(ExperienceStore(url).iter_episodes(task="peg-insert-side-v3"))
+    modes = [record.metadata["mode"] for record in records]
+    assert modes[:2] == ["prior", "prior"] and modes[-2:] == ["prior", "eval"], modes  # warm-up … evaluations
+    assert modes.count("prior") == 3 and modes.count("eval") == 1, modes
+    online = [record for record in records if record.metadata["mode"] == "learner"]
+    online_steps = sum(record.length for record in online)
+    assert budget <= online_steps < budget + workers * episode_steps, "only the last round overshoots"
+    warmup_steps = sum(r.length for r in records[:2])
+    assert checkpoint.manifest["env_steps"] == warmup_steps + online_steps
+    assert f"{warmup_steps + online_steps} env steps" in output and f"{len(online)} online episodes" in output
+    # worker i plays on loop seed 0 + 1 + i, and its episode seeds are loop seed × 1_000_003 + episode index
+    assert {record.seed // 1_000_003 for record in online} == {1, 2}, "both rollout actors contributed"
+    assert all(record.metadata["actor_updates"] > 0 for record in online), "workers act with trained weights"
+    _assert_versions_follow_the_handoff(records, rl_version)
+
+
+def test_negative_workers_are_refused(tmp_path) -> None:
+    args = ["rlt", "--task", "reach-v3", "--workers", "-1", "--store", f"sqlite:///{tmp_path / 'x.db'}"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--workers': Input should be greater than or equal to 0" in result.output
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,7 @@
-"""``flywheel rlt``: refine a frozen prior with RLT online on a Meta-World task, committing every episode."""
+"""``flywheel rlt``: refine a frozen prior with RLT online on a Meta-World task, committing every episode.
+
+The online phase runs in this process or, with ``--workers N``, on Ray (``experiments.rlt_training``).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from actors.sinks import StoreSink
 from envs import EnvConfig, MetaWorldEnv
 from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, load_policy
+from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process, train_on_ray
 from experiments.validation import first_error
 from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
@@ -22,10 +27,8 @@ from policies.scripted import scripted_version
 from rlt.checkpoint import save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.errors import CriticDivergedError, RLTInputError
-from rlt.online import EpisodeStats, OnlineConfig, OnlineRLT
+from rlt.online import OnlineConfig
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
-from rlt.rl_token import RLToken
-from rlt.state import token_config_for
 from rlt.td3 import LearnerConfig
 from storage import ExperienceStore, StoreError
 
@@ -80,9 +83,21 @@ def rlt(
         Path | None, typer.Option(help="Checkpoint directory to create (default: under the data folder)")
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Ray rollout actors playing the online episodes for one learner actor, on a local Ray "
+            "(0: everything in this process)",
+        ),
+    ] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Run RLT online: warm up (stored + fresh prior episodes), fit the RL token, then learn online.
+
+    With --workers N the warm-up and training run in a learner actor and N rollout actors play the online
+    episodes with its newest weights (pulled between episodes), until their env steps reach --env-steps;
+    evaluation, checkpoint and store writes are as without Ray.
 
     Every episode — warm-up, online and evaluation — is committed to the store with per-step policy versions
     (the prior before the hand-off, this run's RLT version after it, none on human steps) and the per-step
@@ -108,7 +123,6 @@ def rlt(
         _fail(str(error))
     experience = _open_store(store)
     prior_spec, policy, env_config = _load_prior(prior, env_config, experience, prior_noise, chunk_size, seed)
-    env = MetaWorldEnv(env_config)
     rl_version = f"rlt-{env_config.task}-{uuid.uuid4().hex[:8]}"
     directory = output or checkpoints_dir() / rl_version
     if directory.exists():
@@ -116,7 +130,6 @@ def rlt(
     experience.register_policy_version(
         rl_version, kind="rlt", uri=str(directory.resolve()), parent=policy.version
     )
-    token = RLToken(token_config_for(policy, env.reset(seed=seed)[0], z_dim=Z_DIM))
     records = list(
         experience.iter_episodes(task=env_config.task, limit=stored_episodes, images=env_config.render)
     )
@@ -130,23 +143,27 @@ def rlt(
         rl_version=rl_version,
         seed=seed,
     )
-    loop = OnlineRLT(env, policy, switch, token, config, learner_config, on_episode=experience.write_episode)
+    sink = StoreSink(experience.url) if workers else experience.write_episode
+    factory = RLTLoopFactory(env_config, policy, switch, Z_DIM, config, learner_config, on_episode=sink)
     try:
-        prior_rate, rlt_rate = _train_and_evaluate(loop, records, env_steps, eval_episodes, progress)
+        run, prior_rate, rlt_rate = _train_and_evaluate(
+            factory, seed, workers, records, eval_episodes, progress
+        )
         manifest = {
             "rl_version": rl_version,
-            "env_steps": loop.env_steps,
+            "env_steps": run.env_steps,
+            "workers": workers,
             "stored_episodes": len(records),
             "env": env_config.model_dump(mode="json"),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
         }
         deployment = RLTDeployment.with_handoff(env_config.task, prior_spec, handoff, handoff_distance)
-        save_rlt_checkpoint(directory, loop.learner, loop.token, deployment, manifest)
+        save_rlt_checkpoint(directory, run.loop.learner, run.loop.token, deployment, manifest)
     except (RLTInputError, CriticDivergedError) as error:
         _fail(f"{error} (no checkpoint written)", code=1)
     successes = round(rlt_rate * eval_episodes)
     experience.write_evaluation(rl_version, env_config.task, eval_episodes, successes)
-    _report(rl_version, policy.version, directory, loop, len(records), eval_episodes, prior_rate, rlt_rate)
+    _report(rl_version, policy.version, directory, run, len(records), eval_episodes, prior_rate, rlt_rate)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -193,44 +210,55 @@ def _load_prior(
     return prior, prior.load(env_config.task, chunk_size, lambda _: policy), env_config
 
 
+class _Bar:
+    """The progress bar's two counters: fresh warm-up episodes, then online env steps."""
+
+    def __init__(self, bar: Progress, warmup_episodes: int, env_steps: int) -> None:
+        self.bar = bar
+        self.warmup = bar.add_task("warm-up episodes", total=warmup_episodes)
+        self.online = bar.add_task("online env steps", total=env_steps, start=False)
+
+    def warmed_up(self, episodes: int) -> None:
+        """Advance the warm-up counter."""
+        self.bar.advance(self.warmup, episodes)
+
+    def played(self, env_steps: int) -> None:
+        """Advance the online counter (started on the first online episode)."""
+        self.bar.start_task(self.online)
+        self.bar.advance(self.online, env_steps)
+
+
 def _train_and_evaluate(
-    loop: OnlineRLT, records: list, env_steps: int, eval_episodes: int, show: bool
-) -> tuple[float, float]:
-    """Run the loop under a progress bar; return (prior, RLT) success on the same evaluation seeds."""
+    factory: RLTLoopFactory, seed: int, workers: int, records: list, eval_episodes: int, show: bool
+) -> tuple[OnlineRun, float, float]:
+    """Train under a progress bar (on Ray with ``workers`` > 0); return the run and (prior, RLT) success on
+    the same evaluation seeds."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not show) as bar:
-        warmup = bar.add_task("warm-up episodes", total=loop.config.warmup_episodes)
-        online = bar.add_task("online env steps", total=env_steps, start=False)
-
-        def update(stats: EpisodeStats) -> None:
-            if stats.mode == "prior":
-                bar.advance(warmup)
-            elif stats.mode == "learner":
-                bar.start_task(online)
-                bar.advance(online, stats.length)
-
-        loop.on_stats = update
-        loop.run(records)
-        loop.on_stats = None
-        bar.update(online, description="evaluating")
-        return loop.evaluate(eval_episodes, mode="prior"), loop.evaluate(eval_episodes)
+        display = _Bar(bar, factory.config.warmup_episodes, factory.config.total_env_steps)
+        if workers:
+            run = train_on_ray(factory, seed, workers, records, display)
+        else:
+            run = train_in_process(factory, seed, records, display)
+        bar.update(display.online, description="evaluating")
+        return run, run.loop.evaluate(eval_episodes, mode="prior"), run.loop.evaluate(eval_episodes)
 
 
 def _report(
     rl_version: str,
     prior_version: str,
     directory: Path,
-    loop: OnlineRLT,
+    run: OnlineRun,
     stored: int,
     episodes: int,
     prior_rate: float,
     rlt_rate: float,
 ) -> None:
-    online = [stats for stats in loop.stats if stats.mode == "learner"]
+    learner = run.loop.learner
     console.print(
-        f"{loop.env_steps} env steps ({stored} stored + {loop.config.warmup_episodes} fresh warm-up episodes, "
-        f"{len(online)} online episodes, {loop.learner._n_updates} updates, "
-        f"{loop.learner.replay_buffer.size()} replay chunks)"
+        f"{run.env_steps} env steps ({stored} stored + {run.loop.config.warmup_episodes} fresh warm-up "
+        f"episodes, {run.online_episodes} online episodes, {learner.weights_version} updates, "
+        f"{learner.replay_buffer.size()} replay chunks)"
     )
     for name, rate in ((prior_version, prior_rate), (rl_version, rlt_rate)):
         low, high = wilson_interval(round(rate * episodes), episodes)
