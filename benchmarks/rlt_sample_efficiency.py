@@ -64,6 +64,7 @@ class BenchmarkConfig:
     residual_scale: float = 0.1
     utd_ratio: int = 5
     beta: float = 1.0
+    actor_q: str = "q1"
     token_steps: int = 2000
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
@@ -128,7 +129,11 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
     learner = LearnerConfig(
-        chunk_size=config.chunk_size, beta=config.beta, utd_ratio=config.utd_ratio, seed=seed
+        chunk_size=config.chunk_size,
+        beta=config.beta,
+        actor_q=config.actor_q,
+        utd_ratio=config.utd_ratio,
+        seed=seed,
     )
     return _online(config, seed, "rlt", learner, exploration_noise=0.2)
 
@@ -402,6 +407,9 @@ def parse_args() -> BenchmarkConfig:
     )
     parser.add_argument("--beta", type=float, default=defaults.beta, help="RLT's weight of ‖a − ã‖²")
     parser.add_argument(
+        "--actor-q", default=defaults.actor_q, choices=["q1", "min"], help="critic value RLT's actor climbs"
+    )
+    parser.add_argument(
         "--token-steps", type=int, default=defaults.token_steps, help="gradient steps fitting the RL token"
     )
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
@@ -422,6 +430,7 @@ def parse_args() -> BenchmarkConfig:
         residual_scale=args.residual_scale,
         utd_ratio=args.utd_ratio,
         beta=args.beta,
+        actor_q=args.actor_q,
         token_steps=args.token_steps,
         arms=tuple(args.arms),
         output=args.output,

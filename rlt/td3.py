@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class LearnerConfig:
 
     ``utd_ratio`` is the number of critic updates per chunk transition collected, ``policy_delay`` the number
     of critic updates per actor update, ``beta`` the weight of ``‖a − ã‖²`` (over the C×D chunk) in the actor loss.
+    ``actor_q`` is the critic value the actor climbs: ``"q1"`` (TD3's own) or ``"min"`` of the twin critics (more
+    pessimistic, so a small β leaves the actor less room to exploit one critic's errors).
     ``residual_scale`` (ResFiT-style baseline, off by default) makes the policy ``clip(ã + s · π(x, ã))`` with
     the actor's last layer zero-initialised, so it starts exactly at the prior's chunk.
     """
@@ -63,6 +65,7 @@ class LearnerConfig:
     target_policy_noise: float = 0.2
     target_noise_clip: float = 0.5
     residual_scale: float | None = None
+    actor_q: Literal["q1", "min"] = "q1"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class LearnerConfig:
             "policy_delay": self.policy_delay >= 1,
             "batch_size": self.batch_size >= 1,
             "residual_scale": self.residual_scale is None or self.residual_scale > 0.0,
+            "actor_q": self.actor_q in ("q1", "min"),
         }
         for name, ok in checks.items():
             if not ok:
@@ -245,13 +249,18 @@ class ChunkedTD3(TD3):
             return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
 
     def actor_loss(self, observations: torch.Tensor) -> torch.Tensor:
-        """``−Q1(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the whole chunk, mean over the batch)."""
+        """``−Q(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the whole chunk, mean over the batch).
+
+        ``Q`` is ``Q1`` or ``min(Q1, Q2)`` (``LearnerConfig.actor_q``)."""
         actor_input, _ = apply_reference_dropout(
             observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
         )
         actions = self.policy_chunks(self.actor, observations, actor_input)
         reference = observations[:, self.state_dim :]
-        q_value = self.critic.q1_forward(observations, actions).mean()
+        if self.config.actor_q == "min":
+            q_value = torch.cat(self.critic(observations, actions), dim=1).min(dim=1).values.mean()
+        else:
+            q_value = self.critic.q1_forward(observations, actions).mean()
         return -q_value + self.config.beta * ((actions - reference) ** 2).sum(dim=1).mean()
 
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:

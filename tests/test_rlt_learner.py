@@ -108,6 +108,23 @@ def test_actor_update_sees_the_configured_dropout() -> None:
     assert zeroed == pytest.approx(0.3, abs=0.03)
 
 
+def test_min_actor_q_climbs_the_lower_of_the_twin_critics() -> None:
+    learners = {name: _learner(actor_q=name, beta=0.0, ref_dropout=0.0) for name in ("q1", "min")}
+    learners["min"].policy.load_state_dict(learners["q1"].policy.state_dict())
+    observations = torch.as_tensor(
+        np.random.default_rng(0).normal(size=(256, STATE_DIM + CHUNK * ACTION_DIM))
+    )
+    observations = observations.float()
+    with torch.no_grad():
+        q1, q2 = learners["q1"].critic(observations, learners["q1"].actor(observations))
+        losses = {name: learner.actor_loss(observations).item() for name, learner in learners.items()}
+    assert losses["min"] == pytest.approx(-torch.minimum(q1, q2).mean().item(), rel=1e-4)
+    assert losses["q1"] == pytest.approx(-q1.mean().item(), rel=1e-4)
+    assert losses["min"] > losses["q1"]  # the twin critics disagree somewhere, and min is the pessimistic one
+    with pytest.raises(RLTInputError, match="actor_q"):
+        LearnerConfig(actor_q="max")  # type: ignore[arg-type]
+
+
 def test_intervention_replaces_reference_and_executed_action() -> None:
     learner = _learner()
     rng = np.random.default_rng(2)
