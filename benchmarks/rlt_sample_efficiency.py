@@ -36,7 +36,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from envs import EnvConfig, MetaWorldEnv
 from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
-from rlt.online import OnlineConfig, OnlineRLT
+from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
@@ -79,6 +79,7 @@ class Curve:
     steps: list[int] = field(default_factory=list)
     success: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    probe: dict[str, float] = field(default_factory=dict)
 
 
 def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
@@ -181,7 +182,55 @@ def _online(
         learner,
     )
     curve = loop.run()
-    return Curve(arm, seed, [point.env_steps for point in curve], [point.success_rate for point in curve])
+    steps, success = [point.env_steps for point in curve], [point.success_rate for point in curve]
+    return Curve(arm, seed, steps, success, probe=probe_actor_and_critic(loop, config))
+
+
+def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
+    """What the trained learner does at the critical chunk starts of its first evaluation episodes.
+
+    The clean (noise-free) scripted expert's chunk ``c`` is the yardstick: how far the summed displacement
+    (xyz, in action units: 1 = 1 cm) of the prior's reference ``ã`` and of the actor's chunk ``a`` land from
+    ``c``'s, and whether the critic ranks ``c`` above ``ã`` and by how much it believes ``a`` beats ``ã``.
+    """
+    clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
+    env, rows = make_env(config), []
+    for episode_seed in eval_seeds(config)[:episodes]:
+        observation, info = env.reset(seed=episode_seed)
+        loop.phase_switch.reset()
+        critical = done = False
+        while not done:
+            context, _ = loop._context(observation)
+            critical = critical or loop.phase_switch.is_critical(observation, info)
+            chunk = loop._rl_chunk(context, explore=False) if critical else context.reference
+            if critical:
+                target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
+                rows.append(_probe_row(loop, context, chunk, target))
+            for action in chunk:
+                observation, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+    table = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+    return {**table, "chunks": len(rows)}
+
+
+def _probe_row(loop: OnlineRLT, context: ChunkContext, chunk: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+    def displacement_error(candidate: np.ndarray) -> float:
+        return float(np.linalg.norm((candidate - clean)[:, :3].sum(axis=0)))
+
+    state = loop.encoder.encode(context.embeddings[None], context.proprio[None])
+    references = context.reference[None].repeat(3, axis=0)
+    q_ref, q_clean, q_actor = loop.learner.q_values(
+        state.repeat(3, axis=0), references, np.stack([context.reference, clean, chunk])
+    )
+    return {
+        "reference_displacement_error": displacement_error(context.reference),
+        "actor_displacement_error": displacement_error(chunk),
+        "critic_prefers_clean": float(q_clean > q_ref),
+        "q_clean_minus_reference": float(q_clean - q_ref),
+        "q_actor_minus_reference": float(q_actor - q_ref),
+    }
 
 
 class _StateEnv(gym.Env):
@@ -350,6 +399,8 @@ def main(config: BenchmarkConfig) -> dict:
                 + ", ".join(f"{step}:{rate:.2f}" for step, rate in pairs),
                 flush=True,
             )
+            if curves[-1].probe:
+                print(f"{'':>8} probe: " + json.dumps({k: round(v, 3) for k, v in curves[-1].probe.items()}))
     summary = summarize(curves)
     for arm, data in summary.items():
         cells = ", ".join(

@@ -237,6 +237,16 @@ class ChunkedTD3(TD3):
             chunks = self.policy_chunks(self.actor, torch.as_tensor(observations)).numpy()
         return chunks.reshape(len(states), *self.chunk_shape)
 
+    def q_values(self, states: np.ndarray, references: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """``min(Q1, Q2)`` of ``B×C×D`` chunks at RL states ``B×S`` with reference chunks ``B×C×D`` (diagnostics)."""
+        observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
+        with torch.no_grad():
+            q_pair = self.critic(
+                torch.as_tensor(observations, dtype=torch.float32),
+                torch.as_tensor(np.reshape(chunks, (len(states), -1)), dtype=torch.float32),
+            )
+        return torch.cat(q_pair, dim=1).min(dim=1).values.numpy()
+
     def critic_targets(self, batch: ReplayBufferSamples) -> torch.Tensor:
         """Chunked TD targets ``R + (1 − terminated) · γ^k · min_i Q'_i(x', π'(x', ã') + ε)``."""
         with torch.no_grad():

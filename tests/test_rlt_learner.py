@@ -121,6 +121,11 @@ def test_min_actor_q_climbs_the_lower_of_the_twin_critics() -> None:
     assert losses["min"] == pytest.approx(-torch.minimum(q1, q2).mean().item(), rel=1e-4)
     assert losses["q1"] == pytest.approx(-q1.mean().item(), rel=1e-4)
     assert losses["min"] > losses["q1"]  # the twin critics disagree somewhere, and min is the pessimistic one
+    states, references = learners["min"].replay_buffer.split(observations.numpy())
+    chunks = learners["min"].act(states, references)
+    assert learners["min"].q_values(states, references, chunks) == pytest.approx(
+        torch.minimum(q1, q2).squeeze(1).numpy(), rel=1e-4
+    )
     with pytest.raises(RLTInputError, match="actor_q"):
         LearnerConfig(actor_q="max")  # type: ignore[arg-type]
 
