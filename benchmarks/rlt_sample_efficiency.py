@@ -215,7 +215,9 @@ def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: i
     return {**table, "chunks": len(rows)}
 
 
-def _probe_row(loop: OnlineRLT, context: ChunkContext, chunk: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+def _probe_row(
+    loop: OnlineRLT, context: ChunkContext, chunk: np.ndarray, clean: np.ndarray
+) -> dict[str, float]:
     def displacement_error(candidate: np.ndarray) -> float:
         return float(np.linalg.norm((candidate - clean)[:, :3].sum(axis=0)))
 
