@@ -36,6 +36,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from envs import EnvConfig, MetaWorldEnv
 from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
+from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
 from rlt.rl_token import RLToken, RLTokenConfig
@@ -189,6 +190,9 @@ def _online(
 def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
     """What the trained learner does at the critical chunk starts of its first evaluation episodes.
 
+    Also how its critic's values of the chunks it executed compare with the discounted returns that followed
+    (``rlt.diagnostics.critic_calibration``: mean Q − return and their rank correlation).
+
     The clean (noise-free) scripted expert's chunk ``c`` is the yardstick: how far the summed displacement
     (xyz, in action units: 1 = 1 cm) of the prior's reference ``ã`` and of the actor's chunk ``a`` land from
     ``c``'s, and whether the critic ranks ``c`` above ``ã`` and by how much it believes ``a`` beats ``ã``.
@@ -212,7 +216,16 @@ def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: i
                 if done:
                     break
     table = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
-    return {**table, "chunks": len(rows)}
+    played = [
+        loop.run_episode("eval", seed=episode_seed)[0] for episode_seed in eval_seeds(config)[:episodes]
+    ]
+    calibration = critic_calibration(loop.learner, loop.encoder, played)
+    return {
+        **table,
+        "chunks": len(rows),
+        "critic_q_minus_mc_return": calibration.bias,
+        "critic_mc_return_spearman": calibration.spearman,
+    }
 
 
 def _probe_row(

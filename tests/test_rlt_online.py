@@ -8,6 +8,7 @@ import torch
 
 from actors.sinks import StoreSink
 from envs.interventions import InterventionWrapper, TeleopCommand, TeleopContext
+from rlt.diagnostics import critic_calibration
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
 from rlt.online import OnlineConfig, OnlineRLT, chunk_transitions, episode_chunks_from_record
 from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch
@@ -242,3 +243,28 @@ def test_run_warms_up_from_stored_episodes_alone(tmp_path) -> None:
     assert loop.learner.replay_buffer.size() == expected > 0
     flags = [step.critical for episode in episodes for step in episode.steps]
     assert any(flags) and not all(flags), "the switch marks the hand-off in records without a flag"
+
+
+def test_critic_calibration_pairs_each_critical_chunk_with_the_return_that_followed_it() -> None:
+    loop = _loop(warmup_episodes=4, learning_starts=10_000)
+    loop.warm_up()
+    episodes = [loop.run_episode("eval", seed=100 + index)[0] for index in range(30)]
+    # a stand-in critic whose value is readable: the x-coordinate of the state where the chunk started
+    loop.learner.q_values = lambda states, references, chunks: states[:, -4]
+    calibration = critic_calibration(loop.learner, loop.encoder, episodes)
+    expected_q, expected_returns, gamma = [], [], loop.learner.config.gamma
+    for episode in episodes:
+        rewards = [reward for step in episode.steps for reward in step.rewards]
+        start = 0
+        for step in episode.steps:
+            if step.critical:
+                expected_q.append(step.context.proprio[0])
+                expected_returns.append(
+                    sum(gamma ** (t - start) * rewards[t] for t in range(start, len(rewards)))
+                )
+            start += len(step.rewards)
+    assert calibration.chunks == len(expected_q) > 0
+    assert sum(episode.steps[-1].terminated for episode in episodes) > 0  # some returns are non-zero
+    assert calibration.mean_q == pytest.approx(np.mean(expected_q), rel=1e-5)
+    assert calibration.mean_return == pytest.approx(np.mean(expected_returns), rel=1e-6)
+    assert calibration.bias == pytest.approx(np.mean(expected_q) - np.mean(expected_returns), rel=1e-5)
