@@ -34,7 +34,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs import EnvConfig, MetaWorldEnv
-from policies.base import stack_observations
+from policies.base import ActionChunk, ObservationBatch, Policy, stack_observations
 from policies.scripted import ScriptedPolicy
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
@@ -57,6 +57,7 @@ class BenchmarkConfig:
     eval_episodes: int = 20
     episode_steps: int = 200
     prior_noise: float = 0.3
+    prior_goal_bias: float = 0.0
     success_tolerance: float | None = None
     chunk_size: int = 10
     critical_distance: float | None = 0.05
@@ -97,12 +98,34 @@ def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
     )
 
 
+class GoalBiasedPolicy:
+    """A ``Policy`` that hands ``policy`` the observation with the goal (``privileged[36:39]``) moved ``bias``
+    along x: a prior that is consistently off by the same amount, like a VLA with a miscalibrated camera."""
+
+    def __init__(self, policy: Policy, bias: float) -> None:
+        self.policy, self.bias = policy, bias
+        self.version = f"{policy.version}-goal-bias{bias:g}"
+        self.action_horizon, self.action_dim = policy.action_horizon, policy.action_dim
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        shifted = dict(batch)
+        shifted["privileged"] = np.array(batch["privileged"], np.float32)
+        shifted["privileged"][:, 36] += self.bias
+        return self.policy.infer(shifted)
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+
 def make_prior(config: BenchmarkConfig, seed: int) -> EmbeddingPrior:
-    """Noisy zero-order-hold scripted chunks with projected privileged-state embeddings."""
-    scripted = ScriptedPolicy(
+    """Noisy zero-order-hold scripted chunks (aimed ``prior_goal_bias`` off the goal along x) with projected
+    privileged-state embeddings of the true state."""
+    prior: Policy = ScriptedPolicy(
         config.task, noise_std=config.prior_noise, seed=seed, action_horizon=config.chunk_size
     )
-    return EmbeddingPrior(scripted, StateProjectionEmbedder(39, 8, 32, key="privileged", seed=seed))
+    if config.prior_goal_bias:
+        prior = GoalBiasedPolicy(prior, config.prior_goal_bias)
+    return EmbeddingPrior(prior, StateProjectionEmbedder(39, 8, 32, key="privileged", seed=seed))
 
 
 def eval_seeds(config: BenchmarkConfig) -> list[int]:
@@ -348,6 +371,13 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
     figure.savefig(path)
 
 
+#: Settings that change the results of an arm (arms not listed depend on every setting).
+TASK_SETTINGS = ("task", "env_steps", "eval_every", "eval_episodes", "episode_steps", "success_tolerance")
+ARM_SETTINGS = {
+    "sac": TASK_SETTINGS,
+    "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "chunk_size"),
+}
+
 ARMS = {"prior": run_prior, "rlt": run_rlt, "residual": run_residual, "sac": run_sac}
 
 
@@ -355,9 +385,15 @@ def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
     """Run one arm and seed, or load its curve if this exact configuration already ran.
 
     Curves are cached under ``<output>/rlt_runs/<task>/<key>/<arm>_seed<seed>.json`` (``key`` hashes every
-    setting that changes results), so arms can run in parallel processes and a final call only summarizes.
+    setting that changes that arm's results: SAC ignores the prior and the learners' settings, the prior arm
+    the learners'), so arms can run in parallel processes and a final call only summarizes.
     """
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output")}
+    relevant = ARM_SETTINGS.get(arm)
+    settings = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("seeds", "arms", "output") and (relevant is None or k in relevant)
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(config.output) / "rlt_runs" / config.task / key / f"{arm}_seed{seed}.json"
     if path.exists():
@@ -451,6 +487,12 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument("--episode-steps", type=int, default=defaults.episode_steps)
     parser.add_argument("--prior-noise", type=float, default=defaults.prior_noise)
     parser.add_argument(
+        "--prior-goal-bias",
+        type=float,
+        default=defaults.prior_goal_bias,
+        help="aim the scripted prior this far (m) off the goal along x: a consistently-off prior",
+    )
+    parser.add_argument(
         "--success-tolerance",
         type=float,
         default=defaults.success_tolerance,
@@ -489,6 +531,7 @@ def parse_args() -> BenchmarkConfig:
         eval_episodes=args.eval_episodes,
         episode_steps=args.episode_steps,
         prior_noise=args.prior_noise,
+        prior_goal_bias=args.prior_goal_bias,
         success_tolerance=args.success_tolerance,
         critical_distance=args.critical_distance if args.critical_distance > 0 else None,
         critical_pair=args.critical_pair,
