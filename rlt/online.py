@@ -148,6 +148,7 @@ class OnlineRLT:
         self.stats: list[EpisodeStats] = []
         self.curve: list[EvalPoint] = []
         self._pending: list[EpisodeChunks] = []
+        self.last_evaluation: list[EpisodeChunks] = []
 
     @property
     def chunk_size(self) -> int:
@@ -253,9 +254,13 @@ class OnlineRLT:
         ]
 
     def evaluate(self, episodes: int, mode: Mode = "eval") -> float:
-        """Success rate over ``episodes`` episodes on fixed evaluation seeds (no exploration, no updates)."""
-        successes = [self.run_episode(mode, seed=self._eval_seed(j))[1].success for j in range(episodes)]
-        return float(np.mean(successes))
+        """Success rate over ``episodes`` episodes on fixed evaluation seeds (no exploration, no updates).
+
+        The episodes' chunks stay in ``last_evaluation`` (e.g. for ``rlt.diagnostics.critic_calibration``).
+        """
+        played = [self.run_episode(mode, seed=self._eval_seed(j)) for j in range(episodes)]
+        self.last_evaluation = [chunks for chunks, _ in played]
+        return float(np.mean([stats.success for _, stats in played]))
 
     def run_episode(self, mode: Mode, seed: int | None = None) -> tuple[EpisodeChunks, EpisodeStats]:
         """Play one episode; emit its ``EpisodeRecord``; return its chunks and statistics.

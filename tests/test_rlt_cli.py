@@ -67,6 +67,14 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     assert checkpoint.manifest["env"]["success_tolerance"] is None
     assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.token.config.num_tokens == 8
     assert {row["version"] for row in store.policy_versions()} >= {rl_version, "scripted-noise0.3"}
+    evaluation = records[-1]  # the critic is checked on every critical chunk of RLT's evaluation episodes
+    critical_starts = np.asarray(evaluation.metadata["critical_phase"], bool) & (
+        evaluation.chunk_offsets == 0
+    )
+    calibration = checkpoint.manifest["critic_calibration"]
+    assert calibration["chunks"] == critical_starts.sum() > 0
+    assert calibration["bias"] == pytest.approx(calibration["mean_q"] - calibration["mean_return"])
+    assert f"critic on RLT's evaluation chunks ({calibration['chunks']})" in output.replace("\n", " ")
 
     second = tmp_path / "second"
     output = _invoke("--store", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))

@@ -5,6 +5,7 @@ The online phase runs in this process or, with ``--workers N``, on Ray (``experi
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -26,6 +27,7 @@ from policies.checkpoint import CheckpointError
 from policies.scripted import scripted_version
 from rlt.checkpoint import save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
+from rlt.diagnostics import CriticCalibration, critic_calibration
 from rlt.errors import CriticDivergedError, RLTInputError
 from rlt.online import OnlineConfig
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
@@ -149,6 +151,7 @@ def rlt(
         run, prior_rate, rlt_rate = _train_and_evaluate(
             factory, seed, workers, records, eval_episodes, progress
         )
+        calibration = critic_calibration(run.loop.learner, run.loop.encoder, run.loop.last_evaluation)
         manifest = {
             "rl_version": rl_version,
             "env_steps": run.env_steps,
@@ -156,6 +159,7 @@ def rlt(
             "stored_episodes": len(records),
             "env": env_config.model_dump(mode="json"),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
+            "critic_calibration": dataclasses.asdict(calibration),
         }
         deployment = RLTDeployment.with_handoff(env_config.task, prior_spec, handoff, handoff_distance)
         save_rlt_checkpoint(directory, run.loop.learner, run.loop.token, deployment, manifest)
@@ -164,6 +168,7 @@ def rlt(
     successes = round(rlt_rate * eval_episodes)
     experience.write_evaluation(rl_version, env_config.task, eval_episodes, successes)
     _report(rl_version, policy.version, directory, run, len(records), eval_episodes, prior_rate, rlt_rate)
+    _report_critic(calibration)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -242,6 +247,15 @@ def _train_and_evaluate(
             run = train_in_process(factory, seed, records, display)
         bar.update(display.online, description="evaluating")
         return run, run.loop.evaluate(eval_episodes, mode="prior"), run.loop.evaluate(eval_episodes)
+
+
+def _report_critic(calibration: CriticCalibration) -> None:
+    """One line: is the critic's value of RLT's evaluation chunks what actually followed them?"""
+    console.print(
+        f"critic on RLT's evaluation chunks ({calibration.chunks}): Q {calibration.mean_q:.3f} vs discounted "
+        f"return {calibration.mean_return:.3f} (Q − return {calibration.bias:+.3f}), "
+        f"Spearman {calibration.spearman:.2f}; Q far above the return means the actor climbs the critic's errors"
+    )
 
 
 def _report(
