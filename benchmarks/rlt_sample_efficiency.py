@@ -227,9 +227,9 @@ def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: i
         loop.phase_switch.reset()
         critical = done = False
         while not done:
-            context, _ = loop._context(observation)
+            context, _ = loop.chunk_context(observation)
             critical = critical or loop.phase_switch.is_critical(observation, info)
-            chunk = loop._rl_chunk(context, explore=False) if critical else context.reference
+            chunk = loop.learner_chunk(context, explore=False) if critical else context.reference
             if critical:
                 target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
                 rows.append(_probe_row(loop, context, chunk, target))

@@ -280,10 +280,12 @@ class OnlineRLT:
         # an untrained actor (no gradient step yet) leaves the critical phase to the prior
         rl_ready = mode != "prior" and self.learner.weights_version > 0
         while not done:
-            context, proposal = self._context(observation)
+            context, proposal = self.chunk_context(observation)
             critical = critical or self.phase_switch.is_critical(observation, info)
             acting_rl = critical and rl_ready
-            planned = self._rl_chunk(context, explore=mode == "learner") if acting_rl else context.reference
+            planned = (
+                self.learner_chunk(context, explore=mode == "learner") if acting_rl else context.reference
+            )
             recorder.begin_chunk(
                 context.reference,
                 proposal.timing.get("infer_ms", 0.0),
@@ -294,7 +296,7 @@ class OnlineRLT:
             terminated = step.terminated
             chunks.steps.append(step)
         if not terminated:
-            chunks.final = self._context(observation)[0]
+            chunks.final = self.chunk_context(observation)[0]
         record = recorder.finish(self.config, self.prior.version, seed, mode, success=terminated)
         record.metadata["actor_updates"] = self.learner.weights_version
         if self.on_episode is not None:
@@ -346,7 +348,9 @@ class OnlineRLT:
             losses=dict(self.learner.last_losses),
         )
 
-    def _context(self, observation: Observation) -> tuple[ChunkContext, ActionChunk]:
+    def chunk_context(self, observation: Observation) -> tuple[ChunkContext, ActionChunk]:
+        """What the learner conditions on at a chunk start (the prior's reference and embeddings), and the
+        prior's whole proposal."""
         proposal = self.prior.infer(stack_observations([observation]))
         if proposal.embeddings is None:
             raise EmbeddingDimError(
@@ -365,7 +369,8 @@ class OnlineRLT:
             )
         return array
 
-    def _rl_chunk(self, context: ChunkContext, explore: bool) -> np.ndarray:
+    def learner_chunk(self, context: ChunkContext, explore: bool) -> np.ndarray:
+        """The learner's ``C×D`` chunk for ``context`` (with exploration noise if ``explore``), clipped to [−1, 1]."""
         assert self.encoder is not None
         state = self.encoder.encode(context.embeddings[None], context.proprio[None])
         chunk = self.learner.act(state, context.reference[None])[0]
