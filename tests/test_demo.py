@@ -35,9 +35,8 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     assert store.count_episodes(run_id="pipeline:demo-quick/iter-0001/collect/reach-v3") == 6
     kinds = [row["kind"] for row in store.policy_versions()]
     assert kinds.count("vla") == 2  # the BC prior and the RECAP candidate
-    for (
-        row
-    ) in store.policy_versions():  # full VLA version ids are printed, ready to paste into other commands
+    # full VLA version ids are printed, ready to paste into other commands
+    for row in store.policy_versions():
         assert row["kind"] != "vla" or row["version"] in out
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("flywheel/demo-quick")
