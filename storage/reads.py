@@ -61,14 +61,14 @@ class EpisodeReader:
 
     def count(self, query: EpisodeQuery) -> int:
         """Number of matching episodes."""
-        select = sa.select(sa.func.count()).select_from(select_episodes(query).subquery())
-        with self._db.read_session() as session:
-            return int(session.scalar(select) or 0)
+        return self._count(sa.select(sa.func.count()).select_from(select_episodes(query).subquery()))
 
     def count_steps(self, query: EpisodeQuery) -> int:
         """Total length (env steps) of the matching episodes."""
         matched = select_episodes(query).subquery()
-        select = sa.select(sa.func.coalesce(sa.func.sum(matched.c.length), 0))
+        return self._count(sa.select(sa.func.coalesce(sa.func.sum(matched.c.length), 0)))
+
+    def _count(self, select: sa.Select) -> int:
         with self._db.read_session() as session:
             return int(session.scalar(select) or 0)
 
