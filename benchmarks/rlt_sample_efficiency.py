@@ -67,6 +67,7 @@ class BenchmarkConfig:
     utd_ratio: int = 5
     beta: float = 1.0
     actor_q: str = "q1"
+    normalize_state: bool = True
     token_steps: int = 2000
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
@@ -158,6 +159,7 @@ def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
         beta=config.beta,
         actor_q=config.actor_q,
         utd_ratio=config.utd_ratio,
+        normalize_state=config.normalize_state,
         seed=seed,
     )
     return _online(config, seed, "rlt", learner, exploration_noise=0.2)
@@ -174,6 +176,7 @@ def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
         ref_dropout=0.0,
         residual_scale=config.residual_scale,
         utd_ratio=config.utd_ratio,
+        normalize_state=config.normalize_state,
         seed=seed,
     )
     return _online(config, seed, "residual", learner, exploration_noise=config.residual_scale / 2)
@@ -518,6 +521,12 @@ def parse_args() -> BenchmarkConfig:
         "--actor-q", default=defaults.actor_q, choices=["q1", "min"], help="critic value RLT's actor climbs"
     )
     parser.add_argument(
+        "--no-normalize-state",
+        dest="normalize_state",
+        action="store_false",
+        help="feed RLT and residual the raw RL state (default: standardized with warm-up statistics)",
+    )
+    parser.add_argument(
         "--token-steps", type=int, default=defaults.token_steps, help="gradient steps fitting the RL token"
     )
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
@@ -540,6 +549,7 @@ def parse_args() -> BenchmarkConfig:
         utd_ratio=args.utd_ratio,
         beta=args.beta,
         actor_q=args.actor_q,
+        normalize_state=args.normalize_state,
         token_steps=args.token_steps,
         arms=tuple(args.arms),
         output=args.output,

@@ -5,7 +5,8 @@ delayed actor updates, Polyak targets, optimizers — is TD3's own):
 
 - spaces: the observation is ``x ‖ flatten(ã)`` (RL state and the VLA's reference chunk), the action a whole
   flattened chunk ``C·D`` in ``[−1, 1]``;
-- ``RLTPolicy.make_critic``: the critics read only ``x`` (a slicing features extractor), ``Q(x, a_chunk)``;
+- ``RLTPolicy.make_actor`` / ``make_critic``: the critics read only ``x`` (a slicing features extractor),
+  ``Q(x, a_chunk)``; both standardize ``x`` with statistics fitted on the warm-up data (``normalize_state``);
 - ``ChunkReplayBuffer``: chunk transitions with per-entry bootstrap discounts ``γ^k``;
 - ``ChunkedTD3.train``: critic target ``R + (1 − terminated) · γ^k · min Q'``; actor loss
   ``−Q1(x, π(x, ã_drop)) + β · mean((π − ã)²)`` with the reference zeroed in the actor input for a fraction
@@ -31,11 +32,14 @@ from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.utils import polyak_update
-from stable_baselines3.td3.policies import TD3Policy
+from stable_baselines3.td3.policies import Actor, TD3Policy
 from torch.nn import functional as F
 
 from rlt.buffer import ChunkReplayBuffer, ChunkTransition
 from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
+
+#: Smallest per-entry standard deviation used by the state normalization (near-constant entries stay near 0).
+STATE_STD_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class LearnerConfig:
     pessimistic, so a small β leaves the actor less room to exploit one critic's errors).
     ``residual_scale`` (ResFiT-style baseline, off by default) makes the policy ``clip(ã + s · π(x, ã))`` with
     the actor's last layer zero-initialised, so it starts exactly at the prior's chunk.
+    ``normalize_state`` standardizes ``x`` per entry with the mean and standard deviation of the replay buffer
+    at the first gradient step (the warm-up data), frozen from then on: positions that vary by centimetres
+    then reach the networks in units of their spread, so millimetre differences are not lost in raw scale.
     """
 
     chunk_size: int = 10
@@ -66,6 +73,7 @@ class LearnerConfig:
     target_noise_clip: float = 0.5
     residual_scale: float | None = None
     actor_q: Literal["q1", "min"] = "q1"
+    normalize_state: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,15 +93,26 @@ class LearnerConfig:
                 raise RLTInputError(f"LearnerConfig.{name}: invalid value {getattr(self, name)!r}")
 
 
-class StateSliceExtractor(BaseFeaturesExtractor):
-    """Features = the first ``state_dim`` entries of the observation (the RL state ``x``, not ``ã``)."""
+class RLStateFeatures(BaseFeaturesExtractor):
+    """Features = the standardized RL state ``(x − μ) / σ``, followed by the raw reference ``ã`` if ``with_reference``.
 
-    def __init__(self, observation_space: spaces.Box, state_dim: int) -> None:
-        super().__init__(observation_space, features_dim=state_dim)
-        self.state_dim = state_dim
+    ``μ``, ``σ`` and ``fitted`` are buffers: the identity until ``ChunkedTD3.fit_state_normalization``, and
+    they travel with the weights (checkpoints, actor weight sync).
+    """
+
+    def __init__(self, observation_space: spaces.Box, state_dim: int, with_reference: bool) -> None:
+        features_dim = int(observation_space.shape[0]) if with_reference else state_dim
+        super().__init__(observation_space, features_dim=features_dim)
+        self.state_dim, self.with_reference = state_dim, with_reference
+        self.register_buffer("state_mean", torch.zeros(state_dim))
+        self.register_buffer("state_std", torch.ones(state_dim))
+        self.register_buffer("fitted", torch.zeros(()))
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return observations[:, : self.state_dim]
+        state = (observations[:, : self.state_dim] - self.state_mean) / self.state_std
+        if not self.with_reference:
+            return state
+        return torch.cat([state, observations[:, self.state_dim :]], dim=1)
 
 
 class RLTPolicy(TD3Policy):
@@ -103,11 +122,20 @@ class RLTPolicy(TD3Policy):
         self.state_dim = state_dim
         super().__init__(*args, **kwargs)
 
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
+        extractor = RLStateFeatures(self.observation_space, self.state_dim, with_reference=True)
+        return Actor(**self._update_features_extractor(self.actor_kwargs, extractor)).to(self.device)
+
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
-        critic_kwargs = self.critic_kwargs.copy()
-        extractor = StateSliceExtractor(self.observation_space, self.state_dim)
-        critic_kwargs.update(features_extractor=extractor, features_dim=self.state_dim)
-        return ContinuousCritic(**critic_kwargs).to(self.device)
+        extractor = RLStateFeatures(self.observation_space, self.state_dim, with_reference=False)
+        return ContinuousCritic(**self._update_features_extractor(self.critic_kwargs, extractor)).to(
+            self.device
+        )
+
+    def state_features(self) -> list[RLStateFeatures]:
+        """The standardizing extractors of actor, critics and their targets."""
+        networks = (self.actor, self.actor_target, self.critic, self.critic_target)
+        return [network.features_extractor for network in networks]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {**super()._get_constructor_parameters(), "state_dim": self.state_dim}
@@ -217,9 +245,34 @@ class ChunkedTD3(TD3):
         """
         if self.replay_buffer.size() < self.learning_starts or new_transitions <= 0:
             return 0
+        if self.config.normalize_state and not self.state_normalization_fitted:
+            states, _ = self.replay_buffer.split(
+                self.replay_buffer.observations[: self.replay_buffer.size(), 0]
+            )
+            self.fit_state_normalization(states)
         steps = self.config.utd_ratio * new_transitions
         self.train(gradient_steps=steps, batch_size=self.batch_size)
         return steps
+
+    @property
+    def state_normalization_fitted(self) -> bool:
+        """Whether ``fit_state_normalization`` has run (also true for a learner loaded from such a checkpoint)."""
+        return bool(self.policy.state_features()[0].fitted)
+
+    def fit_state_normalization(self, states: np.ndarray) -> None:
+        """Standardize RL states with the per-entry mean and std of ``states`` (``N×S``) in every network.
+
+        Entries that barely vary (std below ``STATE_STD_FLOOR``) are divided by the floor instead.
+        """
+        states = np.asarray(states, dtype=np.float32)
+        if states.ndim != 2 or states.shape[1] != self.state_dim or len(states) < 2:
+            raise RLTInputError(f"states: expected N×{self.state_dim} with N ≥ 2, got {states.shape}")
+        mean = torch.as_tensor(states.mean(axis=0))
+        std = torch.as_tensor(states.std(axis=0)).clamp_min(STATE_STD_FLOOR)
+        for features in self.policy.state_features():
+            features.state_mean.copy_(mean)
+            features.state_std.copy_(std)
+            features.fitted.fill_(1.0)
 
     def act(self, states: np.ndarray, references: np.ndarray) -> np.ndarray:
         """Deterministic actor chunks ``B×C×D`` for RL states ``B×S`` and reference chunks ``B×C×D``."""

@@ -202,3 +202,57 @@ def test_rlt_checkpoint_round_trips_and_a_diverged_learner_writes_nothing(tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ok"]
     with pytest.raises(RLTInputError, match="missing"):
         load_rlt_checkpoint(tmp_path)
+
+
+def _offset_states(learner: ChunkedTD3, count: int = 256) -> np.ndarray:
+    """Fill replay with states far from 0 and at mm scale (like hand and goal positions); return them."""
+    rng = np.random.default_rng(3)
+    states = 0.5 + 0.02 * rng.normal(size=(count, STATE_DIM))
+    for state in states:
+        learner.add_transition(_transition(rng, state=state))
+    return states
+
+
+def test_state_normalization_is_fitted_on_warm_up_data_at_the_first_update_then_frozen(tmp_path) -> None:
+    learner = _learner()
+    states = _offset_states(learner)
+    assert not learner.state_normalization_fitted
+    learner.update(1)
+    assert learner.state_normalization_fitted
+    for features in learner.policy.state_features():
+        np.testing.assert_allclose(features.state_mean.numpy(), states.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(features.state_std.numpy(), states.std(axis=0), rtol=1e-4)
+    with torch.no_grad():
+        standardized = learner.critic.features_extractor(
+            torch.as_tensor(learner.replay_buffer.observations[:256, 0])
+        )
+    assert standardized.mean().abs() < 1e-4 and (standardized.std(dim=0) - 1).abs().max() < 1e-2
+    mean_before = learner.critic.features_extractor.state_mean.clone()
+    _filled(learner, count=64, seed=5)  # new data far from the warm-up's: the statistics stay frozen
+    learner.update(1)
+    assert torch.equal(learner.critic.features_extractor.state_mean, mean_before)
+    learner.save_checkpoint(tmp_path / "learner.safetensors")
+    loaded = ChunkedTD3.load_checkpoint(tmp_path / "learner.safetensors")
+    assert loaded.state_normalization_fitted
+    assert torch.equal(loaded.actor.features_extractor.state_std, learner.actor.features_extractor.state_std)
+
+
+def test_actor_weight_sync_carries_the_state_normalization() -> None:
+    learner, worker = _learner(), _learner()
+    states = _offset_states(learner)
+    learner.update(4)
+    worker.load_actor_weights(learner.actor_weights(), learner.weights_version)
+    references = np.zeros((3, CHUNK, ACTION_DIM))
+    np.testing.assert_allclose(
+        worker.act(states[:3], references), learner.act(states[:3], references), atol=1e-6
+    )
+
+
+def test_state_normalization_can_be_switched_off_and_refuses_bad_states() -> None:
+    learner = _learner(normalize_state=False)
+    _offset_states(learner)
+    learner.update(1)
+    assert not learner.state_normalization_fitted
+    assert torch.equal(learner.critic.features_extractor.state_std, torch.ones(STATE_DIM))
+    with pytest.raises(RLTInputError, match="N×6"):
+        learner.fit_state_normalization(np.zeros((5, STATE_DIM + 1)))
