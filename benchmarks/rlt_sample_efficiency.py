@@ -4,7 +4,8 @@ All arms see the same task with a sparse +1 success reward (success terminates) 
 The prior is state-based: Meta-World's scripted expert emitting zero-order-hold chunks of ``C`` actions with
 Gaussian noise (``policies.scripted.ScriptedPolicy``), with fixed random-projection "embeddings" of the
 privileged state standing in for VLA embeddings (``rlt.state.EmbeddingPrior``). RLT = RL token + chunked
-actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT``); SAC reads the 39-D privileged state.
+actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT``); "regression" is RLT without the critic
+in its actor loss (the ablation: what RLT gains over it is the critic's); SAC reads the 39-D privileged state.
 Success is measured on the same fixed evaluation seeds for every arm; curves are plotted with 95% t-intervals
 over seeds.
 
@@ -154,15 +155,27 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
 
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
-    learner = LearnerConfig(
+    return _online(config, seed, "rlt", _rlt_learner(config, seed), exploration_noise=0.2)
+
+
+def run_regression(config: BenchmarkConfig, seed: int) -> Curve:
+    """RLT without the ``−Q`` term in the actor loss (``q_weight = 0``): the actor only regresses toward ``ã``
+    (with reference dropout) on the same kind of data. What RLT gains over this arm is its critic's doing."""
+    return _online(
+        config, seed, "regression", _rlt_learner(config, seed, q_weight=0.0), exploration_noise=0.2
+    )
+
+
+def _rlt_learner(config: BenchmarkConfig, seed: int, q_weight: float = 1.0) -> LearnerConfig:
+    return LearnerConfig(
         chunk_size=config.chunk_size,
         beta=config.beta,
         actor_q=config.actor_q,
         utd_ratio=config.utd_ratio,
         normalize_state=config.normalize_state,
+        q_weight=q_weight,
         seed=seed,
     )
-    return _online(config, seed, "rlt", learner, exploration_noise=0.2)
 
 
 def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
@@ -381,7 +394,13 @@ ARM_SETTINGS = {
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "chunk_size"),
 }
 
-ARMS = {"prior": run_prior, "rlt": run_rlt, "residual": run_residual, "sac": run_sac}
+ARMS = {
+    "prior": run_prior,
+    "rlt": run_rlt,
+    "regression": run_regression,
+    "residual": run_residual,
+    "sac": run_sac,
+}
 
 
 def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:

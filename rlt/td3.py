@@ -55,6 +55,8 @@ class LearnerConfig:
     ``normalize_state`` standardizes ``x`` per entry with the mean and standard deviation of the replay buffer
     at the first gradient step (the warm-up data), frozen from then on: positions that vary by centimetres
     then reach the networks in units of their spread, so millimetre differences are not lost in raw scale.
+    ``q_weight`` scales the ``−Q`` term of the actor loss; 0 leaves only the regression toward ``ã`` (with
+    reference dropout): the ablation that shows whether the critic contributes anything.
     """
 
     chunk_size: int = 10
@@ -74,6 +76,7 @@ class LearnerConfig:
     residual_scale: float | None = None
     actor_q: Literal["q1", "min"] = "q1"
     normalize_state: bool = True
+    q_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +90,7 @@ class LearnerConfig:
             "batch_size": self.batch_size >= 1,
             "residual_scale": self.residual_scale is None or self.residual_scale > 0.0,
             "actor_q": self.actor_q in ("q1", "min"),
+            "q_weight": self.q_weight >= 0.0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -312,9 +316,9 @@ class ChunkedTD3(TD3):
             return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
 
     def actor_loss(self, observations: torch.Tensor) -> torch.Tensor:
-        """``−Q(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the whole chunk, mean over the batch).
+        """``−w · Q(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the chunk, mean over the batch).
 
-        ``Q`` is ``Q1`` or ``min(Q1, Q2)`` (``LearnerConfig.actor_q``)."""
+        ``Q`` is ``Q1`` or ``min(Q1, Q2)`` (``LearnerConfig.actor_q``), ``w`` is ``LearnerConfig.q_weight``."""
         actor_input, _ = apply_reference_dropout(
             observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
         )
@@ -324,7 +328,8 @@ class ChunkedTD3(TD3):
             q_value = torch.cat(self.critic(observations, actions), dim=1).min(dim=1).values.mean()
         else:
             q_value = self.critic.q1_forward(observations, actions).mean()
-        return -q_value + self.config.beta * ((actions - reference) ** 2).sum(dim=1).mean()
+        regression = ((actions - reference) ** 2).sum(dim=1).mean()
+        return -self.config.q_weight * q_value + self.config.beta * regression
 
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:
         """TD3's update loop with chunked targets and the reference-regularized actor loss."""

@@ -130,6 +130,23 @@ def test_min_actor_q_climbs_the_lower_of_the_twin_critics() -> None:
         LearnerConfig(actor_q="max")  # type: ignore[arg-type]
 
 
+def test_zero_q_weight_leaves_only_the_regression_toward_the_reference() -> None:
+    learners = {weight: _learner(q_weight=weight, beta=0.5, ref_dropout=0.0) for weight in (0.0, 1.0)}
+    learners[0.0].policy.load_state_dict(learners[1.0].policy.state_dict())
+    observations = torch.as_tensor(
+        np.random.default_rng(0).normal(size=(64, STATE_DIM + CHUNK * ACTION_DIM)), dtype=torch.float32
+    )
+    with torch.no_grad():
+        actions = learners[1.0].actor(observations)
+        regression = ((actions - observations[:, STATE_DIM:]) ** 2).sum(dim=1).mean().item()
+        q1 = learners[1.0].critic.q1_forward(observations, actions).mean().item()
+        losses = {weight: learner.actor_loss(observations).item() for weight, learner in learners.items()}
+    assert losses[0.0] == pytest.approx(0.5 * regression, rel=1e-5)
+    assert losses[1.0] == pytest.approx(0.5 * regression - q1, rel=1e-5)
+    with pytest.raises(RLTInputError, match="q_weight"):
+        LearnerConfig(q_weight=-1.0)
+
+
 def test_intervention_replaces_reference_and_executed_action() -> None:
     learner = _learner()
     rng = np.random.default_rng(2)
