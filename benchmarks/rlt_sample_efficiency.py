@@ -155,18 +155,17 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
 
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
-    return _online(config, seed, "rlt", _rlt_learner(config, seed), exploration_noise=0.2)
+    return _online(config, seed, "rlt", rlt_learner(config, seed), exploration_noise=0.2)
 
 
 def run_regression(config: BenchmarkConfig, seed: int) -> Curve:
     """RLT without the ``−Q`` term in the actor loss (``q_weight = 0``): the actor only regresses toward ``ã``
     (with reference dropout) on the same kind of data. What RLT gains over this arm is its critic's doing."""
-    return _online(
-        config, seed, "regression", _rlt_learner(config, seed, q_weight=0.0), exploration_noise=0.2
-    )
+    return _online(config, seed, "regression", rlt_learner(config, seed, q_weight=0.0), exploration_noise=0.2)
 
 
-def _rlt_learner(config: BenchmarkConfig, seed: int, q_weight: float = 1.0) -> LearnerConfig:
+def rlt_learner(config: BenchmarkConfig, seed: int, q_weight: float = 1.0) -> LearnerConfig:
+    """RLT's learner settings for this run (the recipe's defaults unless the benchmark overrides them)."""
     return LearnerConfig(
         chunk_size=config.chunk_size,
         beta=config.beta,
@@ -198,9 +197,19 @@ def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
 def _online(
     config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
 ) -> Curve:
+    loop = make_loop(config, seed, arm, learner, exploration_noise)
+    curve = loop.run()
+    steps, success = [point.env_steps for point in curve], [point.success_rate for point in curve]
+    return Curve(arm, seed, steps, success, probe=probe_actor_and_critic(loop, config))
+
+
+def make_loop(
+    config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
+) -> OnlineRLT:
+    """The online loop of a learner arm (seeded torch), not yet run."""
     torch.manual_seed(seed)
     switch = metaworld_switch(config.critical_pair, config.critical_distance or 0.0)
-    loop = OnlineRLT(
+    return OnlineRLT(
         make_env(config),
         make_prior(config, seed),
         switch,
@@ -221,9 +230,6 @@ def _online(
         ),
         learner,
     )
-    curve = loop.run()
-    steps, success = [point.env_steps for point in curve], [point.success_rate for point in curve]
-    return Curve(arm, seed, steps, success, probe=probe_actor_and_critic(loop, config))
 
 
 def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:

@@ -187,18 +187,18 @@ class OnlineRLT:
         self._pending = []
         return added
 
-    def fit_token(self) -> list[float]:
-        """Fit and freeze the RL token on the embeddings of the collected warm-up episodes (once)."""
+    def fit_token(self, episodes: list[EpisodeChunks] | None = None) -> list[float]:
+        """Fit and freeze the RL token on the embeddings of ``episodes`` (default: the collected warm-up
+        episodes), once."""
         if self.token_fitted:
             return []
-        if not self._pending:
+        episodes = self._pending if episodes is None else episodes
+        if not episodes:
             raise RLTInputError(
                 "warmup_episodes: expected ≥ 1 (or stored episodes) to fit the RL token, "
                 "or pass token_fitted=True"
             )
-        embeddings = np.stack(
-            [step.context.embeddings for episode in self._pending for step in episode.steps]
-        )
+        embeddings = np.stack([step.context.embeddings for episode in episodes for step in episode.steps])
         losses = fit_rl_token(
             self.token,
             embeddings,

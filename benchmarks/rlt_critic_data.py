@@ -1,0 +1,224 @@
+"""Is the experience enough for RLT's critic? Its TD critic against a Monte-Carlo critic fitted on the same chunks.
+
+Runs RLT's online loop (the settings of ``rlt_sample_efficiency.py``) for ``--env-steps`` after warm-up and keeps
+every episode. A fresh critic of the learner's size (2 × 256, same state standardization) is then fitted by plain
+regression on the discounted Monte-Carlo returns of the critical chunks (80% of them; the other 20% are held
+out). Both critics judge the same probe: at the critical chunk starts of the first evaluation episodes, played
+by the prior, does Q prefer the noise-free expert's chunk to the prior's noisy ``ã``?
+
+If the supervised critic cannot rank them either, the data does not pin down how a chunk changes the outcome
+and no change to the TD update will; if it can, the TD update is what fails.
+
+    python benchmarks/rlt_critic_data.py --seeds 0 1 2 --env-steps 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import torch
+from rlt_sample_efficiency import BenchmarkConfig, eval_seeds, make_env, make_loop, rlt_learner
+from scipy import stats
+from tqdm import tqdm
+
+from policies.base import stack_observations
+from policies.scripted import ScriptedPolicy
+from rlt.diagnostics import monte_carlo_returns
+from rlt.online import EpisodeChunks, OnlineRLT
+
+
+@dataclass
+class CriticDataResult:
+    """One seed: data size, the Monte-Carlo critic's fit, and both critics on the probe."""
+
+    seed: int
+    critical_chunks: int
+    episodes: int
+    mc_heldout_spearman: float
+    td_heldout_spearman: float
+    probe_chunks: int
+    mc_prefers_clean: float
+    td_prefers_clean: float
+    mc_q_clean_minus_reference: float
+    td_q_clean_minus_reference: float
+
+
+def collect(config: BenchmarkConfig, seed: int, env_steps: int) -> tuple[OnlineRLT, list[EpisodeChunks]]:
+    """RLT's warm-up and ``env_steps`` online steps, keeping every episode's chunks."""
+    loop = make_loop(config, seed, "rlt", rlt_learner(config, seed), exploration_noise=0.2)
+    episodes = [loop.run_episode("prior")[0] for _ in range(config.warmup_episodes)]
+    loop.fit_token(episodes)
+    loop.learn(episodes)
+    end = loop.env_steps + env_steps
+    with tqdm(total=env_steps, desc=f"seed {seed} online", unit="step") as bar:
+        while loop.env_steps < end:
+            before = loop.env_steps
+            chunks, _ = loop.run_episode("learner")
+            loop.learn([chunks])
+            episodes.append(chunks)
+            bar.update(loop.env_steps - before)
+    return loop, episodes
+
+
+def critical_chunks(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.ndarray, ...]:
+    """States, references, executed chunks and Monte-Carlo returns of every critical chunk."""
+    states, references, chunks, returns = [], [], [], []
+    for episode in episodes:
+        for step, value in zip(
+            episode.steps, monte_carlo_returns(episode, loop.learner.config.gamma), strict=True
+        ):
+            if step.critical:
+                context = step.context
+                states.append(loop.encoder.encode(context.embeddings[None], context.proprio[None])[0])
+                references.append(context.reference)
+                chunks.append(step.executed)
+                returns.append(value)
+    return tuple(np.asarray(values, np.float32) for values in (states, references, chunks, returns))
+
+
+class MonteCarloCritic(torch.nn.Module):
+    """``Q(x, a)`` regressed on Monte-Carlo returns; ``x`` standardized like the learner's critic."""
+
+    def __init__(self, loop: OnlineRLT, width: int = 256) -> None:
+        super().__init__()
+        features = loop.learner.critic.features_extractor
+        self.mean, self.std = features.state_mean.clone(), features.state_std.clone()
+        inputs = loop.learner.state_dim + loop.chunk_size * loop.learner.action_dim
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(inputs, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, 1),
+        )
+
+    def forward(self, states: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([(states - self.mean) / self.std, chunks.flatten(1)], dim=1))[:, 0]
+
+    def values(self, states: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """Q of ``B×C×D`` chunks at RL states ``B×S``."""
+        with torch.no_grad():
+            return self(torch.as_tensor(states), torch.as_tensor(chunks, dtype=torch.float32)).numpy()
+
+
+def fit_monte_carlo_critic(
+    loop: OnlineRLT, data: tuple[np.ndarray, ...], steps: int, seed: int
+) -> tuple[MonteCarloCritic, np.ndarray]:
+    """Fit on 80% of the chunks (Adam 3e-4, batch 256); return the critic and the held-out indices."""
+    states, _, chunks, returns = data
+    order = np.random.default_rng(seed).permutation(len(states))
+    train, held_out = order[: int(0.8 * len(order))], order[int(0.8 * len(order)) :]
+    torch.manual_seed(seed)
+    critic = MonteCarloCritic(loop)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=3e-4)
+    generator = np.random.default_rng(seed)
+    tensors = [torch.as_tensor(values) for values in (states, chunks, returns)]
+    for _ in tqdm(range(steps), desc=f"seed {seed} MC critic", unit="step", leave=False):
+        batch = torch.as_tensor(generator.choice(train, min(256, len(train))))
+        loss = ((critic(tensors[0][batch], tensors[1][batch]) - tensors[2][batch]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return critic, held_out
+
+
+def probe(
+    loop: OnlineRLT, critic: MonteCarloCritic, config: BenchmarkConfig, episodes: int
+) -> dict[str, float]:
+    """Both critics' verdict on the clean expert chunk vs ``ã`` at critical chunk starts of prior episodes."""
+    clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
+    env, diffs = make_env(config), {"mc": [], "td": []}
+    for episode_seed in eval_seeds(config)[:episodes]:
+        observation, info = env.reset(seed=episode_seed)
+        loop.phase_switch.reset()
+        critical = done = False
+        while not done:
+            context, _ = loop.chunk_context(observation)
+            critical = critical or loop.phase_switch.is_critical(observation, info)
+            if critical:
+                target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
+                state = loop.encoder.encode(context.embeddings[None], context.proprio[None]).repeat(2, axis=0)
+                pair = np.stack([context.reference, target])
+                mc = critic.values(state, pair)
+                td = loop.learner.q_values(state, pair[:1].repeat(2, axis=0), pair)
+                diffs["mc"].append(mc[1] - mc[0])
+                diffs["td"].append(td[1] - td[0])
+            for action in context.reference:
+                observation, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+    return {
+        "probe_chunks": len(diffs["mc"]),
+        **{f"{name}_prefers_clean": float(np.mean(np.array(values) > 0)) for name, values in diffs.items()},
+        **{f"{name}_q_clean_minus_reference": float(np.mean(values)) for name, values in diffs.items()},
+    }
+
+
+def run_seed(config: BenchmarkConfig, seed: int, env_steps: int, fit_steps: int, probe_episodes: int):
+    """One seed end to end."""
+    loop, episodes = collect(config, seed, env_steps)
+    data = critical_chunks(loop, episodes)
+    critic, held_out = fit_monte_carlo_critic(loop, data, fit_steps, seed)
+    states, references, chunks, returns = (values[held_out] for values in data)
+    mc_spearman = stats.spearmanr(critic.values(states, chunks), returns).statistic
+    td_spearman = stats.spearmanr(loop.learner.q_values(states, references, chunks), returns).statistic
+    return CriticDataResult(
+        seed=seed,
+        critical_chunks=len(data[0]),
+        episodes=len(episodes),
+        mc_heldout_spearman=float(mc_spearman),
+        td_heldout_spearman=float(td_spearman),
+        **probe(loop, critic, config, probe_episodes),
+    )
+
+
+def main() -> None:
+    """Parse flags, run every seed, print each result and the means, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="reach-v3")
+    parser.add_argument("--success-tolerance", type=float, default=0.005)
+    parser.add_argument("--critical-pair", default="hand-goal")
+    parser.add_argument("--critical-distance", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--env-steps", type=int, default=10_000, help="online env steps after warm-up")
+    parser.add_argument(
+        "--fit-steps", type=int, default=20_000, help="gradient steps of the Monte-Carlo critic"
+    )
+    parser.add_argument("--probe-episodes", type=int, default=10)
+    parser.add_argument("--output", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = BenchmarkConfig(
+        task=args.task,
+        success_tolerance=args.success_tolerance,
+        critical_pair=args.critical_pair,
+        critical_distance=args.critical_distance,
+        eval_episodes=args.probe_episodes,
+    )
+    results = []
+    for seed in args.seeds:
+        results.append(run_seed(config, seed, args.env_steps, args.fit_steps, args.probe_episodes))
+        print(
+            json.dumps(
+                {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(results[-1]).items()}
+            )
+        )
+    means = {k: float(np.mean([getattr(r, k) for r in results])) for k in asdict(results[0]) if k != "seed"}
+    print("mean over seeds:", json.dumps({k: round(v, 3) for k, v in means.items()}))
+    path = Path(args.output) / f"rlt_critic_data_{args.task}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"args": vars(args), "seeds": [asdict(r) for r in results], "mean": means}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
