@@ -9,6 +9,12 @@ by the prior, does Q prefer the noise-free expert's chunk to the prior's noisy `
 If the supervised critic cannot rank them either, the data does not pin down how a chunk changes the outcome
 and no change to the TD update will; if it can, the TD update is what fails.
 
+The ground truth comes from branching the simulator (the env is deterministic given its seed and actions, so
+replaying an episode's action prefix restores the state): at the first critical chunk of each probe episode,
+``--branch-rollouts`` continuations after the clean chunk and after ``ã``, both continued by the noisy prior
+(common noise seeds), give the true advantage ``Q^prior(clean) − Q^prior(ã)`` that a critic trained on the
+prior's data should see.
+
     python benchmarks/rlt_critic_data.py --seeds 0 1 2 --env-steps 10000
 """
 
@@ -32,6 +38,10 @@ from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
 from rlt.diagnostics import monte_carlo_returns
 from rlt.online import EpisodeChunks, OnlineRLT
+from rlt.td3 import LearnerConfig
+
+#: The learner's discount (the benchmark keeps the default), used for the branched returns too.
+GAMMA = LearnerConfig().gamma
 
 
 @dataclass
@@ -48,6 +58,11 @@ class CriticDataResult:
     td_prefers_clean: float
     mc_q_clean_minus_reference: float
     td_q_clean_minus_reference: float
+    branch_states: int
+    true_advantage: float
+    true_advantage_positive: float
+    mc_advantage_at_branch_states: float
+    td_advantage_at_branch_states: float
 
 
 def collect(config: BenchmarkConfig, seed: int, env_steps: int) -> tuple[OnlineRLT, list[EpisodeChunks]]:
@@ -71,9 +86,7 @@ def critical_chunks(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.
     """States, references, executed chunks and Monte-Carlo returns of every critical chunk."""
     states, references, chunks, returns = [], [], [], []
     for episode in episodes:
-        for step, value in zip(
-            episode.steps, monte_carlo_returns(episode, loop.learner.config.gamma), strict=True
-        ):
+        for step, value in zip(episode.steps, monte_carlo_returns(episode, GAMMA), strict=True):
             if step.critical:
                 context = step.context
                 states.append(loop.encoder.encode(context.embeddings[None], context.proprio[None])[0])
@@ -130,39 +143,97 @@ def fit_monte_carlo_critic(
 
 
 def probe(
-    loop: OnlineRLT, critic: MonteCarloCritic, config: BenchmarkConfig, episodes: int
+    loop: OnlineRLT, critic: MonteCarloCritic, config: BenchmarkConfig, episodes: int, branch_rollouts: int
 ) -> dict[str, float]:
-    """Both critics' verdict on the clean expert chunk vs ``ã`` at critical chunk starts of prior episodes."""
+    """Both critics' verdict on the clean expert chunk vs ``ã`` at the critical chunk starts of prior episodes,
+    and the branched ground truth at the first critical chunk of each episode."""
     clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
-    env, diffs = make_env(config), {"mc": [], "td": []}
+    env, rows = make_env(config), []
     for episode_seed in eval_seeds(config)[:episodes]:
         observation, info = env.reset(seed=episode_seed)
         loop.phase_switch.reset()
         critical = done = False
+        prefix: list[np.ndarray] = []
         while not done:
             context, _ = loop.chunk_context(observation)
+            handed_off = critical
             critical = critical or loop.phase_switch.is_critical(observation, info)
             if critical:
-                target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
+                pair = np.stack([context.reference, _chunk(clean, observation, config)])
                 state = loop.encoder.encode(context.embeddings[None], context.proprio[None]).repeat(2, axis=0)
-                pair = np.stack([context.reference, target])
                 mc = critic.values(state, pair)
                 td = loop.learner.q_values(state, pair[:1].repeat(2, axis=0), pair)
-                diffs["mc"].append(mc[1] - mc[0])
-                diffs["td"].append(td[1] - td[0])
+                truth = None
+                if not handed_off and branch_rollouts:
+                    truth = true_advantage(config, episode_seed, prefix, pair, branch_rollouts)
+                rows.append((mc[1] - mc[0], td[1] - td[0], truth))
             for action in context.reference:
+                prefix.append(action)
                 observation, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
                 if done:
                     break
+    mc_diff, td_diff = (np.array([row[index] for row in rows]) for index in (0, 1))
+    branched = np.array([row for row in rows if row[2] is not None], dtype=float).reshape(-1, 3)
     return {
-        "probe_chunks": len(diffs["mc"]),
-        **{f"{name}_prefers_clean": float(np.mean(np.array(values) > 0)) for name, values in diffs.items()},
-        **{f"{name}_q_clean_minus_reference": float(np.mean(values)) for name, values in diffs.items()},
+        "probe_chunks": len(rows),
+        "mc_prefers_clean": float(np.mean(mc_diff > 0)),
+        "td_prefers_clean": float(np.mean(td_diff > 0)),
+        "mc_q_clean_minus_reference": float(mc_diff.mean()),
+        "td_q_clean_minus_reference": float(td_diff.mean()),
+        "branch_states": len(branched),
+        "true_advantage": float(branched[:, 2].mean()),
+        "true_advantage_positive": float(np.mean(branched[:, 2] > 0)),
+        "mc_advantage_at_branch_states": float(branched[:, 0].mean()),
+        "td_advantage_at_branch_states": float(branched[:, 1].mean()),
     }
 
 
-def run_seed(config: BenchmarkConfig, seed: int, env_steps: int, fit_steps: int, probe_episodes: int):
+def _chunk(policy: ScriptedPolicy, observation: dict, config: BenchmarkConfig) -> np.ndarray:
+    return policy.infer(stack_observations([observation])).actions[0, : config.chunk_size]
+
+
+def true_advantage(
+    config: BenchmarkConfig, episode_seed: int, prefix: list[np.ndarray], pair: np.ndarray, rollouts: int
+) -> float:
+    """``Q^prior(clean) − Q^prior(ã)`` at the state ``prefix`` leads to: mean branched return after ``pair[1]``
+    minus after ``pair[0]``, each continued by the noisy prior with the same ``rollouts`` noise seeds."""
+    returns = [
+        [branched_return(config, episode_seed, prefix, chunk, noise_seed) for noise_seed in range(rollouts)]
+        for chunk in pair
+    ]
+    return float(np.mean(returns[1]) - np.mean(returns[0]))
+
+
+def branched_return(
+    config: BenchmarkConfig, episode_seed: int, prefix: list[np.ndarray], chunk: np.ndarray, noise_seed: int
+) -> float:
+    """Discounted return after replaying ``prefix``, executing ``chunk``, then the noisy prior (``noise_seed``)."""
+    env = make_env(config)
+    observation, _ = env.reset(seed=episode_seed)
+    for action in prefix:
+        observation, *_ = env.step(action)
+    prior = ScriptedPolicy(
+        config.task, noise_std=config.prior_noise, seed=1000 + noise_seed, action_horizon=config.chunk_size
+    )
+    plan, steps = list(chunk), 0
+    while True:
+        if not plan:
+            plan = list(_chunk(prior, observation, config))
+        observation, _, terminated, truncated, _ = env.step(plan.pop(0))
+        steps += 1
+        if terminated or truncated:
+            return float(terminated) * GAMMA ** (steps - 1)
+
+
+def run_seed(
+    config: BenchmarkConfig,
+    seed: int,
+    env_steps: int,
+    fit_steps: int,
+    probe_episodes: int,
+    branch_rollouts: int,
+) -> CriticDataResult:
     """One seed end to end."""
     loop, episodes = collect(config, seed, env_steps)
     data = critical_chunks(loop, episodes)
@@ -176,7 +247,7 @@ def run_seed(config: BenchmarkConfig, seed: int, env_steps: int, fit_steps: int,
         episodes=len(episodes),
         mc_heldout_spearman=float(mc_spearman),
         td_heldout_spearman=float(td_spearman),
-        **probe(loop, critic, config, probe_episodes),
+        **probe(loop, critic, config, probe_episodes, branch_rollouts),
     )
 
 
@@ -193,6 +264,9 @@ def main() -> None:
         "--fit-steps", type=int, default=20_000, help="gradient steps of the Monte-Carlo critic"
     )
     parser.add_argument("--probe-episodes", type=int, default=10)
+    parser.add_argument(
+        "--branch-rollouts", type=int, default=20, help="prior continuations per chunk for the true advantage"
+    )
     parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -205,7 +279,9 @@ def main() -> None:
     )
     results = []
     for seed in args.seeds:
-        results.append(run_seed(config, seed, args.env_steps, args.fit_steps, args.probe_episodes))
+        results.append(
+            run_seed(config, seed, args.env_steps, args.fit_steps, args.probe_episodes, args.branch_rollouts)
+        )
         print(
             json.dumps(
                 {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(results[-1]).items()}
