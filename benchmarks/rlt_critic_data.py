@@ -30,7 +30,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 import torch
-from rlt_sample_efficiency import BenchmarkConfig, eval_seeds, make_env, make_loop, rlt_learner
+from rlt_sample_efficiency import BenchmarkConfig, critical_chunks, make_env, make_loop, rlt_learner
 from scipy import stats
 from tqdm import tqdm
 
@@ -82,7 +82,7 @@ def collect(config: BenchmarkConfig, seed: int, env_steps: int) -> tuple[OnlineR
     return loop, episodes
 
 
-def critical_chunks(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.ndarray, ...]:
+def replay_data(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.ndarray, ...]:
     """States, references, executed chunks and Monte-Carlo returns of every critical chunk."""
     states, references, chunks, returns = [], [], [], []
     for episode in episodes:
@@ -147,32 +147,17 @@ def probe(
 ) -> dict[str, float]:
     """Both critics' verdict on the clean expert chunk vs ``ã`` at the critical chunk starts of prior episodes,
     and the branched ground truth at the first critical chunk of each episode."""
-    clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
-    env, rows = make_env(config), []
-    for episode_seed in eval_seeds(config)[:episodes]:
-        observation, info = env.reset(seed=episode_seed)
-        loop.phase_switch.reset()
-        critical = done = False
-        prefix: list[np.ndarray] = []
-        while not done:
-            context, _ = loop.chunk_context(observation)
-            handed_off = critical
-            critical = critical or loop.phase_switch.is_critical(observation, info)
-            if critical:
-                pair = np.stack([context.reference, _chunk(clean, observation, config)])
-                state = loop.encoder.encode(context.embeddings[None], context.proprio[None]).repeat(2, axis=0)
-                mc = critic.values(state, pair)
-                td = loop.learner.q_values(state, pair[:1].repeat(2, axis=0), pair)
-                truth = None
-                if not handed_off and branch_rollouts:
-                    truth = true_advantage(config, episode_seed, prefix, pair, branch_rollouts)
-                rows.append((mc[1] - mc[0], td[1] - td[0], truth))
-            for action in context.reference:
-                prefix.append(action)
-                observation, _, terminated, truncated, info = env.step(action)
-                done = terminated or truncated
-                if done:
-                    break
+    rows = []
+    for start in critical_chunks(loop, config, episodes, learner_acts=False):
+        context = start.context
+        pair = np.stack([context.reference, start.clean])
+        state = loop.encoder.encode(context.embeddings[None], context.proprio[None]).repeat(2, axis=0)
+        mc = critic.values(state, pair)
+        td = loop.learner.q_values(state, pair[:1].repeat(2, axis=0), pair)
+        truth = None
+        if start.first and branch_rollouts:
+            truth = true_advantage(config, start.episode_seed, start.prefix, pair, branch_rollouts)
+        rows.append((mc[1] - mc[0], td[1] - td[0], truth))
     mc_diff, td_diff = (np.array([row[index] for row in rows]) for index in (0, 1))
     branched = np.array([row for row in rows if row[2] is not None], dtype=float).reshape(-1, 3)
     return {
@@ -187,10 +172,6 @@ def probe(
         "mc_advantage_at_branch_states": float(branched[:, 0].mean()),
         "td_advantage_at_branch_states": float(branched[:, 1].mean()),
     }
-
-
-def _chunk(policy: ScriptedPolicy, observation: dict, config: BenchmarkConfig) -> np.ndarray:
-    return policy.infer(stack_observations([observation])).actions[0, : config.chunk_size]
 
 
 def true_advantage(
@@ -219,7 +200,7 @@ def branched_return(
     plan, steps = list(chunk), 0
     while True:
         if not plan:
-            plan = list(_chunk(prior, observation, config))
+            plan = list(prior.infer(stack_observations([observation])).actions[0, : config.chunk_size])
         observation, _, terminated, truncated, _ = env.step(plan.pop(0))
         steps += 1
         if terminated or truncated:
@@ -236,7 +217,7 @@ def run_seed(
 ) -> CriticDataResult:
     """One seed end to end."""
     loop, episodes = collect(config, seed, env_steps)
-    data = critical_chunks(loop, episodes)
+    data = replay_data(loop, episodes)
     critic, held_out = fit_monte_carlo_critic(loop, data, fit_steps, seed)
     states, references, chunks, returns = (values[held_out] for values in data)
     mc_spearman = stats.spearmanr(critic.values(states, chunks), returns).statistic

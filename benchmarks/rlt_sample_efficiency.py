@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -232,39 +233,67 @@ def make_loop(
     )
 
 
+@dataclass
+class CriticalChunk:
+    """A critical chunk start of an evaluation episode: the state's context, the chunk played there, the clean
+    expert's chunk, the actions that led there (replaying them restores the state) and whether it is the first."""
+
+    episode_seed: int
+    prefix: list[np.ndarray]
+    context: ChunkContext
+    chunk: np.ndarray
+    clean: np.ndarray
+    first: bool
+
+
+def critical_chunks(
+    loop: OnlineRLT, config: BenchmarkConfig, episodes: int, learner_acts: bool
+) -> Iterator[CriticalChunk]:
+    """Play the first ``episodes`` evaluation episodes and yield every critical chunk start.
+
+    After the hand-off the trained learner plays (``learner_acts``) or the prior does (its ``ã``); the clean
+    chunk is the noise-free scripted expert's at the same state.
+    """
+    clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
+    env = make_env(config)
+    for episode_seed in eval_seeds(config)[:episodes]:
+        observation, info = env.reset(seed=episode_seed)
+        loop.phase_switch.reset()
+        critical = done = False
+        prefix: list[np.ndarray] = []
+        while not done:
+            context, _ = loop.chunk_context(observation)
+            first = not critical and loop.phase_switch.is_critical(observation, info)
+            critical = critical or first
+            acting = critical and learner_acts
+            chunk = loop.learner_chunk(context, explore=False) if acting else context.reference
+            if critical:
+                target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
+                yield CriticalChunk(episode_seed, list(prefix), context, chunk, target, first)
+            for action in chunk:
+                prefix.append(action)
+                observation, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+
+
 def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
     """What the trained learner does at the critical chunk starts of its first evaluation episodes.
 
     Also how its critic's values of the chunks it executed compare with the discounted returns that followed
-    (``rlt.diagnostics.critic_calibration``: mean Q − return and their rank correlation).
+    (``rlt.diagnostics.critic_calibration`` on the loop's last evaluation: mean Q − return, rank correlation).
 
     The clean (noise-free) scripted expert's chunk ``c`` is the yardstick: how far the summed displacement
     (xyz, in action units: 1 = 1 cm) of the prior's reference ``ã`` and of the actor's chunk ``a`` land from
     ``c``'s, and whether the critic ranks ``c`` above ``ã`` and by how much it believes ``a`` beats ``ã``.
     """
-    clean = ScriptedPolicy(config.task, noise_std=0.0, action_horizon=config.chunk_size)
-    env, rows = make_env(config), []
-    for episode_seed in eval_seeds(config)[:episodes]:
-        observation, info = env.reset(seed=episode_seed)
-        loop.phase_switch.reset()
-        critical = done = False
-        while not done:
-            context, _ = loop.chunk_context(observation)
-            critical = critical or loop.phase_switch.is_critical(observation, info)
-            chunk = loop.learner_chunk(context, explore=False) if critical else context.reference
-            if critical:
-                target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
-                rows.append(_probe_row(loop, context, chunk, target))
-            for action in chunk:
-                observation, _, terminated, truncated, info = env.step(action)
-                done = terminated or truncated
-                if done:
-                    break
-    table = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
-    played = [
-        loop.run_episode("eval", seed=episode_seed)[0] for episode_seed in eval_seeds(config)[:episodes]
+    rows = [
+        _probe_row(loop, start.context, start.chunk, start.clean)
+        for start in critical_chunks(loop, config, episodes, learner_acts=True)
     ]
-    calibration = critic_calibration(loop.learner, loop.encoder, played)
+    table = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+    calibration = critic_calibration(loop.learner, loop.encoder, loop.last_evaluation[:episodes])
     return {
         **table,
         "chunks": len(rows),
