@@ -94,7 +94,8 @@ class RLTSettings(_Strict):
     ``handoff`` picks the critical phase where RLT takes over: ``always`` (from the first chunk) or the
     distance between two privileged-state points falling under ``handoff_distance``. A scripted prior gets
     fixed random-projection embeddings of the privileged state (``rlt.state.EmbeddingPrior``); a VLA prior's
-    own embeddings feed the RL token.
+    own embeddings feed the RL token. ``normalize_state`` standardizes the RL state with warm-up statistics
+    (``rlt.td3.LearnerConfig``).
     """
 
     warmup_episodes: int = Field(default=20, ge=1)
@@ -112,6 +113,7 @@ class RLTSettings(_Strict):
     net_arch: tuple[int, ...] = (256, 256)
     batch_size: int = Field(default=256, ge=1)
     learning_starts: int = Field(default=256, ge=1)
+    normalize_state: bool = True
     record_images: bool = False
 
 

@@ -137,6 +137,7 @@ def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
         net_arch=tuple(settings.net_arch),
         batch_size=settings.batch_size,
         learning_starts=settings.learning_starts,
+        normalize_state=settings.normalize_state,
         seed=seed,
     )
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from experiments.cli import app
 from experiments.pipeline import STAGE_RECORD, Pipeline, stages_for
 from experiments.pipeline_config import PipelineConfigError, load_pipeline_config, parse_pipeline_config
-from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy
+from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy, learner_config
 from storage.engine import create_scratch_database
 from tests.test_pipeline import REPO, tiny_config
 from tests.test_pipeline_resume import TIMEOUT, _finished, _kill_when, _start
@@ -67,6 +67,14 @@ def test_method_config_errors():
     assert load_pipeline_config(REPO / "configs" / "peg-rlt.yaml").rlt.handoff == "hand-object"
     assert stages_for("rlt") == ("rlt", "evaluate", "gate", "register", "deploy", "report")
     assert stages_for("both")[:4] == ("collect", "relabel", "train", "rlt")
+
+
+def test_rlt_settings_reach_the_learner():
+    raw = {"name": "x", "tasks": ["reach-v3"], "method": "rlt"}
+    assert learner_config(parse_pipeline_config(raw).rlt, 0).normalize_state
+    raw["rlt"] = {"normalize_state": False, "beta": 0.5}
+    learner = learner_config(parse_pipeline_config(raw).rlt, 3)
+    assert (learner.normalize_state, learner.beta, learner.seed) == (False, 0.5, 3)
 
 
 def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
