@@ -9,7 +9,7 @@ delayed actor updates, Polyak targets, optimizers — is TD3's own):
   ``Q(x, a_chunk)``; both standardize ``x`` with statistics fitted on the warm-up data (``normalize_state``);
 - ``ChunkReplayBuffer``: chunk transitions with per-entry bootstrap discounts ``γ^k``;
 - ``ChunkedTD3.train``: critic target ``R + (1 − terminated) · γ^k · min Q'``; actor loss
-  ``−Q1(x, π(x, ã_drop)) + β · mean((π − ã)²)`` with the reference zeroed in the actor input for a fraction
+  ``−w · Q1(x, π(x, ã_drop)) + β · ‖π − ã‖²`` with the reference zeroed in the actor input for a fraction
   ``ref_dropout`` of the batch; every loss is checked for finiteness before its optimizer step.
 
 Training runs without ``learn()``: the online loop (``rlt.online``) collects chunks and calls ``update``.
@@ -380,9 +380,14 @@ class ChunkedTD3(TD3):
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         raw = json.loads(metadata["config"])
-        config = LearnerConfig(**{**raw, "net_arch": tuple(raw["net_arch"])})
+        tensors = load_file(str(path))
+        legacy = "normalize_state" not in raw  # written before state normalization: raw states, no buffers
+        config = LearnerConfig(**{**raw, "net_arch": tuple(raw["net_arch"]), "normalize_state": not legacy})
         learner = cls(int(metadata["state_dim"]), int(metadata["action_dim"]), config)
-        learner.policy.load_state_dict(load_file(str(path)))
+        if legacy:
+            identity = {k: v for k, v in learner.policy.state_dict().items() if ".features_extractor." in k}
+            tensors = {**identity, **tensors}
+        learner.policy.load_state_dict(tensors)
         return learner
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -273,3 +276,27 @@ def test_state_normalization_can_be_switched_off_and_refuses_bad_states() -> Non
     assert torch.equal(learner.critic.features_extractor.state_std, torch.ones(STATE_DIM))
     with pytest.raises(RLTInputError, match="N×6"):
         learner.fit_state_normalization(np.zeros((5, STATE_DIM + 1)))
+
+
+def test_a_checkpoint_from_before_state_normalization_loads_with_raw_states(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    learner = _learner(normalize_state=False)
+    _offset_states(learner)
+    learner.update(2)
+    config = {
+        k: v
+        for k, v in dataclasses.asdict(learner.config).items()
+        if k not in ("normalize_state", "q_weight")
+    }
+    tensors = {
+        name: value.contiguous()
+        for name, value in learner.policy.state_dict().items()
+        if ".features_extractor." not in name
+    }
+    metadata = {"config": json.dumps(config), "state_dim": str(STATE_DIM), "action_dim": str(ACTION_DIM)}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = ChunkedTD3.load_checkpoint(tmp_path / "old.safetensors")
+    assert not loaded.config.normalize_state and not loaded.state_normalization_fitted
+    states, references = np.full((2, STATE_DIM), 0.5), np.zeros((2, CHUNK, ACTION_DIM))
+    np.testing.assert_allclose(loaded.act(states, references), learner.act(states, references), atol=1e-6)
