@@ -34,6 +34,7 @@ from rlt_sample_efficiency import BenchmarkConfig, critical_chunks, make_env, ma
 from scipy import stats
 from tqdm import tqdm
 
+from envs import MetaWorldEnv
 from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
 from rlt.diagnostics import monte_carlo_returns
@@ -179,18 +180,27 @@ def true_advantage(
 ) -> float:
     """``Q^prior(clean) − Q^prior(ã)`` at the state ``prefix`` leads to: mean branched return after ``pair[1]``
     minus after ``pair[0]``, each continued by the noisy prior with the same ``rollouts`` noise seeds."""
+    env = make_env(config)
     returns = [
-        [branched_return(config, episode_seed, prefix, chunk, noise_seed) for noise_seed in range(rollouts)]
+        [
+            branched_return(env, config, episode_seed, prefix, chunk, noise_seed)
+            for noise_seed in range(rollouts)
+        ]
         for chunk in pair
     ]
     return float(np.mean(returns[1]) - np.mean(returns[0]))
 
 
 def branched_return(
-    config: BenchmarkConfig, episode_seed: int, prefix: list[np.ndarray], chunk: np.ndarray, noise_seed: int
+    env: MetaWorldEnv,
+    config: BenchmarkConfig,
+    episode_seed: int,
+    prefix: list[np.ndarray],
+    chunk: np.ndarray,
+    noise_seed: int,
 ) -> float:
-    """Discounted return after replaying ``prefix``, executing ``chunk``, then the noisy prior (``noise_seed``)."""
-    env = make_env(config)
+    """Discounted return in ``env`` after a reset to ``episode_seed``, replaying ``prefix``, executing ``chunk``,
+    then the noisy prior (``noise_seed``)."""
     observation, _ = env.reset(seed=episode_seed)
     for action in prefix:
         observation, *_ = env.step(action)
