@@ -97,7 +97,9 @@ def test_scripted_demos_get_expert_phase_subtasks_in_the_store(tmp_path):
         CollectConfig(env=env, policy="scripted", episodes=2, store_url=url, subtask_labels=True),
         progress=False,
     )
-    for episode in ExperienceStore(url).iter_episodes():
+    episodes = list(ExperienceStore(url).iter_episodes())
+    assert len(episodes) == 2
+    for episode in episodes:
         assert episode.metadata["subtask_source"] == "expert_phase"
         assert len(episode.subtasks) == episode.length
         assert len(set(episode.subtasks)) >= 2, "pick-place moves through several phases"

@@ -21,7 +21,7 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=780,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -49,7 +49,7 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert store.count_episodes() == 12 and len(store.list_evaluations()) == 2
