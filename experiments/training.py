@@ -7,6 +7,9 @@ checkpoint is registered as a policy version so that every episode it later prod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,12 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from envs import EnvConfig
 from envs.tasks import task_prompt
 from experiments.evaluation import EvalResult, evaluate
 from policies.checkpoint import load_checkpoint, save_checkpoint
+from policies.device import DeviceName, describe, resolve_device
 from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, create_policy, train_bc
 from policies.vla.config import VLAConfig
 from policies.vla.policy import VLAPolicy
@@ -60,6 +64,23 @@ class BCConfig(BaseModel):
     eval_every: int = Field(default=0, ge=0)
     max_episode_steps: int | None = Field(default=None, ge=1)
     seed: int = 0
+    device: DeviceName = Field(default="auto", description="cpu, cuda, mps or auto (the accelerator if any)")
+    bf16: bool = Field(default=False, description="bfloat16 autocast where the device supports it")
+    train_workers: int = Field(default=1, ge=1, description="data-parallel Ray Train workers (DDP)")
+    checkpoint_every: int = Field(
+        default=200, ge=0, description="write the resumable training state every this many steps (0 = never)"
+    )
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> BCConfig:
+        """The global batch is split evenly over the workers; intermediate evaluations need one process."""
+        if self.batch_size % self.train_workers:
+            raise ValueError(
+                f"train_workers: the global batch_size {self.batch_size} must divide among {self.train_workers}"
+            )
+        if self.train_workers > 1 and self.eval_every:
+            raise ValueError("eval_every: with train_workers > 1 the policy is evaluated at the end only (0)")
+        return self
 
     @field_validator("eval_every")
     @classmethod
@@ -137,6 +158,8 @@ def train_vla(
     cfg_beta: float = 1.0,
     parent_version: str | None = None,
     progress: bool = True,
+    state_dir: Path | None = None,
+    resume: bool = True,
 ) -> TrainedPolicy:
     """Train a VLA on the selected episodes, save it to ``output_dir``, register it, and record its evaluations.
 
@@ -149,26 +172,50 @@ def train_vla(
     ``weights`` gives per-step loss weights (0 drops a step): filtered BC and AWR ablations.
     ``inference_conditions`` / ``cfg_beta`` are how the policy is queried after training (RECAP: "Advantage:
     positive"); they are saved in the checkpoint, so evaluation, rollouts and ``flywheel serve`` agree.
+
+    Resumable: every ``config.checkpoint_every`` steps the training state goes to ``state_dir`` (default: a
+    folder under ``output_dir/train-state`` named by a fingerprint of the run: config, selection, episodes,
+    starting point), and a rerun of the same training continues from it (``resume=False`` discards it). The state
+    is removed once the version is registered. ``config.train_workers`` > 1 trains data-parallel on Ray Train
+    (:mod:`experiments.distributed`). The device chosen (``auto`` resolved) is recorded in the version metadata.
     """
     records = load_training_episodes(store, selection)
-    dataset = build_dataset(to_episode_arrays(records, conditions, weights), config.action_horizon)
+    arrays = to_episode_arrays(records, conditions, weights)
+    dataset = build_dataset(arrays, config.action_horizon)
     policy = _initial_policy(dataset, config, init_from)
     policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta  # evaluations query it as deployed
     evaluator = EnvEvaluator(selection.tasks, config) if config.eval_episodes > 0 else None
-    train_result = train_bc(
-        policy,
-        dataset,
-        TrainConfig(
-            steps=config.steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            condition_dropout=config.condition_dropout,
-            eval_every=config.eval_every,
-            seed=config.seed,
-            progress=progress,
-        ),
-        callback=evaluator,
+    if state_dir is None and config.checkpoint_every:
+        key = _fingerprint(
+            selection, config, records, init_from, parent_version, inference_conditions, arrays
+        )
+        state_dir = output_dir / "train-state" / key
+    if state_dir is not None and not resume:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    device = resolve_device(config.device)
+    train_config = TrainConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        condition_dropout=config.condition_dropout,
+        eval_every=config.eval_every,
+        seed=config.seed,
+        progress=progress,
+        device=str(device),
+        bf16=config.bf16,
+        checkpoint_every=config.checkpoint_every,
+        state_dir=state_dir,
     )
+    if config.train_workers > 1:
+        from experiments.distributed import train_bc_data_parallel
+
+        train_result = train_bc_data_parallel(
+            store.url, records, arrays, policy, train_config, config.train_workers, output_dir
+        )
+        if evaluator is not None:
+            evaluator(config.steps, policy)
+    else:
+        train_result = train_bc(policy, dataset, train_config, callback=evaluator)
     checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
     version = save_checkpoint(policy, checkpoint)
     policy.version = version
@@ -184,11 +231,50 @@ def train_vla(
             "init_from": str(init_from.resolve()) if init_from is not None else None,
             "final_loss": train_result.history[-1]["loss"] if train_result.history else None,
             "evaluation_curve": evaluator.curve_metadata() if evaluator else [],
+            **describe(device),
+            "train_workers": config.train_workers,
+            "resumed_from_step": train_result.resumed_from,
         },
     )
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
     curve = evaluator.registered(version) if evaluator else []
     final = [_record_evaluation(store, result) for step, result in curve if step == config.steps]
     return TrainedPolicy(policy, checkpoint, version, train_result, final, len(records), curve)
+
+
+#: BC settings that do not change what is learned (where and how often it runs, what is evaluated).
+_RUNTIME_FIELDS = {
+    "device",
+    "train_workers",
+    "checkpoint_every",
+    "eval_episodes",
+    "eval_every",
+    "max_episode_steps",
+}
+
+
+def _fingerprint(
+    selection: EpisodeFilter,
+    config: BCConfig,
+    records: list[EpisodeRecord],
+    init_from: Path | None,
+    parent_version: str | None,
+    inference_conditions: str | None,
+    arrays: list[EpisodeArrays],
+) -> str:
+    """Names a training run by what it learns from: the same command on the same data finds its own state."""
+    payload = {
+        "config": config.model_dump(mode="json", exclude=_RUNTIME_FIELDS),
+        "selection": selection.model_dump(mode="json"),
+        "episodes": sorted(str(record.uuid) for record in records),
+        "init_from": str(init_from.resolve()) if init_from is not None else None,
+        "parent": parent_version,
+        "inference_conditions": inference_conditions,
+        "conditions": [episode.conditions for episode in arrays],
+        "weights": [None if episode.weights is None else episode.weights.tolist() for episode in arrays],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class EnvEvaluator:

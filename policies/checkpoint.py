@@ -43,7 +43,7 @@ def save_checkpoint(policy: VLAPolicy, directory: str | Path) -> str:
     """Write ``policy`` to ``directory`` (created if needed); returns the content-derived version string."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in policy.model.state_dict().items()}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.model.state_dict().items()}
     save_file(state, str(path / WEIGHTS))
     (path / CONFIG).write_text(json.dumps(policy.config.to_dict(), indent=1))
     policy.norm_stats.save(path / NORM_STATS)
@@ -55,8 +55,14 @@ def save_checkpoint(policy: VLAPolicy, directory: str | Path) -> str:
     return weights_version(path, policy.config)
 
 
-def load_checkpoint(directory: str | Path, **policy_kwargs) -> VLAPolicy:
-    """Load and validate a checkpoint into a :class:`VLAPolicy` (``version`` is content-derived unless given)."""
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device | None = None, **policy_kwargs
+) -> VLAPolicy:
+    """Load and validate a checkpoint into a :class:`VLAPolicy` (``version`` is content-derived unless given).
+
+    The weights are read onto the CPU and the model is moved to ``device`` (``cpu``/``cuda``/``mps``/``auto``;
+    default: stays on the CPU), so a checkpoint written on any device loads on any other.
+    """
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -75,7 +81,8 @@ def load_checkpoint(directory: str | Path, **policy_kwargs) -> VLAPolicy:
         check_components(config, prompt_tokenizer, norm_stats, fast_tokenizer)
     except VLAInputError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    return VLAPolicy(model, prompt_tokenizer, norm_stats, fast_tokenizer, **policy_kwargs)
+    policy = VLAPolicy(model, prompt_tokenizer, norm_stats, fast_tokenizer, **policy_kwargs)
+    return policy.to(device) if device is not None else policy
 
 
 def weights_version(directory: str | Path, config: VLAConfig) -> str:

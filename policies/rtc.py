@@ -156,6 +156,10 @@ def infer_inpainted(policy: Policy, batch: ObservationBatch, targets: Inpainting
     """Sample a chunk for ``batch`` with RTC inpainting toward ``targets`` (one row per observation)."""
     if accepts_keyword(policy, "inpainting"):
         return policy.infer(batch, inpainting=targets)
-    normalized = torch.as_tensor(policy.normalize_actions(targets.actions), dtype=torch.float32)
-    guidance = inpainting_guidance(normalized, torch.from_numpy(targets.weights), targets.beta)
+    device = getattr(policy, "device", torch.device("cpu"))
+    normalized = torch.as_tensor(
+        policy.normalize_actions(targets.actions), dtype=torch.float32, device=device
+    )
+    weights = torch.from_numpy(targets.weights).to(device)
+    guidance = inpainting_guidance(normalized, weights, targets.beta)
     return policy.infer(batch, guidance=guidance)

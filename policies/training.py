@@ -17,13 +17,16 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from policies.device import autocast, resolve_device
 from policies.fast import FASTTokenizer
 from policies.normalization import NormalizationStats
+from policies.train_state import STATE_FILE, TrainStateError, capture_rng, load_state, restore_rng, save_state
 from policies.vla.config import VLAConfig
 from policies.vla.model import VLAModel, sample_tau
 from policies.vla.policy import VLAInputError, VLAPolicy, join_prompt
@@ -199,6 +202,12 @@ class TrainConfig:
 
     ``condition_dropout``: probability of dropping a sample's condition text (training the unconditioned policy
     for classifier-free guidance). ``image_shift``: random-shift augmentation in pixels (0 = off).
+    ``batch_size`` and ``learning_rate`` are global: under data parallelism each of the N workers takes
+    ``batch_size / N`` samples and DDP averages the gradients, so the update does not depend on N.
+    ``device`` is ``cpu``/``cuda``/``mps``/``auto`` (:mod:`policies.device`); ``bf16`` runs the forward pass
+    under bfloat16 autocast where the device supports it. With ``state_dir`` the full training state is written
+    there every ``checkpoint_every`` steps and at the end (:mod:`policies.train_state`) and a run that finds one
+    continues from it.
     """
 
     steps: int = 2000
@@ -213,53 +222,143 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"
+    bf16: bool = False
+    checkpoint_every: int = 0
+    state_dir: Path | None = None
 
 
 @dataclass
 class TrainResult:
-    """Loss history (one dict per ``log_every`` steps: step, loss, flow_loss, fast_loss) and evaluations."""
+    """Loss history (one dict per ``log_every`` steps: step, loss, flow_loss, fast_loss; under data parallelism
+    the mean over workers), the callback's evaluations, the step a resumed run started after (0 = fresh) and the
+    device it ran on."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    device: str = "cpu"
+
+
+class _BCLoss(torch.nn.Module):
+    """The training objective as one ``forward`` (what DDP wraps): flow matching, plus FAST under KI."""
+
+    def __init__(self, model: VLAModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        tokens: torch.Tensor,
+        token_valid: torch.Tensor,
+        state: torch.Tensor,
+        actions: torch.Tensor,
+        action_mask: torch.Tensor,
+        noise: torch.Tensor,
+        tau: torch.Tensor,
+        weights: torch.Tensor | None,
+        fast_tokens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.model.encode_prefix(pixels, tokens, token_valid)
+        flow = self.model.flow_loss(prefix, state, actions, action_mask, noise, tau, weights).float()
+        if fast_tokens is None:
+            return flow, torch.zeros((), device=flow.device)
+        return flow, self.model.fast_loss(prefix, fast_tokens).float()
+
+
+@dataclass(frozen=True)
+class _Workers:
+    """This process's place among the data-parallel workers (rank 0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> _Workers:
+        distributed = torch.distributed
+        if distributed.is_available() and distributed.is_initialized():
+            return cls(distributed.get_rank(), distributed.get_world_size())
+        return cls()
+
+    def seed(self, seed: int) -> list[int] | int:
+        """Rank 0 keeps ``seed`` (so one worker draws what a single process draws); others get their own."""
+        return seed if self.rank == 0 else [seed, self.rank]
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over workers (itself for one)."""
+        if self.size > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.size
+        return values
+
+    def gather(self, value: object) -> list[object]:
+        """Every worker's ``value``, by rank."""
+        if self.size == 1:
+            return [value]
+        gathered: list[object] = [None] * self.size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
 
 def train_bc(
     policy: VLAPolicy, dataset: BCDataset, config: TrainConfig, callback: EvalCallback | None = None
 ) -> TrainResult:
-    """Train ``policy.model`` in place on ``dataset``; returns the loss history and the callback's metrics."""
+    """Train ``policy.model`` in place on ``dataset``; returns the loss history and the callback's metrics.
+
+    Under ``torch.distributed`` (one Ray Train worker per rank) ``dataset`` is this worker's shard: it draws
+    ``batch_size / world_size`` samples per step, DDP averages the gradients, and rank 0 alone writes the
+    training state and runs ``callback``.
+    """
     dataset.validate(policy.config)
+    device = resolve_device(config.device)
+    workers = _Workers.current()
+    if config.batch_size % workers.size:
+        raise VLAInputError(
+            f"batch_size: the global batch {config.batch_size} must divide among {workers.size} workers"
+        )
+    policy.to(device)
     model = policy.model
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    images = torch.from_numpy(np.stack([dataset.images[c] for c in policy.config.cameras], axis=1)).permute(
-        0, 1, 4, 2, 3
+    rng = np.random.default_rng(workers.seed(config.seed))
+    generator = torch.Generator().manual_seed(
+        config.seed if workers.rank == 0 else config.seed + 7919 * workers.rank
     )
-    state = torch.from_numpy(policy.norm_stats.state.normalize(dataset.state, policy.config.normalization))
-    actions = policy.normalize_actions(dataset.actions)
-    action_mask = torch.from_numpy(dataset.action_mask)
-    fast_tokens = _fast_targets(policy, dataset) if policy.config.knowledge_insulation else None
+    data = _device_data(policy, dataset, device)
     support, sample_weights = _weighted_support(dataset, policy.config.knowledge_insulation)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
-    result = TrainResult()
+    result = TrainResult(device=str(device))
+    start = _resume(config, workers, model, optimizer, schedule, rng, generator, result)
+    objective = _BCLoss(model)
+    if workers.size > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    batch = min(config.batch_size // workers.size, len(support))
     model.train()
-    bar = tqdm(range(1, config.steps + 1), disable=not config.progress, desc="train bc", unit="step")
+    bar = tqdm(
+        range(start + 1, config.steps + 1),
+        initial=start,
+        total=config.steps,
+        disable=not config.progress or workers.rank != 0,
+        desc="train bc",
+        unit="step",
+    )
     postfix: dict[str, str] = {}  # the latest loss and evaluation, shown next to the bar
     for step in bar:
-        index = support[
-            torch.from_numpy(rng.integers(0, len(support), size=min(config.batch_size, len(support))))
-        ]
+        index = support[torch.from_numpy(rng.integers(0, len(support), size=batch))]
         prompts = _batch_prompts(dataset, index.numpy(), config.condition_dropout, rng)
         tokens, token_valid = policy.tokenize(prompts, trim=True)
-        pixels = _augment(images[index].float() / 127.5 - 1.0, config.image_shift, generator)
-        prefix = model.encode_prefix(pixels, tokens, token_valid)
-        noise = torch.randn(actions[index].shape, generator=generator)
+        pixels = _augment(data["images"][index].float() / 127.5 - 1.0, config.image_shift, generator)
+        noise = torch.randn(data["actions"][index].shape, generator=generator)
         tau = sample_tau(len(index), generator)
         weights = sample_weights[index] if sample_weights is not None else None
-        flow = model.flow_loss(prefix, state[index], actions[index], action_mask[index], noise, tau, weights)
-        fast = model.fast_loss(prefix, fast_tokens[index]) if fast_tokens is not None else torch.zeros(())
+        inputs = [pixels, tokens, token_valid, data["state"][index], data["actions"][index]]
+        inputs += [data["action_mask"][index], noise, tau, weights]
+        inputs += [data["fast"][index] if data["fast"] is not None else None]
+        with autocast(device, config.bf16):
+            flow, fast = objective(*[_to(t, device) for t in inputs])
         loss = flow + fast
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -267,12 +366,20 @@ def train_bc(
         optimizer.step()
         schedule.step()
         if step % config.log_every == 0 or step == config.steps:
-            record = {"step": step, "loss": loss.item(), "flow_loss": flow.item(), "fast_loss": fast.item()}
+            mean = workers.mean(torch.stack([loss.detach(), flow.detach(), fast.detach()]))
+            record = {
+                "step": step,
+                "loss": mean[0].item(),
+                "flow_loss": mean[1].item(),
+                "fast_loss": mean[2].item(),
+            }
             result.history.append(record)
             postfix["loss"] = f"{record['loss']:.4f}"
             bar.set_postfix(postfix)
-        if callback is not None and (
-            (config.eval_every and step % config.eval_every == 0) or step == config.steps
+        if (
+            callback is not None
+            and workers.rank == 0
+            and ((config.eval_every and step % config.eval_every == 0) or step == config.steps)
         ):
             model.eval()
             metrics = callback(step, policy)
@@ -281,8 +388,104 @@ def train_bc(
                 result.evaluations.append({"step": step, **metrics})
                 postfix |= {"eval_step": str(step)} | {key: f"{value:.2f}" for key, value in metrics.items()}
                 bar.set_postfix(postfix)
+        if config.state_dir is not None and (
+            step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        ):
+            _save(config, workers, model, optimizer, schedule, rng, generator, result, step)
     model.eval()
     return result
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
+def _device_data(
+    policy: VLAPolicy, dataset: BCDataset, device: torch.device
+) -> dict[str, torch.Tensor | None]:
+    """The dataset as CPU tensors (pinned when feeding a GPU, so batch copies overlap compute)."""
+    images = np.stack([dataset.images[c] for c in policy.config.cameras], axis=1)
+    data = {
+        "images": torch.from_numpy(images).permute(0, 1, 4, 2, 3),
+        "state": torch.from_numpy(
+            policy.norm_stats.state.normalize(dataset.state, policy.config.normalization)
+        ),
+        "actions": policy.normalize_actions(dataset.actions),
+        "action_mask": torch.from_numpy(dataset.action_mask),
+        "fast": _fast_targets(policy, dataset) if policy.config.knowledge_insulation else None,
+    }
+    if device.type == "cuda":
+        data = {key: value.pin_memory() if value is not None else None for key, value in data.items()}
+    return data
+
+
+def _state_file(config: TrainConfig) -> Path:
+    assert config.state_dir is not None
+    return Path(config.state_dir) / STATE_FILE
+
+
+def _resume(
+    config: TrainConfig,
+    workers: _Workers,
+    model: VLAModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    result: TrainResult,
+) -> int:
+    """Load the state in ``config.state_dir`` if there is one; returns the step it was written at (0 if none)."""
+    if config.state_dir is None:
+        return 0
+    state = load_state(_state_file(config))
+    if state is None:
+        return 0
+    if state["steps"] != config.steps:
+        raise TrainStateError(
+            f"{_state_file(config)}: written by a run of {state['steps']} steps, this one has {config.steps}"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    rng_states = state["rng"]
+    if workers.rank < len(rng_states):
+        restore_rng(rng_states[workers.rank], rng, generator)
+    result.history = list(state["history"])
+    result.evaluations = list(state["evaluations"])
+    result.resumed_from = int(state["step"])
+    return result.resumed_from
+
+
+def _save(
+    config: TrainConfig,
+    workers: _Workers,
+    model: VLAModel,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    result: TrainResult,
+    step: int,
+) -> None:
+    """Rank 0 writes the training state after ``step`` (every rank's random state included)."""
+    rng_states = workers.gather(capture_rng(rng, generator))
+    if workers.rank != 0:
+        return
+    save_state(
+        _state_file(config),
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "rng": rng_states,
+            "step": step,
+            "steps": config.steps,
+            "world_size": workers.size,
+            "device": result.device,
+            "history": result.history,
+            "evaluations": result.evaluations,
+        },
+    )
 
 
 def _weighted_support(

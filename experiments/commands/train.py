@@ -23,6 +23,7 @@ from experiments.policy_loader import PolicySpecError, load_policy
 from experiments.training import BCConfig, EpisodeFilter, train_vla
 from experiments.validation import first_error
 from policies.checkpoint import CheckpointError
+from policies.device import DeviceError, resolve_device
 from storage import ExperienceStore
 
 app = typer.Typer(help="Train policies from stored episodes, and evaluate them.", no_args_is_help=True)
@@ -85,6 +86,26 @@ def bc(
         int | None, typer.Option(min=1, help="Episode limit of the evaluations (default: task's)")
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, cuda, mps or auto (the accelerator if there is one; recorded in the version)"
+        ),
+    ] = "auto",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast where the device supports it")] = False,
+    train_workers: Annotated[
+        int,
+        typer.Option(min=1, help="Data-parallel Ray Train workers (the global batch is split among them)"),
+    ] = 1,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=0, help="Write the resumable training state every this many steps (0 = never)")
+    ] = 200,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run of the same training from its last state (--no-resume: start over)"
+        ),
+    ] = True,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Behaviour-clone the built-in VLA on stored episodes; the checkpoint is registered as a policy version.
@@ -116,10 +137,17 @@ def bc(
             eval_every=eval_every,
             max_episode_steps=max_episode_steps,
             seed=seed,
+            device=device,
+            bf16=bf16,
+            train_workers=train_workers,
+            checkpoint_every=checkpoint_every,
         )
+        resolve_device(config.device)
         subtask_config = SubtaskTrainConfig(steps=subtask_steps)
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
+    except DeviceError as error:
+        raise typer.BadParameter(str(error)) from error
     store = ExperienceStore(db or default_store_url())
     store.upgrade()
     try:
@@ -132,13 +160,16 @@ def bc(
             trained = (
                 train_metadata_conditioned(store, selection, config, checkpoints_dir(), desired=ask)
                 if metadata
-                else train_vla(store, selection, config, checkpoints_dir())
+                else train_vla(store, selection, config, checkpoints_dir(), resume=resume)
             )
             used, version, checkpoint = trained.episodes_used, trained.version, trained.checkpoint
             curve = trained.evaluation_curve
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     console.print(f"trained on {used} episodes → [bold]{version}[/bold] at {checkpoint}")
+    if not subtasks:
+        resumed = trained.train.resumed_from
+        console.print(f"device: {trained.train.device}" + (f"; resumed from step {resumed}" if resumed else ""))
     if len(curve) > len(trained.evaluations):
         console.print(_results_table([result for _, result in curve], [step for step, _ in curve]))
     elif trained.evaluations:

@@ -54,9 +54,9 @@ def make_attention_mask(
     return allowed[None, :, :] & key_valid[:, None, :]
 
 
-def suffix_blocks(action_horizon: int) -> torch.Tensor:
+def suffix_blocks(action_horizon: int, device: torch.device | None = None) -> torch.Tensor:
     """Block ids of the suffix: one state token, then ``action_horizon`` action tokens."""
-    return torch.tensor([STATE_BLOCK] + [ACTION_BLOCK] * action_horizon)
+    return torch.tensor([STATE_BLOCK] + [ACTION_BLOCK] * action_horizon, device=device)
 
 
 @dataclass
@@ -195,7 +195,7 @@ class VLAModel(nn.Module):
     def prefix_mask(self, token_valid: torch.Tensor) -> torch.Tensor:
         """Key validity of the prefix: every image token, then the real (non-padding) prompt tokens."""
         image_tokens = len(self.config.cameras) * self.config.image_tokens
-        images = torch.ones(token_valid.shape[0], image_tokens, dtype=torch.bool)
+        images = torch.ones(token_valid.shape[0], image_tokens, dtype=torch.bool, device=token_valid.device)
         return torch.cat([images, token_valid], dim=1)
 
     def encode_prefix(
@@ -210,7 +210,7 @@ class VLAModel(nn.Module):
             dim=1,
         )
         valid = self.prefix_mask(token_valid)
-        mask = make_attention_mask(valid, torch.full((x.shape[1],), PREFIX_BLOCK))
+        mask = make_attention_mask(valid, torch.full((x.shape[1],), PREFIX_BLOCK, device=x.device))
         keys, values = [], []
         for block in self.backbone:
             x, k, v = attend_stream(block, x, None, None, mask)
@@ -221,11 +221,15 @@ class VLAModel(nn.Module):
     # ----- suffix (action expert) ---------------------------------------------------------------------------
     def suffix_mask(self, prefix_valid: torch.Tensor) -> torch.Tensor:
         """Suffix rows of the full mask: ``B×(1+H)×(P+1+H)`` (columns: prefix, then suffix)."""
-        horizon = self.config.action_horizon
-        blocks = torch.cat([torch.full((prefix_valid.shape[1],), PREFIX_BLOCK), suffix_blocks(horizon)])
-        valid = torch.cat(
-            [prefix_valid, torch.ones(prefix_valid.shape[0], 1 + horizon, dtype=torch.bool)], dim=1
+        horizon, device = self.config.action_horizon, prefix_valid.device
+        blocks = torch.cat(
+            [
+                torch.full((prefix_valid.shape[1],), PREFIX_BLOCK, device=device),
+                suffix_blocks(horizon, device),
+            ]
         )
+        suffix = torch.ones(prefix_valid.shape[0], 1 + horizon, dtype=torch.bool, device=device)
+        valid = torch.cat([prefix_valid, suffix], dim=1)
         return make_attention_mask(valid, blocks)[:, prefix_valid.shape[1] :]
 
     def velocity(self, prefix: PrefixOutput, state: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor):
@@ -278,11 +282,19 @@ class VLAModel(nn.Module):
         """Next-token cross-entropy of FAST tokens (``B×L`` incl. EOS, PAD-padded) through the backbone weights."""
         bos, _, pad = self.fast_special
         inputs = torch.cat([torch.full_like(fast_tokens[:, :1], bos), fast_tokens[:, :-1]], dim=1)
-        length = inputs.shape[1]
+        length, device, prefix_length = inputs.shape[1], inputs.device, prefix.valid.shape[1]
         x = self.fast_embedding(inputs) + self.fast_position[:length]
-        blocks = torch.cat([torch.full((prefix.valid.shape[1],), PREFIX_BLOCK), torch.full((length,), 1)])
+        blocks = torch.cat(
+            [
+                torch.full((prefix_length,), PREFIX_BLOCK, device=device),
+                torch.full((length,), 1, device=device),
+            ]
+        )
         causal = torch.cat(
-            [torch.zeros(prefix.valid.shape[1], dtype=torch.bool), torch.ones(length, dtype=bool)]
+            [
+                torch.zeros(prefix_length, dtype=torch.bool, device=device),
+                torch.ones(length, dtype=torch.bool, device=device),
+            ]
         )
         valid = torch.cat([prefix.valid, inputs != pad], dim=1)
         valid[:, prefix.valid.shape[1]] = True  # BOS
@@ -327,7 +339,7 @@ class VLAModel(nn.Module):
         cfg_beta: float,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         def velocity_fn(x_tau: torch.Tensor) -> torch.Tensor:
-            taus = torch.full((x_tau.shape[0],), tau)
+            taus = torch.full((x_tau.shape[0],), tau, device=x_tau.device)
             conditional = self.velocity(prefix, state, x_tau, taus)
             if unconditional_prefix is None or cfg_beta == 1.0:
                 return conditional

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from policies.base import ActionChunk, ObservationBatch
+from policies.device import resolve_device
 from policies.fast import FASTTokenizer
 from policies.normalization import NormalizationStats
 from policies.vla.config import VLAConfig
@@ -74,6 +75,16 @@ class VLAPolicy:
         self.generator = torch.Generator().manual_seed(seed)
         check_components(self.config, prompt_tokenizer, norm_stats, fast_tokenizer)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (inputs are moved there; outputs come back to the CPU)."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> VLAPolicy:
+        """Move the model to ``device`` (``cpu``, ``cuda``, ``mps`` or ``auto``, see :mod:`policies.device`)."""
+        self.model.to(resolve_device(device))
+        return self
+
     # ----- Policy contract -----------------------------------------------------------------------------------
     def reset(self) -> None:
         """No per-episode state: every chunk is computed from its own observation."""
@@ -110,9 +121,12 @@ class VLAPolicy:
                 )
         else:
             normalized = self.model.sample_actions(prefix, inputs.state, x0, steps, unconditional, beta)
-        actions = self.norm_stats.actions.unnormalize(normalized.detach().numpy(), self.config.normalization)
+        actions = self.norm_stats.actions.unnormalize(
+            normalized.detach().float().cpu().numpy(), self.config.normalization
+        )
+        embeddings = prefix.embeddings.float().cpu().numpy().astype(np.float32)
         timing = {"prefix_ms": prefix_ms, "infer_ms": (time.perf_counter() - start) * 1e3}
-        return ActionChunk(actions.astype(np.float32), prefix.embeddings.numpy().astype(np.float32), timing)
+        return ActionChunk(actions.astype(np.float32), embeddings, timing)
 
     # ----- hooks ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,7 +136,7 @@ class VLAPolicy:
         """Final backbone embeddings of the prefix (``B×P×E``) and their validity mask (``B×P``), for RLT."""
         self.model.eval()
         prefix = self.encode(batch, conditions)
-        return prefix.embeddings.numpy(), prefix.valid.numpy()
+        return prefix.embeddings.float().cpu().numpy(), prefix.valid.cpu().numpy()
 
     def encode(
         self, batch: ObservationBatch, conditions: str | list[str | None] | None = None
@@ -141,7 +155,9 @@ class VLAPolicy:
         per_item = _per_item_conditions(conditions, size)
         images = self.prepare_images(batch.get("images"), size)
         tokens, valid = self.tokenize([join_prompt(p, c) for p, c in zip(prompts, per_item, strict=True)])
-        return ModelInputs(images, tokens, valid, self.prepare_state(batch.get("state"), size))
+        state = self.prepare_state(batch.get("state"), size)
+        device = self.device
+        return ModelInputs(images.to(device), tokens.to(device), valid.to(device), state.to(device))
 
     def prepare_images(self, images: dict[str, np.ndarray] | None, size: int) -> torch.Tensor:
         """``B×C×3×S×S`` float tensor in [−1, 1] from uint8 ``B×S×S×3`` arrays, cameras in config order."""
@@ -205,10 +221,10 @@ class VLAPolicy:
     def _noise(self, size: int, noise: np.ndarray | None) -> torch.Tensor:
         shape = (size, self.config.action_horizon, self.config.action_dim)
         if noise is None:
-            return torch.randn(shape, generator=self.generator)
+            return torch.randn(shape, generator=self.generator).to(self.device)
         if tuple(np.shape(noise)) != shape:
             raise VLAInputError(f"noise.shape: expected {shape}, got {np.shape(noise)}")
-        return torch.as_tensor(np.asarray(noise, dtype=np.float32))
+        return torch.as_tensor(np.asarray(noise, dtype=np.float32), device=self.device)
 
     # ----- persistence ---------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> str:

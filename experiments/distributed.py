@@ -1,0 +1,131 @@
+"""Data-parallel training of the learners on Ray Train (``TorchTrainer``, DDP: gloo on CPU, NCCL on GPU).
+
+The driver fits what must be identical everywhere (tokenizers, normalization statistics, the initial weights)
+and writes it as a checkpoint; each of the N workers loads it, reads *its shard* of the episode ids from the store
+(``ids[rank::N]``; with workers on several nodes the store must be PostgreSQL) and runs the same training loop
+as a single process (:func:`policies.training.train_bc`), which under ``torch.distributed`` takes
+``batch_size / N`` samples per step and lets DDP average the gradients: the global batch and the learning rate
+are the single-process ones, so the result does not depend on N. Rank 0 writes the resumable training state
+(the single-process format, :mod:`policies.train_state`) and the final weights; the driver registers them.
+A worker that dies is restarted by Ray Train (``FailureConfig``) and resumes from the last training state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policies.checkpoint import load_checkpoint, save_checkpoint
+from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, train_bc
+from policies.vla.policy import VLAPolicy
+from storage import EpisodeRecord
+
+#: How often Ray Train restarts a failed worker group before the training fails.
+MAX_FAILURES = 2
+INIT, FINAL, HISTORY = "init", "final", "history.json"
+
+
+def train_bc_data_parallel(
+    store_url: str,
+    records: list[EpisodeRecord],
+    arrays: list[EpisodeArrays],
+    policy: VLAPolicy,
+    config: TrainConfig,
+    workers: int,
+    output_dir: Path,
+) -> TrainResult:
+    """Train ``policy`` in place on ``workers`` Ray Train workers; returns rank 0's record (mean loss over ranks).
+
+    ``records`` name the episodes (their ids are sharded over the workers, which load them from the store at
+    ``store_url``); ``arrays`` carry each episode's per-step conditions and weights, computed once here.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.cluster import ensure_ray
+
+    ensure_ray()
+    work = Path(tempfile.mkdtemp(prefix="ray-train-", dir=output_dir))
+    try:
+        save_checkpoint(policy, work / INIT)
+        labels = {
+            str(record.uuid): (episode.conditions, episode.weights)
+            for record, episode in zip([r for r in records if r.length > 0], arrays, strict=True)
+        }
+        use_gpu = config.device.startswith("cuda")
+        loop_config = {
+            "store_url": store_url,
+            "episodes": list(labels),
+            "labels": labels,
+            "train": asdict(config) | {"state_dir": str(config.state_dir) if config.state_dir else None},
+            "work": str(work),
+            "inference": {"conditions": policy.conditions, "cfg_beta": policy.cfg_beta},
+        }
+        trainer = TorchTrainer(
+            _bc_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=f"bc-{uuid.uuid4().hex[:8]}",
+                storage_path=str(work / "ray"),
+                failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            ),
+        )
+        outcome = trainer.fit()
+        if outcome.error is not None:
+            raise RuntimeError(f"data-parallel training failed: {outcome.error}") from outcome.error
+        trained = load_checkpoint(work / FINAL)
+        policy.model.load_state_dict(trained.model.state_dict())
+        record = json.loads((work / HISTORY).read_text())
+        return TrainResult(**record)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bc_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: load the shared start, read this rank's episodes, train, rank 0 saves."""
+    import ray.train
+    import ray.train.torch
+
+    from storage import ExperienceStore
+
+    context = ray.train.get_context()
+    rank, size = context.get_world_rank(), context.get_world_size()
+    settings = loop_config["train"]
+    device = ray.train.torch.get_device() if settings["device"].startswith("cuda") else "cpu"
+    state_dir = settings["state_dir"]
+    config = replace(
+        TrainConfig(**{**settings, "state_dir": None}),
+        device=str(device),
+        state_dir=Path(state_dir) if state_dir else None,
+        progress=settings["progress"] and rank == 0,
+    )
+    work = Path(loop_config["work"])
+    policy = load_checkpoint(work / INIT, **loop_config["inference"])
+    store = ExperienceStore(loop_config["store_url"])
+    shard = [store.load_episode(episode) for episode in loop_config["episodes"][rank::size]]
+    arrays = [_shard_arrays(record, *loop_config["labels"][str(record.uuid)]) for record in shard]
+    dataset = build_dataset(arrays, policy.config.action_horizon)
+    result = train_bc(policy, dataset, config)
+    if rank == 0:
+        save_checkpoint(policy, work / FINAL)
+        (work / HISTORY).write_text(json.dumps(asdict(result)))
+    ray.train.report({"loss": result.history[-1]["loss"] if result.history else float("nan")})
+
+
+def _shard_arrays(
+    record: EpisodeRecord, conditions: list[str | None] | None, weights: np.ndarray | None
+) -> EpisodeArrays:
+    """A stored episode as training arrays, with the conditions and weights the driver computed for it."""
+    from experiments.training import to_episode_arrays
+
+    [episode] = to_episode_arrays([record])
+    episode.conditions, episode.weights = conditions, weights
+    return episode
