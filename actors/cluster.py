@@ -4,6 +4,12 @@ that drives a collection job to a target (exact in episodes, at least in env ste
 Workers commit episodes themselves (one transaction each), so the experience store is the source of truth:
 after any failure the coordinator recounts what is committed and hands out only what is still missing, which is
 what makes the job end with exactly the target — none lost, none duplicated.
+
+A worker that dies (killed, out of memory, node lost) is restarted and its share handed out again; a worker
+whose code raises is not: the same inputs would raise again, so the job stops and raises ``WorkerError`` naming
+the worker and the original exception (type and message; the worker-side traceback rides along). Worker
+exceptions cross to the driver as ``WorkerError`` because Ray pickles them, and many are not picklable (an
+``EGLError`` holds ctypes pointers): Ray would turn such an exception into a worker crash.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +59,64 @@ def start_inference_server(
         server, policy.action_horizon, policy.action_dim, policy.version, supports_inpainting(policy)
     )
     return server, served
+
+
+class WorkerError(RuntimeError):
+    """An exception raised in a rollout worker, as plain strings (always picklable, unlike many exceptions).
+
+    ``type_name`` and ``message`` are the original exception's class name and text, ``traceback_text`` its
+    traceback in the worker, ``worker`` the worker's index once the driver knows it. ``str()`` is one line.
+    """
+
+    def __init__(
+        self, type_name: str, message: str, traceback_text: str = "", worker: int | None = None
+    ) -> None:
+        super().__init__(type_name, message, traceback_text, worker)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+        self.worker = worker
+
+    @classmethod
+    def from_exception(cls, error: BaseException) -> WorkerError:
+        """The picklable stand-in of ``error`` (itself if it already is one)."""
+        if isinstance(error, WorkerError):
+            return error
+        return cls(type(error).__name__, str(error), "".join(traceback.format_exception(error)))
+
+    def __str__(self) -> str:
+        where = "" if self.worker is None else f"rollout worker {self.worker} failed: "
+        return f"{where}{self.type_name}: {' '.join(self.message.split())}"
+
+
+class _RayRolloutWorker(RolloutWorker):
+    """``RolloutWorker`` as the cluster runs it: what its constructor or ``run`` raises leaves ``run`` as
+    ``WorkerError``.
+
+    A constructor's exception is kept and raised by every ``run`` call: Ray reports an exception raised in an
+    actor's constructor as text only (and does not restart the actor), so the driver could not name it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._startup_error: WorkerError | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as error:
+            self._startup_error = WorkerError.from_exception(error)
+
+    def run(self, **kwargs: Any) -> RolloutStats:
+        """``RolloutWorker.run``; an exception it (or the constructor) raised is raised as ``WorkerError``."""
+        if self._startup_error is not None:
+            raise self._startup_error
+        try:
+            return super().run(**kwargs)
+        except Exception as error:
+            raise WorkerError.from_exception(error) from None
+
+    def close(self, timeout_s: float = 20.0) -> None:
+        """``RolloutWorker.close`` (nothing to close if the constructor failed)."""
+        if self._startup_error is None:
+            super().close(timeout_s)
 
 
 @dataclass
@@ -102,7 +167,7 @@ class RolloutCluster:
             worker_kwargs = {**worker_kwargs, "journal_dir": journal_dir or self._temporary_journal_dir}
         actor_class = ray.remote(
             num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
-        )(RolloutWorker)
+        )(_RayRolloutWorker)
         self.workers = [actor_class.remote(**worker_kwargs, worker_id=index) for index in range(num_workers)]
         self._incarnations = [0] * num_workers  # restarts seen per worker: each gets its own seed stream
         self._latest_policy: ray.ObjectRef | None = None
@@ -139,8 +204,9 @@ class RolloutCluster:
 
         ``unit`` is what ``target`` and ``count_committed`` count: ``episodes`` (the job ends with exactly
         ``target`` episodes) or ``env_steps`` (steps of committed episodes; episodes are only committed whole, so
-        the job ends with at least ``target`` steps, at most about one episode per env more). A failed worker's
-        share is held for it while Ray restarts it (up to ``restart_timeout_s``); the others keep working.
+        the job ends with at least ``target`` steps, at most about one episode per env more). A dead worker's
+        share is held for it while Ray restarts it (up to ``restart_timeout_s``); the others keep working. A
+        worker whose code raises ends the job: ``WorkerError`` names the worker and what it raised.
         """
         if unit not in ("episodes", "env_steps"):
             raise ValueError(f"unit must be 'episodes' or 'env_steps', got {unit!r}")
@@ -148,16 +214,15 @@ class RolloutCluster:
             self, unit, episodes_per_call if unit == "episodes" else env_steps_per_call, restart_timeout_s
         )
         committed = count_committed()
-        bar = target_progress_bar(unit, target, committed, progress)
-        while committed < target:
-            job.advance(target - committed, committed)
-            if job.failures > max_failures:
-                raise RuntimeError(f"collection gave up after {job.failures} worker failures")
-            committed = count_committed()
-            bar.update(committed - bar.n)
-        job.drain()
-        bar.update(count_committed() - bar.n)
-        bar.close()
+        with target_progress_bar(unit, target, committed, progress) as bar:
+            while committed < target:
+                job.advance(target - committed, committed)
+                if job.failures > max_failures:
+                    raise RuntimeError(f"collection gave up after {job.failures} worker failures")
+                committed = count_committed()
+                bar.update(committed - bar.n)
+            job.drain()
+            bar.update(count_committed() - bar.n)
         return CollectionResult(
             committed=count_committed(), stats=job.stats, worker_failures=job.failures, errors=job.errors
         )
@@ -239,7 +304,9 @@ class _Job:
         index, share = self.in_flight.pop(ref)
         try:
             self.stats = self.stats.merge(ray.get(ref))
-        except (RayActorError, RayTaskError) as error:
+        except RayTaskError as error:  # the worker's code raised: the same inputs would raise again
+            raise _worker_error(error.cause, index) from None
+        except RayActorError as error:
             self.failures += 1
             self.errors.append(f"worker {index}: {error.__class__.__name__}")
             logger.warning("rollout worker %d failed (%s); its share waits for its restart", index, error)
@@ -255,3 +322,10 @@ class _Job:
             if not answer:
                 logger.warning("rollout worker %d is gone for good", index)
                 self.live.discard(index)
+
+
+def _worker_error(cause: BaseException, worker: int) -> WorkerError:
+    """The ``WorkerError`` the driver raises for ``cause`` (what a worker's call raised), naming the worker."""
+    error = WorkerError.from_exception(cause)
+    logger.info("rollout worker %d failed; its traceback:\n%s", worker, error.traceback_text)
+    return WorkerError(error.type_name, error.message, error.traceback_text, worker)

@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from actors.cluster import WorkerError
 from actors.execution import ExecutionConfig, ExecutionConfigError
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
@@ -110,6 +111,9 @@ def collect(
         report = run_collection(config)
     except (ExecutionConfigError, PolicySpecError) as error:
         raise typer.BadParameter(str(error)) from error
+    except WorkerError as error:  # a worker's code raised (Ray): stop with what it raised, on one line
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]policy[/bold] {report.policy_version}\n"
         f"episodes {report.episodes} ({report.committed_env_steps} steps)  success {report.success_rate:.0%}"
