@@ -47,6 +47,11 @@ OBJECT = slice(4, 7)
 GOAL = slice(36, 39)
 PRIVILEGED_DIM = 39
 ACTION_DIM = 4
+STATE_DIM = 7
+"""Size of ``state``: hand xyz, gripper opening, goal xyz (the first 4 only with ``goal_in_state=False``)."""
+STATE_DIM_WITHOUT_GOAL = 4
+CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
+"""The cameras of every Meta-World v3 scene (the sawyer base model)."""
 PROMPT_SPACE = gym.spaces.Text(max_length=512, charset=string.printable)
 #: Tasks whose success is a distance between two privileged-state positions (Meta-World tests it at 5 cm):
 #: the positions a ``success_tolerance`` variant measures.
@@ -208,7 +213,7 @@ class MetaWorldEnv(gym.Env):
     def _observation_space(self) -> gym.spaces.Dict:
         shape = (self.config.height, self.config.width, 3)
         cameras = self.config.cameras if self.config.render else ()
-        state_dim = 7 if self.config.goal_in_state else 4
+        state_dim = STATE_DIM if self.config.goal_in_state else STATE_DIM_WITHOUT_GOAL
         return gym.spaces.Dict(
             {
                 "images": gym.spaces.Dict(

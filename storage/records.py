@@ -3,19 +3,35 @@
 Everything a step carries is an array with the episode length T as its first axis, so an episode moves as a
 handful of contiguous buffers rather than T objects. ``validate`` checks shapes, dtypes and finiteness before
 anything touches the database; the store calls it, so bad input never reaches SQL.
+
+``validate`` also refuses whatever either database backend would refuse, with limits read from the column
+definitions in ``storage.schema`` (so SQLite, which enforces none of them, and PostgreSQL behave the same):
+strings longer than their column, NUL bytes and lone surrogates in any string (PostgreSQL's text and JSON refuse
+them), integers outside their column's range (``seed`` is a signed 64-bit ``BIGINT``), and JSON nested deeper
+than ``MAX_JSON_DEPTH`` or holding non-finite floats. Those refusals are ``StoreLimitError``. The robot's spool
+validates before it encodes, so an episode a robot spools is one the platform can store. ``TaskSpec`` adds
+what one task's episodes must look like (state/action sizes, cameras); the ingest endpoint checks it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
+
+from storage.schema import Episode, Intervention, PolicyVersion, Relabel, Run, Step, StepImage
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of JSON values (metadata, relabel config/diagnostics): checked without recursion."""
+
+_MAX_JSON_INT_BITS = 4096
+"""Largest JSON integer (bits): far below what PostgreSQL's numeric and Python's int-to-text conversion take."""
 
 
 class Outcome(enum.StrEnum):
@@ -42,6 +58,11 @@ class EpisodeValidationError(ValueError):
         self.field_name = field_name
         self.expected = expected
         self.got = got
+
+
+class StoreLimitError(EpisodeValidationError):
+    """A value the store cannot hold on some backend: a string longer than its column, a NUL byte, an integer
+    outside its column's range, JSON nested too deep or not finite. The message names the field and the limit."""
 
 
 def parse_outcome(value: Outcome | str) -> Outcome:
@@ -151,15 +172,17 @@ class EpisodeRecord:
         expected dtype and shape, and what was given), so what is stored is exactly what was validated.
         """
         _check_type("uuid", self.uuid, uuid.UUID, "a uuid.UUID")
-        _check_name("task", self.task)
-        _check_name("env_id", self.env_id)
-        _check_optional_name("policy_version", self.policy_version)
-        _check_optional_name("run_id", self.run_id)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise EpisodeValidationError("seed", "an int or None", repr(self.seed))
+        _check_name("task", self.task, _EPISODES.task)
+        _check_name("env_id", self.env_id, _EPISODES.env_id)
+        _check_optional_name("policy_version", self.policy_version, _VERSION)
+        _check_optional_name("run_id", self.run_id, _RUN_ID)
+        if self.seed is not None:
+            _check_int("seed", self.seed, _EPISODES.seed)
         parse_outcome(self.outcome)
-        if self.error is not None and not isinstance(self.error, str):
-            raise EpisodeValidationError("error", "a str or None", repr(self.error))
+        if self.error is not None:
+            if not isinstance(self.error, str):
+                raise EpisodeValidationError("error", "a str or None", repr(self.error))
+            _check_text("error", self.error, _EPISODES.error)
         _check_array("actions", self.actions, np.float32, 2, finite=True)
         steps = self.length
         _check_array("states", self.states, np.float32, 2, steps, finite=True)
@@ -170,9 +193,9 @@ class EpisodeRecord:
         _check_range("sources", self.sources, 0, max(StepSource), "a StepSource value (0=policy, 1=human)")
         _check_array("latency_ms", self.latency_ms, np.float32, 1, steps, finite=True)
         _check_range("latency_ms", self.latency_ms, 0, math.inf, "non-negative milliseconds")
-        _check_per_step_names("policy_versions", self.policy_versions, steps)
+        _check_per_step_names("policy_versions", self.policy_versions, steps, _VERSION)
         if self.subtasks is not None:
-            _check_per_step_names("subtasks", self.subtasks, steps)
+            _check_per_step_names("subtasks", self.subtasks, steps, _SUBTASK)
         self._validate_chunks(steps)
         self._validate_images(steps)
         if self.privileged is not None:
@@ -203,7 +226,7 @@ class EpisodeRecord:
                 "images", "a dict camera -> T×h×w×3 uint8", type(self.images).__name__
             )
         for camera, frames in self.images.items():
-            _check_name("images camera name", camera)
+            _check_name("images camera name", camera, _CAMERA)
             _check_array(f"images[{camera!r}]", frames, np.uint8, 4, steps)
             if frames.shape[3] != 3:
                 raise EpisodeValidationError(f"images[{camera!r}]", "T×h×w×3 (RGB)", f"shape {frames.shape}")
@@ -218,7 +241,43 @@ class EpisodeRecord:
                     f"0 <= t_start < t_end <= T={steps}",
                     f"t_start={segment.t_start}, t_end={segment.t_end}",
                 )
-            _check_name(f"{name}.trigger", segment.trigger)
+            _check_name(f"{name}.trigger", segment.trigger, _TRIGGER)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What every episode of one task must look like; ``None`` accepts anything.
+
+    ``state_dims``: the allowed state sizes S; ``action_dim``: D; ``privileged_dim``: P when privileged state
+    is recorded (it is optional); ``cameras``: the camera names an episode may record (any subset, or none).
+    """
+
+    state_dims: frozenset[int] | None = None
+    action_dim: int | None = None
+    privileged_dim: int | None = None
+    cameras: frozenset[str] | None = None
+
+    def check(self, record: EpisodeRecord) -> None:
+        """Raise ``EpisodeValidationError`` naming the field if ``record`` (already validated) does not fit."""
+        where = f" for task {record.task!r}"
+        state_dim = int(record.states.shape[1])
+        if self.state_dims is not None and state_dim not in self.state_dims:
+            sizes = " or ".join(str(n) for n in sorted(self.state_dims))
+            raise EpisodeValidationError("states", f"state size {sizes}{where}", f"{state_dim}")
+        if self.action_dim is not None and record.actions.shape[1] != self.action_dim:
+            raise EpisodeValidationError(
+                "actions", f"action size {self.action_dim}{where}", f"{record.actions.shape[1]}"
+            )
+        privileged = record.privileged
+        if privileged is not None and self.privileged_dim not in (None, privileged.shape[1]):
+            raise EpisodeValidationError(
+                "privileged", f"size {self.privileged_dim}{where}", f"{privileged.shape[1]}"
+            )
+        unknown = sorted(set(record.images) - self.cameras) if self.cameras is not None else []
+        if unknown:
+            raise EpisodeValidationError(
+                "images camera name", f"one of {sorted(self.cameras or ())}{where}", repr(unknown[0])
+            )
 
 
 @dataclass(frozen=True)
@@ -283,9 +342,9 @@ class RelabelRecord:
 
     def validate(self) -> None:
         """Check the method name, JSON-ability of config/diagnostics and every episode's labels."""
-        _check_name("method", self.method)
-        _check_optional_name("value_model_version", self.value_model_version)
-        _check_optional_name("parent_id", self.parent_id)
+        _check_name("method", self.method, _RELABELS.method)
+        _check_optional_name("value_model_version", self.value_model_version, _RELABELS.value_model_version)
+        _check_optional_name("parent_id", self.parent_id, _RELABELS.id)
         _check_json("config", self.config)
         _check_json("diagnostics", self.diagnostics)
         seen: set[uuid.UUID] = set()
@@ -304,17 +363,53 @@ def _check_type(name: str, value: Any, expected_type: type, expected: str) -> No
         raise EpisodeValidationError(name, expected, f"{type(value).__name__} {value!r:.60}")
 
 
-def _check_name(name: str, value: Any) -> None:
+def _check_name(name: str, value: Any, column: sa.Column[Any]) -> None:
     if not isinstance(value, str) or not value:
-        raise EpisodeValidationError(name, "a non-empty str", repr(value))
+        raise EpisodeValidationError(name, "a non-empty str", repr(value)[:80])
+    _check_text(name, value, column)
 
 
-def _check_optional_name(name: str, value: Any) -> None:
+def _check_optional_name(name: str, value: Any, column: sa.Column[Any]) -> None:
     if value is not None:
-        _check_name(name, value)
+        _check_name(name, value, column)
 
 
-def _check_per_step_names(name: str, values: Any, steps: int) -> None:
+def _check_text(name: str, value: str, column: sa.Column[Any] | None) -> None:
+    """Refuse what a text column (or a JSON string, ``column=None``) cannot hold on some backend."""
+    problem = _text_problem(value, column)
+    if problem is not None:
+        raise StoreLimitError(name, *problem)
+
+
+def _text_problem(value: str, column: sa.Column[Any] | None) -> tuple[str, str] | None:
+    """(expected, got) if ``value`` is longer than ``column`` holds or has a NUL byte or a lone surrogate."""
+    limit = getattr(column.type, "length", None) if column is not None else None
+    if limit is not None and len(value) > limit:
+        return (
+            f"at most {limit} characters (column {column.table.name}.{column.name})",
+            f"{len(value)} characters",
+        )
+    if "\x00" in value:
+        return "text without NUL bytes (PostgreSQL refuses them)", f"NUL at index {value.index(chr(0))}"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return "valid Unicode text (no lone surrogates)", f"{value[error.start]!r} at index {error.start}"
+    return None
+
+
+def _check_int(name: str, value: Any, column: sa.Column[Any]) -> None:
+    """Refuse a non-int or an int outside the signed range of ``column``'s integer type."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EpisodeValidationError(name, "an int or None", repr(value)[:80])
+    bits = next(n for kind, n in _INT_BITS if isinstance(column.type, kind))
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        where = f"column {column.table.name}.{column.name}"
+        raise StoreLimitError(name, f"a signed {bits}-bit integer (|n| < 2^{bits - 1}, {where})", str(value))
+
+
+def _check_per_step_names(name: str, values: Any, steps: int, column: sa.Column[Any]) -> None:
     if not isinstance(values, list) or len(values) != steps:
         got = (
             f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
@@ -325,9 +420,11 @@ def _check_per_step_names(name: str, values: Any, steps: int) -> None:
     except TypeError:  # unhashable entries: check them one by one
         distinct = values
     for value in distinct:  # few distinct values: check each once, report the first bad index
-        if value is not None and (not isinstance(value, str) or not value):
+        if value is not None:
             first = values.index(value)
-            raise EpisodeValidationError(f"{name}[{first}]", "a non-empty str or None", repr(value))
+            if not isinstance(value, str) or not value:
+                raise EpisodeValidationError(f"{name}[{first}]", "a non-empty str or None", repr(value)[:80])
+            _check_text(f"{name}[{first}]", value, column)
 
 
 def _check_array(
@@ -361,9 +458,78 @@ def _check_range(name: str, array: np.ndarray, low: float, high: float, expected
 
 
 def _check_json(name: str, value: Any) -> None:
+    """A JSON object both backends store as given: str (or int) keys, JSON values only, finite floats, valid
+    text, at most ``MAX_JSON_DEPTH`` levels (walked with an explicit stack: no recursion, whatever the depth).
+
+    The error names ``name`` as the field and says where inside it the problem is."""
     if not isinstance(value, dict):
         raise EpisodeValidationError(name, "a JSON object (dict)", type(value).__name__)
-    try:
-        json.dumps(value, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as error:
-        raise EpisodeValidationError(name, "JSON-serializable values (no NaN)", str(error)) from None
+    stack: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int, _Path]] = [(value, 1, (name, None))]
+    while stack:
+        container, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            expected = f"JSON nested at most {MAX_JSON_DEPTH} levels"
+            raise StoreLimitError(name, expected, f"deeper, at {_render(path)[:100]}")
+        is_dict = isinstance(container, dict)
+        for key, child in container.items() if is_dict else enumerate(container):  # type: ignore[union-attr]
+            problem = _json_key_problem(key) if is_dict else None
+            if problem is None and not isinstance(child, dict | list | tuple):
+                problem = _json_scalar_problem(child)
+            if problem is not None:
+                error, expected, got = problem
+                raise error(name, expected, f"{got} at {_render((key, path))[:100]}")
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1, (key, path)))
+
+
+_Problem = tuple[type[EpisodeValidationError], str, str]
+
+
+def _json_key_problem(key: Any) -> _Problem | None:
+    if isinstance(key, str):
+        problem = _text_problem(key, None)
+        return None if problem is None else (StoreLimitError, f"keys of {problem[0]}", problem[1])
+    if isinstance(key, float) or not isinstance(key, int):
+        return EpisodeValidationError, "str or int keys", f"key {key!r:.60}"
+    return None
+
+
+def _json_scalar_problem(item: Any) -> _Problem | None:
+    if isinstance(item, str):
+        problem = _text_problem(item, None)
+        return None if problem is None else (StoreLimitError, *problem)
+    if isinstance(item, float) and not math.isfinite(item):
+        return StoreLimitError, "finite numbers (JSON has no NaN/inf)", repr(item)
+    if isinstance(item, int) and item.bit_length() > _MAX_JSON_INT_BITS:
+        return StoreLimitError, f"integers of at most {_MAX_JSON_INT_BITS} bits", f"{item.bit_length()} bits"
+    if item is not None and not isinstance(item, str | float | int):
+        return (
+            EpisodeValidationError,
+            "JSON values (dict, list, str, int, float, bool, None)",
+            type(item).__name__,
+        )
+    return None
+
+
+_Path = tuple[Any, "_Path | None"]
+"""A JSON location as (key, parent): built per value without copying, rendered only for an error."""
+
+
+def _render(path: _Path) -> str:
+    keys = []
+    node: _Path | None = path
+    while node is not None:
+        keys.append(node[0])
+        node = node[1]
+    root, *rest = reversed(keys)
+    return str(root) + "".join(f"[{key!r}]" for key in rest)
+
+
+_INT_BITS = ((sa.BigInteger, 64), (sa.SmallInteger, 16), (sa.Integer, 32))
+_EPISODES = Episode.__table__.c
+_RELABELS = Relabel.__table__.c
+_VERSION = PolicyVersion.__table__.c.version
+_RUN_ID = Run.__table__.c.id
+_SUBTASK = Step.__table__.c.subtask
+_CAMERA = StepImage.__table__.c.camera
+_TRIGGER = Intervention.__table__.c.trigger

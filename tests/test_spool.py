@@ -28,7 +28,7 @@ def make_record(
     chunk = recorder.add_chunk(rng.normal(size=(4, 4)).astype(np.float32))
     for t in range(steps):
         observation = {
-            "images": {"main": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)},
+            "images": {"corner2": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)},
             "state": rng.normal(size=7).astype(np.float32),
             "prompt": "reach",
         }
@@ -56,7 +56,7 @@ def test_round_trip_is_exact() -> None:
     for name in ("states", "actions", "sources", "chunk_ids", "chunk_offsets", "latency_ms", "chunks"):
         np.testing.assert_array_equal(getattr(decoded, name), getattr(record, name))
         assert getattr(decoded, name).dtype == getattr(record, name).dtype
-    np.testing.assert_array_equal(decoded.images["main"], record.images["main"])
+    np.testing.assert_array_equal(decoded.images["corner2"], record.images["corner2"])
     assert decoded.metadata == record.metadata
     assert encode_episode(decoded) == encode_episode(record)
 
