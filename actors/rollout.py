@@ -7,6 +7,12 @@ one batched ``infer`` call. A new policy set with ``set_policy`` takes effect at
 env: every step records the version of the chunk it came from. ``set_policy`` may be called from another thread
 while ``run`` is going (a Ray actor with ``max_concurrency`` > 1 does this).
 
+Episode seeds: with ``claim_episode_index`` (collection into the store: ``actors.sinks.RunEpisodeIndex``), each
+episode claims the next never-used index of its run and is seeded with ``episode_seed(run seed, index)``, so a
+run's episodes never repeat a seed, whichever process (resumed, concurrent, restarted) runs them; the index is
+recorded in the episode metadata (``episode_index``). Without it, seeds come from a stream of ``(seed,
+worker_id)`` (reproducible for one worker's life, see ``reseed``).
+
 With a ``journal_dir``, a worker snapshots each open episode at every chunk boundary into a crash-safe journal
 (``storage.journal``); a worker rebuilt after its process died commits those snapshots as ``error`` episodes.
 
@@ -35,7 +41,7 @@ from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
-from storage.errors import EpisodeConflictError
+from storage.errors import EpisodeConflictError, RunFullError
 from storage.journal import EpisodeJournal
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 
@@ -57,6 +63,12 @@ def target_progress_bar(unit: TargetUnit, total: int, initial: int, progress: bo
 
 EpisodeSink = Callable[[EpisodeRecord], Any]
 EnvFactory = Callable[[], gym.Env]
+EPISODE_INDEX_KEY = "episode_index"
+
+
+def episode_seed(run_seed: int, index: int) -> int:
+    """The env seed of episode ``index`` of a run seeded ``run_seed`` (31 bits, from numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0] >> 1)
 
 
 @dataclass
@@ -103,9 +115,11 @@ class _EnvSlot:
 class RolloutWorker:
     """Steps several envs with one policy and hands each finished episode to ``sink``.
 
-    ``env_factories`` build the envs (one slot each); ``seed`` seeds the episode seed sequence so that a
-    worker's episodes are reproducible; ``execution`` says how chunks are executed (default: synchronously, no
-    delay, the whole chunk). RTC needs a policy that accepts guidance (``policies.rtc.supports_inpainting``);
+    ``env_factories`` build the envs (one slot each); ``seed`` is the run seed episode seeds derive from;
+    ``claim_episode_index`` (optional) claims each new episode's index in its run, which with ``seed`` fixes
+    the episode's seed (see the module docstring); a sink that raises ``storage.RunFullError`` ends the
+    ``run`` call (the run is complete) and the refused episode is dropped. ``execution`` says how chunks are
+    executed (default: synchronously, no delay, the whole chunk). RTC needs a policy that accepts guidance (``policies.rtc.supports_inpainting``);
     with any other policy the worker logs a warning and runs naive async instead. ``journal_dir`` turns on the
     crash journal (``<journal_dir>/worker<worker_id>.sqlite``); building the worker commits what a previous,
     killed incarnation with the same id left there (``recovered_episodes`` says how many).
@@ -125,6 +139,7 @@ class RolloutWorker:
         execution: ExecutionConfig | None = None,
         episode_metadata: dict[str, Any] | None = None,
         journal_dir: str | None = None,
+        claim_episode_index: Callable[[], int] | None = None,
     ) -> None:
         if not env_factories:
             raise ValueError("RolloutWorker needs at least one env factory")
@@ -138,6 +153,8 @@ class RolloutWorker:
         self.episode_metadata = dict(episode_metadata or {})
         self._seed = seed
         self._seeds = np.random.default_rng([seed, worker_id])
+        self._claim_index = claim_episode_index
+        self._run_full = False
         self._slots = [
             _EnvSlot(
                 env=factory(),
@@ -186,7 +203,8 @@ class RolloutWorker:
     ) -> RolloutStats:
         stats = RolloutStats()
         started = time.perf_counter()
-        while not self._target_reached(stats, episodes, env_steps):
+        self._run_full = False
+        while not self._run_full and not self._target_reached(stats, episodes, env_steps):
             for slot in self._slots:
                 if slot.recorder is None:
                     self._start_episode(slot)
@@ -195,7 +213,7 @@ class RolloutWorker:
                 record = self._step(slot, stats)
                 if record is not None:
                     self._emit(record, stats, on_episode)
-                    if self._target_reached(stats, episodes, env_steps):
+                    if self._run_full or self._target_reached(stats, episodes, env_steps):
                         break
         stats.seconds = time.perf_counter() - started
         return stats
@@ -204,7 +222,7 @@ class RolloutWorker:
         """Draw episode seeds from a stream of its own for this ``incarnation`` of the worker.
 
         A worker rebuilt after its process died starts from its constructor arguments again; without a new
-        stream it would replay the episode seeds of its first life.
+        stream it would replay the episode seeds of its first life. (Claimed episode indices need no reseed.)
         """
         self._seeds = np.random.default_rng([self._seed, self.worker_id, incarnation])
 
@@ -247,6 +265,10 @@ class RolloutWorker:
                 )
             except EpisodeConflictError:  # it was committed whole just before the process died
                 logger.info("worker %d: episode %s was already committed whole", self.worker_id, record.uuid)
+            except RunFullError:
+                logger.info(
+                    "worker %d: episode %s left open: its run is complete", self.worker_id, record.uuid
+                )
             self._journal.drop(record.uuid)
         return recovered
 
@@ -257,7 +279,13 @@ class RolloutWorker:
         return stats.env_steps >= (env_steps or 0)
 
     def _start_episode(self, slot: _EnvSlot) -> None:
-        seed = int(self._seeds.integers(0, 2**31 - 1))
+        metadata = {**self.episode_metadata, **self._execution_metadata()}
+        if self._claim_index is None:
+            seed = int(self._seeds.integers(0, 2**31 - 1))
+        else:
+            index = self._claim_index()
+            seed = episode_seed(self._seed, index)
+            metadata[EPISODE_INDEX_KEY] = index
         observation, _ = slot.env.reset(seed=seed)
         slot.observation = observation
         if slot.schedule.horizon != self.policy.action_horizon:
@@ -268,7 +296,7 @@ class RolloutWorker:
             env_id=slot.env_id,
             seed=seed,
             run_id=self.run_id,
-            metadata={**self.episode_metadata, **self._execution_metadata()},
+            metadata=metadata,
             record_images=self.record_images,
         )
         self.policy.reset()
@@ -402,9 +430,15 @@ class RolloutWorker:
         stats: RolloutStats,
         on_episode: Callable[[EpisodeRecord], None] | None,
     ) -> None:
-        self.sink(record)
+        try:
+            self.sink(record)
+        except RunFullError as error:  # another process completed the run first
+            logger.info("worker %d: %s", self.worker_id, error)
+            self._run_full = True
         if self._journal is not None:
             self._journal.drop(record.uuid)
+        if self._run_full:
+            return
         stats.episodes += 1
         stats.successes += int(record.outcome == Outcome.SUCCESS)
         stats.errors += int(record.outcome == Outcome.ERROR)

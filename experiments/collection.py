@@ -2,11 +2,20 @@
 
 In-process with ``workers=0`` (tests, debugging); otherwise on Ray rollout actors, with one batched inference
 server or a policy copy per worker. Either way the experience store is where the episodes end up.
+
+A run is resumable and shareable: its id and run seed are recorded in the store when it starts; every episode
+claims the run's next never-used index there (``actors.sinks.RunEpisodeIndex``) and is seeded from (run seed,
+index) (``actors.rollout.episode_seed``), so a rerun with the same run id, after a kill at any point or in
+several processes at once, continues the seed sequence instead of repeating it. An episode target is held in
+the store too: a commit that would exceed it is refused (``storage.RunFullError``), so the run ends with
+exactly the target however many processes collect it. Indices of episodes that never committed (a killed
+process's open episodes, or ones refused at the target) are not reused: a run's indices may have gaps.
 """
 
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.execution import ExecutionConfig
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
-from actors.sinks import StoreSink
+from actors.sinks import RunEpisodeIndex, StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load_policy
@@ -49,7 +58,12 @@ class CollectConfig(BaseModel):
     )
     store_url: str
     run_id: str | None = None
-    seed: int = Field(default=0, ge=0)
+    seed: int | None = Field(
+        default=0,
+        ge=0,
+        description="run seed (episode seeds derive from it and each episode's index in the run); None: the "
+        "run's recorded seed, or a fresh random one for a new run",
+    )
     record_images: bool = True
     execution: ExecutionConfig = ExecutionConfig()
     subtask_labels: bool = Field(default=False, description="label steps with the scripted expert's phase")
@@ -76,11 +90,16 @@ class CollectConfig(BaseModel):
         return self.env_steps if self.env_steps is not None else self.episodes or 0
 
 
+class RunSeedError(ValueError):
+    """A resumed run was given a seed other than the one it was started with."""
+
+
 @dataclass
 class CollectReport:
     """What a collection job produced."""
 
     run_id: str
+    seed: int
     policy_version: str
     episodes: int
     successes: int
@@ -97,32 +116,41 @@ class CollectReport:
 
 
 def run_collection(
-    config: CollectConfig, progress: bool = True, policy: Policy | None = None
+    config: CollectConfig,
+    progress: bool = True,
+    policy: Policy | None = None,
+    on_start: Callable[[CollectConfig], None] | None = None,
 ) -> CollectReport:
     """Collect ``config.episodes`` episodes (or ``config.env_steps`` committed steps) into the store.
 
-    ``policy`` overrides loading ``config.policy`` (e.g. a RECAP policy already set to its "Advantage:
-    positive" condition); its version must be registered in the store.
+    A new run (no ``run_id``, or one the store does not know) is recorded with its seed; an existing run is
+    topped up to the target, continuing its episode sequence with its recorded seed (``RunSeedError`` if
+    ``config.seed`` names another one). ``policy`` overrides loading ``config.policy`` (e.g. a RECAP policy
+    already set to its "Advantage: positive" condition); its version must be registered in the store.
+    ``on_start`` is called with the run's config (its run id and seed filled in) before any episode starts.
     """
     store = ExperienceStore(config.store_url)
     store.upgrade()
+    config = start_run(store, config)
+    run_id, seed = config.run_id, config.seed
     policy = policy or load_policy(
-        config.policy, task=config.env.task, store=store, noise=config.noise, seed=config.seed
+        config.policy, task=config.env.task, store=store, noise=config.noise, seed=seed
     )
-    run_id = config.run_id or f"collect-{uuid.uuid4().hex[:12]}"
-    store.register_run(run_id, name="collect", config=config.model_dump(mode="json"))
+    if on_start is not None:
+        on_start(config)
+    limit = config.episodes if config.target_unit == "episodes" else None
+    sink = StoreSink(config.store_url, max_run_episodes=limit)
     worker_kwargs = dict(
         env_factories=[functools.partial(make_env, config.env, config.human)] * config.envs_per_worker,
         policy=policy,
-        sink=ExpertPhaseLabels(StoreSink(config.store_url), config.env.task)
-        if config.subtask_labels
-        else StoreSink(config.store_url),
+        sink=ExpertPhaseLabels(sink, config.env.task) if config.subtask_labels else sink,
         task=config.env.task,
-        seed=config.seed,
+        seed=seed,
         run_id=run_id,
         record_images=config.record_images,
         execution=config.execution,
         episode_metadata={**config.metadata, "noise_std": config.noise},
+        claim_episode_index=RunEpisodeIndex(config.store_url, run_id),
     )
     count_committed = functools.partial(_count_committed, store, run_id, config.target_unit)
     if config.workers == 0:
@@ -132,6 +160,7 @@ def run_collection(
         stats, failures = _collect_on_ray(config, worker_kwargs, count_committed, progress)
     return CollectReport(
         run_id=run_id,
+        seed=seed,
         policy_version=policy.version,
         episodes=store.count_episodes(run_id=run_id),
         successes=store.count_episodes(run_id=run_id, outcome="success"),
@@ -141,6 +170,37 @@ def run_collection(
         worker_failures=failures,
         committed_env_steps=_count_committed(store, run_id, "env_steps"),
     )
+
+
+def _new_run_id() -> str:
+    """A fresh collection run id (``collect-<12 hex digits>``)."""
+    return f"collect-{uuid.uuid4().hex[:12]}"
+
+
+def start_run(store: ExperienceStore, config: CollectConfig) -> CollectConfig:
+    """Record the run in the store (first time only); ``config`` with the run's id and its run seed.
+
+    The seed is the one recorded when the run started; ``config.seed`` None takes it (or, for a new run, a
+    fresh random one), any other value must match it. A run recorded without a seed (created implicitly by an
+    episode) takes ``config.seed`` or 0.
+    """
+    run_id = config.run_id or _new_run_id()
+    fresh = secrets.randbits(32) if config.seed is None else config.seed
+    store.register_run(
+        run_id,
+        name="collect",
+        config=config.model_copy(update={"run_id": run_id, "seed": fresh}).model_dump(mode="json"),
+    )
+    [run] = [run for run in store.list_runs(prefix=run_id) if run["id"] == run_id]
+    recorded = run["config"].get("seed")
+    if recorded is None:
+        recorded = config.seed or 0
+    if config.seed is not None and config.seed != recorded:
+        raise RunSeedError(
+            f"seed: run {run_id} was started with seed {recorded}, got {config.seed}; "
+            "omit the seed to resume the run, or use a new run id"
+        )
+    return config.model_copy(update={"run_id": run_id, "seed": int(recorded)})
 
 
 def collect_scripted_demos(

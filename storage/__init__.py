@@ -3,6 +3,7 @@
 from storage.errors import (
     EpisodeConflictError,
     NotFoundError,
+    RunFullError,
     SchemaNotReadyError,
     StoreError,
     UnknownPolicyVersionError,
@@ -37,6 +38,7 @@ __all__ = [
     "Outcome",
     "RelabelRecord",
     "ReplayIndex",
+    "RunFullError",
     "SchemaNotReadyError",
     "StepSource",
     "StoreError",

@@ -13,6 +13,10 @@ class EpisodeConflictError(StoreError):
     """An episode with this UUID is already stored with different content."""
 
 
+class RunFullError(StoreError):
+    """The episode's run already holds the number of episodes the write was limited to; nothing was written."""
+
+
 class UnknownPolicyVersionError(EpisodeValidationError):
     """A record names a policy version that was never registered."""
 

@@ -135,6 +135,31 @@ class RunRegistry:
         if run_id is not None:
             self._db.insert_ignore(connection, Run, [{"id": run_id, "config": {}}], ["id"])
 
+    def claim_episode_index(self, run_id: str) -> int:
+        """Take run ``run_id``'s next never-used episode index (the run is created if needed), atomically.
+
+        One ``UPDATE … RETURNING`` of the run's counter: concurrent claimers queue on the row and each gets its
+        own index. An index whose episode is never committed (its process died) is not handed out again.
+        """
+        with self._db.write_engine.begin() as connection:
+            self.ensure(connection, run_id)
+            claimed = connection.execute(
+                sa.update(Run)
+                .where(Run.id == run_id)
+                .values(next_episode_index=Run.next_episode_index + 1)
+                .returning(Run.next_episode_index)
+            ).scalar_one()
+        return int(claimed) - 1
+
+    def lock(self, connection: sa.Connection, run_id: str) -> None:
+        """Inside the caller's write transaction: hold run ``run_id``'s row until it ends (creating the run).
+
+        Writers that lock the run are serialized (on SQLite every write transaction already is); episode
+        inserts that do not lock it are not blocked (``FOR NO KEY UPDATE``).
+        """
+        self.ensure(connection, run_id)
+        connection.execute(sa.select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
+
     def runs(self, prefix: str | None = None) -> list[dict[str, Any]]:
         """Recorded runs (id, name, config, created_at), oldest first; ``prefix`` filters on the id."""
         query = sa.select(Run).order_by(Run.created_at, Run.id)

@@ -40,13 +40,18 @@ class Base(DeclarativeBase):
 
 
 class Run(Base):
-    """A collection or training run (e.g. an MLflow run id) that episodes belong to."""
+    """A collection or training run (e.g. an MLflow run id) that episodes belong to.
+
+    ``next_episode_index`` is the run's episode counter: each claim takes the current value and increments it
+    in one transaction, so concurrent collectors of a run never get the same index (``RunRegistry.claim``).
+    """
 
     __tablename__ = "runs"
 
     id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     name: Mapped[str | None] = mapped_column(sa.String(256))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    next_episode_index: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
 
 

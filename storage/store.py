@@ -25,6 +25,7 @@ from storage.database import Database
 from storage.errors import (
     EpisodeConflictError,
     NotFoundError,
+    RunFullError,
     SchemaNotReadyError,
     StoreError,
     UnknownPolicyVersionError,
@@ -46,6 +47,7 @@ __all__ = [
     "EvaluationSummary",
     "ExperienceStore",
     "NotFoundError",
+    "RunFullError",
     "SchemaNotReadyError",
     "StoreError",
     "UnknownPolicyVersionError",
@@ -132,14 +134,25 @@ class ExperienceStore:
 
     # ---- episodes ----
 
-    def write_episode(self, record: EpisodeRecord) -> bool:
+    def write_episode(self, record: EpisodeRecord, *, max_run_episodes: int | None = None) -> bool:
         """Store ``record`` atomically; True if inserted, False if the identical episode was already stored.
 
         Raises ``EpisodeValidationError`` (bad fields, unknown policy version) or ``EpisodeConflictError``
-        (same UUID, different content); in both cases nothing is written.
+        (same UUID, different content); in both cases nothing is written. With ``max_run_episodes`` the write
+        also holds a run's target across concurrent writers: ``RunFullError`` (nothing written) when the
+        record's run already has that many episodes.
         """
         self._schema.require()
-        return self._writer.write(record)
+        return self._writer.write(record, max_run_episodes)
+
+    def claim_episode_index(self, run_id: str) -> int:
+        """The next never-used episode index of run ``run_id`` (0, 1, …; the run is created if needed).
+
+        Atomic across processes and backends: no two claims of a run get the same index, and an index whose
+        episode never committed is not reissued (a run's indices may have gaps).
+        """
+        self._schema.require()
+        return self._runs.claim_episode_index(run_id)
 
     def list_episodes(
         self,

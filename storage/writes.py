@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from storage import codec
 from storage.database import Database
-from storage.errors import EpisodeConflictError
+from storage.errors import EpisodeConflictError, RunFullError
 from storage.images import FrameStore, PreparedFrames
 from storage.records import EpisodeRecord, Outcome
 from storage.registry import PolicyRegistry, RunRegistry
@@ -48,14 +48,20 @@ class EpisodeWriter:
         )
         self._connection: tuple[int, sa.Connection] | None = None
 
-    def write(self, record: EpisodeRecord) -> bool:
-        """Store ``record`` atomically; True if inserted, False if the identical episode was already stored."""
+    def write(self, record: EpisodeRecord, max_run_episodes: int | None = None) -> bool:
+        """Store ``record`` atomically; True if inserted, False if the identical episode was already stored.
+
+        With ``max_run_episodes`` the episode is only inserted while its run holds fewer episodes than that
+        (``RunFullError`` otherwise); the count and the insert happen under the run's lock.
+        """
         record.validate()
         version_ids = self._policies.ids_for(record)
         frames = self._frames.prepare(record)
         prepared = _PreparedEpisode(record, codec.content_hash(record, frames.hashes), frames)
         connection = self._writer_connection()
         with connection.begin():
+            if max_run_episodes is not None:
+                self._check_room(connection, record, max_run_episodes)
             if self._insert(connection, prepared, version_ids):
                 return True
             stored = connection.scalar(sa.select(Episode.content_hash).where(Episode.uuid == record.uuid))
@@ -78,6 +84,22 @@ class EpisodeWriter:
         ):
             self._connection = (os.getpid(), self._db.write_engine.connect())
         return self._connection[1]
+
+    def _check_room(self, connection: sa.Connection, record: EpisodeRecord, limit: int) -> None:
+        """Lock the record's run; ``RunFullError`` if it already holds ``limit`` episodes, this one not among them."""
+        if record.run_id is None:
+            raise ValueError("max_run_episodes: the episode names no run_id to count against")
+        self._runs.lock(connection, record.run_id)
+        stored = connection.scalar(
+            sa.select(sa.func.count()).select_from(Episode).where(Episode.run_id == record.run_id)
+        )
+        if stored < limit:
+            return
+        if connection.scalar(sa.select(Episode.id).where(Episode.uuid == record.uuid)) is None:
+            raise RunFullError(
+                f"run {record.run_id}: already holds {stored} episodes (target {limit}); "
+                f"episode {record.uuid} was not stored"
+            )
 
     def _insert(
         self, connection: sa.Connection, prepared: _PreparedEpisode, version_ids: dict[str, int]

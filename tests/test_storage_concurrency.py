@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 
 import pytest
 
-from storage import ExperienceStore
+from storage import ExperienceStore, RunFullError
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, episode_for_seed, write_seeds
 
@@ -49,6 +50,50 @@ def test_concurrent_writer_processes_lose_nothing(store_url: str) -> None:
     for seed in expected:
         record = episode_for_seed(seed)
         assert_episodes_equal(store.load_episode(record.uuid), record)
+    store.close()
+
+
+def _claim_and_write(url: str, claims: int, limit: int, results: multiprocessing.Queue) -> None:
+    """Claim ``claims`` episode indices of run ``shared``; write the episode of each, capped at ``limit``."""
+    store = ExperienceStore(url)
+    indices, written = [], 0
+    for _ in range(claims):
+        indices.append(store.claim_episode_index("shared"))
+        record = episode_for_seed(5_000 + indices[-1], length=6)
+        record.run_id = "shared"
+        with contextlib.suppress(RunFullError):
+            written += store.write_episode(record, max_run_episodes=limit)
+    results.put((indices, written))
+
+
+def test_concurrent_claims_get_distinct_indices_and_writes_hold_the_run_target(store_url: str) -> None:
+    store = ExperienceStore(store_url)
+    store.upgrade()
+    store.register_policy_version(POLICY_VERSION, kind="vla")
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue = context.Queue()
+    writers = [
+        context.Process(target=_claim_and_write, args=(store_url, 6, 10, results)) for _ in range(WRITERS)
+    ]
+    for process in writers:
+        process.start()
+    outcomes = [results.get(timeout=240) for _ in writers]
+    for process in writers:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    indices = sorted(index for claimed, _ in outcomes for index in claimed)
+    assert indices == list(range(6 * WRITERS)), "every claim got its own index, none skipped"
+    assert sum(written for _, written in outcomes) == 10 == store.count_episodes(run_id="shared")
+    stored = store.list_episodes(run_id="shared")[0]
+    assert store.write_episode(store.load_episode(stored.uuid), max_run_episodes=10) is False  # idempotent
+    late = episode_for_seed(4_999)
+    with pytest.raises(ValueError, match="names no run_id"):
+        store.write_episode(late, max_run_episodes=10)
+    late.run_id = "shared"
+    with pytest.raises(RunFullError, match="run shared: already holds 10 episodes"):
+        store.write_episode(late, max_run_episodes=10)
+    assert store.claim_episode_index("shared") == 6 * WRITERS
+    assert store.claim_episode_index("another run") == 0
     store.close()
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from actors.cluster import WorkerError
 from actors.execution import ExecutionConfig, ExecutionConfigError
 from envs import EnvConfig, SimulatedHumanConfig
-from experiments.collection import CollectConfig, run_collection
+from experiments.collection import CollectConfig, RunSeedError, run_collection
 from experiments.paths import default_store_url
 from experiments.policy_loader import PolicySpecError
 from experiments.validation import first_error
@@ -64,8 +64,22 @@ def collect(
     subtask_labels: Annotated[
         bool, typer.Option(help="Label steps with the scripted expert's phase")
     ] = False,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
-    run_id: Annotated[str | None, typer.Option(help="Resume/extend this run id (idempotent target)")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Run seed: each episode's env seed derives from it and the episode's index in the run. "
+            "Default: a fresh random seed for a new run (recorded in the run and printed at the start); "
+            "a resumed run reuses its recorded seed",
+        ),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Resume/extend this run (printed at the start of every collection): it is topped up to the "
+            "target with new episodes, never repeating one"
+        ),
+    ] = None,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
@@ -77,7 +91,7 @@ def collect(
                 width=image_size,
                 height=image_size,
                 render=not no_images,
-                seed=seed,
+                seed=seed or 0,
             ),
             policy=policy,
             noise=noise,
@@ -89,7 +103,7 @@ def collect(
                 takeover_steps=takeover_steps,
                 deviation_threshold=deviation_threshold,
                 noise_std=human_noise,
-                seed=seed,
+                seed=seed or 0,
             )
             if interventions
             else None,
@@ -108,16 +122,26 @@ def collect(
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
     try:
-        report = run_collection(config)
-    except (ExecutionConfigError, PolicySpecError) as error:
+        report = run_collection(config, on_start=_announce)
+    except (ExecutionConfigError, PolicySpecError, RunSeedError) as error:
         raise typer.BadParameter(str(error)) from error
     except WorkerError as error:  # a worker's code raised (Ray): stop with what it raised, on one line
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=1) from None
     console.print(
-        f"[bold]run[/bold] {report.run_id}  [bold]policy[/bold] {report.policy_version}\n"
+        f"[bold]run[/bold] {report.run_id}  [bold]seed[/bold] {report.seed}  "
+        f"[bold]policy[/bold] {report.policy_version}\n"
         f"episodes {report.episodes} ({report.committed_env_steps} steps)  success {report.success_rate:.0%}"
         f"  env steps {report.env_steps}"
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
         f"\nstore {config.store_url}"
+    )
+
+
+def _announce(config: CollectConfig) -> None:
+    """The run id and seed, before the first episode: a killed collection is resumed with ``--run-id``."""
+    console.print(
+        f"[bold]run[/bold] {config.run_id}  [bold]seed[/bold] {config.seed}  "
+        f"(resume or extend it with --run-id {config.run_id})",
+        soft_wrap=True,
     )
