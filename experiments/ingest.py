@@ -155,7 +155,7 @@ class IngestApp:
             except _Refusal as refusal:
                 response = _error(refusal.status, str(refusal), refusal.field)
                 if refusal.status in (408, 413):
-                    response.force_close()  # do not read the rest of a stalled or oversized body
+                    await _answer_and_close(request, response)
                 return response
             return await self._store(record, size)
 
@@ -223,6 +223,15 @@ class IngestApp:
             for version in {v for v in [record.policy_version, *record.policy_versions] if v is not None}:
                 self.store.register_policy_version(version, kind="robot-reported")
         return self.store.write_episode(record)
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` and close the connection at once: the rest of a stalled or oversized body is never
+    read (aiohttp would otherwise linger, draining it for up to 10 s)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def _store_failure(record: EpisodeRecord, error: Exception) -> web.Response:

@@ -4,11 +4,16 @@ For every pending episode (oldest first) the uploader POSTs its spooled bytes an
 2xx answer (``stored`` or ``duplicate``). Because ingest is idempotent by UUID, a crash between the platform's
 commit and ``mark_sent`` is harmless: the resend is acknowledged as a duplicate. Failures:
 
-- network errors, timeouts and 5xx: retried with exponential backoff (``backoff_s · 2^k``, capped at
-  ``max_backoff_s``, ±20 % seeded jitter) up to ``max_attempts`` tries in a row; then the pass stops and the
-  episodes stay pending for the next pass (nothing is lost, ``pending`` shows them);
-- 400/409/413/422 and episodes larger than ``max_episode_bytes``: the episode is marked ``rejected`` with the
-  server's message (kept in the spool, never retried blindly);
+- network errors, timeouts and 5xx (the store is unreachable, the endpoint busy): retried with exponential
+  backoff (``backoff_s · 2^k``, capped at ``max_backoff_s``, ±20 % seeded jitter) up to ``max_attempts`` tries
+  in a row; then the episode stays pending for the next pass and the pass goes on with the next episode, so
+  one episode that keeps failing never blocks the others. The pass stops when the endpoint cannot be reached
+  at all, or two episodes in a row failed (then the platform, not the episode, is the problem); nothing is
+  lost, ``pending`` shows them;
+- 400/409/413/422 and episodes larger than ``max_episode_bytes``: the episode will never be accepted as it
+  is, so it is marked ``rejected`` with the server's reason and moved aside in the spool (kept, never deleted,
+  no longer retried; ``requeue_rejected`` / ``flywheel robot upload --retry-rejected`` sends it again once
+  the platform is fixed), and the pass goes on;
 - 401: a configuration error; ``UploadAuthError`` is raised and nothing is marked.
 """
 
@@ -82,10 +87,17 @@ class Uploader:
         self._sleep = time.sleep
 
     def upload_pending(self) -> UploadReport:
-        """One pass over the pending episodes; stops early after ``max_attempts`` failed tries in a row."""
+        """One pass over the pending episodes, oldest first.
+
+        An episode still failing after ``max_attempts`` tries stays pending and the pass goes on; the pass
+        stops early when the endpoint is unreachable or two episodes in a row failed.
+        """
         report = UploadReport()
+        failed_in_a_row = 0
         for entry in self.spool.pending():
-            if not self._upload_one(entry, report):
+            failure = self._upload_one(entry, report)
+            failed_in_a_row = 0 if failure is None else failed_in_a_row + 1
+            if failure is not None and (failure.status is None or failed_in_a_row >= 2):
                 break
         report.remaining = len(self.spool.pending())
         return report
@@ -106,13 +118,14 @@ class Uploader:
                 return total
             self._sleep(min(self.config.max_backoff_s, max(0.0, end - time.monotonic())))
 
-    def _upload_one(self, entry: SpoolEntry, report: UploadReport) -> bool:
+    def _upload_one(self, entry: SpoolEntry, report: UploadReport) -> _Answer | None:
+        """Deliver one episode (or reject it); the last failed answer if it is still pending."""
         key = str(entry.uuid)
         if entry.size_bytes > self.config.max_episode_bytes:
             message = f"episode is {entry.size_bytes} bytes, limit {self.config.max_episode_bytes}"
             self.spool.mark_rejected(entry.uuid, message)
             report.rejected[key] = message
-            return True
+            return None
         payload = self.spool.payload(entry.uuid)
         for attempt in range(self.config.max_attempts):
             answer = self._post(payload)
@@ -120,18 +133,18 @@ class Uploader:
             if answer.kind == "ok":
                 self.spool.mark_sent(entry.uuid)
                 (report.duplicates if answer.message == "duplicate" else report.stored).append(key)
-                return True
+                return None
             if answer.kind == "auth":
                 raise UploadAuthError(f"{self.config.url}: {answer.message}")
             if answer.kind == "reject":
                 self.spool.mark_rejected(entry.uuid, answer.message)
                 report.rejected[key] = answer.message
-                return True
+                return None
             if attempt + 1 < self.config.max_attempts:
                 report.retries += 1
                 self._sleep(self._backoff(attempt))
         report.gave_up = f"episode {key}: {answer.message} (after {self.config.max_attempts} attempts)"
-        return False
+        return answer
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.config.max_backoff_s, self.config.backoff_s * 2**attempt)

@@ -124,7 +124,7 @@ def upload(
         False, help="Send rejected episodes again (after fixing the platform)."
     ),
 ) -> None:
-    """Upload pending episodes; exits 1 if some remain pending."""
+    """Upload pending episodes; exits 1 if some were rejected (moved aside) or remain pending."""
     from experiments.upload import UploadAuthError, UploadConfig, Uploader
     from storage.spool import EpisodeSpool
 
@@ -150,10 +150,16 @@ def upload(
         f"retries={report.retries} pending={report.remaining}"
     )
     for episode, message in report.rejected.items():
-        typer.echo(f"rejected {episode}: {message}")
+        typer.echo(f"rejected {episode}: {message}", err=True)
+    if report.rejected:
+        typer.echo(
+            f"{len(report.rejected)} episodes rejected: kept aside in {spool} "
+            "(`flywheel robot pending` lists them, --retry-rejected resends them)",
+            err=True,
+        )
     if report.gave_up:
         typer.echo(f"gave up: {report.gave_up}", err=True)
-    if report.remaining:
+    if report.remaining or report.rejected:
         raise typer.Exit(code=1)
 
 
@@ -183,11 +189,16 @@ def ingest(
     register_unknown_versions: bool = typer.Option(
         False, help="Register policy versions robots report instead of refusing them (422)."
     ),
+    stall_timeout_s: float = typer.Option(
+        30.0, min=0.1, help="Close a connection silent this long (idle, or a body that stopped arriving)."
+    ),
+    max_concurrent_uploads: int = typer.Option(
+        4, min=1, help="Uploads read and stored at once (503 beyond)."
+    ),
+    max_connections: int = typer.Option(256, min=1, help="Open connections (503 beyond)."),
 ) -> None:
     """Serve the authenticated ingest endpoint until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    from experiments.ingest import IngestApp, IngestConfig
+    from experiments.ingest import IngestConfig, IngestServer
     from storage.store import ExperienceStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -199,5 +210,14 @@ def ingest(
         port=port,
         max_episode_bytes=max_episode_bytes,
         register_unknown_versions=register_unknown_versions,
+        stall_timeout_s=stall_timeout_s,
+        max_concurrent_uploads=max_concurrent_uploads,
+        max_connections=max_connections,
     )
-    web.run_app(IngestApp(experience, config).app, host=host, port=port, access_log=None)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with IngestServer(experience, config) as server:
+        typer.echo(f"ingest endpoint on {server.url} (POST /episodes, GET /healthz)")
+        while not stop.wait(1.0):
+            pass
