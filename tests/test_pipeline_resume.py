@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from experiments.pipeline import STAGE_RECORD, STAGES, Pipeline
 from experiments.pipeline_config import load_pipeline_config
 from storage import ExperienceStore
+from tests.test_collect_resume import assert_no_repeated_episode
 from tests.test_pipeline import REPO, tiny_config
 
 TIMEOUT = 900
@@ -72,6 +73,7 @@ def _assert_single_copy_of_everything(pipeline: Pipeline) -> None:
     [run] = state.outputs["collect"]["runs"].values()
     assert store.count_episodes(run_id=run) == config.collection.episodes_per_task
     assert store.count_episodes() == config.collection.episodes_per_task
+    assert_no_repeated_episode(store, run)  # the resumed collection continued the seed sequence
     assert len(store.list_relabels(method="recap")) == 1
     trained = [r for r in store.policy_versions() if r["kind"] == "vla"]
     assert [r["version"] for r in trained] == [state.outputs["train"]["version"]]
