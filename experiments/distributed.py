@@ -52,6 +52,7 @@ def train_bc_data_parallel(
     from actors.cluster import ensure_ray
 
     ensure_ray()
+    output_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ray-train-", dir=output_dir))
     try:
         save_checkpoint(policy, work / INIT)
@@ -116,7 +117,10 @@ def _bc_worker(loop_config: dict[str, Any]) -> None:
     result = train_bc(policy, dataset, config)
     if rank == 0:
         save_checkpoint(policy, work / FINAL)
-        (work / HISTORY).write_text(json.dumps(asdict(result)))
+        record = {
+            name: getattr(result, name) for name in ("history", "evaluations", "resumed_from", "device")
+        }
+        (work / HISTORY).write_text(json.dumps(record))
     ray.train.report({"loss": result.history[-1]["loss"] if result.history else float("nan")})
 
 

@@ -230,14 +230,19 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Loss history (one dict per ``log_every`` steps: step, loss, flow_loss, fast_loss; under data parallelism
-    the mean over workers), the callback's evaluations, the step a resumed run started after (0 = fresh) and the
-    device it ran on."""
+    """Loss history (one dict per ``log_every`` steps: step, and loss, flow_loss, fast_loss averaged over the
+    steps since the previous record and, under data parallelism, over workers), the callback's evaluations, the
+    step a resumed run started after (0 = fresh) and the device it ran on."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     device: str = "cpu"
+    window: torch.Tensor = field(default_factory=lambda: torch.zeros(3), repr=False)
+
+    def history_step(self) -> int:
+        """The step of the last record (0 before the first)."""
+        return int(self.history[-1]["step"]) if self.history else 0
 
 
 class _BCLoss(torch.nn.Module):
@@ -336,6 +341,7 @@ def train_bc(
     if workers.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     batch = min(config.batch_size // workers.size, len(support))
+    window = result.window  # loss, flow and FAST losses summed since the last record
     model.train()
     bar = tqdm(
         range(start + 1, config.steps + 1),
@@ -365,8 +371,10 @@ def train_bc(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
+        window += torch.stack([loss.detach(), flow.detach(), fast.detach()]).cpu()
         if step % config.log_every == 0 or step == config.steps:
-            mean = workers.mean(torch.stack([loss.detach(), flow.detach(), fast.detach()]))
+            mean = workers.mean(window / (step - result.history_step()))
+            window.zero_()
             record = {
                 "step": step,
                 "loss": mean[0].item(),
@@ -447,9 +455,9 @@ def _resume(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
-    rng_states = state["rng"]
-    if workers.rank < len(rng_states):
-        restore_rng(rng_states[workers.rank], rng, generator)
+    if workers.rank < len(state["rng"]):  # a different worker count keeps rank 0's record, not the streams
+        restore_rng(state["rng"][workers.rank], rng, generator)
+        result.window.copy_(state["window"][workers.rank])
     result.history = list(state["history"])
     result.evaluations = list(state["evaluations"])
     result.resumed_from = int(state["step"])
@@ -468,7 +476,7 @@ def _save(
     step: int,
 ) -> None:
     """Rank 0 writes the training state after ``step`` (every rank's random state included)."""
-    rng_states = workers.gather(capture_rng(rng, generator))
+    gathered = workers.gather((capture_rng(rng, generator), result.window.clone()))
     if workers.rank != 0:
         return
     save_state(
@@ -477,7 +485,8 @@ def _save(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
-            "rng": rng_states,
+            "rng": [rng_state for rng_state, _ in gathered],
+            "window": [window for _, window in gathered],
             "step": step,
             "steps": config.steps,
             "world_size": workers.size,
