@@ -5,7 +5,7 @@ observations all work) into the ``float32`` ``state``; ``privileged`` carries th
 ``render=True`` the env is made with ``render_mode="rgb_array"`` and its frame is returned as
 ``images[camera]`` (resized if the env ignores ``width``/``height``). The prompt comes from the config.
 ``info["success"]`` is read from ``success_key`` in the env's info (``False`` when absent). MuJoCo envs
-render with shadows and multisampling off."""
+render with shadows and multisampling off, from any thread (see ``envs.rendering``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from envs.rendering import configure_fast_rendering
+from envs.rendering import configure_fast_rendering, release_current_context
 from envs.tasks import closest_names
 from policies.base import Observation
 
@@ -115,11 +115,24 @@ class GymAdapterEnv(gym.Env):
         return Observation(images=images, state=vector, prompt=self.prompt, privileged=vector.copy())
 
     def _frame(self) -> np.ndarray:
-        frame = np.asarray(self._env.render(), dtype=np.uint8)[..., :3]
+        frame = np.asarray(self._render(), dtype=np.uint8)[..., :3]
         if frame.shape[:2] != (self.config.height, self.config.width):
             resized = Image.fromarray(frame).resize((self.config.width, self.config.height), Image.BILINEAR)
             frame = np.asarray(resized)
         return np.ascontiguousarray(frame)
+
+    def _render(self) -> Any:
+        """The wrapped env's frame, from any thread: a gymnasium MuJoCo env's GL context is made current on this
+        thread for the frame and released after it (gymnasium binds it once, to the thread of the first frame)."""
+        renderer = getattr(self._env.unwrapped, "mujoco_renderer", None)
+        if renderer is None:
+            return self._env.render()
+        if renderer.viewer is not None:
+            renderer.viewer.make_context_current()
+        try:
+            return self._env.render()
+        finally:
+            release_current_context()
 
 
 def _make(config: GymEnvConfig) -> gym.Env:

@@ -119,6 +119,8 @@ def release_current_context() -> None:
     if backend == "mujoco.egl":
         from mujoco import egl
 
+        if egl.EGL_DISPLAY is None:  # no context was ever made in this process
+            return
         egl.EGL.eglMakeCurrent(
             egl.EGL_DISPLAY, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_CONTEXT
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import gymnasium as gym
 import mujoco
 import numpy as np
@@ -302,3 +304,42 @@ def test_generic_adapter_flattens_dict_observations_and_resizes_frames():
     successes = [env.step(np.zeros(1, np.float32))[4]["success"] for _ in range(3)]
     assert successes == [False, False, True]
     env.close()
+
+
+def _on_another_thread(call):
+    """``call()`` run on a fresh thread; its result (or the exception it raised)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except Exception as error:  # handed back to the test thread
+            outcome["value"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    return outcome["value"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EnvConfig(task="reach-v3", cameras=("corner2", "topview"), width=32, height=32),
+        GymEnvConfig(env_id="Pusher-v5", render=True, width=32, height=32),
+    ],
+    ids=["metaworld", "gymnasium-mujoco"],
+)
+def test_an_env_built_on_one_thread_renders_and_closes_on_others(config):
+    """What a Ray actor with two threads does: build here, step there, close from a third thread. A GL context
+    left current on the first thread would fail with EGL_BAD_ACCESS or render black frames elsewhere."""
+    env = make_env(config)
+    here = env.reset(seed=3)[0]["images"]
+    there = _on_another_thread(lambda: env.reset(seed=3)[0]["images"])
+    assert not isinstance(there, Exception), there
+    assert set(there) == set(here)
+    for camera, image in here.items():
+        assert image.std() > 5.0 and np.array_equal(there[camera], image), camera
+    stepped = _on_another_thread(lambda: env.step(env.action_space.sample() * 0)[0]["images"])
+    assert not isinstance(stepped, Exception), stepped
+    assert _on_another_thread(env.close) is None

@@ -186,7 +186,9 @@ def _env_whose_reset_raises_an_unpicklable_error():
 
 
 def _env_with_an_unknown_camera():
-    return make_env(EnvConfig(task="reach-v3", cameras=("nocam",), width=IMAGE, height=IMAGE))
+    # EnvConfig refuses the camera itself; model_construct skips that so the env's renderer raises in the worker
+    config = EnvConfig.model_construct(task="reach-v3", cameras=("nocam",), width=IMAGE, height=IMAGE)
+    return make_env(config)
 
 
 @pytest.mark.parametrize(
