@@ -6,6 +6,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policies.device import DeviceName
+
 #: Built-in encoders that read a camera (``ValueConfig.camera`` selects it; without a camera no images are read).
 IMAGE_ENCODERS = ("image_conv", "vla_image")
 
@@ -41,7 +43,8 @@ class ValueConfig(_Frozen):
     state, or both. ``time_feature`` appends t / max_episode_length (returns under a time limit depend on it).
     ``encoder`` names a registered observation encoder (``state_mlp`` default; ``image_conv`` / ``vla_image``
     add a conv net over ``camera``). Images are read only when ``camera`` is set. ``target`` is the bin
-    encoding of the return (two-hot or nearest bin).
+    encoding of the return (two-hot or nearest bin). ``device`` is where it trains and runs (``cpu``, ``cuda``,
+    ``mps`` or ``auto``, :mod:`policies.device`); it does not change the model's version.
     ``reward`` defines the returns the model learns. ``validation_fraction`` of each task's training episodes
     is held out for early stopping (the best held-out loss, checked every ``eval_every`` steps, wins).
     """
@@ -67,6 +70,7 @@ class ValueConfig(_Frozen):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     inference_batch_size: int = Field(default=4096, ge=1)
     seed: int = 0
+    device: DeviceName = "auto"
 
     @model_validator(mode="after")
     def _camera_for_images(self) -> Self:

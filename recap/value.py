@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from policies.device import resolve_device
 from recap.bins import ReturnBins
 from recap.config import ValueConfig
 from recap.encoders import EncoderSpec, ObservationEncoder, build_encoder
@@ -121,11 +122,23 @@ class ValueModel:
             )
 
     @property
+    def device(self) -> torch.device:
+        """Where the networks run (inputs are moved there; probabilities come back to the CPU)."""
+        return self.vector_mean.device
+
+    def to(self, device: str | torch.device) -> ValueModel:
+        """Move the networks and the input normalization to ``device`` (see :mod:`policies.device`)."""
+        device = resolve_device(device)
+        self.members.to(device)
+        self.vector_mean, self.vector_std = self.vector_mean.to(device), self.vector_std.to(device)
+        return self
+
+    @property
     def version(self) -> str:
         """Identifier of this model: a hash of its config, tasks and training episodes."""
         payload = json.dumps(
             {
-                "config": self.config.model_dump(mode="json"),
+                "config": self.config.model_dump(mode="json", exclude={"device"}),
                 "tasks": self.tasks,
                 "horizons": self.horizons,
                 "episodes": sorted(str(episode_uuid) for episode_uuid in self.training_uuids),
@@ -164,9 +177,10 @@ class ValueModel:
         )
 
     def _logits(self, member: ValueNetwork, inputs: StepInputs, index: np.ndarray) -> torch.Tensor:
-        vector = (torch.from_numpy(inputs.vectors[index]) - self.vector_mean) / self.vector_std
-        image = None if inputs.images is None else torch.from_numpy(inputs.images[index])
-        return member(vector, image, torch.from_numpy(inputs.task_ids[index]))
+        device = self.device
+        vector = (torch.from_numpy(inputs.vectors[index]).to(device) - self.vector_mean) / self.vector_std
+        image = None if inputs.images is None else torch.from_numpy(inputs.images[index]).to(device)
+        return member(vector, image, torch.from_numpy(inputs.task_ids[index]).to(device))
 
     @torch.no_grad()
     def member_distributions(self, inputs: StepInputs) -> np.ndarray:
@@ -177,7 +191,7 @@ class ValueModel:
         for start in range(0, count, self.config.inference_batch_size):
             index = np.arange(start, min(count, start + self.config.inference_batch_size))
             for position, member in enumerate(self.members):
-                out[position, index] = torch.softmax(self._logits(member, inputs, index), -1).numpy()
+                out[position, index] = torch.softmax(self._logits(member, inputs, index), -1).cpu().numpy()
         return out
 
     def distribution(self, episode: EpisodeRecord) -> np.ndarray:
@@ -201,7 +215,7 @@ class ValueModel:
         tensors = {f"members.{key}": value for key, value in self.members.state_dict().items()}
         tensors |= {"vector_mean": self.vector_mean, "vector_std": self.vector_std}
         save_file(
-            {key: value.contiguous() for key, value in tensors.items()}, directory / "value.safetensors"
+            {key: value.cpu().contiguous() for key, value in tensors.items()}, directory / "value.safetensors"
         )
         meta = {
             "config": self.config.model_dump(mode="json"),
@@ -294,7 +308,7 @@ def train_value(
         vectors.mean(axis=0),
         np.where(std > 1e-6, std, 1.0),
         frozenset(episode.uuid for episode in episodes),
-    )
+    ).to(config.device)
     fit, held = validation_split(episodes, config.validation_fraction, config.seed)
     train = _targets(model, fit, horizons)
     validation = _targets(model, held, horizons) if held else None
@@ -307,7 +321,9 @@ def train_value(
 
 def _targets(model: ValueModel, episodes: Sequence[EpisodeRecord], horizons: dict[str, int]) -> Targets:
     returns = torch.from_numpy(normalized_returns(episodes, model.config, horizons))
-    return Targets(model.step_inputs(episodes), model.bins.encode(returns, model.config.target))
+    return Targets(
+        model.step_inputs(episodes), model.bins.encode(returns, model.config.target).to(model.device)
+    )
 
 
 def _loss(model: ValueModel, member: ValueNetwork, data: Targets, index: np.ndarray) -> torch.Tensor:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 
 from policies.base import ActionChunk, Observation, Policy, stack_observations
+from policies.train_state import load_state, save_state
 from rlt.buffer import ChunkTransition, chunk_backup
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
 from rlt.phase import AlwaysCritical, PhaseSwitch
@@ -155,24 +157,56 @@ class OnlineRLT:
         """``C``."""
         return self.learner.config.chunk_size
 
-    def run(self, records: Iterable[EpisodeRecord] = ()) -> list[EvalPoint]:
+    def run(
+        self, records: Iterable[EpisodeRecord] = (), state_path: str | Path | None = None
+    ) -> list[EvalPoint]:
         """Warm up, fit the RL token, seed replay, train for ``total_env_steps``; return the eval curve.
 
         ``records`` (stored episodes of the task, e.g. the prior's earlier rollouts) join the warm-up: their
         embeddings help fit the token and their chunks seed the replay buffer (see ``seed_from_records``).
+        With ``state_path`` the loop's state (learner weights, optimizers and replay, the token, counters, random
+        state, curve) is written there atomically after every online episode, and a run that finds one skips
+        the warm-up and continues from it.
         """
-        self.warm_up(records)
-        end = self.env_steps + self.config.total_env_steps
-        next_eval = self.env_steps
+        state = load_state(state_path) if state_path is not None else None
+        if state is not None:
+            end, next_eval = self._restore(state)
+        else:
+            self.warm_up(records)
+            end, next_eval = self.env_steps + self.config.total_env_steps, self.env_steps
         while self.env_steps < end:
             if self.config.eval_every_steps and self.env_steps >= next_eval:
                 self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
                 next_eval += self.config.eval_every_steps
             chunks, _ = self.run_episode("learner")
             self.learner.update(self._add_to_replay([chunks]))
+            if state_path is not None:
+                save_state(state_path, self._state(end, next_eval))
         if self.config.eval_every_steps:
             self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
         return self.curve
+
+    def _state(self, end: int, next_eval: int) -> dict[str, Any]:
+        """What ``run`` needs to continue after the current episode (see ``run``'s ``state_path``)."""
+        self.learner.check_parameters()
+        return {
+            "learner": self.learner.training_state(),
+            "token": self.token.state_dict(),
+            "counters": {"env_steps": self.env_steps, "episode_index": self.episode_index},
+            "loop": {"end": end, "next_eval": next_eval},
+            "rng": self.rng.bit_generator.state,
+            "curve": [(point.env_steps, point.success_rate) for point in self.curve],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Adopt a ``_state``; returns the loop's end and next evaluation step."""
+        self.use_token(state["token"])
+        self.learner.restore_training_state(state["learner"])
+        self.env_steps = int(state["counters"]["env_steps"])
+        self.episode_index = int(state["counters"]["episode_index"])
+        self.rng.bit_generator.state = state["rng"]
+        self.curve = [EvalPoint(steps, rate) for steps, rate in state["curve"]]
+        return int(state["loop"]["end"]), int(state["loop"]["next_eval"])
 
     def warm_up(self, records: Iterable[EpisodeRecord] = ()) -> int:
         """``run``'s first phase: prior episodes (+ ``records``) → fit the token → seed replay and train on it.

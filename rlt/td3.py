@@ -35,6 +35,8 @@ from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.td3.policies import Actor, TD3Policy
 from torch.nn import functional as F
 
+from policies.device import resolve_device
+from policies.train_state import capture_rng, load_state, restore_rng, save_state
 from rlt.buffer import ChunkReplayBuffer, ChunkTransition
 from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
 
@@ -78,6 +80,7 @@ class LearnerConfig:
     normalize_state: bool = True
     q_weight: float = 1.0
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = {
@@ -149,7 +152,7 @@ def apply_reference_dropout(
     observations: torch.Tensor, state_dim: int, rate: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the reference part of a random ``rate`` fraction of rows; return (observations, kept mask)."""
-    keep = torch.rand(observations.shape[0], generator=generator) >= rate
+    keep = (torch.rand(observations.shape[0], generator=generator) >= rate).to(observations.device)
     dropped = observations.clone()
     dropped[~keep, state_dim:] = 0.0
     return dropped, keep
@@ -184,7 +187,7 @@ class ChunkedTD3(TD3):
             },
             policy_kwargs={"net_arch": list(self.config.net_arch), "state_dim": state_dim},
             seed=self.config.seed,
-            device="cpu",
+            device=resolve_device(self.config.device),
             _init_setup_model=False,
         )
         self.observation_space = spaces.Box(-np.inf, np.inf, (state_dim + chunk_flat,), np.float32)
@@ -233,7 +236,7 @@ class ChunkedTD3(TD3):
 
     def actor_weights(self) -> dict[str, torch.Tensor]:
         """A detached copy of the actor's weights (what acting needs; critics and targets stay here)."""
-        return {name: value.detach().clone() for name, value in self.actor.state_dict().items()}
+        return {name: value.detach().cpu().clone() for name, value in self.actor.state_dict().items()}
 
     def load_actor_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Act with ``weights`` from another learner (e.g. a remote one); ``version`` is its ``weights_version``."""
@@ -271,8 +274,8 @@ class ChunkedTD3(TD3):
         states = np.asarray(states, dtype=np.float32)
         if states.ndim != 2 or states.shape[1] != self.state_dim or len(states) < 2:
             raise RLTInputError(f"states: expected N×{self.state_dim} with N ≥ 2, got {states.shape}")
-        mean = torch.as_tensor(states.mean(axis=0))
-        std = torch.as_tensor(states.std(axis=0)).clamp_min(STATE_STD_FLOOR)
+        mean = torch.as_tensor(states.mean(axis=0), device=self.device)
+        std = torch.as_tensor(states.std(axis=0), device=self.device).clamp_min(STATE_STD_FLOOR)
         for features in self.policy.state_features():
             features.state_mean.copy_(mean)
             features.state_std.copy_(std)
@@ -291,7 +294,8 @@ class ChunkedTD3(TD3):
             )
         observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
         with torch.no_grad():
-            chunks = self.policy_chunks(self.actor, torch.as_tensor(observations)).numpy()
+            observations = torch.as_tensor(observations, device=self.device)
+            chunks = self.policy_chunks(self.actor, observations).cpu().numpy()
         return chunks.reshape(len(states), *self.chunk_shape)
 
     def q_values(self, states: np.ndarray, references: np.ndarray, chunks: np.ndarray) -> np.ndarray:
@@ -299,10 +303,12 @@ class ChunkedTD3(TD3):
         observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
         with torch.no_grad():
             q_pair = self.critic(
-                torch.as_tensor(observations, dtype=torch.float32),
-                torch.as_tensor(np.reshape(chunks, (len(states), -1)), dtype=torch.float32),
+                torch.as_tensor(observations, dtype=torch.float32, device=self.device),
+                torch.as_tensor(
+                    np.reshape(chunks, (len(states), -1)), dtype=torch.float32, device=self.device
+                ),
             )
-        return torch.cat(q_pair, dim=1).min(dim=1).values.numpy()
+        return torch.cat(q_pair, dim=1).min(dim=1).values.cpu().numpy()
 
     def critic_targets(self, batch: ReplayBufferSamples) -> torch.Tensor:
         """Chunked TD targets ``R + (1 − terminated) · γ^k · min_i Q'_i(x', π'(x', ã') + ε)``."""
@@ -364,7 +370,9 @@ class ChunkedTD3(TD3):
     def save_checkpoint(self, path: str | Path) -> None:
         """Write actor and critic weights (safetensors) after checking every parameter is finite."""
         self.check_parameters()
-        tensors = {name: value.detach().contiguous() for name, value in self.policy.state_dict().items()}
+        tensors = {
+            name: value.detach().cpu().contiguous() for name, value in self.policy.state_dict().items()
+        }
         metadata = {
             "config": json.dumps(asdict(self.config)),
             "state_dim": str(self.state_dim),
@@ -372,9 +380,61 @@ class ChunkedTD3(TD3):
         }
         save_file(tensors, str(path), metadata=metadata)
 
+    def training_state(self) -> dict[str, Any]:
+        """Everything a resumed learner needs to continue bit for bit: weights (targets and state normalization
+        included), both optimizers, the filled part of the replay buffer, the update counter and random state
+        (SB3 samples replay indices from numpy's global generator)."""
+        buffer, size = self.replay_buffer, self.replay_buffer.size()
+        replay = {name: getattr(buffer, name)[:size].copy() for name in _REPLAY_ARRAYS}
+        return {
+            "policy": {name: value.detach().cpu() for name, value in self.policy.state_dict().items()},
+            "actor_optimizer": self.actor.optimizer.state_dict(),
+            "critic_optimizer": self.critic.optimizer.state_dict(),
+            "replay": replay | {"pos": buffer.pos, "full": buffer.full},
+            "n_updates": int(self._n_updates),
+            "rng": capture_rng(None, self.dropout_generator) | {"numpy_global": np.random.get_state()},
+        }
+
+    def restore_training_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`training_state` output (a learner built with the same config)."""
+        self.policy.load_state_dict(state["policy"])
+        self.actor.optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic.optimizer.load_state_dict(state["critic_optimizer"])
+        buffer, replay = self.replay_buffer, state["replay"]
+        for name in _REPLAY_ARRAYS:
+            getattr(buffer, name)[: len(replay[name])] = replay[name]
+        buffer.pos, buffer.full = int(replay["pos"]), bool(replay["full"])
+        self._n_updates = int(state["n_updates"])
+        restore_rng(state["rng"], None, self.dropout_generator)
+        np.random.set_state(state["rng"]["numpy_global"])
+
+    def save_training_state(self, path: str | Path) -> Path:
+        """Atomically write :meth:`training_state` to ``path`` (the learners' one state format)."""
+        self.check_parameters()
+        return save_state(
+            path,
+            {
+                "learner": self.training_state(),
+                "config": asdict(self.config),
+                "dims": (self.state_dim, self.action_dim),
+            },
+        )
+
     @classmethod
-    def load_checkpoint(cls, path: str | Path) -> ChunkedTD3:
-        """Rebuild a learner (empty replay) from ``save_checkpoint`` output."""
+    def resume(cls, path: str | Path, device: str | None = None) -> ChunkedTD3 | None:
+        """A learner continued from :meth:`save_training_state` output, or None when ``path`` holds none yet."""
+        state = load_state(path)
+        if state is None:
+            return None
+        raw = state["config"] | {"net_arch": tuple(state["config"]["net_arch"])}
+        config = LearnerConfig(**raw | ({"device": device} if device else {}))
+        learner = cls(*state["dims"], config)
+        learner.restore_training_state(state["learner"])
+        return learner
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path, device: str = "cpu") -> ChunkedTD3:
+        """Rebuild a learner (empty replay) from ``save_checkpoint`` output, on ``device``."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -382,13 +442,27 @@ class ChunkedTD3(TD3):
         raw = json.loads(metadata["config"])
         tensors = load_file(str(path))
         legacy = "normalize_state" not in raw  # written before state normalization: raw states, no buffers
-        config = LearnerConfig(**{**raw, "net_arch": tuple(raw["net_arch"]), "normalize_state": not legacy})
+        config = LearnerConfig(
+            **{**raw, "net_arch": tuple(raw["net_arch"]), "normalize_state": not legacy, "device": device}
+        )
         learner = cls(int(metadata["state_dim"]), int(metadata["action_dim"]), config)
         if legacy:
             identity = {k: v for k, v in learner.policy.state_dict().items() if ".features_extractor." in k}
             tensors = {**identity, **tensors}
         learner.policy.load_state_dict(tensors)
         return learner
+
+
+#: The replay buffer's per-transition arrays (SB3's and the chunk buffer's own).
+_REPLAY_ARRAYS = (
+    "observations",
+    "next_observations",
+    "actions",
+    "rewards",
+    "dones",
+    "discounts",
+    "interventions",
+)
 
 
 def _finite(name: str, loss: torch.Tensor) -> torch.Tensor:
