@@ -49,12 +49,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def start_inference_server(
-    policy: Policy, max_batch: int = 64, max_wait_ms: float = 2.0
+    policy: Policy, max_batch: int = 64, max_wait_ms: float = 2.0, device: str = "cpu"
 ) -> tuple[Any, ServedPolicy]:
-    """Start a batching inference actor for ``policy``; returns the actor and the ``Policy`` workers should hold."""
-    server = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(BatchingInferenceServer).remote(
-        policy, max_batch=max_batch, max_wait_ms=max_wait_ms
-    )
+    """Start a batching inference actor for ``policy``; returns the actor and the ``Policy`` workers should hold.
+
+    ``device`` is where the actor runs the model (``cuda``/``auto`` reserve one of the cluster's GPUs for it when
+    it has any; ``auto`` on a cluster without GPUs is the CPU).
+    """
+    wants_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    server = ray.remote(num_cpus=0, num_gpus=1 if wants_gpu else 0, max_restarts=3, max_task_retries=3)(
+        BatchingInferenceServer
+    ).remote(policy, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device)
     served = ServedPolicy(
         server, policy.action_horizon, policy.action_dim, policy.version, supports_inpainting(policy)
     )

@@ -170,6 +170,7 @@ class IngestApp:
             raise _Refusal(422, f"episode: {error}", error.field_name) from None
 
     async def _read_body(self, request: web.Request) -> bytearray:
+        """The body, bounded in size and time (grown as it arrives: a declared length reserves nothing)."""
         config = self.config
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.upload_timeout_s

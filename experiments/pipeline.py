@@ -307,6 +307,14 @@ class Pipeline:
         metrics = {"final_train_loss": losses[-1]} if losses else {}
         metrics["train_episodes"] = float(trained.episodes_used)
         self.tracker.log_metrics(run_id, metrics, state.iteration)
+        self.tracker.set_tags(
+            run_id,
+            {
+                "device": trained.train.device,
+                "train_workers": str(self.config.training.train_workers),
+                "resumed_from_step": str(trained.train.resumed_from),
+            },
+        )
         return {
             "version": trained.version,
             "checkpoint": str(trained.checkpoint.resolve()),

@@ -1,23 +1,29 @@
-"""The upload client: exactly-once delivery across ingest outages, a SIGKILLed uploader, and refusals."""
+"""The upload client: exactly-once delivery across ingest outages, a SIGKILLed uploader, and refusals (a refused
+or persistently failing episode never blocks the rest of the queue)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from experiments.ingest import IngestConfig, IngestServer
 from experiments.upload import UploadAuthError, UploadConfig, Uploader
 from storage.records import EpisodeRecord
-from storage.spool import EpisodeSpool, SpoolStatus
+from storage.spool import EpisodeSpool, SpoolStatus, encode_episode
 from storage.store import ExperienceStore
+from tests.storage_fixtures import pg_database, store_url  # noqa: F401 (fixtures: both store backends)
 from tests.test_spool import make_record
 
 KEY = "upload-secret"
@@ -141,3 +147,86 @@ def test_refusals_are_recorded_and_auth_errors_raise(tmp_path: Path) -> None:
         report = Uploader(spool, UploadConfig(url=server.url, api_key=KEY)).upload_pending()
     assert sorted(report.stored) == sorted([str(unknown.uuid), str(big.uuid)])
     assert len(store.list_episodes()) == 3 and spool.counts()["rejected"] == 0
+
+
+def _spool_raw(spool: EpisodeSpool, episode_uuid: str, payload: bytes) -> None:
+    """Spool bytes as an older robot build did, without today's checks (put() would refuse them now)."""
+    with sqlite3.connect(spool.path) as connection:
+        connection.execute(
+            "INSERT INTO spool (uuid, created_at, size_bytes, payload) VALUES (?, ?, ?, ?)",
+            (episode_uuid, time.time(), len(payload), payload),
+        )
+
+
+def test_refused_episodes_are_set_aside_the_rest_is_delivered_and_upload_exits_1(
+    store_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    store = ExperienceStore(store_url)
+    store.upgrade()
+    store.register_policy_version("robot-test-v1", kind="scripted")
+    spool = EpisodeSpool(tmp_path / "robot.db")
+    valid = [make_record(seed=seed) for seed in range(3)]
+    wrong_state = make_record(seed=7)  # well-formed, but reach-v3 has a 7-D (or 4-D) state
+    wrong_state.states = np.ascontiguousarray(wrong_state.states[:, :3])
+    huge_seed = make_record(seed=8)
+    body = msgpack.unpackb(encode_episode(huge_seed))
+    body["seed"] = 2**64 - 1
+    spool.put(valid[0])
+    spool.put(wrong_state)
+    spool.put(valid[1])
+    _spool_raw(spool, str(huge_seed.uuid), msgpack.packb(body))
+    spool.put(valid[2])
+    with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as server:
+        command = [sys.executable, "-m", "experiments.cli", "robot", "upload", "--spool", str(spool.path)]
+        done = subprocess.run(
+            [*command, "--url", server.url],
+            env={**os.environ, "FLYWHEEL_INGEST_KEY": KEY},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "stored=3" in done.stdout and "pending=0" in done.stdout
+    lines = {
+        line.split()[1].rstrip(":"): line for line in done.stderr.splitlines() if line.startswith("rejected ")
+    }
+    assert set(lines) == {str(wrong_state.uuid), str(huge_seed.uuid)}
+    assert "HTTP 422" in lines[str(wrong_state.uuid)] and "states" in lines[str(wrong_state.uuid)]
+    assert "seed" in lines[str(huge_seed.uuid)] and "64-bit" in lines[str(huge_seed.uuid)]
+    assert sorted(s.uuid for s in store.list_episodes()) == sorted(r.uuid for r in valid)
+    rejected = {entry.uuid: entry for entry in spool.entries(SpoolStatus.REJECTED)}
+    assert set(rejected) == {wrong_state.uuid, huge_seed.uuid}
+    assert "states" in (rejected[wrong_state.uuid].last_error or "")  # the reason is kept with the episode
+    assert spool.load(wrong_state.uuid).states.shape[1] == 3  # kept aside, nothing deleted
+    assert spool.counts() == {"pending": 0, "sent": 3, "rejected": 2}
+
+
+class PoisonStore(ExperienceStore):
+    """A store whose database keeps failing (a retryable error) for some episodes."""
+
+    poison: frozenset = frozenset()
+
+    def write_episode(self, record: EpisodeRecord) -> bool:
+        if record.uuid in self.poison:
+            raise sa.exc.OperationalError("INSERT INTO episodes ...", {}, Exception("lock timeout"))
+        return super().write_episode(record)
+
+
+def test_an_episode_that_keeps_failing_never_blocks_the_ones_behind_it(tmp_path: Path) -> None:
+    store = _store(tmp_path, PoisonStore)
+    spool, records = _spool(tmp_path, 5)
+    store.poison = frozenset({records[0].uuid, records[2].uuid, records[3].uuid})
+    config = UploadConfig(url="", api_key=KEY, max_attempts=2, backoff_s=0.01, max_backoff_s=0.02)
+    with IngestServer(store, IngestConfig(api_key=KEY, port=0)) as server:
+        uploader = Uploader(spool, config.model_copy(update={"url": server.url}))
+        report = uploader.upload_pending()
+        # the 1st fails (503, twice) and stays pending, the 2nd is stored, the 3rd and 4th fail in a row:
+        # the platform, not the episode, is the problem, so the pass stops before the 5th
+        assert report.stored == [str(records[1].uuid)] and report.remaining == 4
+        assert "lock timeout" in (report.gave_up or "") and report.rejected == {}
+        store.poison = frozenset({records[0].uuid})
+        again = uploader.upload_pending()
+    assert again.stored == [str(r.uuid) for r in records[2:]]
+    assert [entry.uuid for entry in spool.pending()] == [records[0].uuid]
+    assert spool.entries()[0].attempts == 4 and "503" in (spool.entries()[0].last_error or "")
