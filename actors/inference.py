@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import ActionChunk, ObservationBatch, Policy, batch_size
+from policies.device import place
 from policies.rtc import InpaintingTargets, infer_with_targets, merge_targets
 
 
@@ -36,10 +37,13 @@ class _Request:
 class BatchingInferenceServer:
     """Batches concurrent ``infer`` requests into single ``policy.infer`` calls."""
 
-    def __init__(self, policy: Policy, max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+    def __init__(
+        self, policy: Policy, max_batch: int = 32, max_wait_ms: float = 2.0, device: str = "cpu"
+    ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch must be ≥ 1 and max_wait_ms ≥ 0, got {max_batch} and {max_wait_ms}")
-        self.policy = policy
+        self.device = device
+        self.policy = place(policy, device)
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.batch_sizes: list[int] = []
@@ -47,8 +51,8 @@ class BatchingInferenceServer:
         self._runner: asyncio.Task | None = None
 
     def set_policy(self, policy: Policy) -> str:
-        """Serve a new policy from the next batch on; returns its version."""
-        self.policy = policy
+        """Serve a new policy from the next batch on (placed on this server's device); returns its version."""
+        self.policy = place(policy, self.device)
         return policy.version
 
     def metadata(self) -> dict[str, object]:

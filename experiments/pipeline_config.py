@@ -17,6 +17,7 @@ from envs.tasks import UnknownTaskError, resolve_task
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.training import BCConfig
 from experiments.validation import first_error
+from policies.device import DeviceName
 from recap import RelabelConfig
 
 
@@ -95,7 +96,8 @@ class RLTSettings(_Strict):
     distance between two privileged-state points falling under ``handoff_distance``. A scripted prior gets
     fixed random-projection embeddings of the privileged state (``rlt.state.EmbeddingPrior``); a VLA prior's
     own embeddings feed the RL token. ``normalize_state`` standardizes the RL state with warm-up statistics
-    (``rlt.td3.LearnerConfig``).
+    (``rlt.td3.LearnerConfig``). ``device`` is where the RL token and the actor-critic train (``auto``: the
+    accelerator if there is one).
     """
 
     warmup_episodes: int = Field(default=20, ge=1)
@@ -115,6 +117,7 @@ class RLTSettings(_Strict):
     learning_starts: int = Field(default=256, ge=1)
     normalize_state: bool = True
     record_images: bool = False
+    device: DeviceName = "auto"
 
 
 class PipelineConfig(_Strict):

@@ -24,6 +24,7 @@ import torch
 from envs import EnvConfig, make_env
 from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
+from policies.device import resolve_device
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
@@ -139,6 +140,7 @@ def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
         learning_starts=settings.learning_starts,
         normalize_state=settings.normalize_state,
         seed=seed,
+        device=str(resolve_device(settings.device)),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -88,3 +88,10 @@ def describe(device: torch.device) -> dict[str, str]:
     elif device.type == "mps":
         name = "apple-mps"
     return {"device": str(device), "device_name": name}
+
+
+def place(policy: Any, device: str | torch.device) -> Any:
+    """``policy`` with its torch weights on ``device`` (policies with a ``to`` method, e.g. the VLA); policies
+    without weights here (scripted, remote) are returned as they are."""
+    mover = getattr(policy, "to", None)
+    return mover(device) if callable(mover) else policy

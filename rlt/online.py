@@ -233,6 +233,7 @@ class OnlineRLT:
                 "or pass token_fitted=True"
             )
         embeddings = np.stack([step.context.embeddings for episode in episodes for step in episode.steps])
+        self.token.to(self.learner.device)
         losses = fit_rl_token(
             self.token,
             embeddings,

@@ -95,11 +95,12 @@ class RLToken(nn.Module):
     def encode_numpy(self, embeddings: np.ndarray) -> np.ndarray:
         """``z_rl`` as float32 numpy for ``B×T×E`` numpy embeddings."""
         self.check_embeddings(embeddings)
-        return self.encode(torch.as_tensor(embeddings, dtype=torch.float32)).numpy()
+        device = self.embed_mean.device
+        return self.encode(torch.as_tensor(embeddings, dtype=torch.float32, device=device)).cpu().numpy()
 
     def save(self, path: str | Path) -> None:
         """Write weights and config to a safetensors file (refuses non-finite weights)."""
-        tensors = {name: value.detach().contiguous() for name, value in self.state_dict().items()}
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()}
         bad = [name for name, value in tensors.items() if not torch.isfinite(value).all()]
         if bad:
             raise RLTInputError(f"RL token weights {bad[:3]} are not finite; checkpoint not written")
@@ -139,10 +140,11 @@ def fit_rl_token(
     """Train ``token`` to reconstruct ``embeddings`` (``N×T×E``) through ``z_rl``; return the loss per step.
 
     Per-channel normalization statistics are taken from ``embeddings`` and travel with the weights.
-    The caller freezes the token afterwards (``token.freeze()``).
+    The caller freezes the token afterwards (``token.freeze()``). Training runs where the token's weights are
+    (``token.to(device)`` first; minibatch indices are drawn on the CPU, so the draws do not depend on it).
     """
     token.check_embeddings(embeddings)
-    data = torch.as_tensor(embeddings, dtype=torch.float32)
+    data = torch.as_tensor(embeddings, dtype=torch.float32, device=token.embed_mean.device)
     if not torch.isfinite(data).all():
         raise RLTInputError("embeddings: expected finite values, got NaN/inf")
     flat = data.reshape(-1, data.shape[-1])
@@ -154,6 +156,7 @@ def fit_rl_token(
     losses = []
     for _ in range(steps):
         index = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=generator)
+        index = index.to(data.device)
         loss = token.reconstruction_loss(data[index])
         optimizer.zero_grad()
         loss.backward()

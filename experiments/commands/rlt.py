@@ -24,6 +24,7 @@ from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process
 from experiments.validation import first_error
 from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
+from policies.device import DeviceError, resolve_device
 from policies.scripted import scripted_version
 from rlt.checkpoint import save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
@@ -94,6 +95,9 @@ def rlt(
         ),
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    device: Annotated[
+        str, typer.Option(help="Where the RL token and the actor-critic train: cpu, cuda, mps or auto")
+    ] = "auto",
 ) -> None:
     """Run RLT online: warm up (stored + fresh prior episodes), fit the RL token, then learn online.
 
@@ -117,7 +121,14 @@ def rlt(
             success_tolerance=success_tolerance,
         )
         switch = metaworld_switch(handoff, handoff_distance)
-        learner_config = LearnerConfig(chunk_size=chunk_size, learning_starts=learning_starts, seed=seed)
+        learner_config = LearnerConfig(
+            chunk_size=chunk_size,
+            learning_starts=learning_starts,
+            seed=seed,
+            device=str(resolve_device(device)),
+        )
+    except DeviceError as error:
+        _fail(str(error))
     except ValidationError as error:
         cause = error.errors()[0].get("ctx", {}).get("error")  # our validators' messages name the field
         _fail(str(cause) if cause else first_error(error))

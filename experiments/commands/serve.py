@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from policies.base import Policy
+from policies.device import place, resolve_device
 from policies.serving import ObservationKeys, PolicyServer, ServerConfig
 
 app = typer.Typer(help="Serve a policy over openpi's WebSocket protocol.")
@@ -50,6 +51,7 @@ class ServeConfig:
     allow_privileged: bool = False
     keys: tuple[str, ...] = ()
     debug: bool = False
+    device: str = "auto"
 
 
 def resolve_policy(spec: str, store_url: str | None = None) -> Policy:
@@ -135,7 +137,7 @@ def build_server(config: ServeConfig) -> PolicyServer:
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
             raise PolicyResolutionError(f"--api-key-env: environment variable {config.api_key_env} is unset")
-    policy = resolve_policy(config.policy, config.store)
+    policy = place(resolve_policy(config.policy, config.store), resolve_device(config.device))
     server_config = ServerConfig(
         host=config.host,
         port=config.port,
@@ -163,7 +165,8 @@ def main(config: ServeConfig) -> None:
         logging.warning(
             "serving on %s without an API key: anyone reaching it can query the policy", config.host
         )
-    server.serve_forever(reload=lambda: resolve_policy(config.policy, config.store))
+    device = resolve_device(config.device)
+    server.serve_forever(reload=lambda: place(resolve_policy(config.policy, config.store), device))
 
 
 @app.command(name="serve")
@@ -186,6 +189,9 @@ def serve(
     ),
     key: Annotated[list[str] | None, typer.Option(help=KEY_HELP)] = None,
     debug: bool = typer.Option(False, help="Send tracebacks to clients in error frames (development only)."),
+    device: str = typer.Option(
+        "auto", help="Where the model runs: cpu, cuda, mps or auto (the accelerator if any)."
+    ),
 ) -> None:
     """Serve a policy over openpi's WebSocket protocol (metadata frame, lock-step msgpack-numpy, /healthz)."""
     config = ServeConfig(
@@ -201,5 +207,6 @@ def serve(
         allow_privileged=allow_privileged,
         keys=tuple(key or ()),
         debug=debug,
+        device=device,
     )
     main(config)

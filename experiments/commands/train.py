@@ -169,7 +169,9 @@ def bc(
     console.print(f"trained on {used} episodes → [bold]{version}[/bold] at {checkpoint}")
     if not subtasks:
         resumed = trained.train.resumed_from
-        console.print(f"device: {trained.train.device}" + (f"; resumed from step {resumed}" if resumed else ""))
+        console.print(
+            f"device: {trained.train.device}" + (f"; resumed from step {resumed}" if resumed else "")
+        )
     if len(curve) > len(trained.evaluations):
         console.print(_results_table([result for _, result in curve], [step for step, _ in curve]))
     elif trained.evaluations:

@@ -6,6 +6,7 @@ tokenizer; it validates and converts an ``ObservationBatch`` into tensors, sampl
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,14 @@ class VLAPolicy:
     def device(self) -> torch.device:
         """Where the model's weights live (inputs are moved there; outputs come back to the CPU)."""
         return next(self.model.parameters()).device
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (Ray object store, actors) with the weights on the CPU: a receiver without the accelerator
+        can load it, and places it on its own device (``to``)."""
+        state = self.__dict__.copy()
+        if self.device.type != "cpu":
+            state["model"] = copy.deepcopy(self.model).cpu()
+        return state
 
     def to(self, device: str | torch.device) -> VLAPolicy:
         """Move the model to ``device`` (``cpu``, ``cuda``, ``mps`` or ``auto``, see :mod:`policies.device`)."""
