@@ -89,3 +89,36 @@ def test_sigkilled_bc_training_resumes_where_it_stopped(store_url, tmp_path):
     straight = _finish(_train(store_url, tmp_path / "straight"))
     assert "resumed" not in straight
     assert _version(resumed) == _version(straight)  # versions are content hashes of the weights
+
+
+@pytest.mark.slow
+def test_sigkilled_recap_retraining_in_the_pipeline_resumes_its_learner(tmp_path):
+    """``flywheel iterate --once`` killed while the train stage's learner runs: the rerun resumes the learner
+    from its last training state (the registered version records the step it continued from)."""
+    from experiments.pipeline import Pipeline
+    from experiments.pipeline_config import load_pipeline_config
+    from tests.test_pipeline import tiny_config
+    from tests.test_pipeline_resume import _finish as finish_pipeline
+    from tests.test_pipeline_resume import _kill_when, _start
+
+    training = {
+        "cameras": ["corner2"],
+        "image_size": 48,
+        "steps": 200,
+        "batch_size": 8,
+        "checkpoint_every": 10,
+    }
+    config = tiny_config(tmp_path, training=training | {"condition_dropout": 0.3})
+    pipeline = Pipeline(load_pipeline_config(config), progress=False)
+    states = pipeline.home / "iter-0001" / "train-state"
+    process = _start(config)
+    _kill_when(process, lambda: any(states.glob("*/train_state.pt")))
+    [state_file] = states.glob("*/train_state.pt")
+    stopped_at = load_state(state_file)["step"]
+    assert 0 < stopped_at < 200
+    finish_pipeline(config)
+    [state] = pipeline.iterations()
+    version = state.outputs["train"]["version"]
+    [row] = [r for r in pipeline.store.policy_versions() if r["version"] == version]
+    assert stopped_at <= row["metadata"]["resumed_from_step"] < 200
+    assert not state_file.exists()
