@@ -166,7 +166,8 @@ class EpisodeRecord:
         return int(self.actions.shape[0])
 
     def validate(self) -> None:
-        """Check every field's type, shape, dtype, range and finiteness; raise ``EpisodeValidationError``.
+        """Check every field's type, shape, dtype, range and finiteness, and the store's column limits (see the
+        module docstring: a ``StoreLimitError``); raise ``EpisodeValidationError``.
 
         Nothing is converted: an array of the wrong dtype is an error (the message names the field, the
         expected dtype and shape, and what was given), so what is stored is exactly what was validated.
@@ -471,7 +472,7 @@ def _check_json(name: str, value: Any) -> None:
             expected = f"JSON nested at most {MAX_JSON_DEPTH} levels"
             raise StoreLimitError(name, expected, f"deeper, at {_render(path)[:100]}")
         is_dict = isinstance(container, dict)
-        for key, child in container.items() if is_dict else enumerate(container):  # type: ignore[union-attr]
+        for key, child in container.items() if is_dict else enumerate(container):
             problem = _json_key_problem(key) if is_dict else None
             if problem is None and not isinstance(child, dict | list | tuple):
                 problem = _json_scalar_problem(child)
@@ -489,7 +490,7 @@ def _json_key_problem(key: Any) -> _Problem | None:
     if isinstance(key, str):
         problem = _text_problem(key, None)
         return None if problem is None else (StoreLimitError, f"keys of {problem[0]}", problem[1])
-    if isinstance(key, float) or not isinstance(key, int):
+    if not isinstance(key, int):
         return EpisodeValidationError, "str or int keys", f"key {key!r:.60}"
     return None
 
