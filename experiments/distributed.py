@@ -8,6 +8,9 @@ as a single process (:func:`policies.training.train_bc`), which under ``torch.di
 are the single-process ones, so the result does not depend on N. Rank 0 writes the resumable training state
 (the single-process format, :mod:`policies.train_state`) and the final weights; the driver registers them.
 A worker that dies is restarted by Ray Train (``FailureConfig``) and resumes from the last training state.
+
+The value model (:func:`train_value_data_parallel`) trains the same way: DDP over ranks, ``batch_size / N``
+samples per worker from its shard of episodes, rank 0 saves.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ import numpy as np
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, train_bc
 from policies.vla.policy import VLAPolicy
+from recap import ValueConfig
+from recap.value import ValueModel, train_value
 from storage import EpisodeRecord
 
 #: How often Ray Train restarts a failed worker group before the training fails.
@@ -46,12 +52,6 @@ def train_bc_data_parallel(
     ``records`` name the episodes (their ids are sharded over the workers, which load them from the store at
     ``store_url``); ``arrays`` carry each episode's per-step conditions and weights, computed once here.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from actors.cluster import ensure_ray
-
-    ensure_ray()
     output_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ray-train-", dir=output_dir))
     try:
@@ -69,25 +69,86 @@ def train_bc_data_parallel(
             "work": str(work),
             "inference": {"conditions": policy.conditions, "cfg_beta": policy.cfg_beta},
         }
-        trainer = TorchTrainer(
-            _bc_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            run_config=RunConfig(
-                name=f"bc-{uuid.uuid4().hex[:8]}",
-                storage_path=str(work / "ray"),
-                failure_config=FailureConfig(max_failures=MAX_FAILURES),
-            ),
-        )
-        outcome = trainer.fit()
-        if outcome.error is not None:
-            raise RuntimeError(f"data-parallel training failed: {outcome.error}") from outcome.error
+        _fit(_bc_worker, loop_config, workers, use_gpu, work)
         trained = load_checkpoint(work / FINAL)
         policy.model.load_state_dict(trained.model.state_dict())
         record = json.loads((work / HISTORY).read_text())
         return TrainResult(**record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def train_value_data_parallel(
+    store_url: str,
+    episodes: Sequence[EpisodeRecord],
+    config: ValueConfig,
+    horizons: dict[str, int] | None,
+    workers: int | None = None,
+) -> ValueModel:
+    """:func:`recap.value.train_value` on ``workers`` (default ``config.train_workers``) Ray Train workers.
+
+    Every worker reads the episodes from the store (states, and images when the model has a camera): the
+    normalization statistics and the held-out split are global, while each worker draws its minibatches
+    from the steps of its own shard of episodes. Rank 0 saves the model; it is returned loaded on the CPU.
+    """
+    workers = workers or config.train_workers
+    work = Path(tempfile.mkdtemp(prefix="ray-train-value-"))
+    try:
+        loop_config = {
+            "store_url": store_url,
+            "episodes": [str(episode.uuid) for episode in episodes],
+            "images": config.camera is not None,
+            "config": config.model_dump(mode="json"),
+            "horizons": horizons,
+            "work": str(work),
+        }
+        _fit(_value_worker, loop_config, workers, config.device.startswith("cuda"), work)
+        return ValueModel.load(work / "value")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fit(loop, loop_config: dict[str, Any], workers: int, use_gpu: bool, work: Path) -> None:
+    """Run ``loop`` on ``workers`` DDP workers (gloo on CPU, NCCL on GPU); a failed worker group is restarted
+    up to ``MAX_FAILURES`` times (the loops resume from their training state)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.cluster import ensure_ray
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=f"{loop.__name__.strip('_')}-{uuid.uuid4().hex[:8]}",
+            storage_path=str(work / "ray"),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )
+    outcome = trainer.fit()
+    if outcome.error is not None:
+        raise RuntimeError(f"data-parallel training failed: {outcome.error}") from outcome.error
+
+
+def _value_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of :func:`train_value_data_parallel`."""
+    import ray.train
+    import ray.train.torch
+
+    from storage import ExperienceStore
+
+    context = ray.train.get_context()
+    config = ValueConfig.model_validate(loop_config["config"])
+    device = ray.train.torch.get_device() if config.device.startswith("cuda") else "cpu"
+    config = config.model_copy(update={"device": "cuda" if str(device).startswith("cuda") else "cpu"})
+    store = ExperienceStore(loop_config["store_url"])
+    episodes = [store.load_episode(e, images=loop_config["images"]) for e in loop_config["episodes"]]
+    model = train_value(episodes, config, loop_config["horizons"])
+    if context.get_world_rank() == 0:
+        model.save(Path(loop_config["work"]) / "value")
+    ray.train.report({"loss": model.training_loss if model.training_loss is not None else float("nan")})
 
 
 def _bc_worker(loop_config: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ interrupted RLT stage is rerun from its start, its episodes landing on the same 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from typing import Any
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
+from experiments.paths import check_writable_folder
 from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
 from experiments.pipeline_rlt import (
@@ -87,13 +89,14 @@ class Pipeline:
         on_stage: Callable[[int, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config.resolved()
+        self.home = Path(self.config.checkpoints) / self.config.name
+        check_writable_folder(self.home, "checkpoints folder")
         self.store = ExperienceStore(self.config.store_url)
         self.store.upgrade()
         self.tracker = PipelineTracker(self.config.mlflow_uri, self.config.name)
         self.progress = progress
         self.on_stage = on_stage or (lambda iteration, stage, output: None)
         self.prefix = f"pipeline:{self.config.name}/"
-        self.home = Path(self.config.checkpoints) / self.config.name
         self.home.mkdir(parents=True, exist_ok=True)
         self._prior_version: str | None = None
         self.stages = stages_for(self.config.method)
@@ -148,6 +151,9 @@ class Pipeline:
         """Finish the last unfinished iteration, or run a new one; returns its outputs."""
         states = self.iterations()
         state = states[-1] if states and not states[-1].finished else IterationState(len(states) + 1)
+        if states and states[-1].finished:  # killed after its last stage committed: runs may still be open
+            self.tracker.end_committed_runs(states[-1].iteration, states[-1].outputs, iteration_done=True)
+        self.tracker.end_committed_runs(state.iteration, state.outputs)
         parent_run = self.tracker.iteration_run(state.iteration, self.config.model_dump(mode="json"))
         stage_functions = {
             "collect": self._collect,
@@ -239,6 +245,14 @@ class Pipeline:
 
     def _selection(self, iteration: int) -> EpisodeFilter:
         return EpisodeFilter(tasks=self.config.tasks, run_ids=self._data_runs(iteration))
+
+    def _value_trainer(self) -> ValueTrainer:
+        """How the relabel stage fits its value models: here, or on Ray Train with ``value.train_workers``."""
+        if self.config.relabel.value.train_workers == 1:
+            return train_value
+        from experiments.distributed import train_value_data_parallel
+
+        return functools.partial(train_value_data_parallel, self.config.store_url)
 
     def _relabel(self, state: IterationState, run_id: str) -> dict[str, Any]:
         stage_id = self.stage_id(state.iteration, "relabel")

@@ -44,7 +44,8 @@ class ValueConfig(_Frozen):
     ``encoder`` names a registered observation encoder (``state_mlp`` default; ``image_conv`` / ``vla_image``
     add a conv net over ``camera``). Images are read only when ``camera`` is set. ``target`` is the bin
     encoding of the return (two-hot or nearest bin). ``device`` is where it trains and runs (``cpu``, ``cuda``,
-    ``mps`` or ``auto``, :mod:`policies.device`); it does not change the model's version.
+    ``mps`` or ``auto``, :mod:`policies.device`); ``train_workers`` > 1 trains data-parallel on Ray Train (the
+    pipeline's relabel stage, :mod:`experiments.distributed`). Neither changes the model's version.
     ``reward`` defines the returns the model learns. ``validation_fraction`` of each task's training episodes
     is held out for early stopping (the best held-out loss, checked every ``eval_every`` steps, wins).
     """
@@ -71,6 +72,15 @@ class ValueConfig(_Frozen):
     inference_batch_size: int = Field(default=4096, ge=1)
     seed: int = 0
     device: DeviceName = "auto"
+    train_workers: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> Self:
+        if self.batch_size % self.train_workers:
+            raise ValueError(
+                f"train_workers: the global batch_size {self.batch_size} must divide among {self.train_workers}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _camera_for_images(self) -> Self:

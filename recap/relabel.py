@@ -21,7 +21,7 @@ from recap.advantage import advantages, indicators, task_thresholds
 from recap.config import RelabelConfig
 from recap.diagnostics import EpisodeScores, label_diagnostics
 from recap.rewards import RecapInputError, check_learnable, monte_carlo_returns, step_rewards, task_horizons
-from recap.value import ValueModel, train_value
+from recap.value import ValueModel, ValueTrainer, train_value
 from storage.records import EpisodeLabels, EpisodeRecord, Outcome, RelabelRecord
 
 METHOD = "recap"
@@ -141,8 +141,14 @@ def _record(
     )
 
 
-def cross_fit(episodes: Sequence[EpisodeRecord], config: RelabelConfig | None = None) -> CrossFitResult:
-    """Relabel ``episodes`` with K-fold cross-fitting; returns the record, the fold models and the scores."""
+def cross_fit(
+    episodes: Sequence[EpisodeRecord], config: RelabelConfig | None = None, fit: ValueTrainer = train_value
+) -> CrossFitResult:
+    """Relabel ``episodes`` with K-fold cross-fitting; returns the record, the fold models and the scores.
+
+    ``fit(training, config, horizons)`` trains each fold's value model (default :func:`train_value` in this
+    process; the pipeline passes a data-parallel one when ``value.train_workers`` > 1).
+    """
     config = config or RelabelConfig()
     check_learnable(episodes)
     horizons = task_horizons(episodes, config.value.reward)
@@ -155,7 +161,7 @@ def cross_fit(episodes: Sequence[EpisodeRecord], config: RelabelConfig | None = 
             continue
         training = [ep for ep, fold in zip(episodes, fold_of, strict=True) if fold != index]
         fold_config = config.value.model_copy(update={"seed": config.value.seed + index})
-        model = train_value(training, fold_config, horizons)
+        model = fit(training, fold_config, horizons)
         values |= dict(zip([ep.uuid for ep in heldout], model.values_of(heldout), strict=True))
         folds.append(Fold(index, model, frozenset(ep.uuid for ep in heldout)))
     scores, thresholds = score_episodes(episodes, [values[ep.uuid] for ep in episodes], horizons, config)

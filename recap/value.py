@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +138,7 @@ class ValueModel:
         """Identifier of this model: a hash of its config, tasks and training episodes."""
         payload = json.dumps(
             {
-                "config": self.config.model_dump(mode="json", exclude={"device"}),
+                "config": self.config.model_dump(mode="json", exclude={"device", "train_workers"}),
                 "tasks": self.tasks,
                 "horizons": self.horizons,
                 "episodes": sorted(str(episode_uuid) for episode_uuid in self.training_uuids),
@@ -284,6 +284,10 @@ def validation_split(
     return [ep for ep in episodes if ep.uuid not in held], [ep for ep in episodes if ep.uuid in held]
 
 
+#: ``fit(episodes, config, horizons) -> ValueModel``: how a value model gets trained (here or data-parallel).
+ValueTrainer = Callable[[Sequence[EpisodeRecord], ValueConfig, dict[str, int] | None], "ValueModel"]
+
+
 def train_value(
     episodes: Sequence[EpisodeRecord], config: ValueConfig, horizons: dict[str, int] | None = None
 ) -> ValueModel:
@@ -312,8 +316,10 @@ def train_value(
     fit, held = validation_split(episodes, config.validation_fraction, config.seed)
     train = _targets(model, fit, horizons)
     validation = _targets(model, held, horizons) if held else None
+    shard = _shard_steps(fit)
     losses = [
-        _fit_member(model, member, train, validation, seed) for seed, member in enumerate(model.members)
+        _fit_member(model, member, train, validation, seed, shard)
+        for seed, member in enumerate(model.members)
     ]
     model.training_loss = float(np.mean(losses))
     return model
@@ -343,22 +349,54 @@ def _heldout_loss(model: ValueModel, member: ValueNetwork, data: Targets) -> flo
     return total / count
 
 
+def _shard_steps(episodes: Sequence[EpisodeRecord]) -> np.ndarray:
+    """Indices of the training steps this worker draws minibatches from: the steps of its shard of episodes
+    (``episodes[rank::world_size]`` under ``torch.distributed``, every step otherwise)."""
+    rank, size = _distributed()
+    owner = np.repeat(np.arange(len(episodes)) % size, [episode.length for episode in episodes])
+    return np.flatnonzero(owner == rank)
+
+
+def _distributed() -> tuple[int, int]:
+    """This process's rank and the number of data-parallel workers ((0, 1) without torch.distributed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _fit_member(
-    model: ValueModel, member: ValueNetwork, train: Targets, validation: Targets | None, offset: int
+    model: ValueModel,
+    member: ValueNetwork,
+    train: Targets,
+    validation: Targets | None,
+    offset: int,
+    shard: np.ndarray,
 ) -> float:
-    """Train one ensemble member; keep its best weights on ``validation``; return that (or the final) loss."""
+    """Train one ensemble member; keep its best weights on ``validation``; return that (or the final) loss.
+
+    Data parallel (one Ray Train worker per rank): each worker draws ``batch_size / N`` samples from ``shard``
+    and DDP averages the gradients, so the global batch and learning rate are the single-process ones; every
+    worker holds the same weights, so they agree on the held-out checkpoints.
+    """
     config = model.config
-    rng = np.random.default_rng(config.seed + offset)
+    rank, size = _distributed()
+    if config.batch_size % size:
+        raise RecapInputError(
+            f"batch_size: the global batch {config.batch_size} must divide among {size} workers"
+        )
+    rng = np.random.default_rng(config.seed + offset if rank == 0 else [config.seed + offset, rank])
     optimizer = torch.optim.AdamW(
         member.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     best = (float("inf"), copy.deepcopy(member.state_dict()))
+    network = torch.nn.parallel.DistributedDataParallel(member) if size > 1 else member
     member.train()
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + offset)
         for step in range(1, config.train_steps + 1):
             loss = _loss(
-                model, member, train, rng.integers(0, len(train.inputs.task_ids), size=config.batch_size)
+                model, network, train, shard[rng.integers(0, len(shard), size=config.batch_size // size)]
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
