@@ -87,7 +87,10 @@ class EnvConfig(BaseModel):
 
     @field_validator("cameras")
     @classmethod
-    def _unique_cameras(cls, cameras: tuple[str, ...]) -> tuple[str, ...]:
+    def _known_unique_cameras(cls, cameras: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [camera for camera in cameras if camera not in CAMERAS]
+        if unknown:
+            raise ValueError(f"cameras: unknown camera {unknown[0]!r}; expected one of {', '.join(CAMERAS)}")
         if len(set(cameras)) != len(cameras):
             raise ValueError(f"cameras: expected distinct camera names, got {list(cameras)}")
         return cameras

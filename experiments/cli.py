@@ -3,18 +3,69 @@
 Each room that offers commands exposes a ``typer.Typer`` named ``app`` in ``experiments/commands/<room>.py``.
 A room whose app holds a single command of its own name (``serve``) is mounted as that top-level command;
 the others become command groups (``flywheel db upgrade``).
+
+Bad input is reported in one place: an error of a type in :data:`USER_ERRORS` (or a ``typer.BadParameter`` a
+command raises) that escapes a command is printed as one ``error: <message>`` line on stderr, exit code 2,
+without a traceback. Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+from actors.execution import ExecutionConfigError
+from envs.tasks import UnknownTaskError
+from experiments.export import ExportError
+from experiments.pipeline_config import PipelineConfigError
+from experiments.policy_loader import PolicySpecError
+from experiments.validation import UserError
+from policies.checkpoint import CheckpointError
+from policies.openpi_client import ServerError
+from policies.serving.server import ServerStartError
+from storage import EpisodeValidationError, StoreError
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+#: Errors that describe bad input in one line naming it: printed as ``error: …``, exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    UserError,
+    StoreError,
+    EpisodeValidationError,
+    CheckpointError,
+    PolicySpecError,
+    ExecutionConfigError,
+    UnknownTaskError,
+    PipelineConfigError,
+    ExportError,
+    ServerError,
+    ServerStartError,
+)
+
+
+class FlywheelGroup(TyperGroup):
+    """The root command group: bad input raised anywhere below it becomes one ``error:`` line and exit 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the sub-command; report a user error in one line instead of a traceback."""
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as error:
+            if error.param is not None:  # the parser's own complaint about an option keeps its usage panel
+                raise
+            message = error.message
+        except USER_ERRORS as error:
+            message = str(error)
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(2)
+
+
 app = typer.Typer(
+    cls=FlywheelGroup,
     name="flywheel",
     help="Reinforcement learning from deployment for robot foundation policies: deploy → collect → relabel → improve.",
     no_args_is_help=True,

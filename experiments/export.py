@@ -24,6 +24,7 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.tasks import task_prompt
+from experiments.paths import check_writable_folder
 from storage import EpisodeLabels, EpisodeRecord, ExperienceStore, Outcome
 
 LEROBOT_VERSION = "v2.1"
@@ -67,6 +68,7 @@ def select_episodes(store: ExperienceStore, config: ExportConfig) -> Iterator[Ep
 
 def export_episodes(config: ExportConfig) -> dict:
     """Write the selection to ``config.output``; returns a summary (episodes, frames, path)."""
+    check_writable_folder(config.output, "--output")
     if config.output.exists() and any(config.output.iterdir()):
         raise ExportError(f"--output: {config.output} exists and is not empty")
     store = ExperienceStore(config.store_url)

@@ -4,7 +4,10 @@ experience store, the local MLflow store and policy checkpoints."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from experiments.validation import UserError
 
 
 def flywheel_home() -> Path:
@@ -29,3 +32,17 @@ def checkpoints_dir() -> Path:
     path = flywheel_home() / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_writable_folder(path: Path, name: str) -> None:
+    """Raise ``UserError`` naming ``name`` unless ``path`` is a folder, or can be created as one, that this
+    process can write in. Creates nothing (a probe folder is made and removed in the nearest existing one)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{name} {path}: {existing} is a file, expected a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise UserError(f"{name} {path}: cannot write in {existing} ({error.strerror or error})") from None

@@ -8,6 +8,7 @@ tag, so a resumed iteration finds and continues its runs instead of creating new
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,30 @@ class PipelineTracker:
             tags={ITERATION_TAG: str(iteration), STAGE_TAG: stage, PARENT_TAG: parent_run},
         )
         return run.info.run_id
+
+    def end_committed_runs(
+        self, iteration: int, stages: Iterable[str], iteration_done: bool = False
+    ) -> list[str]:
+        """End (FINISHED) the RUNNING runs of ``iteration``'s ``stages``, which the store recorded as committed,
+        and its iteration run if ``iteration_done``; returns their ids.
+
+        A process killed after a stage committed but before its run was ended leaves that run RUNNING, and a
+        resumed iteration skips the stage, so nothing else would ever end it.
+        """
+        done = set(stages) | ({"iteration"} if iteration_done else set())
+        running = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{ITERATION_TAG}` = '{iteration}' and attributes.status = 'RUNNING'",
+        )
+        ended = [run.info.run_id for run in running if run.data.tags.get(STAGE_TAG) in done]
+        for run_id in ended:
+            logger.info(
+                "ending run %s of iteration %d: its stage committed before the process stopped",
+                run_id,
+                iteration,
+            )
+            self.finish(run_id)
+        return ended
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         """Mark a run finished (or failed)."""

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from envs.experts import ScriptedExpert
+from envs.metaworld_env import PRIVILEGED_DIM
 from envs.tasks import TASK_PROMPTS
 from policies.base import ActionChunk, ObservationBatch
 
@@ -31,6 +32,7 @@ class ScriptedPolicy:
     """Meta-World scripted experts as a batched chunking policy with a noise knob."""
 
     action_dim = 4
+    privileged_dim = PRIVILEGED_DIM  # what it reads; a server checks requests against it
 
     def __init__(
         self,

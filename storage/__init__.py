@@ -6,6 +6,8 @@ from storage.errors import (
     RunFullError,
     SchemaNotReadyError,
     StoreError,
+    StoreUnavailableError,
+    StoreURLError,
     UnknownPolicyVersionError,
 )
 from storage.evaluations import EvaluationSummary
@@ -42,6 +44,8 @@ __all__ = [
     "SchemaNotReadyError",
     "StepSource",
     "StoreError",
+    "StoreURLError",
+    "StoreUnavailableError",
     "TransitionBatch",
     "UnknownPolicyVersionError",
 ]

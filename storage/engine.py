@@ -7,6 +7,7 @@ writer processes queue on the busy timeout instead of failing on a stale snapsho
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,32 +15,78 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+from storage.errors import StoreUnavailableError, StoreURLError
 
 BUSY_TIMEOUT_S = 60.0
 BEGIN_OPTION = "flywheel_begin"
+EXPECTED_URLS = "sqlite:///path.db or postgresql+psycopg://user@host:port/database"
 
 
 def create_engines(url: str | URL) -> tuple[Engine, Engine]:
-    """Return ``(read_engine, write_engine)`` for ``url``; both share one connection pool."""
-    parsed = make_url(url)
+    """Return ``(read_engine, write_engine)`` for ``url``; both share one connection pool.
+
+    A URL that cannot be parsed or names another backend raises :class:`StoreURLError`; a database that cannot
+    be connected to or opened raises :class:`StoreUnavailableError` when a connection is first attempted
+    (both name the URL, password hidden).
+    """
+    parsed = _parse(url)
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(parsed)
+        _name_connect_failures(engine)
         return engine, engine.execution_options(**{BEGIN_OPTION: "BEGIN IMMEDIATE"})
     if parsed.get_backend_name() == "postgresql":
         engine = sa.create_engine(parsed, pool_pre_ping=True)
+        _name_connect_failures(engine)
         return engine, engine
-    raise ValueError(
-        f"store url: expected sqlite:///… or postgresql+psycopg://…, got {parsed.render_as_string()}"
-    )
+    raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {_safe(parsed)}")
+
+
+def _parse(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))  # a password, if it has one
+        raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {hidden!r}") from None
+
+
+def _safe(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _name_connect_failures(engine: Engine) -> None:
+    """Turn a failure to open a new connection (server down, no such database, not a SQLite file, a folder
+    that cannot be written) into one :class:`StoreUnavailableError` naming the URL."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _on_error(context: sa.engine.ExceptionContext) -> StoreUnavailableError | None:
+        if context.connection is not None or context.is_pre_ping:
+            return None  # a failed statement on an open connection keeps its own error
+        reason = str(context.original_exception).strip().splitlines()[0] if context.original_exception else ""
+        if engine.dialect.name == "sqlite":
+            return StoreUnavailableError(
+                f"store {_safe(engine.url)}: cannot open a SQLite database ({reason})"
+            )
+        return StoreUnavailableError(
+            f"store {_safe(engine.url)}: cannot connect ({reason}); is the server up and the database created?"
+        )
 
 
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database in ("", ":memory:"):
-        raise ValueError(
+        raise StoreURLError(
             "store url: expected a SQLite file (sqlite:///path.db); in-memory databases are not shared"
         )
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(database).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, FileExistsError) else error.strerror or error
+        raise StoreUnavailableError(
+            f"store {_safe(url)}: cannot create its folder {folder} ({reason})"
+        ) from None
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     @sa.event.listens_for(engine, "connect")

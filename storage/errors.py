@@ -27,3 +27,11 @@ class NotFoundError(StoreError, LookupError):
 
 class SchemaNotReadyError(StoreError):
     """The database is not at the schema head: run ``flywheel db upgrade`` (``ExperienceStore.upgrade()``)."""
+
+
+class StoreURLError(StoreError, ValueError):
+    """The store URL cannot be parsed or names a backend other than SQLite and PostgreSQL."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's database cannot be reached or opened (server down, no such database, not a SQLite file)."""

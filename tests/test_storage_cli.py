@@ -8,9 +8,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from envs import ScriptedExpert
+from experiments.cli import app
 from experiments.commands import collect as collect_commands
-from experiments.commands import db as db_commands
-from experiments.commands import episodes as episode_commands
 from storage import ExperienceStore, InterventionSegment, Outcome, StepSource
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, make_episode
@@ -20,12 +19,12 @@ runner = CliRunner()
 
 
 def test_db_upgrade_stats_and_episode_browsing(store_url: str) -> None:
-    result = runner.invoke(db_commands.app, ["stats", "--db", store_url])
-    assert result.exit_code == 1 and "flywheel db upgrade" in result.output
-    result = runner.invoke(db_commands.app, ["upgrade", "--db", store_url])
+    result = runner.invoke(app, ["db", "stats", "--db", store_url])
+    assert result.exit_code == 2 and "flywheel db upgrade" in result.output
+    result = runner.invoke(app, ["db", "upgrade", "--db", store_url])
     assert result.exit_code == 0, result.output
     assert "upgraded from empty to revision" in result.output
-    assert "already at" in runner.invoke(db_commands.app, ["upgrade", "--db", store_url]).output
+    assert "already at" in runner.invoke(app, ["db", "upgrade", "--db", store_url]).output
 
     store = ExperienceStore(store_url)
     store.register_policy_version(POLICY_VERSION, kind="vla")
@@ -34,29 +33,29 @@ def test_db_upgrade_stats_and_episode_browsing(store_url: str) -> None:
     for record in records:
         store.write_episode(record)
 
-    stats = json.loads(runner.invoke(db_commands.app, ["stats", "--db", store_url, "--json"]).output)
+    stats = json.loads(runner.invoke(app, ["db", "stats", "--db", store_url, "--json"]).output)
     assert stats["episodes"] == 3 and stats["steps"] == 36
     assert stats["episodes_by_task"] == {"pick-place-v3": {"failure": 1, "success": 2}}
-    table = runner.invoke(db_commands.app, ["stats", "--db", store_url])
+    table = runner.invoke(app, ["db", "stats", "--db", store_url])
     assert table.exit_code == 0 and "pick-place-v3" in table.output
 
     listing = runner.invoke(
-        episode_commands.app, ["list", "--db", store_url, "--outcome", "success", "--limit", "1"]
+        app, ["episodes", "list", "--db", store_url, "--outcome", "success", "--limit", "1"]
     )
     assert listing.exit_code == 0, listing.output
     assert "1 of 2 episodes" in listing.output and str(records[2].uuid) in listing.output
     assert str(records[0].uuid) not in listing.output
-    bad = runner.invoke(episode_commands.app, ["list", "--db", store_url, "--outcome", "won"])
-    assert bad.exit_code == 1 and "outcome" in bad.output
+    bad = runner.invoke(app, ["episodes", "list", "--db", store_url, "--outcome", "won"])
+    assert bad.exit_code == 2 and "outcome" in bad.output
 
-    shown = runner.invoke(episode_commands.app, ["show", str(records[1].uuid), "--db", store_url])
+    shown = runner.invoke(app, ["episodes", "show", str(records[1].uuid), "--db", store_url])
     assert shown.exit_code == 0, shown.output
     for text in ("failure", "no_progress", "corner 16×16", "human steps", "39-D"):
         assert text in shown.output
     missing = runner.invoke(
-        episode_commands.app, ["show", "00000000-0000-4000-8000-000000000000", "--db", store_url]
+        app, ["episodes", "show", "00000000-0000-4000-8000-000000000000", "--db", store_url]
     )
-    assert missing.exit_code == 1 and "not in the store" in missing.output
+    assert missing.exit_code == 2 and "not in the store" in missing.output
     store.close()
 
 

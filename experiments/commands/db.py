@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.paths import default_store_url
-from storage import ExperienceStore, StoreError
+from storage import ExperienceStore
 
 app = typer.Typer(help="The experience store: schema migrations and statistics.", no_args_is_help=True)
 console = Console()
@@ -19,12 +19,9 @@ DbOption = Annotated[str | None, typer.Option(help="Store URL (default: the embe
 
 
 def open_store(db: str | None) -> ExperienceStore:
-    """The store at ``db`` (or the embedded default), with a one-line error for a bad URL."""
-    try:
-        return ExperienceStore(db or default_store_url())
-    except (ValueError, ImportError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+    """The store at ``db`` (or the embedded default); a bad or unreachable one is a ``StoreError``, which the
+    CLI reports in one line."""
+    return ExperienceStore(db or default_store_url())
 
 
 @app.command()
@@ -46,12 +43,7 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw numbers as JSON")] = False,
 ) -> None:
     """Counts of episodes (by task and outcome), steps, images, relabels, evaluations."""
-    store = open_store(db)
-    try:
-        numbers = store.stats()
-    except StoreError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+    numbers = open_store(db).stats()
     if as_json:
         typer.echo(json.dumps(numbers, indent=2, sort_keys=True))
         return

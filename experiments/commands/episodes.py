@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 import numpy as np
@@ -10,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.commands.db import DbOption, open_store
-from storage import EpisodeValidationError, NotFoundError, Outcome, StepSource, StoreError
+from experiments.validation import UserError
+from storage import Outcome, StepSource
 
 app = typer.Typer(help="Browse stored episodes.", no_args_is_help=True)
 console = Console()
@@ -27,12 +29,8 @@ def list_episodes(
 ) -> None:
     """A table of episodes matching the filters (newest last)."""
     store = open_store(db)
-    try:
-        total = store.count_episodes(task, outcome, policy_version, run_id)
-        newest = store.list_episodes(task, outcome, policy_version, run_id, limit=limit, newest_first=True)
-    except (EpisodeValidationError, StoreError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+    total = store.count_episodes(task, outcome, policy_version, run_id)
+    newest = store.list_episodes(task, outcome, policy_version, run_id, limit=limit, newest_first=True)
     summaries = newest[::-1]
     table = Table(title=f"{len(summaries)} of {total} episodes")
     table.add_column("uuid", no_wrap=True, min_width=36)
@@ -67,12 +65,13 @@ def show(
     db: DbOption = None,
 ) -> None:
     """One episode in detail: identity, outcome, provenance, interventions, chunks, cameras, per-step summary."""
-    store = open_store(db)
     try:
-        record = store.load_episode(episode, images=True)
-    except (ValueError, NotFoundError, StoreError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+        episode_uuid = uuid.UUID(episode)
+    except ValueError:
+        raise UserError(
+            f"episode {episode!r}: expected an episode UUID (as `flywheel episodes list` shows them)"
+        ) from None
+    record = open_store(db).load_episode(episode_uuid, images=True)
     info = Table(title=f"episode {record.uuid}", show_header=False)
     info.add_column("field")
     info.add_column("value")

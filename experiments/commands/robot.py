@@ -15,8 +15,15 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+from experiments.validation import UserError
+
+if TYPE_CHECKING:
+    from storage.spool import EpisodeSpool
 
 app = typer.Typer(help="Robot runtime, crash-safe episode spool, upload client and ingest endpoint.")
 
@@ -27,6 +34,15 @@ def _api_key(variable: str) -> str:
         typer.echo(f"error: --api-key-env: environment variable {variable} is empty or unset", err=True)
         raise typer.Exit(code=2)
     return key
+
+
+def _existing_spool(path: str) -> EpisodeSpool:
+    """The spool at ``path``; a missing file is a mistyped path, never an empty spool to report on."""
+    from storage.spool import EpisodeSpool
+
+    if not Path(path).is_file():
+        raise UserError(f"--spool {path}: no such spool file (`flywheel robot run --spool` creates one)")
+    return EpisodeSpool(path)
 
 
 @app.command()
@@ -54,6 +70,7 @@ def run(
     own_process: bool = typer.Option(True, help="Run the sim robot in its own process."),
     api_key_env: str | None = typer.Option(None, help="Environment variable with the policy server's key."),
     realtime_priority: int | None = typer.Option(None, help="SCHED_FIFO priority of the loop (needs root)."),
+    connect_timeout_s: float = typer.Option(30.0, min=0.1, help="Seconds to wait for the policy server."),
 ) -> None:
     """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
     from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
@@ -63,13 +80,16 @@ def run(
     from storage.spool import EpisodeSpool
 
     env = EnvConfig(task=task, render=images, width=64, height=64, max_episode_steps=max_steps, seed=seed)
+    client = OpenPIClientPolicy(  # first: a server that is down fails the command before the robot starts
+        server,
+        api_key=_api_key(api_key_env) if api_key_env else None,
+        send_privileged=True,
+        connect_timeout_s=connect_timeout_s,
+    )
     robot = RobotProcess(sim_robot_factory(env)) if own_process else SimRobot(env)
     human = None
     if human_rate > 0:
         human = SimulatedHuman(env.task, SimulatedHumanConfig(no_progress_steps=None, random_rate=human_rate))
-    client = OpenPIClientPolicy(
-        server, api_key=_api_key(api_key_env) if api_key_env else None, send_privileged=True
-    )
     config = RuntimeConfig(
         rate_hz=rate_hz,
         mode=mode,
@@ -126,7 +146,6 @@ def upload(
 ) -> None:
     """Upload pending episodes; exits 1 if some were rejected (moved aside) or remain pending."""
     from experiments.upload import UploadAuthError, UploadConfig, Uploader
-    from storage.spool import EpisodeSpool
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = UploadConfig(
@@ -136,7 +155,7 @@ def upload(
         backoff_s=backoff_s,
         max_backoff_s=max_backoff_s,
     )
-    episodes = EpisodeSpool(spool)
+    episodes = _existing_spool(spool)
     if retry_rejected:
         typer.echo(f"requeued {episodes.requeue_rejected()} rejected episodes")
     uploader = Uploader(episodes, config)
@@ -166,9 +185,9 @@ def upload(
 @app.command()
 def pending(spool: str = typer.Option("robot-spool.db", help="SQLite spool file.")) -> None:
     """List the episodes not yet acknowledged (and the rejected ones), with counts."""
-    from storage.spool import EpisodeSpool, SpoolStatus
+    from storage.spool import SpoolStatus
 
-    store = EpisodeSpool(spool)
+    store = _existing_spool(spool)
     counts = store.counts()
     typer.echo(" ".join(f"{status}={count}" for status, count in counts.items()))
     for entry in store.entries():

@@ -9,7 +9,13 @@ from policies.serving.observations import (
     observation_from_wire,
     observation_to_wire,
 )
-from policies.serving.server import BackgroundServer, InferenceError, PolicyServer, ServerConfig
+from policies.serving.server import (
+    BackgroundServer,
+    InferenceError,
+    PolicyServer,
+    ServerConfig,
+    ServerStartError,
+)
 
 __all__ = [
     "BackgroundServer",
@@ -20,6 +26,7 @@ __all__ = [
     "PolicyServer",
     "RTCRequest",
     "ServerConfig",
+    "ServerStartError",
     "WireFormatError",
     "observation_from_wire",
     "observation_to_wire",

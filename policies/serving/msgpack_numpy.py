@@ -18,6 +18,11 @@ import msgpack
 import numpy as np
 
 _REFUSED_KINDS = ("V", "O", "c")
+#: What msgpack's errors that carry no message mean.
+_UNEXPLAINED: dict[type[Exception], str] = {
+    msgpack.FormatError: "a type byte that starts no msgpack value (e.g. the reserved 0xc1)",
+    msgpack.StackError: "arrays or maps nested deeper than the decoder allows",
+}
 
 
 class WireFormatError(ValueError):
@@ -98,7 +103,10 @@ def unpackb(data: bytes) -> Any:
     except WireFormatError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as error:
-        raise WireFormatError(f"message is not valid msgpack: {error.__class__.__name__}: {error}") from error
+        detail = str(error) or _UNEXPLAINED.get(type(error), "malformed input")
+        raise WireFormatError(
+            f"message is not valid msgpack: {error.__class__.__name__}: {detail}"
+        ) from error
 
 
 Packer = functools.partial(msgpack.Packer, default=pack_array)

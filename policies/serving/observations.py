@@ -26,22 +26,24 @@ class ObservationError(ValueError):
 
 @dataclass(frozen=True)
 class ObservationSpec:
-    """What a served policy expects: camera names with image ``(H, W)``, and the state length.
+    """What a served policy expects: camera names with image ``(H, W)``, the state length, and the length of
+    the simulator state ``privileged`` for policies that read it (scripted experts).
 
     An empty ``cameras`` mapping accepts any camera names and sizes (the batcher only groups equal shapes);
-    ``state_dim=None`` accepts any state length.
+    ``state_dim=None`` accepts any state length, ``privileged_dim=None`` any ``privileged`` length.
     """
 
     cameras: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     state_dim: int | None = None
+    privileged_dim: int | None = None
 
     @classmethod
     def of(cls, policy: Policy) -> ObservationSpec:
         """Read the spec a policy advertises.
 
         Either an ``observation_spec`` attribute, or ``cameras`` + ``image_size`` (int or ``(H, W)``) +
-        ``state_dim`` on the policy or on its ``config`` (as the built-in VLA has them); whatever is absent is
-        accepted as anything.
+        ``state_dim`` + ``privileged_dim`` on the policy or on its ``config`` (as the built-in VLA has them);
+        whatever is absent is accepted as anything.
         """
         declared = getattr(policy, "observation_spec", None)
         if isinstance(declared, ObservationSpec):
@@ -50,18 +52,27 @@ class ObservationSpec:
         cameras: Sequence[str] = _first_attribute(sources, "cameras") or ()
         size = _first_attribute(sources, "image_size")
         state_dim = _first_attribute(sources, "state_dim")
+        privileged_dim = _first_attribute(sources, "privileged_dim")
         if isinstance(size, int):
             size = (size, size)
         if not cameras or size is None:
-            return cls(state_dim=state_dim)
-        return cls(cameras={camera: (int(size[0]), int(size[1])) for camera in cameras}, state_dim=state_dim)
+            return cls(state_dim=state_dim, privileged_dim=privileged_dim)
+        return cls(
+            cameras={camera: (int(size[0]), int(size[1])) for camera in cameras},
+            state_dim=state_dim,
+            privileged_dim=privileged_dim,
+        )
 
     def to_metadata(self) -> dict[str, Any]:
-        """The spec as plain msgpack-able values (``cameras``: name → ``[H, W, 3]``)."""
-        return {
+        """The spec as plain msgpack-able values (``cameras``: name → ``[H, W, 3]``; ``privileged_dim`` only
+        when declared)."""
+        metadata: dict[str, Any] = {
             "cameras": {name: [h, w, 3] for name, (h, w) in self.cameras.items()},
             "state_dim": self.state_dim,
         }
+        if self.privileged_dim is not None:
+            metadata["privileged_dim"] = self.privileged_dim
+        return metadata
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> ObservationSpec:
@@ -70,6 +81,7 @@ class ObservationSpec:
         return cls(
             cameras={str(name): (int(shape[0]), int(shape[1])) for name, shape in cameras.items()},
             state_dim=metadata.get("state_dim"),
+            privileged_dim=metadata.get("privileged_dim"),
         )
 
 
@@ -212,7 +224,7 @@ def observation_from_wire(
     if PRIVILEGED in message:
         if not allow_privileged:
             raise ObservationError("privileged: refused, this server does not take simulator state")
-        observation["privileged"] = _check_state(message[PRIVILEGED], None, PRIVILEGED)
+        observation["privileged"] = _check_state(message[PRIVILEGED], spec.privileged_dim, PRIVILEGED)
     return observation
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import http
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -89,10 +91,16 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be ≥ 1024, got {self.max_message_bytes}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected 0..65535 (0 picks a free port), got {self.port}")
 
 
 class InferenceError(RuntimeError):
     """The policy raised, or returned actions of the wrong shape, for a request."""
+
+
+class ServerStartError(OSError):
+    """The server cannot listen on its host and port (port in use, address not available, no permission)."""
 
 
 @dataclass
@@ -179,14 +187,23 @@ class PolicyServer:
         self._queue = asyncio.Queue()
         self._stopped = asyncio.Event()
         self._batcher = asyncio.get_running_loop().create_task(self._run_batches(), name="policy-batcher")
-        self._server = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            process_request=self._process_request,
-            max_size=self.config.max_message_bytes,
-            compression=None,
-        )
+        try:
+            self._server = await serve(
+                self._handle,
+                self.config.host,
+                self.config.port,
+                process_request=self._process_request,
+                max_size=self.config.max_message_bytes,
+                compression=None,
+            )
+        except OSError as error:
+            self._batcher.cancel()
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            if error.errno == errno.EADDRINUSE:
+                reason += "; another server holds it (port 0 picks a free one)"
+            raise ServerStartError(
+                f"cannot listen on {self.config.host}:{self.config.port} ({reason})"
+            ) from error
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("serving %s on ws://%s:%d", self._policy.version, self.config.host, self.port)
 
@@ -311,8 +328,8 @@ class PolicyServer:
     async def _send_error(self, connection: ServerConnection, error: Exception) -> None:
         if self.config.debug:
             text = "".join(traceback.format_exception(error))
-        else:
-            text = f"{type(error).__name__}: {error}"
+        else:  # never an empty detail: the client must learn what went wrong from the one line
+            text = f"{type(error).__name__}: {str(error) or 'no details (see the server log)'}"
         logger.info("error for %s: %s", connection.remote_address, text.splitlines()[-1] if text else error)
         with contextlib.suppress(ConnectionClosed):
             await connection.send(text)
