@@ -45,6 +45,7 @@ from experiments.training import EpisodeFilter, load_training_episodes, train_vl
 from policies.base import Policy
 from recap import POSITIVE_PROMPT, conditioned_episodes
 from recap.relabel import cross_fit
+from recap.value import ValueTrainer, train_value
 from rlt.deployment import PriorSpec
 from storage import ExperienceStore, Outcome
 
@@ -267,7 +268,7 @@ class Pipeline:
                 for episode in load_training_episodes(self.store, self._selection(state.iteration))
                 if episode.outcome != Outcome.ERROR
             ]
-            result = cross_fit(episodes, self.config.relabel)
+            result = cross_fit(episodes, self.config.relabel, self._value_trainer())
             record = result.record
             record.config["pipeline_stage"] = stage_id
             record.relabel_id = self.store.write_relabel(record)
