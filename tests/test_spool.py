@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actors.recorder import EpisodeRecorder
-from storage.records import EpisodeRecord, EpisodeValidationError, Outcome, StepSource
+from storage.records import EpisodeRecord, EpisodeValidationError, Outcome, StepSource, StoreLimitError
 from storage.spool import EpisodeDecodeError, EpisodeSpool, SpoolStatus, decode_episode, encode_episode
 
 
@@ -90,6 +90,19 @@ def test_wrong_shapes_are_validation_errors() -> None:
         decode_episode(msgpack.packb(body))
     with pytest.raises(EpisodeDecodeError, match="msgpack"):
         decode_episode(b"\xc1garbage")
+
+
+def test_put_refuses_what_the_store_would_refuse(tmp_path: Path) -> None:
+    """The robot runs the store's validation: an episode it spools is one the platform can store."""
+    spool = EpisodeSpool(tmp_path / "robot.db")
+    record = make_record()
+    record.seed = 2**64 - 1
+    with pytest.raises(StoreLimitError, match="seed: expected a signed 64-bit integer"):
+        spool.put(record)
+    record.seed, record.metadata = 0, {"operator": "ann\x00"}
+    with pytest.raises(StoreLimitError, match="metadata: expected text without NUL bytes"):
+        spool.put(record)
+    assert spool.entries() == []
 
 
 def test_put_is_atomic_idempotent_and_refuses_conflicts(tmp_path: Path) -> None:

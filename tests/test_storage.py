@@ -176,7 +176,22 @@ BAD_INPUTS = {
         "latency_ms",
         "non-negative",
     ),
+    # what one backend would refuse is refused on both, before SQL (limits from the schema's columns)
+    "seed 2^64-1": (lambda r: _bad(r, seed=2**64 - 1), "seed", "signed 64-bit"),
+    "task 300 chars": (lambda r: _bad(r, task="t" * 300), "task", "at most 256 characters"),
+    "run id 129 chars": (lambda r: _bad(r, run_id="r" * 129), "run_id", "at most 128 characters"),
+    "NUL in error": (lambda r: _bad(r, error="boom\x00"), "error", "NUL"),
+    "NUL in subtask": (lambda r: _bad(r, subtasks=["reach\x00"] * 20), "subtasks[0]", "NUL"),
+    "metadata 1000 deep": (lambda r: _bad(r, metadata=_nested(1000)), "metadata", "nested at most 64"),
+    "metadata inf": (lambda r: _bad(r, metadata={"a": [1.0, float("inf")]}), "metadata", "finite"),
 }
+
+
+def _nested(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
