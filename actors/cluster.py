@@ -124,6 +124,14 @@ class _RayRolloutWorker(RolloutWorker):
             super().close(timeout_s)
 
 
+def rollout_actor(cpus_per_worker: float = 1.0, max_restarts: int = 3) -> Any:
+    """The Ray actor class a rollout worker runs as: restartable, two threads (``set_policy`` and ``close`` reach
+    a worker during ``run``), exceptions raised as ``WorkerError``. Build one with ``.remote(**worker_kwargs)``."""
+    return ray.remote(
+        num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
+    )(_RayRolloutWorker)
+
+
 @dataclass
 class CollectionResult:
     """Outcome of a collection job."""
@@ -170,9 +178,7 @@ class RolloutCluster:
         )
         if on_worker_death == "record":
             worker_kwargs = {**worker_kwargs, "journal_dir": journal_dir or self._temporary_journal_dir}
-        actor_class = ray.remote(
-            num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
-        )(_RayRolloutWorker)
+        actor_class = rollout_actor(cpus_per_worker, max_restarts)
         self.workers = [actor_class.remote(**worker_kwargs, worker_id=index) for index in range(num_workers)]
         self._incarnations = [0] * num_workers  # restarts seen per worker: each gets its own seed stream
         self._latest_policy: ray.ObjectRef | None = None

@@ -15,8 +15,10 @@ compare stepping machinery; the rollout workers additionally record every step i
 Part 2 (inference-bound): the tiny built-in VLA (randomly initialized; timing only) with 64 px images at ``W``
 workers × ``I`` envs, each worker holding its own copy vs one ``BatchingInferenceServer`` (target ≥ 1.5×).
 
-All figures and ratios are measured in the same run, ``--rounds`` times interleaved; the best of each counts (the
-machine is shared with other jobs, whose load changes from minute to minute).
+The Ray workers are the actors ``RolloutCluster`` runs (``actors.cluster.rollout_actor``: two threads, so envs
+are built on one thread and stepped on another, as in ``flywheel collect``). All figures and ratios are measured
+in the same run, ``--rounds`` times interleaved; the best of each counts (the machine is shared with other jobs,
+whose load changes from minute to minute).
 
     python benchmarks/rollout_throughput.py [--workers 2] [--envs-per-worker 4] [--steps 2000] [--vla-steps 240]
         [--rounds 3]
@@ -40,7 +42,7 @@ import ray
 import torch
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
-from actors.cluster import ensure_ray, start_inference_server
+from actors.cluster import ensure_ray, rollout_actor, start_inference_server
 from actors.rollout import RolloutWorker
 from envs import EnvConfig, make_env
 from policies.base import Policy
@@ -120,7 +122,7 @@ def single_process(policy: Policy, env: EnvConfig, envs: int, steps: int) -> Rat
 
 def ray_workers(policy: Policy, env: EnvConfig, workers: int, envs: int, steps: int) -> Rate:
     """``workers`` Ray rollout actors (1 CPU each) with ``envs`` envs each, ``steps`` each."""
-    actor = ray.remote(num_cpus=1)(RolloutWorker)
+    actor = rollout_actor(cpus_per_worker=1)  # the collection path's actor: two threads, envs built on one
     handles = [
         actor.remote(
             [functools.partial(make_env, env)] * envs,
