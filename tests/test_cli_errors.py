@@ -95,6 +95,15 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
 }
 
+#: Same mechanism as a default case, another command: run with ``-m slow``.
+SLOW_CASES = {
+    "collect-postgres-down",
+    "iterate-postgres-down",
+    "ingest-postgres-down",
+    "serve-store-postgres-down",
+    "export-output-unwritable",
+}
+
 #: Files a failed case must not have created.
 NOT_CREATED = {
     "robot-upload-mistyped-spool": "{tmp}/mistyped.db",
@@ -187,8 +196,13 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def results(inputs) -> dict[str, subprocess.CompletedProcess]:
-    """Every case's finished process (four at a time), while a socket holds ``busy_port``."""
+def results(inputs, request) -> dict[str, subprocess.CompletedProcess]:
+    """The finished process of every selected case (four at a time), while a socket holds ``busy_port``."""
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.originalname == test_bad_input_is_one_error_line_naming_it.__name__
+    ]
     env = {**os.environ, "MUJOCO_GL": "egl", "FLYWHEEL_INGEST_KEY": "key"}
     env["FLYWHEEL_HOME"] = str(Path(inputs["tmp"]) / "home")
     with socket.socket() as busy:
@@ -199,11 +213,14 @@ def results(inputs) -> dict[str, subprocess.CompletedProcess]:
             futures = {
                 case: pool.submit(_run, [arg.format(**inputs) for arg in args], env)
                 for case, (args, _) in CASES.items()
+                if case in selected
             }
             return {case: future.result() for case, future in futures.items()}
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_CASES else case for case in CASES]
+)
 def test_bad_input_is_one_error_line_naming_it(case: str, inputs, results) -> None:
     result = results[case]
     output = result.stdout + result.stderr
