@@ -38,7 +38,7 @@ from types import MappingProxyType
 import sqlalchemy as sa
 from aiohttp import web
 
-from storage.errors import SchemaNotReadyError
+from storage.errors import SchemaNotReadyError, StoreUnavailableError
 from storage.records import EpisodeRecord, EpisodeValidationError, TaskSpec
 from storage.spool import EpisodeDecodeError, decode_episode
 from storage.store import EpisodeConflictError, ExperienceStore
@@ -53,6 +53,7 @@ _RETRYABLE = (
     ConnectionError,
     TimeoutError,
     SchemaNotReadyError,
+    StoreUnavailableError,  # no new connection could be opened (storage.engine names the URL)
 )
 #: Store failures no retry can fix: the database refused the data itself.
 _REFUSED = (sa.exc.DataError, sa.exc.IntegrityError, ValueError, OverflowError, RecursionError)

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from experiments.ingest import IngestConfig, IngestServer, metaworld_task_specs
+from storage.errors import StoreUnavailableError
 from storage.records import TaskSpec
 from storage.spool import encode_episode
 from storage.store import ExperienceStore
@@ -207,6 +208,11 @@ def _db_error(kind: type[sa.exc.DBAPIError], message: str) -> sa.exc.DBAPIError:
     [
         (ConnectionError("database at 10.0.0.5:5432 is unreachable"), 503, "unreachable"),
         (_db_error(sa.exc.OperationalError, "lock timeout"), 503, "lock timeout"),
+        (
+            StoreUnavailableError("store postgresql+psycopg://db:5432/x: cannot connect (refused)"),
+            503,
+            "refused",
+        ),
         (_db_error(sa.exc.DataError, "value too long for type character varying(64)"), 422, "too long"),
         (RuntimeError("a bug"), 500, "a bug"),
     ],
