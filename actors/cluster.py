@@ -111,17 +111,25 @@ class _RayRolloutWorker(RolloutWorker):
 
     def run(self, **kwargs: Any) -> RolloutStats:
         """``RolloutWorker.run``; an exception it (or the constructor) raised is raised as ``WorkerError``."""
-        if self._startup_error is not None:
-            raise self._startup_error
+        self._check_started()
         try:
             return super().run(**kwargs)
         except Exception as error:
             raise WorkerError.from_exception(error) from None
 
+    def set_policy(self, policy: Policy) -> None:
+        """``RolloutWorker.set_policy`` (raises the constructor's ``WorkerError`` if it failed)."""
+        self._check_started()
+        super().set_policy(policy)
+
     def close(self, timeout_s: float = 20.0) -> None:
         """``RolloutWorker.close`` (nothing to close if the constructor failed)."""
         if self._startup_error is None:
             super().close(timeout_s)
+
+    def _check_started(self) -> None:
+        if self._startup_error is not None:
+            raise self._startup_error
 
 
 def rollout_actor(cpus_per_worker: float = 1.0, max_restarts: int = 3) -> Any:
