@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """Loss history (one dict per ``log_every`` steps: step, and loss, flow_loss, fast_loss averaged over the
-    steps since the previous record and, under data parallelism, over workers), the callback's evaluations, the
+    steps since the previous record and, under data parallelism, over workers; ``elapsed_s`` since this
+    process's loop started, evaluations included), the callback's evaluations, the
     step a resumed run started after (0 = fresh) and the device it ran on."""
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -352,6 +354,7 @@ def train_bc(
         unit="step",
     )
     postfix: dict[str, str] = {}  # the latest loss and evaluation, shown next to the bar
+    started = time.perf_counter()
     for step in bar:
         index = support[torch.from_numpy(rng.integers(0, len(support), size=batch))]
         prompts = _batch_prompts(dataset, index.numpy(), config.condition_dropout, rng)
@@ -380,6 +383,7 @@ def train_bc(
                 "loss": mean[0].item(),
                 "flow_loss": mean[1].item(),
                 "fast_loss": mean[2].item(),
+                "elapsed_s": time.perf_counter() - started,
             }
             result.history.append(record)
             postfix["loss"] = f"{record['loss']:.4f}"

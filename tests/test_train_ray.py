@@ -75,3 +75,46 @@ def test_value_model_on_two_ray_train_workers_matches_one_process(store):
     )
     assert parallel.version == single.version  # same data and model: where it trained is not in the version
     assert abs(parallel.training_loss - single.training_loss) <= TOLERANCE * single.training_loss
+
+
+@pytest.mark.slow
+def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, tmp_path):
+    """SIGKILL one Ray Train worker once the first training state is written: Ray Train restarts the worker
+    group and the loop continues from that state (the step counter does not restart from 0)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    ensure_ray(num_cpus=2)
+    state_dir = tmp_path / "state"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 600
+        while not (state_dir / "train_state.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    config = BCConfig(
+        image_size=48, steps=400, batch_size=16, eval_episodes=0, train_workers=2, checkpoint_every=10
+    )
+    trained = train_vla(
+        store,
+        EpisodeFilter(tasks=["reach-v3"]),
+        config,
+        tmp_path / "out",
+        progress=False,
+        state_dir=state_dir,
+    )
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was alive to kill"
+    assert 10 <= trained.train.resumed_from < 400
+    assert [row["step"] for row in trained.train.history][-1] == 400
