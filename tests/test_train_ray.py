@@ -86,8 +86,6 @@ def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, 
     import threading
     import time
 
-    from ray.util.state import list_actors
-
     ensure_ray(num_cpus=2)
     state_dir = tmp_path / "state"
     killed: list[int] = []
@@ -96,10 +94,10 @@ def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, 
         deadline = time.monotonic() + 600
         while not (state_dir / "train_state.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
+        workers = [pid for pid in _descendants(os.getpid()) if "RayTrainWorker" in _cmdline(pid)]
+        if workers:  # Ray was started by this process: its workers are our descendants, and only those die
+            os.kill(workers[-1], signal.SIGKILL)
+            killed.append(workers[-1])
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
@@ -118,3 +116,32 @@ def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, 
     assert killed, "no Ray Train worker was alive to kill"
     assert 10 <= trained.train.resumed_from < 400
     assert [row["step"] for row in trained.train.history][-1] == 400
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (from /proc: pid → parent pid)."""
+    import os
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
