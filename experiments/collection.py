@@ -29,7 +29,7 @@ from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progr
 from actors.sinks import RunEpisodeIndex, StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
-from experiments.policy_loader import load_policy
+from experiments.policy_loader import load, register, resolve
 from policies.base import Policy
 from storage import ExperienceStore
 
@@ -133,9 +133,10 @@ def run_collection(
     store.upgrade()
     config = start_run(store, config)
     run_id, seed = config.run_id, config.seed
-    policy = policy or load_policy(
-        config.policy, task=config.env.task, store=store, noise=config.noise, seed=seed
-    )
+    if policy is None:
+        source = resolve(config.policy, store, noise=config.noise)
+        policy = load(source, task=config.env.task, store=store, seed=seed)
+        register(store, source, policy.version)
     if on_start is not None:
         on_start(config)
     limit = config.episodes if config.target_unit == "episodes" else None

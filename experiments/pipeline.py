@@ -31,18 +31,12 @@ from experiments.gate import decide
 from experiments.paths import check_writable_folder
 from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
-from experiments.pipeline_rlt import (
-    RLT_KIND,
-    RLTResult,
-    is_rlt_checkpoint,
-    load_rlt_policy,
-    load_rlt_result,
-    run_rlt,
-)
-from experiments.policy_loader import load_policy
+from experiments.pipeline_rlt import RLTResult, load_rlt_result, run_rlt
+from experiments.policy_loader import load, register, resolve
 from experiments.tracking import PipelineTracker
 from experiments.training import EpisodeFilter, load_training_episodes, train_vla
 from policies.base import Policy
+from policies.manifest import RLT_KIND, checkpoint_kind
 from recap import POSITIVE_PROMPT, conditioned_episodes
 from recap.relabel import cross_fit
 from recap.value import ValueTrainer, train_value
@@ -357,7 +351,7 @@ class Pipeline:
             for summary in self.store.list_episodes(run_id=run)
             if summary.outcome != Outcome.ERROR
         ]
-        if is_rlt_checkpoint(folder):
+        if checkpoint_kind(folder) == RLT_KIND:
             result = load_rlt_result(folder, version)
         else:
             settings, images = self.config.rlt, not self._scripted(prior)
@@ -559,20 +553,16 @@ class Pipeline:
     # ---- helpers ----
 
     def prior_version(self) -> str:
-        """The store version of the configured prior (loaded once)."""
+        """The store version of the configured prior (loaded and registered once)."""
         if self._prior_version is None:
-            prior = self.config.prior
-            self._prior_version = load_policy(
-                prior.policy,
-                task=self.config.tasks[0],
-                store=self.store,
-                noise=prior.noise,
-                seed=self.config.seed,
-            ).version
+            source = resolve(self.config.prior.policy, self.store, noise=self.config.prior.noise)
+            policy = load(source, task=self.config.tasks[0], store=self.store, seed=self.config.seed)
+            register(self.store, source, policy.version)
+            self._prior_version = policy.version
         return self._prior_version
 
     def _spec_of(self, version: str) -> tuple[str, float]:
-        """The loadable spec (and scripted noise) of a version: the prior's spec, else the version itself."""
+        """The spec (and scripted noise) a collection run records for a version: the prior's, else the version."""
         if version == self.prior_version():
             return self.config.prior.policy, self.config.prior.noise
         return version, 0.0
@@ -586,22 +576,13 @@ class Pipeline:
         return PriorSpec(version, noise, seed)
 
     def _load(self, version: str, task: str, seed: int | None = None) -> Policy:
-        """Load a version as it is served: a checkpoint carries its own inference conditions (RECAP's
-        "Advantage: positive", CFG β) in ``inference.json``; RLT versions are rebuilt around their prior."""
+        """Load a registered version as it is served (``experiments.policy_loader.load``): a checkpoint carries
+        its own inference conditions (RECAP's "Advantage: positive", CFG β); RLT is rebuilt around its prior."""
         seed = self.config.seed if seed is None else seed
-        row = next((r for r in self.store.policy_versions() if r["version"] == version), None)
-        if row is not None and row["kind"] == RLT_KIND:
-            return load_rlt_policy(
-                Path(row["uri"]), version, task, lambda prior: self._load(prior, task, seed)
-            )
-        spec, noise = self._spec_of(version)
-        return load_policy(spec, task=task, store=self.store, noise=noise, seed=seed)
-
-    def _row(self, version: str) -> dict[str, Any]:
-        return next((row for row in self.store.policy_versions() if row["version"] == version), {})
+        return load(version, task=task, store=self.store, seed=seed)
 
     def _kind(self, version: str) -> str | None:
-        return self._row(version).get("kind")
+        return (self.store.policy_version(version) or {}).get("kind")
 
     def _version_under(self, folder: Path) -> dict[str, Any] | None:
         prefix = str(folder.resolve()) + os.sep

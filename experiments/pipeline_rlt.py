@@ -25,6 +25,7 @@ from envs import EnvConfig, make_env
 from experiments.pipeline_config import RLTSettings
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
 from policies.device import resolve_device
+from policies.manifest import RLT_KIND
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
@@ -33,8 +34,6 @@ from rlt.rl_token import RLToken
 from rlt.state import RLStateEncoder, token_config_for
 from rlt.td3 import ChunkedTD3, LearnerConfig
 from storage import EpisodeRecord, ExperienceStore
-
-RLT_KIND = "rlt"
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,8 @@ def run_rlt(
     stats = [dataclasses.asdict(s) for s in loop.stats]
     history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
     history = json.loads(json.dumps(history, default=lambda value: value.item()))
-    save_rlt_checkpoint(folder, loop.learner, loop.token, deployment, manifest | {"history": history})
+    manifest |= {"rl_version": version, "history": history}
+    save_rlt_checkpoint(folder, loop.learner, loop.token, deployment, manifest)
     return RLTResult(version, folder, curve, stats)
 
 
@@ -161,11 +161,6 @@ def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], No
             store.write_episode(dataclasses.replace(record, uuid=episode_id, run_id=run_id))
 
     return write
-
-
-def is_rlt_checkpoint(folder: Path) -> bool:
-    """True if ``folder`` holds a finished RLT stage's checkpoint (it is renamed into place when complete)."""
-    return (folder / MANIFEST_FILE).is_file()
 
 
 def load_rlt_policy(

@@ -1,29 +1,43 @@
-"""Turn a policy spec from a config or the command line into a ``Policy`` — and record it in the store.
+"""The one policy loader: turn a spec or a registered version into a ``Policy``; registering it is a separate step.
 
-Specs: ``scripted`` (Meta-World's expert, ``noise`` sets its quality), a checkpoint directory of the built-in
-VLA or of a hierarchical policy (``policies.hierarchical``), a policy version registered in the store
-(resolved to its checkpoint), or ``openpi:ws://host:port[?option=value&...]`` for any openpi-compatible
-server (options: :data:`OPENPI_OPTIONS`; e.g. ``openpi:ws://gpu:8000?keys=libero&horizon=10&dim=7
-&api_key_env=PI_KEY`` for a π0.5 LIBERO server whose metadata is ``{}``).
+Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
 
-An RLT checkpoint directory (``rlt.checkpoint``, written by ``flywheel rlt`` or the pipeline's RLT stage) or an
-``rlt`` version loads as its prior until the hand-off and the deterministic RLT actor after it
-(``experiments.pipeline_rlt.RLTDeployedPolicy``); its prior is loaded recursively, so nested RLT policies work.
-A scripted prior and a distance hand-off read ``privileged`` (the simulator state), so serving such a policy to
-observations without it fails with a one-line error naming ``privileged``.
+- ``scripted[:<task>][?noise=<std>]``: Meta-World's scripted expert (reads ``privileged``; without a task it
+  takes the caller's, else each observation's prompt). ``scripted`` is version ``scripted-noise<std>``,
+  ``scripted:<task>…`` is versioned by its spec;
+- a checkpoint directory: its ``policy.json`` (``policies.manifest``) says ``vla``, ``hierarchical``
+  (``policies.hierarchical``) or ``rlt`` (``rlt.checkpoint``: its prior until the hand-off, then the RLT actor,
+  ``experiments.pipeline_rlt.RLTDeployedPolicy``; the prior loads through here, so nested RLT works);
+- ``openpi:ws://host:port[?option=value&...]``: any openpi-compatible server (options: :data:`OPENPI_OPTIONS`;
+  e.g. ``openpi:ws://gpu:8000?keys=libero&horizon=10&dim=7&api_key_env=PI_KEY`` for a π0.5 LIBERO server
+  whose metadata is ``{}``);
+- ``@FILE``: the spec FILE holds (a deploy file);
+- a version registered in the store: one indexed lookup (``ExperienceStore.policy_version``), then its ``uri``,
+  itself one of the specs above, loads under the registered name.
+
+:func:`register` records a loaded policy in the store, with a ``uri`` that reloads it; only callers whose
+episodes or evaluations name the version call it. A scripted prior and a distance hand-off read
+``privileged`` (the simulator state), so serving such a policy to observations without it fails with a
+one-line error naming ``privileged``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from policies.base import Policy
-from storage import ExperienceStore
+from policies.manifest import HIERARCHICAL_KIND, RLT_KIND, VLA_KIND, ManifestError, checkpoint_kind
 
+if TYPE_CHECKING:
+    from storage import ExperienceStore
+
+SCRIPTED, OPENPI = "scripted", "openpi"
 OPENPI_PREFIX = "openpi:"
 #: Options of an ``openpi:`` spec's query string.
 OPENPI_OPTIONS = {
@@ -43,21 +57,209 @@ class PolicySpecError(ValueError):
     """A policy spec names nothing flywheel can load."""
 
 
-def load_policy(spec: str, *, task: str, store: ExperienceStore, noise: float = 0.0, seed: int = 0) -> Policy:
-    """Resolve ``spec`` to a ``Policy`` and make sure its version is registered in ``store``."""
-    if spec == "scripted":
-        from policies.scripted import ScriptedPolicy
+@dataclass(frozen=True)
+class PolicySource:
+    """What a spec names: the ``kind`` to load, the ``uri`` (a spec) that reloads it, and the registered
+    ``version`` it was named by, if it was."""
 
-        policy = ScriptedPolicy(task, noise_std=noise, seed=seed)
-        store.register_policy_version(policy.version, kind="scripted", metadata={"noise_std": noise})
-        return policy
+    kind: str
+    uri: str
+    version: str | None = None
+
+
+def resolve(spec: str, store: ExperienceStore | None = None, *, noise: float = 0.0) -> PolicySource:
+    """The kind and reloadable uri of ``spec`` (see the module doc); ``noise`` is a bare ``scripted``
+    expert's action noise; a registered version needs ``store``."""
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise PolicySpecError(f"policy {spec!r}: {path} is not a file")
+        return resolve(path.read_text().strip(), store, noise=noise)
+    if spec == SCRIPTED or spec.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?")):
+        task, spec_noise = parse_scripted_spec(spec)
+        bare = spec == SCRIPTED
+        return PolicySource(SCRIPTED, scripted_spec(noise if bare else spec_noise, task))
     if spec.startswith(OPENPI_PREFIX):
-        return load_openpi(spec, store)
-    return _load_checkpoint(checkpoint_directory(spec, store), store, task)
+        return PolicySource(OPENPI, spec)
+    if Path(spec).is_dir():
+        return PolicySource(_checkpoint_kind(Path(spec)), str(Path(spec).resolve()))
+    return _registered(spec, store)
 
 
-def load_openpi(spec: str, store: ExperienceStore) -> Policy:
-    """Connect to the openpi-compatible server an ``openpi:`` spec names and register its version."""
+def load(
+    spec: str | PolicySource,
+    *,
+    task: str | None = None,
+    store: ExperienceStore | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Policy:
+    """The ``Policy`` ``spec`` names, for ``task`` (``None``: the checkpoint's, or each prompt's for a
+    scripted expert); ``store`` resolves registered versions (also an RLT checkpoint's stored prior)."""
+    source = spec if isinstance(spec, PolicySource) else resolve(spec, store, noise=noise)
+    return _LOADERS[source.kind](source, task, store, seed)
+
+
+def register(store: ExperienceStore, source: PolicySource, version: str) -> None:
+    """Record ``version``, loaded from ``source``, in ``store`` (idempotent) so episodes and evaluations can
+    name it; its ``uri`` reloads it. An RLT policy's parent is its prior (a scripted prior is registered too)."""
+    parent, metadata = None, {}
+    if source.kind == SCRIPTED:
+        metadata = {"noise_std": parse_scripted_spec(source.uri)[1]}
+    elif source.kind == OPENPI:
+        metadata = _openpi_metadata(parse_openpi_spec(source.uri)[1])
+    elif source.kind == RLT_KIND:
+        prior = _rlt_manifest(Path(source.uri))[1].prior
+        if prior.scripted_noise is not None:
+            register(store, PolicySource(SCRIPTED, scripted_spec(prior.scripted_noise)), prior.version)
+        parent = prior.version
+    store.register_policy_version(version, kind=source.kind, uri=source.uri, parent=parent, metadata=metadata)
+
+
+def checkpoint_directory(spec: str, store: ExperienceStore) -> Path:
+    """The built-in VLA checkpoint directory ``spec`` names (a directory or a registered version)."""
+    source = resolve(spec, store)
+    if source.kind != VLA_KIND:
+        raise PolicySpecError(f"policy {spec!r}: a {source.kind} policy, not a VLA checkpoint directory")
+    return Path(source.uri)
+
+
+def scripted_spec(noise: float, task: str | None = None) -> str:
+    """The spec (and registered uri) of the scripted expert with action noise ``noise``."""
+    return f"{SCRIPTED}{f':{task}' if task else ''}{f'?noise={noise:g}' if noise else ''}"
+
+
+def parse_scripted_spec(spec: str) -> tuple[str | None, float]:
+    """``scripted[:<task>][?noise=<std>]`` → its task (None if unnamed) and action noise."""
+    name, _, query = spec.partition("?")
+    task = name.removeprefix(SCRIPTED).removeprefix(":") or None
+    noise = 0.0
+    for entry in filter(None, query.split("&")):
+        option, _, value = entry.partition("=")
+        if option != "noise":
+            raise PolicySpecError(f"policy {spec!r}: unknown option {option!r}; known: noise")
+        try:
+            noise = float(value)
+        except ValueError:
+            noise = -1.0
+        if not noise >= 0:
+            raise PolicySpecError(f"policy {spec!r}: noise={value!r}; expected a number >= 0")
+    return task, noise
+
+
+def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
+    if store is None:
+        raise PolicySpecError(
+            f"policy {version!r}: not 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE; "
+            "pass the experience store (--store / --db) to look up a registered version"
+        )
+    row = store.policy_version(version)
+    if row is None:
+        raise PolicySpecError(
+            f"policy {version!r}: no such version registered in {store.url} "
+            "(nor is it 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE)"
+        )
+    uri = _loadable_uri(row)
+    if uri is None or uri.startswith("@") or not (Path(uri).is_dir() or _is_spec(uri)):
+        raise PolicySpecError(
+            f"policy version {version!r} ({row['kind']}) has no loadable uri here (uri={row['uri']!r})"
+        )
+    return replace(resolve(uri), version=version)
+
+
+def _loadable_uri(row: dict[str, Any]) -> str | None:
+    """A row's uri as a spec, also for rows registered before every uri was one: a scripted version had none
+    (its noise is in the metadata), an openpi version had the bare server URL."""
+    uri, kind = row["uri"], row["kind"]
+    if kind == SCRIPTED and uri is None:
+        return scripted_spec(float((row["metadata"] or {}).get("noise_std", 0.0)))
+    if kind == OPENPI and uri and not uri.startswith(OPENPI_PREFIX):
+        return OPENPI_PREFIX + uri
+    return uri
+
+
+def _is_spec(uri: str) -> bool:
+    return uri == SCRIPTED or uri.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?", OPENPI_PREFIX))
+
+
+def _checkpoint_kind(directory: Path) -> str:
+    try:
+        kind = checkpoint_kind(directory)
+    except ManifestError as error:
+        raise PolicySpecError(str(error)) from None
+    if kind is None:
+        raise PolicySpecError(f"policy {str(directory)!r}: no checkpoint in this directory (no policy.json)")
+    return kind
+
+
+def _load_scripted(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
+    from policies.scripted import ScriptedPolicy, scripted_version
+
+    own_task, noise = parse_scripted_spec(source.uri)
+    if own_task and task and own_task != task:
+        raise PolicySpecError(
+            f"policy {source.version or source.uri!r}: the scripted expert of {own_task!r}, not {task!r}"
+        )
+    version = source.version or (source.uri if own_task else scripted_version(noise))
+    return ScriptedPolicy(own_task or task, noise_std=noise, seed=seed, version=version)
+
+
+def _load_vla(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
+    from policies.checkpoint import load_checkpoint
+
+    return load_checkpoint(source.uri, **({"version": source.version} if source.version else {}))
+
+
+def _load_hierarchical(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
+    from policies.hierarchical import load_hierarchical
+
+    return load_hierarchical(source.uri)
+
+
+def _load_rlt(source: PolicySource, task: str | None, store: ExperienceStore | None, seed: int) -> Policy:
+    """An RLT checkpoint as the policy it deploys (``experiments.pipeline_rlt.load_rlt_policy``); ``task``
+    (default: the checkpoint's) must be the task it was trained on."""
+    from experiments.pipeline_rlt import load_rlt_policy
+    from rlt.errors import RLTInputError
+
+    directory = Path(source.uri)
+    manifest, deployment = _rlt_manifest(directory)
+    task = task or deployment.task
+    if deployment.task != task:
+        raise PolicySpecError(f"RLT checkpoint {directory} was trained on {deployment.task!r}, not {task!r}")
+    version = source.version or manifest.get("rl_version") or directory.name
+    try:
+        return load_rlt_policy(
+            directory, version, task, lambda prior: load(prior, task=task, store=store, seed=seed)
+        )
+    except RLTInputError as error:
+        raise PolicySpecError(str(error)) from None
+
+
+def _rlt_manifest(directory: Path) -> tuple[dict[str, Any], Any]:
+    """An RLT checkpoint's manifest and its deployment block (``rlt.deployment.RLTDeployment``)."""
+    from rlt.checkpoint import MANIFEST_FILE
+    from rlt.deployment import RLTDeployment
+    from rlt.errors import RLTInputError
+
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        return manifest, RLTDeployment.from_manifest(manifest)
+    except (OSError, ValueError, RLTInputError) as error:
+        raise PolicySpecError(f"RLT checkpoint {directory}: {error}") from None
+
+
+_LOADERS: dict[str, Callable[[PolicySource, str | None, Any, int], Policy]] = {
+    SCRIPTED: _load_scripted,
+    OPENPI: lambda source, task, store, seed: load_openpi(source.uri),
+    VLA_KIND: _load_vla,
+    HIERARCHICAL_KIND: _load_hierarchical,
+    RLT_KIND: _load_rlt,
+}
+
+
+def load_openpi(spec: str) -> Policy:
+    """Connect to the openpi-compatible server an ``openpi:`` spec names."""
     from policies.openpi_client import MissingMetadataError, OpenPIClientPolicy, ServerError
 
     url, options = parse_openpi_spec(spec)
@@ -70,7 +272,6 @@ def load_openpi(spec: str, store: ExperienceStore) -> Policy:
         ) from None
     except (ServerError, ValueError) as error:
         raise PolicySpecError(f"policy {spec!r}: {error}") from None
-    store.register_policy_version(policy.version, kind="openpi", uri=url, metadata=_openpi_metadata(options))
     return policy
 
 
@@ -155,73 +356,3 @@ def _openpi_metadata(options: dict[str, Any]) -> dict[str, Any]:
     if "keys" in options:
         recorded["keys"] = {"images": dict(options["keys"].images), "prompt": options["keys"].prompt}
     return recorded
-
-
-def checkpoint_directory(spec: str, store: ExperienceStore) -> Path:
-    """``spec`` as a checkpoint directory: the directory itself, or a registered version's."""
-    directory = Path(spec)
-    return directory if directory.is_dir() else _checkpoint_of_version(spec, store)
-
-
-def _checkpoint_of_version(version: str, store: ExperienceStore) -> Path:
-    for row in store.policy_versions():
-        if row["version"] == version:
-            if not row["uri"] or not Path(row["uri"]).is_dir():
-                raise PolicySpecError(
-                    f"policy version {version!r} has no checkpoint directory (uri={row['uri']!r})"
-                )
-            return Path(row["uri"])
-    raise PolicySpecError(
-        f"policy {version!r}: not 'scripted', 'openpi:ws://…', a checkpoint directory or a registered version"
-    )
-
-
-def _load_checkpoint(directory: Path, store: ExperienceStore, task: str) -> Policy:
-    from experiments.pipeline_rlt import is_rlt_checkpoint
-    from policies.checkpoint import load_checkpoint
-    from policies.hierarchical import is_hierarchical_checkpoint, load_hierarchical
-
-    if is_rlt_checkpoint(directory):
-        return load_rlt(directory, store, task)
-    if is_hierarchical_checkpoint(directory):
-        policy = load_hierarchical(directory)
-        store.register_policy_version(policy.version, kind="hierarchical", uri=str(directory.resolve()))
-        return policy
-    policy = load_checkpoint(directory)
-    store.register_policy_version(policy.version, kind="vla", uri=str(directory.resolve()))
-    return policy
-
-
-def load_rlt(directory: Path, store: ExperienceStore, task: str | None = None) -> Policy:
-    """An RLT checkpoint directory as the policy it deploys (``experiments.pipeline_rlt.load_rlt_policy``),
-    registered in ``store`` (kind ``rlt``, parent = its prior); ``task`` (default: the checkpoint's) must be the
-    task it was trained on."""
-    from experiments.pipeline_rlt import RLT_KIND, load_rlt_policy
-    from rlt.checkpoint import MANIFEST_FILE
-    from rlt.deployment import RLTDeployment
-    from rlt.errors import RLTInputError
-
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    try:
-        deployment = RLTDeployment.from_manifest(manifest)
-    except RLTInputError as error:
-        raise PolicySpecError(str(error)) from None
-    task = task or deployment.task
-    if deployment.task != task:
-        raise PolicySpecError(f"RLT checkpoint {directory} was trained on {deployment.task!r}, not {task!r}")
-    uri = str(directory.resolve())
-    version = next((row["version"] for row in store.policy_versions() if row["uri"] == uri), None)
-    version = version or manifest.get("rl_version") or directory.name
-    try:
-        policy = load_rlt_policy(
-            directory, version, task, lambda spec: load_policy(spec, task=task, store=store)
-        )
-    except RLTInputError as error:
-        raise PolicySpecError(str(error)) from None
-    prior = deployment.prior
-    if prior.scripted_noise is not None:
-        store.register_policy_version(
-            prior.version, kind="scripted", metadata={"noise_std": prior.scripted_noise}
-        )
-    store.register_policy_version(version, kind=RLT_KIND, uri=uri, parent=prior.version)
-    return policy

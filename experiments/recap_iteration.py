@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, CollectReport, run_collection
 from experiments.evaluation import EvalResult, evaluate
-from experiments.policy_loader import load_policy
+from experiments.policy_loader import load, register, resolve
 from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
 from recap import POSITIVE_PROMPT, RelabelConfig, conditioned_episodes, relabel
 from storage import EpisodeRecord, ExperienceStore, Outcome, RelabelRecord
@@ -138,7 +138,9 @@ def run_recap_iteration(
     """Collect → relabel → retrain → evaluate, recording each product in the store."""
     store = ExperienceStore(config.store_url)
     store.upgrade()
-    current = load_policy(config.policy, task=config.task, store=store, seed=config.seed)
+    source = resolve(config.policy, store)
+    current = load(source, task=config.task, store=store, seed=config.seed)
+    register(store, source, current.version)
     before = _evaluate(store, current, config, conditions=None)
     collection = collect_stage(config, progress)
     selection = EpisodeFilter(

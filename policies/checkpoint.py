@@ -1,7 +1,7 @@
 """VLA checkpoints: one directory with safetensors weights, JSON config, normalization stats and tokenizers.
 
 Files: ``model.safetensors``, ``config.json``, ``norm_stats.json``, ``tokenizer.json`` (prompt BPE), and with
-Knowledge Insulation ``fast_tokenizer.json``; ``inference.json`` keeps how the policy is meant to be queried (its
+Knowledge Insulation ``fast_tokenizer.json``; ``policy.json`` names the kind (``policies.manifest``); ``inference.json`` keeps how the policy is meant to be queried (its
 condition text, e.g. RECAP's "Advantage: positive", and the CFG β), so a served checkpoint behaves as evaluated.
 Loading validates every file and every tensor shape against the
 config and raises :class:`CheckpointError` naming the file and field. The policy version is derived from the
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from policies.fast import FASTError, FASTTokenizer
+from policies.manifest import VLA_KIND, write_kind
 from policies.normalization import NormalizationError, NormalizationStats
 from policies.vla.config import ConfigError, VLAConfig
 from policies.vla.model import VLAModel
@@ -52,6 +53,7 @@ def save_checkpoint(policy: VLAPolicy, directory: str | Path) -> str:
         policy.fast_tokenizer.save(path / FAST_TOKENIZER)
     inference = {"conditions": policy.conditions, "cfg_beta": policy.cfg_beta}
     (path / INFERENCE).write_text(json.dumps(inference, indent=1))
+    write_kind(path, VLA_KIND)
     return weights_version(path, policy.config)
 
 

@@ -7,7 +7,8 @@ episode's first), classifying into the subtask vocabulary seen in training. Its 
 bigger model) can replace it without touching the low level.
 
 A hierarchical checkpoint is one directory: ``low_level/`` (a VLA checkpoint, see ``policies.checkpoint``),
-``subtask_model.safetensors`` and ``subtask_model.json`` (format, vocabulary, camera, sizes, history). Its
+``subtask_model.safetensors``, ``subtask_model.json`` (format, vocabulary, camera, sizes, history) and
+``policy.json`` (its kind, ``policies.manifest``). Its
 version, ``hier-<12 hex>``, is derived from both levels' weights. Format 1 (no ``format`` key) had no subtask
 history and loads as ``history=0``.
 """
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from policies.base import ActionChunk, ObservationBatch, Policy
 from policies.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from policies.manifest import HIERARCHICAL_KIND, write_kind
 from policies.vla.policy import VLAPolicy
 
 LOW_LEVEL_DIR, SUBTASK_WEIGHTS, SUBTASK_CONFIG = (
@@ -309,6 +311,7 @@ def save_hierarchical(policy: HierarchicalPolicy, directory: str | Path) -> str:
         "history": high.history,
     }
     (path / SUBTASK_CONFIG).write_text(json.dumps(config, indent=1))
+    write_kind(path, HIERARCHICAL_KIND)
     policy.version = _hierarchical_version(path)
     return policy.version
 

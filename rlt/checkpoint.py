@@ -2,7 +2,8 @@
 
 Layout: ``actor_critic.safetensors`` (``ChunkedTD3.save_checkpoint``), ``rl_token.safetensors``
 (``RLToken.save``) and ``rlt.json``: the ``deployment`` block (``rlt.deployment.RLTDeployment``: task, prior,
-hand-off — what rebuilding the deployed policy needs) plus anything the caller adds (evaluation, history).
+hand-off — what rebuilding the deployed policy needs) plus anything the caller adds (evaluation, history);
+``policy.json`` names the kind (``policies.manifest``).
 Everything is written to a sibling temporary directory and renamed into place only after every part was
 written, so a diverged learner (``CriticDivergedError``) or non-finite token leaves no checkpoint behind.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policies.manifest import RLT_KIND, write_kind
 from rlt.deployment import RLTDeployment
 from rlt.errors import RLTInputError
 from rlt.rl_token import RLToken
@@ -59,6 +61,7 @@ def save_rlt_checkpoint(
         token.save(staging / TOKEN_FILE)
         document = (manifest or {}) | deployment.to_manifest()
         (staging / MANIFEST_FILE).write_text(json.dumps(document, indent=1, sort_keys=True))
+        write_kind(staging, RLT_KIND)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -51,10 +51,19 @@ class PolicyRegistry:
 
     def versions(self) -> list[dict[str, Any]]:
         """All registered policy versions, oldest first."""
+        return self._rows(sa.true())
+
+    def version(self, version: str) -> dict[str, Any] | None:
+        """The registered row of ``version`` (as in ``versions``), or None; one indexed lookup."""
+        rows = self._rows(PolicyVersion.version == version)
+        return rows[0] if rows else None
+
+    def _rows(self, where: sa.ColumnElement[bool]) -> list[dict[str, Any]]:
         parent = sa.orm.aliased(PolicyVersion)
         query = (
             sa.select(PolicyVersion, parent.version)
             .outerjoin(parent, PolicyVersion.parent_id == parent.id)
+            .where(where)
             .order_by(PolicyVersion.id)
         )
         with self._db.read_session() as session:

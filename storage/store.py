@@ -120,6 +120,11 @@ class ExperienceStore:
         self._schema.require()
         return self._policies.versions()
 
+    def policy_version(self, version: str) -> dict[str, Any] | None:
+        """The registered ``version`` (keys as in ``policy_versions``), or None if it is not registered."""
+        self._schema.require()
+        return self._policies.version(version)
+
     def register_run(
         self, run_id: str, name: str | None = None, config: dict[str, Any] | None = None
     ) -> None:

@@ -31,6 +31,7 @@ from experiments.pipeline_config import (
     load_pipeline_config,
     parse_pipeline_config,
 )
+from experiments.policy_loader import load
 from experiments.schedule import ScheduleError, parse_interval
 from recap import POSITIVE_PROMPT
 
@@ -162,9 +163,7 @@ def test_gate_rejects_worse_policy_and_it_stays_registered(two_iterations):
     assert deployed.tags["store_version"] == second.outputs["train"]["version"]
     assert pipeline.deploy_file().read_text().strip() == second.outputs["train"]["version"]
     assert pipeline.deployed_version() == second.outputs["train"]["version"]
-    from experiments.commands.serve import resolve_policy
-
-    served = resolve_policy(f"@{pipeline.deploy_file()}", pipeline.config.store_url)
+    served = load(f"@{pipeline.deploy_file()}", store=pipeline.store)
     assert served.version == second.outputs["train"]["version"]
 
 

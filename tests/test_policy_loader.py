@@ -1,5 +1,7 @@
-"""``load_policy``: ``openpi:`` specs (with options) collecting against a served policy, and RLT checkpoints
-(``flywheel rlt`` and pipeline manifests) for collection and serving."""
+"""The one policy loader (``experiments.policy_loader``): it dispatches every kind (VLA, hierarchical, RLT,
+scripted, openpi, ``@FILE``, registered versions) on the checkpoint's manifest; ``openpi:`` specs (with options)
+collect against a served policy; RLT checkpoints (``flywheel rlt`` and pipeline manifests) collect and serve;
+a deploy file naming the scripted prior serves (issue 21's regression)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,9 @@ from typer.testing import CliRunner
 from envs import EnvConfig, MetaWorldEnv
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
-from experiments.commands.serve import PolicyResolutionError, resolve_policy
 from experiments.pipeline_config import RLTSettings
 from experiments.pipeline_rlt import RLTDeployedPolicy, deployment_for, load_rlt_policy, run_rlt
-from experiments.policy_loader import PolicySpecError, load_policy
+from experiments.policy_loader import PolicySpecError, load, resolve
 from policies.base import stack_observations
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
@@ -71,7 +72,7 @@ def test_collect_with_an_rlt_version_stores_episodes_naming_it(trained, tmp_path
 def test_loaded_rlt_policy_is_the_prior_plus_the_saved_actor(trained, tmp_path) -> None:
     url, version = trained
     store = ExperienceStore(url)
-    policy = load_policy(version, task=TASK, store=store)
+    policy = load(version, task=TASK, store=store)
     assert isinstance(policy, RLTDeployedPolicy) and policy.version == version
     assert isinstance(policy.switch, AlwaysCritical) and policy.action_horizon == 10
     observation, _ = MetaWorldEnv(EnvConfig(task=TASK, render=False, seed=3)).reset(seed=3)
@@ -88,14 +89,14 @@ def test_loaded_rlt_policy_is_the_prior_plus_the_saved_actor(trained, tmp_path) 
     assert "\n" not in str(error.value)
 
     with pytest.raises(PolicySpecError, match=f"trained on '{TASK}', not 'reach-v3'"):
-        load_policy(version, task="reach-v3", store=store)
-    assert resolve_policy(version, url).version == version
-    with pytest.raises(PolicyResolutionError, match="an RLT checkpoint needs --store"):
-        resolve_policy(str(_checkpoint(store, version)))
+        load(version, task="reach-v3", store=store)
+    directory = _checkpoint(store, version)
+    assert resolve(str(directory)).kind == "rlt" and (directory / "policy.json").is_file()
+    assert load(str(directory)).version == version, "its scripted prior needs no store; the manifest names it"
 
 
 def _checkpoint(store: ExperienceStore, version: str) -> Path:
-    return Path(next(row["uri"] for row in store.policy_versions() if row["version"] == version))
+    return Path(store.policy_version(version)["uri"])
 
 
 def test_both_writers_leave_one_deployment_block(trained, tmp_path) -> None:
@@ -142,12 +143,12 @@ def test_a_manifest_without_a_deployment_block_is_a_one_line_error(trained, tmp_
         json.dumps({key: value for key, value in manifest.items() if key != "deployment"})
     )
     with pytest.raises(PolicySpecError, match="RLT manifest: no valid 'deployment' block"):
-        load_policy(str(old), task=TASK, store=store)
+        load(str(old), task=TASK, store=store)
 
 
 def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
     """The pipeline's RLT stage (``run_rlt``, tiny budget, distance hand-off) writes the same checkpoint format;
-    ``load_policy`` rebuilds it with its hand-off, the actor acts once the hand is near the peg, and the
+    ``load`` rebuilds it with its hand-off, the actor acts once the hand is near the peg, and the
     collected episodes name the RLT version."""
     url = f"sqlite:///{tmp_path / 'pipeline.db'}"
     store = ExperienceStore(url)
@@ -167,12 +168,21 @@ def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
     )
     env = EnvConfig(task=TASK, render=False, max_episode_steps=150, seed=0)  # hand near the peg by ~100
     version = "rlt:tiny/iter-0001"
-    load = lambda spec: load_policy(spec, task=TASK, store=store)  # noqa: E731 (unused: the prior is scripted)
+    load_version = lambda spec: load(spec, task=TASK, store=store)  # noqa: E731 (unused: the prior is scripted)
     run_rlt(
-        store, prior, load, env, settings, version=version, run_id="rlt-run", folder=tmp_path / "rlt", seed=0
+        store,
+        prior,
+        load_version,
+        env,
+        settings,
+        version=version,
+        run_id="rlt-run",
+        folder=tmp_path / "rlt",
+        seed=0,
     )
 
-    policy = load_policy(version, task=TASK, store=store)
+    policy = load(version, task=TASK, store=store)
+    assert load(str(tmp_path / "rlt"), store=store).version == version, "the manifest names the version"
     assert isinstance(policy, RLTDeployedPolicy) and isinstance(policy.switch, DistanceSwitch)
     assert policy.switch.threshold == 0.1
     acted: list[int] = []
@@ -220,7 +230,7 @@ def test_the_pipeline_rebuilds_a_flywheel_rlt_checkpoint(trained) -> None:
     url, version = trained
     store = ExperienceStore(url)
     policy = load_rlt_policy(
-        _checkpoint(store, version), version, TASK, lambda spec: load_policy(spec, task=TASK, store=store)
+        _checkpoint(store, version), version, TASK, lambda spec: load(spec, task=TASK, store=store)
     )
     assert isinstance(policy.switch, AlwaysCritical) and policy.prior.version == "scripted-noise0.3"
     assert policy.version == version and policy.action_horizon == 10
@@ -278,13 +288,15 @@ def test_collect_through_an_openpi_spec_with_key_map_api_key_and_horizon(tmp_pat
             ("dim=3", "action_dim=3 does not fit the server's action_dim 4"),
         ]:
             with pytest.raises(PolicySpecError, match=message):
-                load_policy(f"openpi:{background.url}?{options}&{extra}", task="reach-v3", store=store)
+                load(f"openpi:{background.url}?{options}&{extra}", task="reach-v3", store=store)
     assert len(records) == 2 and calls >= 2 * 24 // 5
     for record in records:
         assert record.length == 24 and _policy_step_versions(record) == {"scripted-served"}
         assert set(record.chunk_offsets.tolist()) == set(range(5)), "chunks cut to horizon=5"
-    row = next(r for r in ExperienceStore(url).policy_versions() if r["version"] == "scripted-served")
-    assert row["kind"] == "openpi" and row["uri"] == background.url
+    row = ExperienceStore(url).policy_version("scripted-served")
+    assert row["kind"] == "openpi" and row["uri"] == f"openpi:{background.url}?{options}", (
+        "the spec reloads it"
+    )
     assert row["metadata"]["action_horizon"] == 5 and "k-openpi" not in json.dumps(row["metadata"])
 
 
@@ -298,7 +310,7 @@ def test_an_openpi_server_with_empty_metadata_needs_horizon_and_dim(tmp_path, mo
     options = "key=image:corner=observation/image&privileged=1&api_key_env=FW_OPENPI_KEY"
     with _served_scripted(OpenPIStyleServer) as background:
         with pytest.raises(PolicySpecError, match="no 'action_horizon'; add horizon=N") as error:
-            load_policy(f"openpi:{background.url}?{options}", task="reach-v3", store=store)
+            load(f"openpi:{background.url}?{options}", task="reach-v3", store=store)
         assert "\n" not in str(error.value)
         spec = f"openpi:{background.url}?{options}&horizon=8&dim=4&version=pi-like"
         records = _collect(url, spec, "openpi-style")
@@ -326,3 +338,104 @@ def test_bad_openpi_options_are_one_line_errors(tmp_path, monkeypatch, options, 
     )
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_the_loader_dispatches_every_kind_and_registered_uris_reload(tmp_path) -> None:
+    """Each kind loads from its spec (the checkpoint's ``policy.json``, or its files for a checkpoint written
+    before manifests), from ``@FILE`` and, once ``register``\\ed, from its version: the uri reloads it. A
+    hierarchical checkpoint serves."""
+    from experiments.commands.serve import ServeConfig, build_server
+    from experiments.policy_loader import register
+    from policies.hierarchical import HierarchicalPolicy, save_hierarchical
+    from policies.vla import VLAPolicy
+    from tests.test_hierarchical import PROMPT, _samples, _two_level
+    from tests.test_serving import _tiny_vla
+
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'fw.db'}")
+    store.upgrade()
+    vla_version = _tiny_vla().save(tmp_path / "vla")
+    images, state, _, labels = _samples(40, size=48)  # _two_level's episode is 40 steps
+    hierarchical = save_hierarchical(_two_level(images, state, labels, steps=2)[0], tmp_path / "hier")
+    noisy = f"scripted:{TASK}?noise=0.2"
+    cases = {
+        str(tmp_path / "vla"): ("vla", VLAPolicy, vla_version),
+        str(tmp_path / "hier"): ("hierarchical", HierarchicalPolicy, hierarchical),
+        "scripted": ("scripted", ScriptedPolicy, "scripted-noise0"),
+        noisy: ("scripted", ScriptedPolicy, noisy),
+    }
+    deploy = tmp_path / "deployed"
+    for spec, (kind, policy_type, version) in cases.items():
+        source = resolve(spec, store)
+        policy = load(source, task=TASK, store=store)
+        assert source.kind == kind and type(policy) is policy_type and policy.version == version, spec
+        assert store.policy_version(version) is None, "loading registers nothing"
+        register(store, source, version)
+        deploy.write_text(f"{version}\n")
+        again = load(f"@{deploy}", task=TASK, store=store)
+        assert type(again) is policy_type and again.version == version, spec
+    assert load(noisy).noise_std == 0.2 and load(noisy).task == TASK
+    assert resolve("openpi:ws://127.0.0.1:1?horizon=4").kind == "openpi"
+
+    for directory, kind in [(tmp_path / "vla", "vla"), (tmp_path / "hier", "hierarchical")]:
+        (directory / "policy.json").unlink()  # as written before manifests
+        assert resolve(str(directory)).kind == kind
+    (tmp_path / "vla" / "policy.json").write_text('{"kind": "pi0"}')
+    (tmp_path / "empty").mkdir()
+    for spec, message in [
+        (str(tmp_path / "vla"), "kind 'pi0' is not one of vla, hierarchical, rlt"),
+        (str(tmp_path / "empty"), "no checkpoint in this directory"),
+        ("v9", "no such version registered"),
+        ("scripted:reach-v3?noise=-1", "noise='-1'; expected a number >= 0"),
+        (f"@{tmp_path / 'nowhere'}", "is not a file"),
+    ]:
+        with pytest.raises(PolicySpecError, match=message) as error:
+            load(spec, store=store)
+        assert "\n" not in str(error.value)
+    with pytest.raises(PolicySpecError, match=f"the scripted expert of '{TASK}', not 'push-v3'"):
+        load(f"scripted:{TASK}", task="push-v3")
+
+    observation = {"images": {"corner": images[0]}, "state": state[0], "prompt": PROMPT}
+    server = build_server(ServeConfig(policy=str(tmp_path / "hier"), port=0))
+    with BackgroundServer(server) as background, OpenPIClientPolicy(background.url) as client:
+        reply = client.infer_one(observation)
+    assert reply["policy_version"] == hierarchical and np.asarray(reply["actions"]).shape[1] == 4
+
+
+def test_a_deploy_file_naming_the_scripted_prior_serves(tmp_path) -> None:
+    """Issue 21's regression: the first candidate was rejected, so the deploy file names the pipeline's scripted
+    prior; ``flywheel serve --policy @deployed --store URL`` starts and answers as the prior (it failed with
+    "no uri": the prior was registered without one). A prior registered that way by an older flywheel loads
+    from its recorded noise."""
+    from experiments.pipeline import Pipeline
+    from experiments.pipeline_config import load_pipeline_config
+    from tests.test_pipeline import tiny_config
+
+    pipeline = Pipeline(load_pipeline_config(tiny_config(tmp_path)), progress=False)
+    prior = pipeline.prior_version()
+    assert pipeline.store.policy_version(prior)["uri"] == "scripted?noise=0.5"
+    pipeline.deploy_file().write_text(f"{prior}\n")  # what the deploy stage writes after a rejection
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", f"@{pipeline.deploy_file()}"]
+    command += ["--store", pipeline.config.store_url, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    observation, _ = MetaWorldEnv(EnvConfig(task="reach-v3", render=False, seed=1)).reset(seed=1)
+    try:
+        client = OpenPIClientPolicy(f"ws://127.0.0.1:{port}", send_privileged=True, connect_timeout_s=90)
+        reply = client.infer_one(observation)
+        assert reply["policy_version"] == prior and np.isfinite(reply["actions"]).all()
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "Traceback" not in output, output
+
+    legacy = ExperienceStore(f"sqlite:///{tmp_path / 'legacy.db'}")
+    legacy.upgrade()
+    legacy.register_policy_version("scripted-noise0.3", kind="scripted", metadata={"noise_std": 0.3})
+    policy = load("scripted-noise0.3", store=legacy)
+    assert (
+        isinstance(policy, ScriptedPolicy)
+        and policy.version == "scripted-noise0.3"
+        and policy.noise_std == 0.3
+    )

@@ -104,7 +104,7 @@ def _first_observation():
 def test_serve_command_rejects_an_unloadable_policy_with_one_line() -> None:
     result = CliRunner().invoke(serve_app, ["--policy", "/nonexistent/checkpoint", "--port", "0"])
     assert result.exit_code == 2
-    assert "error: --policy '/nonexistent/checkpoint'" in result.output and "Traceback" not in result.output
+    assert "error: policy '/nonexistent/checkpoint'" in result.output and "Traceback" not in result.output
 
 
 def test_serve_command_needs_the_api_key_variable_it_names(monkeypatch) -> None:

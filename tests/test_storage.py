@@ -223,6 +223,23 @@ def test_unknown_policy_version_is_rejected_before_anything_is_written(store: Ex
     assert store.load_episode(record.uuid).policy_versions[7] == "never-registered"
 
 
+def test_one_version_is_looked_up_by_name(store: ExperienceStore) -> None:
+    """``policy_version`` answers with the same row ``policy_versions`` lists (parent by name), or None."""
+    store.register_policy_version(
+        "vla-v3", kind="vla", uri="/ckpt/v3", parent=POLICY_VERSION, metadata={"k": 1}
+    )
+    row = store.policy_version("vla-v3")
+    assert row == next(v for v in store.policy_versions() if v["version"] == "vla-v3")
+    assert (row["kind"], row["uri"], row["parent"], row["metadata"]) == (
+        "vla",
+        "/ckpt/v3",
+        POLICY_VERSION,
+        {"k": 1},
+    )
+    assert store.policy_version(POLICY_VERSION)["parent"] is None
+    assert store.policy_version("vla-v") is None and store.policy_version("ghost") is None
+
+
 def test_filters_list_count_and_iterate(store: ExperienceStore) -> None:
     rng = np.random.default_rng(7)
     store.register_policy_version("vla-v2", kind="vla", parent=POLICY_VERSION)

@@ -18,7 +18,7 @@ from experiments.context import (
     subtask_labels,
     train_hierarchical,
 )
-from experiments.policy_loader import load_policy
+from experiments.policy_loader import load
 from experiments.training import BCConfig, EpisodeFilter
 from policies.hierarchical import HierarchicalPolicy, load_hierarchical
 from storage import ExperienceStore, Outcome, StepSource
@@ -168,7 +168,7 @@ def test_cli_trains_and_evaluates_hierarchical_and_metadata_policies(demos, tmp_
     result = runner.invoke(app, ["train", "bc", *common, "--metadata"])
     assert result.exit_code == 0, result.output
     metadata_version = store.policy_versions()[-1]["version"]
-    policy = load_policy(metadata_version, task=TASK, store=store)
+    policy = load(metadata_version, task=TASK, store=store)
     assert policy.conditions == DESIRED_METADATA and not isinstance(policy, HierarchicalPolicy)
     evaluated = runner.invoke(
         app, [*evaluate, "--policy", metadata_version, "--episodes", "1", "--max-episode-steps", "5"]

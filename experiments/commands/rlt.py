@@ -19,7 +19,7 @@ from actors.sinks import StoreSink
 from envs import EnvConfig, MetaWorldEnv
 from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.policy_loader import PolicySpecError, load_policy
+from experiments.policy_loader import PolicySpecError, load, register, resolve
 from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process, train_on_ray
 from experiments.validation import first_error
 from policies.base import Policy, stack_observations
@@ -204,16 +204,18 @@ def _load_prior(
     needs (cameras for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
 
     def load_version(version: str) -> Policy:
-        return load_policy(version, task=env_config.task, store=store, seed=seed)
+        return load(version, task=env_config.task, store=store, seed=seed)
 
     if spec == "scripted":
         prior = PriorSpec(scripted_version(noise), noise, seed)
-        store.register_policy_version(prior.version, kind="scripted", metadata={"noise_std": noise})
+        register(store, resolve(spec, noise=noise), prior.version)
         return prior, prior.load(env_config.task, chunk_size, load_version), env_config
     try:
-        policy = load_version(spec)
+        source = resolve(spec, store)
+        policy = load(source, task=env_config.task, store=store, seed=seed)
     except (PolicySpecError, CheckpointError) as error:
         _fail(f"--prior: {error}")
+    register(store, source, policy.version)
     vla = getattr(policy, "low_level", policy)
     if hasattr(vla, "config"):
         size = vla.config.image_size

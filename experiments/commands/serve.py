@@ -1,38 +1,35 @@
 """``flywheel serve``: serve a policy over openpi's WebSocket protocol (see docs/serving.md).
 
-``--policy`` is a VLA checkpoint directory, ``scripted:<task>`` (Meta-World's scripted expert; simulation
-only, it reads the simulator state the client sends), or a version registered in the experience store given
-with ``--store`` (its ``uri`` must be a checkpoint directory or ``scripted:<task>``); ``@FILE`` reads one of
-those from FILE. An RLT checkpoint directory or ``rlt`` version (its prior + the RLT actor, loaded by
-``experiments.policy_loader``) needs ``--store``. SIGHUP resolves ``--policy`` again (re-reading FILE) and
-hot-swaps to the result without dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys v7.
+``--policy`` is anything ``experiments.policy_loader`` loads: a checkpoint directory (VLA, hierarchical or RLT —
+its ``policy.json`` says which), ``scripted[:<task>]`` (Meta-World's scripted expert; simulation only, it reads
+the simulator state the client sends), ``openpi:ws://…``, a version registered in the experience store given
+with ``--store``, or ``@FILE`` naming one of those (a pipeline's deploy file). An RLT policy whose prior is a
+stored version needs ``--store`` too. SIGHUP resolves ``--policy`` again (re-reading FILE) and hot-swaps to the
+result without dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys v7.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from experiments.policy_loader import load
+from experiments.validation import UserError
 from policies.base import Policy
 from policies.device import place, resolve_device
 from policies.serving import ObservationKeys, PolicyServer, ServerConfig
 
 app = typer.Typer(help="Serve a policy over openpi's WebSocket protocol.")
 
-SCRIPTED_PREFIX = "scripted:"
 KEY_HELP = (
     "openpi-style field name, repeatable: image:<camera>=<wire key>, state=<wire key>, prompt=<wire key> "
     "(e.g. --key image:corner=observation/image --key state=observation/state)."
 )
-
-
-class PolicyResolutionError(ValueError):
-    """``--policy`` names nothing that can be loaded."""
 
 
 @dataclass(frozen=True)
@@ -54,66 +51,16 @@ class ServeConfig:
     device: str = "auto"
 
 
-def resolve_policy(spec: str, store_url: str | None = None) -> Policy:
-    """Load what ``spec`` names: ``scripted:<task>``, a checkpoint directory, a registered version, or
-    ``@FILE`` holding one of those."""
-    if spec.startswith("@"):
-        path = Path(spec[1:])
-        if not path.is_file():
-            raise PolicyResolutionError(f"--policy {spec!r}: {path} is not a file")
-        return resolve_policy(path.read_text().strip(), store_url)
-    if spec.startswith(SCRIPTED_PREFIX):
-        from policies.scripted import ScriptedPolicy
+def _loader(spec: str, store_url: str | None = None) -> Callable[[], Policy]:
+    """What loads ``spec`` (``experiments.policy_loader.load``: a checkpoint directory of any kind,
+    ``scripted[:<task>]``, ``openpi:…``, a version registered in the store at ``store_url``, or ``@FILE``),
+    once now and again at every SIGHUP; the store is opened once."""
+    store = None
+    if store_url is not None:
+        from storage import ExperienceStore
 
-        task = spec.removeprefix(SCRIPTED_PREFIX)
-        return ScriptedPolicy(task, version=spec)
-    if Path(spec).is_dir():
-        from policies.checkpoint import load_checkpoint
-
-        if (Path(spec) / "rlt.json").is_file():
-            return _resolve_rlt(Path(spec), store_url)
-
-        return load_checkpoint(spec)
-    if store_url is None:
-        raise PolicyResolutionError(
-            f"--policy {spec!r}: not a directory nor scripted:<task>; "
-            "pass --store to look up a registered version"
-        )
-    return _resolve_registered(spec, store_url)
-
-
-def _resolve_registered(version: str, store_url: str) -> Policy:
-    from storage import ExperienceStore
-
-    registered = {row["version"]: row for row in ExperienceStore(store_url).policy_versions()}
-    if version not in registered:
-        raise PolicyResolutionError(f"--policy {version!r}: no such version registered in {store_url}")
-    uri = registered[version]["uri"]
-    if uri is None:
-        raise PolicyResolutionError(f"--policy {version!r}: the registered version has no uri to load from")
-    if uri.startswith(SCRIPTED_PREFIX):
-        from policies.scripted import ScriptedPolicy
-
-        return ScriptedPolicy(uri.removeprefix(SCRIPTED_PREFIX), version=version)
-    if not Path(uri).is_dir():
-        raise PolicyResolutionError(f"--policy {version!r}: uri {uri!r} is not a checkpoint directory here")
-    if registered[version]["kind"] == "rlt":
-        return _resolve_rlt(Path(uri), store_url)
-    from policies.checkpoint import load_checkpoint
-
-    return load_checkpoint(uri, version=version)
-
-
-def _resolve_rlt(directory: Path, store_url: str | None) -> Policy:
-    """An RLT checkpoint (prior + RLT actor); the store holds its prior and gets its version registered."""
-    from experiments.policy_loader import load_rlt
-    from storage import ExperienceStore
-
-    if store_url is None:
-        raise PolicyResolutionError(
-            f"--policy {directory}: an RLT checkpoint needs --store (it holds its prior)"
-        )
-    return load_rlt(directory, ExperienceStore(store_url))
+        store = ExperienceStore(store_url)
+    return lambda: load(spec, store=store)
 
 
 def _reads_privileged(policy: Policy) -> bool:
@@ -130,14 +77,16 @@ def _reads_privileged(policy: Policy) -> bool:
     return isinstance(policy, ScriptedPolicy)
 
 
-def build_server(config: ServeConfig) -> PolicyServer:
-    """Resolve the policy and the API key, and build the (not yet started) server."""
+def build_server(config: ServeConfig, load_policy: Callable[[], Policy] | None = None) -> PolicyServer:
+    """Load the policy (with ``load_policy``; default: ``--policy`` through the loader), resolve the API key,
+    and build the (not yet started) server."""
+    load_policy = load_policy or _loader(config.policy, config.store)
     api_key = None
     if config.api_key_env is not None:
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
-            raise PolicyResolutionError(f"--api-key-env: environment variable {config.api_key_env} is unset")
-    policy = place(resolve_policy(config.policy, config.store), resolve_device(config.device))
+            raise UserError(f"--api-key-env: environment variable {config.api_key_env} is unset")
+    policy = place(load_policy(), resolve_device(config.device))
     server_config = ServerConfig(
         host=config.host,
         port=config.port,
@@ -157,7 +106,8 @@ def main(config: ServeConfig) -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP re-resolves ``--policy`` and hot-swaps."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server = build_server(config)
+        load_policy = _loader(config.policy, config.store)
+        server = build_server(config, load_policy)
     except ValueError as error:  # unloadable policy, bad settings: one line, exit code 2
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from error
@@ -166,13 +116,15 @@ def main(config: ServeConfig) -> None:
             "serving on %s without an API key: anyone reaching it can query the policy", config.host
         )
     device = resolve_device(config.device)
-    server.serve_forever(reload=lambda: place(resolve_policy(config.policy, config.store), device))
+    server.serve_forever(reload=lambda: place(load_policy(), device))
 
 
 @app.command(name="serve")
 def serve(
     policy: str = typer.Option(
-        ..., help="Checkpoint directory, scripted:<task>, a registered version, or @FILE naming one."
+        ...,
+        help="Checkpoint directory (VLA, hierarchical, RLT), scripted:<task>, openpi:ws://…, a registered version, "
+        "or @FILE naming one.",
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)."),

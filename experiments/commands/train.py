@@ -19,7 +19,7 @@ from experiments.context import (
 )
 from experiments.evaluation import EvalResult, evaluate
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.policy_loader import PolicySpecError, load_policy
+from experiments.policy_loader import PolicySpecError, load, register, resolve
 from experiments.training import BCConfig, EpisodeFilter, train_vla
 from experiments.validation import first_error
 from policies.checkpoint import CheckpointError
@@ -204,7 +204,8 @@ def eval_policy(
     store = ExperienceStore(db or default_store_url())
     store.upgrade()
     try:
-        loaded = load_policy(policy, task=task, store=store)
+        source = resolve(policy, store)
+        loaded = load(source, task=task, store=store)
     except (PolicySpecError, CheckpointError) as error:
         raise typer.BadParameter(str(error)) from error
     vla = getattr(loaded, "low_level", loaded)
@@ -225,6 +226,7 @@ def eval_policy(
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
     result, records = evaluate(loaded, env, episodes, seed=seed)
+    register(store, source, loaded.version)
     store.write_evaluation(loaded.version, task, result.n, result.successes, metrics=result.as_metrics())
     console.print(_results_table([result]))
     where = phase_outcomes(records, task)
