@@ -47,6 +47,7 @@ def test_round_trip_gives_identical_outputs(saved) -> None:
         "inference.json",
         "model.safetensors",
         "norm_stats.json",
+        "policy.json",
         "tokenizer.json",
     ]
 

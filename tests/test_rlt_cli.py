@@ -131,7 +131,7 @@ def test_negative_workers_are_refused(tmp_path) -> None:
     [
         (["--task", "peg-insert-v9"], "error: task: unknown Meta-World task 'peg-insert-v9'"),
         (["--task", "peg-insert-side-v3", "--handoff", "elbow"], "error: hand-off pair: expected one of"),
-        (["--task", "peg-insert-side-v3", "--prior", "v9"], "error: --prior: policy 'v9': not 'scripted'"),
+        (["--task", "peg-insert-side-v3", "--prior", "v9"], "error: --prior: policy 'v9': no such version registered"),
         (["--task", "peg-insert-side-v3", "--store", "foo://x"], "error: --store: store url: expected"),
         (
             ["--task", "peg-insert-side-v3", "--success-tolerance", "0.01"],
