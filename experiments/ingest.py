@@ -38,6 +38,7 @@ from types import MappingProxyType
 import sqlalchemy as sa
 from aiohttp import web
 
+from policies.serving.server import ServerStartError
 from storage.errors import SchemaNotReadyError, StoreUnavailableError
 from storage.records import EpisodeRecord, EpisodeValidationError, TaskSpec
 from storage.spool import EpisodeDecodeError, decode_episode
@@ -298,9 +299,13 @@ class IngestServer:
         return 0 if http is None else len(http.connections)
 
     def start(self) -> IngestServer:
-        """Start listening (returns once the socket is bound)."""
+        """Start listening (returns once the socket is bound; ``ServerStartError`` if it cannot be)."""
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        except OSError as error:
+            self.stop()
+            raise ServerStartError.of(self.config.host, self.config.port, error) from error
         return self
 
     async def _start(self) -> None:

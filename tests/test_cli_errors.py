@@ -75,6 +75,10 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "serve-port-out-of-range": (["serve", "--policy", "scripted:reach-v3", "--port", "70000"], "70000"),
     "serve-port-busy": (["serve", "--policy", "scripted:reach-v3", "--port", "{busy_port}"], ":{busy_port}"),
+    "ingest-port-busy": (
+        ["robot", "ingest", "--store", "sqlite:///{tmp}/ingest.db", "--port", "{busy_port}"],
+        ":{busy_port}",
+    ),
     "robot-run-server-down": (
         [
             "robot",
@@ -102,6 +106,7 @@ SLOW_CASES = {
     "ingest-postgres-down",
     "serve-store-postgres-down",
     "export-output-unwritable",
+    "ingest-port-busy",
 }
 
 #: Files a failed case must not have created.

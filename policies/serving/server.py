@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: Metadata flag: the server accepts the simulator state (``privileged``) in observations (``allow_privileged``).
+PRIVILEGED_METADATA = "accepts_privileged"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How a :class:`PolicyServer` listens, authenticates, limits and batches.
@@ -101,6 +105,14 @@ class InferenceError(RuntimeError):
 
 class ServerStartError(OSError):
     """The server cannot listen on its host and port (port in use, address not available, no permission)."""
+
+    @classmethod
+    def of(cls, host: str, port: int, error: OSError) -> ServerStartError:
+        """The one-line error for ``error``, raised binding ``host:port``."""
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        if error.errno == errno.EADDRINUSE:
+            reason += "; another server holds it (port 0 picks a free one)"
+        return cls(f"cannot listen on {host}:{port} ({reason})")
 
 
 @dataclass
@@ -178,6 +190,7 @@ class PolicyServer:
             "auth": self.config.api_key is not None,
             "embeddings": self.config.send_embeddings,
             "rtc": can_inpaint(policy),
+            PRIVILEGED_METADATA: self.config.allow_privileged,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -198,12 +211,7 @@ class PolicyServer:
             )
         except OSError as error:
             self._batcher.cancel()
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            if error.errno == errno.EADDRINUSE:
-                reason += "; another server holds it (port 0 picks a free one)"
-            raise ServerStartError(
-                f"cannot listen on {self.config.host}:{self.config.port} ({reason})"
-            ) from error
+            raise ServerStartError.of(self.config.host, self.config.port, error) from error
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("serving %s on ws://%s:%d", self._policy.version, self.config.host, self.port)
 
