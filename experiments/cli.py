@@ -6,7 +6,8 @@ the others become command groups (``flywheel db upgrade``).
 
 Bad input is reported in one place: an error of a type in :data:`USER_ERRORS` (or a ``typer.BadParameter`` a
 command raises) that escapes a command is printed as one ``error: <message>`` line on stderr, exit code 2,
-without a traceback. Everything else is a bug and keeps its traceback.
+without a traceback. A job that failed where it ran (:data:`RUN_FAILURES`, e.g. a rollout worker's code raised)
+is printed the same way with exit code 1. Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from actors.cluster import WorkerError
 from actors.execution import ExecutionConfigError
 from envs.tasks import UnknownTaskError
 from experiments.export import ExportError
@@ -46,6 +48,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ServerStartError,
 )
 
+#: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.
+RUN_FAILURES: tuple[type[Exception], ...] = (WorkerError,)
+
 
 class FlywheelGroup(TyperGroup):
     """The root command group: bad input raised anywhere below it becomes one ``error:`` line and exit 2."""
@@ -60,8 +65,15 @@ class FlywheelGroup(TyperGroup):
             message = error.message
         except USER_ERRORS as error:
             message = str(error)
-        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        except RUN_FAILURES as error:
+            _report(str(error))
+            raise typer.Exit(1) from None
+        _report(message)
         raise typer.Exit(2)
+
+
+def _report(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
 
 
 app = typer.Typer(

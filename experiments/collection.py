@@ -30,6 +30,7 @@ from actors.sinks import RunEpisodeIndex, StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load, register, resolve
+from experiments.validation import UserError
 from policies.base import Policy
 from storage import ExperienceStore
 
@@ -90,7 +91,7 @@ class CollectConfig(BaseModel):
         return self.env_steps if self.env_steps is not None else self.episodes or 0
 
 
-class RunSeedError(ValueError):
+class RunSeedError(UserError):
     """A resumed run was given a seed other than the one it was started with."""
 
 

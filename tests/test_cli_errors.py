@@ -275,3 +275,23 @@ def test_policy_server_errors_carry_details_and_scripted_servers_check_privilege
             connection.send(_observation(39))
             reply = msgpack_numpy.unpackb(connection.recv(timeout=5))
         assert reply["actions"].shape == (1, 4)
+
+
+def test_a_failed_job_is_one_error_line_with_exit_1(monkeypatch, tmp_path) -> None:
+    """A worker whose code raised ends the command with one ``error:`` line (exit 1), not a traceback."""
+    from typer.testing import CliRunner
+
+    from actors.cluster import WorkerError
+    from experiments.cli import app
+    from experiments.commands import collect
+
+    def failing_collection(*_args, **_kwargs):
+        raise WorkerError("EGLError", "eglMakeCurrent\nfailed", "Traceback (most recent call last): …", 1)
+
+    monkeypatch.setattr(collect, "run_collection", failing_collection)
+    result = CliRunner().invoke(app, [*COLLECT, "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: rollout worker 1 failed: EGLError: eglMakeCurrent failed"
+    )
+    assert "Traceback" not in result.output

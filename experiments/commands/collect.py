@@ -8,12 +8,10 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from actors.cluster import WorkerError
-from actors.execution import ExecutionConfig, ExecutionConfigError
+from actors.execution import ExecutionConfig
 from envs import EnvConfig, SimulatedHumanConfig
-from experiments.collection import CollectConfig, RunSeedError, run_collection
+from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
-from experiments.policy_loader import PolicySpecError
 from experiments.validation import first_error
 
 app = typer.Typer()
@@ -121,13 +119,7 @@ def collect(
         )
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
-    try:
-        report = run_collection(config, on_start=_announce)
-    except (ExecutionConfigError, PolicySpecError, RunSeedError) as error:
-        raise typer.BadParameter(str(error)) from error
-    except WorkerError as error:  # a worker's code raised (Ray): stop with what it raised, on one line
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=1) from None
+    report = run_collection(config, on_start=_announce)
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]seed[/bold] {report.seed}  "
         f"[bold]policy[/bold] {report.policy_version}\n"
