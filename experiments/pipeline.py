@@ -8,7 +8,8 @@ Resumability: a finished stage writes a stage record (a row of the store's ``run
 redoes the interrupted one, which is itself idempotent: collection tops its run up to the target; a relabel,
 a trained checkpoint or an evaluation that was written just before a kill is found again (by the stage id in
 the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone; an
-interrupted RLT stage is rerun from its start, its episodes landing on the same derived ids (no duplicates).
+interrupted RLT stage continues from its last online episode (learner, replay and optimizers restored), its
+episodes landing on the same derived ids (no duplicates).
 """
 
 from __future__ import annotations

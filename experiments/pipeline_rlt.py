@@ -109,15 +109,17 @@ def run_rlt(
             seed=seed,
         ),
         learner_config(settings, seed),
-        on_episode=_writer(store, run_id),
     )
-    curve = loop.run(records)
+    loop.on_episode = _writer(store, run_id, lambda: loop.episode_index)
+    state_path = folder.parent / f"{folder.name}-state.pt"  # a killed stage continues from here
+    curve = loop.run(records, state_path=state_path)
     environment.close()
     stats = [dataclasses.asdict(s) for s in loop.stats]
     history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
     history = json.loads(json.dumps(history, default=lambda value: value.item()))
     manifest |= {"rl_version": version, "history": history}
     save_rlt_checkpoint(folder, loop.learner, loop.token, deployment, manifest)
+    state_path.unlink(missing_ok=True)
     return RLTResult(version, folder, curve, stats)
 
 
@@ -148,15 +150,13 @@ def _manifest(settings: RLTSettings, token: RLToken) -> dict[str, Any]:
     return {"settings": settings.model_dump(mode="json"), "token": dataclasses.asdict(token.config)}
 
 
-def _writer(store: ExperienceStore, run_id: str) -> Callable[[EpisodeRecord], None]:
-    """Commit each episode under ``run_id`` with an id derived from the run and the episode's index; ids an
-    earlier, killed attempt of the stage already wrote are skipped."""
+def _writer(store: ExperienceStore, run_id: str, index: Callable[[], int]) -> Callable[[EpisodeRecord], None]:
+    """Commit each episode under ``run_id`` with an id derived from the run and the loop's episode ``index()``
+    (which a resumed loop continues); ids an earlier, killed attempt of the stage already wrote are skipped."""
     stored = {summary.uuid for summary in store.list_episodes(run_id=run_id)}
-    count = [0]
 
     def write(record: EpisodeRecord) -> None:
-        episode_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}#{count[0]}")
-        count[0] += 1
+        episode_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{run_id}#{index()}")
         if episode_id not in stored:
             store.write_episode(dataclasses.replace(record, uuid=episode_id, run_id=run_id))
 

@@ -196,6 +196,7 @@ class OnlineRLT:
             "loop": {"end": end, "next_eval": next_eval},
             "rng": self.rng.bit_generator.state,
             "curve": [(point.env_steps, point.success_rate) for point in self.curve],
+            "stats": self.stats,
         }
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
@@ -206,6 +207,7 @@ class OnlineRLT:
         self.episode_index = int(state["counters"]["episode_index"])
         self.rng.bit_generator.state = state["rng"]
         self.curve = [EvalPoint(steps, rate) for steps, rate in state["curve"]]
+        self.stats = list(state["stats"])
         return int(state["loop"]["end"]), int(state["loop"]["next_eval"])
 
     def warm_up(self, records: Iterable[EpisodeRecord] = ()) -> int:
