@@ -13,6 +13,7 @@ from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, checkpoint_directory
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig
+from policies.device import DeviceError, resolve_device
 from recap import RecapInputError, RelabelConfig, ValueConfig
 from storage import ExperienceStore
 
@@ -46,9 +47,20 @@ def iterate(
         int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    device: Annotated[
+        str, typer.Option(help="Where the value model and π train: cpu, cuda, mps or auto (recorded)")
+    ] = "auto",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for π's training where supported")] = False,
+    train_workers: Annotated[
+        int, typer.Option(min=1, help="Data-parallel Ray Train workers for π's retraining")
+    ] = 1,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate."""
+    try:
+        resolve_device(device)
+    except DeviceError as error:
+        _fail(f"--device: {error}")
     camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip())
     store_url = db or default_store_url()
     env = EnvConfig(
@@ -69,9 +81,16 @@ def iterate(
         store_url=store_url,
         env=env,
         collect_episodes=episodes,
-        relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps)),
+        relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps, device=device)),
         bc=BCConfig(
-            cameras=camera_names, image_size=image_size, steps=steps, condition_dropout=0.3, seed=seed
+            cameras=camera_names,
+            image_size=image_size,
+            steps=steps,
+            condition_dropout=0.3,
+            seed=seed,
+            device=device,
+            bf16=bf16,
+            train_workers=train_workers,
         ),
         cfg_beta=cfg_beta,
         retrain_from=pretrained,
