@@ -55,13 +55,62 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.recorder import EpisodeRecorder
 from envs.interventions import TeleopContext, TeleopDevice
 from envs.robot import EStopError, RobotInterface
+from experiments.validation import UserError
 from policies.base import Observation
 from policies.openpi_client import OpenPIClientPolicy
 from policies.serving.inpainting import RTC_FIELD, RTCRequest
+from policies.serving.observations import ObservationSpec
 from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
 from storage.spool import EpisodeSpool
 
 logger = logging.getLogger(__name__)
+
+#: Camera and square image side a robot renders when asked for images by a server that declares none.
+DEFAULT_CAMERAS = ("corner2",)
+DEFAULT_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class RobotCameras:
+    """What the robot renders for the policy: camera names and the image (height, width); no names = no images."""
+
+    names: tuple[str, ...]
+    height: int = DEFAULT_IMAGE_SIZE
+    width: int = DEFAULT_IMAGE_SIZE
+
+
+def robot_cameras(
+    metadata: dict,
+    cameras: tuple[str, ...] | None = None,
+    image_size: int | None = None,
+    images: bool | None = None,
+) -> RobotCameras:
+    """The cameras to render, from the server's metadata (its observation spec) unless given.
+
+    ``images=None`` renders exactly when the server's policy declares cameras or cameras / a size are given;
+    given values that disagree with a declared spec, or ``images=False`` for a policy that needs cameras, raise
+    a one-line :class:`UserError` naming both sides.
+    """
+    served = dict(ObservationSpec.from_metadata(metadata).cameras)
+    wanted = ", ".join(f"{name} {h}×{w}" for name, (h, w) in served.items())
+    if images is False:
+        if served:
+            raise UserError(f"--no-images: the server's policy needs camera images ({wanted})")
+        return RobotCameras(())
+    if served and cameras is not None and set(cameras) != set(served):
+        raise UserError(
+            f"--cameras {','.join(cameras)}: the server's policy takes cameras {','.join(served)}"
+        )
+    names = cameras or tuple(served) or (DEFAULT_CAMERAS if images or image_size else ())
+    sizes = {served[name] for name in names if name in served}
+    if image_size is not None and sizes - {(image_size, image_size)}:
+        raise UserError(f"--image-size {image_size}: the server's policy takes {wanted}")
+    if len(sizes) > 1:
+        raise UserError(
+            f"the server's policy takes cameras of different sizes ({wanted}); the sim robot renders one"
+        )
+    height, width = sizes.pop() if sizes else (image_size or DEFAULT_IMAGE_SIZE,) * 2
+    return RobotCameras(names, height, width)
 
 
 class RuntimeConfig(BaseModel):

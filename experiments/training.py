@@ -27,7 +27,7 @@ from policies.device import DeviceName, describe, resolve_device
 from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, create_policy, train_bc
 from policies.vla.config import VLAConfig
 from policies.vla.policy import VLAPolicy
-from storage import EpisodeRecord, ExperienceStore
+from storage import EpisodeRecord, EpisodeSummary, ExperienceStore
 
 #: Per-step condition text for a stored episode (RECAP's advantage indicator, metadata prompts), or None.
 ConditionFn = Callable[[EpisodeRecord], list[str | None] | None]
@@ -108,22 +108,86 @@ class TrainedPolicy:
     evaluation_curve: list[tuple[int, EvalResult]] = field(default_factory=list)
 
 
+def select_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> list[EpisodeSummary]:
+    """The index rows of the episodes ``selection`` picks, oldest first per task (no per-step data read)."""
+    summaries: list[EpisodeSummary] = []
+    for task in selection.tasks:
+        chosen = [
+            summary
+            for run_id in selection.run_ids or [None]
+            for outcome in selection.outcomes or [None]
+            for summary in store.list_episodes(task=task, run_id=run_id, outcome=outcome)
+        ]
+        summaries += chosen[: selection.max_episodes_per_task]
+    if not summaries:
+        raise ValueError(f"no stored episodes match {selection.model_dump(exclude_none=True)}")
+    return summaries
+
+
 def load_training_episodes(
     store: ExperienceStore, selection: EpisodeFilter, images: bool = True
 ) -> list[EpisodeRecord]:
     """The stored episodes selected by ``selection``, oldest first (``images=False`` skips the image blobs)."""
-    records: list[EpisodeRecord] = []
-    for task in selection.tasks:
-        chosen = [
-            record
-            for run_id in selection.run_ids or [None]
-            for outcome in selection.outcomes or [None]
-            for record in store.iter_episodes(task=task, run_id=run_id, outcome=outcome, images=images)
-        ]
-        records += chosen[: selection.max_episodes_per_task]
-    if not records:
-        raise ValueError(f"no stored episodes match {selection.model_dump(exclude_none=True)}")
-    return records
+    return [
+        store.load_episode(summary.uuid, images=images)
+        for summary in select_training_episodes(store, selection)
+    ]
+
+
+def stored_image_layout(
+    store: ExperienceStore,
+    selection: EpisodeFilter,
+    cameras: tuple[str, ...] | None = None,
+    image_size: int | None = None,
+) -> tuple[tuple[str, ...], int]:
+    """The cameras and square image side to train on: ``cameras`` / ``image_size`` if given, else what the
+    selected episodes stored (every stored camera, sorted). Read from the store's frame index, no frame decoded.
+
+    Raises a one-line ``ValueError`` when the selection mixes image sizes or camera sets (naming the runs of
+    each, to filter by), stored no images, or when a given value disagrees with the stored frames.
+    """
+    summaries = [summary for summary in select_training_episodes(store, selection) if summary.length > 0]
+    shapes = store.frame_shapes([summary.uuid for summary in summaries])
+    layouts: dict[tuple[tuple[str, int, int], ...], set[str]] = {}
+    for summary in summaries:
+        layout = tuple(sorted((camera, *shape) for camera, shape in shapes.get(summary.uuid, {}).items()))
+        layouts.setdefault(layout, set()).add(summary.run_id or "none")
+    if len(layouts) > 1:
+        described = "; ".join(
+            f"{_describe_layout(layout)} in run(s) {', '.join(sorted(runs))}"
+            for layout, runs in layouts.items()
+        )
+        raise ValueError(
+            f"the selected episodes store different images ({described}); train on one kind at a time: "
+            "select runs with --run-id"
+        )
+    (layout,) = layouts
+    if not layout:
+        raise ValueError("the selected episodes stored no camera images (collected with --no-images?)")
+    stored_cameras = tuple(camera for camera, _, _ in layout)
+    height, width = layout[0][1:]
+    if height != width:
+        raise ValueError(f"the selected episodes store {height}×{width} frames; the VLA takes square images")
+    if image_size is not None and image_size != height:
+        raise ValueError(
+            f"--image-size {image_size}: the selected episodes store {height} px images "
+            "(leave --image-size out to use them)"
+        )
+    missing = sorted(set(cameras or ()) - set(stored_cameras))
+    if missing:
+        raise ValueError(
+            f"--cameras {','.join(cameras or ())}: the selected episodes store cameras {','.join(stored_cameras)}"
+            f" (not {','.join(missing)})"
+        )
+    return tuple(cameras) if cameras else stored_cameras, height
+
+
+def _describe_layout(layout: tuple[tuple[str, int, int], ...]) -> str:
+    """``corner2 48 px`` / ``corner2+gripper 96 px`` / ``no images``."""
+    if not layout:
+        return "no images"
+    sizes = sorted({f"{h} px" if h == w else f"{h}×{w}" for _, h, w in layout})
+    return f"{'+'.join(camera for camera, _, _ in layout)} {'/'.join(sizes)}"
 
 
 def to_episode_arrays(

@@ -93,6 +93,11 @@ def weights_version(directory: str | Path, config: VLAConfig) -> str:
     return f"vla-{config.size}-{digest}"
 
 
+def checkpoint_config(directory: str | Path) -> VLAConfig:
+    """The model config of the checkpoint at ``directory`` (cameras, image size, …) without reading weights."""
+    return _load_config(Path(directory))
+
+
 def _load_config(path: Path) -> VLAConfig:
     file = path / CONFIG
     if not file.is_file():

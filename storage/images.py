@@ -6,6 +6,7 @@ inserted-or-ignored (another writer may have stored the same frame meanwhile) an
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from storage import codec
 from storage.database import Database, batches
 from storage.errors import StoreError
 from storage.records import EpisodeRecord
-from storage.schema import Image, StepImage
+from storage.schema import Episode, Image, StepImage
 
 Frames = dict[tuple[int, int, str], np.ndarray]
 
@@ -100,6 +101,24 @@ class FrameStore:
                 for episode_id, t, camera, *image in rows:
                     frames[(episode_id, t, camera)] = _decode(*image)
         return frames
+
+    def frame_shapes(self, episode_uuids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, tuple[int, int]]]:
+        """Episode → camera → (height, width) of its first frame; episodes without frames are left out.
+
+        Every frame of an episode's camera has one shape, so the first step's frames describe the episode.
+        """
+        shapes: dict[uuid.UUID, dict[str, tuple[int, int]]] = {}
+        with self._db.read_session() as session:
+            for batch in batches(episode_uuids, 400):
+                rows = session.execute(
+                    sa.select(Episode.uuid, StepImage.camera, Image.height, Image.width)
+                    .join(StepImage, StepImage.episode_id == Episode.id)
+                    .join(Image, StepImage.image_hash == Image.hash)
+                    .where(StepImage.t == 0, Episode.uuid.in_(batch))
+                ).all()
+                for episode, camera, height, width in rows:
+                    shapes.setdefault(episode, {})[camera] = (height, width)
+        return shapes
 
     def _existing(self, hashes: list[str]) -> set[str]:
         """The subset of ``hashes`` already stored."""

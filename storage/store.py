@@ -67,10 +67,10 @@ class ExperienceStore:
         self._schema = SchemaMigrator(self._db)
         self._policies = PolicyRegistry(self._db)
         self._runs = RunRegistry(self._db)
-        frames = FrameStore(self._db)
-        self._writer = EpisodeWriter(self._db, self._policies, self._runs, frames)
-        self._reader = EpisodeReader(self._db, self._policies, frames)
-        self._sampler = TransitionSampler(self._db, frames)
+        self._frames = FrameStore(self._db)
+        self._writer = EpisodeWriter(self._db, self._policies, self._runs, self._frames)
+        self._reader = EpisodeReader(self._db, self._policies, self._frames)
+        self._sampler = TransitionSampler(self._db, self._frames)
         self._relabels = RelabelRepository(self._db)
         self._evaluations = EvaluationRepository(self._db, self._policies, self._runs)
 
@@ -212,6 +212,14 @@ class ExperienceStore:
         """Load matching episodes one at a time, oldest first."""
         for summary in self.list_episodes(task, outcome, policy_version, run_id, limit):
             yield self.load_episode(summary.uuid, images=images)
+
+    def frame_shapes(
+        self, episode_uuids: list[uuid.UUID | str]
+    ) -> dict[uuid.UUID, dict[str, tuple[int, int]]]:
+        """Camera → frame (height, width) of each given episode, read without loading a frame; episodes that
+        recorded no images are left out."""
+        self._schema.require()
+        return self._frames.frame_shapes([uuid.UUID(str(episode)) for episode in episode_uuids])
 
     # ---- sampling ----
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -13,6 +14,7 @@ from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, checkpoint_directory
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig
+from policies.checkpoint import checkpoint_config
 from policies.device import DeviceError, resolve_device
 from recap import RecapInputError, RelabelConfig, ValueConfig
 from storage import ExperienceStore
@@ -30,8 +32,12 @@ def iterate(
     episodes: Annotated[int, typer.Option(min=1, help="Episodes to collect with the simulated human")] = 50,
     steps: Annotated[int, typer.Option(min=1, help="Policy training steps")] = 2000,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Evaluation episodes before and after")] = 50,
-    image_size: Annotated[int, typer.Option(min=16)] = 64,
-    cameras: Annotated[str, typer.Option(help="Comma-separated camera names")] = "corner2",
+    image_size: Annotated[
+        int | None, typer.Option(min=16, help="Image side in px (default: the VLA's, else 64)")
+    ] = None,
+    cameras: Annotated[
+        str | None, typer.Option(help="Comma-separated camera names (default: the VLA's, else corner2)")
+    ] = None,
     cfg_beta: Annotated[
         float, typer.Option(min=0.0, help="Classifier-free guidance β (1 = plain conditioning)")
     ] = 1.0,
@@ -61,8 +67,15 @@ def iterate(
         resolve_device(device)
     except DeviceError as error:
         _fail(f"--device: {error}")
-    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip())
     store_url = db or default_store_url()
+    store = ExperienceStore(store_url)
+    try:
+        pretrained = checkpoint_directory(retrain_from, store) if retrain_from else None
+    except PolicySpecError as error:
+        _fail(f"--retrain-from: {error}")
+    stored_cameras, stored_size = _image_defaults(policy, pretrained, store)
+    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else stored_cameras
+    image_size = image_size or stored_size
     env = EnvConfig(
         task=task,
         cameras=camera_names,
@@ -71,10 +84,6 @@ def iterate(
         max_episode_steps=max_episode_steps,
         seed=seed,
     )
-    try:
-        pretrained = checkpoint_directory(retrain_from, ExperienceStore(store_url)) if retrain_from else None
-    except PolicySpecError as error:
-        _fail(f"--retrain-from: {error}")
     config = RecapIterationConfig(
         task=task,
         policy=policy,
@@ -115,6 +124,21 @@ def iterate(
                 f"{evaluation.successes_per_hour:.0f}",
             )
     console.print(table)
+
+
+def _image_defaults(
+    policy: str, pretrained: Path | None, store: ExperienceStore
+) -> tuple[tuple[str, ...], int]:
+    """Cameras and image size of the current policy if it is a built-in VLA, else of ``pretrained``, else
+    corner2 at 64 px: what the iteration renders, collects and trains on unless given."""
+    try:
+        directory: Path | None = checkpoint_directory(policy, store)
+    except PolicySpecError:
+        directory = pretrained
+    if directory is None:
+        return ("corner2",), 64
+    config = checkpoint_config(directory)
+    return tuple(config.cameras), config.image_size
 
 
 def _fail(message: str) -> NoReturn:

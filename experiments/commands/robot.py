@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from pydantic import ValidationError
 
-from experiments.validation import UserError
+from experiments.validation import UserError, first_error
 
 if TYPE_CHECKING:
+    from envs import EnvConfig
     from storage.spool import EpisodeSpool
 
 app = typer.Typer(help="Robot runtime, crash-safe episode spool, upload client and ingest endpoint.")
@@ -66,26 +68,39 @@ def run(
     max_steps: int = typer.Option(200, min=1),
     injected_latency_ms: float = typer.Option(0.0, help="Extra inference latency to simulate a far server."),
     human_rate: float = typer.Option(0.0, help="Simulated human: random takeover rate per step."),
-    images: bool = typer.Option(False, help="Render and record a 64×64 camera."),
+    images: bool | None = typer.Option(
+        None,
+        help="Render and record camera images (default: when the server's policy declares cameras).",
+        show_default=False,
+    ),
+    cameras: str | None = typer.Option(
+        None, help="Comma-separated cameras to render (default: the server's policy's, from its metadata)."
+    ),
+    image_size: int | None = typer.Option(
+        None, min=16, help="Image side in px (default: the server's policy's, else 64)."
+    ),
     own_process: bool = typer.Option(True, help="Run the sim robot in its own process."),
     api_key_env: str | None = typer.Option(None, help="Environment variable with the policy server's key."),
     realtime_priority: int | None = typer.Option(None, help="SCHED_FIFO priority of the loop (needs root)."),
     connect_timeout_s: float = typer.Option(30.0, min=0.1, help="Seconds to wait for the policy server."),
 ) -> None:
     """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
-    from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
+    from envs import SimulatedHuman, SimulatedHumanConfig
     from envs.robot import RobotProcess, SimRobot, sim_robot_factory
     from experiments.robot_runtime import PolicyUnavailableError, RobotRuntime, RuntimeConfig, remote_chunks
     from policies.openpi_client import OpenPIClientPolicy
+    from policies.serving.server import PRIVILEGED_METADATA
     from storage.spool import EpisodeSpool
 
-    env = EnvConfig(task=task, render=images, width=64, height=64, max_episode_steps=max_steps, seed=seed)
     client = OpenPIClientPolicy(  # first: a server that is down fails the command before the robot starts
-        server,
-        api_key=_api_key(api_key_env) if api_key_env else None,
-        send_privileged=True,
-        connect_timeout_s=connect_timeout_s,
+        server, api_key=_api_key(api_key_env) if api_key_env else None, connect_timeout_s=connect_timeout_s
     )
+    client.send_privileged = bool(client.metadata.get(PRIVILEGED_METADATA))  # a sim robot has it to send
+    try:
+        env = _robot_env(client.metadata, task, cameras, image_size, images, max_steps, seed)
+    except UserError:
+        client.close()
+        raise
     robot = RobotProcess(sim_robot_factory(env)) if own_process else SimRobot(env)
     human = None
     if human_rate > 0:
@@ -129,6 +144,35 @@ def run(
         runtime.close()
         client.close()
         robot.close()
+
+
+def _robot_env(
+    metadata: dict,
+    task: str,
+    cameras: str | None,
+    image_size: int | None,
+    images: bool | None,
+    max_steps: int,
+    seed: int,
+) -> EnvConfig:
+    """The sim robot's env: cameras and image size as given, else as the server's policy declares them."""
+    from envs import EnvConfig
+    from experiments.robot_runtime import robot_cameras
+
+    names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras is not None else None
+    render = robot_cameras(metadata, names or None, image_size, images)
+    try:
+        return EnvConfig(
+            task=task,
+            render=bool(render.names),
+            cameras=render.names or EnvConfig.model_fields["cameras"].default,
+            width=render.width,
+            height=render.height,
+            max_episode_steps=max_steps,
+            seed=seed,
+        )
+    except ValidationError as error:
+        raise UserError(first_error(error)) from error
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from experiments.paths import default_store_url
 from experiments.policy_loader import load
 from experiments.validation import UserError
 from policies.base import Policy
@@ -134,7 +135,10 @@ def serve(
     max_message_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest accepted frame, in bytes."),
     max_batch: int = typer.Option(16, help="Most observations batched into one inference."),
     max_wait_ms: float = typer.Option(5.0, help="Longest wait for more requests before inferring a batch."),
-    store: str | None = typer.Option(None, help="Experience store URL to look registered versions up in."),
+    store: str | None = typer.Option(
+        None,
+        help="Experience store URL to look registered versions up in (default: the embedded SQLite store).",
+    ),
     send_embeddings: bool = typer.Option(False, help="Add backbone embeddings to every reply (for RLT)."),
     allow_privileged: bool = typer.Option(
         False, help="Accept simulator state from clients (simulation only; implied by scripted:<task>)."
@@ -154,7 +158,7 @@ def serve(
         max_message_bytes=max_message_bytes,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
-        store=store,
+        store=store if store is not None else default_store_url(),
         send_embeddings=send_embeddings,
         allow_privileged=allow_privileged,
         keys=tuple(key or ()),

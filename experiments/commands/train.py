@@ -20,7 +20,7 @@ from experiments.context import (
 from experiments.evaluation import EvalResult, evaluate
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, load, register, resolve
-from experiments.training import BCConfig, EpisodeFilter, train_vla
+from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
 from experiments.validation import first_error
 from policies.checkpoint import CheckpointError
 from policies.device import DeviceError, resolve_device
@@ -39,8 +39,16 @@ def bc(
     size: Annotated[str, typer.Option(help="Model size: tiny or small")] = "tiny",
     steps: Annotated[int, typer.Option(min=1, help="Gradient steps")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    image_size: Annotated[int, typer.Option(min=16, help="Must match the stored images")] = 64,
-    cameras: Annotated[str, typer.Option(help="Comma-separated camera names (as stored)")] = "corner2",
+    image_size: Annotated[
+        int | None,
+        typer.Option(min=16, help="Image side in px (default: the stored images'; must match them)"),
+    ] = None,
+    cameras: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated camera names, a subset of the stored ones (default: every stored one)"
+        ),
+    ] = None,
     knowledge_insulation: Annotated[
         bool, typer.Option(help="FAST loss on the backbone, stop-gradient from the expert")
     ] = False,
@@ -125,10 +133,15 @@ def bc(
             outcomes=["success"] if successes_only else None,
             max_episodes_per_task=episodes,
         )
+        store = ExperienceStore(db or default_store_url())
+        store.upgrade()
+        camera_names, side = stored_image_layout(
+            store, selection, _camera_names(cameras) if cameras is not None else None, image_size
+        )
         config = BCConfig(
             size=size,
-            cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
-            image_size=image_size,
+            cameras=camera_names,
+            image_size=side,
             knowledge_insulation=knowledge_insulation,
             steps=steps,
             batch_size=batch_size,
@@ -146,10 +159,8 @@ def bc(
         subtask_config = SubtaskTrainConfig(steps=subtask_steps)
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
-    except DeviceError as error:
+    except (DeviceError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
-    store = ExperienceStore(db or default_store_url())
-    store.upgrade()
     try:
         if subtasks:
             trained = train_hierarchical(store, selection, config, checkpoints_dir(), subtask=subtask_config)
@@ -239,6 +250,14 @@ def eval_policy(
             f"subtask named at the end of failures {where['final_named_subtask']}; named subtask = expert phase "
             f"on {where['subtask_agreement']:.0%} of steps"
         )
+
+
+def _camera_names(cameras: str) -> tuple[str, ...]:
+    """``a, b`` → ``("a", "b")``; an empty list is bad input."""
+    names = tuple(c.strip() for c in cameras.split(",") if c.strip())
+    if not names:
+        raise typer.BadParameter("--cameras: expected comma-separated camera names, got none")
+    return names
 
 
 def _results_table(results: list[EvalResult], steps: list[int] | None = None) -> Table:
