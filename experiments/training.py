@@ -243,7 +243,8 @@ def train_vla(
     is removed once the version is registered. ``config.train_workers`` > 1 trains data-parallel on Ray Train
     (:mod:`experiments.distributed`). The device chosen (``auto`` resolved) is recorded in the version metadata.
     """
-    records = load_training_episodes(store, selection)
+    parallel = config.train_workers > 1  # the workers read the images of their shards; the driver needs none
+    records = load_training_episodes(store, selection, images=not parallel)
     arrays = to_episode_arrays(records, conditions, weights)
     dataset = build_dataset(arrays, config.action_horizon)
     policy = _initial_policy(dataset, config, init_from)
@@ -270,7 +271,7 @@ def train_vla(
         checkpoint_every=config.checkpoint_every,
         state_dir=state_dir,
     )
-    if config.train_workers > 1:
+    if parallel:
         from experiments.distributed import train_bc_data_parallel
 
         train_result = train_bc_data_parallel(

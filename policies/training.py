@@ -68,10 +68,11 @@ class BCDataset:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def validate(self, config: VLAConfig) -> None:
-        """Raise :class:`VLAInputError` naming the field if the data does not match ``config``."""
+    def validate(self, config: VLAConfig, images: bool = True) -> None:
+        """Raise :class:`VLAInputError` naming the field if the data does not match ``config`` (``images=False``
+        skips the image checks: a dataset without images can fit tokenizers and statistics, not train)."""
         n, side, horizon = len(self), config.image_size, config.action_horizon
-        for camera in config.cameras:
+        for camera in config.cameras if images else ():
             if camera not in self.images:
                 raise VLAInputError(
                     f"images[{camera!r}]: missing camera, expected cameras {list(config.cameras)}"
@@ -189,7 +190,9 @@ def create_policy(
         vocab_size=prompt_tokenizer.get_vocab_size(),
         fast_vocab_size=fast_tokenizer.vocab_size if fast_tokenizer else config.fast_vocab_size,
     )
-    dataset.validate(config)
+    dataset.validate(
+        config, images=bool(dataset.images)
+    )  # no images: a data-parallel driver, workers load them
     norm_stats = NormalizationStats.compute(dataset.state, dataset.actions, mode=config.normalization)  # type: ignore[arg-type]
     torch.manual_seed(seed)
     return VLAPolicy(
