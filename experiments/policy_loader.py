@@ -74,7 +74,12 @@ def resolve(spec: str, store: ExperienceStore | None = None, *, noise: float = 0
         path = Path(spec[1:])
         if not path.is_file():
             raise PolicySpecError(f"policy {spec!r}: {path} is not a file")
-        return resolve(path.read_text().strip(), store, noise=noise)
+        named = path.read_text().strip()
+        if not named:
+            raise PolicySpecError(f"policy {spec!r}: {path} is empty (it should name a policy)")
+        return resolve(named, store, noise=noise)
+    if not spec:
+        raise PolicySpecError("policy: empty spec")
     if spec == SCRIPTED or spec.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?")):
         task, spec_noise = parse_scripted_spec(spec)
         bare = spec == SCRIPTED

@@ -381,12 +381,14 @@ def test_the_loader_dispatches_every_kind_and_registered_uris_reload(tmp_path) -
         assert resolve(str(directory)).kind == kind
     (tmp_path / "vla" / "policy.json").write_text('{"kind": "pi0"}')
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("\n")
     for spec, message in [
         (str(tmp_path / "vla"), "kind 'pi0' is not one of vla, hierarchical, rlt"),
         (str(tmp_path / "empty"), "no checkpoint in this directory"),
         ("v9", "no such version registered"),
         ("scripted:reach-v3?noise=-1", "noise='-1'; expected a number >= 0"),
         (f"@{tmp_path / 'nowhere'}", "is not a file"),
+        (f"@{tmp_path / 'empty.txt'}", "empty.txt is empty"),
     ]:
         with pytest.raises(PolicySpecError, match=message) as error:
             load(spec, store=store)
