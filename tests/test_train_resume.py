@@ -19,7 +19,7 @@ from policies.train_state import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = EnvConfig(task="reach-v3", cameras=("corner2",), width=48, height=48, max_episode_steps=30)
-STEPS, EVERY = 80, 10
+STEPS, EVERY = 100, 10
 TIMEOUT = 300
 
 
