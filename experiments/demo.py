@@ -92,8 +92,7 @@ def collect_demos(plan: DemoPlan, store_url: str, progress: bool) -> str:
 def train_prior(plan: DemoPlan, store: ExperienceStore, demo_run: str, progress: bool) -> str:
     """BC-train the tiny VLA on the demos (reused if this plan's prior is already registered)."""
     folder = checkpoints_dir() / f"{plan.name}-prior"
-    prefix = str(folder.resolve())
-    existing = [row for row in store.policy_versions() if str(row["uri"] or "").startswith(prefix)]
+    existing = store.policy_versions(uri_prefix=str(folder.resolve()))
     if existing:
         return existing[-1]["version"]
     folder.mkdir(parents=True, exist_ok=True)

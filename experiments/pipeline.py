@@ -586,8 +586,7 @@ class Pipeline:
         return (self.store.policy_version(version) or {}).get("kind")
 
     def _version_under(self, folder: Path) -> dict[str, Any] | None:
-        prefix = str(folder.resolve()) + os.sep
-        rows = [r for r in self.store.policy_versions() if str(r["uri"] or "").startswith(prefix)]
+        rows = self.store.policy_versions(uri_prefix=str(folder.resolve()) + os.sep)
         return rows[-1] if rows else None
 
 

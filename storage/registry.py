@@ -49,9 +49,11 @@ class PolicyRegistry:
         self._remember([(version, version_id)])
         return version_id
 
-    def versions(self) -> list[dict[str, Any]]:
-        """All registered policy versions, oldest first."""
-        return self._rows(sa.true())
+    def versions(self, uri_prefix: str | None = None) -> list[dict[str, Any]]:
+        """Registered policy versions, oldest first; ``uri_prefix`` keeps those whose uri starts with it."""
+        if uri_prefix is None:
+            return self._rows(sa.true())
+        return self._rows(PolicyVersion.uri.startswith(uri_prefix, autoescape=True))
 
     def version(self, version: str) -> dict[str, Any] | None:
         """The registered row of ``version`` (as in ``versions``), or None; one indexed lookup."""

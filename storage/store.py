@@ -115,10 +115,11 @@ class ExperienceStore:
         self._schema.require()
         return self._policies.register(version, kind, uri, parent, metadata)
 
-    def policy_versions(self) -> list[dict[str, Any]]:
-        """All registered policy versions, oldest first."""
+    def policy_versions(self, uri_prefix: str | None = None) -> list[dict[str, Any]]:
+        """Registered policy versions, oldest first; ``uri_prefix`` keeps those whose ``uri`` starts with it
+        (the checkpoints saved under a folder)."""
         self._schema.require()
-        return self._policies.versions()
+        return self._policies.versions(uri_prefix)
 
     def policy_version(self, version: str) -> dict[str, Any] | None:
         """The registered ``version`` (keys as in ``policy_versions``), or None if it is not registered."""

@@ -223,8 +223,9 @@ def test_unknown_policy_version_is_rejected_before_anything_is_written(store: Ex
     assert store.load_episode(record.uuid).policy_versions[7] == "never-registered"
 
 
-def test_one_version_is_looked_up_by_name(store: ExperienceStore) -> None:
-    """``policy_version`` answers with the same row ``policy_versions`` lists (parent by name), or None."""
+def test_one_version_is_looked_up_by_name_and_versions_by_uri_prefix(store: ExperienceStore) -> None:
+    """``policy_version`` answers with the same row ``policy_versions`` lists (parent by name), or None;
+    ``policy_versions(uri_prefix=…)`` keeps the checkpoints under a folder (LIKE wildcards taken literally)."""
     store.register_policy_version(
         "vla-v3", kind="vla", uri="/ckpt/v3", parent=POLICY_VERSION, metadata={"k": 1}
     )
@@ -238,6 +239,12 @@ def test_one_version_is_looked_up_by_name(store: ExperienceStore) -> None:
     )
     assert store.policy_version(POLICY_VERSION)["parent"] is None
     assert store.policy_version("vla-v") is None and store.policy_version("ghost") is None
+    store.register_policy_version("vla-v4", kind="vla", uri="/ckpt_x/v4")
+    under = [row["version"] for row in store.policy_versions(uri_prefix="/ckpt/")]
+    assert under == ["vla-v3"] and store.policy_versions(uri_prefix="/ckpt/")[0] == row
+    assert [row["version"] for row in store.policy_versions(uri_prefix="/ckpt_")] == ["vla-v4"], (
+        "_ is literal"
+    )
 
 
 def test_filters_list_count_and_iterate(store: ExperienceStore) -> None:
