@@ -158,10 +158,18 @@ def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
             f"policy {version!r}: not 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE; "
             "pass the experience store (--store / --db) to look up a registered version"
         )
-    row = store.policy_version(version)
+    from storage import SchemaNotReadyError
+
+    try:
+        row = store.policy_version(version)
+    except SchemaNotReadyError:
+        raise PolicySpecError(
+            f"policy {version!r}: not 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE, "
+            f"and the store {store.safe_url} has no registered versions (no schema: flywheel db upgrade)"
+        ) from None
     if row is None:
         raise PolicySpecError(
-            f"policy {version!r}: no such version registered in {store.url} "
+            f"policy {version!r}: no such version registered in {store.safe_url} "
             "(nor is it 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE)"
         )
     uri = _loadable_uri(row)

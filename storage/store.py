@@ -75,6 +75,11 @@ class ExperienceStore:
         self._evaluations = EvaluationRepository(self._db, self._policies, self._runs)
 
     @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden (for messages)."""
+        return self._db.safe_url()
+
+    @property
     def dialect(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self._db.dialect
