@@ -12,6 +12,9 @@ Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
   e.g. ``openpi:ws://gpu:8000?keys=libero&horizon=10&dim=7&api_key_env=PI_KEY`` for a π0.5 LIBERO server
   whose metadata is ``{}``);
 - ``@FILE``: the spec FILE holds (a deploy file);
+- ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: a version of a model registered in MLflow (the
+  configured tracking store, ``experiments.tracking.tracking_uri``); its checkpoint is downloaded once and loads
+  as the directory it holds;
 - a version registered in the store: one indexed lookup (``ExperienceStore.policy_version``), then its ``uri``,
   itself one of the specs above, loads under the registered name.
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 SCRIPTED, OPENPI = "scripted", "openpi"
 OPENPI_PREFIX = "openpi:"
+MODELS_PREFIX = "models:/"
 #: Options of an ``openpi:`` spec's query string.
 OPENPI_OPTIONS = {
     "keys": "openpi field names: libero or droid (cameras main/wrist, exterior/wrist)",
@@ -86,6 +90,8 @@ def resolve(spec: str, store: ExperienceStore | None = None, *, noise: float = 0
         return PolicySource(SCRIPTED, scripted_spec(noise if bare else spec_noise, task))
     if spec.startswith(OPENPI_PREFIX):
         return PolicySource(OPENPI, spec)
+    if spec.startswith(MODELS_PREFIX):
+        return resolve(str(_mlflow_checkpoint(spec)))
     if Path(spec).is_dir():
         return PolicySource(_checkpoint_kind(Path(spec)), str(Path(spec).resolve()))
     return _registered(spec, store)
@@ -127,6 +133,19 @@ def checkpoint_directory(spec: str, store: ExperienceStore) -> Path:
     if source.kind != VLA_KIND:
         raise PolicySpecError(f"policy {spec!r}: a {source.kind} policy, not a VLA checkpoint directory")
     return Path(source.uri)
+
+
+def vla_image_layout(spec: str, store: ExperienceStore) -> tuple[tuple[str, ...], int] | None:
+    """Cameras and square image side of the built-in VLA ``spec`` names (read from its config, no weights), or
+    None when ``spec`` names another kind of policy (scripted, openpi, …) or nothing loadable."""
+    from policies.checkpoint import checkpoint_config
+
+    try:
+        directory = checkpoint_directory(spec, store)
+    except PolicySpecError:
+        return None
+    config = checkpoint_config(directory)
+    return tuple(config.cameras), config.image_size
 
 
 def scripted_spec(noise: float, task: str | None = None) -> str:
@@ -178,6 +197,16 @@ def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
             f"policy version {version!r} ({row['kind']}) has no loadable uri here (uri={row['uri']!r})"
         )
     return replace(resolve(uri), version=version)
+
+
+def _mlflow_checkpoint(spec: str) -> Path:
+    """The local checkpoint directory of a ``models:/`` spec (``experiments.tracking.download_policy``)."""
+    from experiments.tracking import download_policy
+
+    try:
+        return download_policy(spec)
+    except (LookupError, OSError) as error:
+        raise PolicySpecError(str(error)) from None
 
 
 def _loadable_uri(row: dict[str, Any]) -> str | None:

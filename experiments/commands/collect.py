@@ -12,7 +12,9 @@ from actors.execution import ExecutionConfig
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
+from experiments.policy_loader import vla_image_layout
 from experiments.validation import first_error
+from storage import ExperienceStore
 
 app = typer.Typer()
 console = Console()
@@ -51,8 +53,13 @@ def collect(
     on_worker_death: Annotated[
         str, typer.Option(help="A killed worker's open episodes: 'discard' or 'record' (as error episodes)")
     ] = "discard",
-    image_size: Annotated[int, typer.Option(min=16, help="Camera image width and height")] = 96,
-    cameras: Annotated[str, typer.Option(help="Comma-separated camera names")] = "corner2",
+    image_size: Annotated[
+        int | None,
+        typer.Option(min=16, help="Camera image width and height (default: a VLA policy's, else 96)"),
+    ] = None,
+    cameras: Annotated[
+        str | None, typer.Option(help="Comma-separated camera names (default: a VLA policy's, else corner2)")
+    ] = None,
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
     ] = False,
@@ -81,13 +88,18 @@ def collect(
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
+    store_url = db or default_store_url()
+    model_cameras, model_size = (
+        None if image_size and cameras else vla_image_layout(policy, ExperienceStore(store_url))
+    ) or (("corner2",), 96)
+    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else model_cameras
     try:
         config = CollectConfig(
             env=EnvConfig(
                 task=task,
-                cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
-                width=image_size,
-                height=image_size,
+                cameras=camera_names,
+                width=image_size or model_size,
+                height=image_size or model_size,
                 render=not no_images,
                 seed=seed or 0,
             ),
@@ -110,7 +122,7 @@ def collect(
             inference=inference,
             ray_address=ray_address,
             on_worker_death=on_worker_death,
-            store_url=db or default_store_url(),
+            store_url=store_url,
             run_id=run_id,
             seed=seed,
             record_images=not no_images,

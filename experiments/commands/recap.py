@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -11,10 +10,10 @@ from rich.table import Table
 
 from envs import EnvConfig
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.policy_loader import PolicySpecError, checkpoint_directory
+from experiments.policy_loader import PolicySpecError, checkpoint_directory, vla_image_layout
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
+from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.training import BCConfig
-from policies.checkpoint import checkpoint_config
 from policies.device import DeviceError, resolve_device
 from recap import RecapInputError, RelabelConfig, ValueConfig
 from storage import ExperienceStore
@@ -73,9 +72,13 @@ def iterate(
         pretrained = checkpoint_directory(retrain_from, store) if retrain_from else None
     except PolicySpecError as error:
         _fail(f"--retrain-from: {error}")
-    stored_cameras, stored_size = _image_defaults(policy, pretrained, store)
-    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else stored_cameras
-    image_size = image_size or stored_size
+    model_cameras, model_size = (
+        vla_image_layout(policy, store)
+        or (vla_image_layout(str(pretrained), store) if pretrained else None)
+        or (("corner2",), 64)
+    )
+    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else model_cameras
+    image_size = image_size or model_size
     env = EnvConfig(
         task=task,
         cameras=camera_names,
@@ -124,21 +127,16 @@ def iterate(
                 f"{evaluation.successes_per_hour:.0f}",
             )
     console.print(table)
-
-
-def _image_defaults(
-    policy: str, pretrained: Path | None, store: ExperienceStore
-) -> tuple[tuple[str, ...], int]:
-    """Cameras and image size of the current policy if it is a built-in VLA, else of ``pretrained``, else
-    corner2 at 64 px: what the iteration renders, collects and trains on unless given."""
-    try:
-        directory: Path | None = checkpoint_directory(policy, store)
-    except PolicySpecError:
-        directory = pretrained
-    if directory is None:
-        return ("corner2",), 64
-    config = checkpoint_config(directory)
-    return tuple(config.cameras), config.image_size
+    metrics = {"collect_success_rate": result.collection.success_rate}
+    for name, evaluation in (("before", result.before), ("after", result.after)):
+        if evaluation is not None:
+            metrics |= {f"{name}/{key}": value for key, value in evaluation.as_metrics().items()}
+    log_command_run(
+        "recap-iterate",
+        config.model_dump(mode="json"),
+        metrics,
+        {POLICY_VERSION_TAG: result.trained.version, "relabel_id": str(result.relabel.relabel_id)},
+    )
 
 
 def _fail(message: str) -> NoReturn:
