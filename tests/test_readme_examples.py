@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
+from experiments.policy_loader import vla_image_layout
 from experiments.robot_runtime import RobotCameras, robot_cameras
 from experiments.training import EpisodeFilter, stored_image_layout
 from experiments.validation import UserError
@@ -91,6 +92,22 @@ def test_mixed_image_sizes_are_one_error_that_says_how_to_filter(store: Experien
         ("corner2",),
         96,
     )
+
+
+def test_collect_and_recap_read_a_vla_policys_cameras_and_image_size(tmp_path: Path) -> None:
+    """``collect --policy <version>`` / ``recap iterate`` render at the VLA's size (the demo's 48 px prior)."""
+    from tests.test_vla import toy_policy
+
+    policy, _ = toy_policy()
+    policy.save(tmp_path / "vla")
+    experience = ExperienceStore(f"sqlite:///{tmp_path / 'store.db'}")
+    experience.upgrade()
+    experience.register_policy_version("toy", kind="vla", uri=str(tmp_path / "vla"))
+    expected = (tuple(policy.config.cameras), policy.config.image_size)
+    assert (
+        vla_image_layout("toy", experience) == vla_image_layout(str(tmp_path / "vla"), experience) == expected
+    )
+    assert vla_image_layout("scripted", experience) is None
 
 
 # ---- robot run: cameras and image size from the server's metadata ---------------------------------------------
