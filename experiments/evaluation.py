@@ -80,8 +80,10 @@ def evaluate(
     episodes: int,
     *,
     seed: int = 10_000,
+    record_images: bool = False,
 ) -> tuple[EvalResult, list[EpisodeRecord]]:
-    """Roll ``policy`` out for ``episodes`` fresh episodes (seeds disjoint from collection by default).
+    """Roll ``policy`` out for ``episodes`` fresh episodes (seeds disjoint from collection by default); the
+    records keep their camera frames with ``record_images`` (for videos).
 
     One env, episodes run to completion one after another: stopping a multi-env worker at a count would drop
     the still-running (longer, more often failing) episodes and bias the success rate upwards.
@@ -93,7 +95,7 @@ def evaluate(
         records.append,
         task=env_config.task,
         seed=seed,
-        record_images=False,
+        record_images=record_images,
     )
     worker.run(episodes=episodes)
     worker.close()

@@ -1,5 +1,7 @@
 """Files an iteration leaves in MLflow: the resolved config, relabel ids, success-over-iterations and
-value-along-episode plots (PNG), and rollout GIFs made from the stored episode images."""
+value-along-episode plots (PNG), rollout GIFs made from the stored episode images, and a candidate-vs-deployed
+GIF of one evaluation episode each (same seed), side by side; frames are scaled up to about :data:`VIDEO_SIDE`
+px so a person can judge them."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import yaml
+from PIL import Image, ImageDraw
 
+from experiments.evaluation import evaluate
 from recap.plots import plot_episode_values
 from storage import EpisodeRecord, Outcome
 
@@ -22,6 +26,9 @@ if TYPE_CHECKING:
 
 PLOT_EPISODES = 2
 VIDEO_EPISODES = 2
+#: Videos show each camera frame scaled up (nearest neighbour, by a whole factor) to at least this side.
+VIDEO_SIDE = 192
+COMPARISON_VIDEO = "candidate_vs_deployed.gif"
 
 
 def write_iteration_artifacts(
@@ -56,6 +63,8 @@ def write_iteration_artifacts(
         )
         if video is not None:
             files.append((video, "videos"))
+    if "evaluate" in state.outputs and pipeline.config.collection.record_images:
+        files.append((write_comparison_gif(pipeline, state, folder / COMPARISON_VIDEO), "videos"))
     return files
 
 
@@ -75,12 +84,46 @@ def _showcase_episodes(pipeline: Pipeline, state: IterationState) -> list[Episod
 
 
 def write_rollout_gif(episode: EpisodeRecord, path: Path, fps: int = 10) -> Path | None:
-    """The episode's first camera as an animated GIF (None when it was stored without images)."""
+    """The episode's first camera as an animated GIF, scaled up to :data:`VIDEO_SIDE` (None when it was stored
+    without images)."""
     if not episode.images:
         return None
-    frames = next(iter(episode.images.values()))
-    iio.imwrite(path, np.asarray(frames, dtype=np.uint8), duration=1000 // fps, loop=0)
+    frames = upscale(np.asarray(next(iter(episode.images.values())), dtype=np.uint8))
+    iio.imwrite(path, frames, duration=1000 // fps, loop=0)
     return path
+
+
+def upscale(frames: np.ndarray, side: int = VIDEO_SIDE) -> np.ndarray:
+    """``T×H×W×3`` frames scaled by the whole factor that brings their height to at least ``side``."""
+    factor = max(1, -(-side // frames.shape[1]))
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def write_comparison_gif(pipeline: Pipeline, state: IterationState, path: Path, fps: int = 10) -> Path:
+    """One evaluation episode of the candidate and of the deployed policy (first task, first evaluation
+    seed), side by side with a caption naming each version and its outcome; the shorter one holds its last
+    frame."""
+    versions = state.outputs["evaluate"]["versions"]
+    task, seed = pipeline.config.tasks[0], pipeline.config.evaluation.seed
+    env = pipeline.config.env.env(task, seed)
+    panels = []
+    for role in ("candidate", "deployed"):
+        policy = pipeline._load(versions[role], task)
+        _, [record] = evaluate(policy, env, 1, seed=seed, record_images=True)
+        frames = upscale(np.asarray(record.images[env.cameras[0]], dtype=np.uint8))
+        panels.append(_captioned(frames, f"{role}: {versions[role]} ({record.outcome.value})"))
+    length = max(len(panel) for panel in panels)
+    padded = [np.concatenate([p, np.repeat(p[-1:], length - len(p), axis=0)]) for p in panels]
+    iio.imwrite(path, np.concatenate(padded, axis=2), duration=1000 // fps, loop=0)
+    return path
+
+
+def _captioned(frames: np.ndarray, caption: str, height: int = 16) -> np.ndarray:
+    """Frames with a black caption bar above them (white text, cut to the frame's width)."""
+    bar = Image.new("RGB", (frames.shape[2], height))
+    ImageDraw.Draw(bar).text((2, 2), caption, fill=(255, 255, 255))
+    header = np.repeat(np.asarray(bar)[None], len(frames), axis=0)
+    return np.concatenate([header, frames], axis=1)
 
 
 def plot_rl_curve(rlt_output: dict, path: Path) -> Path:

@@ -1,5 +1,7 @@
 """MLflow tracking of a pipeline: one experiment per pipeline, one run per iteration, a nested run per stage,
-and a registered model whose versions carry the store's policy-version ids (alias ``deployed``).
+and a registered model whose versions carry the store's policy-version ids (alias ``deployed``) and a loadable
+``mlflow.pyfunc`` model wrapping the policy checkpoint (``experiments.policy_model``). :func:`log_command_run` records one
+run per CLI command that trains or evaluates; :func:`download_policy` fetches a ``models:/`` policy's checkpoint.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no global active run), and every lookup is by
 tag, so a resumed iteration finds and continues its runs instead of creating new ones.
@@ -8,19 +10,39 @@ tag, so a resumed iteration finds and continues its runs instead of creating new
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from experiments.paths import default_mlflow_uri, flywheel_home
+from policies.manifest import HIERARCHICAL_KIND, VLA_KIND, checkpoint_kind
 
 DEPLOYED_ALIAS = "deployed"
 ITERATION_TAG = "flywheel.iteration"
 STAGE_TAG = "flywheel.stage"
 STORE_VERSION_TAG = "store_version"
 PARENT_TAG = "mlflow.parentRunId"
+COMMAND_TAG = "flywheel.command"
+POLICY_VERSION_TAG = "policy_version"
+#: MLflow 3 opens an experiment in the view its kind names; flywheel's runs are model training runs.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+MODEL_ARTIFACT = "policy_model"
+CHECKPOINT_ARTIFACT = "checkpoint"
+MODELS_PREFIX = "models:/"
+IMAGE_INPUT = "images/"
+#: Checkpoint kinds that load without the experience store (an RLT checkpoint names its prior's version).
+STANDALONE_KINDS = (VLA_KIND, HIERARCHICAL_KIND)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +52,23 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def tracking_uri() -> str:
+    """The configured tracking store: ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment ``name`` (created if missing), tagged to open on its training runs."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_root_for(uri), tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -44,6 +83,43 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def log_command_run(
+    command: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
+) -> str | None:
+    """Record a finished CLI command that trained or evaluated as one run of experiment ``flywheel/<command>``
+    in the configured tracking store (:func:`tracking_uri`): ``params`` (its saved config, flattened), final
+    ``metrics`` and ``tags`` (e.g. ``policy_version``). Returns the run id; the command's result never depends
+    on tracking, so a store that cannot be written is a warning and None."""
+    uri = tracking_uri()
+    try:
+        client = MlflowClient(uri, registry_uri=uri)
+        experiment = experiment_id(client, f"flywheel/{command}", uri)
+        run_tags = {COMMAND_TAG: command, **(tags or {})}
+        name = f"{command} {run_tags.get(POLICY_VERSION_TAG, '')}".strip()
+        run_id = client.create_run(experiment, run_name=name, tags=run_tags).info.run_id
+        items = list(flatten(params).items())
+        for start in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+        client.log_batch(run_id, metrics=_metric_rows(metrics, step=0))
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except (MlflowException, OSError) as error:
+        logger.warning("MLflow: the %s run was not logged to %s: %s", command, uri, error)
+        return None
+    return run_id
+
+
+def _metric_rows(metrics: dict[str, float], step: int) -> list[Metric]:
+    """Finite numeric ``metrics`` as MLflow rows at ``step``."""
+    return [
+        Metric(key, float(value), 0, step)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and value == value
+    ]
+
+
 class PipelineTracker:
     """The MLflow view of one pipeline (experiment ``flywheel/<pipeline>``, model ``flywheel-<pipeline>``)."""
 
@@ -51,13 +127,7 @@ class PipelineTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.model_name = f"flywheel-{pipeline}"
-        name = f"flywheel/{pipeline}"
-        experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else self.client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
-        )
+        self.experiment_id = experiment_id(self.client, f"flywheel/{pipeline}", tracking_uri)
 
     # ---- runs ----
 
@@ -128,11 +198,7 @@ class PipelineTracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """Log finite numeric metrics at ``step``."""
-        rows = [
-            Metric(key, float(value), 0, step)
-            for key, value in metrics.items()
-            if isinstance(value, int | float) and value == value
-        ]
+        rows = _metric_rows(metrics, step)
         for start in range(0, len(rows), 500):
             self.client.log_batch(run_id, metrics=rows[start : start + 500])
 
@@ -161,8 +227,12 @@ class PipelineTracker:
 
     # ---- registry ----
 
-    def register(self, store_version: str, source: str, run_id: str, description: str) -> str:
-        """Register ``store_version`` as a model version (idempotent by its store id); returns its number."""
+    def register(self, store_version: str, checkpoint: str, run_id: str, description: str) -> str:
+        """Register ``store_version`` as a model version (idempotent by its store id); returns its number.
+
+        A checkpoint that loads on its own (VLA, hierarchical) is logged to ``run_id`` as a pyfunc model
+        (``experiments.policy_model``), which the version then holds; an RLT checkpoint, whose prior lives in the store,
+        is registered by its path."""
         existing = self.model_version_of(store_version)
         if existing is not None:
             self.client.update_model_version(self.model_name, existing, description=description)
@@ -171,9 +241,10 @@ class PipelineTracker:
             self.client.get_registered_model(self.model_name)
         except MlflowException:
             self.client.create_registered_model(self.model_name, description="flywheel pipeline policies")
+        loadable = checkpoint_kind(Path(checkpoint)) in STANDALONE_KINDS
         version = self.client.create_model_version(
             self.model_name,
-            source=source,
+            source=log_policy_model(self.client, run_id, Path(checkpoint)) if loadable else checkpoint,
             run_id=run_id,
             tags={STORE_VERSION_TAG: store_version},
             description=description,
@@ -199,3 +270,80 @@ class PipelineTracker:
     def set_deployed(self, model_version: str) -> None:
         """Point the ``deployed`` alias at ``model_version``."""
         self.client.set_registered_model_alias(self.model_name, DEPLOYED_ALIAS, model_version)
+
+
+# ---- the policy as an MLflow model ----
+
+
+def policy_signature(policy: Any) -> ModelSignature:
+    """Inputs ``state``, ``prompt`` and ``images/<camera>`` as ``policy`` declares them; output its chunk."""
+    from policies.serving.observations import ObservationSpec
+
+    spec = ObservationSpec.of(policy)
+    inputs = [
+        TensorSpec(np.dtype(np.float32), (-1, spec.state_dim or -1), "state"),
+        TensorSpec(np.dtype(object), (-1,), "prompt"),
+        *(
+            TensorSpec(np.dtype(np.uint8), (-1, height, width, 3), f"{IMAGE_INPUT}{camera}")
+            for camera, (height, width) in spec.cameras.items()
+        ),
+    ]
+    output = TensorSpec(np.dtype(np.float32), (-1, policy.action_horizon, policy.action_dim), "actions")
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([output]))
+
+
+def log_policy_model(client: MlflowClient, run_id: str, checkpoint: Path) -> str:
+    """Log ``checkpoint`` to ``run_id`` as a pyfunc model (``experiments.policy_model``, artifact folder
+    :data:`MODEL_ARTIFACT`);
+    returns the artifact URI a model version can hold."""
+    from experiments.policy_loader import load
+
+    signature = policy_signature(load(str(checkpoint)))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / MODEL_ARTIFACT
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=str(Path(__file__).with_name("policy_model.py")),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            signature=signature,
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "numpy", "torch"],
+        )
+        client.log_artifacts(run_id, str(path), MODEL_ARTIFACT)
+    return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+
+
+def download_policy(spec: str) -> Path:
+    """The local checkpoint directory of ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the
+    configured tracking store (downloaded once into ``$FLYWHEEL_HOME/models/<name>/<version>``).
+
+    Raises ``LookupError`` (one line) for a model, alias or version that is not there."""
+    uri = tracking_uri()
+    client = MlflowClient(uri, registry_uri=uri)
+    reference = spec.removeprefix(MODELS_PREFIX)
+    name, alias_sep, alias = reference.partition("@")
+    try:
+        if alias_sep:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = reference.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as error:
+        raise LookupError(f"policy {spec!r}: {error.message} (tracking store {uri})") from None
+    if Path(version.source).is_dir():  # registered by path (an RLT checkpoint, or before models were logged)
+        return Path(version.source)
+    target = flywheel_home() / "models" / name / str(version.version)
+    if not (target / "MLmodel").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version.version}-"))
+        mlflow.artifacts.download_artifacts(
+            f"{MODELS_PREFIX}{name}/{version.version}",
+            dst_path=str(partial),
+            tracking_uri=uri,
+            registry_uri=uri,
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        partial.replace(target)
+    artifacts = Model.load(str(target / "MLmodel")).flavors["python_function"].get("artifacts", {})
+    if CHECKPOINT_ARTIFACT not in artifacts:
+        raise LookupError(f"policy {spec!r}: version {version.version} of {name!r} holds no flywheel policy")
+    return target / artifacts[CHECKPOINT_ARTIFACT]["path"]

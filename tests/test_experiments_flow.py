@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from envs import EnvConfig, SimulatedHumanConfig
@@ -14,6 +15,7 @@ from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import summarize, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
+from experiments.tracking import tracking_uri
 from experiments.training import (
     BCConfig,
     EpisodeFilter,
@@ -151,6 +153,17 @@ def test_train_bc_cli_trains_registers_and_evaluates_every_k_steps(tmp_path, mon
         (TASK, 1)
     ]
     assert [point["step"] for point in registered["metadata"]["evaluation_curve"]] == [1, 2]
+    [logged] = _logged_runs("train-bc")  # MLflow: the embedded tracking store beside the data folder
+    assert logged.data.tags["policy_version"] == registered["version"]
+    assert logged.data.params["bc.steps"] == "2" and logged.data.metrics[f"{TASK}/n"] == 1
+
+
+def _logged_runs(command: str) -> list:
+    """The runs ``flywheel <command>`` logged to the configured tracking store."""
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(f"flywheel/{command}")
+    assert experiment is not None, f"flywheel {command} logged no run"
+    return client.search_runs([experiment.experiment_id])
 
 
 def _tiny_prior(store: ExperienceStore, output_dir) -> TrainedPolicy:
@@ -235,3 +248,6 @@ def test_recap_iterate_cli_retrains_from_the_pretrained_checkpoint(demo_store, t
         retrained and retrained[-1]["metadata"]["init_from"] == registered
     )  # identical weights share a version
     assert retrained[-1]["metadata"]["bc_config"]["steps"] == 3
+    [logged] = _logged_runs("recap-iterate")
+    assert logged.data.tags["policy_version"] == retrained[-1]["version"]
+    assert logged.data.params["task"] == TASK and logged.data.metrics["after/n"] == 1

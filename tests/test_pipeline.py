@@ -6,6 +6,7 @@ stays registered with the reason), the deploy file, and the MLflow dashboard ove
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import imageio.v3 as iio
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -25,13 +27,14 @@ from typer.testing import CliRunner
 from experiments.cli import app
 from experiments.gate import decide
 from experiments.pipeline import STAGES, Pipeline
+from experiments.pipeline_artifacts import VIDEO_SIDE
 from experiments.pipeline_config import (
     GateSettings,
     PipelineConfigError,
     load_pipeline_config,
     parse_pipeline_config,
 )
-from experiments.policy_loader import load
+from experiments.policy_loader import PolicySpecError, load
 from experiments.schedule import ScheduleError, parse_interval
 from recap import POSITIVE_PROMPT
 
@@ -171,6 +174,7 @@ def test_mlflow_runs_metrics_and_artifacts(two_iterations):
     pipeline, _ = two_iterations
     client = MlflowClient(pipeline.config.mlflow_uri)
     experiment = client.get_experiment_by_name("flywheel/tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on training runs
     runs = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'iteration'")
     assert sorted(r.info.run_name for r in runs) == ["iteration-1", "iteration-2"]
     for run in runs:
@@ -201,11 +205,52 @@ def test_mlflow_runs_metrics_and_artifacts(two_iterations):
         assert any(p.startswith("plots/value_along_episode_") for p in plots)
         videos = [a.path for a in client.list_artifacts(run.info.run_id, "videos")]
         assert videos and all(v.endswith(".gif") for v in videos)
+        for video in videos:  # 48 px camera frames, scaled up to be judged; the pair side by side
+            frames = iio.imread(client.download_artifacts(run.info.run_id, video))
+            assert frames.ndim == 4 and frames.shape[1] >= 128, (video, frames.shape)
+        pair = iio.imread(client.download_artifacts(run.info.run_id, "videos/candidate_vs_deployed.gif"))
+        assert pair.shape[2] == 2 * VIDEO_SIDE and pair.shape[1] > VIDEO_SIDE, pair.shape
         local = Path(client.download_artifacts(run.info.run_id, "plots/success_over_iterations.png"))
         assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train_runs = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'train'")
     history = client.get_metric_history(train_runs[0].info.run_id, "train_loss")
     assert len(history) >= 1
+
+
+def test_deployed_model_loads_with_mlflow_in_a_fresh_process(two_iterations, tmp_path, monkeypatch):
+    """The registry is a place to pull from: the deployed version is a pyfunc model with a signature that a
+    fresh process loads with MLflow alone, and ``models:/`` is a policy spec of the one loader."""
+    pipeline, _ = two_iterations
+    env = pipeline.config.env
+    script = f"""
+import json, mlflow, numpy as np
+model = mlflow.pyfunc.load_model("models:/flywheel-tiny@deployed")
+schema = model.metadata.get_input_schema()
+names, state_dim = [spec.name for spec in schema.inputs], schema.input_dict()["state"].shape[1]
+batch = {{"state": np.zeros((2, state_dim), np.float32), "prompt": np.array(["reach the goal"] * 2, dtype=object),
+         "images/corner2": np.zeros((2, {env.image_size}, {env.image_size}, 3), np.uint8)}}
+print(json.dumps({{"inputs": names, "shape": list(model.predict(batch).shape)}}))
+"""
+    uri = pipeline.config.mlflow_uri
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    deployed = load(pipeline.deployed_version(), store=pipeline.store)
+    assert answer["inputs"] == ["state", "prompt", "images/corner2"]
+    assert answer["shape"] == [2, deployed.action_horizon, deployed.action_dim]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    second = pipeline.iterations()[1].outputs["register"]["model_version"]
+    for spec in ("models:/flywheel-tiny@deployed", f"models:/flywheel-tiny/{second}"):
+        assert load(spec).version == deployed.version
+    with pytest.raises(PolicySpecError, match="alias nope not found"):
+        load("models:/flywheel-tiny@nope")
 
 
 def _free_port() -> int:
@@ -220,8 +265,6 @@ def _get(url: str) -> bytes:
 
 
 def test_dashboard_serves_runs_metrics_and_plots(two_iterations):
-    import json
-
     pipeline, tmp = two_iterations
     port = _free_port()
     server = subprocess.Popen(
@@ -269,13 +312,24 @@ def test_dashboard_serves_runs_metrics_and_plots(two_iterations):
         assert any(f["path"] == "plots/success_over_iterations.png" for f in listing["files"])
         png = _get(f"{base}/get-artifact?path=plots/success_over_iterations.png&run_uuid={run_id}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        _check_in_browser(f"{base}/#/experiments/{experiment_id}/runs/{run_id}", run["info"]["run_name"], tmp)
+        other = runs[1]
+        page = f"{base}/#/experiments/{experiment_id}/runs/"
+        overview = _browser_dom(page + run_id, tmp)
+        _assert_shows_run(overview, run)
+        with pytest.raises(AssertionError):  # the check tells runs apart: not satisfied by another run's page
+            _assert_shows_run(overview, other)
+        plot = "plots/success_over_iterations.png"
+        artifact = _browser_dom(f"{page}{run_id}/artifacts/{plot}", tmp)
+        assert f'artifact-name="{Path(plot).name}"' in artifact and f'<img alt="{plot}"' in artifact, (
+            artifact[-2000:]
+        )
     finally:
         os.killpg(server.pid, 9)
         server.wait()
 
 
-def _check_in_browser(url: str, run_name: str, tmp: Path) -> None:
+def _browser_dom(url: str, tmp: Path) -> str:
+    """The DOM headless chromium renders for ``url`` (MLflow's UI is a JavaScript app)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium where apt is available)")
@@ -294,9 +348,16 @@ def _check_in_browser(url: str, run_name: str, tmp: Path) -> None:
         "--dump-dom",
         url,
     ]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
-    assert run_name in dom, dom[-2000:]
-    assert "success_over_iterations" in dom or "candidate_success_rate" in dom or "Metrics" in dom
+    return subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
+
+
+def _assert_shows_run(dom: str, run: dict) -> None:
+    """The run page shows this run: its name in the run header and its candidate success rate as MLflow
+    prints it (a JavaScript number: 1 rather than 1.0)."""
+    value = next(m["value"] for m in run["data"]["metrics"] if m["key"] == "candidate_success_rate")
+    shown = str(int(value)) if float(value).is_integer() else repr(float(value))
+    assert f'data-testid="runs-header">{run["info"]["run_name"]}<' in dom, dom[-2000:]
+    assert "candidate_success_rate" in dom and f">{shown}<" in dom, (shown, dom[-2000:])
 
 
 def test_schedule_resumes_from_the_store_and_is_exclusive(two_iterations):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from actors.cluster import ensure_ray
 from experiments.cli import app
+from experiments.tracking import tracking_uri
 from rlt.checkpoint import load_rlt_checkpoint
 from storage import ExperienceStore
 
@@ -80,6 +82,12 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     output = _invoke("--store", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
     assert f"{len(records)} stored + 0 fresh warm-up episodes" in output
     assert load_rlt_checkpoint(second).manifest["stored_episodes"] == len(records)
+    client = MlflowClient(tracking_uri())  # each run is logged to the (embedded) tracking store
+    experiment = client.get_experiment_by_name("flywheel/rlt")
+    logged = {run.data.tags["policy_version"]: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(logged) == {rl_version, load_rlt_checkpoint(second).manifest["rl_version"]}
+    assert logged[rl_version].data.params["prior"] == "scripted-noise0.3"
+    assert logged[rl_version].data.metrics["eval_episodes"] == 1
 
 
 @pytest.fixture
@@ -131,7 +139,10 @@ def test_negative_workers_are_refused(tmp_path) -> None:
     [
         (["--task", "peg-insert-v9"], "error: task: unknown Meta-World task 'peg-insert-v9'"),
         (["--task", "peg-insert-side-v3", "--handoff", "elbow"], "error: hand-off pair: expected one of"),
-        (["--task", "peg-insert-side-v3", "--prior", "v9"], "error: --prior: policy 'v9': no such version registered"),
+        (
+            ["--task", "peg-insert-side-v3", "--prior", "v9"],
+            "error: --prior: policy 'v9': no such version registered",
+        ),
         (["--task", "peg-insert-side-v3", "--store", "foo://x"], "error: --store: store url: expected"),
         (
             ["--task", "peg-insert-side-v3", "--success-tolerance", "0.01"],

@@ -13,6 +13,7 @@ from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
 from experiments.policy_loader import vla_image_layout
+from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.validation import first_error
 from storage import ExperienceStore
 
@@ -139,6 +140,13 @@ def collect(
         f"  env steps {report.env_steps}"
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
         f"\nstore {config.store_url}"
+    )
+    log_command_run(
+        "collect",
+        config.model_dump(mode="json") | {"run_id": report.run_id, "seed": report.seed},
+        {"success_rate": report.success_rate, "episodes": report.episodes}
+        | {"env_steps": report.env_steps, "human_steps": report.human_steps},
+        {POLICY_VERSION_TAG: report.policy_version, "run_id": report.run_id},
     )
 
 

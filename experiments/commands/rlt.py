@@ -21,6 +21,7 @@ from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, load, register, resolve
 from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process, train_on_ray
+from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.validation import first_error
 from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
@@ -178,6 +179,13 @@ def rlt(
         _fail(f"{error} (no checkpoint written)", code=1)
     successes = round(rlt_rate * eval_episodes)
     experience.write_evaluation(rl_version, env_config.task, eval_episodes, successes)
+    log_command_run(
+        "rlt",
+        manifest | {"learner": dataclasses.asdict(learner_config), "prior": policy.version},
+        {"prior_success": prior_rate, "rlt_success": rlt_rate, "eval_episodes": eval_episodes}
+        | {"env_steps": run.env_steps, "online_episodes": run.online_episodes},
+        {POLICY_VERSION_TAG: rl_version, "prior_version": policy.version, "task": env_config.task},
+    )
     _report(rl_version, policy.version, directory, run, len(records), eval_episodes, prior_rate, rlt_rate)
     _report_critic(calibration)
 

@@ -20,6 +20,7 @@ from experiments.context import (
 from experiments.evaluation import EvalResult, evaluate
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.policy_loader import PolicySpecError, load, register, resolve
+from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
 from experiments.validation import first_error
 from policies.checkpoint import CheckpointError
@@ -187,6 +188,13 @@ def bc(
         console.print(_results_table([result for _, result in curve], [step for step, _ in curve]))
     elif trained.evaluations:
         console.print(_results_table(trained.evaluations))
+    log_command_run(
+        "train-bc",
+        {"selection": selection.model_dump(mode="json"), "bc": config.model_dump(mode="json")}
+        | {"condition": "subtasks" if subtasks else "metadata" if metadata else "none"},
+        {"episodes_used": used} | _evaluation_metrics(trained.evaluations),
+        {POLICY_VERSION_TAG: version, "checkpoint": str(checkpoint)},
+    )
 
 
 @app.command("eval")
@@ -239,6 +247,13 @@ def eval_policy(
     result, records = evaluate(loaded, env, episodes, seed=seed)
     register(store, source, loaded.version)
     store.write_evaluation(loaded.version, task, result.n, result.successes, metrics=result.as_metrics())
+    log_command_run(
+        "train-eval",
+        {"policy": policy, "task": task, "episodes": episodes, "seed": seed, "ask": ask}
+        | {"env": env.model_dump(mode="json")},
+        _evaluation_metrics([result]),
+        {POLICY_VERSION_TAG: loaded.version},
+    )
     console.print(_results_table([result]))
     where = phase_outcomes(records, task)
     console.print(
@@ -250,6 +265,11 @@ def eval_policy(
             f"subtask named at the end of failures {where['final_named_subtask']}; named subtask = expert phase "
             f"on {where['subtask_agreement']:.0%} of steps"
         )
+
+
+def _evaluation_metrics(results: list[EvalResult]) -> dict[str, float]:
+    """``<task>/<figure>`` of each evaluation (success rate, successes, n, mean length, …)."""
+    return {f"{result.task}/{key}": value for result in results for key, value in result.as_metrics().items()}
 
 
 def _camera_names(cameras: str) -> tuple[str, ...]:

@@ -1,0 +1,67 @@
+"""MLflow as a registry to pull from and a record of every command: a registered checkpoint is a pyfunc model
+whose ``models:/`` name is a policy spec of the CLI (``train eval`` here), and ``collect`` / ``train eval`` each
+log a run (saved config as params, success figures as metrics, the policy version as a tag) to the configured
+tracking store, a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from experiments.cli import app
+from experiments.tracking import PipelineTracker
+from policies.checkpoint import save_checkpoint
+from tests.test_rtc import tiny_vla
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh data folder and tracking store (``$MLFLOW_TRACKING_URI``); returns its URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _logged_runs(uri: str, command: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(f"flywheel/{command}")
+    assert experiment is not None, f"flywheel {command} logged no run"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    return client.search_runs([experiment.experiment_id])
+
+
+def test_collect_logs_a_run(tracking, tmp_path):
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["collect", "--task", "reach-v3", "--episodes", "1", "--no-images", "--seed", "3", "--db", db]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    [run] = _logged_runs(tracking, "collect")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["policy"] == "scripted" and run.data.params["env.task"] == "reach-v3"
+    assert run.data.metrics["episodes"] == 1 and 0 <= run.data.metrics["success_rate"] <= 1
+    assert run.data.tags["policy_version"] in result.output
+
+
+def test_a_registered_version_is_a_policy_spec_and_its_evaluation_is_logged(tracking, tmp_path):
+    policy = tiny_vla()  # corner2 at 48 px, state 7, actions 4: reach-v3's observations
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(policy, checkpoint)
+    tracker = PipelineTracker(tracking, "unit")
+    model_version = tracker.register("vla-unit", str(checkpoint), tracker.iteration_run(1, {}), "unit test")
+    tracker.set_deployed(model_version)
+    version = MlflowClient(tracking).get_model_version("flywheel-unit", model_version)
+    assert version.source.endswith("/policy_model")  # the pyfunc model, not the bare checkpoint path
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["train", "eval", "--policy", "models:/flywheel-unit@deployed", "--task", "reach-v3"]
+    args += ["--episodes", "1", "--max-episode-steps", "10", "--db", db]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    [run] = _logged_runs(tracking, "train-eval")
+    assert run.data.params["policy"] == "models:/flywheel-unit@deployed"
+    assert run.data.metrics["reach-v3/n"] == 1 and run.data.tags["policy_version"] in result.output
+    missing = runner.invoke(app, [*args[:3], "models:/flywheel-unit@nope", *args[4:]])
+    assert missing.exit_code == 2 and "alias nope not found" in missing.output
