@@ -105,7 +105,7 @@ def log_command_run(
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
         client.log_batch(run_id, metrics=_metric_rows(metrics, step=0))
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    except (MlflowException, OSError) as error:
+    except Exception as error:  # best effort: the command's finished work never depends on its record
         logger.warning("MLflow: the %s run was not logged to %s: %s", command, uri, error)
         return None
     return run_id

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from experiments.cli import app
 from experiments.tracking import PipelineTracker
 from policies.checkpoint import save_checkpoint
+from storage import ExperienceStore
 from tests.test_rtc import tiny_vla
 
 runner = CliRunner()
@@ -44,6 +45,11 @@ def test_collect_logs_a_run(tracking, tmp_path):
     assert run.data.params["policy"] == "scripted" and run.data.params["env.task"] == "reach-v3"
     assert run.data.metrics["episodes"] == 1 and 0 <= run.data.metrics["success_rate"] <= 1
     assert run.data.tags["policy_version"] in result.output
+    (tmp_path / "file").write_text("")
+    unwritable = {"COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}"}
+    again = runner.invoke(app, args, env=unwritable)
+    assert again.exit_code == 0, again.output  # tracking is a record, not a precondition
+    assert ExperienceStore(db).count_episodes() == 2
 
 
 def test_a_registered_version_is_a_policy_spec_and_its_evaluation_is_logged(tracking, tmp_path):
