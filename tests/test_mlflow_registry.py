@@ -5,13 +5,21 @@ tracking store, a real SQLite MLflow store."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from envs import EnvConfig, MetaWorldEnv
 from experiments.cli import app
 from experiments.tracking import PipelineTracker
+from policies.base import stack_observations
 from policies.checkpoint import save_checkpoint
+from policies.openpi_client import OpenPIClientPolicy
 from storage import ExperienceStore
 from tests.test_rtc import tiny_vla
 
@@ -52,13 +60,19 @@ def test_collect_logs_a_run(tracking, tmp_path):
     assert ExperienceStore(db).count_episodes() == 2
 
 
-def test_a_registered_version_is_a_policy_spec_and_its_evaluation_is_logged(tracking, tmp_path):
-    policy = tiny_vla()  # corner2 at 48 px, state 7, actions 4: reach-v3's observations
+def _register_tiny_vla(tracking: str, tmp_path: Path) -> str:
+    """A tiny VLA (corner2 at 48 px, state 7, actions 4: reach-v3's observations) registered as version 1 of
+    ``flywheel-unit`` with the alias ``deployed``, as the pipeline registers; returns the version number."""
     checkpoint = tmp_path / "checkpoint"
-    save_checkpoint(policy, checkpoint)
+    save_checkpoint(tiny_vla(), checkpoint)
     tracker = PipelineTracker(tracking, "unit")
     model_version = tracker.register("vla-unit", str(checkpoint), tracker.iteration_run(1, {}), "unit test")
     tracker.set_deployed(model_version)
+    return model_version
+
+
+def test_a_registered_version_is_a_policy_spec_and_its_evaluation_is_logged(tracking, tmp_path):
+    model_version = _register_tiny_vla(tracking, tmp_path)
     version = MlflowClient(tracking).get_model_version("flywheel-unit", model_version)
     assert version.source.endswith("/policy_model")  # the pyfunc model, not the bare checkpoint path
     db = f"sqlite:///{tmp_path / 'store.db'}"
@@ -71,3 +85,29 @@ def test_a_registered_version_is_a_policy_spec_and_its_evaluation_is_logged(trac
     assert run.data.metrics["reach-v3/n"] == 1 and run.data.tags["policy_version"] in result.output
     missing = runner.invoke(app, [*args[:3], "models:/flywheel-unit@nope", *args[4:]])
     assert missing.exit_code == 2 and "alias nope not found" in missing.output
+
+
+def test_serve_pulls_the_deployed_model_from_the_registry(tracking, tmp_path):
+    _register_tiny_vla(tracking, tmp_path)
+    port = _free_port()
+    command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", "models:/flywheel-unit@deployed"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        with OpenPIClientPolicy(f"ws://127.0.0.1:{port}", connect_timeout_s=120) as client:
+            observation, _ = MetaWorldEnv(
+                EnvConfig(task="reach-v3", cameras=("corner2",), width=48, height=48, seed=1)
+            ).reset(seed=1)
+            chunk = client.infer(stack_observations([observation]))
+            assert chunk.actions.shape == (1, 10, 4) and client.version.startswith("vla-")
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
