@@ -394,7 +394,7 @@ def test_the_loader_dispatches_every_kind_and_registered_uris_reload(tmp_path) -
             load(spec, store=store)
         assert "\n" not in str(error.value)
     blank = ExperienceStore(f"sqlite:///{tmp_path / 'blank.db'}")  # e.g. serve's default store, never created
-    with pytest.raises(PolicySpecError, match="'v9': not 'scripted.*has no registered versions"):
+    with pytest.raises(PolicySpecError, match=r"'v9': not 'scripted.*has no registered versions"):
         load("v9", store=blank)
     with pytest.raises(PolicySpecError, match=f"the scripted expert of '{TASK}', not 'push-v3'"):
         load(f"scripted:{TASK}", task="push-v3")
