@@ -23,8 +23,9 @@ def default_store_url() -> str:
 
 
 def default_mlflow_uri() -> str:
-    """The embedded MLflow tracking store: a SQLite file beside the experience store."""
-    return f"sqlite:///{flywheel_home() / 'mlflow.db'}"
+    """The MLflow tracking store when none is configured: ``$MLFLOW_TRACKING_URI`` (MLflow's own variable),
+    else the embedded one, a SQLite file beside the experience store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{flywheel_home() / 'mlflow.db'}"
 
 
 def checkpoints_dir() -> Path:

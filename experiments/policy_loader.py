@@ -13,7 +13,7 @@ Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
   whose metadata is ``{}``);
 - ``@FILE``: the spec FILE holds (a deploy file);
 - ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: a version of a model registered in MLflow (the
-  configured tracking store, ``experiments.tracking.tracking_uri``); its checkpoint is downloaded once and loads
+  configured tracking store, ``experiments.paths.default_mlflow_uri``); its checkpoint is downloaded once and loads
   as the directory it holds;
 - a version registered in the store: one indexed lookup (``ExperienceStore.policy_version``), then its ``uri``,
   itself one of the specs above, loads under the registered name.

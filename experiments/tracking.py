@@ -10,7 +10,6 @@ tag, so a resumed iteration finds and continues its runs instead of creating new
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -54,11 +53,6 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     return None
 
 
-def tracking_uri() -> str:
-    """The configured tracking store: ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
-
-
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment ``name`` (created if missing), tagged to open on its training runs."""
     experiment = client.get_experiment_by_name(name)
@@ -90,10 +84,10 @@ def log_command_run(
     tags: dict[str, str] | None = None,
 ) -> str | None:
     """Record a finished CLI command that trained or evaluated as one run of experiment ``flywheel/<command>``
-    in the configured tracking store (:func:`tracking_uri`): ``params`` (its saved config, flattened), final
-    ``metrics`` and ``tags`` (e.g. ``policy_version``). Returns the run id; the command's result never depends
-    on tracking, so a store that cannot be written is a warning and None."""
-    uri = tracking_uri()
+    in the configured tracking store (``experiments.paths.default_mlflow_uri``): ``params`` (its saved config,
+    flattened), final ``metrics`` and ``tags`` (e.g. ``policy_version``). Returns the run id; the command's
+    result never depends on tracking, so a store that cannot be written is a warning and None."""
+    uri = default_mlflow_uri()
     try:
         client = MlflowClient(uri, registry_uri=uri)
         experiment = experiment_id(client, f"flywheel/{command}", uri)
@@ -317,7 +311,7 @@ def download_policy(spec: str) -> Path:
     configured tracking store (downloaded once into ``$FLYWHEEL_HOME/models/<name>/<version>``).
 
     Raises ``LookupError`` (one line) for a model, alias or version that is not there."""
-    uri = tracking_uri()
+    uri = default_mlflow_uri()
     client = MlflowClient(uri, registry_uri=uri)
     reference = spec.removeprefix(MODELS_PREFIX)
     name, alias_sep, alias = reference.partition("@")

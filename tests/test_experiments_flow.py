@@ -14,8 +14,8 @@ from envs.tasks import task_prompt
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import summarize, wilson_interval
+from experiments.paths import default_mlflow_uri
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.tracking import tracking_uri
 from experiments.training import (
     BCConfig,
     EpisodeFilter,
@@ -160,7 +160,7 @@ def test_train_bc_cli_trains_registers_and_evaluates_every_k_steps(tmp_path, mon
 
 def _logged_runs(command: str) -> list:
     """The runs ``flywheel <command>`` logged to the configured tracking store."""
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(default_mlflow_uri())
     experiment = client.get_experiment_by_name(f"flywheel/{command}")
     assert experiment is not None, f"flywheel {command} logged no run"
     return client.search_runs([experiment.experiment_id])

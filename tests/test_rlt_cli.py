@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from actors.cluster import ensure_ray
 from experiments.cli import app
-from experiments.tracking import tracking_uri
+from experiments.paths import default_mlflow_uri
 from rlt.checkpoint import load_rlt_checkpoint
 from storage import ExperienceStore
 
@@ -82,7 +82,7 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     output = _invoke("--store", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
     assert f"{len(records)} stored + 0 fresh warm-up episodes" in output
     assert load_rlt_checkpoint(second).manifest["stored_episodes"] == len(records)
-    client = MlflowClient(tracking_uri())  # each run is logged to the (embedded) tracking store
+    client = MlflowClient(default_mlflow_uri())  # each run is logged to the (embedded) tracking store
     experiment = client.get_experiment_by_name("flywheel/rlt")
     logged = {run.data.tags["policy_version"]: run for run in client.search_runs([experiment.experiment_id])}
     assert set(logged) == {rl_version, load_rlt_checkpoint(second).manifest["rl_version"]}
