@@ -1,7 +1,8 @@
 """MLflow tracking of a pipeline: one experiment per pipeline, one run per iteration, a nested run per stage,
 and a registered model whose versions carry the store's policy-version ids (alias ``deployed``) and a loadable
-``mlflow.pyfunc`` model wrapping the policy checkpoint (``experiments.policy_model``). :func:`log_command_run` records one
-run per CLI command that trains or evaluates; :func:`download_policy` fetches a ``models:/`` policy's checkpoint.
+``mlflow.pyfunc`` model wrapping the policy checkpoint (``experiments.policy_model``). :func:`log_command_run`
+records one run per CLI command that trains or evaluates; :func:`download_policy` fetches a ``models:/``
+policy's checkpoint.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no global active run), and every lookup is by
 tag, so a resumed iteration finds and continues its runs instead of creating new ones.
@@ -288,8 +289,7 @@ def policy_signature(policy: Any) -> ModelSignature:
 
 def log_policy_model(client: MlflowClient, run_id: str, checkpoint: Path) -> str:
     """Log ``checkpoint`` to ``run_id`` as a pyfunc model (``experiments.policy_model``, artifact folder
-    :data:`MODEL_ARTIFACT`);
-    returns the artifact URI a model version can hold."""
+    :data:`MODEL_ARTIFACT`); returns the artifact URI a model version can hold."""
     from experiments.policy_loader import load
 
     signature = policy_signature(load(str(checkpoint)))
@@ -315,6 +315,8 @@ def download_policy(spec: str) -> Path:
     client = MlflowClient(uri, registry_uri=uri)
     reference = spec.removeprefix(MODELS_PREFIX)
     name, alias_sep, alias = reference.partition("@")
+    if not alias_sep and "/" not in reference:
+        raise LookupError(f"policy {spec!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
     try:
         if alias_sep:
             version = client.get_model_version_by_alias(name, alias)
@@ -327,17 +329,23 @@ def download_policy(spec: str) -> Path:
         return Path(version.source)
     target = flywheel_home() / "models" / name / str(version.version)
     if not (target / "MLmodel").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version.version}-"))
-        mlflow.artifacts.download_artifacts(
-            f"{MODELS_PREFIX}{name}/{version.version}",
-            dst_path=str(partial),
-            tracking_uri=uri,
-            registry_uri=uri,
-        )
-        shutil.rmtree(target, ignore_errors=True)
-        partial.replace(target)
+        _download(f"{MODELS_PREFIX}{name}/{version.version}", target, uri)
     artifacts = Model.load(str(target / "MLmodel")).flavors["python_function"].get("artifacts", {})
     if CHECKPOINT_ARTIFACT not in artifacts:
         raise LookupError(f"policy {spec!r}: version {version.version} of {name!r} holds no flywheel policy")
     return target / artifacts[CHECKPOINT_ARTIFACT]["path"]
+
+
+def _download(model_uri: str, target: Path, uri: str) -> None:
+    """Download a model version's files into ``target`` (via a sibling folder renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        mlflow.artifacts.download_artifacts(
+            model_uri, dst_path=str(partial), tracking_uri=uri, registry_uri=uri
+        )
+    except MlflowException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LookupError(f"policy {model_uri!r}: {error.message}") from None
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
