@@ -341,7 +341,8 @@ def train_bc(
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     result = TrainResult(device=str(device))
-    start = _resume(config, workers, model, optimizer, schedule, rng, generator, result)
+    state = _TrainingState(model, optimizer, schedule, rng, generator, result)
+    start = state.resume(config, workers)
     objective = _BCLoss(model)
     if workers.size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
@@ -406,7 +407,7 @@ def train_bc(
         if config.state_dir is not None and (
             step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
         ):
-            _save(config, workers, model, optimizer, schedule, rng, generator, result, step)
+            state.save(config, workers, step)
     model.eval()
     return result
 
@@ -439,69 +440,60 @@ def _state_file(config: TrainConfig) -> Path:
     return Path(config.state_dir) / STATE_FILE
 
 
-def _resume(
-    config: TrainConfig,
-    workers: _Workers,
-    model: VLAModel,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    rng: np.random.Generator,
-    generator: torch.Generator,
-    result: TrainResult,
-) -> int:
-    """Load the state in ``config.state_dir`` if there is one; returns the step it was written at (0 if none)."""
-    if config.state_dir is None:
-        return 0
-    state = load_state(_state_file(config))
-    if state is None:
-        return 0
-    if state["steps"] != config.steps:
-        raise TrainStateError(
-            f"{_state_file(config)}: written by a run of {state['steps']} steps, this one has {config.steps}"
+@dataclass
+class _TrainingState:
+    """Everything a resumed ``train_bc`` needs: weights, optimizer, schedule, random streams and results."""
+
+    model: VLAModel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    generator: torch.Generator
+    result: TrainResult
+
+    def resume(self, config: TrainConfig, workers: _Workers) -> int:
+        """Load the state in ``config.state_dir`` if there is one; the step it was written at (0 if none)."""
+        state = None if config.state_dir is None else load_state(_state_file(config))
+        if state is None:
+            return 0
+        if state["steps"] != config.steps:
+            raise TrainStateError(
+                f"{_state_file(config)}: written by a run of {state['steps']} steps, this one has {config.steps}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        if workers.rank < len(
+            state["rng"]
+        ):  # a different worker count keeps rank 0's record, not the streams
+            restore_rng(state["rng"][workers.rank], self.rng, self.generator)
+            self.result.window.copy_(state["window"][workers.rank])
+        self.result.history = list(state["history"])
+        self.result.evaluations = list(state["evaluations"])
+        self.result.resumed_from = int(state["step"])
+        return self.result.resumed_from
+
+    def save(self, config: TrainConfig, workers: _Workers, step: int) -> None:
+        """Rank 0 writes the training state after ``step`` (every rank's random state included)."""
+        gathered = workers.gather((capture_rng(self.rng, self.generator), self.result.window.clone()))
+        if workers.rank != 0:
+            return
+        save_state(
+            _state_file(config),
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "rng": [rng_state for rng_state, _ in gathered],
+                "window": [window for _, window in gathered],
+                "step": step,
+                "steps": config.steps,
+                "world_size": workers.size,
+                "device": self.result.device,
+                "history": self.result.history,
+                "evaluations": self.result.evaluations,
+            },
         )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["scheduler"])
-    if workers.rank < len(state["rng"]):  # a different worker count keeps rank 0's record, not the streams
-        restore_rng(state["rng"][workers.rank], rng, generator)
-        result.window.copy_(state["window"][workers.rank])
-    result.history = list(state["history"])
-    result.evaluations = list(state["evaluations"])
-    result.resumed_from = int(state["step"])
-    return result.resumed_from
-
-
-def _save(
-    config: TrainConfig,
-    workers: _Workers,
-    model: VLAModel,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    rng: np.random.Generator,
-    generator: torch.Generator,
-    result: TrainResult,
-    step: int,
-) -> None:
-    """Rank 0 writes the training state after ``step`` (every rank's random state included)."""
-    gathered = workers.gather((capture_rng(rng, generator), result.window.clone()))
-    if workers.rank != 0:
-        return
-    save_state(
-        _state_file(config),
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "rng": [rng_state for rng_state, _ in gathered],
-            "window": [window for _, window in gathered],
-            "step": step,
-            "steps": config.steps,
-            "world_size": workers.size,
-            "device": result.device,
-            "history": result.history,
-            "evaluations": result.evaluations,
-        },
-    )
 
 
 def _weighted_support(
