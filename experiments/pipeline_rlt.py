@@ -110,7 +110,7 @@ def run_rlt(
         ),
         learner_config(settings, seed),
     )
-    loop.on_episode = _writer(store, run_id, lambda: loop.episode_index)
+    loop.on_episode = episode_writer(store, run_id, lambda: loop.episode_index)
     state_path = folder.parent / f"{folder.name}-state.pt"  # a killed stage continues from here
     curve = loop.run(records, state_path=state_path)
     environment.close()
@@ -150,7 +150,9 @@ def _manifest(settings: RLTSettings, token: RLToken) -> dict[str, Any]:
     return {"settings": settings.model_dump(mode="json"), "token": dataclasses.asdict(token.config)}
 
 
-def _writer(store: ExperienceStore, run_id: str, index: Callable[[], int]) -> Callable[[EpisodeRecord], None]:
+def episode_writer(
+    store: ExperienceStore, run_id: str, index: Callable[[], int]
+) -> Callable[[EpisodeRecord], None]:
     """Commit each episode under ``run_id`` with an id derived from the run and the loop's episode ``index()``
     (which a resumed loop continues); ids an earlier, killed attempt of the stage already wrote are skipped."""
     stored = {summary.uuid for summary in store.list_episodes(run_id=run_id)}

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from envs import EnvConfig, MetaWorldEnv
@@ -85,10 +86,23 @@ class OnlineRun:
 
 
 def train_in_process(
-    factory: RLTLoopFactory, seed: int, records: Iterable[EpisodeRecord], progress: TrainingProgress
+    factory: RLTLoopFactory,
+    seed: int,
+    records: Iterable[EpisodeRecord],
+    progress: TrainingProgress,
+    *,
+    state_path: Path | None = None,
+    sink_for: Callable[[OnlineRLT], Callable[[EpisodeRecord], object]] | None = None,
 ) -> OnlineRun:
-    """``OnlineRLT.run`` on ``factory(seed)`` (warm-up with ``records``, then the online budget)."""
+    """``OnlineRLT.run`` on ``factory(seed)`` (warm-up with ``records``, then the online budget).
+
+    With ``state_path`` the loop writes its state there after every online episode and a rerun continues
+    from it (``OnlineRLT.run``'s resume). ``sink_for(loop)``, when given, replaces the factory's episode sink
+    with one that may read the loop (``pipeline_rlt.episode_writer`` derives episode ids from its index).
+    """
     loop = factory(seed)
+    if sink_for is not None:
+        loop.on_episode = sink_for(loop)
 
     def report(stats: EpisodeStats) -> None:
         if stats.mode == "prior":
@@ -97,7 +111,7 @@ def train_in_process(
             progress.played(stats.length)
 
     loop.on_stats = report
-    loop.run(records)
+    loop.run(records, state_path=state_path)
     loop.on_stats = None
     return OnlineRun(loop, loop.env_steps, sum(stats.mode == "learner" for stats in loop.stats))
 

@@ -6,12 +6,16 @@ The online phase runs in this process or, with ``--workers N``, on Ray (``experi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -19,6 +23,7 @@ from actors.sinks import StoreSink
 from envs import EnvConfig, MetaWorldEnv
 from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_store_url
+from experiments.pipeline_rlt import episode_writer
 from experiments.policy_loader import PolicySpecError, load, register, resolve
 from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process, train_on_ray
 from experiments.tracking import POLICY_VERSION_TAG, log_command_run
@@ -27,19 +32,21 @@ from policies.base import Policy, stack_observations
 from policies.checkpoint import CheckpointError
 from policies.device import DeviceError, resolve_device
 from policies.scripted import scripted_version
+from policies.train_state import STATE_FILE, TrainStateError, load_state
 from rlt.checkpoint import save_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.diagnostics import CriticCalibration, critic_calibration
 from rlt.errors import CriticDivergedError, RLTInputError
-from rlt.online import OnlineConfig
+from rlt.online import OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch
 from rlt.td3 import LearnerConfig
-from storage import ExperienceStore, StoreError
+from storage import EpisodeRecord, ExperienceStore, StoreError
 
 app = typer.Typer(help="RLT: online RL on top of a frozen prior.", no_args_is_help=True)
 console = Console()
 
 Z_DIM = 32  # width of the RL token bottleneck z_rl
+RUN_FILE = "run.json"  # next to the learner state: the interrupted run's version and stored-episode count
 
 
 @app.command("rlt")
@@ -99,6 +106,13 @@ def rlt(
     device: Annotated[
         str, typer.Option(help="Where the RL token and the actor-critic train: cpu, cuda, mps or auto")
     ] = "auto",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run with the same arguments from its last online episode "
+            "(--no-resume: start over; runs with --workers start over)"
+        ),
+    ] = True,
 ) -> None:
     """Run RLT online: warm up (stored + fresh prior episodes), fit the RL token, then learn online.
 
@@ -110,6 +124,11 @@ def rlt(
     (the prior before the hand-off, this run's RLT version after it, none on human steps) and the per-step
     critical-phase flag. The actor/critic and the RL token are saved as a checkpoint directory registered as
     a policy version; the prior and RLT are evaluated on the same episode seeds.
+
+    Without --workers the learner's state (weights, optimizers, replay, token, counters, random state) is
+    written after every online episode, and a rerun with the same arguments continues from it under the same
+    version, skipping episodes the interrupted run already committed; the state is removed once the version's
+    checkpoint is saved.
     """
     try:
         env_config = EnvConfig(
@@ -137,16 +156,31 @@ def rlt(
         _fail(str(error))
     experience = _open_store(store)
     prior_spec, policy, env_config = _load_prior(prior, env_config, experience, prior_noise, chunk_size, seed)
-    rl_version = f"rlt-{env_config.task}-{uuid.uuid4().hex[:8]}"
+    key = {"env": env_config, "prior": policy.version, "noise": prior_noise, "handoff": handoff}
+    key |= {"handoff_distance": handoff_distance, "env_steps": env_steps, "stored": stored_episodes}
+    key |= {"warmup": warmup_episodes, "token_steps": token_steps, "learner": learner_config}
+    key |= {"output": output.resolve() if output else None, "store": experience.url}
+    state_dir = None if workers else _state_dir(key, resume)
+    started = _started_run(state_dir)
+    rl_version = started.get("rl_version") or f"rlt-{env_config.task}-{uuid.uuid4().hex[:8]}"
     directory = output or checkpoints_dir() / rl_version
     if directory.exists():
         _fail(f"--output {directory}: already exists")
     experience.register_policy_version(
         rl_version, kind="rlt", uri=str(directory.resolve()), parent=policy.version
     )
-    records = list(
-        experience.iter_episodes(task=env_config.task, limit=stored_episodes, images=env_config.render)
+    records = (
+        []
+        if started
+        else list(
+            experience.iter_episodes(task=env_config.task, limit=stored_episodes, images=env_config.render)
+        )
     )
+    stored_count = started.get("stored_episodes", len(records))
+    if state_dir is not None and not started:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        run_info = {"rl_version": rl_version, "stored_episodes": stored_count}
+        (state_dir / RUN_FILE).write_text(json.dumps(run_info))
     config = OnlineConfig(
         task=env_config.task,
         env_id=f"metaworld/{env_config.task}",
@@ -157,18 +191,19 @@ def rlt(
         rl_version=rl_version,
         seed=seed,
     )
-    sink = StoreSink(experience.url) if workers else experience.write_episode
+    sink = StoreSink(experience.url) if workers else None  # in process: episode_writer (_train_and_evaluate)
     factory = RLTLoopFactory(env_config, policy, switch, Z_DIM, config, learner_config, on_episode=sink)
     try:
         run, prior_rate, rlt_rate = _train_and_evaluate(
-            factory, seed, workers, records, eval_episodes, progress
+            factory, seed, workers, records, eval_episodes, progress, state_dir, experience
         )
         calibration = critic_calibration(run.loop.learner, run.loop.encoder, run.loop.last_evaluation)
         manifest = {
             "rl_version": rl_version,
             "env_steps": run.env_steps,
             "workers": workers,
-            "stored_episodes": len(records),
+            "stored_episodes": stored_count,
+            "resumed_from_env_step": started.get("env_steps"),
             "env": env_config.model_dump(mode="json"),
             "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
             "critic_calibration": dataclasses.asdict(calibration),
@@ -177,6 +212,8 @@ def rlt(
         save_rlt_checkpoint(directory, run.loop.learner, run.loop.token, deployment, manifest)
     except (RLTInputError, CriticDivergedError) as error:
         _fail(f"{error} (no checkpoint written)", code=1)
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
     successes = round(rlt_rate * eval_episodes)
     experience.write_evaluation(rl_version, env_config.task, eval_episodes, successes)
     log_command_run(
@@ -186,7 +223,9 @@ def rlt(
         | {"env_steps": run.env_steps, "online_episodes": run.online_episodes},
         {POLICY_VERSION_TAG: rl_version, "prior_version": policy.version, "task": env_config.task},
     )
-    _report(rl_version, policy.version, directory, run, len(records), eval_episodes, prior_rate, rlt_rate)
+    if started:
+        console.print(f"resumed from env step {started['env_steps']} of an interrupted run")
+    _report(rl_version, policy.version, directory, run, stored_count, eval_episodes, prior_rate, rlt_rate)
     _report_critic(calibration)
 
 
@@ -194,6 +233,36 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     """Print one ``error: …`` line and exit (2: bad input, 1: the run failed)."""
     console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _state_dir(key: dict[str, Any], resume: bool) -> Path:
+    """The state folder of the run described by ``key`` (its arguments), under the checkpoints' ``train-state``
+    as ``train bc``'s; ``resume=False`` discards what an earlier attempt left there."""
+    text = json.dumps(key, sort_keys=True, default=_jsonable)
+    folder = checkpoints_dir() / "train-state" / f"rlt-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value) | {"device": None}  # where it runs does not change what it learns
+    return str(value)
+
+
+def _started_run(state_dir: Path | None) -> dict[str, Any]:
+    """What an interrupted attempt recorded once it had saved a learner state: its version, stored episodes
+    used and the env step it reached (``env_steps``); empty for a fresh run."""
+    try:
+        state = load_state(state_dir / STATE_FILE) if state_dir is not None else None
+    except TrainStateError as error:
+        _fail(f"{error} (--no-resume starts over)")
+    if state is None:
+        return {}
+    return json.loads((state_dir / RUN_FILE).read_text()) | state["counters"]
 
 
 def _open_store(url: str | None) -> ExperienceStore:
@@ -255,17 +324,31 @@ class _Bar:
 
 
 def _train_and_evaluate(
-    factory: RLTLoopFactory, seed: int, workers: int, records: list, eval_episodes: int, show: bool
+    factory: RLTLoopFactory,
+    seed: int,
+    workers: int,
+    records: list,
+    eval_episodes: int,
+    show: bool,
+    state_dir: Path | None,
+    store: ExperienceStore,
 ) -> tuple[OnlineRun, float, float]:
     """Train under a progress bar (on Ray with ``workers`` > 0); return the run and (prior, RLT) success on
-    the same evaluation seeds."""
+    the same evaluation seeds. In process the learner state goes to ``state_dir`` and episodes are committed
+    under the run's version with ids from their index (a resumed run skips those already stored)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not show) as bar:
         display = _Bar(bar, factory.config.warmup_episodes, factory.config.total_env_steps)
         if workers:
             run = train_on_ray(factory, seed, workers, records, display)
         else:
-            run = train_in_process(factory, seed, records, display)
+            version = factory.config.rl_version
+
+            def sink_for(loop: OnlineRLT) -> Callable[[EpisodeRecord], None]:
+                return episode_writer(store, version, lambda: loop.episode_index)
+
+            state_path = state_dir / STATE_FILE if state_dir is not None else None
+            run = train_in_process(factory, seed, records, display, state_path=state_path, sink_for=sink_for)
         bar.update(display.online, description="evaluating")
         return run, run.loop.evaluate(eval_episodes, mode="prior"), run.loop.evaluate(eval_episodes)
 
