@@ -27,6 +27,7 @@ from mlflow.types import Schema, TensorSpec
 
 from experiments.paths import default_mlflow_uri, flywheel_home
 from policies.manifest import HIERARCHICAL_KIND, VLA_KIND, checkpoint_kind
+from storage.engine import hide_password
 
 DEPLOYED_ALIAS = "deployed"
 ITERATION_TAG = "flywheel.iteration"
@@ -67,14 +68,14 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dict → ``{"a.b": "value"}`` strings (MLflow params)."""
+    """Nested dict → ``{"a.b": "value"}`` strings (MLflow params); a password in a URL shows as ``***``."""
     flat: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             flat |= flatten(value, f"{name}.")
         else:
-            flat[name] = str(value)[:6000]
+            flat[name] = hide_password(str(value))[:6000]
     return flat
 
 

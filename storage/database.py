@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.engine import create_engines
+from storage.engine import create_engines, hide_password
 from storage.schema import Base
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ class Database:
 
     def safe_url(self) -> str:
         """The URL with any password hidden (for error messages)."""
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        return hide_password(sa.engine.make_url(self.url))
 
     def close(self) -> None:
         """Release pooled connections."""

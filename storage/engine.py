@@ -40,19 +40,24 @@ def create_engines(url: str | URL) -> tuple[Engine, Engine]:
         engine = sa.create_engine(parsed, pool_pre_ping=True)
         _name_connect_failures(engine)
         return engine, engine
-    raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {_safe(parsed)}")
+    raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {hide_password(parsed)}")
 
 
 def _parse(url: str | URL) -> URL:
     try:
         return make_url(url)
     except ArgumentError:
-        hidden = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))  # a password, if it has one
-        raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {hidden!r}") from None
+        raise StoreURLError(f"store url: expected {EXPECTED_URLS}, got {hide_password(url)!r}") from None
 
 
-def _safe(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+def hide_password(url: str | URL) -> str:
+    """``url`` with its password, if it has one, shown as ``***`` (for messages, logs and tracked params).
+
+    Works on text that does not parse as a URL too, so a malformed URL's password is hidden as well.
+    """
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", url)
 
 
 def _name_connect_failures(engine: Engine) -> None:
@@ -66,10 +71,10 @@ def _name_connect_failures(engine: Engine) -> None:
         reason = str(context.original_exception).strip().splitlines()[0] if context.original_exception else ""
         if engine.dialect.name == "sqlite":
             return StoreUnavailableError(
-                f"store {_safe(engine.url)}: cannot open a SQLite database ({reason})"
+                f"store {hide_password(engine.url)}: cannot open a SQLite database ({reason})"
             )
         return StoreUnavailableError(
-            f"store {_safe(engine.url)}: cannot connect ({reason}); is the server up and the database created?"
+            f"store {hide_password(engine.url)}: cannot connect ({reason}); is the server up and the database created?"
         )
 
 
@@ -85,7 +90,7 @@ def _sqlite_engine(url: URL) -> Engine:
     except OSError as error:
         reason = "a file is in the way" if isinstance(error, FileExistsError) else error.strerror or error
         raise StoreUnavailableError(
-            f"store {_safe(url)}: cannot create its folder {folder} ({reason})"
+            f"store {hide_password(url)}: cannot create its folder {folder} ({reason})"
         ) from None
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 

@@ -111,3 +111,13 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_tracked_params_never_carry_a_store_password() -> None:
+    from experiments.tracking import flatten
+
+    params = {"store_url": "postgresql+psycopg://robot:s3cret@db:5432/flywheel", "env": {"task": "reach-v3"}}
+    assert flatten(params) == {
+        "store_url": "postgresql+psycopg://robot:***@db:5432/flywheel",
+        "env.task": "reach-v3",
+    }
