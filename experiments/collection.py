@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.execution import ExecutionConfig
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
@@ -32,6 +32,7 @@ from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load, register, resolve
 from experiments.validation import UserError
 from policies.base import Policy
+from policies.device import DeviceName, place, resolve_device
 from storage import ExperienceStore
 
 
@@ -69,6 +70,22 @@ class CollectConfig(BaseModel):
     execution: ExecutionConfig = ExecutionConfig()
     subtask_labels: bool = Field(default=False, description="label steps with the scripted expert's phase")
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    device: DeviceName = Field(
+        default="auto",
+        description="where the policy's model infers: this process (workers 0) or the batched inference server "
+        "(auto: the accelerator if there is one; Ray workers with local inference infer on the CPU)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        resolve_device(value)  # DeviceError (a ValueError): one line naming what is missing
+        return value
+
+    @property
+    def inference_device(self) -> str:
+        """The device the policy infers on (``auto`` resolved); what the run records."""
+        return "cpu" if self.workers and self.inference == "local" else str(resolve_device(self.device))
 
     @model_validator(mode="after")
     def _one_target(self) -> CollectConfig:
@@ -78,6 +95,8 @@ class CollectConfig(BaseModel):
             self.episodes = 10
         if self.on_worker_death == "record" and self.workers == 0:
             raise ValueError("on_worker_death='record' needs Ray workers (workers > 0)")
+        if self.workers and self.inference == "local" and self.device in ("cuda", "mps"):
+            raise ValueError(f"device {self.device!r} with Ray workers needs batched inference (one server)")
         return self
 
     @property
@@ -109,6 +128,7 @@ class CollectReport:
     seconds: float
     worker_failures: int = 0
     committed_env_steps: int = 0
+    device: str = "cpu"
 
     @property
     def success_rate(self) -> float:
@@ -129,15 +149,18 @@ def run_collection(
     ``config.seed`` names another one). ``policy`` overrides loading ``config.policy`` (e.g. a RECAP policy
     already set to its "Advantage: positive" condition); its version must be registered in the store.
     ``on_start`` is called with the run's config (its run id and seed filled in) before any episode starts.
+    The policy infers on ``config.inference_device``, recorded in the run's config as ``device``.
     """
     store = ExperienceStore(config.store_url)
     store.upgrade()
-    config = start_run(store, config)
+    config = start_run(store, config.model_copy(update={"device": config.inference_device}))
     run_id, seed = config.run_id, config.seed
     if policy is None:
         source = resolve(config.policy, store, noise=config.noise)
         policy = load(source, task=config.env.task, store=store, seed=seed)
         register(store, source, policy.version)
+    if config.workers == 0:
+        policy = place(policy, config.device)
     if on_start is not None:
         on_start(config)
     limit = config.episodes if config.target_unit == "episodes" else None
@@ -171,6 +194,7 @@ def run_collection(
         seconds=stats.seconds,
         worker_failures=failures,
         committed_env_steps=_count_committed(store, run_id, "env_steps"),
+        device=config.device,
     )
 
 
@@ -267,7 +291,9 @@ def _collect_on_ray(
     ensure_ray(config.ray_address)
     server = None
     if config.inference == "batched":
-        server, worker_kwargs["policy"] = start_inference_server(worker_kwargs["policy"])
+        server, worker_kwargs["policy"] = start_inference_server(
+            worker_kwargs["policy"], device=config.device
+        )
     cluster = RolloutCluster(config.workers, worker_kwargs, on_worker_death=config.on_worker_death)
     try:
         result = cluster.collect(

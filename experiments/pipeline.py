@@ -216,6 +216,7 @@ class Pipeline:
                     seed=seed,
                     record_images=self.config.collection.record_images,
                     metadata={"pipeline": self.config.name, "iteration": state.iteration},
+                    device=self.config.collection.device,
                 ),
                 progress=self.progress,
                 policy=self._load(deployed, task, seed),

@@ -65,6 +65,7 @@ class CollectionSettings(_Strict):
     envs_per_worker: int = Field(default=1, ge=1)
     inference: Literal["local", "batched"] = "local"
     record_images: bool = True
+    device: DeviceName = "auto"  # where the policy infers (``CollectConfig.device``)
 
 
 class EvaluationSettings(_Strict):

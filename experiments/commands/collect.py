@@ -86,6 +86,13 @@ def collect(
             "target with new episodes, never repeating one"
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where a VLA policy infers: cpu, cuda, mps or auto (the accelerator if there is one; with "
+            "--workers, the batched server's; recorded in the run)"
+        ),
+    ] = "auto",
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
@@ -129,13 +136,14 @@ def collect(
             record_images=not no_images,
             subtask_labels=subtask_labels,
             execution=ExecutionConfig(mode=execution, delay=delay, execute_horizon=execute_horizon),
+            device=device,
         )
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
     report = run_collection(config, on_start=_announce)
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]seed[/bold] {report.seed}  "
-        f"[bold]policy[/bold] {report.policy_version}\n"
+        f"[bold]policy[/bold] {report.policy_version}  [bold]device[/bold] {report.device}\n"
         f"episodes {report.episodes} ({report.committed_env_steps} steps)  success {report.success_rate:.0%}"
         f"  env steps {report.env_steps}"
         f"  human steps {report.human_steps}  ({report.env_steps / max(report.seconds, 1e-9):.0f} steps/s)"
@@ -143,7 +151,8 @@ def collect(
     )
     log_command_run(
         "collect",
-        config.model_dump(mode="json") | {"run_id": report.run_id, "seed": report.seed},
+        config.model_dump(mode="json")
+        | {"run_id": report.run_id, "seed": report.seed, "device": report.device},
         {"success_rate": report.success_rate, "episodes": report.episodes}
         | {"env_steps": report.env_steps, "human_steps": report.human_steps},
         {POLICY_VERSION_TAG: report.policy_version, "run_id": report.run_id},
