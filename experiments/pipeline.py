@@ -243,10 +243,11 @@ class Pipeline:
     def _selection(self, iteration: int) -> EpisodeFilter:
         return EpisodeFilter(tasks=self.config.tasks, run_ids=self._data_runs(iteration))
 
-    def _value_trainer(self) -> ValueTrainer:
-        """How the relabel stage fits its value models: here, or on Ray Train with ``value.train_workers``."""
+    def _value_trainer(self, state_dir: Path) -> ValueTrainer:
+        """How the relabel stage fits its value models: here (resumable from ``state_dir`` after a kill), or on
+        Ray Train with ``value.train_workers``."""
         if self.config.relabel.value.train_workers == 1:
-            return train_value
+            return functools.partial(train_value, state_dir=state_dir)
         from experiments.distributed import train_value_data_parallel
 
         return functools.partial(train_value_data_parallel, self.config.store_url)
@@ -264,7 +265,8 @@ class Pipeline:
                 for episode in load_training_episodes(self.store, self._selection(state.iteration))
                 if episode.outcome != Outcome.ERROR
             ]
-            result = cross_fit(episodes, self.config.relabel, self._value_trainer())
+            state_dir = self.home / f"iter-{state.iteration:04d}" / "value-state"
+            result = cross_fit(episodes, self.config.relabel, self._value_trainer(state_dir))
             record = result.record
             record.config["pipeline_stage"] = stage_id
             record.relabel_id = self.store.write_relabel(record)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from policies.device import resolve_device
+from policies.train_state import capture_rng, load_state, restore_rng, save_state
 from recap.bins import ReturnBins
 from recap.config import ValueConfig
 from recap.encoders import EncoderSpec, ObservationEncoder, build_encoder
@@ -106,6 +107,7 @@ class ValueModel:
         self.training_uuids = training_uuids
         self.bins = ReturnBins(config.num_bins)
         self.training_loss: float | None = None  # held-out loss of the kept weights (else last batch loss)
+        self.resumed_from_step: int | None = None  # where train_value continued an interrupted training
         spec = EncoderSpec(
             vector_dim=int(self.vector_mean.shape[0]),
             hidden_dim=config.hidden_dim,
@@ -289,13 +291,23 @@ ValueTrainer = Callable[[Sequence[EpisodeRecord], ValueConfig, dict[str, int] | 
 
 
 def train_value(
-    episodes: Sequence[EpisodeRecord], config: ValueConfig, horizons: dict[str, int] | None = None
+    episodes: Sequence[EpisodeRecord],
+    config: ValueConfig,
+    horizons: dict[str, int] | None = None,
+    *,
+    state_dir: Path | None = None,
 ) -> ValueModel:
     """Fit a distributional value model on ``episodes`` by cross-entropy to the binned Monte-Carlo returns.
 
     ``config.validation_fraction`` of each task's episodes is held out and the weights with the lowest held-out
     loss (checked every ``eval_every`` steps) are kept. ``horizons`` (task → max episode length) fixes the return
     normalization; by default it comes from ``config.reward`` and the data. Deterministic for ``config.seed``.
+
+    Resumable (single process): with ``state_dir`` the training state (:mod:`policies.train_state` format:
+    ensemble weights, the current member's optimizer, random state, best held-out weights) is written every
+    ``eval_every`` steps to a file named by a fingerprint of the config, episodes and horizons, and a call with the
+    same arguments continues from it (``ValueModel.resumed_from_step``) to the uninterrupted run's weights. The
+    file is removed when training ends.
     """
     check_learnable(episodes)
     horizons = dict(horizons) if horizons is not None else task_horizons(episodes, config.reward)
@@ -317,12 +329,59 @@ def train_value(
     train = _targets(model, fit, horizons)
     validation = _targets(model, held, horizons) if held else None
     shard = _shard_steps(fit)
-    losses = [
-        _fit_member(model, member, train, validation, seed, shard)
-        for seed, member in enumerate(model.members)
-    ]
-    model.training_loss = float(np.mean(losses))
+    resume = _ValueState.open(state_dir, config, episodes, horizons)
+    if resume.state is not None:
+        model.members.load_state_dict(resume.state["model"])
+        model.resumed_from_step = int(resume.state["step"])
+    for seed, member in enumerate(model.members):
+        if seed < len(resume.losses):
+            member.eval()  # finished before the interruption: its kept weights came with the state
+        else:
+            resume.losses.append(_fit_member(model, member, train, validation, seed, shard, resume))
+    model.training_loss = float(np.mean(resume.losses))
+    resume.finish()
     return model
+
+
+class _ValueState:
+    """The value model's resumable training state: where it is written and what a killed run left there."""
+
+    def __init__(self, path: Path | None, state: dict | None) -> None:
+        self.path, self.state = path, state
+        self.losses: list[float] = list(state["losses"]) if state is not None else []
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path | None,
+        config: ValueConfig,
+        episodes: Sequence[EpisodeRecord],
+        horizons: dict[str, int],
+    ) -> _ValueState:
+        """The state of this training (config, episodes, horizons) under ``state_dir``, if any was written."""
+        if state_dir is None or _distributed()[1] > 1:
+            return cls(None, None)
+        payload = {"config": config.model_dump(mode="json", exclude={"device"}), "horizons": horizons}
+        payload["episodes"] = sorted(str(episode.uuid) for episode in episodes)
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(state_dir) / f"value-{digest}.pt"
+        return cls(path, load_state(path))
+
+    def member_state(self, member: int) -> dict | None:
+        """What was saved mid-way through ensemble member ``member`` (None: it starts fresh)."""
+        return self.state if self.state is not None and self.state["member"] == member else None
+
+    def save(self, model: ValueModel, member: int, step: int, fields: dict) -> None:
+        """Write the state after ``step`` of ``member`` (``fields``: optimizer, rng, best, last loss)."""
+        if self.path is not None:
+            position = {"member": member, "member_step": step, "losses": self.losses}
+            position["step"] = member * model.config.train_steps + step
+            save_state(self.path, {"model": model.members.state_dict(), **position, **fields})
+
+    def finish(self) -> None:
+        """Training ended: the state is no longer needed."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _targets(model: ValueModel, episodes: Sequence[EpisodeRecord], horizons: dict[str, int]) -> Targets:
@@ -372,6 +431,7 @@ def _fit_member(
     validation: Targets | None,
     offset: int,
     shard: np.ndarray,
+    resume: _ValueState,
 ) -> float:
     """Train one ensemble member; keep its best weights on ``validation``; return that (or the final) loss.
 
@@ -392,20 +452,34 @@ def _fit_member(
     best = (float("inf"), copy.deepcopy(member.state_dict()))
     network = torch.nn.parallel.DistributedDataParallel(member) if size > 1 else member
     member.train()
+    start, last = 0, float("nan")
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + offset)
-        for step in range(1, config.train_steps + 1):
+        saved = resume.member_state(offset)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+            restore_rng(saved["rng"], rng, None)
+            best, start, last = (
+                (saved["best_loss"], saved["best_weights"]),
+                saved["member_step"],
+                saved["last"],
+            )
+        for step in range(start + 1, config.train_steps + 1):
             loss = _loss(
                 model, network, train, shard[rng.integers(0, len(shard), size=config.batch_size // size)]
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if validation is not None and (step % config.eval_every == 0 or step == config.train_steps):
-                heldout = _heldout_loss(model, member, validation)
-                if heldout < best[0]:
-                    best = (heldout, copy.deepcopy(member.state_dict()))
+            if step % config.eval_every == 0 or step == config.train_steps:
+                last = loss.item()
+                if validation is not None:
+                    heldout = _heldout_loss(model, member, validation)
+                    if heldout < best[0]:
+                        best = (heldout, copy.deepcopy(member.state_dict()))
+                fields = {"optimizer": optimizer.state_dict(), "rng": capture_rng(rng, None), "last": last}
+                resume.save(model, offset, step, fields | {"best_loss": best[0], "best_weights": best[1]})
     if validation is not None:
         member.load_state_dict(best[1])
     member.eval()
-    return best[0] if validation is not None else loss.item()
+    return best[0] if validation is not None else last
