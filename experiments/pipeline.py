@@ -138,7 +138,7 @@ class Pipeline:
         return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
     def deploy_file(self) -> Path:
-        """The file holding the deployed version (``flywheel serve --policy @FILE --store URL`` reads it)."""
+        """The file holding the deployed version (``flywheel serve --policy @FILE --db URL`` reads it)."""
         return self.home / "deployed"
 
     # ---- running ----

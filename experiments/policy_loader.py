@@ -175,7 +175,7 @@ def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
     if store is None:
         raise PolicySpecError(
             f"policy {version!r}: not 'scripted[:<task>]', 'openpi:ws://…', a checkpoint directory or @FILE; "
-            "pass the experience store (--store / --db) to look up a registered version"
+            "pass the experience store (--db) to look up a registered version"
         )
     from storage import SchemaNotReadyError
 

@@ -44,9 +44,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     "db-not-a-sqlite-file": (["db", "stats", "--db", "sqlite:///{text_file}"], "{text_file}"),
     "collect-postgres-down": ([*COLLECT, "--db", PG_DOWN], PG_DOWN_SHOWN),
     "iterate-postgres-down": (["iterate", "--config", "{pipeline_pg_down}", "--once"], PG_DOWN_SHOWN),
-    "ingest-postgres-down": (["robot", "ingest", "--store", PG_DOWN, "--port", "0"], PG_DOWN_SHOWN),
+    "ingest-postgres-down": (["robot", "ingest", "--db", PG_DOWN, "--port", "0"], PG_DOWN_SHOWN),
     "serve-store-postgres-down": (
-        ["serve", "--policy", "v1", "--store", PG_DOWN, "--port", "0"],
+        ["serve", "--policy", "v1", "--db", PG_DOWN, "--port", "0"],
         PG_DOWN_SHOWN,
     ),
     "collect-truncated-weights": (
@@ -76,7 +76,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "serve-port-out-of-range": (["serve", "--policy", "scripted:reach-v3", "--port", "70000"], "70000"),
     "serve-port-busy": (["serve", "--policy", "scripted:reach-v3", "--port", "{busy_port}"], ":{busy_port}"),
     "ingest-port-busy": (
-        ["robot", "ingest", "--store", "sqlite:///{tmp}/ingest.db", "--port", "{busy_port}"],
+        ["robot", "ingest", "--db", "sqlite:///{tmp}/ingest.db", "--port", "{busy_port}"],
         ":{busy_port}",
     ),
     "robot-run-server-down": (

@@ -39,7 +39,7 @@ def trained(tmp_path_factory) -> tuple[str, str]:
     """A tiny ``flywheel rlt`` run (the cheapest budget of tests/test_rlt_cli.py): store URL and RLT version."""
     home = tmp_path_factory.mktemp("rlt")
     url = f"sqlite:///{home / 'store.db'}"
-    args = ["rlt", "--task", TASK, "--store", url, "--env-steps", "30", "--warmup-episodes", "1"]
+    args = ["rlt", "--task", TASK, "--db", url, "--env-steps", "30", "--warmup-episodes", "1"]
     args += ["--episode-steps", "30", "--handoff-distance", "0", "--token-steps", "5", "--eval-episodes", "1"]
     args += ["--no-progress", "--output", str(home / "ckpt")]
     result = runner.invoke(app, args, env={"COLUMNS": "200", "FLYWHEEL_HOME": str(home)})
@@ -207,7 +207,7 @@ def test_serve_an_rlt_version_and_name_the_missing_privileged_state(trained) -> 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", version, "--store", url]
+    command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", version, "--db", url]
     process = subprocess.Popen(
         [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -408,7 +408,7 @@ def test_the_loader_dispatches_every_kind_and_registered_uris_reload(tmp_path) -
 
 def test_a_deploy_file_naming_the_scripted_prior_serves(tmp_path) -> None:
     """Issue 21's regression: the first candidate was rejected, so the deploy file names the pipeline's scripted
-    prior; ``flywheel serve --policy @deployed --store URL`` starts and answers as the prior (it failed with
+    prior; ``flywheel serve --policy @deployed --db URL`` starts and answers as the prior (it failed with
     "no uri": the prior was registered without one). A prior registered that way by an older flywheel loads
     from its recorded noise."""
     from experiments.pipeline import Pipeline
@@ -423,7 +423,7 @@ def test_a_deploy_file_naming_the_scripted_prior_serves(tmp_path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "experiments.cli", "serve", "--policy", f"@{pipeline.deploy_file()}"]
-    command += ["--store", pipeline.config.store_url, "--port", str(port)]
+    command += ["--db", pipeline.config.store_url, "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     observation, _ = MetaWorldEnv(EnvConfig(task="reach-v3", render=False, seed=1)).reset(seed=1)
     try:

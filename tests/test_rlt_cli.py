@@ -54,7 +54,7 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url = f"sqlite:///{tmp_path / 'rlt.db'}"
     first = tmp_path / "first"
-    output = _invoke("--store", url, "--env-steps", "60", "--warmup-episodes", "2", "--output", str(first))
+    output = _invoke("--db", url, "--env-steps", "60", "--warmup-episodes", "2", "--output", str(first))
     assert "scripted-noise0.3: success" in output and f"at {first}" in output.replace("\n", "")
     store = ExperienceStore(url)
     records = list(store.iter_episodes(task="peg-insert-side-v3"))
@@ -79,7 +79,7 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     assert f"critic on RLT's evaluation chunks ({calibration['chunks']})" in output.replace("\n", " ")
 
     second = tmp_path / "second"
-    output = _invoke("--store", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
+    output = _invoke("--db", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
     assert f"{len(records)} stored + 0 fresh warm-up episodes" in output
     assert load_rlt_checkpoint(second).manifest["stored_episodes"] == len(records)
     client = MlflowClient(default_mlflow_uri())  # each run is logged to the (embedded) tracking store
@@ -106,7 +106,7 @@ def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url, output_dir = f"sqlite:///{tmp_path / 'rlt.db'}", tmp_path / "c"
     budget, workers, episode_steps = 60, 2, 30  # --episode-steps 30 is in TINY
-    args = ["--store", url, "--env-steps", str(budget), "--warmup-episodes", "2", "--output", str(output_dir)]
+    args = ["--db", url, "--env-steps", str(budget), "--warmup-episodes", "2", "--output", str(output_dir)]
     output = _invoke(*args, "--workers", str(workers))
     checkpoint = load_rlt_checkpoint(output_dir)
     rl_version = checkpoint.manifest["rl_version"]
@@ -128,7 +128,7 @@ def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
 
 
 def test_negative_workers_are_refused(tmp_path) -> None:
-    args = ["rlt", "--task", "reach-v3", "--workers", "-1", "--store", f"sqlite:///{tmp_path / 'x.db'}"]
+    args = ["rlt", "--task", "reach-v3", "--workers", "-1", "--db", f"sqlite:///{tmp_path / 'x.db'}"]
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "Invalid value for '--workers': Input should be greater than or equal to 0" in result.output
@@ -143,7 +143,7 @@ def test_negative_workers_are_refused(tmp_path) -> None:
             ["--task", "peg-insert-side-v3", "--prior", "v9"],
             "error: --prior: policy 'v9': no such version registered",
         ),
-        (["--task", "peg-insert-side-v3", "--store", "foo://x"], "error: --store: store url: expected"),
+        (["--task", "peg-insert-side-v3", "--db", "foo://x"], "error: --db: store url: expected"),
         (
             ["--task", "peg-insert-side-v3", "--success-tolerance", "0.01"],
             "error: success_tolerance: supported for ['pick-place-v3', 'push-v3', 'reach-v3']",
@@ -152,7 +152,7 @@ def test_negative_workers_are_refused(tmp_path) -> None:
 )
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args: list[str], message: str) -> None:
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
-    store = [] if "--store" in args else ["--store", f"sqlite:///{tmp_path / 'x.db'}"]
+    store = [] if "--db" in args else ["--db", f"sqlite:///{tmp_path / 'x.db'}"]
     result = runner.invoke(app, ["rlt", *args, *store], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert result.output.startswith(message), result.output
@@ -165,7 +165,7 @@ def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> N
     url = f"sqlite:///{tmp_path / 'rlt.db'}"
     args = ["--task", "reach-v3", "--success-tolerance", "0.005", "--handoff", "hand-goal"]
     _invoke(
-        *args, "--store", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c")
+        *args, "--db", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c")
     )
     manifest = load_rlt_checkpoint(tmp_path / "c").manifest
     assert manifest["env"]["task"] == "reach-v3" and manifest["env"]["success_tolerance"] == 0.005

@@ -25,7 +25,7 @@ TINY += ["--eval-episodes", "1", "--chunk-size", "5", "--device", "auto", "--no-
 
 
 def _rlt(home: Path, url: str, output: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "experiments.cli", "rlt", *TINY, "--store", url, "--output", str(output)]
+    command = [sys.executable, "-m", "experiments.cli", "rlt", *TINY, "--db", url, "--output", str(output)]
     env = os.environ | {"FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
     env |= {"COLUMNS": "200"}
     return subprocess.Popen(

@@ -119,7 +119,7 @@ def test_serve_command_rejects_a_bad_key_map() -> None:
 
 
 def test_serve_resolves_a_checkpoint_directory_and_a_registered_version(tmp_path) -> None:
-    """``--policy DIR`` loads the checkpoint (content-derived version); ``--policy v7 --store URL`` loads the
+    """``--policy DIR`` loads the checkpoint (content-derived version); ``--policy v7 --db URL`` loads the
     registered version's checkpoint under its registered name; both serve real chunks."""
     from experiments.commands.serve import ServeConfig, build_server
     from policies.serving import BackgroundServer
@@ -143,7 +143,7 @@ def test_serve_resolves_a_checkpoint_directory_and_a_registered_version(tmp_path
         with BackgroundServer(server) as background, OpenPIClientPolicy(background.url) as client:
             reply = client.infer_one(observation)
         assert reply["policy_version"] == expected_version and np.asarray(reply["actions"]).shape == (10, 4)
-    result = CliRunner().invoke(serve_app, ["--policy", "v8", "--store", store_url])
+    result = CliRunner().invoke(serve_app, ["--policy", "v8", "--db", store_url])
     assert result.exit_code == 2 and "no such version registered" in result.output
 
 
@@ -192,7 +192,7 @@ def test_cli_chain_serve_robot_run_ingest_upload_delivers_each_episode_once(tmp_
     ]
     serve_args = ["--policy", f"scripted:{TASK}", "--port", str(serve_port), "--api-key-env", "FW_POLICY_KEY"]
     server = _cli("serve", *serve_args, env=env)
-    ingest = _cli("robot", "ingest", "--store", store_url, "--port", str(ingest_port), env=env)
+    ingest = _cli("robot", "ingest", "--db", store_url, "--port", str(ingest_port), env=env)
     robot = _cli(
         "robot", "run", *robot_args, "--episodes", "2", "--max-steps", "30", "--human-rate", "0.05", env=env
     )

@@ -61,7 +61,7 @@ def rlt(
     ] = "scripted",
     env_steps: Annotated[int, typer.Option(min=1, help="Online env-step budget after warm-up")] = 20_000,
     store: Annotated[
-        str | None, typer.Option(help="Experience store URL (default: the embedded SQLite store)")
+        str | None, typer.Option("--db", help="Experience store URL (default: the embedded SQLite store)")
     ] = None,
     stored_episodes: Annotated[
         int, typer.Option(min=0, help="Warm up on at most this many stored episodes of the task too")
@@ -270,7 +270,7 @@ def _open_store(url: str | None) -> ExperienceStore:
         experience = ExperienceStore(url or default_store_url())
         experience.upgrade()
     except (ValueError, ImportError, StoreError) as error:
-        _fail(f"--store: {error}")
+        _fail(f"--db: {error}")
     return experience
 
 

@@ -4,7 +4,7 @@
 flywheel robot run --server ws://127.0.0.1:8000 --task reach-v3 --episodes 5 --spool robot.db [--human-rate 0.02]
 flywheel robot upload --spool robot.db --url http://127.0.0.1:8100 --api-key-env FLYWHEEL_INGEST_KEY
 flywheel robot pending --spool robot.db
-flywheel robot ingest --store sqlite:///fw.db --api-key-env FLYWHEEL_INGEST_KEY [--port 8100]
+flywheel robot ingest --db sqlite:///fw.db --api-key-env FLYWHEEL_INGEST_KEY [--port 8100]
 ```
 See docs/real-robot.md.
 """
@@ -244,7 +244,9 @@ def pending(spool: str = typer.Option("robot-spool.db", help="SQLite spool file.
 
 @app.command()
 def ingest(
-    store: str = typer.Option(..., help="Experience store URL (sqlite:///... or postgresql+psycopg://...)."),
+    store: str = typer.Option(
+        ..., "--db", help="Experience store URL (sqlite:///... or postgresql+psycopg://...)."
+    ),
     api_key_env: str = typer.Option("FLYWHEEL_INGEST_KEY", help="Environment variable with the ingest key."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it)."),
     port: int = typer.Option(8100),

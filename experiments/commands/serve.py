@@ -3,8 +3,8 @@
 ``--policy`` is anything ``experiments.policy_loader`` loads: a checkpoint directory (VLA, hierarchical or RLT —
 its ``policy.json`` says which), ``scripted[:<task>]`` (Meta-World's scripted expert; simulation only, it reads
 the simulator state the client sends), ``openpi:ws://…``, a version registered in the experience store given
-with ``--store``, or ``@FILE`` naming one of those (a pipeline's deploy file). An RLT policy whose prior is a
-stored version needs ``--store`` too. SIGHUP resolves ``--policy`` again (re-reading FILE) and hot-swaps to the
+with ``--db``, or ``@FILE`` naming one of those (a pipeline's deploy file). An RLT policy whose prior is a
+stored version needs ``--db`` too. SIGHUP resolves ``--policy`` again (re-reading FILE) and hot-swaps to the
 result without dropping connections, so ``echo v7 > current; kill -HUP <pid>`` deploys v7.
 """
 
@@ -137,6 +137,7 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, help="Longest wait for more requests before inferring a batch."),
     store: str | None = typer.Option(
         None,
+        "--db",
         help="Experience store URL to look registered versions up in (default: the embedded SQLite store).",
     ),
     send_embeddings: bool = typer.Option(False, help="Add backbone embeddings to every reply (for RLT)."),
