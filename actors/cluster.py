@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from actors.errors import WorkerError
 from actors.inference import BatchingInferenceServer, ServedPolicy
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from policies.base import Policy
@@ -64,34 +64,6 @@ def start_inference_server(
         server, policy.action_horizon, policy.action_dim, policy.version, supports_inpainting(policy)
     )
     return server, served
-
-
-class WorkerError(RuntimeError):
-    """An exception raised in a rollout worker, as plain strings (always picklable, unlike many exceptions).
-
-    ``type_name`` and ``message`` are the original exception's class name and text, ``traceback_text`` its
-    traceback in the worker, ``worker`` the worker's index once the driver knows it. ``str()`` is one line.
-    """
-
-    def __init__(
-        self, type_name: str, message: str, traceback_text: str = "", worker: int | None = None
-    ) -> None:
-        super().__init__(type_name, message, traceback_text, worker)
-        self.type_name = type_name
-        self.message = message
-        self.traceback_text = traceback_text
-        self.worker = worker
-
-    @classmethod
-    def from_exception(cls, error: BaseException) -> WorkerError:
-        """The picklable stand-in of ``error`` (itself if it already is one)."""
-        if isinstance(error, WorkerError):
-            return error
-        return cls(type(error).__name__, str(error), "".join(traceback.format_exception(error)))
-
-    def __str__(self) -> str:
-        where = "" if self.worker is None else f"rollout worker {self.worker} failed: "
-        return f"{where}{self.type_name}: {' '.join(self.message.split())}"
 
 
 class _RayRolloutWorker(RolloutWorker):

@@ -19,7 +19,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from actors.cluster import WorkerError
+from actors.errors import WorkerError
 from actors.execution import ExecutionConfigError
 from envs.tasks import UnknownTaskError
 from experiments.export import ExportError

@@ -281,7 +281,7 @@ def test_a_failed_job_is_one_error_line_with_exit_1(monkeypatch, tmp_path) -> No
     """A worker whose code raised ends the command with one ``error:`` line (exit 1), not a traceback."""
     from typer.testing import CliRunner
 
-    from actors.cluster import WorkerError
+    from actors.errors import WorkerError
     from experiments.cli import app
     from experiments.commands import collect
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.cluster import RolloutCluster, WorkerError, ensure_ray, start_inference_server
+from actors.cluster import RolloutCluster, ensure_ray, start_inference_server
+from actors.errors import WorkerError
 from actors.sinks import StoreSink
 from envs import EnvConfig, make_env
 from experiments.pipeline import Pipeline
