@@ -10,7 +10,6 @@ are what catches a GL context bound to the wrong thread (issue 18).
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import pickle
 import signal
@@ -30,6 +29,7 @@ from experiments.pipeline_config import load_pipeline_config
 from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore
 from tests.test_pipeline import tiny_config
+from tests.test_ray_rollout import _cluster as start_cluster
 from tests.test_ray_rollout import _wait_until_dead
 from tests.test_rtc import IMAGE, tiny_vla
 
@@ -51,17 +51,7 @@ def store(tmp_path) -> ExperienceStore:
 
 
 def _cluster(store: ExperienceStore, policy, run_id: str, workers: int = 1, envs: int = 1, **options):
-    store.register_policy_version(policy.version, kind="vla")
-    kwargs = dict(
-        env_factories=[functools.partial(make_env, ENV)] * envs,
-        policy=policy,
-        sink=StoreSink(store.url),
-        task=ENV.task,
-        seed=5,
-        run_id=run_id,
-        record_images=True,
-    )
-    return RolloutCluster(workers, kwargs, cpus_per_worker=1, **options)
+    return start_cluster(store, policy, workers, envs, run_id, env=ENV, kind="vla", seed=5, **options)
 
 
 def _assert_rendered_images(store: ExperienceStore, run_id: str, target: int) -> None:

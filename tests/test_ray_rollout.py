@@ -38,17 +38,28 @@ def store(tmp_path) -> ExperienceStore:
 
 
 def _cluster(
-    store: ExperienceStore, policy, workers: int = 2, envs: int = 2, run_id: str = "job", **cluster_options
+    store: ExperienceStore,
+    policy,
+    workers: int = 2,
+    envs: int = 2,
+    run_id: str = "job",
+    *,
+    env: EnvConfig = ENV,
+    kind: str = "scripted",
+    seed: int = 11,
+    **cluster_options,
 ) -> RolloutCluster:
-    store.register_policy_version(policy.version, kind="scripted")
+    """A ``RolloutCluster`` of ``workers`` actors with ``envs`` envs of ``env`` each, committing to ``store``
+    (images recorded when ``env`` renders)."""
+    store.register_policy_version(policy.version, kind=kind)
     kwargs = dict(
-        env_factories=[functools.partial(make_env, ENV)] * envs,
+        env_factories=[functools.partial(make_env, env)] * envs,
         policy=policy,
         sink=StoreSink(store.url),
-        task=ENV.task,
-        seed=11,
+        task=env.task,
+        seed=seed,
         run_id=run_id,
-        record_images=False,
+        record_images=env.render,
     )
     return RolloutCluster(workers, kwargs, cpus_per_worker=1, **cluster_options)
 
