@@ -79,6 +79,11 @@ def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> s
         "interventions": [[s.t_start, s.t_end, s.trigger] for s in record.interventions],
         "images": frame_hashes,
     }
+    # Fields added after the first release enter the hash only when set, so older episodes keep their hashes.
+    if record.prompt is not None:
+        header["prompt"] = record.prompt
+    if record.injected is not None:
+        header["injected"] = "\x1f".join(t or "\x00" for t in record.injected)
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     arrays = {name: getattr(record, name) for name in (*ARRAY_FIELDS, "privileged")}
     for name, array in arrays.items():

@@ -35,6 +35,7 @@ STEP_READ_COLUMNS = (
     "chunk_offset",
     "latency_ms",
     "subtask",
+    "injected",
 )
 ARRAY_COLUMNS = STEP_READ_COLUMNS[:7]
 STEPS_OF_EPISODE = f"SELECT {', '.join(STEP_READ_COLUMNS)} FROM steps WHERE episode_id = ? ORDER BY t"
@@ -91,7 +92,7 @@ class EpisodeReader:
         rows = self._db.raw_rows(connection, STEPS_OF_EPISODE, (episode.id,))
         columns = transpose(rows, len(STEP_READ_COLUMNS))
         arrays = arrays_from_columns(episode, columns[: len(ARRAY_COLUMNS)])
-        version_ids, chunk_index, chunk_offset, latency, subtasks = columns[len(ARRAY_COLUMNS) :]
+        version_ids, chunk_index, chunk_offset, latency, subtasks, injected = columns[len(ARRAY_COLUMNS) :]
         chunks = [blob for (blob,) in self._db.raw_rows(connection, CHUNKS_OF_EPISODE, (episode.id,))]
         segments = self._db.raw_rows(connection, INTERVENTIONS_OF_EPISODE, (episode.id,))
         return EpisodeRecord(
@@ -112,6 +113,7 @@ class EpisodeReader:
             interventions=[InterventionSegment(*segment) for segment in segments],
             metadata=episode.metadata,
             subtasks=list(subtasks) if any(s is not None for s in subtasks) else None,
+            injected=list(injected) if any(s is not None for s in injected) else None,
         )
 
 
@@ -184,4 +186,5 @@ def _header(episode: Episode | sa.Row[Any], policy_version: str | None) -> dict[
         "outcome": Outcome(episode.outcome),
         "run_id": episode.run_id,
         "error": episode.error,
+        "prompt": episode.prompt,
     }

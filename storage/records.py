@@ -132,7 +132,10 @@ class EpisodeRecord:
     chunk), ``latency_ms`` T float32 (inference latency of the chunk, 0 where none). ``chunks`` is K×H×D
     float32: the predicted chunks. ``images`` maps camera → T×h×w×3 uint8 (optional). ``privileged`` is T×P
     float32 simulator state (optional; sim only — value models and state-based baselines may use it, deployed
-    policies never do). ``subtasks`` optionally labels each step with a subtask name.
+    policies never do). ``subtasks`` optionally labels each step with a subtask name. ``prompt`` is the
+    language instruction the episode ran under (None: the task's default). ``injected`` optionally marks
+    each step with the kind of bad segment an env wrapper injected there (None: a clean step): the ground
+    truth that label diagnostics compare against.
     """
 
     uuid: uuid.UUID
@@ -159,6 +162,8 @@ class EpisodeRecord:
     run_id: str | None = None
     error: str | None = None
     subtasks: list[str | None] | None = None
+    prompt: str | None = None
+    injected: list[str | None] | None = None
 
     @property
     def length(self) -> int:
@@ -197,6 +202,12 @@ class EpisodeRecord:
         _check_per_step_names("policy_versions", self.policy_versions, steps, _VERSION)
         if self.subtasks is not None:
             _check_per_step_names("subtasks", self.subtasks, steps, _SUBTASK)
+        if self.injected is not None:
+            _check_per_step_names("injected", self.injected, steps, _INJECTED)
+        if self.prompt is not None:
+            if not isinstance(self.prompt, str):
+                raise EpisodeValidationError("prompt", "a str or None", repr(self.prompt))
+            _check_text("prompt", self.prompt, _EPISODES.prompt)
         self._validate_chunks(steps)
         self._validate_images(steps)
         if self.privileged is not None:
@@ -298,6 +309,7 @@ class EpisodeSummary:
     error: str | None
     metadata: dict[str, Any]
     created_at: dt.datetime
+    prompt: str | None = None
 
 
 @dataclass
@@ -532,5 +544,6 @@ _RELABELS = Relabel.__table__.c
 _VERSION = PolicyVersion.__table__.c.version
 _RUN_ID = Run.__table__.c.id
 _SUBTASK = Step.__table__.c.subtask
+_INJECTED = Step.__table__.c.injected
 _CAMERA = StepImage.__table__.c.camera
 _TRIGGER = Intervention.__table__.c.trigger

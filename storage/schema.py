@@ -94,6 +94,7 @@ class Episode(Base):
     privileged_dim: Mapped[int | None] = mapped_column(sa.Integer)
     chunk_horizon: Mapped[int] = mapped_column(sa.Integer)
     error: Mapped[str | None] = mapped_column(sa.Text)
+    prompt: Mapped[str | None] = mapped_column(sa.Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     content_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
@@ -133,6 +134,7 @@ class Step(Base):
     chunk_offset: Mapped[int] = mapped_column(sa.Integer)
     latency_ms: Mapped[float] = mapped_column(sa.Double)
     subtask: Mapped[str | None] = mapped_column(sa.String(256))
+    injected: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class Image(Base):

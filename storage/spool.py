@@ -74,6 +74,8 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "run_id": record.run_id,
         "error": record.error,
         "subtasks": record.subtasks,
+        "prompt": record.prompt,
+        "injected": record.injected,
     }
     for name in ARRAY_FIELDS:
         body[name] = _pack_array(getattr(record, name))
@@ -112,6 +114,8 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         run_id=body["run_id"],
         error=body["error"],
         subtasks=body["subtasks"],
+        prompt=body["prompt"],
+        injected=body["injected"],
         **{name: _unpack_array(name, body[name]) for name in ARRAY_FIELDS},
     )
     record.validate()

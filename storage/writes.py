@@ -154,6 +154,7 @@ def _episode_row(prepared: _PreparedEpisode, version_ids: dict[str, int]) -> dic
         "privileged_dim": None if record.privileged is None else int(record.privileged.shape[1]),
         "chunk_horizon": int(record.chunks.shape[1]),
         "error": record.error,
+        "prompt": record.prompt,
         "metadata": record.metadata,
         "content_hash": prepared.content_hash,
     }
@@ -166,6 +167,7 @@ def _step_rows(record: EpisodeRecord, episode_id: int, version_ids: dict[str, in
         codec.blobs_from_vectors(record.privileged) if record.privileged is not None else [None] * steps
     )
     subtasks = record.subtasks if record.subtasks is not None else [None] * steps
+    injected = record.injected if record.injected is not None else [None] * steps
     return list(
         zip(
             [episode_id] * steps,
@@ -182,6 +184,7 @@ def _step_rows(record: EpisodeRecord, episode_id: int, version_ids: dict[str, in
             record.chunk_offsets.tolist(),
             record.latency_ms.tolist(),
             subtasks,
+            injected,
             strict=True,
         )
     )

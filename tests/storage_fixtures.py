@@ -100,7 +100,7 @@ def assert_episodes_equal(actual: EpisodeRecord, expected: EpisodeRecord, images
         assert actual.privileged is not None and actual.privileged.tobytes() == expected.privileged.tobytes()
     for name in ("uuid", "task", "env_id", "policy_version", "seed", "policy_versions", "interventions"):
         assert getattr(actual, name) == getattr(expected, name), name
-    for name in ("metadata", "run_id", "error", "subtasks"):
+    for name in ("metadata", "run_id", "error", "subtasks", "prompt", "injected"):
         assert getattr(actual, name) == getattr(expected, name), name
     assert Outcome(actual.outcome) == Outcome(expected.outcome)
     if images:

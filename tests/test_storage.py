@@ -82,10 +82,14 @@ def test_round_trip_is_exact_for_arrays_images_interventions_and_metadata(store:
     rng = np.random.default_rng(0)
     record = make_episode(rng, 60, cameras=("corner", "wrist"), run_id="run-1")
     record.subtasks = ["reach"] * 30 + ["grasp"] * 30
+    record.injected = [None] * 10 + ["detour"] * 15 + [None] * 35
+    record.prompt = "reach the red target, gently"
     record.error = None
     assert store.write_episode(record) is True
     loaded = store.load_episode(record.uuid)
     assert_episodes_equal(loaded, record)
+    assert loaded.injected[10:25] == ["detour"] * 15 and loaded.prompt == record.prompt
+    assert store.list_episodes()[0].prompt == record.prompt
     assert loaded.interventions == [InterventionSegment(20, 24, "no_progress")]
     without_images = store.load_episode(str(record.uuid), images=False)
     assert without_images.images == {}
