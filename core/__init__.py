@@ -1,0 +1,5 @@
+"""Dependency-free building blocks every room may import: core types and the msgpack codec.
+
+Nothing here imports another flywheel room, torch, mujoco, sqlalchemy or Ray, so a robot computer can use it
+with numpy and msgpack alone.
+"""
