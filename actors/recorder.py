@@ -53,6 +53,7 @@ class EpisodeRecorder:
     _chunk_subtasks: list[str | None] = field(default_factory=list)
     _subtasks: list[str | None] = field(default_factory=list)
     _subtask_sources: list[str | None] = field(default_factory=list)
+    _injected: list[str | None] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -84,10 +85,13 @@ class EpisodeRecorder:
         latency_ms: float,
         subtask: str | None = None,
         subtask_source: str | None = None,
+        injected: str | None = None,
     ) -> None:
         """Record one step: the observation the action was chosen from and what happened.
 
-        ``subtask`` / ``subtask_source`` label the step's subtask and who named it (``policy``, ``human``).
+        ``subtask`` / ``subtask_source`` label the step's subtask and who named it (``policy``, ``human``);
+        ``injected`` the kind of bad segment an env wrapper ran instead of the policy's action (ground truth,
+        ``envs.injection``), None on a clean step.
         """
         if (subtask is None) != (subtask_source is None):
             raise ValueError(
@@ -111,6 +115,7 @@ class EpisodeRecorder:
         self._latency_ms.append(float(latency_ms))
         self._subtasks.append(subtask)
         self._subtask_sources.append(subtask_source)
+        self._injected.append(injected)
 
     def finish(
         self,
@@ -151,6 +156,7 @@ class EpisodeRecorder:
             run_id=self.run_id,
             error=error,
             subtasks=list(self._subtasks) if labelled else None,
+            injected=list(self._injected) if any(k is not None for k in self._injected) else None,
         )
 
     def truncated_snapshot(self, error: str) -> EpisodeRecord:

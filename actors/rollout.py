@@ -400,6 +400,7 @@ class RolloutWorker:
             latency_ms=scheduled.latency_ms if from_policy else 0.0,
             subtask=subtask,
             subtask_source=None if subtask is None else SUBTASK_POLICY if from_policy else SUBTASK_HUMAN,
+            injected=info.get("injected"),
         )
         stats.env_steps += 1
         stats.human_steps += int(not from_policy)

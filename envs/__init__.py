@@ -8,6 +8,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from envs.experts import ScriptedExpert, expert_phases
 from envs.factory import make_env
 from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
+from envs.injection import INJECTED_KEY, BadSegmentWrapper, InjectionConfig
 from envs.interventions import (
     Intervention,
     InterventionWrapper,
@@ -18,14 +19,17 @@ from envs.interventions import (
     TeleopContext,
     TeleopDevice,
 )
-from envs.metaworld_env import EnvConfig, MetaWorldEnv
+from envs.metaworld_env import EnvConfig, MetaWorldEnv, goal_distance
 from envs.tasks import TASK_PROMPTS, UnknownTaskError, resolve_task, task_max_episode_steps, task_names
 
 __all__ = [
+    "INJECTED_KEY",
     "TASK_PROMPTS",
+    "BadSegmentWrapper",
     "EnvConfig",
     "GymAdapterEnv",
     "GymEnvConfig",
+    "InjectionConfig",
     "Intervention",
     "InterventionWrapper",
     "MetaWorldEnv",
@@ -38,6 +42,7 @@ __all__ = [
     "TeleopDevice",
     "UnknownTaskError",
     "expert_phases",
+    "goal_distance",
     "make_env",
     "resolve_task",
     "task_max_episode_steps",

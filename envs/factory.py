@@ -5,23 +5,30 @@ from __future__ import annotations
 import gymnasium as gym
 
 from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
+from envs.injection import BadSegmentWrapper, InjectionConfig
 from envs.interventions import InterventionWrapper, SimulatedHuman, SimulatedHumanConfig
 from envs.metaworld_env import EnvConfig, MetaWorldEnv
 
 
-def make_env(config: EnvConfig | GymEnvConfig, human: SimulatedHumanConfig | None = None) -> gym.Env:
+def make_env(
+    config: EnvConfig | GymEnvConfig,
+    human: SimulatedHumanConfig | None = None,
+    inject: InjectionConfig | None = None,
+) -> gym.Env:
     """A Meta-World env (``EnvConfig``) or any gymnasium env (``GymEnvConfig``) with flywheel observations.
 
     With ``human`` the env is wrapped in an ``InterventionWrapper`` whose ``SimulatedHuman`` is the task's
-    scripted expert (Meta-World tasks only: generic envs have no expert).
+    scripted expert (Meta-World tasks only: generic envs have no expert). With ``inject`` a
+    ``BadSegmentWrapper`` goes around that (the human sees the injected actions as the robot's).
     """
     if isinstance(config, GymEnvConfig):
         if human is not None:
             raise ValueError(
                 "human: simulated interventions need a Meta-World task (EnvConfig), not a GymEnvConfig"
             )
-        return GymAdapterEnv(config)
-    env = MetaWorldEnv(config)
-    if human is None:
-        return env
-    return InterventionWrapper(env, SimulatedHuman(config.task, human))
+        env: gym.Env = GymAdapterEnv(config)
+    else:
+        env = MetaWorldEnv(config)
+        if human is not None:
+            env = InterventionWrapper(env, SimulatedHuman(config.task, human))
+    return env if inject is None else BadSegmentWrapper(env, inject)

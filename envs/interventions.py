@@ -19,7 +19,11 @@ when a trigger fires — no progress for K steps (progress is the env's dense re
 ``info["dense_reward"]``, falling back to the step reward), the policy's action deviating from the clean
 expert action by more than a threshold (L2 over the 4 action dimensions) for some consecutive steps, or at
 random with a per-step rate — then acts for ``takeover_steps`` steps (with its own action noise) and hands
-back. While acting it also names the subtask it is executing (the scripted expert's phase), so rollouts of a
+back. A phase gate makes it a *late* corrector: with ``late_distance`` its triggers are only watched while the
+task's goal distance (``envs.metaworld_env.goal_distance``: the object's, or for reach the hand's, distance to
+the goal) is at most that, and with ``late_after_step`` only from that step on; outside the gate the triggers'
+counters restart, so e.g. ``no_progress`` fires only after the robot stalled *near the goal* for K steps.
+Corrected episodes then keep their sloppy early autonomous stretches, and failed ones their good early phases. While acting it also names the subtask it is executing (the scripted expert's phase), so rollouts of a
 hierarchical policy store a human-corrected subtask for every intervention step. A real keyboard, gamepad or spacemouse is another ``TeleopDevice``: it returns its own command from
 ``poll`` and ignores the context."""
 
@@ -34,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.experts import ScriptedExpert
+from envs.metaworld_env import goal_distance
 from policies.base import Observation
 
 
@@ -104,6 +109,8 @@ class SimulatedHumanConfig(BaseModel):
     takeover_steps: int = Field(default=20, ge=1)
     noise_std: float = Field(default=0.0, ge=0.0)
     seed: int = Field(default=0, ge=0)
+    late_distance: float | None = Field(default=None, gt=0.0)
+    late_after_step: int | None = Field(default=None, ge=0)
 
 
 class SimulatedHuman:
@@ -131,6 +138,9 @@ class SimulatedHuman:
         privileged = context.observation["privileged"]
         if self._remaining > 0:
             return self._act(privileged)
+        if not self._gate_open(context):
+            self._watch_from_scratch()
+            return None
         reason = self._trigger(context)
         if reason is None:
             return None
@@ -148,6 +158,15 @@ class SimulatedHuman:
             reason=self._reason,
             subtask=self.expert.phase(privileged),
         )
+
+    def _gate_open(self, context: TeleopContext) -> bool:
+        """Whether the phase gate lets the triggers watch this step (always, without a gate)."""
+        late_step, late_distance = self.config.late_after_step, self.config.late_distance
+        if late_step is not None and context.t < late_step:
+            return False
+        if late_distance is None:
+            return True
+        return goal_distance(self.expert.task, context.observation["privileged"]) <= late_distance
 
     def _watch_from_scratch(self) -> None:
         self._best_progress = -np.inf

@@ -62,6 +62,14 @@ TOLERANCE_PAIRS: dict[str, tuple[slice, slice]] = {
 }
 
 
+def goal_distance(task: str, privileged: np.ndarray) -> float:
+    """How far ``task`` is from done in metres: its ``TOLERANCE_PAIRS`` distance (reach: hand to goal), else the
+    first object's distance to the goal, on one 39-D privileged state."""
+    first, second = TOLERANCE_PAIRS.get(resolve_task(task), (OBJECT, GOAL))
+    state = np.asarray(privileged, dtype=np.float32)
+    return float(np.linalg.norm(state[first] - state[second]))
+
+
 class EnvConfig(BaseModel):
     """Configuration of one Meta-World env (validated; unknown fields are rejected)."""
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from actors.execution import ExecutionConfig
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from actors.sinks import RunEpisodeIndex, StoreSink
-from envs import EnvConfig, SimulatedHumanConfig, make_env
+from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load, register, resolve
 from experiments.validation import UserError
@@ -51,6 +51,9 @@ class CollectConfig(BaseModel):
         description="target in committed env steps instead of episodes (at least this many)",
     )
     human: SimulatedHumanConfig | None = None
+    inject: InjectionConfig | None = Field(
+        default=None, description="bad segments injected into the rollouts (ground truth: steps.injected)"
+    )
     workers: int = Field(default=0, ge=0, description="Ray rollout actors; 0 runs in this process")
     envs_per_worker: int = Field(default=1, ge=1)
     inference: Literal["local", "batched"] = "local"
@@ -166,7 +169,7 @@ def run_collection(
     limit = config.episodes if config.target_unit == "episodes" else None
     sink = StoreSink(config.store_url, max_run_episodes=limit)
     worker_kwargs = dict(
-        env_factories=[functools.partial(make_env, config.env, config.human)] * config.envs_per_worker,
+        env_factories=[functools.partial(make_env, config.env, config.human, config.inject)] * config.envs_per_worker,
         policy=policy,
         sink=ExpertPhaseLabels(sink, config.env.task) if config.subtask_labels else sink,
         task=config.env.task,

@@ -207,6 +207,7 @@ class Pipeline:
                     noise=noise,
                     episodes=self.config.collection.episodes_per_task,
                     human=self.config.interventions,
+                    inject=self.config.injection,
                     workers=self.config.collection.workers,
                     envs_per_worker=self.config.collection.envs_per_worker,
                     inference=self.config.collection.inference,

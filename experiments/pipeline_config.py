@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from envs import EnvConfig, SimulatedHumanConfig
+from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
 from envs.tasks import UnknownTaskError, resolve_task
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.training import BCConfig
@@ -131,6 +131,9 @@ class PipelineConfig(_Strict):
     env: EnvSettings = EnvSettings()
     collection: CollectionSettings = CollectionSettings()
     interventions: SimulatedHumanConfig | None = SimulatedHumanConfig()
+    injection: InjectionConfig | None = Field(
+        default=None, description="bad segments injected into every collection (ground truth: steps.injected)"
+    )
     relabel: RelabelConfig = RelabelConfig()
     training: BCConfig = BCConfig(condition_dropout=0.3)
     rlt: RLTSettings = RLTSettings()

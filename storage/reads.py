@@ -19,7 +19,7 @@ from storage.images import FrameStore
 from storage.records import EpisodeQuery, EpisodeRecord, EpisodeSummary, InterventionSegment, Outcome
 from storage.registry import PolicyRegistry
 from storage.sampling import EpisodeArrays
-from storage.schema import Episode, PolicyVersion
+from storage.schema import Episode, PolicyVersion, Step
 
 # The per-step columns read back; the first seven make an ``EpisodeArrays``.
 STEP_READ_COLUMNS = (
@@ -68,6 +68,19 @@ class EpisodeReader:
         """Total length (env steps) of the matching episodes."""
         matched = select_episodes(query).subquery()
         return self._count(sa.select(sa.func.coalesce(sa.func.sum(matched.c.length), 0)))
+
+    def injected_fractions(self, query: EpisodeQuery) -> dict[uuid.UUID, float]:
+        """Per matching episode, the fraction of its steps marked ``injected`` (0.0 for a clean episode)."""
+        matched = select_episodes(query).subquery()
+        select = (
+            sa.select(matched.c.uuid, matched.c.length, sa.func.count(Step.injected))
+            .select_from(matched.outerjoin(Step, Step.episode_id == matched.c.id))
+            .group_by(matched.c.id, matched.c.uuid, matched.c.length)
+        )
+        with self._db.read_session() as session:
+            return {
+                episode: injected / max(length, 1) for episode, length, injected in session.execute(select)
+            }
 
     def _count(self, select: sa.Select) -> int:
         with self._db.read_session() as session:

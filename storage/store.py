@@ -201,6 +201,18 @@ class ExperienceStore:
         self._schema.require()
         return self._reader.count_steps(EpisodeQuery(task, outcome, policy_version, run_id))
 
+    def injected_fractions(
+        self,
+        task: str | None = None,
+        outcome: Outcome | str | None = None,
+        policy_version: str | None = None,
+        run_id: str | None = None,
+    ) -> dict[uuid.UUID, float]:
+        """Ground truth at a glance: per matching episode, the fraction of its steps an env wrapper injected a
+        bad segment into (``EpisodeRecord.injected`` not None), counted in SQL."""
+        self._schema.require()
+        return self._reader.injected_fractions(EpisodeQuery(task, outcome, policy_version, run_id))
+
     def load_episode(self, episode_uuid: uuid.UUID | str, images: bool = True) -> EpisodeRecord:
         """The stored episode as an ``EpisodeRecord`` of numpy arrays (images decoded if ``images``)."""
         self._schema.require()

@@ -282,13 +282,13 @@ def test_a_failed_job_is_one_error_line_with_exit_1(monkeypatch, tmp_path) -> No
     from typer.testing import CliRunner
 
     from actors.errors import WorkerError
+    from experiments import collection
     from experiments.cli import app
-    from experiments.commands import collect
 
     def failing_collection(*_args, **_kwargs):
         raise WorkerError("EGLError", "eglMakeCurrent\nfailed", "Traceback (most recent call last): …", 1)
 
-    monkeypatch.setattr(collect, "run_collection", failing_collection)
+    monkeypatch.setattr(collection, "run_collection", failing_collection)
     result = CliRunner().invoke(app, [*COLLECT, "--db", f"sqlite:///{tmp_path / 'x.db'}"])
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == (

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from actors.execution import ExecutionConfig
-from envs import EnvConfig, SimulatedHumanConfig
-from experiments.collection import CollectConfig, run_collection
 from experiments.paths import default_store_url
-from experiments.policy_loader import vla_image_layout
-from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.validation import first_error
-from storage import ExperienceStore
+
+if TYPE_CHECKING:
+    from experiments.collection import CollectConfig
 
 app = typer.Typer()
 console = Console()
@@ -45,6 +42,22 @@ def collect(
         typer.Option(help="Human takes over when the policy's action is this far (L2) from the expert's"),
     ] = None,
     human_noise: Annotated[float, typer.Option(help="Action noise std of the simulated human")] = 0.0,
+    late_distance: Annotated[
+        float | None,
+        typer.Option(help="Phase gate: the human watches only while the object (reach: hand) is this near the goal"),
+    ] = None,
+    late_after_step: Annotated[
+        int | None, typer.Option(help="Phase gate: the human watches only from this step on")
+    ] = None,
+    inject: Annotated[
+        str | None,
+        typer.Option(
+            help="Inject bad segments into the rollouts (ground truth in steps.injected): comma-separated kinds "
+            "of detour, random, pause"
+        ),
+    ] = None,
+    inject_rate: Annotated[float, typer.Option(help="Per-step probability that a bad segment starts")] = 0.02,
+    inject_length: Annotated[int, typer.Option(help="Steps of one bad segment")] = 15,
     workers: Annotated[int, typer.Option(min=0, help="Ray rollout actors (0: in this process)")] = 0,
     envs_per_worker: Annotated[int, typer.Option(min=1, help="Envs stepped by each worker")] = 1,
     inference: Annotated[
@@ -96,6 +109,13 @@ def collect(
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
+    from actors.execution import ExecutionConfig
+    from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
+    from experiments.collection import CollectConfig, run_collection
+    from experiments.policy_loader import vla_image_layout
+    from experiments.tracking import POLICY_VERSION_TAG, log_command_run
+    from storage import ExperienceStore
+
     store_url = db or default_store_url()
     model_cameras, model_size = (
         None if image_size and cameras else vla_image_layout(policy, ExperienceStore(store_url))
@@ -122,8 +142,18 @@ def collect(
                 deviation_threshold=deviation_threshold,
                 noise_std=human_noise,
                 seed=seed or 0,
+                late_distance=late_distance,
+                late_after_step=late_after_step,
             )
             if interventions
+            else None,
+            inject=InjectionConfig(
+                kinds=tuple(k.strip() for k in inject.split(",") if k.strip()),
+                rate=inject_rate,
+                length=inject_length,
+                seed=seed or 0,
+            )
+            if inject
             else None,
             workers=workers,
             envs_per_worker=envs_per_worker,

@@ -9,14 +9,14 @@ from typing import Annotated
 import typer
 
 from experiments.paths import default_mlflow_uri
-from experiments.pipeline_config import PipelineConfigError, load_pipeline_config
-from experiments.tracking import artifact_root_for
 
 app = typer.Typer()
 
 
 def dashboard_command(tracking_uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow server`` command line serving ``tracking_uri`` (and its local artifacts)."""
+    from experiments.tracking import artifact_root_for
+
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri]
     command += ["--host", host, "--port", str(port), "--workers", "1"]
     artifact_root = artifact_root_for(tracking_uri)
@@ -37,6 +37,8 @@ def dashboard(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 5000,
 ) -> None:
     """Start the MLflow UI: iteration runs, stage runs, metrics, plots, videos and the model registry."""
+    from experiments.pipeline_config import PipelineConfigError, load_pipeline_config
+
     uri = tracking_uri
     if uri is None and config is not None:
         try:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from experiments.paths import default_store_url
-from storage import ExperienceStore
+
+if TYPE_CHECKING:
+    from storage import ExperienceStore
 
 app = typer.Typer(help="The experience store: schema migrations and statistics.", no_args_is_help=True)
 console = Console()
@@ -21,6 +23,8 @@ DbOption = Annotated[str | None, typer.Option(help="Store URL (default: the embe
 def open_store(db: str | None) -> ExperienceStore:
     """The store at ``db`` (or the embedded default); a bad or unreachable one is a ``StoreError``, which the
     CLI reports in one line."""
+    from storage import ExperienceStore
+
     return ExperienceStore(db or default_store_url())
 
 

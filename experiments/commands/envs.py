@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
-from PIL import Image
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from envs import TASK_PROMPTS, EnvConfig, MetaWorldEnv, ScriptedExpert, task_max_episode_steps, task_names
+if TYPE_CHECKING:
+    from envs import EnvConfig, MetaWorldEnv, ScriptedExpert
 
 app = typer.Typer(no_args_is_help=True, help="Meta-World tasks: list, render, expert check.")
 console = Console()
@@ -21,6 +21,8 @@ console = Console()
 @app.command(name="list")
 def list_tasks() -> None:
     """Every Meta-World v3 task with its prompt and default episode length."""
+    from envs import TASK_PROMPTS, task_max_episode_steps, task_names
+
     table = Table("task", "prompt", "max steps")
     for task in task_names():
         table.add_row(task, TASK_PROMPTS[task], str(task_max_episode_steps(task)))
@@ -36,6 +38,10 @@ def render(
     out: Annotated[Path, typer.Option(help="PNG file (cameras side by side)")] = Path("envs_render.png"),
 ) -> None:
     """Render the first observation of a task, all cameras side by side, to a PNG file."""
+    from PIL import Image
+
+    from envs import MetaWorldEnv
+
     config = _config(task=task, cameras=tuple(cameras.split(",")), width=size, height=size, seed=seed)
     env = MetaWorldEnv(config)
     try:
@@ -54,6 +60,8 @@ def expert(
     seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Success rate and mean length of the scripted expert (image-free, for speed)."""
+    from envs import MetaWorldEnv, ScriptedExpert
+
     env = MetaWorldEnv(_config(task=task, render=False, seed=seed))
     scripted = ScriptedExpert(env.task, noise_std=noise, seed=seed)
     try:
@@ -79,6 +87,8 @@ def _expert_episode(env: MetaWorldEnv, scripted: ScriptedExpert, seed: int) -> t
 
 def _config(**fields: object) -> EnvConfig:
     """An ``EnvConfig``, or a one-line error naming the bad field."""
+    from envs import EnvConfig
+
     try:
         return EnvConfig(**fields)
     except ValidationError as error:

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from experiments.commands.db import DbOption, open_store
 from experiments.validation import UserError
-from storage import Outcome, StepSource
 
 app = typer.Typer(help="Browse stored episodes.", no_args_is_help=True)
 console = Console()
@@ -28,6 +27,8 @@ def list_episodes(
     limit: Annotated[int, typer.Option(min=1, help="At most this many (the newest)")] = 50,
 ) -> None:
     """A table of episodes matching the filters (newest last)."""
+    from storage import Outcome
+
     store = open_store(db)
     total = store.count_episodes(task, outcome, policy_version, run_id)
     newest = store.list_episodes(task, outcome, policy_version, run_id, limit=limit, newest_first=True)
@@ -65,6 +66,8 @@ def show(
     db: DbOption = None,
 ) -> None:
     """One episode in detail: identity, outcome, provenance, interventions, chunks, cameras, per-step summary."""
+    from storage import Outcome, StepSource
+
     try:
         episode_uuid = uuid.UUID(episode)
     except ValueError:

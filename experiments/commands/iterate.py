@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from experiments.pipeline_config import PipelineConfigError, load_pipeline_config
-
 app = typer.Typer()
 console = Console(stderr=True)
 
@@ -26,6 +24,7 @@ def iterate(
 ) -> None:
     """Collect → relabel → train → evaluate → gate → register → deploy. Rerun after a crash to resume."""
     from experiments.pipeline import Pipeline
+    from experiments.pipeline_config import PipelineConfigError, load_pipeline_config
     from experiments.schedule import ScheduleError, parse_interval, run_every, run_once
 
     if once == (every is not None):

@@ -8,15 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from envs import EnvConfig
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.policy_loader import PolicySpecError, checkpoint_directory, vla_image_layout
-from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.tracking import POLICY_VERSION_TAG, log_command_run
-from experiments.training import BCConfig
-from policies.device import DeviceError, resolve_device
-from recap import RecapInputError, RelabelConfig, ValueConfig
-from storage import ExperienceStore
 
 app = typer.Typer(
     help="RECAP: advantage relabeling and advantage-conditioned policy improvement.", no_args_is_help=True
@@ -62,6 +54,15 @@ def iterate(
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate."""
+    from envs import EnvConfig
+    from experiments.policy_loader import PolicySpecError, checkpoint_directory, vla_image_layout
+    from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
+    from experiments.tracking import POLICY_VERSION_TAG, log_command_run
+    from experiments.training import BCConfig
+    from policies.device import DeviceError, resolve_device
+    from recap import RecapInputError, RelabelConfig, ValueConfig
+    from storage import ExperienceStore
+
     try:
         resolve_device(device)
     except DeviceError as error:
@@ -148,6 +149,8 @@ def _fail(message: str) -> NoReturn:
 @app.command("relabels")
 def relabels(db: Annotated[str | None, typer.Option(help="Store URL")] = None) -> None:
     """List stored relabel versions with their label-quality diagnostics."""
+    from storage import ExperienceStore
+
     store = ExperienceStore(db or default_store_url())
     table = Table("relabel", "parent", "value model", "episodes", "diagnostics")
     for record in store.list_relabels(method="recap"):

@@ -14,16 +14,16 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from experiments.paths import default_store_url
-from experiments.policy_loader import load
 from experiments.validation import UserError
-from policies.base import Policy
-from policies.device import place, resolve_device
-from policies.serving import ObservationKeys, PolicyServer, ServerConfig
+
+if TYPE_CHECKING:
+    from policies.base import Policy
+    from policies.serving import PolicyServer
 
 app = typer.Typer(help="Serve a policy over openpi's WebSocket protocol.")
 
@@ -56,6 +56,8 @@ def _loader(spec: str, store_url: str | None = None) -> Callable[[], Policy]:
     """What loads ``spec`` (``experiments.policy_loader.load``: a checkpoint directory of any kind,
     ``scripted[:<task>]``, ``openpi:…``, a version registered in the store at ``store_url``, or ``@FILE``),
     once now and again at every SIGHUP; the store is opened once."""
+    from experiments.policy_loader import load
+
     store = None
     if store_url is not None:
         from storage import ExperienceStore
@@ -81,6 +83,9 @@ def _reads_privileged(policy: Policy) -> bool:
 def build_server(config: ServeConfig, load_policy: Callable[[], Policy] | None = None) -> PolicyServer:
     """Load the policy (with ``load_policy``; default: ``--policy`` through the loader), resolve the API key,
     and build the (not yet started) server."""
+    from policies.device import place, resolve_device
+    from policies.serving import ObservationKeys, PolicyServer, ServerConfig
+
     load_policy = load_policy or _loader(config.policy, config.store)
     api_key = None
     if config.api_key_env is not None:
@@ -105,6 +110,8 @@ def build_server(config: ServeConfig, load_policy: Callable[[], Policy] | None =
 
 def main(config: ServeConfig) -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP re-resolves ``--policy`` and hot-swaps."""
+    from policies.device import place, resolve_device
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         load_policy = _loader(config.policy, config.store)

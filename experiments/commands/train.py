@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from envs import EnvConfig
-from experiments.context import (
-    DESIRED_METADATA,
-    SubtaskTrainConfig,
-    phase_outcomes,
-    train_hierarchical,
-    train_metadata_conditioned,
-)
-from experiments.evaluation import EvalResult, evaluate
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.policy_loader import PolicySpecError, load, register, resolve
-from experiments.tracking import POLICY_VERSION_TAG, log_command_run
-from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
 from experiments.validation import first_error
-from policies.checkpoint import CheckpointError
-from policies.device import DeviceError, resolve_device
-from storage import ExperienceStore
+
+if TYPE_CHECKING:
+    from experiments.evaluation import EvalResult
 
 app = typer.Typer(help="Train policies from stored episodes, and evaluate them.", no_args_is_help=True)
 console = Console()
@@ -61,8 +49,12 @@ def bc(
         ),
     ] = False,
     ask: Annotated[
-        str, typer.Option(help="With --metadata: the description asked for at inference")
-    ] = DESIRED_METADATA,
+        str | None,
+        typer.Option(
+            help="With --metadata: the description asked for at inference (default: the best behaviour, "
+            "'quality: high, speed: fast, mistakes: none')"
+        ),
+    ] = None,
     subtasks: Annotated[
         bool,
         typer.Option(
@@ -121,6 +113,17 @@ def bc(
 
     Plain BC by default; --metadata conditions on episode metadata, --subtasks trains a two-level policy.
     """
+    from experiments.context import (
+        DESIRED_METADATA,
+        SubtaskTrainConfig,
+        train_hierarchical,
+        train_metadata_conditioned,
+    )
+    from experiments.tracking import POLICY_VERSION_TAG, log_command_run
+    from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
+    from policies.device import DeviceError, resolve_device
+    from storage import ExperienceStore
+
     if metadata and subtasks:
         raise typer.BadParameter("--metadata and --subtasks: choose one condition per policy")
     if subtasks and eval_every:
@@ -170,7 +173,9 @@ def bc(
             console.print(f"subtasks: {', '.join(trained.subtasks)}")
         else:
             trained = (
-                train_metadata_conditioned(store, selection, config, checkpoints_dir(), desired=ask)
+                train_metadata_conditioned(
+                    store, selection, config, checkpoints_dir(), desired=ask or DESIRED_METADATA
+                )
                 if metadata
                 else train_vla(store, selection, config, checkpoints_dir(), resume=resume)
             )
@@ -220,6 +225,14 @@ def eval_policy(
     (furthest phase reached, phase at the last step) and, for a hierarchical policy, the subtask it named last.
     The result is recorded in the store's evaluations.
     """
+    from envs import EnvConfig
+    from experiments.context import phase_outcomes
+    from experiments.evaluation import evaluate
+    from experiments.policy_loader import PolicySpecError, load, register, resolve
+    from experiments.tracking import POLICY_VERSION_TAG, log_command_run
+    from policies.checkpoint import CheckpointError
+    from storage import ExperienceStore
+
     store = ExperienceStore(db or default_store_url())
     store.upgrade()
     try:
