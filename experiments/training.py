@@ -46,8 +46,12 @@ class EpisodeFilter(BaseModel):
     max_episodes_per_task: int | None = Field(default=None, ge=1)
 
 
+#: Image side recorded for a state-input (no camera) model; nothing is rendered at that size.
+STATE_TIER_IMAGE_SIZE = 64
+
+
 class BCConfig(BaseModel):
-    """Model size, optimisation and evaluation settings of a BC run."""
+    """Model size, optimisation and evaluation settings of a BC run (``cameras=()``: the state-input tier)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -142,10 +146,13 @@ def stored_image_layout(
 ) -> tuple[tuple[str, ...], int]:
     """The cameras and square image side to train on: ``cameras`` / ``image_size`` if given, else what the
     selected episodes stored (every stored camera, sorted). Read from the store's frame index, no frame decoded.
+    ``cameras=()`` — or episodes that stored no images — is the state tier: no cameras (image size recorded only).
 
     Raises a one-line ``ValueError`` when the selection mixes image sizes or camera sets (naming the runs of
-    each, to filter by), stored no images, or when a given value disagrees with the stored frames.
+    each, to filter by), or when a given value disagrees with the stored frames.
     """
+    if cameras == ():
+        return (), image_size or STATE_TIER_IMAGE_SIZE
     summaries = [summary for summary in select_training_episodes(store, selection) if summary.length > 0]
     shapes = store.frame_shapes([summary.uuid for summary in summaries])
     layouts: dict[tuple[tuple[str, int, int], ...], set[str]] = {}
@@ -163,7 +170,12 @@ def stored_image_layout(
         )
     (layout,) = layouts
     if not layout:
-        raise ValueError("the selected episodes stored no camera images (collected with --no-images?)")
+        if cameras:
+            raise ValueError(
+                f"--cameras {','.join(cameras)}: the selected episodes stored no camera images "
+                "(collected with --no-images?); leave --cameras out to train the state-input model"
+            )
+        return (), image_size or STATE_TIER_IMAGE_SIZE
     stored_cameras = tuple(camera for camera, _, _ in layout)
     height, width = layout[0][1:]
     if height != width:
@@ -429,13 +441,18 @@ def _evaluate_and_record(
 def _evaluate(policy: VLAPolicy, task: str, config: BCConfig) -> EvalResult:
     env = EnvConfig(
         task=task,
-        cameras=config.cameras,
         width=config.image_size,
         height=config.image_size,
         max_episode_steps=config.max_episode_steps,
+        **env_cameras(config.cameras),
     )
     result, _ = evaluate(policy, env, config.eval_episodes)
     return result
+
+
+def env_cameras(cameras: tuple[str, ...]) -> dict[str, object]:
+    """``EnvConfig`` fields for a model reading ``cameras``: render them, or render nothing (state tier)."""
+    return {"cameras": tuple(cameras), "render": True} if cameras else {"render": False}
 
 
 def _record_evaluation(store: ExperienceStore, result: EvalResult) -> EvalResult:

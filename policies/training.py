@@ -420,7 +420,12 @@ def _device_data(
     policy: VLAPolicy, dataset: BCDataset, device: torch.device
 ) -> dict[str, torch.Tensor | None]:
     """The dataset as CPU tensors (pinned when feeding a GPU, so batch copies overlap compute)."""
-    images = np.stack([dataset.images[c] for c in policy.config.cameras], axis=1)
+    cameras, side = policy.config.cameras, policy.config.image_size
+    images = (
+        np.stack([dataset.images[c] for c in cameras], axis=1)
+        if cameras
+        else np.zeros((len(dataset), 0, side, side, 3), dtype=np.uint8)  # the state tier reads no images
+    )
     data = {
         "images": torch.from_numpy(images).permute(0, 1, 4, 2, 3),
         "state": torch.from_numpy(
@@ -528,7 +533,7 @@ def _batch_prompts(
 
 def _augment(pixels: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     """Random shift (pad by replication, random crop) per sample and camera, as in DrQ."""
-    if shift <= 0:
+    if shift <= 0 or pixels.shape[1] == 0:
         return pixels
     b, c, ch, h, w = pixels.shape
     flat = torch.nn.functional.pad(pixels.reshape(b * c, ch, h, w), (shift,) * 4, mode="replicate")

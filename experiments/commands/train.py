@@ -35,7 +35,8 @@ def bc(
     cameras: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated camera names, a subset of the stored ones (default: every stored one)"
+            help="Comma-separated camera names, a subset of the stored ones (default: every stored one; "
+            "none, or episodes stored without images: the state-input model, no camera)"
         ),
     ] = None,
     knowledge_insulation: Annotated[
@@ -286,7 +287,9 @@ def _evaluation_metrics(results: list[EvalResult]) -> dict[str, float]:
 
 
 def _camera_names(cameras: str) -> tuple[str, ...]:
-    """``a, b`` → ``("a", "b")``; an empty list is bad input."""
+    """``a, b`` → ``("a", "b")``; ``none`` → ``()`` (the state-input model); an empty list is bad input."""
+    if cameras.strip().lower() == "none":
+        return ()
     names = tuple(c.strip() for c in cameras.split(",") if c.strip())
     if not names:
         raise typer.BadParameter("--cameras: expected comma-separated camera names, got none")

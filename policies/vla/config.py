@@ -40,7 +40,8 @@ class VLAConfig:
     """Everything that determines the VLA's parameter shapes and its sampling.
 
         Build with :meth:`preset` (``"tiny"`` or ``"small"``) plus overrides. ``cameras`` are the camera names the
-        model reads (in this order); ``image_size`` is the square side in pixels; ``state_dim`` and ``action_dim`` are
+        model reads (in this order; empty = the state tier: no image encoder, the prefix is the prompt alone and the
+        state enters through the action expert's state token); ``image_size`` is the square side in pixels; ``state_dim`` and ``action_dim`` are
         the proprio and action sizes; ``action_horizon`` is H; ``num_steps`` the Euler steps at inference.
         ``knowledge_insulation`` adds the FAST next-token head on the backbone and stops the action expert's gradient
         into it; ``fast_vocab_size`` / ``max_fast_tokens`` size that head (``create_policy`` fills ``fast_vocab_size``
@@ -139,9 +140,9 @@ class VLAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}: expected a positive int, got {value!r}")
-        if not self.cameras or len(self.cameras) > 3 or len(set(self.cameras)) != len(self.cameras):
-            raise ConfigError(f"cameras: expected 1–3 distinct camera names, got {self.cameras!r}")
-        if self.image_size < 8 * self.image_grid:
+        if len(self.cameras) > 3 or len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"cameras: expected 0–3 distinct camera names, got {self.cameras!r}")
+        if self.cameras and self.image_size < 8 * self.image_grid:
             raise ConfigError(
                 f"image_size: expected >= 8 × image_grid = {8 * self.image_grid}, got {self.image_size}"
             )

@@ -167,8 +167,8 @@ class VLAModel(nn.Module):
         self.config = config
         w, e = config.width, config.expert_width
         block_args = (config.heads, config.head_dim, config.mlp_ratio, config.dropout)
-        # Backbone (the "VLM"): image encoder, prompt embedding, prefix blocks, final norm.
-        self.image_encoder = ImageEncoder(config)
+        # Backbone (the "VLM"): image encoder (none in the state tier), prompt embedding, prefix blocks, final norm.
+        self.image_encoder = ImageEncoder(config) if config.cameras else None
         self.token_embedding = nn.Embedding(config.vocab_size, w)
         self.token_position = nn.Parameter(torch.randn(config.max_prompt_tokens, w) * 0.02)
         self.backbone = nn.ModuleList(StreamBlock(w, *block_args) for _ in range(config.depth))
@@ -202,13 +202,9 @@ class VLAModel(nn.Module):
         self, images: torch.Tensor, tokens: torch.Tensor, token_valid: torch.Tensor
     ) -> PrefixOutput:
         """Run the backbone over the prefix (bidirectional); returns final embeddings and per-layer K/V."""
-        x = torch.cat(
-            [
-                self.image_encoder(images),
-                self.token_embedding(tokens) + self.token_position[: tokens.shape[1]],
-            ],
-            dim=1,
-        )
+        x = self.token_embedding(tokens) + self.token_position[: tokens.shape[1]]
+        if self.image_encoder is not None:
+            x = torch.cat([self.image_encoder(images), x], dim=1)
         valid = self.prefix_mask(token_valid)
         mask = make_attention_mask(valid, torch.full((x.shape[1],), PREFIX_BLOCK, device=x.device))
         keys, values = [], []

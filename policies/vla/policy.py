@@ -169,12 +169,15 @@ class VLAPolicy:
         return ModelInputs(images.to(device), tokens.to(device), valid.to(device), state.to(device))
 
     def prepare_images(self, images: dict[str, np.ndarray] | None, size: int) -> torch.Tensor:
-        """``B×C×3×S×S`` float tensor in [−1, 1] from uint8 ``B×S×S×3`` arrays, cameras in config order."""
+        """``B×C×3×S×S`` float tensor in [−1, 1] from uint8 ``B×S×S×3`` arrays, cameras in config order
+        (``C`` = 0 for a state-input model, which ignores any images it is given)."""
+        side = self.config.image_size
+        if not self.config.cameras:
+            return torch.zeros(size, 0, 3, side, side)
         if not isinstance(images, dict):
             raise VLAInputError(
                 f"images: expected a dict camera -> B×H×W×3 uint8 array, got {type(images).__name__}"
             )
-        side = self.config.image_size
         stacked = []
         for camera in self.config.cameras:
             if camera not in images:

@@ -1,0 +1,73 @@
+"""The state tier: the built-in VLA with no camera (prompt + proprio state) trains, infers, round-trips through a
+checkpoint, and ``train_vla`` trains and evaluates it on episodes stored without images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from envs import EnvConfig
+from experiments.collection import CollectConfig, run_collection
+from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
+from policies.checkpoint import checkpoint_config
+from policies.training import EpisodeArrays, TrainConfig, build_dataset, create_policy, train_bc
+from policies.vla import VLAConfig, VLAInputError
+from policies.vla.config import ConfigError
+from policies.vla.policy import VLAPolicy
+from storage import ExperienceStore
+
+PROMPT = "reach the goal position"
+
+
+def toy_episodes(steps: int = 24, count: int = 3) -> list[EpisodeArrays]:
+    """Actions a smooth function of the state; no images at all."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        state = np.cumsum(rng.normal(0, 0.2, size=(steps, 4)), axis=0).astype(np.float32)
+        actions = np.tanh(state * np.array([1.0, -1.0, 0.5, 2.0], dtype=np.float32))
+        out.append(EpisodeArrays({}, state, actions, PROMPT))
+    return out
+
+
+def test_state_input_vla_trains_infers_and_round_trips(tmp_path) -> None:
+    dataset = build_dataset(toy_episodes(), 4)
+    config = VLAConfig.preset("tiny", cameras=(), state_dim=4, action_dim=4, action_horizon=4)
+    policy = create_policy(config, dataset)
+    assert policy.model.image_encoder is None
+    assert config.prefix_len == config.max_prompt_tokens  # the prefix is the prompt alone
+    result = train_bc(policy, dataset, TrainConfig(steps=60, batch_size=16, warmup_steps=5, progress=False))
+    assert result.history[-1]["flow_loss"] < 0.7 * result.history[0]["flow_loss"]
+    batch = {"prompt": [PROMPT] * 2, "state": dataset.state[:2], "images": {}}
+    noise = np.random.default_rng(1).normal(size=(2, 4, 4)).astype(np.float32)
+    chunk = policy.infer(batch, noise=noise)
+    assert chunk.actions.shape == (2, 4, 4) and np.isfinite(chunk.actions).all()
+    policy.save(tmp_path / "ckpt")
+    loaded = VLAPolicy.load(tmp_path / "ckpt")
+    assert loaded.config.cameras == ()
+    np.testing.assert_allclose(loaded.infer(batch, noise=noise).actions, chunk.actions, atol=1e-5)
+    ignored = loaded.infer(batch | {"images": {"corner2": np.zeros((2, 64, 64, 3), np.uint8)}}, noise=noise)
+    np.testing.assert_allclose(ignored.actions, chunk.actions, atol=1e-5)  # images are not read
+    with pytest.raises(VLAInputError, match="state.shape"):
+        policy.infer({"prompt": [PROMPT], "state": np.zeros((1, 3), np.float32)})
+    with pytest.raises(ConfigError, match="0–3 distinct"):
+        VLAConfig(cameras=("a", "b", "c", "d"))
+
+
+def test_train_vla_takes_episodes_stored_without_images(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    env = EnvConfig(task="reach-v3", render=False, max_episode_steps=20)
+    run_collection(
+        CollectConfig(env=env, policy="scripted", noise=0.2, episodes=2, store_url=url, run_id="demos"),
+        progress=False,
+    )
+    store = ExperienceStore(url)
+    selection = EpisodeFilter(tasks=["reach-v3"], run_ids=["demos"])
+    assert stored_image_layout(store, selection) == ((), 64)
+    with pytest.raises(ValueError, match="stored no camera images"):
+        stored_image_layout(store, selection, cameras=("corner2",))
+    config = BCConfig(cameras=(), steps=3, batch_size=8, eval_episodes=1, max_episode_steps=5)
+    trained = train_vla(store, selection, config, tmp_path, progress=False)
+    assert trained.policy.config.cameras == ()
+    assert trained.evaluations[0].n == 1  # evaluated in an env that renders nothing
+    assert checkpoint_config(trained.checkpoint).cameras == ()  # the checkpoint records the state tier
