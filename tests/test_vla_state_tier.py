@@ -48,7 +48,7 @@ def test_state_input_vla_trains_infers_and_round_trips(tmp_path) -> None:
     np.testing.assert_allclose(loaded.infer(batch, noise=noise).actions, chunk.actions, atol=1e-5)
     ignored = loaded.infer(batch | {"images": {"corner2": np.zeros((2, 64, 64, 3), np.uint8)}}, noise=noise)
     np.testing.assert_allclose(ignored.actions, chunk.actions, atol=1e-5)  # images are not read
-    with pytest.raises(VLAInputError, match="state.shape"):
+    with pytest.raises(VLAInputError, match=r"state\.shape"):
         policy.infer({"prompt": [PROMPT], "state": np.zeros((1, 3), np.float32)})
     with pytest.raises(ConfigError, match="0–3 distinct"):
         VLAConfig(cameras=("a", "b", "c", "d"))
