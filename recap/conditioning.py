@@ -2,6 +2,8 @@
 
 The policy training loop (policies/training.py) appends the condition to the task prompt and drops it 30% of
 the time so the unconditioned policy is trained too; at inference the policy is conditioned on positive.
+Two schemes (``recap.config.Conditioning``): ``explicit`` writes both texts; ``positive_only`` writes the
+positive text only and leaves negative steps unconditioned (they train the unconditioned policy; RLinf).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recap.config import Conditioning
 from recap.relabel import METHOD
 from storage.records import EpisodeLabels, EpisodeRecord, RelabelRecord
 
@@ -34,7 +37,7 @@ class ConditionedEpisode:
 
     episode: EpisodeRecord
     indicators: np.ndarray
-    conditions: list[str]
+    conditions: list[str | None]
 
 
 def labels_by_episode(record: RelabelRecord) -> dict[uuid.UUID, EpisodeLabels]:
@@ -63,13 +66,20 @@ def matching_labels(
     return found
 
 
+def condition_texts(flags: np.ndarray, scheme: Conditioning = "explicit") -> list[str | None]:
+    """Per-step condition text of indicators ``flags`` under ``scheme`` (None: no condition)."""
+    if scheme == "positive_only":
+        return [POSITIVE_PROMPT if flag else None for flag in flags]
+    return [advantage_prompt(bool(flag)) for flag in flags]
+
+
 def conditioned_episodes(
-    episodes: Sequence[EpisodeRecord], record: RelabelRecord
+    episodes: Sequence[EpisodeRecord], record: RelabelRecord, scheme: Conditioning = "explicit"
 ) -> list[ConditionedEpisode]:
-    """Attach the advantage condition of ``record`` to every step of ``episodes``."""
+    """Attach the advantage condition of ``record`` to every step of ``episodes`` (texts per ``scheme``)."""
     labels = labels_by_episode(record)
     out = []
     for episode in episodes:
         flags = matching_labels(episode, labels, record.relabel_id).indicators.astype(bool)
-        out.append(ConditionedEpisode(episode, flags, [advantage_prompt(bool(flag)) for flag in flags]))
+        out.append(ConditionedEpisode(episode, flags, condition_texts(flags, scheme)))
     return out

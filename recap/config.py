@@ -89,22 +89,46 @@ class ValueConfig(_Frozen):
         return self
 
 
+#: Bounds of the N-step window chosen from a task's horizon H (``AdvantageConfig.window``): N = H / 10, clipped.
+MIN_WINDOW, MAX_WINDOW = 10, 25
+
+#: How advantage indicators become condition text: ``explicit`` ("Advantage: positive" / "Advantage: negative"
+#: on every step) or ``positive_only`` (positive steps get "Advantage: positive", negative steps no text: they
+#: train the unconditioned policy, as RLinf does).
+Conditioning = Literal["explicit", "positive_only"]
+
+
 class AdvantageConfig(_Frozen):
     """Advantage estimate and the per-task indicator threshold.
 
     ``phase`` sets the defaults the π*0.6 recipe uses: ``finetune`` (per-iteration rollouts) → N-step
     advantages and 40% positive; ``pretrain`` (demonstration/pretraining data) → Monte-Carlo advantages and
     30% positive.
+    ``n_step`` is N; ``None`` (default) chooses it from the task's horizon H: round(H / 10) clipped to
+    [``MIN_WINDOW``, ``MAX_WINDOW``] (15 for 150-step episodes), so a window does not reach the failure terminal
+    for a third of every failed episode. A window stops at the episode's end (no bootstrap past it) and, with
+    ``stop_at_source_change``, where the step source changes (policy ↔ human): it then bootstraps from V at the
+    first step of the other source, so a stall is not credited with the human's progress (nor the reverse).
     ``positive_fraction`` is the share of autonomous (non-intervention) steps of each task labelled positive;
-    intervention steps are positive regardless when ``interventions_positive``. Defaults are resolved at
+    intervention steps are positive regardless when ``interventions_positive``, and every step of a
+    demonstration (an episode the learned policy did not produce: a scripted expert's or all-human) when
+    ``demonstrations_positive``; forced steps do not count toward the threshold. Defaults are resolved at
     construction: build a new ``AdvantageConfig(phase=...)`` rather than ``model_copy`` to switch phase.
     """
 
     phase: Literal["finetune", "pretrain"] = "finetune"
     estimator: Literal["n_step", "monte_carlo"] | None = None
-    n_step: int = Field(default=50, ge=1)
+    n_step: int | None = Field(default=None, ge=1)
+    stop_at_source_change: bool = True
     positive_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
     interventions_positive: bool = True
+    demonstrations_positive: bool = False
+
+    def window(self, horizon: int) -> int:
+        """N for a task with horizon ``horizon``: ``n_step`` if set, else round(H / 10) in [10, 25]."""
+        if self.n_step is not None:
+            return self.n_step
+        return int(min(MAX_WINDOW, max(MIN_WINDOW, round(horizon / 10))))
 
     @model_validator(mode="after")
     def _phase_defaults(self) -> Self:

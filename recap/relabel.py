@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from recap.advantage import advantages, indicators, task_thresholds
+from recap.advantage import advantages, indicators, task_thresholds, window_ends
 from recap.config import RelabelConfig
 from recap.diagnostics import EpisodeScores, label_diagnostics
 from recap.rewards import RecapInputError, check_learnable, monte_carlo_returns, step_rewards, task_horizons
@@ -70,11 +70,13 @@ def assign_folds(episodes: Sequence[EpisodeRecord], k_folds: int, seed: int) -> 
     return folds
 
 
-def bootstrapped_steps(length: int, config: RelabelConfig) -> np.ndarray:
+def bootstrapped_steps(episode: EpisodeRecord, horizon: int, config: RelabelConfig) -> np.ndarray:
     """Steps whose advantage bootstraps from V: the N-step window ends before the episode (none for MC)."""
-    if config.advantage.estimator == "monte_carlo":
-        return np.zeros(length, dtype=bool)
-    return np.arange(length) + config.advantage.n_step < length
+    advantage = config.advantage
+    if advantage.estimator == "monte_carlo":
+        return np.zeros(episode.length, dtype=bool)
+    sources = episode.sources if advantage.stop_at_source_change else None
+    return window_ends(episode.length, advantage.window(horizon), sources) < episode.length
 
 
 def score_episodes(
@@ -85,7 +87,10 @@ def score_episodes(
 ) -> tuple[list[EpisodeScores], dict[str, float]]:
     """Advantages, per-task thresholds and indicators from held-out values."""
     rewards = [step_rewards(ep, horizons[ep.task], config.value.reward) for ep in episodes]
-    raw = [advantages(r, v, config.advantage) for r, v in zip(rewards, values, strict=True)]
+    raw = [
+        advantages(r, v, config.advantage, horizons[ep.task], ep.sources)
+        for ep, r, v in zip(episodes, rewards, values, strict=True)
+    ]
     thresholds = task_thresholds(episodes, raw, config.advantage)
     scores = [
         EpisodeScores(
@@ -94,7 +99,7 @@ def score_episodes(
             returns=monte_carlo_returns(reward),
             advantages=advantage,
             indicators=indicators(episode, advantage, thresholds[episode.task], config.advantage),
-            bootstrapped=bootstrapped_steps(episode.length, config),
+            bootstrapped=bootstrapped_steps(episode, horizons[episode.task], config),
         )
         for episode, value, reward, advantage in zip(episodes, values, rewards, raw, strict=True)
     ]
@@ -116,6 +121,7 @@ def _record(
     lineage = {
         "relabel_config": config.model_dump(mode="json"),
         "horizons": horizons,
+        "windows": {task: config.advantage.window(horizon) for task, horizon in horizons.items()},
         "data": {
             "episodes": len(episodes),
             "steps": int(sum(ep.length for ep in episodes)),

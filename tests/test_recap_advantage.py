@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recap import AdvantageConfig, RewardConfig, monte_carlo_advantages, n_step_advantages, quantile_threshold
-from recap.advantage import indicators, task_thresholds
+from recap.advantage import advantages, indicators, is_demonstration, task_thresholds, window_ends
 from recap.rewards import step_rewards
 from recap.synthetic import make_episode
 from storage.records import EpisodeRecord, Outcome, StepSource
@@ -52,8 +52,11 @@ def test_phase_defaults() -> None:
     assert (AdvantageConfig().estimator, AdvantageConfig().positive_fraction, AdvantageConfig().n_step) == (
         "n_step",
         0.4,
-        50,
+        None,
     )
+    # N from the horizon: a tenth, clipped to [10, 25]; an explicit n_step wins.
+    assert [AdvantageConfig().window(h) for h in (30, 100, 150, 200, 500)] == [10, 10, 15, 20, 25]
+    assert AdvantageConfig(n_step=50).window(150) == 50
     pretrain = AdvantageConfig(phase="pretrain")
     assert (pretrain.estimator, pretrain.positive_fraction) == ("monte_carlo", 0.3)
     with pytest.raises(ValueError, match="positive_fraction"):
@@ -77,3 +80,47 @@ def test_interventions_forced_positive_and_excluded_from_threshold() -> None:
     unforced = AdvantageConfig(interventions_positive=False)
     flags = indicators(episodes[0], advantages[0], thresholds["t"], unforced)
     assert not flags[10:20].any()
+
+
+def test_windows_stop_at_the_episode_end_and_at_a_source_change() -> None:
+    config = RewardConfig(max_episode_length=6, fail_penalty=6)  # return scale 12: r = −1/12 per step
+    human = (2, 3)  # policy 0-1, human 2-3, policy 4-5
+    ep = episode("t", 6, Outcome.FAILURE, human=human)
+    rewards = step_rewards(ep, 6, config)
+    r, fail = -1 / 12, -6 / 12
+    np.testing.assert_allclose(rewards, [r, r, r, r, r, fail])
+    values = np.array([-0.6, -0.5, -0.4, -0.3, -0.2, -0.1])
+    np.testing.assert_array_equal(window_ends(6, 3, ep.sources), [2, 2, 4, 4, 6, 6])
+    expected = [
+        2 * r + values[2] - values[0],  # stops where the human takes over, bootstraps V there
+        r + values[2] - values[1],
+        2 * r + values[4] - values[2],  # the human's window stops where the policy resumes
+        r + values[4] - values[3],
+        r + fail - values[4],  # reaches the episode's end: the terminal reward, nothing bootstrapped
+        fail - values[5],
+    ]
+    np.testing.assert_allclose(n_step_advantages(rewards, values, 3, ep.sources), expected)
+    across = [3 * r + values[3] - values[0], 3 * r + values[4] - values[1]]  # today's windows run across
+    np.testing.assert_allclose(n_step_advantages(rewards, values, 3)[:2], across)
+    ignore = AdvantageConfig(n_step=3, stop_at_source_change=False)
+    np.testing.assert_allclose(advantages(rewards, values, ignore, 6, ep.sources)[:2], across)
+    np.testing.assert_allclose(
+        advantages(rewards, values, AdvantageConfig(n_step=3), 6, ep.sources), expected
+    )
+
+
+def test_demonstrations_forced_positive_as_an_option() -> None:
+    demo = episode("t", 8, Outcome.SUCCESS)
+    demo.policy_version = "scripted-noise0.1"
+    rollout = episode("t", 8, Outcome.SUCCESS, human=(6, 7))
+    rollout.policy_version = "vla-abc"
+    assert is_demonstration(demo) and not is_demonstration(rollout)
+    assert is_demonstration(episode("t", 4, Outcome.SUCCESS, human=(0, 1, 2, 3)))  # all-human: a teleop demo
+    values = [np.full(8, -5.0), np.linspace(-1, 1, 8)]  # the demo's advantages are terrible
+    forced = AdvantageConfig(demonstrations_positive=True)
+    thresholds = task_thresholds([demo, rollout], values, forced)
+    assert indicators(demo, values[0], thresholds["t"], forced).all()
+    flags = indicators(rollout, values[1], thresholds["t"], forced)
+    # the threshold is taken over the rollout's own policy steps only
+    assert flags[6:].all() and flags[:6].sum() == round(0.4 * 6)
+    assert not indicators(demo, values[0], thresholds["t"], AdvantageConfig()).any()  # off by default

@@ -12,35 +12,25 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from actors.sinks import StoreSink
-from envs import EnvConfig, MetaWorldEnv
-from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.pipeline_rlt import episode_writer
-from experiments.policy_loader import PolicySpecError, load, register, resolve
-from experiments.rlt_training import OnlineRun, RLTLoopFactory, train_in_process, train_on_ray
-from experiments.tracking import POLICY_VERSION_TAG, log_command_run
 from experiments.validation import first_error
-from policies.base import Policy, stack_observations
-from policies.checkpoint import CheckpointError
-from policies.device import DeviceError, resolve_device
-from policies.scripted import scripted_version
-from policies.train_state import STATE_FILE, TrainStateError, load_state
-from rlt.checkpoint import save_rlt_checkpoint
-from rlt.deployment import PriorSpec, RLTDeployment
-from rlt.diagnostics import CriticCalibration, critic_calibration
-from rlt.errors import CriticDivergedError, RLTInputError
-from rlt.online import OnlineConfig, OnlineRLT
-from rlt.phase import METAWORLD_PAIRS, metaworld_switch
-from rlt.td3 import LearnerConfig
-from storage import EpisodeRecord, ExperienceStore, StoreError
+from rlt.phase import METAWORLD_PAIRS
+
+if TYPE_CHECKING:
+    from envs import EnvConfig
+    from experiments.rlt_training import OnlineRun, RLTLoopFactory
+    from policies.base import Policy
+    from rlt.deployment import PriorSpec
+    from rlt.diagnostics import CriticCalibration
+    from rlt.online import OnlineRLT
+    from storage import EpisodeRecord, ExperienceStore
 
 app = typer.Typer(help="RLT: online RL on top of a frozen prior.", no_args_is_help=True)
 console = Console()
@@ -130,6 +120,19 @@ def rlt(
     version, skipping episodes the interrupted run already committed; the state is removed once the version's
     checkpoint is saved.
     """
+    from actors.sinks import StoreSink
+    from envs import EnvConfig
+    from experiments.rlt_training import RLTLoopFactory
+    from experiments.tracking import POLICY_VERSION_TAG, log_command_run
+    from policies.device import DeviceError, resolve_device
+    from rlt.checkpoint import save_rlt_checkpoint
+    from rlt.deployment import RLTDeployment
+    from rlt.diagnostics import critic_calibration
+    from rlt.errors import CriticDivergedError, RLTInputError
+    from rlt.online import OnlineConfig
+    from rlt.phase import metaworld_switch
+    from rlt.td3 import LearnerConfig
+
     try:
         env_config = EnvConfig(
             task=task,
@@ -256,6 +259,8 @@ def _jsonable(value: Any) -> Any:
 def _started_run(state_dir: Path | None) -> dict[str, Any]:
     """What an interrupted attempt recorded once it had saved a learner state: its version, stored episodes
     used and the env step it reached (``env_steps``); empty for a fresh run."""
+    from policies.train_state import STATE_FILE, TrainStateError, load_state
+
     try:
         state = load_state(state_dir / STATE_FILE) if state_dir is not None else None
     except TrainStateError as error:
@@ -266,6 +271,8 @@ def _started_run(state_dir: Path | None) -> dict[str, Any]:
 
 
 def _open_store(url: str | None) -> ExperienceStore:
+    from storage import ExperienceStore, StoreError
+
     try:
         experience = ExperienceStore(url or default_store_url())
         experience.upgrade()
@@ -279,6 +286,13 @@ def _load_prior(
 ) -> tuple[PriorSpec, Policy, EnvConfig]:
     """The prior as saved in the deployment block, the prior itself (with embeddings) and the env config it
     needs (cameras for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
+    from envs import MetaWorldEnv
+    from experiments.policy_loader import PolicySpecError, load, register, resolve
+    from policies.base import stack_observations
+    from policies.checkpoint import CheckpointError
+    from policies.scripted import scripted_version
+    from rlt.deployment import PriorSpec
+
 
     def load_version(version: str) -> Policy:
         return load(version, task=env_config.task, store=store, seed=seed)
@@ -336,6 +350,10 @@ def _train_and_evaluate(
     """Train under a progress bar (on Ray with ``workers`` > 0); return the run and (prior, RLT) success on
     the same evaluation seeds. In process the learner state goes to ``state_dir`` and episodes are committed
     under the run's version with ids from their index (a resumed run skips those already stored)."""
+    from experiments.pipeline_rlt import episode_writer
+    from experiments.rlt_training import train_in_process, train_on_ray
+    from policies.train_state import STATE_FILE
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not show) as bar:
         display = _Bar(bar, factory.config.warmup_episodes, factory.config.total_env_steps)
@@ -372,6 +390,8 @@ def _report(
     prior_rate: float,
     rlt_rate: float,
 ) -> None:
+    from experiments.evaluation import wilson_interval
+
     learner = run.loop.learner
     console.print(
         f"{run.env_steps} env steps ({stored} stored + {run.loop.config.warmup_episodes} fresh warm-up "
