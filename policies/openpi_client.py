@@ -19,8 +19,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
+from core import msgpack_numpy
 from policies.base import ActionChunk, Observation, ObservationBatch, batch_size
-from policies.serving import msgpack_numpy
 from policies.serving.inpainting import RTC_FIELD, RTCRequest
 from policies.serving.observations import ObservationKeys, observation_to_wire
 

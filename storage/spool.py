@@ -6,16 +6,17 @@ it. A process killed at any point (SIGKILL, power loss) leaves the spool consist
 resends what is still pending, and the ingest side's idempotency by UUID turns a resend of an episode that was
 committed but not acknowledged into a duplicate acknowledgement, so every episode arrives exactly once.
 
-Episodes travel and rest in the same bytes: ``encode_episode`` / ``decode_episode``, msgpack with arrays as
-``{"dtype", "shape", "data"}`` maps. Only bool, integer and float dtypes are accepted (never object arrays,
-never pickle), and decoding checks every field's type before ``EpisodeRecord.validate`` checks shapes.
+Episodes travel and rest in the same bytes: ``encode_episode`` / ``decode_episode``, a msgpack map whose
+arrays are the policy wire's tagged array maps (:mod:`core.msgpack_numpy`, the one codec). Only bool,
+integer and float dtypes are accepted (never object arrays, never pickle), and decoding checks every field's
+type before ``EpisodeRecord.validate`` checks shapes. Bytes of the first format (arrays as untagged
+``{"dtype", "shape", "data"}`` maps, in older spools and journals) decode through the same array check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import sqlite3
 import time
 import uuid
@@ -28,6 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from core import msgpack_numpy
 from storage.records import (
     ARRAY_FIELDS,
     EpisodeRecord,
@@ -36,7 +38,8 @@ from storage.records import (
     Outcome,
 )
 
-EPISODE_FORMAT = "flywheel.episode/1"
+EPISODE_FORMAT = "flywheel.episode/2"
+_FORMAT_UNTAGGED = "flywheel.episode/1"
 _ALLOWED_KINDS = "biuf"
 
 
@@ -67,8 +70,8 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "seed": record.seed,
         "outcome": Outcome(record.outcome).value,
         "policy_versions": list(record.policy_versions),
-        "images": {camera: _pack_array(frames) for camera, frames in record.images.items()},
-        "privileged": None if record.privileged is None else _pack_array(record.privileged),
+        "images": {camera: _checked(frames) for camera, frames in record.images.items()},
+        "privileged": None if record.privileged is None else _checked(record.privileged),
         "interventions": [[s.t_start, s.t_end, s.trigger] for s in record.interventions],
         "metadata": record.metadata,
         "run_id": record.run_id,
@@ -78,8 +81,8 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "injected": record.injected,
     }
     for name in ARRAY_FIELDS:
-        body[name] = _pack_array(getattr(record, name))
-    return msgpack.packb(body, use_bin_type=True)
+        body[name] = _checked(getattr(record, name))
+    return msgpack_numpy.packb(body)
 
 
 def decode_episode(data: bytes) -> EpisodeRecord:
@@ -90,8 +93,9 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         raise EpisodeDecodeError("body", "msgpack bytes", f"{type(error).__name__}: {error}") from None
     if not isinstance(body, dict):
         raise EpisodeDecodeError("body", "a msgpack map", type(body).__name__)
-    if body.get("format") != EPISODE_FORMAT:
+    if body.get("format") not in (EPISODE_FORMAT, _FORMAT_UNTAGGED):
         raise EpisodeDecodeError("format", repr(EPISODE_FORMAT), repr(body.get("format")))
+    tagged = body["format"] == EPISODE_FORMAT
     expected = {f.name for f in dataclasses.fields(EpisodeRecord)} | {"format"}
     unknown = sorted(set(body) - expected)
     if unknown:
@@ -107,8 +111,10 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         seed=body["seed"],
         outcome=_parse_outcome(body["outcome"]),
         policy_versions=body["policy_versions"],
-        images=_unpack_images(body["images"]),
-        privileged=None if body["privileged"] is None else _unpack_array("privileged", body["privileged"]),
+        images=_unpack_images(body["images"], tagged),
+        privileged=(
+            None if body["privileged"] is None else _unpack_array("privileged", body["privileged"], tagged)
+        ),
         interventions=_parse_interventions(body["interventions"]),
         metadata=body["metadata"],
         run_id=body["run_id"],
@@ -116,43 +122,38 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         subtasks=body["subtasks"],
         prompt=body["prompt"],
         injected=body["injected"],
-        **{name: _unpack_array(name, body[name]) for name in ARRAY_FIELDS},
+        **{name: _unpack_array(name, body[name], tagged) for name in ARRAY_FIELDS},
     )
     record.validate()
     return record
 
 
-def _pack_array(array: np.ndarray) -> dict[str, Any]:
-    array = np.ascontiguousarray(array)
+def _checked(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind not in _ALLOWED_KINDS:
         raise EpisodeValidationError("array", "a bool/int/float numpy array", f"dtype {array.dtype}")
-    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+    return array
 
 
-def _unpack_array(name: str, packed: Any) -> np.ndarray:
-    if not isinstance(packed, dict) or set(packed) != {"dtype", "shape", "data"}:
+def _unpack_array(name: str, packed: Any, tagged: bool) -> np.ndarray:
+    """A writable copy of the array ``packed`` holds (a tagged map; an untagged one in the first format)."""
+    if tagged and not msgpack_numpy.is_array_map(packed):
+        raise EpisodeDecodeError(name, "a tagged array map (core.msgpack_numpy)", repr(packed)[:60])
+    if not tagged and (not isinstance(packed, dict) or set(packed) != {"dtype", "shape", "data"}):
         raise EpisodeDecodeError(name, "an array map {dtype, shape, data}", repr(packed)[:60])
-    dtype_str, shape, data = packed["dtype"], packed["shape"], packed["data"]
+    dtype, shape, data = (packed[part.encode() if tagged else part] for part in ("dtype", "shape", "data"))
     try:
-        dtype = np.dtype(dtype_str)
-    except (TypeError, ValueError):
-        raise EpisodeDecodeError(f"{name}.dtype", "a numpy dtype string", repr(dtype_str)) from None
-    if dtype.kind not in _ALLOWED_KINDS:
-        raise EpisodeDecodeError(f"{name}.dtype", "a bool/int/float dtype", repr(dtype_str))
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise EpisodeDecodeError(f"{name}.shape", "a list of non-negative ints", repr(shape))
-    if not isinstance(data, bytes) or len(data) != dtype.itemsize * math.prod(shape):
-        size = len(data) if isinstance(data, bytes) else type(data).__name__
-        raise EpisodeDecodeError(
-            f"{name}.data", f"{dtype.itemsize * math.prod(shape)} bytes for {shape} {dtype}", str(size)
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+        array = msgpack_numpy.array_from_parts(dtype, shape, data)
+    except msgpack_numpy.WireFormatError as error:
+        raise EpisodeDecodeError(f"{name}.{error.part}", "a valid array map", str(error)) from None
+    if array.dtype.kind not in _ALLOWED_KINDS:
+        raise EpisodeDecodeError(f"{name}.dtype", "a bool/int/float dtype", repr(dtype))
+    return array.copy()
 
 
-def _unpack_images(images: Any) -> dict[str, np.ndarray]:
+def _unpack_images(images: Any, tagged: bool) -> dict[str, np.ndarray]:
     if not isinstance(images, dict):
         raise EpisodeDecodeError("images", "a map camera -> array", type(images).__name__)
-    return {camera: _unpack_array(f"images[{camera!r}]", frames) for camera, frames in images.items()}
+    return {camera: _unpack_array(f"images[{camera!r}]", frames, tagged) for camera, frames in images.items()}
 
 
 def _parse_uuid(value: Any) -> uuid.UUID:

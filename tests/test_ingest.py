@@ -93,13 +93,17 @@ def _reach_with_state_dim(dim: int) -> bytes:
     return encode_episode(record)  # a well-formed episode: only reach-v3's spec refuses it
 
 
+#: A tagged (msgpack-numpy) array map, as the episode bytes carry arrays.
+_ARRAY_MAP = {b"__ndarray__": True, b"dtype": "<f4", b"shape": [1], b"data": b"\x00" * 4}
+
+
 def _bad_body(case: str, good: bytes) -> bytes:
     frames = msgpack.unpackb(good)["images"]["corner2"]
     bodies = {
         "oversized": lambda: encode_episode(make_record(steps=400)),
         "not msgpack": lambda: b"\xc1\x00not an episode",
-        "object dtype": lambda: _with(good, actions={"dtype": "|O", "shape": [1], "data": b"\x00" * 8}),
-        "wrong shape": lambda: _with(good, rewards={"dtype": "<f4", "shape": [2], "data": b"\x00" * 8}),
+        "object dtype": lambda: _with(good, actions={**_ARRAY_MAP, b"dtype": "|O", b"data": b"\x00" * 8}),
+        "wrong shape": lambda: _with(good, rewards={**_ARRAY_MAP, b"shape": [2], b"data": b"\x00" * 8}),
         "unknown version": lambda: encode_episode(make_record(version="never-registered")),
         "seed 2^64-1": lambda: _with(good, seed=2**64 - 1),
         "300-char task": lambda: _with(good, task="t" * 300),

@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from policies.serving import msgpack_numpy
-from policies.serving.msgpack_numpy import WireFormatError
+from core import msgpack_numpy
+from core.msgpack_numpy import WireFormatError
 
 
 def _bin(raw: bytes) -> bytes:

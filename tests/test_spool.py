@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from actors.recorder import EpisodeRecorder
+from core import msgpack_numpy
 from storage.records import EpisodeRecord, EpisodeValidationError, Outcome, StepSource, StoreLimitError
 from storage.spool import EpisodeDecodeError, EpisodeSpool, SpoolStatus, decode_episode, encode_episode
 
@@ -61,6 +62,31 @@ def test_round_trip_is_exact() -> None:
     assert encode_episode(decoded) == encode_episode(record)
 
 
+def test_episode_bytes_are_the_wire_codec_and_the_first_format_still_decodes() -> None:
+    """One codec: the episode's arrays are msgpack-numpy maps any openpi client decodes; bytes written before
+    (untagged ``{dtype, shape, data}`` maps, format 1) still decode to the same episode."""
+    record = make_record()
+    wire = msgpack_numpy.unpackb(encode_episode(record))
+    np.testing.assert_array_equal(wire["actions"], record.actions)
+    np.testing.assert_array_equal(wire["images"]["corner2"], record.images["corner2"])
+    untagged = {
+        key: {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()}
+        if isinstance(value, np.ndarray)
+        else value
+        for key, value in wire.items()
+    }
+    untagged["images"] = {
+        camera: {"dtype": frames.dtype.str, "shape": list(frames.shape), "data": frames.tobytes()}
+        for camera, frames in wire["images"].items()
+    }
+    untagged["format"] = "flywheel.episode/1"
+    decoded = decode_episode(msgpack.packb(untagged))
+    assert encode_episode(decoded) == encode_episode(record)
+    untagged["actions"]["dtype"] = "|O"
+    with pytest.raises(EpisodeDecodeError, match=r"actions\.dtype"):
+        decode_episode(msgpack.packb(untagged))
+
+
 def _body(record: EpisodeRecord) -> dict:
     return msgpack.unpackb(encode_episode(record))
 
@@ -68,8 +94,11 @@ def _body(record: EpisodeRecord) -> dict:
 @pytest.mark.parametrize(
     ("mutate", "fragment"),
     [
-        (lambda b: b.update(actions={**b["actions"], "dtype": "|O"}), "actions.dtype"),
-        (lambda b: b.update(states={**b["states"], "data": b["states"]["data"][:-4]}), "states.data"),
+        (lambda b: b.update(actions={**b["actions"], b"dtype": "|O"}), "actions.dtype"),
+        (lambda b: b.update(actions={**b["actions"], b"dtype": "<U1"}), "actions.dtype"),
+        (lambda b: b.update(states={**b["states"], b"data": b["states"][b"data"][:-4]}), "states.data"),
+        (lambda b: b.update(states={**b["states"], b"shape": [-1]}), "states.shape"),
+        (lambda b: b.update(states={"dtype": "<f4", "shape": [0], "data": b""}), "states: expected a tagged"),
         (lambda b: b.pop("rewards"), "missing ['rewards']"),
         (lambda b: b.update(extra=1), "unknown ['extra']"),
         (lambda b: b.update(uuid="not-a-uuid"), "uuid"),
@@ -85,9 +114,9 @@ def test_malformed_bytes_name_the_field(mutate, fragment: str) -> None:
 
 def test_wrong_shapes_are_validation_errors() -> None:
     body = _body(make_record())
-    body["rewards"] = {"dtype": "<f4", "shape": [3], "data": np.zeros(3, np.float32).tobytes()}
+    body["rewards"] = np.zeros(3, np.float32)
     with pytest.raises(EpisodeValidationError, match="rewards"):
-        decode_episode(msgpack.packb(body))
+        decode_episode(msgpack_numpy.packb(body))
     with pytest.raises(EpisodeDecodeError, match="msgpack"):
         decode_episode(b"\xc1garbage")
 

@@ -1,7 +1,9 @@
-"""Serving policies over openpi's WebSocket protocol: msgpack-numpy codec, observation checks, server."""
+"""Serving policies over openpi's WebSocket protocol: observation checks and the server (the msgpack-numpy
+codec is :mod:`core.msgpack_numpy`, re-exported here)."""
 
+from core import msgpack_numpy
+from core.msgpack_numpy import WireFormatError, packb, unpackb
 from policies.serving.inpainting import RTCRequest
-from policies.serving.msgpack_numpy import WireFormatError, packb, unpackb
 from policies.serving.observations import (
     ObservationError,
     ObservationKeys,
@@ -28,6 +30,7 @@ __all__ = [
     "ServerConfig",
     "ServerStartError",
     "WireFormatError",
+    "msgpack_numpy",
     "observation_from_wire",
     "observation_to_wire",
     "packb",

@@ -40,8 +40,8 @@ from websockets.asyncio.server import Request, Response, Server, ServerConnectio
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from core import msgpack_numpy
 from policies.base import ActionChunk, Observation, Policy, stack_observations
-from policies.serving import msgpack_numpy
 from policies.serving.inpainting import RTC_FIELD, can_inpaint, targets_from_wire
 from policies.serving.observations import (
     ObservationError,
