@@ -27,7 +27,8 @@ class EpisodeRecorder:
     """Collects what happens in one episode, step by step, and turns it into an ``EpisodeRecord``.
 
     ``add_chunk`` registers a predicted chunk and returns its id; ``add_step`` records the observation the
-    action was chosen from, the executed action and its provenance. ``finish`` closes the episode.
+    action was chosen from, the executed action and its provenance. ``finish`` closes the episode. ``prompt`` is
+    the instruction the episode ran under (stored as ``EpisodeRecord.prompt``).
     """
 
     task: str
@@ -37,6 +38,7 @@ class EpisodeRecorder:
     metadata: dict[str, Any] = field(default_factory=dict)
     record_images: bool = True
     episode_uuid: uuid.UUID = field(default_factory=uuid.uuid4)
+    prompt: str | None = None
     _states: list[np.ndarray] = field(default_factory=list)
     _privileged: list[np.ndarray] = field(default_factory=list)
     _images: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -156,6 +158,7 @@ class EpisodeRecorder:
             run_id=self.run_id,
             error=error,
             subtasks=list(self._subtasks) if labelled else None,
+            prompt=self.prompt,
             injected=list(self._injected) if any(k is not None for k in self._injected) else None,
         )
 

@@ -23,6 +23,8 @@ records the subtask the intervening device named (``info["subtask"]``) with prov
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import threading
@@ -288,6 +290,7 @@ class RolloutWorker:
             metadata[EPISODE_INDEX_KEY] = index
         observation, _ = slot.env.reset(seed=seed)
         slot.observation = observation
+        metadata |= env_metadata(slot.env)
         if slot.schedule.horizon != self.policy.action_horizon:
             slot.schedule = ChunkSchedule(self.execution, self.policy.action_horizon, self.policy.action_dim)
         slot.schedule.reset()
@@ -298,6 +301,7 @@ class RolloutWorker:
             run_id=self.run_id,
             metadata=metadata,
             record_images=self.record_images,
+            prompt=observation.get("prompt"),
         )
         self.policy.reset()
 
@@ -446,6 +450,20 @@ class RolloutWorker:
         stats.episode_uuids.append(str(record.uuid))
         if on_episode is not None:
             on_episode(record)
+
+
+def env_metadata(env: gym.Env) -> dict[str, Any]:
+    """What an episode records about its env: ``robot_type`` and ``env_spec`` (the gymnasium ``EnvSpec`` as JSON
+    data, ``envs.registration``), where the env has them."""
+    base = env.unwrapped
+    recorded: dict[str, Any] = {}
+    if getattr(base, "robot_type", None):
+        recorded["robot_type"] = str(base.robot_type)
+    # kwargs that are not JSON data: the episode goes without a spec
+    with contextlib.suppress(ValueError, TypeError):
+        if base.spec is not None:
+            recorded["env_spec"] = json.loads(base.spec.to_json())
+    return recorded
 
 
 def _intervention_segments(info: dict[str, Any]) -> list[InterventionSegment]:

@@ -20,13 +20,18 @@ from envs.interventions import (
     TeleopDevice,
 )
 from envs.metaworld_env import EnvConfig, MetaWorldEnv, goal_distance
+from envs.registration import register_envs
+from envs.settings import EnvSettings, is_metaworld_task
 from envs.tasks import TASK_PROMPTS, UnknownTaskError, resolve_task, task_max_episode_steps, task_names
+
+register_envs()  # gymnasium.make("flywheel/<task>")
 
 __all__ = [
     "INJECTED_KEY",
     "TASK_PROMPTS",
     "BadSegmentWrapper",
     "EnvConfig",
+    "EnvSettings",
     "GymAdapterEnv",
     "GymEnvConfig",
     "InjectionConfig",
@@ -43,6 +48,7 @@ __all__ = [
     "UnknownTaskError",
     "expert_phases",
     "goal_distance",
+    "is_metaworld_task",
     "make_env",
     "resolve_task",
     "task_max_episode_steps",

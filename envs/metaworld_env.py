@@ -124,6 +124,7 @@ class MetaWorldEnv(gym.Env):
     """One Meta-World v3 task with flywheel observations, configured by an ``EnvConfig``."""
 
     metadata = {"render_modes": ["rgb_array"]}  # noqa: RUF012 (gymnasium's class attribute)
+    robot_type = "sawyer"
 
     def __init__(self, config: EnvConfig | None = None) -> None:
         self.config = config or EnvConfig()
