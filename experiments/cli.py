@@ -4,10 +4,17 @@ Each room that offers commands exposes a ``typer.Typer`` named ``app`` in ``expe
 A room whose app holds a single command of its own name (``serve``) is mounted as that top-level command;
 the others become command groups (``flywheel db upgrade``).
 
-Bad input is reported in one place: an error of a type in :data:`USER_ERRORS` (or a ``typer.BadParameter`` a
-command raises) that escapes a command is printed as one ``error: <message>`` line on stderr, exit code 2,
+Bad input is reported in one place: an error of a type named in :data:`USER_ERRORS` (or a ``typer.BadParameter``
+a command raises) that escapes a command is printed as one ``error: <message>`` line on stderr, exit code 2,
 without a traceback. A job that failed where it ran (:data:`RUN_FAILURES`, e.g. a rollout worker's code raised)
 is printed the same way with exit code 1. Everything else is a bug and keeps its traceback.
+
+Start-up stays light: ``flywheel --help`` and every command module import only typer, rich, pydantic and light
+flywheel modules at module level. **A command imports torch, mujoco/envs, mlflow, Ray, sqlalchemy/storage and
+anything that pulls them in inside its function body** (``from experiments.training import train_vla`` as the
+first lines of the command), so one command never pays for another's libraries. The error types below are
+named by string for the same reason; ``tests/test_cli_errors.py`` checks that ``flywheel --help`` loads none of
+the heavy libraries.
 """
 
 from __future__ import annotations
@@ -19,37 +26,32 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from actors.errors import WorkerError
-from actors.execution import ExecutionConfigError
-from envs.tasks import UnknownTaskError
-from experiments.export import ExportError
-from experiments.pipeline_config import PipelineConfigError
-from experiments.policy_loader import PolicySpecError
-from experiments.validation import UserError
-from policies.checkpoint import CheckpointError
-from policies.openpi_client import ServerError
-from policies.serving.server import ServerStartError
-from storage import EpisodeValidationError, StoreError
-
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-#: Errors that describe bad input in one line naming it: printed as ``error: …``, exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    UserError,
-    StoreError,
-    EpisodeValidationError,
-    CheckpointError,
-    PolicySpecError,
-    ExecutionConfigError,
-    UnknownTaskError,
-    PipelineConfigError,
-    ExportError,
-    ServerError,
-    ServerStartError,
+#: Errors that describe bad input in one line naming it: printed as ``error: …``, exit code 2. Named as
+#: ``module.Class`` (where the class is defined) so that matching imports nothing: an error whose module was
+#: never imported was never raised.
+USER_ERRORS: tuple[str, ...] = (
+    "experiments.validation.UserError",
+    "storage.errors.StoreError",
+    "storage.records.EpisodeValidationError",
+    "policies.checkpoint.CheckpointError",
+    "experiments.policy_loader.PolicySpecError",
+    "actors.execution.ExecutionConfigError",
+    "envs.tasks.UnknownTaskError",
+    "experiments.pipeline_config.PipelineConfigError",
+    "experiments.export.ExportError",
+    "policies.openpi_client.ServerError",
+    "policies.serving.server.ServerStartError",
 )
 
 #: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.
-RUN_FAILURES: tuple[type[Exception], ...] = (WorkerError,)
+RUN_FAILURES: tuple[str, ...] = ("actors.errors.WorkerError",)
+
+
+def is_one_of(error: BaseException, names: tuple[str, ...]) -> bool:
+    """Whether ``error`` is an instance of a class named (``module.Class``) in ``names``."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" in names for cls in type(error).__mro__)
 
 
 class FlywheelGroup(TyperGroup):
@@ -63,11 +65,13 @@ class FlywheelGroup(TyperGroup):
             if error.param is not None:  # the parser's own complaint about an option keeps its usage panel
                 raise
             message = error.message
-        except USER_ERRORS as error:
+        except Exception as error:
+            if is_one_of(error, RUN_FAILURES):
+                _report(str(error))
+                raise typer.Exit(1) from None
+            if not is_one_of(error, USER_ERRORS):
+                raise
             message = str(error)
-        except RUN_FAILURES as error:
-            _report(str(error))
-            raise typer.Exit(1) from None
         _report(message)
         raise typer.Exit(2)
 
@@ -84,6 +88,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+#: Command modules, each imported at start-up: keep their module-level imports light (see the module docstring).
 COMMAND_MODULES: tuple[str, ...] = (
     "collect",
     "db",
@@ -98,6 +103,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "dashboard",
     "export",
+    "import",
 )
 
 

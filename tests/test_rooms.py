@@ -1,0 +1,98 @@
+"""The rooms' import rules (docs/architecture.md, "Rooms and their imports"), read from the code with ``ast``, and
+what a light start-up loads, checked in a fresh interpreter.
+
+Rules: ``core/`` imports no room and nothing outside the standard library, numpy and msgpack; ``storage/``
+imports no room but ``core/``; ``envs/`` and ``policies/`` never import ``storage/``; ``recap/`` and ``rlt/``
+never import ``actors/`` or ``experiments/``; ``actors/`` never imports ``experiments/``. Imports inside
+functions count too: a lazy import still ties the rooms together.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ROOMS = ("core", "storage", "envs", "policies", "actors", "recap", "rlt", "experiments")
+
+#: room → rooms it must never import.
+FORBIDDEN: dict[str, set[str]] = {
+    "core": set(ROOMS) - {"core"},
+    "storage": set(ROOMS) - {"core", "storage"},
+    "envs": {"storage", "actors", "recap", "rlt", "experiments"},
+    "policies": {"storage", "actors", "recap", "rlt", "experiments"},
+    "recap": {"actors", "experiments"},
+    "rlt": {"actors", "experiments"},
+    "actors": {"experiments"},
+}
+
+#: Libraries whose import a light start-up must not pay for (seconds of CPU each, together ~5 s).
+HEAVY = ("torch", "mujoco", "metaworld", "ray", "mlflow")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports, at module level or inside functions."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def room_violations(room: str) -> list[str]:
+    """``file: imports module`` for each import of a forbidden room by a file of ``room``."""
+    found = []
+    for path in sorted((REPO / room).rglob("*.py")):
+        for module in sorted(imported_modules(path)):
+            if module.split(".")[0] in FORBIDDEN[room]:
+                found.append(f"{path.relative_to(REPO)}: imports {module}")
+    return found
+
+
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_room_imports_follow_the_rules(room: str) -> None:
+    assert room_violations(room) == []
+
+
+def test_core_needs_only_numpy_and_msgpack() -> None:
+    allowed = set(sys.stdlib_module_names) | {"numpy", "msgpack", "core"}
+    outside = {
+        f"{path.relative_to(REPO)}: {module}"
+        for path in (REPO / "core").rglob("*.py")
+        for module in imported_modules(path)
+        if module.split(".")[0] not in allowed
+    }
+    assert outside == set()
+
+
+def test_the_rule_check_sees_a_forbidden_import(tmp_path, monkeypatch) -> None:
+    """The checker is not vacuous: a storage module importing a policy is reported."""
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "bad.py").write_text("def f():\n    from policies.base import Policy\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert room_violations("storage") == ["storage/bad.py: imports policies.base"]
+
+
+def loaded_after(code: str) -> tuple[set[str], str]:
+    """The top-level modules loaded in a fresh interpreter after running ``code`` (one line; a ``SystemExit``
+    is ignored), and what it printed."""
+    loaded = "' '.join(sorted({m.split('.')[0] for m in sys.modules}))"
+    probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nprint({loaded}, file=sys.stderr)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
+    return set(done.stderr.split()), done.stdout
+
+
+def test_flywheel_help_loads_no_heavy_library() -> None:
+    """``flywheel --help`` (every command module imported, none run) stays free of torch, mujoco, Ray, MLflow:
+    commands import those inside their functions (experiments/cli.py's docstring)."""
+    loaded, shown = loaded_after("sys.argv = ['flywheel', '--help']; from experiments.cli import app; app()")
+    assert "collect" in shown and "robot" in shown  # the commands were mounted
+    assert loaded & set(HEAVY) == set()
