@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from actors.execution import ExecutionConfig
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from actors.sinks import RunEpisodeIndex, StoreSink
-from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig, make_env
+from envs import EnvConfig, GymEnvConfig, InjectionConfig, SimulatedHumanConfig, make_env
 from experiments.context import ExpertPhaseLabels
 from experiments.policy_loader import load, register, resolve
 from experiments.validation import UserError
@@ -41,7 +41,9 @@ class CollectConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    env: EnvConfig = EnvConfig()
+    env: EnvConfig | GymEnvConfig = Field(
+        default=EnvConfig(), description="a Meta-World task (EnvConfig) or any gymnasium env (GymEnvConfig)"
+    )
     policy: str = "scripted"
     noise: float = Field(default=0.0, ge=0.0, description="Gaussian action noise of a scripted policy")
     episodes: int | None = Field(default=None, ge=1, description="target in committed episodes (default 10)")
@@ -100,7 +102,22 @@ class CollectConfig(BaseModel):
             raise ValueError("on_worker_death='record' needs Ray workers (workers > 0)")
         if self.workers and self.inference == "local" and self.device in ("cuda", "mps"):
             raise ValueError(f"device {self.device!r} with Ray workers needs batched inference (one server)")
+        if isinstance(self.env, GymEnvConfig):
+            self._check_gym_env()
         return self
+
+    def _check_gym_env(self) -> None:
+        """What only a Meta-World task has: the scripted expert (as policy, human or phase labeller)."""
+        name = self.env.env_id
+        if self.policy == "scripted" or self.policy.startswith(("scripted:", "scripted?")):
+            raise ValueError(
+                f"policy {self.policy!r}: Meta-World's scripted expert cannot act in {name}; give your own "
+                "(python:<module>:<class>), a checkpoint or a registered version"
+            )
+        if self.human is not None:
+            raise ValueError(f"human: the simulated human is Meta-World's scripted expert; not for {name}")
+        if self.subtask_labels:
+            raise ValueError(f"subtask_labels: the scripted expert's phases exist for Meta-World tasks, not {name}")
 
     @property
     def target_unit(self) -> TargetUnit:
@@ -233,7 +250,7 @@ def start_run(store: ExperienceStore, config: CollectConfig) -> CollectConfig:
 
 
 def collect_scripted_demos(
-    env: EnvConfig,
+    env: EnvConfig | GymEnvConfig,
     store_url: str,
     run_id: str,
     episodes: int,

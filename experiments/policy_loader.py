@@ -11,6 +11,9 @@ Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
 - ``openpi:ws://host:port[?option=value&...]``: any openpi-compatible server (options: :data:`OPENPI_OPTIONS`;
   e.g. ``openpi:ws://gpu:8000?keys=libero&horizon=10&dim=7&api_key_env=PI_KEY`` for a π0.5 LIBERO server
   whose metadata is ``{}``);
+- ``python:<module>:<name>[?option=value&...]``: a policy class or factory of the user's, called with the options
+  (numbers where they parse as numbers) and ``seed`` — e.g. a scripted demonstrator for one's own gymnasium env,
+  ``python:policies.gym_experts:ReacherExpert?noise_std=0.3``; versioned by the policy's ``version``;
 - ``@FILE``: the spec FILE holds (a deploy file);
 - ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: a version of a model registered in MLflow (the
   configured tracking store, ``experiments.paths.default_mlflow_uri``); its checkpoint is downloaded once and loads
@@ -26,6 +29,7 @@ one-line error naming ``privileged``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -40,8 +44,9 @@ from policies.manifest import HIERARCHICAL_KIND, RLT_KIND, VLA_KIND, ManifestErr
 if TYPE_CHECKING:
     from storage import ExperienceStore
 
-SCRIPTED, OPENPI = "scripted", "openpi"
+SCRIPTED, OPENPI, PYTHON = "scripted", "openpi", "python"
 OPENPI_PREFIX = "openpi:"
+PYTHON_PREFIX = "python:"
 MODELS_PREFIX = "models:/"
 #: Options of an ``openpi:`` spec's query string.
 OPENPI_OPTIONS = {
@@ -90,6 +95,9 @@ def resolve(spec: str, store: ExperienceStore | None = None, *, noise: float = 0
         return PolicySource(SCRIPTED, scripted_spec(noise if bare else spec_noise, task))
     if spec.startswith(OPENPI_PREFIX):
         return PolicySource(OPENPI, spec)
+    if spec.startswith(PYTHON_PREFIX):
+        parse_python_spec(spec)
+        return PolicySource(PYTHON, spec)
     if spec.startswith(MODELS_PREFIX):
         return resolve(str(_mlflow_checkpoint(spec)))
     if Path(spec).is_dir():
@@ -221,7 +229,7 @@ def _loadable_uri(row: dict[str, Any]) -> str | None:
 
 
 def _is_spec(uri: str) -> bool:
-    return uri == SCRIPTED or uri.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?", OPENPI_PREFIX))
+    return uri == SCRIPTED or uri.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?", OPENPI_PREFIX, PYTHON_PREFIX))
 
 
 def _checkpoint_kind(directory: Path) -> str:
@@ -291,12 +299,46 @@ def _rlt_manifest(directory: Path) -> tuple[dict[str, Any], Any]:
         raise PolicySpecError(f"RLT checkpoint {directory}: {error}") from None
 
 
+def parse_python_spec(spec: str) -> tuple[Callable[..., Policy], dict[str, Any]]:
+    """``python:<module>:<name>[?option=value&...]`` → the class or factory and its keyword options."""
+    target, _, query = spec.removeprefix(PYTHON_PREFIX).partition("?")
+    module_name, colon, name = target.rpartition(":")
+    if not colon or not module_name or not name:
+        raise PolicySpecError(f"policy {spec!r}: expected python:<module>:<class or factory>[?option=value&...]")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise PolicySpecError(f"policy {spec!r}: cannot load {name!r} from {module_name!r} ({error})") from None
+    options: dict[str, Any] = {}
+    for entry in filter(None, query.split("&")):
+        option, separator, value = (unquote(part) for part in entry.partition("="))
+        if not separator:
+            raise PolicySpecError(f"policy {spec!r}: option {entry!r}: expected option=value")
+        try:
+            options[option] = json.loads(value)
+        except ValueError:
+            options[option] = value
+    return factory, options
+
+
+def _load_python(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
+    factory, options = parse_python_spec(source.uri)
+    try:
+        policy = factory(**({"seed": seed} | options))
+    except TypeError as error:
+        raise PolicySpecError(f"policy {source.uri!r}: {error}") from None
+    if source.version:
+        policy.version = source.version
+    return policy
+
+
 _LOADERS: dict[str, Callable[[PolicySource, str | None, Any, int], Policy]] = {
     SCRIPTED: _load_scripted,
     OPENPI: lambda source, task, store, seed: load_openpi(source.uri),
     VLA_KIND: _load_vla,
     HIERARCHICAL_KIND: _load_hierarchical,
     RLT_KIND: _load_rlt,
+    PYTHON: _load_python,
 }
 
 

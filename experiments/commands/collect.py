@@ -12,6 +12,7 @@ from experiments.paths import default_store_url
 from experiments.validation import first_error
 
 if TYPE_CHECKING:
+    from envs import EnvSettings
     from experiments.collection import CollectConfig
 
 app = typer.Typer()
@@ -20,9 +21,25 @@ console = Console()
 
 @app.command(name="collect")
 def collect(
-    task: Annotated[str, typer.Option(help="Meta-World task, e.g. pick-place-v3")] = "pick-place-v3",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Meta-World task (pick-place-v3) or any gymnasium env: a registered id (Reacher-v5), "
+            "module:EnvId or module:Class"
+        ),
+    ] = "pick-place-v3",
+    env: Annotated[
+        str | None,
+        typer.Option(
+            help="YAML file of env settings (docs/envs.md): constructor kwargs, success_key/success_threshold, "
+            "state_keys/image_keys of a Dict observation, prompt, cameras, image_size, max_episode_steps"
+        ),
+    ] = None,
     policy: Annotated[
-        str, typer.Option(help="'scripted', a checkpoint dir, a registered version, or openpi:ws://…")
+        str,
+        typer.Option(
+            help="'scripted', a checkpoint dir, a registered version, openpi:ws://… or python:<module>:<class>"
+        ),
     ] = "scripted",
     episodes: Annotated[int | None, typer.Option(min=1, help="Episodes to commit (default 20)")] = None,
     env_steps: Annotated[
@@ -72,7 +89,8 @@ def collect(
         typer.Option(min=16, help="Camera image width and height (default: a VLA policy's, else 96)"),
     ] = None,
     cameras: Annotated[
-        str | None, typer.Option(help="Comma-separated camera names (default: a VLA policy's, else corner2)")
+        str | None,
+        typer.Option(help="Comma-separated camera names (default: a VLA policy's, else corner2 / a gym env's main)"),
     ] = None,
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
@@ -110,27 +128,18 @@ def collect(
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
     from actors.execution import ExecutionConfig
-    from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
+    from envs import InjectionConfig, SimulatedHumanConfig
     from experiments.collection import CollectConfig, run_collection
     from experiments.policy_loader import vla_image_layout
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
     from storage import ExperienceStore
 
     store_url = db or default_store_url()
-    model_cameras, model_size = (
-        None if image_size and cameras else vla_image_layout(policy, ExperienceStore(store_url))
-    ) or (("corner2",), 96)
-    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else model_cameras
+    layout = None if image_size and cameras else vla_image_layout(policy, ExperienceStore(store_url))
     try:
+        settings = _env_settings(env, layout, cameras, image_size)
         config = CollectConfig(
-            env=EnvConfig(
-                task=task,
-                cameras=camera_names,
-                width=image_size or model_size,
-                height=image_size or model_size,
-                render=not no_images,
-                seed=seed or 0,
-            ),
+            env=settings.env(task, seed or 0, render=not no_images),
             policy=policy,
             noise=noise,
             episodes=20 if episodes is None and env_steps is None else episodes,
@@ -170,6 +179,8 @@ def collect(
         )
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
     report = run_collection(config, on_start=_announce)
     console.print(
         f"[bold]run[/bold] {report.run_id}  [bold]seed[/bold] {report.seed}  "
@@ -187,6 +198,26 @@ def collect(
         | {"env_steps": report.env_steps, "human_steps": report.human_steps},
         {POLICY_VERSION_TAG: report.policy_version, "run_id": report.run_id},
     )
+
+
+def _env_settings(
+    path: str | None, layout: tuple[tuple[str, ...], int] | None, cameras: str | None, image_size: int | None
+) -> EnvSettings:
+    """The env settings of a collection: the ``--env`` file's (96 px unless it says), a VLA policy's cameras and
+    image size, then ``--cameras`` / ``--image-size``."""
+    from envs import EnvSettings
+
+    settings = EnvSettings.from_file(path) if path else EnvSettings()
+    if "image_size" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"image_size": 96})
+    if layout is not None:
+        settings = settings.for_model(*layout)
+    if cameras:
+        names = tuple(c.strip() for c in cameras.split(",") if c.strip())
+        settings = settings.model_copy(update={"cameras": names})
+    if image_size:
+        settings = settings.model_copy(update={"image_size": image_size})
+    return settings
 
 
 def _announce(config: CollectConfig) -> None:
