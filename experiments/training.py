@@ -19,8 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from envs import EnvConfig
-from envs.tasks import task_prompt
+from envs import EnvConfig, EnvSettings, GymEnvConfig
+from envs.tasks import episode_prompt
 from experiments.evaluation import EvalResult, evaluate
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.device import DeviceName, describe, resolve_device
@@ -74,6 +74,16 @@ class BCConfig(BaseModel):
     checkpoint_every: int = Field(
         default=200, ge=0, description="write the resumable training state every this many steps (0 = never)"
     )
+    validation_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="held-out episodes for the convergence rule (0 = none: train all steps on everything)",
+    )
+    validate_every: int = Field(default=50, ge=1, description="held-out flow loss every this many steps")
+    patience: int = Field(
+        default=0, ge=0, description="stop after this many held-out measurements without improvement (0 = never)"
+    )
 
     @model_validator(mode="after")
     def _workers_fit(self) -> BCConfig:
@@ -84,6 +94,8 @@ class BCConfig(BaseModel):
             )
         if self.train_workers > 1 and self.eval_every:
             raise ValueError("eval_every: with train_workers > 1 the policy is evaluated at the end only (0)")
+        if self.train_workers > 1 and self.validation_fraction:
+            raise ValueError("validation_fraction: early stopping trains in one process (train_workers = 1)")
         return self
 
     @field_validator("eval_every")
@@ -205,14 +217,14 @@ def _describe_layout(layout: tuple[tuple[str, int, int], ...]) -> str:
 def to_episode_arrays(
     records: list[EpisodeRecord], conditions: ConditionFn | None = None, weights: WeightFn | None = None
 ) -> list[EpisodeArrays]:
-    """Store records → the training loop's per-episode arrays (prompt from the task, optional conditions and
-    per-step loss weights)."""
+    """Store records → the training loop's per-episode arrays (each episode's stored prompt — the task table's for
+    episodes stored without one —, optional conditions and per-step loss weights)."""
     return [
         EpisodeArrays(
             images=record.images,
             state=record.states,
             actions=record.actions,
-            prompt=task_prompt(record.task),
+            prompt=episode_prompt(record.prompt, record.task),
             conditions=conditions(record) if conditions else None,
             weights=weights(record) if weights else None,
         )
@@ -236,12 +248,15 @@ def train_vla(
     progress: bool = True,
     state_dir: Path | None = None,
     resume: bool = True,
+    env: EnvSettings | None = None,
 ) -> TrainedPolicy:
     """Train a VLA on the selected episodes, save it to ``output_dir``, register it, and record its evaluations.
 
     With ``config.eval_episodes`` > 0 the policy is evaluated in each task's env at the last step and every
     ``config.eval_every`` steps (:class:`EnvEvaluator`): the last point goes to the store's evaluations under the
-    registered version, the whole curve into the version's metadata (``evaluation_curve``).
+    registered version, the whole curve into the version's metadata (``evaluation_curve``). ``env`` says how a
+    task name becomes the evaluation env (a gymnasium env's kwargs and declared success; default: plain
+    settings); it renders the cameras and image size of ``config``.
 
     A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
     weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).
@@ -258,10 +273,12 @@ def train_vla(
     parallel = config.train_workers > 1  # the workers read the images of their shards; the driver needs none
     records = load_training_episodes(store, selection, images=not parallel)
     arrays = to_episode_arrays(records, conditions, weights)
-    dataset = build_dataset(arrays, config.action_horizon)
+    training, heldout = split_heldout(arrays, config.validation_fraction, config.seed)
+    dataset = build_dataset(training, config.action_horizon)
+    validation = build_dataset(heldout, config.action_horizon) if heldout else None
     policy = _initial_policy(dataset, config, init_from)
     policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta  # evaluations query it as deployed
-    evaluator = EnvEvaluator(selection.tasks, config) if config.eval_episodes > 0 else None
+    evaluator = EnvEvaluator(selection.tasks, config, env) if config.eval_episodes > 0 else None
     if state_dir is None and config.checkpoint_every:
         key = _fingerprint(
             selection, config, records, init_from, parent_version, inference_conditions, arrays
@@ -282,6 +299,8 @@ def train_vla(
         bf16=config.bf16,
         checkpoint_every=config.checkpoint_every,
         state_dir=state_dir,
+        validate_every=config.validate_every,
+        patience=config.patience,
     )
     if parallel:
         from experiments.distributed import train_bc_data_parallel
@@ -292,7 +311,7 @@ def train_vla(
         if evaluator is not None:
             evaluator(config.steps, policy)
     else:
-        train_result = train_bc(policy, dataset, train_config, callback=evaluator)
+        train_result = train_bc(policy, dataset, train_config, callback=evaluator, validation=validation)
     checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
     version = save_checkpoint(policy, checkpoint)
     policy.version = version
@@ -311,13 +330,34 @@ def train_vla(
             **describe(device),
             "train_workers": config.train_workers,
             "resumed_from_step": train_result.resumed_from,
+            "heldout_episodes": len(heldout),
+            "best_step": train_result.best_step,
+            "stopped_at": train_result.stopped_at,
         },
     )
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
     curve = evaluator.registered(version) if evaluator else []
-    final = [_record_evaluation(store, result) for step, result in curve if step == config.steps]
+    last = train_result.stopped_at or config.steps
+    final = [_record_evaluation(store, result) for step, result in curve if step == last]
     return TrainedPolicy(policy, checkpoint, version, train_result, final, len(records), curve)
+
+
+def split_heldout(
+    arrays: list[EpisodeArrays], fraction: float, seed: int
+) -> tuple[list[EpisodeArrays], list[EpisodeArrays]]:
+    """(training, held-out) episodes: ``round(fraction · n)`` (≥ 1 when ``fraction`` > 0) drawn with ``seed``;
+    every arm trained on the same episodes with the same seed holds out the same ones."""
+    if not fraction:
+        return arrays, []
+    if len(arrays) < 2:
+        raise ValueError(f"validation_fraction: {len(arrays)} episode; holding one out needs at least 2")
+    count = min(len(arrays) - 1, max(1, round(fraction * len(arrays))))
+    chosen = set(np.random.default_rng(seed).permutation(len(arrays))[:count].tolist())
+    return (
+        [episode for i, episode in enumerate(arrays) if i not in chosen],
+        [episode for i, episode in enumerate(arrays) if i in chosen],
+    )
 
 
 #: BC settings that do not change what is learned (where and how often it runs, what is evaluated).
@@ -361,15 +401,16 @@ class EnvEvaluator:
     ``<task>/ci_high``), which land in ``TrainResult.evaluations`` and next to the progress bar.
     """
 
-    def __init__(self, tasks: list[str], config: BCConfig) -> None:
+    def __init__(self, tasks: list[str], config: BCConfig, env: EnvSettings | None = None) -> None:
         self.tasks = tasks
         self.config = config
+        self.env = env
         self.results: list[tuple[int, EvalResult]] = []
 
     def __call__(self, step: int, policy: VLAPolicy) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for task in self.tasks:
-            result = _evaluate(policy, task, self.config)
+            result = _evaluate(policy, task, self.config, self.env)
             self.results.append((step, result))
             metrics |= {
                 f"{task}/success": result.success_rate,
@@ -432,22 +473,24 @@ def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPol
 
 
 def _evaluate_and_record(
-    store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig
+    store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig, env: EnvSettings | None = None
 ) -> EvalResult:
     """Evaluate a registered policy on ``task`` (``config``'s cameras, image size, episodes) and record it."""
-    return _record_evaluation(store, _evaluate(policy, task, config))
+    return _record_evaluation(store, _evaluate(policy, task, config, env))
 
 
-def _evaluate(policy: VLAPolicy, task: str, config: BCConfig) -> EvalResult:
-    env = EnvConfig(
-        task=task,
-        width=config.image_size,
-        height=config.image_size,
-        max_episode_steps=config.max_episode_steps,
-        **env_cameras(config.cameras),
-    )
-    result, _ = evaluate(policy, env, config.eval_episodes)
+def _evaluate(policy: VLAPolicy, task: str, config: BCConfig, env: EnvSettings | None = None) -> EvalResult:
+    result, _ = evaluate(policy, evaluation_env(task, config, env), config.eval_episodes)
     return result
+
+
+def evaluation_env(task: str, config: BCConfig, env: EnvSettings | None = None) -> EnvConfig | GymEnvConfig:
+    """The env a policy trained with ``config`` is evaluated in: ``env``'s settings (default: plain ones) rendering
+    the model's cameras at its image size (none for the state tier), ``config``'s episode limit if it sets one."""
+    settings = (env or EnvSettings()).for_model(config.cameras, config.image_size)
+    if config.max_episode_steps is not None:
+        settings = settings.model_copy(update={"max_episode_steps": config.max_episode_steps})
+    return settings.env(task)
 
 
 def env_cameras(cameras: tuple[str, ...]) -> dict[str, object]:

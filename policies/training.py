@@ -212,6 +212,11 @@ class TrainConfig:
     under bfloat16 autocast where the device supports it. With ``state_dir`` the full training state is written
     there every ``checkpoint_every`` steps and at the end (:mod:`policies.train_state`) and a run that finds one
     continues from it.
+
+    Convergence rule (with a ``validation`` dataset given to :func:`train_bc`): every ``validate_every`` steps the
+    held-out flow loss is measured (fixed noise and flow times, conditions without dropout, the samples' own loss
+    weights); training stops after ``patience`` measurements without improvement (0 = run all ``steps``) and the
+    weights of the best measurement are restored — one rule for every arm (BC, filtered BC, AWR, RECAP).
     """
 
     steps: int = 2000
@@ -230,6 +235,8 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 0
     state_dir: Path | None = None
+    validate_every: int = 50
+    patience: int = 0
 
 
 @dataclass
@@ -237,12 +244,17 @@ class TrainResult:
     """Loss history (one dict per ``log_every`` steps: step, and loss, flow_loss, fast_loss averaged over the
     steps since the previous record and, under data parallelism, over workers; ``elapsed_s`` since this
     process's loop started, evaluations included), the callback's evaluations, the
-    step a resumed run started after (0 = fresh) and the device it ran on."""
+    step a resumed run started after (0 = fresh) and the device it ran on. With a validation set:
+    ``validation`` (step, heldout_flow_loss per measurement), ``best_step`` (whose weights the model holds) and
+    ``stopped_at`` (the last step trained)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     device: str = "cpu"
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_at: int | None = None
     window: torch.Tensor = field(default_factory=lambda: torch.zeros(3), repr=False)
 
     def history_step(self) -> int:
@@ -312,10 +324,78 @@ class _Workers:
         return gathered
 
 
+class HeldOutLoss:
+    """The flow loss of a held-out dataset under fixed noise and flow times (comparable across measurements):
+    prompts carry their conditions (no dropout), samples weigh by their loss weights (weight 0 is left out)."""
+
+    def __init__(self, policy: VLAPolicy, dataset: BCDataset, seed: int = 0, batch_size: int = 256) -> None:
+        keep = np.arange(len(dataset)) if dataset.weights is None else np.flatnonzero(dataset.weights > 0)
+        if keep.size == 0:
+            raise VLAInputError("validation: no held-out sample has a loss weight > 0")
+        self.policy, self.batch_size = policy, batch_size
+        self.data = _device_data(policy, dataset, torch.device("cpu"))
+        self.index = torch.from_numpy(keep)
+        conditions = dataset.conditions or [None] * len(dataset)
+        self.prompts = [join_prompt(dataset.prompts[i], conditions[i]) for i in keep]
+        self.weights = None if dataset.weights is None else torch.from_numpy(dataset.weights.astype(np.float32))
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(self.data["actions"][self.index].shape, generator=generator)
+        self.tau = sample_tau(len(keep), generator)
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        """The weighted mean flow loss over the held-out samples."""
+        model, device = self.policy.model, self.policy.device
+        was_training = model.training
+        model.eval()
+        total, mass = 0.0, 0.0
+        for start in range(0, len(self.index), self.batch_size):
+            rows = self.index[start : start + self.batch_size]
+            part = slice(start, start + len(rows))
+            tokens, valid = self.policy.tokenize(self.prompts[part], trim=True)
+            pixels = self.data["images"][rows].float() / 127.5 - 1.0
+            weights = self.weights[rows] if self.weights is not None else torch.ones(len(rows))
+            mask = self.data["action_mask"][rows]
+            inputs = [pixels, tokens, valid, self.data["state"][rows], self.data["actions"][rows]]
+            inputs = [t.to(device) for t in [*inputs, mask, self.noise[part], self.tau[part], weights]]
+            prefix = model.encode_prefix(*inputs[:3])
+            loss = model.flow_loss(prefix, *inputs[3:]).float().item()
+            batch_mass = float((mask.float() * weights[:, None]).sum())
+            total, mass = total + loss * batch_mass, mass + batch_mass
+        model.train(was_training)
+        return total / mass
+
+
+@dataclass
+class _EarlyStopping:
+    """Best held-out loss so far, its step and weights, and how many measurements have not improved on it."""
+
+    best_loss: float = math.inf
+    best_step: int | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+    def update(self, step: int, loss: float, model: torch.nn.Module) -> None:
+        """Record a measurement; keep a copy of the weights when it is the best."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.stale = loss, step, 0
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.stale += 1
+
+
 def train_bc(
-    policy: VLAPolicy, dataset: BCDataset, config: TrainConfig, callback: EvalCallback | None = None
+    policy: VLAPolicy,
+    dataset: BCDataset,
+    config: TrainConfig,
+    callback: EvalCallback | None = None,
+    validation: BCDataset | None = None,
 ) -> TrainResult:
     """Train ``policy.model`` in place on ``dataset``; returns the loss history and the callback's metrics.
+
+    With ``validation`` (held-out episodes) the convergence rule of :class:`TrainConfig` applies: held-out flow
+    loss every ``validate_every`` steps, stop after ``patience`` measurements without improvement, the best
+    weights restored (the last ``callback`` evaluates them). Single-process only.
 
     Under ``torch.distributed`` (one Ray Train worker per rank) ``dataset`` is this worker's shard: it draws
     ``batch_size / world_size`` samples per step, DDP averages the gradients, and rank 0 alone writes the
@@ -341,7 +421,13 @@ def train_bc(
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     result = TrainResult(device=str(device))
-    state = _TrainingState(model, optimizer, schedule, rng, generator, result)
+    stopping = _EarlyStopping() if validation is not None else None
+    if validation is not None:
+        if workers.size > 1:
+            raise VLAInputError("validation: early stopping runs in one process (train_workers = 1)")
+        validation.validate(policy.config)
+        heldout = HeldOutLoss(policy, validation, seed=config.seed)
+    state = _TrainingState(model, optimizer, schedule, rng, generator, result, stopping)
     start = state.resume(config, workers)
     objective = _BCLoss(model)
     if workers.size > 1:
@@ -359,6 +445,7 @@ def train_bc(
     )
     postfix: dict[str, str] = {}  # the latest loss and evaluation, shown next to the bar
     started = time.perf_counter()
+    step = start
     for step in bar:
         index = support[torch.from_numpy(rng.integers(0, len(support), size=batch))]
         prompts = _batch_prompts(dataset, index.numpy(), config.condition_dropout, rng)
@@ -392,10 +479,19 @@ def train_bc(
             result.history.append(record)
             postfix["loss"] = f"{record['loss']:.4f}"
             bar.set_postfix(postfix)
+        stop = False
+        if stopping is not None and (step % config.validate_every == 0 or step == config.steps):
+            loss_value = heldout()
+            stopping.update(step, loss_value, model)
+            result.validation.append({"step": step, "heldout_flow_loss": loss_value})
+            postfix["heldout"] = f"{loss_value:.4f}"
+            stop = bool(config.patience) and stopping.stale >= config.patience
+        final = step == config.steps or stop
         if (
             callback is not None
             and workers.rank == 0
-            and ((config.eval_every and step % config.eval_every == 0) or step == config.steps)
+            and ((config.eval_every and step % config.eval_every == 0 and not final) or final)
+            and not (final and stopping is not None)  # the best weights are evaluated after the loop
         ):
             model.eval()
             metrics = callback(step, policy)
@@ -405,10 +501,20 @@ def train_bc(
                 postfix |= {"eval_step": str(step)} | {key: f"{value:.2f}" for key, value in metrics.items()}
                 bar.set_postfix(postfix)
         if config.state_dir is not None and (
-            step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            final or (config.checkpoint_every and step % config.checkpoint_every == 0)
         ):
             state.save(config, workers, step)
+        if stop:
+            break
+    bar.close()
     model.eval()
+    if stopping is not None and stopping.best_weights is not None:
+        model.load_state_dict(stopping.best_weights)
+        result.best_step, result.stopped_at = stopping.best_step, step
+        if callback is not None:
+            metrics = callback(step, policy)
+            if metrics:
+                result.evaluations.append({"step": step, "best_step": stopping.best_step, **metrics})
     return result
 
 
@@ -455,6 +561,7 @@ class _TrainingState:
     rng: np.random.Generator
     generator: torch.Generator
     result: TrainResult
+    stopping: _EarlyStopping | None = None
 
     def resume(self, config: TrainConfig, workers: _Workers) -> int:
         """Load the state in ``config.state_dir`` if there is one; the step it was written at (0 if none)."""
@@ -476,6 +583,10 @@ class _TrainingState:
         self.result.history = list(state["history"])
         self.result.evaluations = list(state["evaluations"])
         self.result.resumed_from = int(state["step"])
+        if self.stopping is not None and state.get("early_stopping") is not None:
+            for name, value in state["early_stopping"].items():
+                setattr(self.stopping, name, value)
+            self.result.validation = list(state.get("validation", []))
         return self.result.resumed_from
 
     def save(self, config: TrainConfig, workers: _Workers, step: int) -> None:
@@ -497,6 +608,8 @@ class _TrainingState:
                 "device": self.result.device,
                 "history": self.result.history,
                 "evaluations": self.result.evaluations,
+                "early_stopping": None if self.stopping is None else dataclasses.asdict(self.stopping),
+                "validation": self.result.validation,
             },
         )
 

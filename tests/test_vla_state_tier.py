@@ -10,7 +10,14 @@ from envs import EnvConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
 from policies.checkpoint import checkpoint_config
-from policies.training import EpisodeArrays, TrainConfig, build_dataset, create_policy, train_bc
+from policies.training import (
+    EpisodeArrays,
+    HeldOutLoss,
+    TrainConfig,
+    build_dataset,
+    create_policy,
+    train_bc,
+)
 from policies.vla import VLAConfig, VLAInputError
 from policies.vla.config import ConfigError
 from policies.vla.policy import VLAPolicy
@@ -66,8 +73,30 @@ def test_train_vla_takes_episodes_stored_without_images(tmp_path) -> None:
     assert stored_image_layout(store, selection) == ((), 64)
     with pytest.raises(ValueError, match="stored no camera images"):
         stored_image_layout(store, selection, cameras=("corner2",))
-    config = BCConfig(cameras=(), steps=3, batch_size=8, eval_episodes=1, max_episode_steps=5)
+    config = BCConfig(
+        cameras=(), steps=3, batch_size=8, eval_episodes=1, max_episode_steps=5, validation_fraction=0.5,
+        validate_every=1,
+    )  # fmt: skip
     trained = train_vla(store, selection, config, tmp_path, progress=False)
     assert trained.policy.config.cameras == ()
     assert trained.evaluations[0].n == 1  # evaluated in an env that renders nothing
+    assert trained.train.best_step in (1, 2, 3) and len(trained.train.validation) == 3  # one episode held out
     assert checkpoint_config(trained.checkpoint).cameras == ()  # the checkpoint records the state tier
+
+
+def test_convergence_rule_stops_on_a_stalled_heldout_loss_and_restores_the_best_weights() -> None:
+    episodes = toy_episodes(count=4)
+    dataset, validation = build_dataset(episodes[:3], 4), build_dataset(episodes[3:], 4)
+    config = VLAConfig.preset("tiny", cameras=(), state_dim=4, action_dim=4, action_horizon=4)
+    frozen = create_policy(config, dataset)
+    stalled = TrainConfig(steps=100, learning_rate=1e-30, validate_every=2, patience=2, progress=False)
+    result = train_bc(frozen, dataset, stalled, validation=validation)
+    assert (result.best_step, result.stopped_at) == (2, 6)  # no improvement at steps 4 and 6: stop
+    assert [row["step"] for row in result.validation] == [2, 4, 6]
+    policy = create_policy(config, dataset)
+    settings = TrainConfig(steps=40, batch_size=16, warmup_steps=5, validate_every=10, progress=False)
+    result = train_bc(policy, dataset, settings, validation=validation)
+    losses = {row["step"]: row["heldout_flow_loss"] for row in result.validation}
+    assert list(losses) == [10, 20, 30, 40] and result.stopped_at == 40
+    assert result.best_step == min(losses, key=losses.get)
+    assert HeldOutLoss(policy, validation)() == pytest.approx(losses[result.best_step], rel=1e-5)
