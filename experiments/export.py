@@ -1,8 +1,10 @@
 """Export stored episodes to other ecosystems' dataset formats.
 
-``lerobot``: LeRobot's v2.1 on-disk layout — ``meta/info.json``, ``meta/tasks.jsonl``, ``meta/episodes.jsonl``,
-``meta/episodes_stats.jsonl`` and one parquet file per episode under ``data/chunk-000/`` with camera frames as
-image features (PNG bytes in a ``{bytes, path}`` struct, as Hugging Face ``datasets`` writes them).
+``lerobot``: LeRobot's current on-disk format, v3.0 (``experiments.lerobot``: ``meta/info.json``,
+``meta/stats.json``, ``meta/tasks.parquet``, ``meta/episodes/…``, ``data/chunk-*/file-*.parquet``, cameras as PNG
+images in the data files or, with ``video``, ``videos/<key>/chunk-*/file-*.mp4``); fps and robot type come from
+the episodes; a selection whose episodes store different cameras or image sizes is refused with the sets it
+mixes, or with ``split`` written as one dataset per set.
 ``minari``: a Minari dataset written by ``minari.create_dataset_from_buffers`` (HDF5), loadable with
 ``minari.load_dataset``; Minari episodes carry T+1 observations, so the last observation is repeated.
 
@@ -12,23 +14,24 @@ RECAP value, advantage and indicator of each step.
 
 from __future__ import annotations
 
-import io
-import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 
-from envs.tasks import task_prompt
+from envs.tasks import UnknownTaskError, resolve_task, task_prompt
+from experiments.lerobot import LeRobotFormatError, LeRobotWriter
 from experiments.paths import check_writable_folder
-from storage import EpisodeLabels, EpisodeRecord, ExperienceStore, Outcome
+from storage import EpisodeLabels, EpisodeRecord, EpisodeSummary, ExperienceStore, Outcome
 
-LEROBOT_VERSION = "v2.1"
-CHUNK_SIZE = 1000
+#: LeRobot's name for camera features: ``observation.images.<camera>``.
+CAMERA_PREFIX = "observation.images."
+#: Meta-World's simulator step rate (frame_skip 5 × 2.5 ms): the frame rate of its episodes.
+METAWORLD_FPS = 80
 
 
 class ExportError(ValueError):
@@ -48,35 +51,93 @@ class ExportConfig(BaseModel):
     outcome: Literal["success", "failure", "truncated"] | None = None
     limit: int | None = Field(default=None, ge=1)
     relabel_id: str | None = None
-    fps: int = Field(default=10, ge=1)
+    fps: int | None = Field(default=None, ge=1, description="LeRobot frame rate (default: the episodes')")
+    video: bool = Field(default=False, description="LeRobot cameras as mp4 videos (default: PNG images)")
+    split: bool = Field(default=False, description="LeRobot: one dataset per camera/image-size set")
     dataset_id: str = Field(default="flywheel/export-v0", pattern=r"^([\w-]+/)?[\w-]+-v\d+$")
 
 
-def select_episodes(store: ExperienceStore, config: ExportConfig) -> Iterator[EpisodeRecord]:
-    """The selected episodes with images, oldest first (at most ``limit``)."""
-    count = 0
+def select_summaries(store: ExperienceStore, config: ExportConfig) -> list[EpisodeSummary]:
+    """The selected episodes' index rows, oldest first (at most ``limit``; no per-step data read)."""
+    selected: list[EpisodeSummary] = []
     for task in config.tasks or [None]:
         for run_id in config.run_ids or [None]:
             for summary in store.list_episodes(task=task, run_id=run_id, outcome=config.outcome):
                 if summary.outcome == Outcome.ERROR or summary.length == 0:
                     continue
-                if config.limit is not None and count >= config.limit:
-                    return
-                count += 1
-                yield store.load_episode(summary.uuid, images=True)
+                if config.limit is not None and len(selected) >= config.limit:
+                    return selected
+                selected.append(summary)
+    return selected
+
+
+def select_episodes(store: ExperienceStore, config: ExportConfig) -> Iterator[EpisodeRecord]:
+    """The selected episodes with images, oldest first (at most ``limit``)."""
+    for summary in select_summaries(store, config):
+        yield store.load_episode(summary.uuid, images=True)
+
+
+def feature_sets(store: ExperienceStore, summaries: list[EpisodeSummary]) -> dict[str, list[EpisodeSummary]]:
+    """The selection grouped by what its episodes store as images, each named ``<cameras and sizes>``
+    (e.g. ``corner2-96x96``; ``no-images``), read from the store's frame index."""
+    shapes = store.frame_shapes([summary.uuid for summary in summaries])
+    groups: dict[str, list[EpisodeSummary]] = {}
+    for summary in summaries:
+        layout = sorted(shapes.get(summary.uuid, {}).items())
+        name = "-".join(f"{camera}-{h}x{w}" for camera, (h, w) in layout) or "no-images"
+        groups.setdefault(re.sub(r"[^\w.-]+", "_", name), []).append(summary)
+    return groups
 
 
 def export_episodes(config: ExportConfig) -> dict:
-    """Write the selection to ``config.output``; returns a summary (episodes, frames, path)."""
+    """Write the selection to ``config.output``; returns a summary (episodes, frames, path; with ``split``,
+    ``datasets``: one summary per feature set, each in ``<output>/<set name>``)."""
     check_writable_folder(config.output, "--output")
     if config.output.exists() and any(config.output.iterdir()):
         raise ExportError(f"--output: {config.output} exists and is not empty")
     store = ExperienceStore(config.store_url)
     labels = _labels(store, config.relabel_id)
-    episodes = select_episodes(store, config)
-    if config.format == "lerobot":
-        return export_lerobot(episodes, labels, config)
-    return export_minari(episodes, labels, config)
+    if config.format == "minari":
+        return export_minari(select_episodes(store, config), labels, config)
+    summaries = select_summaries(store, config)
+    if not summaries:
+        raise ExportError("no stored episodes match the selection")
+    groups = feature_sets(store, summaries)
+    if len(groups) > 1 and not config.split:
+        raise ExportError(_mixed_message(groups))
+    if not config.split:
+        return export_lerobot(_load(store, summaries), labels, config)
+    written = [
+        export_lerobot(
+            _load(store, group), labels, config.model_copy(update={"output": config.output / name})
+        )
+        for name, group in groups.items()
+    ]
+    return {
+        "format": "lerobot",
+        "episodes": sum(d["episodes"] for d in written),
+        "frames": sum(d["frames"] for d in written),
+        "path": str(config.output),
+        "datasets": written,
+    }
+
+
+def _load(store: ExperienceStore, summaries: list[EpisodeSummary]) -> Iterator[EpisodeRecord]:
+    for summary in summaries:
+        yield store.load_episode(summary.uuid, images=True)
+
+
+def _mixed_message(groups: dict[str, list[EpisodeSummary]]) -> str:
+    """One line naming each feature set of a mixed selection (episodes, tasks, runs) and the ways out."""
+    described = "; ".join(
+        f"{name}: {len(group)} episodes of {', '.join(sorted({s.task for s in group}))} "
+        f"in run(s) {', '.join(sorted({s.run_id or 'none' for s in group}))}"
+        for name, group in groups.items()
+    )
+    return (
+        f"the selection mixes {len(groups)} camera/image-size sets ({described}); a LeRobot dataset has one: "
+        "pick one with --tasks/--runs, or --split to write one dataset per set into --output"
+    )
 
 
 def _labels(store: ExperienceStore, relabel_id: str | None) -> dict:
@@ -105,129 +166,76 @@ def _step_columns(episode: EpisodeRecord, labels: EpisodeLabels | None) -> dict[
 # ---- LeRobot ----
 
 
-def _png(frame: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(frame).save(buffer, format="PNG")
-    return buffer.getvalue()
+def _prompt(episode: EpisodeRecord) -> str:
+    """The episode's instruction: its stored prompt, else its Meta-World task's, else the task name."""
+    if episode.prompt:
+        return episode.prompt
+    try:
+        return task_prompt(episode.task)
+    except UnknownTaskError:
+        return episode.task
 
 
-def _feature(array: np.ndarray) -> dict:
-    dtype = "bool" if array.dtype == bool else str(array.dtype)
-    shape = list(array.shape[1:]) or [1]
-    return {"dtype": dtype, "shape": shape, "names": None}
+def _fps(episode: EpisodeRecord, config: ExportConfig) -> int:
+    """Frames per second: ``--fps``, else the rate the episode records (an import's ``fps``, the robot
+    runtime's ``rate_hz``), else the Meta-World simulator's step rate."""
+    if config.fps is not None:
+        return config.fps
+    runtime = episode.metadata.get("robot_runtime")
+    for rate in (episode.metadata.get("fps"), runtime.get("rate_hz") if isinstance(runtime, dict) else None):
+        if isinstance(rate, int | float) and rate > 0:
+            return round(rate)
+    if _is_metaworld(episode.task):
+        return METAWORLD_FPS
+    raise ExportError(f"episode {episode.uuid} records no frame rate (task {episode.task!r}): give --fps")
 
 
-def _stats(array: np.ndarray) -> dict:
-    values = array.reshape(len(array), -1).astype(np.float64)
-    return {
-        "min": values.min(0).tolist(),
-        "max": values.max(0).tolist(),
-        "mean": values.mean(0).tolist(),
-        "std": values.std(0).tolist(),
-        "count": [len(array)],
-    }
+def _robot_type(episode: EpisodeRecord) -> str | None:
+    """The robot: the episode's recorded ``robot_type`` (an import's), else Sawyer for Meta-World tasks."""
+    recorded = episode.metadata.get("robot_type")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    return "sawyer" if _is_metaworld(episode.task) else None
+
+
+def _is_metaworld(task: str) -> bool:
+    try:
+        resolve_task(task)
+    except UnknownTaskError:
+        return False
+    return True
 
 
 def export_lerobot(episodes: Iterator[EpisodeRecord], labels: dict, config: ExportConfig) -> dict:
-    """Write LeRobot v2.1 parquet + metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write the episodes as one LeRobot v3.0 dataset under ``config.output`` (``experiments.lerobot``)."""
+    writer: LeRobotWriter | None = None
+    try:
+        for episode in episodes:
+            if writer is None:
+                writer = LeRobotWriter(
+                    config.output, _fps(episode, config), _robot_type(episode), config.video
+                )
+            columns = _step_columns(episode, labels.get(episode.uuid))
+            columns |= {"next.terminated": episode.terminated, "next.truncated": episode.truncated}
+            frames = {f"{CAMERA_PREFIX}{camera}": images for camera, images in episode.images.items()}
+            writer.add_episode(columns, frames, _prompt(episode), _provenance(episode))
+        if writer is None:
+            raise ExportError("no stored episodes match the selection")
+        written = writer.close()
+    except LeRobotFormatError as error:
+        raise ExportError(f"{error}; export one task/camera set at a time (--tasks, --runs)") from None
+    return {"format": "lerobot", **written, "path": str(config.output), "fps": writer.fps}
 
-    root = config.output
-    (root / "meta").mkdir(parents=True, exist_ok=True)
-    tasks: dict[str, int] = {}
-    features: dict | None = None
-    frames = 0
-    episode_rows, stats_rows = [], []
-    for index, episode in enumerate(episodes):
-        prompt = task_prompt(episode.task)
-        task_index = tasks.setdefault(prompt, len(tasks))
-        columns = _step_columns(episode, labels.get(episode.uuid))
-        steps = np.arange(episode.length)
-        scalars = {
-            "timestamp": (steps / config.fps).astype(np.float32),
-            "frame_index": steps.astype(np.int64),
-            "episode_index": np.full(episode.length, index, np.int64),
-            "index": (frames + steps).astype(np.int64),
-            "task_index": np.full(episode.length, task_index, np.int64),
-        }
-        table = {
-            name: pa.array(list(values) if values.ndim > 1 else values) for name, values in columns.items()
-        }
-        table |= {name: pa.array(values) for name, values in scalars.items()}
-        for camera, images in episode.images.items():
-            table[f"observation.images.{camera}"] = pa.array(
-                [{"bytes": _png(frame), "path": None} for frame in images],
-                pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
-            )
-        episode_features = {name: _feature(values) for name, values in (columns | scalars).items()}
-        episode_features |= {
-            f"observation.images.{camera}": {
-                "dtype": "image",
-                "shape": list(images.shape[1:]),
-                "names": ["height", "width", "channel"],
-            }
-            for camera, images in episode.images.items()
-        }
-        if features is None:
-            features = episode_features
-        elif features != episode_features:
-            raise ExportError(
-                f"episode {episode.uuid} has different features; export one task/camera set at a time"
-            )
-        path = root / "data" / f"chunk-{index // CHUNK_SIZE:03d}" / f"episode_{index:06d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(table), path)
-        frames += episode.length
-        episode_rows.append(
-            {
-                "episode_index": index,
-                "tasks": [prompt],
-                "length": episode.length,
-                "flywheel_uuid": str(episode.uuid),
-                "outcome": episode.outcome.value,
-                "policy_version": episode.policy_version,
-            }
-        )
-        episode_stats = {name: _stats(values) for name, values in (columns | scalars).items()}
-        for camera, images in episode.images.items():
-            pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
-            episode_stats[f"observation.images.{camera}"] = {
-                key: [[[value]] for value in values]
-                for key, values in {
-                    "min": pixels.min(0),
-                    "max": pixels.max(0),
-                    "mean": pixels.mean(0),
-                    "std": pixels.std(0),
-                }.items()
-            } | {"count": [len(images)]}
-        stats_rows.append({"episode_index": index, "stats": episode_stats})
-    if features is None:
-        raise ExportError("no stored episodes match the selection")
-    info = {
-        "codebase_version": LEROBOT_VERSION,
-        "robot_type": "sawyer",
-        "total_episodes": len(episode_rows),
-        "total_frames": frames,
-        "total_tasks": len(tasks),
-        "total_videos": 0,
-        "total_chunks": (len(episode_rows) - 1) // CHUNK_SIZE + 1,
-        "chunks_size": CHUNK_SIZE,
-        "fps": config.fps,
-        "splits": {"train": f"0:{len(episode_rows)}"},
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "video_path": None,
-        "features": features,
+
+def _provenance(episode: EpisodeRecord) -> dict:
+    """flywheel's columns of an episode's row in the LeRobot episodes table."""
+    return {
+        "flywheel_uuid": str(episode.uuid),
+        "flywheel_task": episode.task,
+        "outcome": episode.outcome.value,
+        "policy_version": episode.policy_version,
+        "run_id": episode.run_id,
     }
-    (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-    _write_jsonl(root / "meta" / "tasks.jsonl", [{"task_index": i, "task": t} for t, i in tasks.items()])
-    _write_jsonl(root / "meta" / "episodes.jsonl", episode_rows)
-    _write_jsonl(root / "meta" / "episodes_stats.jsonl", stats_rows)
-    return {"format": "lerobot", "episodes": len(episode_rows), "frames": frames, "path": str(root)}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 # ---- Minari ----

@@ -1,4 +1,4 @@
-"""``flywheel export``: stored episodes → a LeRobot (v2.1 parquet) or Minari (HDF5) dataset."""
+"""``flywheel export``: stored episodes → a LeRobot (v3.0) or Minari (HDF5) dataset."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def export(
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many episodes")] = None,
     relabel: Annotated[str | None, typer.Option(help="Relabel id whose values/advantages to include")] = None,
     dataset_id: Annotated[str, typer.Option(help="Minari dataset id")] = "flywheel/export-v0",
+    fps: Annotated[
+        int | None, typer.Option(min=1, help="LeRobot frame rate (default: the rate the episodes record)")
+    ] = None,
+    video: Annotated[
+        bool, typer.Option(help="LeRobot: cameras as mp4 videos (H.264) instead of PNG images in the data")
+    ] = False,
+    split: Annotated[
+        bool,
+        typer.Option(help="LeRobot: write one dataset per camera/image-size set into --output/<set>"),
+    ] = False,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Export selected episodes (images, actions, interventions, relabels) for other ecosystems' loaders."""
@@ -44,6 +54,9 @@ def export(
             limit=limit,
             relabel_id=relabel,
             dataset_id=dataset_id,
+            fps=fps,
+            video=video,
+            split=split,
         )
         summary = export_episodes(config)
     except ValidationError as error:
@@ -52,6 +65,7 @@ def export(
     except (ExportError, LookupError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from error
-    typer.echo(
-        f"exported {summary['episodes']} episodes ({summary['frames']} frames) as {summary['format']} to {summary['path']}"
-    )
+    for dataset in summary.get("datasets", [summary]):
+        typer.echo(
+            f"exported {dataset['episodes']} episodes ({dataset['frames']} frames) as {summary['format']} to {dataset['path']}"
+        )
