@@ -1,8 +1,9 @@
 """Dynamic batching of inference requests, so one model copy serves many rollout workers.
 
-``BatchingInferenceServer`` is a plain asyncio class: concurrent ``infer`` calls are gathered until
-``max_batch`` observations or ``max_wait_ms`` have passed, run as one ``policy.infer`` in a worker thread (the
-event loop stays free to accept more requests), and split back. As a Ray async actor it serves every worker;
+``BatchingInferenceServer`` is a plain asyncio class: concurrent ``infer`` calls are gathered (by
+:class:`core.batching.DynamicBatcher`, the policy server's batcher too) until ``max_batch`` observations or
+``max_wait_ms`` have passed, run as one ``policy.infer`` in a worker thread (the event loop stays free to accept
+more requests), and split back. As a Ray async actor it serves every worker;
 ``ServedPolicy`` is the ``Policy`` a worker holds to talk to it.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.batching import DynamicBatcher
 from policies.base import ActionChunk, ObservationBatch, Policy, batch_size
 from policies.device import place
 from policies.rtc import InpaintingTargets, infer_with_targets, merge_targets
@@ -40,15 +42,14 @@ class BatchingInferenceServer:
     def __init__(
         self, policy: Policy, max_batch: int = 32, max_wait_ms: float = 2.0, device: str = "cpu"
     ) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be ≥ 1 and max_wait_ms ≥ 0, got {max_batch} and {max_wait_ms}")
+        self._batcher: DynamicBatcher[_Request] = DynamicBatcher(
+            self._run_batch, max_batch, max_wait_ms, size=lambda request: batch_size(request.batch)
+        )
         self.device = device
         self.policy = place(policy, device)
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.batch_sizes: list[int] = []
-        self._queue: asyncio.Queue[_Request] | None = None
-        self._runner: asyncio.Task | None = None
 
     def set_policy(self, policy: Policy) -> str:
         """Serve a new policy from the next batch on (placed on this server's device); returns its version."""
@@ -72,50 +73,29 @@ class BatchingInferenceServer:
         self, batch: ObservationBatch, inpainting: InpaintingTargets | None = None
     ) -> ServedChunk:
         """Queue a batch of observations (with optional RTC targets, one row each) and wait for its chunk."""
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._runner = asyncio.get_running_loop().create_task(self._serve_forever())
         reply = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(batch, reply, inpainting))
+        await self._batcher.put(_Request(batch, reply, inpainting))
         return await reply
 
-    async def _serve_forever(self) -> None:
-        while True:
-            requests = await self._gather()
-            try:
-                policy = self.policy
-                merged = _concat_batches([request.batch for request in requests])
-                targets = merge_targets(
-                    [request.inpainting for request in requests],
-                    [batch_size(request.batch) for request in requests],
-                    policy.action_horizon,
-                    policy.action_dim,
-                )
-                chunk = await asyncio.to_thread(infer_with_targets, policy, merged, targets)
-            except Exception as error:  # every waiting caller sees the failure, the server keeps serving
-                for request in requests:
-                    request.reply.set_exception(error)
-                continue
-            self.batch_sizes.append(batch_size(merged))
-            for request, part in zip(requests, _split_chunk(chunk, requests), strict=True):
-                request.reply.set_result(ServedChunk(part, policy.version))
-
-    async def _gather(self) -> list[_Request]:
-        """The first waiting request plus whatever else arrives within ``max_wait_ms``, up to ``max_batch``."""
-        requests = [await self._queue.get()]
-        count = batch_size(requests[0].batch)
-        deadline = time.monotonic() + self.max_wait_ms / 1e3
-        while count < self.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                request = await asyncio.wait_for(self._queue.get(), remaining)
-            except TimeoutError:
-                break
-            requests.append(request)
-            count += batch_size(request.batch)
-        return requests
+    async def _run_batch(self, requests: list[_Request]) -> None:
+        """One ``policy.infer`` over the concatenated requests (with merged RTC targets), split back."""
+        try:
+            policy = self.policy
+            merged = _concat_batches([request.batch for request in requests])
+            targets = merge_targets(
+                [request.inpainting for request in requests],
+                [batch_size(request.batch) for request in requests],
+                policy.action_horizon,
+                policy.action_dim,
+            )
+            chunk = await asyncio.to_thread(infer_with_targets, policy, merged, targets)
+        except Exception as error:  # every waiting caller sees the failure, the server keeps serving
+            for request in requests:
+                request.reply.set_exception(error)
+            return
+        self.batch_sizes.append(batch_size(merged))
+        for request, part in zip(requests, _split_chunk(chunk, requests), strict=True):
+            request.reply.set_result(ServedChunk(part, policy.version))
 
 
 class ServedPolicy:

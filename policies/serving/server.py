@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from core import msgpack_numpy
+from core.batching import DynamicBatcher
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.serving.inpainting import RTC_FIELD, can_inpaint, targets_from_wire
 from policies.serving.observations import (
@@ -133,7 +134,13 @@ class PolicyServer:
         self._policy = policy
         self._spec = spec or ObservationSpec.of(policy)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
-        self._queue: asyncio.Queue[_Request] | None = None
+        self._batcher: DynamicBatcher[_Request] = DynamicBatcher(
+            self._run_batch,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+            arrival=lambda request: request.received,
+            clients=lambda: len(self._connections),
+        )
         self._connections: set[ServerConnection] = set()
         self._in_flight = 0
         self._closing = False
@@ -197,9 +204,7 @@ class PolicyServer:
 
     async def start(self) -> None:
         """Start listening (returns once the socket is bound; :attr:`port` is then set)."""
-        self._queue = asyncio.Queue()
         self._stopped = asyncio.Event()
-        self._batcher = asyncio.get_running_loop().create_task(self._run_batches(), name="policy-batcher")
         try:
             self._server = await serve(
                 self._handle,
@@ -210,7 +215,6 @@ class PolicyServer:
                 compression=None,
             )
         except OSError as error:
-            self._batcher.cancel()
             raise ServerStartError.of(self.config.host, self.config.port, error) from error
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("serving %s on ws://%s:%d", self._policy.version, self.config.host, self.port)
@@ -232,9 +236,7 @@ class PolicyServer:
         closing = [c.close(CloseCode.GOING_AWAY, "server shutting down") for c in self._connections]
         await asyncio.gather(*closing, return_exceptions=True)
         await self._server.wait_closed()
-        self._batcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._batcher
+        await self._batcher.close()
         self._executor.shutdown(wait=True)
         assert self._stopped is not None
         self._stopped.set()
@@ -318,9 +320,8 @@ class PolicyServer:
         observation = observation_from_wire(
             decoded, self._spec, config.keys, config.default_prompt, config.allow_privileged
         )
-        assert self._queue is not None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(observation, future, self._inpainting_targets(decoded)))
+        await self._batcher.put(_Request(observation, future, self._inpainting_targets(decoded)))
         reply = await future
         if RTC_FIELD in decoded:
             reply.setdefault(RTC_FIELD, False)  # asked for RTC, but this policy cannot inpaint
@@ -345,34 +346,16 @@ class PolicyServer:
 
     # ---- batching ---------------------------------------------------------------------------------
 
-    async def _run_batches(self) -> None:
-        while True:
-            requests = await self._collect()
-            for group in _group_by_shape(requests):
-                try:
-                    await self._infer_group(group)
-                except Exception as error:  # a bug here must fail these requests, not hang every client
-                    logger.exception("batch of %d failed", len(group))
-                    for request in group:
-                        _resolve(request.future, error=InferenceError(f"{type(error).__name__}: {error}"))
-
-    async def _collect(self) -> list[_Request]:
-        """Take the first waiting request, then more until ``max_batch``, every client, or ``max_wait_ms``."""
-        assert self._queue is not None
-        requests = [await self._queue.get()]
-        deadline = requests[0].received + self.config.max_wait_ms / 1000
-        while len(requests) < self.config.max_batch:
-            if not self._queue.empty():
-                requests.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - time.monotonic()
-            if len(requests) >= len(self._connections) or remaining <= 0:
-                break
+    async def _run_batch(self, requests: list[_Request]) -> None:
+        """Answer one batch (gathered by :class:`~core.batching.DynamicBatcher` until ``max_batch``, every
+        client, or ``max_wait_ms``): one ``policy.infer`` per group of stackable observations."""
+        for group in _group_by_shape(requests):
             try:
-                requests.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return requests
+                await self._infer_group(group)
+            except Exception as error:  # a bug here must fail these requests, not hang every client
+                logger.exception("batch of %d failed", len(group))
+                for request in group:
+                    _resolve(request.future, error=InferenceError(f"{type(error).__name__}: {error}"))
 
     async def _infer_group(self, requests: list[_Request]) -> None:
         policy = self._policy
