@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 
 from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
+from core.types import InterventionSegment, Outcome, StepSource, episode_outcome
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
 from storage.errors import EpisodeConflictError, RunFullError
 from storage.journal import EpisodeJournal
-from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+from storage.records import EpisodeRecord
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ class RolloutWorker:
             slot.schedule.reset()  # after a human step the policy replans from the new state
         success = bool(info.get("success", False))
         if success or terminated or truncated:
-            outcome = Outcome.SUCCESS if success else Outcome.FAILURE
+            outcome = episode_outcome(success, bool(terminated), bool(truncated))
             return self._finish(slot, outcome, segments=_intervention_segments(info))
         return None
 

@@ -31,10 +31,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 
+from core.types import LEARNABLE_OUTCOMES
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
-from experiments.recap_iteration import LEARNABLE, RecapIterationConfig, run_recap_iteration
+from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
 from recap import RelabelConfig, ValueConfig, awr_weights, filtered_bc_weights
 from storage import EpisodeRecord, ExperienceStore, RelabelRecord
@@ -155,7 +156,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     recap_seconds = time.perf_counter() - clock
     assert iteration.before is not None and iteration.after is not None  # eval_episodes >= 1
     print(f"[{task}] RECAP iteration done ({time.perf_counter() - started:.0f} s)", flush=True)
-    selection = EpisodeFilter(tasks=[task], outcomes=[o.value for o in LEARNABLE])
+    selection = EpisodeFilter(tasks=[task], outcomes=[o.value for o in LEARNABLE_OUTCOMES])
     episodes = load_training_episodes(store, selection, images=False)
     plain = retrain.model_copy(update={"condition_dropout": 0.0})
     arms: dict[str, Callable[[EpisodeRecord], np.ndarray | None] | None] = {

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from envs import MetaWorldEnv
 from policies.base import stack_observations
 from policies.scripted import ScriptedPolicy
-from rlt.diagnostics import monte_carlo_returns
+from rlt.diagnostics import chunk_returns
 from rlt.online import EpisodeChunks, OnlineRLT
 from rlt.td3 import LearnerConfig
 
@@ -87,7 +87,7 @@ def replay_data(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.ndar
     """States, references, executed chunks and Monte-Carlo returns of every critical chunk."""
     states, references, chunks, returns = [], [], [], []
     for episode in episodes:
-        for step, value in zip(episode.steps, monte_carlo_returns(episode, GAMMA), strict=True):
+        for step, value in zip(episode.steps, chunk_returns(episode, GAMMA), strict=True):
             if step.critical:
                 context = step.context
                 states.append(loop.encoder.encode(context.embeddings[None], context.proprio[None])[0])

@@ -10,11 +10,9 @@ from envs.factory import make_env
 from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
 from envs.injection import INJECTED_KEY, BadSegmentWrapper, InjectionConfig
 from envs.interventions import (
-    Intervention,
     InterventionWrapper,
     SimulatedHuman,
     SimulatedHumanConfig,
-    Source,
     TeleopCommand,
     TeleopContext,
     TeleopDevice,
@@ -35,13 +33,11 @@ __all__ = [
     "GymAdapterEnv",
     "GymEnvConfig",
     "InjectionConfig",
-    "Intervention",
     "InterventionWrapper",
     "MetaWorldEnv",
     "ScriptedExpert",
     "SimulatedHuman",
     "SimulatedHumanConfig",
-    "Source",
     "TeleopCommand",
     "TeleopContext",
     "TeleopDevice",

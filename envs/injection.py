@@ -30,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from envs.interventions import Source
+from core.types import StepSource
 from envs.metaworld_env import GOAL, HAND, MetaWorldEnv
 from policies.base import Observation
 
@@ -100,7 +100,7 @@ class BadSegmentWrapper(gym.Wrapper):
         kind = self._segment_kind()
         executed = policy_action if kind is None else self._bad_action(kind, policy_action)
         observation, reward, terminated, truncated, info = self.env.step(executed)
-        if int(info.get("source", Source.POLICY)) == Source.HUMAN:
+        if int(info.get("source", StepSource.POLICY)) == StepSource.HUMAN:
             kind, self._kind, self._remaining = None, None, 0  # the human acted: nothing injected, segment over
         else:
             info = {**info, "executed_action": info.get("executed_action", executed)}

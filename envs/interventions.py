@@ -1,8 +1,8 @@
 """Human interventions: a wrapper in which a teleoperation device can take over from the acting policy.
 
 ``InterventionWrapper.step(policy_action)`` first polls its ``TeleopDevice``. If the device asks to take
-over, the device's action is executed and the step is marked ``Source.HUMAN``; otherwise the policy's action
-is executed (``Source.POLICY``). Every step's ``info`` carries:
+over, the device's action is executed and the step is marked ``StepSource.HUMAN``; otherwise the policy's action
+is executed (``StepSource.POLICY``). Every step's ``info`` carries:
 
 - ``source``: ``int`` (0 policy, 1 human — the same values as ``storage.records.StepSource``),
 - ``executed_action``: the action actually applied (clipped to the action space), ``policy_action``: what
@@ -29,7 +29,6 @@ hierarchical policy store a human-corrected subtask for every intervention step.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,16 +36,10 @@ import gymnasium as gym
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.types import InterventionSegment, StepSource
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import goal_distance
 from policies.base import Observation
-
-
-class Source(enum.IntEnum):
-    """Who produced a step's executed action (same values as ``storage.records.StepSource``)."""
-
-    POLICY = 0
-    HUMAN = 1
 
 
 @dataclass(frozen=True)
@@ -85,15 +78,6 @@ class TeleopDevice(Protocol):
     def poll(self, context: TeleopContext) -> TeleopCommand | None:
         """The device's command for this step; ``None`` (or ``takeover=False``) lets the policy act."""
         ...
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """One takeover: steps ``t_start`` (inclusive) to ``t_end`` (exclusive), started by ``trigger``."""
-
-    t_start: int
-    t_end: int
-    trigger: str
 
 
 class SimulatedHumanConfig(BaseModel):
@@ -217,7 +201,7 @@ class InterventionWrapper(gym.Wrapper):
         if not isinstance(device, TeleopDevice):
             raise TypeError(f"device: expected a TeleopDevice (reset, poll), got {type(device).__name__}")
         self.device = device
-        self._segments: list[Intervention] = []
+        self._segments: list[InterventionSegment] = []
         self._open: tuple[int, str] | None = None
         self._t = 0
         self._observation: Observation | None = None
@@ -225,11 +209,11 @@ class InterventionWrapper(gym.Wrapper):
         self._info: dict[str, Any] = {}
 
     @property
-    def interventions(self) -> list[Intervention]:
+    def interventions(self) -> list[InterventionSegment]:
         """The current episode's takeover segments (an open one reported up to the current step)."""
         if self._open is None:
             return list(self._segments)
-        return [*self._segments, Intervention(self._open[0], self._t, self._open[1])]
+        return [*self._segments, InterventionSegment(self._open[0], self._t, self._open[1])]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         """Reset the env and the device."""
@@ -263,7 +247,7 @@ class InterventionWrapper(gym.Wrapper):
         self._observation, self._reward, self._info = observation, float(reward), info
         info = {
             **info,
-            "source": int(Source.HUMAN if human else Source.POLICY),
+            "source": int(StepSource.HUMAN if human else StepSource.POLICY),
             "executed_action": executed,
             "policy_action": policy_action,
             "intervention_trigger": command.reason if human else None,
@@ -274,7 +258,7 @@ class InterventionWrapper(gym.Wrapper):
 
     def _close_segment(self) -> None:
         if self._open is not None:
-            self._segments.append(Intervention(self._open[0], self._t, self._open[1]))
+            self._segments.append(InterventionSegment(self._open[0], self._t, self._open[1]))
             self._open = None
 
     def _clip(self, action: np.ndarray) -> np.ndarray:

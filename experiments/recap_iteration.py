@@ -13,16 +13,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.types import LEARNABLE_OUTCOMES
 from envs import EnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, CollectReport, run_collection
 from experiments.evaluation import EvalResult, evaluate
 from experiments.policy_loader import load, register, resolve
 from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
 from recap import POSITIVE_PROMPT, RelabelConfig, conditioned_episodes, relabel
-from storage import EpisodeRecord, ExperienceStore, Outcome, RelabelRecord
-
-#: Outcomes RECAP can assign a return to (error episodes carry no reward and are left out).
-LEARNABLE = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TRUNCATED)
+from storage import EpisodeRecord, ExperienceStore, RelabelRecord
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +142,7 @@ def run_recap_iteration(
     before = _evaluate(store, current, config, conditions=None)
     collection = collect_stage(config, progress)
     selection = EpisodeFilter(
-        tasks=[config.task], run_ids=config.data_runs, outcomes=[o.value for o in LEARNABLE]
+        tasks=[config.task], run_ids=config.data_runs, outcomes=[o.value for o in LEARNABLE_OUTCOMES]
     )
     episodes = load_training_episodes(store, selection, images=config.relabel.value.camera is not None)
     record = relabel_stage(

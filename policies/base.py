@@ -2,38 +2,18 @@
 
 Kept tiny on purpose (as in openpi): a policy is anything with ``infer``, ``reset``, a ``version`` and an
 ``action_horizon``. Recording, serving and chunk brokering are wrappers around this contract, not model code.
+The observation and action-chunk types are ``core.types``'s (re-exported here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NotRequired, Protocol, TypedDict, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from core.types import ActionChunk, Observation, ObservationBatch
 
-class Observation(TypedDict):
-    """One time step as a policy sees it.
-
-    ``images`` maps a camera name to an ``H×W×3`` ``uint8`` array (correct orientation), ``state`` is the
-    proprioceptive vector (``float32``), ``prompt`` the natural-language instruction. ``privileged`` is the
-    simulator's full state (Meta-World's 39-D vector): only scripted experts and simulated humans read it, it is
-    never sent over the wire and learned policies never see it.
-    """
-
-    images: dict[str, np.ndarray]
-    state: np.ndarray
-    prompt: str
-    privileged: NotRequired[np.ndarray]
-
-
-class ObservationBatch(TypedDict):
-    """A batch of observations: ``images[camera]`` is ``B×H×W×3``, ``state`` is ``B×S``, ``prompt`` a list of B."""
-
-    images: dict[str, np.ndarray]
-    state: np.ndarray
-    prompt: list[str]
-    privileged: NotRequired[np.ndarray]
+__all__ = ["ActionChunk", "Observation", "ObservationBatch", "Policy", "batch_size", "stack_observations"]
 
 
 def stack_observations(observations: list[Observation]) -> ObservationBatch:
@@ -57,23 +37,6 @@ def stack_observations(observations: list[Observation]) -> ObservationBatch:
 def batch_size(batch: ObservationBatch) -> int:
     """Number of observations in a batch."""
     return len(batch["prompt"])
-
-
-@dataclass
-class ActionChunk:
-    """What a policy returns for a batch: ``actions`` is ``B×H×D`` ``float32``.
-
-    ``embeddings`` optionally carries the backbone's final token embeddings (``B×T×E``, used by RLT) and
-    ``timing`` carries named durations in milliseconds (e.g. ``infer_ms``).
-    """
-
-    actions: np.ndarray
-    embeddings: np.ndarray | None = None
-    timing: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.actions.ndim != 3:
-            raise ValueError(f"ActionChunk.actions must be B×H×D, got shape {self.actions.shape}")
 
 
 @runtime_checkable

@@ -3,6 +3,7 @@
 Pure torch/numpy over ``EpisodeRecord``s; runs without Ray. See docs/recap.md.
 """
 
+from core.types import monte_carlo_returns
 from recap.advantage import monte_carlo_advantages, n_step_advantages, quantile_threshold
 from recap.bins import ReturnBins
 from recap.conditioning import (
@@ -16,7 +17,7 @@ from recap.conditioning import (
 from recap.config import AdvantageConfig, RelabelConfig, RewardConfig, SanityFloor, ValueConfig
 from recap.encoders import register_encoder
 from recap.relabel import CrossFitResult, assign_folds, cross_fit, relabel, relabel_with_model
-from recap.rewards import RecapInputError, monte_carlo_returns, step_rewards
+from recap.rewards import RecapInputError, step_rewards
 from recap.selectors import AWRConfig, awr_weights, bc_all_weights, filtered_bc_weights
 from recap.value import ValueModel, train_value
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.types import monte_carlo_returns
 from recap.config import AdvantageConfig
-from recap.rewards import monte_carlo_returns
 from storage.records import EpisodeRecord, StepSource
 
 #: Policy-version prefix of the scripted experts' demonstrations (``policies.scripted.scripted_version``).

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from core.types import monte_carlo_returns
 from recap.advantage import advantages, indicators, task_thresholds, window_ends
 from recap.config import RelabelConfig
 from recap.diagnostics import EpisodeScores, label_diagnostics
-from recap.rewards import RecapInputError, check_learnable, monte_carlo_returns, step_rewards, task_horizons
+from recap.rewards import RecapInputError, check_learnable, step_rewards, task_horizons
 from recap.value import ValueModel, ValueTrainer, train_value
 from storage.records import EpisodeLabels, EpisodeRecord, Outcome, RelabelRecord
 

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.types import LEARNABLE_OUTCOMES, Outcome
 from recap.config import RewardConfig
-from storage.records import EpisodeRecord, Outcome
-
-LEARNABLE_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TRUNCATED)
+from storage.records import EpisodeRecord
 
 
 class RecapInputError(ValueError):
@@ -78,6 +77,3 @@ def step_rewards(episode: EpisodeRecord, horizon: int, config: RewardConfig) -> 
     return rewards / return_scale(horizon, config)
 
 
-def monte_carlo_returns(rewards: np.ndarray) -> np.ndarray:
-    """G_t = Σ_{k ≥ t} r_k (undiscounted; episodes are finite)."""
-    return np.cumsum(rewards[::-1])[::-1].copy()

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.types import monte_carlo_returns
 from policies.device import resolve_device
 from policies.train_state import capture_rng, load_state, restore_rng, save_state
 from recap.bins import ReturnBins
 from recap.config import ValueConfig
 from recap.encoders import EncoderSpec, ObservationEncoder, build_encoder
-from recap.rewards import RecapInputError, check_learnable, monte_carlo_returns, step_rewards, task_horizons
+from recap.rewards import RecapInputError, check_learnable, step_rewards, task_horizons
 from storage.records import EpisodeRecord
 
 

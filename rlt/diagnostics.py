@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from core.types import monte_carlo_returns
 from rlt.online import EpisodeChunks
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3
@@ -30,14 +31,11 @@ class CriticCalibration:
     spearman: float
 
 
-def monte_carlo_returns(episode: EpisodeChunks, gamma: float) -> np.ndarray:
+def chunk_returns(episode: EpisodeChunks, gamma: float) -> np.ndarray:
     """Discounted return from the start of every chunk of ``episode`` to its end (per-step ``gamma``)."""
-    rewards = np.concatenate([step.rewards for step in episode.steps])
-    discounted = np.zeros(len(rewards) + 1)
-    for t in range(len(rewards) - 1, -1, -1):
-        discounted[t] = rewards[t] + gamma * discounted[t + 1]
+    returns = monte_carlo_returns(np.concatenate([step.rewards for step in episode.steps]), gamma)
     starts = np.cumsum([0] + [len(step.rewards) for step in episode.steps[:-1]])
-    return discounted[starts]
+    return returns[starts]
 
 
 def critic_calibration(
@@ -56,7 +54,7 @@ def critic_calibration(
         )
         references = np.stack([step.context.reference for step in steps])
         q_values.append(learner.q_values(states, references, np.stack([step.executed for step in steps])))
-        returns.append(monte_carlo_returns(episode, learner.config.gamma)[critical])
+        returns.append(chunk_returns(episode, learner.config.gamma)[critical])
     if not q_values:
         return CriticCalibration(0, float("nan"), float("nan"), float("nan"), float("nan"))
     q, mc = np.concatenate(q_values), np.concatenate(returns)

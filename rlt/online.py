@@ -26,6 +26,7 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 
+from core.types import InterventionSegment, Outcome, StepSource, episode_outcome
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.train_state import load_state, save_state
 from rlt.buffer import ChunkTransition, chunk_backup
@@ -34,7 +35,7 @@ from rlt.phase import AlwaysCritical, PhaseSwitch
 from rlt.rl_token import RLToken, fit_rl_token
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3, LearnerConfig
-from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+from storage.records import EpisodeRecord
 
 Mode = Literal["prior", "learner", "eval"]
 
@@ -613,11 +614,7 @@ class _EpisodeRecorder:
     ) -> EpisodeRecord:
         columns = self.columns
         length = len(columns["actions"])
-        outcome = (
-            Outcome.SUCCESS
-            if success
-            else (Outcome.TRUNCATED if columns["truncated"][-1] else Outcome.FAILURE)
-        )
+        outcome = episode_outcome(success, bool(columns["terminated"][-1]), bool(columns["truncated"][-1]))
         sources = np.asarray(columns["sources"], np.uint8)
         return EpisodeRecord(
             uuid=uuid.uuid4(),

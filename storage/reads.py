@@ -18,10 +18,10 @@ from storage.errors import NotFoundError
 from storage.images import FrameStore
 from storage.records import EpisodeQuery, EpisodeRecord, EpisodeSummary, InterventionSegment, Outcome
 from storage.registry import PolicyRegistry
-from storage.sampling import EpisodeArrays
+from storage.sampling import StepArrays
 from storage.schema import Episode, PolicyVersion, Step
 
-# The per-step columns read back; the first seven make an ``EpisodeArrays``.
+# The per-step columns read back; the first seven make a ``StepArrays``.
 STEP_READ_COLUMNS = (
     "state",
     "action",
@@ -151,11 +151,11 @@ def transpose(rows: list[Any], width: int) -> list[tuple[Any, ...]]:
     return list(zip(*rows, strict=True)) if rows else [()] * width
 
 
-def arrays_from_columns(episode: Episode | sa.Row[Any], columns: list[tuple[Any, ...]]) -> EpisodeArrays:
+def arrays_from_columns(episode: Episode | sa.Row[Any], columns: list[tuple[Any, ...]]) -> StepArrays:
     """Per-step arrays from the ``ARRAY_COLUMNS`` columns (state, action, privileged, reward, …, source)."""
     state, action, privileged, reward, terminated, truncated, source = columns
     length = len(reward)
-    return EpisodeArrays(
+    return StepArrays(
         states=codec.vectors_from_blobs(list(state), length, episode.state_dim),
         actions=codec.vectors_from_blobs(list(action), length, episode.action_dim),
         rewards=np.array(reward, dtype=np.float32),

@@ -16,7 +16,6 @@ what one task's episodes must look like (state/action sizes, cameras); the inges
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from core.types import InterventionSegment, Outcome, StepSource
 from storage.schema import Episode, Intervention, PolicyVersion, Relabel, Run, Step, StepImage
 
 MAX_JSON_DEPTH = 64
@@ -32,22 +32,6 @@ MAX_JSON_DEPTH = 64
 
 _MAX_JSON_INT_BITS = 4096
 """Largest JSON integer (bits): far below what PostgreSQL's numeric and Python's int-to-text conversion take."""
-
-
-class Outcome(enum.StrEnum):
-    """How an episode ended."""
-
-    SUCCESS = "success"
-    FAILURE = "failure"
-    TRUNCATED = "truncated"
-    ERROR = "error"
-
-
-class StepSource(enum.IntEnum):
-    """Who produced the executed action of a step."""
-
-    POLICY = 0
-    HUMAN = 1
 
 
 class EpisodeValidationError(ValueError):
@@ -95,15 +79,6 @@ class EpisodeQuery:
         filters = {name: getattr(self, name) for name in ("task", "outcome", "policy_version", "run_id")}
         given = ", ".join(f"{name}={str(value)!r}" for name, value in filters.items() if value is not None)
         return f"episodes with {given}" if given else "all episodes"
-
-
-@dataclass(frozen=True)
-class InterventionSegment:
-    """A human takeover covering steps ``t_start`` (inclusive) to ``t_end`` (exclusive)."""
-
-    t_start: int
-    t_end: int
-    trigger: str
 
 
 # The numpy array fields every ``EpisodeRecord`` has (``privileged`` and ``images`` are optional).

@@ -14,7 +14,7 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class EpisodeArrays:
+class StepArrays:
     """The numeric per-step arrays of one episode (first axis T)."""
 
     states: np.ndarray
@@ -61,7 +61,7 @@ class ReplayIndex:
     def __init__(self) -> None:
         self.episode_ids: set[int] = set()
         self.uuids: dict[int, uuid.UUID] = {}
-        self._pending: list[tuple[int, EpisodeArrays]] = []
+        self._pending: list[tuple[int, StepArrays]] = []
         self._flat: dict[str, np.ndarray] = {}
         self._has_privileged = True
 
@@ -70,7 +70,7 @@ class ReplayIndex:
         """Total number of steps."""
         return len(self._flat.get("rewards", ())) + sum(len(a.rewards) for _, a in self._pending)
 
-    def add(self, episode_id: int, episode_uuid: uuid.UUID, arrays: EpisodeArrays) -> None:
+    def add(self, episode_id: int, episode_uuid: uuid.UUID, arrays: StepArrays) -> None:
         """Add one episode's arrays (a no-op for episodes already present)."""
         if episode_id in self.episode_ids:
             return

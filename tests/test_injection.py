@@ -8,13 +8,13 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from core.types import StepSource
 from envs import (
     EnvConfig,
     GymEnvConfig,
     InjectionConfig,
     ScriptedExpert,
     SimulatedHumanConfig,
-    Source,
     goal_distance,
     make_env,
 )
@@ -104,7 +104,7 @@ def test_the_human_is_never_injected_and_ends_the_segment():
     env = make_env(reach(), human=human, inject=InjectionConfig(kinds=("detour",), rate=0.1, length=8))
     steps = [s for seed in range(2) for s in rollout(env, seed)]
     env.close()
-    human_steps = [s for s in steps if s["source"] == Source.HUMAN]
+    human_steps = [s for s in steps if s["source"] == StepSource.HUMAN]
     assert human_steps and any(s["injected"] for s in steps)
     assert all(s["injected"] is None for s in human_steps)
 
@@ -149,12 +149,12 @@ def test_phase_gated_human_takes_over_only_late():
 
     ungated = SimulatedHumanConfig(no_progress_steps=stall, takeover_steps=5)
     steps = rollout(make_env(reach(60), human=ungated), 0, far_stall)
-    assert any(s["source"] == Source.HUMAN for s in steps)
+    assert any(s["source"] == StepSource.HUMAN for s in steps)
     gated = ungated.model_copy(update={"late_distance": 0.1})
     steps = rollout(make_env(reach(60), human=gated), 0, far_stall)
-    assert all(s["source"] == Source.POLICY for s in steps)  # the stall is far from the goal: nobody comes
+    assert all(s["source"] == StepSource.POLICY for s in steps)  # the stall is far from the goal: nobody comes
     steps = rollout(make_env(reach(150), human=gated), 0, _stall_near_goal(0.08))
-    first = next(t for t, s in enumerate(steps) if s["source"] == Source.HUMAN)
+    first = next(t for t, s in enumerate(steps) if s["source"] == StepSource.HUMAN)
     assert all(goal_distance("reach-v3", s["obs"]["privileged"]) <= 0.1 for s in steps[first - stall + 1 : first + 1])
     assert goal_distance("reach-v3", steps[0]["obs"]["privileged"]) > 0.1  # the early phase is autonomous
 
@@ -163,7 +163,7 @@ def test_step_gated_human_waits_for_its_step():
     human = SimulatedHumanConfig(no_progress_steps=None, random_rate=0.5, takeover_steps=3, late_after_step=25)
     steps = rollout(make_env(reach(60), human=human), 0)
     sources = [s["source"] for s in steps]
-    assert set(sources[:25]) == {Source.POLICY} and Source.HUMAN in sources[25:]
+    assert set(sources[:25]) == {StepSource.POLICY} and StepSource.HUMAN in sources[25:]
 
 
 def test_flywheel_collect_stores_the_ground_truth(store_url, tmp_path, monkeypatch):  # noqa: F811

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.types import monte_carlo_returns
 from recap import RecapInputError, ReturnBins, RewardConfig, ValueConfig, ValueModel, train_value
-from recap.rewards import monte_carlo_returns, step_rewards, task_horizons
+from recap.rewards import step_rewards, task_horizons
 from recap.synthetic import make_episode
 from recap.value import normalized_returns, validation_split
 from storage.records import EpisodeRecord, Outcome

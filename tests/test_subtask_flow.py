@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.recorder import EpisodeRecorder, source_segments, subtask_sources
-from envs import EnvConfig, InterventionWrapper, SimulatedHuman, SimulatedHumanConfig, Source, make_env
+from envs import EnvConfig, InterventionWrapper, SimulatedHuman, SimulatedHumanConfig, make_env
 from envs.experts import expert_phases
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
@@ -74,15 +74,15 @@ def test_simulated_human_names_the_expert_phase_it_executes():
         SimulatedHuman(TASK, SimulatedHumanConfig(no_progress_steps=None, random_rate=0.3, takeover_steps=3)),
     )
     observation, _ = env.reset(seed=3)
-    seen = {Source.HUMAN: 0, Source.POLICY: 0}
+    seen = {StepSource.HUMAN: 0, StepSource.POLICY: 0}
     for _ in range(30):
         phase = expert_phases(TASK, observation["privileged"][None])[0]
         observation, _, terminated, truncated, info = env.step(np.zeros(4, np.float32))
         seen[info["source"]] += 1
-        assert info["subtask"] == (phase if info["source"] == Source.HUMAN else None)
+        assert info["subtask"] == (phase if info["source"] == StepSource.HUMAN else None)
         if terminated or truncated:
             break
-    assert seen[Source.HUMAN] > 0 and seen[Source.POLICY] > 0
+    assert seen[StepSource.HUMAN] > 0 and seen[StepSource.POLICY] > 0
 
 
 def test_hierarchical_rollouts_record_both_levels_with_provenance_and_retrain(demos):
