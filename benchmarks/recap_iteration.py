@@ -12,6 +12,11 @@ episode length and successes per hour of robot time (10 Hz).
 
     python benchmarks/recap_iteration.py --tasks reach-v3 button-press-topdown-v3
     python benchmarks/recap_iteration.py --quick
+
+Issue 20's scenarios, where failures live inside episodes (injected detours, late corrections; state or image
+tier; every arm under one convergence rule), are in ``benchmarks/recap_scenarios.py``; ``--scenario`` runs them:
+
+    python benchmarks/recap_iteration.py --scenario detours --tasks reach-v3 drawer-open-v3 --seed 0
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -291,6 +297,11 @@ def pooled_report(paths: list[Path]) -> str:
 
 
 def main() -> None:
+    if "--scenario" in sys.argv[1:]:  # issue 20's scenarios (their own options and arms)
+        from recap_scenarios import main as scenario_main
+
+        scenario_main(sys.argv[1:])
+        return
     args = parse_args()
     if args.combine:
         print(pooled_report(args.combine))

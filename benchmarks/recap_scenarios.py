@@ -1,0 +1,422 @@
+"""RECAP where failures live inside episodes (issue 20): the ``detours`` and ``late-corrections`` scenarios of
+``benchmarks/recap_iteration.py`` (run through it with ``--scenario``, or directly).
+
+Per task and seed, one SQLite store: ``--demos`` scripted demos (noise ``--demo-noise``) → a prior pretrained
+with the advantage text (every demo step "Advantage: positive", 30% dropout; queried positive) for
+``--prior-steps`` steps (deliberately short) → ``--collect`` rollouts of the prior into the store:
+
+- ``detours``: ``envs.BadSegmentWrapper`` injects detours away from the goal (``--inject-rate`` per step,
+  ``--inject-length`` steps) with the simulated human watching (takes over after ``--no-progress-steps``
+  without progress); the ground truth of every step lands in ``steps.injected``;
+- ``late-corrections``: no injection; a phase-gated simulated human that only watches once the task's goal
+  distance is ≤ ``--late-distance`` (``SimulatedHumanConfig.late_distance``), so corrected episodes keep their
+  sloppy early autonomous stretches.
+
+Then a 2-fold cross-fitted relabel (value on ``--value-inputs``, N from the horizon, windows stopping at a
+change of step source) and every arm retrained **from the prior** on the same demos + rollouts, under one
+convergence rule (20% of the episodes held out — the same ones for every arm —, held-out flow loss every
+``--validate-every`` steps, stop after ``--patience`` measurements without improvement, best weights kept, at
+most ``--retrain-steps``): BC on all data, filtered BC (successful episodes + intervention steps), AWR, RECAP
+(explicit positive/negative text, 30% dropout), RECAP positive-only (negatives unconditioned), and where the
+ground truth exists RECAP on the true labels (a step is positive unless injected) and filtered BC on the
+truly good steps (every step not injected). Every arm is evaluated on the same ``--eval-episodes`` fresh
+seeds: success within the time limit (Wilson 95% interval), successes per hour of robot time (10 Hz), mean
+episode length. Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
+autonomous rollout steps and the AUC of the advantage for clean vs injected.
+
+One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir``, written when the seed lands;
+``--combine FILES`` pools them. The state tier (``--tier state``, default) trains the VLA without a camera.
+
+    python benchmarks/recap_iteration.py --scenario detours --tasks reach-v3 --seed 0
+    python benchmarks/recap_scenarios.py --combine benchmarks/results/recap_detours_state_reach-v3_seed*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+
+from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
+from experiments.collection import CollectConfig, collect_scripted_demos, run_collection
+from experiments.evaluation import EvalResult, evaluate, wilson_interval
+from experiments.recap_iteration import with_task_horizon
+from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
+from recap import (
+    POSITIVE_PROMPT,
+    AdvantageConfig,
+    RelabelConfig,
+    ValueConfig,
+    awr_weights,
+    conditioned_episodes,
+    cross_fit,
+    filtered_bc_weights,
+)
+from recap.conditioning import condition_texts
+from recap.diagnostics import auc
+from storage import EpisodeRecord, ExperienceStore, RelabelRecord, StepSource
+
+EVAL_SEED = 10_000
+SCENARIOS = ("detours", "late-corrections")
+#: Episode limits (the time limit success is measured within) per task; others use the task default.
+HORIZONS = {"reach-v3": 100, "drawer-open-v3": 150, "pick-place-v3": 150, "button-press-topdown-v3": 150}
+ARMS = (
+    "prior", "bc_all", "filtered_bc", "awr", "recap", "recap_positive_only", "recap_true_labels",
+    "filtered_bc_true",
+)  # fmt: skip
+
+StepFn = Callable[[EpisodeRecord], Any]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario options (shared with ``recap_iteration.py --scenario``)."""
+    parser.add_argument("--tier", choices=["state", "image"], default="state")
+    parser.add_argument("--demos", type=int, default=10)
+    parser.add_argument("--demo-noise", type=float, default=0.1)
+    parser.add_argument("--prior-steps", type=int, default=150)
+    parser.add_argument("--collect", type=int, default=40)
+    parser.add_argument("--inject-rate", type=float, default=0.02)
+    parser.add_argument("--inject-length", type=int, default=15)
+    parser.add_argument("--no-progress-steps", type=int, default=30)
+    parser.add_argument("--takeover-steps", type=int, default=20)
+    parser.add_argument("--late-distance", type=float, default=0.1)
+    parser.add_argument("--value-inputs", choices=["state", "privileged", "state_privileged"], default="privileged")
+    parser.add_argument("--value-steps", type=int, default=1500)
+    parser.add_argument("--n-step", type=int, default=None, help="N of the advantage (default: from the horizon)")
+    parser.add_argument("--demos-positive", action="store_true", help="force every demo step positive")
+    parser.add_argument("--retrain-steps", type=int, default=1500, help="cap of every retrained arm")
+    parser.add_argument("--validate-every", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--max-episode-steps", type=int, default=None, help="default: per task (HORIZONS)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+
+
+def quick(args: argparse.Namespace) -> None:
+    """Tiny budgets for a smoke run (numbers meaningless)."""
+    args.tasks, args.demos, args.prior_steps, args.collect = args.tasks[:1], 2, 5, 3
+    args.retrain_steps, args.validate_every, args.patience = 6, 3, 1
+    args.value_steps, args.eval_episodes, args.max_episode_steps = 30, 2, 40
+    args.inject_rate = 0.1
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every task of ``args`` at ``args.seed``; each result is written when it lands."""
+    workdir = Path(tempfile.mkdtemp(prefix="flywheel-recap-scenario-"))
+    results = []
+    for task in args.tasks:
+        result = run_task(task, args, workdir)
+        path = write_result(args, result)
+        print(format_result(result), flush=True)
+        print(f"wrote {path}", flush=True)
+        results.append(result)
+    return results
+
+
+def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
+    limit = args.max_episode_steps or HORIZONS.get(task)
+    if args.tier == "state":
+        return EnvConfig(task=task, render=False, max_episode_steps=limit)
+    size = args.image_size
+    return EnvConfig(task=task, cameras=("corner2",), width=size, height=size, max_episode_steps=limit)
+
+
+def bc_config(args: argparse.Namespace, steps: int, **overrides: Any) -> BCConfig:
+    cameras = () if args.tier == "state" else ("corner2",)
+    return BCConfig(
+        cameras=cameras, image_size=args.image_size, steps=steps, batch_size=args.batch_size, seed=args.seed,
+        checkpoint_every=0, **overrides,
+    )  # fmt: skip
+
+
+def collect_config(task: str, args: argparse.Namespace, env: EnvConfig, policy: str, url: str) -> CollectConfig:
+    """The scenario's rollouts of ``policy``: injected detours or a late (phase-gated) human."""
+    human = SimulatedHumanConfig(
+        no_progress_steps=args.no_progress_steps, takeover_steps=args.takeover_steps, seed=args.seed,
+        late_distance=args.late_distance if args.scenario == "late-corrections" else None,
+    )  # fmt: skip
+    inject = None
+    if args.scenario == "detours":
+        inject = InjectionConfig(kinds=("detour",), rate=args.inject_rate, length=args.inject_length, seed=args.seed)
+    return CollectConfig(
+        env=env, policy=policy, episodes=args.collect, human=human, inject=inject, store_url=url,
+        run_id="rollouts", seed=args.seed, record_images=args.tier == "image",
+    )  # fmt: skip
+
+
+def truth(episode: EpisodeRecord) -> np.ndarray:
+    """Ground-truth good steps: not injected (demos and human steps are clean)."""
+    injected = episode.injected or [None] * episode.length
+    return np.array([kind is None for kind in injected])
+
+
+def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Demos → advantage-text prior → scenario rollouts → relabel → every arm from the prior → evaluation."""
+    started = time.perf_counter()
+    url = f"sqlite:///{workdir / f'{task}-{args.scenario}-{args.seed}.db'}"
+    env = env_config(task, args)
+    collect_scripted_demos(env, url, "demos", args.demos, args.demo_noise, seed=args.seed)
+    store = ExperienceStore(url)
+    demo_selection = EpisodeFilter(tasks=[task], run_ids=["demos"])
+    prior = train_vla(
+        store, demo_selection, bc_config(args, args.prior_steps, condition_dropout=0.3), workdir,
+        conditions=lambda ep: [POSITIVE_PROMPT] * ep.length, inference_conditions=POSITIVE_PROMPT,
+        progress=False,
+    )  # fmt: skip
+    log(task, f"prior trained ({time.perf_counter() - started:.0f} s)")
+    report = run_collection(collect_config(task, args, env, str(prior.checkpoint), url), progress=False)
+    log(task, f"collected {report.episodes} rollouts, {report.successes} successful ({time.perf_counter() - started:.0f} s)")
+    selection = EpisodeFilter(tasks=[task], outcomes=["success", "failure", "truncated"])
+    episodes = load_training_episodes(store, selection, images=False)
+    advantage = AdvantageConfig(n_step=args.n_step, demonstrations_positive=args.demos_positive)
+    relabel_config = RelabelConfig(
+        value=ValueConfig(train_steps=args.value_steps, inputs=args.value_inputs, seed=args.seed),
+        advantage=advantage,
+    )
+    clock = time.perf_counter()
+    record = cross_fit(episodes, with_task_horizon(relabel_config, task, env.episode_steps)).record
+    relabel_seconds = time.perf_counter() - clock
+    log(task, f"relabelled ({relabel_seconds:.0f} s)")
+    arms = arm_specs(episodes, record, args)
+    rows = [arm_row("prior", evaluate_arm(prior, env, args), 0.0)]
+    log(task, f"prior: {rows[0]['success_rate']:.2f}")
+    for arm, (conditions, weights, dropout) in arms.items():
+        if arm not in args.arms:
+            continue
+        clock = time.perf_counter()
+        config = bc_config(
+            args, args.retrain_steps, condition_dropout=dropout, validation_fraction=0.2,
+            validate_every=args.validate_every, patience=args.patience,
+        )  # fmt: skip
+        trained = train_vla(
+            store, selection, config, workdir, conditions=conditions, weights=weights,
+            init_from=prior.checkpoint, parent_version=prior.version, progress=False,
+            inference_conditions=POSITIVE_PROMPT if conditions is not None else None,
+        )  # fmt: skip
+        seconds = time.perf_counter() - clock
+        row = arm_row(arm, evaluate_arm(trained, env, args), seconds)
+        row |= {"best_step": trained.train.best_step, "stopped_at": trained.train.stopped_at}
+        rows.append(row)
+        log(task, f"{arm}: {row['success_rate']:.2f} (best step {row['best_step']}, {seconds:.0f} s)")
+    return {
+        "task": task,
+        "scenario": args.scenario,
+        "tier": args.tier,
+        "seed": args.seed,
+        "rows": rows,
+        "labels": label_quality(episodes, record),
+        "relabel": {k: record.diagnostics["tasks"][task].get(k) for k in RELABEL_KEYS}
+        | {"windows": record.config.get("windows"), "relabel_seconds": relabel_seconds},
+        "data": data_summary(episodes, report),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "combine"},
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+RELABEL_KEYS = ("p_positive_given_success", "p_positive_given_failure", "positive_gap", "value_return_correlation")
+
+
+def arm_specs(
+    episodes: list[EpisodeRecord], record: RelabelRecord, args: argparse.Namespace
+) -> dict[str, tuple[StepFn | None, StepFn | None, float]]:
+    """Per arm: (per-step conditions, per-step weights, condition dropout)."""
+    explicit = {item.episode.uuid: item.conditions for item in conditioned_episodes(episodes, record)}
+    positive_only = {
+        item.episode.uuid: item.conditions
+        for item in conditioned_episodes(episodes, record, scheme="positive_only")
+    }
+    filtered, awr = filtered_bc_weights(episodes), awr_weights(episodes, record)
+    specs: dict[str, tuple[StepFn | None, StepFn | None, float]] = {
+        "bc_all": (None, None, 0.0),
+        "filtered_bc": (None, lambda ep: filtered[ep.uuid], 0.0),
+        "awr": (None, lambda ep: awr[ep.uuid], 0.0),
+        "recap": (lambda ep: explicit[ep.uuid], None, 0.3),
+        "recap_positive_only": (lambda ep: positive_only[ep.uuid], None, 0.3),
+    }
+    if any(not truth(ep).all() for ep in episodes):  # ground truth exists: injected steps
+        specs["recap_true_labels"] = (lambda ep: condition_texts(truth(ep)), None, 0.3)
+        specs["filtered_bc_true"] = (None, lambda ep: truth(ep).astype(np.float32), 0.0)
+    return specs
+
+
+def evaluate_arm(trained: TrainedPolicy, env: EnvConfig, args: argparse.Namespace) -> EvalResult:
+    result, _ = evaluate(trained.policy, env, args.eval_episodes, seed=EVAL_SEED)
+    return result
+
+
+def arm_row(arm: str, result: EvalResult, seconds: float) -> dict[str, Any]:
+    return {
+        "arm": arm,
+        "successes": result.successes,
+        "n": result.n,
+        "success_rate": result.success_rate,
+        "ci95": [result.ci_low, result.ci_high],
+        "mean_length": result.mean_length,
+        "mean_success_length": result.mean_success_length,
+        "successes_per_hour": result.successes_per_hour,
+        "train_seconds": seconds,
+    }
+
+
+def label_quality(episodes: list[EpisodeRecord], record: RelabelRecord) -> dict[str, Any]:
+    """RECAP's labels against the ground truth over the autonomous rollout steps (None without injections)."""
+    labels = {item.episode_uuid: item for item in record.labels}
+    good, positive, advantage = [], [], []
+    for episode in episodes:
+        autonomous = np.asarray(episode.sources) == StepSource.POLICY
+        if episode.injected is None:
+            continue
+        good.append(truth(episode)[autonomous])
+        positive.append(np.asarray(labels[episode.uuid].indicators, dtype=bool)[autonomous])
+        advantage.append(np.asarray(labels[episode.uuid].advantages)[autonomous])
+    if not good:
+        return {"injected_steps": 0}
+    clean, flags, values = np.concatenate(good), np.concatenate(positive), np.concatenate(advantage)
+    return {
+        "autonomous_steps": int(clean.size),
+        "injected_steps": int((~clean).sum()),
+        "p_positive_injected": float(flags[~clean].mean()) if (~clean).any() else None,
+        "p_positive_clean": float(flags[clean].mean()) if clean.any() else None,
+        "label_auc": auc(values, clean),
+    }
+
+
+def data_summary(episodes: list[EpisodeRecord], report: Any) -> dict[str, Any]:
+    rollouts = [ep for ep in episodes if ep.run_id == "rollouts"]
+    steps = sum(ep.length for ep in rollouts)
+    injected = sum(int((~truth(ep)).sum()) for ep in rollouts)
+    return {
+        "episodes": len(episodes),
+        "rollouts": len(rollouts),
+        "rollout_successes": sum(ep.outcome.value == "success" for ep in rollouts),
+        "rollout_steps": steps,
+        "injected_steps": injected,
+        "human_steps": int(sum(np.count_nonzero(ep.sources) for ep in rollouts)),
+        "episodes_with_injection": sum(not truth(ep).all() for ep in rollouts),
+    }
+
+
+def log(task: str, message: str) -> None:
+    print(f"[{task}] {message}", flush=True)
+
+
+def result_path(args: argparse.Namespace, task: str) -> Path:
+    return args.output_dir / f"recap_{args.scenario}_{args.tier}_{task}_seed{args.seed}.json"
+
+
+def write_result(args: argparse.Namespace, result: dict[str, Any]) -> Path:
+    path = result_path(args, result["task"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    path.with_suffix(".txt").write_text(format_result(result) + "\n")
+    return path
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One seed's table: every arm with success, interval, Δ vs filtered BC, succ/h, mean length."""
+    rows = {row["arm"]: row for row in result["rows"]}
+    reference = rows.get("filtered_bc")
+    lines = [
+        f"{result['scenario']} / {result['tier']} tier / {result['task']} / seed {result['seed']}: success within "
+        f"the time limit on {rows['prior']['n']} eval seeds ({EVAL_SEED}+, same for every arm); Δ fBC = points vs "
+        "filtered BC; succ/h at 10 Hz; best = the step whose weights the convergence rule kept",
+        f"{'arm':<20} {'success':>8} {'rate':>5} {'95% CI':>13} {'Δ fBC':>6} {'succ/h':>7} {'× fBC':>6} "
+        f"{'mean len':>8} {'best':>5} {'train s':>7}",
+    ]
+    for arm, row in rows.items():
+        low, high = row["ci95"]
+        delta = 100 * (row["success_rate"] - reference["success_rate"]) if reference else math.nan
+        ratio = row["successes_per_hour"] / reference["successes_per_hour"] if reference and reference["successes_per_hour"] else math.nan
+        lines.append(
+            f"{arm:<20} {row['successes']:>3}/{row['n']:<4} {row['success_rate']:>5.2f} [{low:.2f}, {high:.2f}] "
+            f"{delta:>+6.0f} {row['successes_per_hour']:>7.0f} {ratio:>6.2f} {row['mean_length']:>8.1f} "
+            f"{row.get('best_step') or '-':>5} {row['train_seconds']:>7.0f}"
+        )
+    data, labels, rel = result["data"], result["labels"], result["relabel"]
+    lines.append(
+        f"  data: {data['episodes']} episodes ({data['rollouts']} rollouts, {data['rollout_successes']} "
+        f"successful; {data['injected_steps']}/{data['rollout_steps']} rollout steps injected in "
+        f"{data['episodes_with_injection']} episodes; {data['human_steps']} human steps); wall "
+        f"{result['wall_seconds'] / 60:.1f} min"
+    )
+    lines.append(
+        f"  labels vs truth: P(pos|injected) {_fmt(labels.get('p_positive_injected'))} P(pos|clean) "
+        f"{_fmt(labels.get('p_positive_clean'))} AUC {_fmt(labels.get('label_auc'))}; windows {rel['windows']}; "
+        f"P(pos|success) {_fmt(rel['p_positive_given_success'])} P(pos|failure) {_fmt(rel['p_positive_given_failure'])}"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def pooled_report(paths: list[Path]) -> str:
+    """Per (scenario, tier, task, arm) pooled over seeds: successes/n, Wilson interval, Δ vs filtered BC, succ/h."""
+    results = [json.loads(path.read_text()) for path in paths]
+    cells: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
+    labels: dict[tuple[str, str, str], list[float]] = {}
+    for result in results:
+        key = (result["scenario"], result["tier"], result["task"])
+        for row in result["rows"]:
+            cells.setdefault(key, {}).setdefault(row["arm"], []).append(row | {"seed": result["seed"]})
+        if result["labels"].get("label_auc") is not None:
+            labels.setdefault(key, []).append(result["labels"]["label_auc"])
+    lines = []
+    for key, arms in cells.items():
+        seeds = sorted({row["seed"] for rows in arms.values() for row in rows})
+        reference = arms.get("filtered_bc", [])
+        ref_rate = sum(r["successes"] for r in reference) / max(1, sum(r["n"] for r in reference))
+        ref_hour = float(np.mean([r["successes_per_hour"] for r in reference])) if reference else math.nan
+        auc_text = ", ".join(f"{value:.2f}" for value in labels.get(key, [])) or "n/a"
+        lines += [
+            f"{' / '.join(key)}: pooled over seeds {seeds}; label AUC per seed {auc_text}",
+            f"  {'arm':<20} {'seeds':>5} {'success':>9} {'rate':>5} {'95% CI':>13} {'Δ fBC':>6} {'succ/h':>7} "
+            f"{'× fBC':>6} {'mean len':>8}  per-seed rates",
+        ]
+        for arm, rows in arms.items():
+            successes, n = sum(r["successes"] for r in rows), sum(r["n"] for r in rows)
+            low, high = wilson_interval(successes, n)
+            per_hour = float(np.mean([r["successes_per_hour"] for r in rows]))
+            lines.append(
+                f"  {arm:<20} {len(rows):>5} {successes:>4}/{n:<4} {successes / n:>5.2f} [{low:.2f}, {high:.2f}] "
+                f"{100 * (successes / n - ref_rate):>+6.0f} {per_hour:>7.0f} {per_hour / ref_hour if ref_hour else math.nan:>6.2f} "
+                f"{np.mean([r['mean_length'] for r in rows]):>8.1f}  "
+                + " ".join(f"{r['success_rate']:.2f}" for r in rows)
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=SCENARIOS, default="detours")
+    parser.add_argument("--tasks", nargs="+", default=["reach-v3"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.combine:
+        print(pooled_report(args.combine))
+        return
+    if args.quick:
+        quick(args)
+    run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
