@@ -20,6 +20,7 @@ from experiments.evaluation import EvalResult, evaluate
 from experiments.policy_loader import load, register, resolve
 from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
 from recap import POSITIVE_PROMPT, RelabelConfig, conditioned_episodes, relabel
+from recap.config import Conditioning
 from storage import EpisodeRecord, ExperienceStore, RelabelRecord
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class RecapIterationConfig(BaseModel):
         default=None, description="runs to aggregate (default: every stored run)"
     )
     cfg_beta: float = Field(default=1.0, ge=0.0)
+    conditioning: Conditioning = Field(
+        default="explicit",
+        description="explicit: positive/negative text on every step; positive_only: negative steps unconditioned",
+    )
     retrain_from: Path | None = Field(
         default=None,
         description="pretrained checkpoint the policy is retrained from each iteration (default: a fresh model)",
@@ -114,7 +119,9 @@ def train_stage(
     """Retrain the policy on all aggregated data with per-step "Advantage: positive/negative" conditions."""
     by_uuid = {
         item.episode.uuid: item.conditions
-        for item in conditioned_episodes(load_training_episodes(store, selection, images=False), record)
+        for item in conditioned_episodes(
+            load_training_episodes(store, selection, images=False), record, config.conditioning
+        )
     }
     return train_vla(
         store,
