@@ -1,4 +1,4 @@
-"""The hardware abstraction a robot runtime drives, and a Meta-World robot behind it.
+"""The hardware abstraction the robot runtime (``actors.robot_runtime``) drives, and a Meta-World robot behind it.
 
 ``RobotInterface`` is what a real arm's driver implements: ``reset`` (go to a start pose, return the first
 observation), ``observe`` (the latest sensor reading), ``act`` (send one command and return what the robot
@@ -17,12 +17,14 @@ import multiprocessing as mp
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from envs.metaworld_env import ACTION_DIM, EnvConfig, MetaWorldEnv
-from policies.base import Observation
+from core.types import Observation
+
+if TYPE_CHECKING:
+    from envs.metaworld_env import EnvConfig
 
 
 class EStopError(RuntimeError):
@@ -68,11 +70,15 @@ class RobotInterface(Protocol):
 
 
 class SimRobot:
-    """A Meta-World task as a robot: ``act`` steps the simulator, ``observe`` returns the latest observation."""
+    """A Meta-World task as a robot: ``act`` steps the simulator, ``observe`` returns the latest observation.
 
-    action_dim = ACTION_DIM
+    Meta-World (mujoco) is imported here, when a sim robot is built: the module stays light for real robots.
+    """
 
     def __init__(self, config: EnvConfig | None = None) -> None:
+        from envs.metaworld_env import ACTION_DIM, EnvConfig, MetaWorldEnv
+
+        self.action_dim = ACTION_DIM
         self.config = config or EnvConfig(render=False)
         self.env = MetaWorldEnv(self.config)
         self._observation: Observation | None = None

@@ -53,14 +53,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.recorder import EpisodeRecorder
-from envs.interventions import TeleopContext, TeleopDevice
-from envs.robot import EStopError, RobotInterface
-from experiments.validation import UserError
-from policies.base import Observation
+from actors.robot import EStopError, RobotInterface
+from core.teleop import TeleopContext, TeleopDevice
+from core.types import InterventionSegment, Observation, Outcome, StepSource, episode_outcome
 from policies.openpi_client import OpenPIClientPolicy
 from policies.serving.inpainting import RTC_FIELD, RTCRequest
 from policies.serving.observations import ObservationSpec
-from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSource
+from storage.records import EpisodeRecord
 from storage.spool import EpisodeSpool
 
 logger = logging.getLogger(__name__)
@@ -68,6 +67,10 @@ logger = logging.getLogger(__name__)
 #: Camera and square image side a robot renders when asked for images by a server that declares none.
 DEFAULT_CAMERAS = ("corner2",)
 DEFAULT_IMAGE_SIZE = 64
+
+
+class RobotCamerasError(ValueError):
+    """Cameras or an image size asked for that the server's policy does not take (one line naming both)."""
 
 
 @dataclass(frozen=True)
@@ -89,24 +92,24 @@ def robot_cameras(
 
     ``images=None`` renders exactly when the server's policy declares cameras or cameras / a size are given;
     given values that disagree with a declared spec, or ``images=False`` for a policy that needs cameras, raise
-    a one-line :class:`UserError` naming both sides.
+    a one-line :class:`RobotCamerasError` naming both sides.
     """
     served = dict(ObservationSpec.from_metadata(metadata).cameras)
     wanted = ", ".join(f"{name} {h}×{w}" for name, (h, w) in served.items())
     if images is False:
         if served:
-            raise UserError(f"--no-images: the server's policy needs camera images ({wanted})")
+            raise RobotCamerasError(f"--no-images: the server's policy needs camera images ({wanted})")
         return RobotCameras(())
     if served and cameras is not None and set(cameras) != set(served):
-        raise UserError(
+        raise RobotCamerasError(
             f"--cameras {','.join(cameras)}: the server's policy takes cameras {','.join(served)}"
         )
     names = cameras or tuple(served) or (DEFAULT_CAMERAS if images or image_size else ())
     sizes = {served[name] for name in names if name in served}
     if image_size is not None and sizes - {(image_size, image_size)}:
-        raise UserError(f"--image-size {image_size}: the server's policy takes {wanted}")
+        raise RobotCamerasError(f"--image-size {image_size}: the server's policy takes {wanted}")
     if len(sizes) > 1:
-        raise UserError(
+        raise RobotCamerasError(
             f"the server's policy takes cameras of different sizes ({wanted}); the sim robot renders one"
         )
     height, width = sizes.pop() if sizes else (image_size or DEFAULT_IMAGE_SIZE,) * 2
@@ -346,7 +349,9 @@ class RobotRuntime:
         command_ms: list[float] = []
         chunk_log = _ChunkLog()
         starved, holding = 0, False
-        reward, info, outcome, error = 0.0, {}, Outcome.TRUNCATED, None
+        reward, info, error = 0.0, {}, None
+        outcome: Outcome | None = None  # set here only when the episode stops early (ERROR)
+        succeeded = terminated = truncated = False
         policy_error: str | None = None
         for t in range(config.max_steps):
             late_ms.append(clock.wait() * 1000)
@@ -394,10 +399,12 @@ class RobotRuntime:
                 chunk_offset=-1 if human else offset,
                 latency_ms=0.0 if human or chunk_id < 0 else chunk.reply.latency_ms,
             )
-            if feedback.success:
-                outcome = Outcome.SUCCESS
+            succeeded = succeeded or feedback.success
+            terminated, truncated = feedback.terminated, done and not feedback.terminated
             if done:
                 break
+        if outcome is None:
+            outcome = episode_outcome(succeeded, terminated, truncated)
         takeover.close(recorder.length)
         if pending is not None:
             pending.future.cancel()

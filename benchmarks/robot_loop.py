@@ -42,10 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
-from envs.robot import RobotProcess, sim_robot_factory
-from experiments.ingest import IngestConfig, IngestServer
-from experiments.robot_runtime import (
+from actors.robot import RobotProcess, sim_robot_factory
+from actors.robot_runtime import (
     RateClock,
     RobotRuntime,
     RuntimeConfig,
@@ -53,7 +51,9 @@ from experiments.robot_runtime import (
     realtime_thread,
     remote_chunks,
 )
-from experiments.upload import UploadConfig, Uploader
+from actors.upload import UploadConfig, Uploader
+from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
+from experiments.ingest import IngestConfig, IngestServer
 from policies.openpi_client import OpenPIClientPolicy
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig

@@ -130,19 +130,19 @@ def sweep_task(task: str, args: argparse.Namespace) -> list[SweepPoint]:
     import torch
 
     from actors.execution import ExecutionConfig
-    from policies.vla import VLAPolicy
+    from policies.checkpoint import load_checkpoint, save_checkpoint
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     checkpoint = RESULTS / f"rtc_sweep_{task}_demos{args.demos}_steps{args.train_steps}_seed{args.seed}"
     if checkpoint.exists() and not args.retrain:
-        policy = VLAPolicy.load(checkpoint)
+        policy = load_checkpoint(checkpoint)
         print(f"[{task}] loaded the trained policy from {checkpoint}", flush=True)
     else:
         policy, demo_success, samples = train_policy(
             task, args.demos, args.train_steps, args.max_steps, args.seed
         )
-        policy.save(checkpoint)
+        save_checkpoint(policy, checkpoint)
         print(
             f"[{task}] demos success {demo_success:.0%}, {samples} samples, trained in"
             f" {time.perf_counter() - started:.0f} s ({time.process_time():.0f} CPU s so far)",

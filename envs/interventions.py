@@ -29,55 +29,18 @@ hierarchical policy store a human-corrected subtask for every intervention step.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import asdict
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.teleop import TeleopCommand, TeleopContext, TeleopDevice
 from core.types import InterventionSegment, StepSource
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import goal_distance
 from policies.base import Observation
-
-
-@dataclass(frozen=True)
-class TeleopContext:
-    """What a teleoperation device may look at before a step: the current observation, the policy's proposed
-    action, the step index and the previous step's reward and info (0 and ``{}`` at the first step)."""
-
-    observation: Observation
-    policy_action: np.ndarray
-    t: int
-    reward: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TeleopCommand:
-    """A device's answer: ``takeover=True`` runs ``action`` instead of the policy's; ``reason`` says why.
-
-    ``subtask`` optionally names the subtask the human is executing (a correction of the high-level policy).
-    """
-
-    takeover: bool
-    action: np.ndarray | None = None
-    reason: str = "teleop"
-    subtask: str | None = None
-
-
-@runtime_checkable
-class TeleopDevice(Protocol):
-    """Anything that can take over from the policy: a simulated human, a keyboard, a gamepad, a spacemouse."""
-
-    def reset(self, seed: int | None = None) -> None:
-        """Called at the start of every episode."""
-        ...
-
-    def poll(self, context: TeleopContext) -> TeleopCommand | None:
-        """The device's command for this step; ``None`` (or ``takeover=False``) lets the policy act."""
-        ...
 
 
 class SimulatedHumanConfig(BaseModel):

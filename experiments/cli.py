@@ -43,6 +43,7 @@ USER_ERRORS: tuple[str, ...] = (
     "experiments.export.ExportError",
     "policies.openpi_client.ServerError",
     "policies.serving.server.ServerStartError",
+    "actors.robot_runtime.RobotCamerasError",
 )
 
 #: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.

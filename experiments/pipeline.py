@@ -30,7 +30,7 @@ from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
 from experiments.paths import check_writable_folder
-from experiments.pipeline_artifacts import write_iteration_artifacts
+from experiments.pipeline_artifacts import dump_json, write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
 from experiments.pipeline_rlt import RLTResult, load_rlt_result, run_rlt
 from experiments.policy_loader import load, register, resolve
@@ -611,8 +611,3 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def dump_json(data: Any) -> str:
-    """Pretty JSON for artifacts."""
-    return json.dumps(
-        data, indent=1, default=lambda value: value.item() if hasattr(value, "item") else str(value)
-    )

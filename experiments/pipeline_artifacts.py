@@ -5,8 +5,10 @@ px so a person can judge them."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import imageio.v3 as iio
 import matplotlib
@@ -22,7 +24,9 @@ from recap.plots import plot_episode_values
 from storage import EpisodeRecord, Outcome
 
 if TYPE_CHECKING:
-    from experiments.pipeline import IterationState, Pipeline
+    from experiments.pipeline_config import PipelineConfig
+    from policies.base import Policy
+    from storage import ExperienceStore
 
 PLOT_EPISODES = 2
 VIDEO_EPISODES = 2
@@ -31,12 +35,38 @@ VIDEO_SIDE = 192
 COMPARISON_VIDEO = "candidate_vs_deployed.gif"
 
 
+class IterationState(Protocol):
+    """One iteration's stage records (``experiments.pipeline.IterationState`` is one)."""
+
+    iteration: int
+    outputs: dict[str, dict[str, Any]]
+
+
+class Pipeline(Protocol):
+    """What the artifact writers read from the pipeline (``experiments.pipeline.Pipeline``), named structurally
+    so that this module does not import the pipeline that imports it."""
+
+    config: PipelineConfig
+    store: ExperienceStore
+
+    def rlt_run(self, iteration: int) -> str: ...
+
+    def iterations(self) -> Sequence[IterationState]: ...
+
+    def _load(self, version: str, task: str, seed: int | None = None) -> Policy: ...
+
+
+def dump_json(data: Any) -> str:
+    """Pretty JSON for artifacts."""
+    return json.dumps(
+        data, indent=1, default=lambda value: value.item() if hasattr(value, "item") else str(value)
+    )
+
+
 def write_iteration_artifacts(
     pipeline: Pipeline, state: IterationState, folder: Path
 ) -> list[tuple[Path, str | None]]:
     """Write the iteration's artifacts under ``folder``; returns ``(path, MLflow artifact folder)`` pairs."""
-    from experiments.pipeline import dump_json
-
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(pipeline.config.model_dump(mode="json"), sort_keys=False))

@@ -16,16 +16,19 @@ what one task's episodes must look like (state/action sizes, cameras); the inges
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sqlalchemy as sa
 
 from core.types import InterventionSegment, Outcome, StepSource
-from storage.schema import Episode, Intervention, PolicyVersion, Relabel, Run, Step, StepImage
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 MAX_JSON_DEPTH = 64
 """Deepest nesting of JSON values (metadata, relabel config/diagnostics): checked without recursion."""
@@ -153,17 +156,17 @@ class EpisodeRecord:
         expected dtype and shape, and what was given), so what is stored is exactly what was validated.
         """
         _check_type("uuid", self.uuid, uuid.UUID, "a uuid.UUID")
-        _check_name("task", self.task, _EPISODES.task)
-        _check_name("env_id", self.env_id, _EPISODES.env_id)
-        _check_optional_name("policy_version", self.policy_version, _VERSION)
-        _check_optional_name("run_id", self.run_id, _RUN_ID)
+        _check_name("task", self.task, _columns().episodes.task)
+        _check_name("env_id", self.env_id, _columns().episodes.env_id)
+        _check_optional_name("policy_version", self.policy_version, _columns().version)
+        _check_optional_name("run_id", self.run_id, _columns().run_id)
         if self.seed is not None:
-            _check_int("seed", self.seed, _EPISODES.seed)
+            _check_int("seed", self.seed, _columns().episodes.seed)
         parse_outcome(self.outcome)
         if self.error is not None:
             if not isinstance(self.error, str):
                 raise EpisodeValidationError("error", "a str or None", repr(self.error))
-            _check_text("error", self.error, _EPISODES.error)
+            _check_text("error", self.error, _columns().episodes.error)
         _check_array("actions", self.actions, np.float32, 2, finite=True)
         steps = self.length
         _check_array("states", self.states, np.float32, 2, steps, finite=True)
@@ -174,15 +177,15 @@ class EpisodeRecord:
         _check_range("sources", self.sources, 0, max(StepSource), "a StepSource value (0=policy, 1=human)")
         _check_array("latency_ms", self.latency_ms, np.float32, 1, steps, finite=True)
         _check_range("latency_ms", self.latency_ms, 0, math.inf, "non-negative milliseconds")
-        _check_per_step_names("policy_versions", self.policy_versions, steps, _VERSION)
+        _check_per_step_names("policy_versions", self.policy_versions, steps, _columns().version)
         if self.subtasks is not None:
-            _check_per_step_names("subtasks", self.subtasks, steps, _SUBTASK)
+            _check_per_step_names("subtasks", self.subtasks, steps, _columns().subtask)
         if self.injected is not None:
-            _check_per_step_names("injected", self.injected, steps, _INJECTED)
+            _check_per_step_names("injected", self.injected, steps, _columns().injected)
         if self.prompt is not None:
             if not isinstance(self.prompt, str):
                 raise EpisodeValidationError("prompt", "a str or None", repr(self.prompt))
-            _check_text("prompt", self.prompt, _EPISODES.prompt)
+            _check_text("prompt", self.prompt, _columns().episodes.prompt)
         self._validate_chunks(steps)
         self._validate_images(steps)
         if self.privileged is not None:
@@ -213,7 +216,7 @@ class EpisodeRecord:
                 "images", "a dict camera -> T×h×w×3 uint8", type(self.images).__name__
             )
         for camera, frames in self.images.items():
-            _check_name("images camera name", camera, _CAMERA)
+            _check_name("images camera name", camera, _columns().camera)
             _check_array(f"images[{camera!r}]", frames, np.uint8, 4, steps)
             if frames.shape[3] != 3:
                 raise EpisodeValidationError(f"images[{camera!r}]", "T×h×w×3 (RGB)", f"shape {frames.shape}")
@@ -228,7 +231,7 @@ class EpisodeRecord:
                     f"0 <= t_start < t_end <= T={steps}",
                     f"t_start={segment.t_start}, t_end={segment.t_end}",
                 )
-            _check_name(f"{name}.trigger", segment.trigger, _TRIGGER)
+            _check_name(f"{name}.trigger", segment.trigger, _columns().trigger)
 
 
 @dataclass(frozen=True)
@@ -330,9 +333,9 @@ class RelabelRecord:
 
     def validate(self) -> None:
         """Check the method name, JSON-ability of config/diagnostics and every episode's labels."""
-        _check_name("method", self.method, _RELABELS.method)
-        _check_optional_name("value_model_version", self.value_model_version, _RELABELS.value_model_version)
-        _check_optional_name("parent_id", self.parent_id, _RELABELS.id)
+        _check_name("method", self.method, _columns().relabels.method)
+        _check_optional_name("value_model_version", self.value_model_version, _columns().relabels.value_model_version)
+        _check_optional_name("parent_id", self.parent_id, _columns().relabels.id)
         _check_json("config", self.config)
         _check_json("diagnostics", self.diagnostics)
         seen: set[uuid.UUID] = set()
@@ -391,7 +394,7 @@ def _check_int(name: str, value: Any, column: sa.Column[Any]) -> None:
     """Refuse a non-int or an int outside the signed range of ``column``'s integer type."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise EpisodeValidationError(name, "an int or None", repr(value)[:80])
-    bits = next(n for kind, n in _INT_BITS if isinstance(column.type, kind))
+    bits = next(n for kind, n in _columns().int_bits if isinstance(column.type, kind))
     if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
         where = f"column {column.table.name}.{column.name}"
         raise StoreLimitError(name, f"a signed {bits}-bit integer (|n| < 2^{bits - 1}, {where})", str(value))
@@ -513,12 +516,22 @@ def _render(path: _Path) -> str:
     return str(root) + "".join(f"[{key!r}]" for key in rest)
 
 
-_INT_BITS = ((sa.BigInteger, 64), (sa.SmallInteger, 16), (sa.Integer, 32))
-_EPISODES = Episode.__table__.c
-_RELABELS = Relabel.__table__.c
-_VERSION = PolicyVersion.__table__.c.version
-_RUN_ID = Run.__table__.c.id
-_SUBTASK = Step.__table__.c.subtask
-_INJECTED = Step.__table__.c.injected
-_CAMERA = StepImage.__table__.c.camera
-_TRIGGER = Intervention.__table__.c.trigger
+@functools.cache
+def _columns() -> SimpleNamespace:
+    """The schema columns whose limits validation checks, read on first use: importing this module (as the
+    robot's spool and runtime do) loads no sqlalchemy."""
+    import sqlalchemy as sa
+
+    from storage.schema import Episode, Intervention, PolicyVersion, Relabel, Run, Step, StepImage
+
+    return SimpleNamespace(
+        int_bits=((sa.BigInteger, 64), (sa.SmallInteger, 16), (sa.Integer, 32)),
+        episodes=Episode.__table__.c,
+        relabels=Relabel.__table__.c,
+        version=PolicyVersion.__table__.c.version,
+        run_id=Run.__table__.c.id,
+        subtask=Step.__table__.c.subtask,
+        injected=Step.__table__.c.injected,
+        camera=StepImage.__table__.c.camera,
+        trigger=Intervention.__table__.c.trigger,
+    )

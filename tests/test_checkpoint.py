@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from policies.checkpoint import CheckpointError, load_checkpoint
+from policies.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from policies.normalization import NormalizationStats
 from tests.test_vla import observation_batch, toy_policy
 
@@ -16,7 +16,7 @@ from tests.test_vla import observation_batch, toy_policy
 def saved(tmp_path_factory):
     policy, dataset = toy_policy(knowledge_insulation=True)
     directory = tmp_path_factory.mktemp("ckpt") / "vla"
-    version = policy.save(directory)
+    version = save_checkpoint(policy, directory)
     return policy, dataset, directory, version
 
 
@@ -107,7 +107,7 @@ def test_inference_conditions_travel_with_the_checkpoint(saved, tmp_path) -> Non
     conditioned_dir = tmp_path / "conditioned"
     policy.conditions, policy.cfg_beta = "Advantage: positive", 1.5
     try:
-        policy.save(conditioned_dir)
+        save_checkpoint(policy, conditioned_dir)
     finally:
         policy.conditions, policy.cfg_beta = None, 1.0
     loaded = load_checkpoint(conditioned_dir)

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
+from policies.checkpoint import save_checkpoint
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig, msgpack_numpy
 from tests.conftest import postgres_url
@@ -136,7 +137,7 @@ def _checkpoints(tmp: Path) -> tuple[Path, Path]:
     from tests.test_vla import toy_policy
 
     saved = tmp / "checkpoint"
-    toy_policy()[0].save(saved)
+    save_checkpoint(toy_policy()[0], saved)
     truncated, broken = tmp / "truncated", tmp / "broken"
     shutil.copytree(saved, truncated)
     shutil.copytree(saved, broken)

@@ -22,6 +22,7 @@ from experiments.pipeline_config import RLTSettings
 from experiments.pipeline_rlt import RLTDeployedPolicy, deployment_for, load_rlt_policy, run_rlt
 from experiments.policy_loader import PolicySpecError, load, resolve
 from policies.base import stack_observations
+from policies.checkpoint import save_checkpoint
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig
@@ -353,7 +354,7 @@ def test_the_loader_dispatches_every_kind_and_registered_uris_reload(tmp_path) -
 
     store = ExperienceStore(f"sqlite:///{tmp_path / 'fw.db'}")
     store.upgrade()
-    vla_version = _tiny_vla().save(tmp_path / "vla")
+    vla_version = save_checkpoint(_tiny_vla(), tmp_path / "vla")
     images, state, _, labels = _samples(40, size=48)  # _two_level's episode is 40 steps
     hierarchical = save_hierarchical(_two_level(images, state, labels, steps=2)[0], tmp_path / "hier")
     noisy = f"scripted:{TASK}?noise=0.2"

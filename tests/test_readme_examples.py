@@ -26,10 +26,9 @@ import numpy as np
 import pytest
 import yaml
 
+from actors.robot_runtime import RobotCameras, RobotCamerasError, robot_cameras
 from experiments.policy_loader import vla_image_layout
-from experiments.robot_runtime import RobotCameras, robot_cameras
 from experiments.training import EpisodeFilter, stored_image_layout
-from experiments.validation import UserError
 from storage import ExperienceStore
 from storage.spool import EpisodeSpool
 from tests.storage_fixtures import make_episode, pg_database, pg_migrated, store  # noqa: F401
@@ -96,10 +95,11 @@ def test_mixed_image_sizes_are_one_error_that_says_how_to_filter(store: Experien
 
 def test_collect_and_recap_read_a_vla_policys_cameras_and_image_size(tmp_path: Path) -> None:
     """``collect --policy <version>`` / ``recap iterate`` render at the VLA's size (the demo's 48 px prior)."""
+    from policies.checkpoint import save_checkpoint
     from tests.test_vla import toy_policy
 
     policy, _ = toy_policy()
-    policy.save(tmp_path / "vla")
+    save_checkpoint(policy, tmp_path / "vla")
     experience = ExperienceStore(f"sqlite:///{tmp_path / 'store.db'}")
     experience.upgrade()
     experience.register_policy_version("toy", kind="vla", uri=str(tmp_path / "vla"))
@@ -126,7 +126,7 @@ def test_robot_cameras_follow_the_served_policy() -> None:
         ((("corner3",), None, None), "--cameras corner3: the server's policy takes cameras corner2"),
         ((None, None, False), "--no-images: the server's policy needs camera images (corner2 96×96)"),
     ]:
-        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        with pytest.raises(RobotCamerasError, match=f"^{re.escape(message)}$"):
             robot_cameras(VLA_METADATA, *args)
 
 

@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig, TeleopCommand, TeleopContext
-from envs.robot import EStopError, RobotInterface, RobotProcess, SimRobot, sim_robot_factory
-from experiments.commands.robot import app
-from experiments.ingest import IngestConfig, IngestServer
-from experiments.robot_runtime import (
+from actors.robot import EStopError, RobotInterface, RobotProcess, SimRobot, sim_robot_factory
+from actors.robot_runtime import (
     ChunkReply,
     PolicyUnavailableError,
     RobotRuntime,
@@ -27,7 +24,10 @@ from experiments.robot_runtime import (
     action_jumps,
     remote_chunks,
 )
-from experiments.upload import UploadConfig, Uploader
+from actors.upload import UploadConfig, Uploader
+from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig, TeleopCommand, TeleopContext
+from experiments.commands.robot import app
+from experiments.ingest import IngestConfig, IngestServer
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, RTCRequest, ServerConfig

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from envs import EnvConfig, MetaWorldEnv
 from experiments.commands.serve import app as serve_app
 from policies.base import stack_observations
+from policies.checkpoint import save_checkpoint
 from policies.openpi_client import AuthenticationError, OpenPIClientPolicy
 
 TASK = "reach-v3"
@@ -127,7 +128,7 @@ def test_serve_resolves_a_checkpoint_directory_and_a_registered_version(tmp_path
     from tests.test_serving import _tiny_vla
 
     checkpoint = tmp_path / "ckpt"
-    saved_version = _tiny_vla().save(checkpoint)
+    saved_version = save_checkpoint(_tiny_vla(), checkpoint)
     store_url = f"sqlite:///{tmp_path / 'fw.db'}"
     store = ExperienceStore(store_url)
     store.upgrade()

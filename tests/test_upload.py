@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from actors.upload import UploadAuthError, UploadConfig, Uploader
 from experiments.ingest import IngestConfig, IngestServer
-from experiments.upload import UploadAuthError, UploadConfig, Uploader
 from storage.records import EpisodeRecord
 from storage.spool import EpisodeSpool, SpoolStatus, encode_episode
 from storage.store import ExperienceStore

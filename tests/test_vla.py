@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.training import (
     BCDataset,
     EpisodeArrays,
@@ -316,8 +317,8 @@ def test_two_cameras_sizes_and_horizons_infer_round_trip_and_name_a_missing_came
     assert chunk.embeddings is not None and chunk.embeddings.shape == (2, prefix_tokens, policy.config.width)
     _, valid = policy.prefix_embeddings(batch)
     assert valid[:, : 2 * image_tokens_per_camera].all() and not valid[:, -1].any()
-    version = policy.save(tmp_path / "checkpoint")
-    loaded = VLAPolicy.load(tmp_path / "checkpoint")
+    version = save_checkpoint(policy, tmp_path / "checkpoint")
+    loaded = load_checkpoint(tmp_path / "checkpoint")
     assert loaded.version == version and loaded.config == policy.config
     again = loaded.infer(batch, noise=noise)
     np.testing.assert_array_equal(again.actions, chunk.actions)

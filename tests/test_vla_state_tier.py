@@ -9,7 +9,7 @@ import pytest
 from envs import EnvConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
-from policies.checkpoint import checkpoint_config
+from policies.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from policies.training import (
     EpisodeArrays,
     HeldOutLoss,
@@ -20,7 +20,6 @@ from policies.training import (
 )
 from policies.vla import VLAConfig, VLAInputError
 from policies.vla.config import ConfigError
-from policies.vla.policy import VLAPolicy
 from storage import ExperienceStore
 
 PROMPT = "reach the goal position"
@@ -49,8 +48,8 @@ def test_state_input_vla_trains_infers_and_round_trips(tmp_path) -> None:
     noise = np.random.default_rng(1).normal(size=(2, 4, 4)).astype(np.float32)
     chunk = policy.infer(batch, noise=noise)
     assert chunk.actions.shape == (2, 4, 4) and np.isfinite(chunk.actions).all()
-    policy.save(tmp_path / "ckpt")
-    loaded = VLAPolicy.load(tmp_path / "ckpt")
+    save_checkpoint(policy, tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config.cameras == ()
     np.testing.assert_allclose(loaded.infer(batch, noise=noise).actions, chunk.actions, atol=1e-5)
     ignored = loaded.infer(batch | {"images": {"corner2": np.zeros((2, 64, 64, 3), np.uint8)}}, noise=noise)

@@ -85,9 +85,9 @@ def run(
     connect_timeout_s: float = typer.Option(30.0, min=0.1, help="Seconds to wait for the policy server."),
 ) -> None:
     """Run episodes on a sim-backed robot and spool them (SIGINT = e-stop)."""
+    from actors.robot import RobotProcess, SimRobot, sim_robot_factory
+    from actors.robot_runtime import PolicyUnavailableError, RobotRuntime, RuntimeConfig, remote_chunks
     from envs import SimulatedHuman, SimulatedHumanConfig
-    from envs.robot import RobotProcess, SimRobot, sim_robot_factory
-    from experiments.robot_runtime import PolicyUnavailableError, RobotRuntime, RuntimeConfig, remote_chunks
     from policies.openpi_client import OpenPIClientPolicy
     from policies.serving.server import PRIVILEGED_METADATA
     from storage.spool import EpisodeSpool
@@ -156,8 +156,8 @@ def _robot_env(
     seed: int,
 ) -> EnvConfig:
     """The sim robot's env: cameras and image size as given, else as the server's policy declares them."""
+    from actors.robot_runtime import robot_cameras
     from envs import EnvConfig
-    from experiments.robot_runtime import robot_cameras
 
     names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras is not None else None
     render = robot_cameras(metadata, names or None, image_size, images)
@@ -189,7 +189,7 @@ def upload(
     ),
 ) -> None:
     """Upload pending episodes; exits 1 if some were rejected (moved aside) or remain pending."""
-    from experiments.upload import UploadAuthError, UploadConfig, Uploader
+    from actors.upload import UploadAuthError, UploadConfig, Uploader
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = UploadConfig(

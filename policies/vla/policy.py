@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -237,20 +236,6 @@ class VLAPolicy:
         if tuple(np.shape(noise)) != shape:
             raise VLAInputError(f"noise.shape: expected {shape}, got {np.shape(noise)}")
         return torch.as_tensor(np.asarray(noise, dtype=np.float32), device=self.device)
-
-    # ----- persistence ---------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> str:
-        """Write a checkpoint directory (see :mod:`policies.checkpoint`); returns the content version."""
-        from policies.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, **kwargs) -> VLAPolicy:
-        """Load a checkpoint directory written by :meth:`save` (extra ``kwargs`` go to the constructor)."""
-        from policies.checkpoint import load_checkpoint
-
-        return load_checkpoint(directory, **kwargs)
 
 
 def check_components(

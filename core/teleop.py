@@ -1,0 +1,53 @@
+"""The teleoperation contract: what a device sees before a step and what it answers.
+
+The robot runtime (``actors.robot_runtime``) and the simulation's ``envs.interventions.InterventionWrapper`` poll
+a ``TeleopDevice`` every step; ``envs.interventions.SimulatedHuman`` is one, a keyboard, gamepad or spacemouse
+driver is another. Here in ``core`` so both sides use it without importing each other (or mujoco).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from core.types import Observation
+
+
+@dataclass(frozen=True)
+class TeleopContext:
+    """What a teleoperation device may look at before a step: the current observation, the policy's proposed
+    action, the step index and the previous step's reward and info (0 and ``{}`` at the first step)."""
+
+    observation: Observation
+    policy_action: np.ndarray
+    t: int
+    reward: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeleopCommand:
+    """A device's answer: ``takeover=True`` runs ``action`` instead of the policy's; ``reason`` says why.
+
+    ``subtask`` optionally names the subtask the human is executing (a correction of the high-level policy).
+    """
+
+    takeover: bool
+    action: np.ndarray | None = None
+    reason: str = "teleop"
+    subtask: str | None = None
+
+
+@runtime_checkable
+class TeleopDevice(Protocol):
+    """Anything that can take over from the policy: a simulated human, a keyboard, a gamepad, a spacemouse."""
+
+    def reset(self, seed: int | None = None) -> None:
+        """Called at the start of every episode."""
+        ...
+
+    def poll(self, context: TeleopContext) -> TeleopCommand | None:
+        """The device's command for this step; ``None`` (or ``takeover=False``) lets the policy act."""
+        ...
