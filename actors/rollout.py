@@ -402,7 +402,7 @@ class RolloutWorker:
             policy_version=scheduled.version if from_policy else None,
             chunk_id=scheduled.chunk_id if from_policy else -1,
             chunk_offset=scheduled.offset if from_policy else -1,
-            latency_ms=scheduled.latency_ms if from_policy else 0.0,
+            latency_ms=scheduled.latency_ms if from_policy and scheduled.starts_chunk else 0.0,
             subtask=subtask,
             subtask_source=None if subtask is None else SUBTASK_POLICY if from_policy else SUBTASK_HUMAN,
             injected=info.get("injected"),
@@ -454,12 +454,14 @@ class RolloutWorker:
 
 
 def env_metadata(env: gym.Env) -> dict[str, Any]:
-    """What an episode records about its env: ``robot_type`` and ``env_spec`` (the gymnasium ``EnvSpec`` as JSON
-    data, ``envs.registration``), where the env has them."""
+    """What an episode records about its env: ``robot_type``, ``fps`` (its control rate) and ``env_spec`` (the
+    gymnasium ``EnvSpec`` as JSON data, ``envs.registration``), where the env has them."""
     base = env.unwrapped
     recorded: dict[str, Any] = {}
     if getattr(base, "robot_type", None):
         recorded["robot_type"] = str(base.robot_type)
+    if getattr(base, "fps", None):
+        recorded["fps"] = float(base.fps)
     # kwargs that are not JSON data: the episode goes without a spec
     with contextlib.suppress(ValueError, TypeError):
         if base.spec is not None:

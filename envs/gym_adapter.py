@@ -133,6 +133,8 @@ class GymAdapterEnv(gym.Env):
         self.robot_type = config.robot_name
         self.render_mode = "rgb_array"
         self._env = _make(config)
+        fps = self._env.metadata.get("render_fps")
+        self.fps = float(fps) if isinstance(fps, int | float) and fps > 0 else None  # the env's control rate
         # Close the wrapped env (and its GL context) when the adapter goes away, at the latest before exit.
         self._finalizer = weakref.finalize(self, self._env.close)
         self._seeded = False

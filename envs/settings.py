@@ -36,7 +36,7 @@ def resolve_env_name(name: str) -> str:
     """``name`` if it is a Meta-World task or a gymnasium env flywheel can make; else a one-line ``ValueError``."""
     if is_metaworld_task(name):
         return name
-    looks_metaworld = name.endswith("-v3") and ":" not in name and "/" not in name
+    looks_metaworld = name == name.lower() and ":" not in name and "/" not in name
     try:
         env_entry(name)
     except ValueError as error:

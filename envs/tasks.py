@@ -92,6 +92,14 @@ def closest_names(name: str, candidates: list[str], count: int = 5) -> list[str]
     return difflib.get_close_matches(name, candidates, n=count, cutoff=0.0)
 
 
+def episode_prompt(prompt: str | None, task: str) -> str:
+    """The instruction an episode ran under: its stored prompt; for an episode stored before prompts were (None),
+    the Meta-World task's prompt from this table, else the task name."""
+    if prompt is not None:
+        return prompt
+    return TASK_PROMPTS.get(task, task)
+
+
 def resolve_task(name: str) -> str:
     """Return ``name`` if it is a Meta-World v3 task, else raise ``UnknownTaskError`` naming the closest."""
     if name in TASK_PROMPTS:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.recorder import SUBTASK_EXPERT, SUBTASK_SOURCES_KEY, source_segments
 from envs.experts import expert_phases
-from envs.tasks import task_prompt
+from envs.tasks import episode_prompt
 from experiments.evaluation import EvalResult
 from experiments.training import (
     BCConfig,
@@ -261,7 +261,7 @@ def _train_high_level(
     if missing:
         raise ValueError(f"images: camera {camera!r} is not stored for episode {missing[0]}")
     rows = [
-        (record.images[camera][t], record.states[t], task_prompt(record.task), label, recent)
+        (record.images[camera][t], record.states[t], episode_prompt(record.prompt, record.task), label, recent)
         for record in records
         for t, (label, recent) in enumerate(
             zip(labels[record.uuid], previous_subtasks(labels[record.uuid], config.history), strict=True)

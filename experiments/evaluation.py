@@ -10,7 +10,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from actors.rollout import RolloutWorker
-from envs import EnvConfig, make_env
+from envs import EnvConfig, GymEnvConfig, make_env
 from policies.base import Policy
 from storage import EpisodeRecord, Outcome
 
@@ -28,6 +28,7 @@ class EvalResult:
     mean_length: float
     mean_success_length: float
     successes_per_hour: float
+    mean_return: float = 0.0
 
     @property
     def success_rate(self) -> float:
@@ -55,7 +56,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 def summarize(
     episodes: list[EpisodeRecord], task: str, policy_version: str, control_hz: float = 10.0
 ) -> EvalResult:
-    """Success rate, Wilson 95% interval, lengths and successes per hour of robot time (at ``control_hz``)."""
+    """Success rate, Wilson 95% interval, lengths, successes per hour of robot time (at ``control_hz``) and the
+    mean undiscounted return (the figure for an env whose success is rare or undeclared)."""
     successes = sum(e.outcome == Outcome.SUCCESS for e in episodes)
     lengths = np.array([e.length for e in episodes], dtype=float)
     success_lengths = np.array([e.length for e in episodes if e.outcome == Outcome.SUCCESS], dtype=float)
@@ -71,12 +73,13 @@ def summarize(
         mean_length=float(lengths.mean()) if len(lengths) else 0.0,
         mean_success_length=float(success_lengths.mean()) if len(success_lengths) else float("nan"),
         successes_per_hour=successes / robot_hours if robot_hours > 0 else 0.0,
+        mean_return=float(np.mean([e.rewards.sum() for e in episodes])) if episodes else 0.0,
     )
 
 
 def evaluate(
     policy: Policy,
-    env_config: EnvConfig,
+    env_config: EnvConfig | GymEnvConfig,
     episodes: int,
     *,
     seed: int = 10_000,

@@ -6,7 +6,10 @@ images in the data files or, with ``video``, ``videos/<key>/chunk-*/file-*.mp4``
 the episodes; a selection whose episodes store different cameras or image sizes is refused with the sets it
 mixes, or with ``split`` written as one dataset per set.
 ``minari``: a Minari dataset written by ``minari.create_dataset_from_buffers`` (HDF5), loadable with
-``minari.load_dataset``; Minari episodes carry T+1 observations, so the last observation is repeated.
+``minari.load_dataset``; Minari episodes carry T+1 observations, so the last observation is repeated. The dataset
+carries the episodes' env spec (``envs.registration``, Minari's flat observation layout), so
+``dataset.recover_environment()`` rebuilds the env, and per-step infos ``success`` (True on the final row of a
+successful episode) and ``prompt``.
 
 Both carry per-step actions, rewards, the intervention flag (1 = human) and, when a relabel is selected, the
 RECAP value, advantage and indicator of each step.
@@ -23,7 +26,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from envs.tasks import UnknownTaskError, resolve_task, task_prompt
+from envs.tasks import UnknownTaskError, episode_prompt, resolve_task
 from experiments.lerobot import LeRobotFormatError, LeRobotWriter
 from experiments.paths import check_writable_folder
 from storage import EpisodeLabels, EpisodeRecord, EpisodeSummary, ExperienceStore, Outcome
@@ -168,12 +171,7 @@ def _step_columns(episode: EpisodeRecord, labels: EpisodeLabels | None) -> dict[
 
 def _prompt(episode: EpisodeRecord) -> str:
     """The episode's instruction: its stored prompt, else its Meta-World task's, else the task name."""
-    if episode.prompt:
-        return episode.prompt
-    try:
-        return task_prompt(episode.task)
-    except UnknownTaskError:
-        return episode.task
+    return episode_prompt(episode.prompt or None, episode.task)
 
 
 def _fps(episode: EpisodeRecord, config: ExportConfig) -> int:
@@ -250,6 +248,7 @@ def export_minari(episodes: Iterator[EpisodeRecord], labels: dict, config: Expor
     buffers: list[EpisodeBuffer] = []
     frames = 0
     spaces: tuple | None = None
+    specs: set[str | None] = set()
     for index, episode in enumerate(episodes):
         observations = {"state": _with_final(episode.states.astype(np.float32))}
         observations |= {camera: _with_final(images) for camera, images in episode.images.items()}
@@ -259,6 +258,8 @@ def export_minari(episodes: Iterator[EpisodeRecord], labels: dict, config: Expor
             for name, values in columns.items()
             if name not in ("action", "observation.state", "next.reward", "next.done")
         }
+        infos |= _success_and_prompt(episode)
+        specs.add(_minari_spec(episode))
         buffers.append(
             EpisodeBuffer(
                 id=index,
@@ -291,7 +292,7 @@ def export_minari(episodes: Iterator[EpisodeRecord], labels: dict, config: Expor
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(config.output.resolve())
     try:
-        minari.create_dataset_from_buffers(
+        dataset = minari.create_dataset_from_buffers(
             config.dataset_id,
             buffers,
             action_space=spaces[0],
@@ -301,6 +302,9 @@ def export_minari(episodes: Iterator[EpisodeRecord], labels: dict, config: Expor
             data_format="hdf5",
             jpeg_encoding=False,
         )
+        (spec,) = specs if len(specs) == 1 else (None,)
+        if spec is not None:  # recorded without building the env here (recover_environment builds it)
+            dataset.storage.update_metadata({"env_spec": spec})
     finally:
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH")
@@ -313,6 +317,36 @@ def export_minari(episodes: Iterator[EpisodeRecord], labels: dict, config: Expor
         "path": str(config.output),
         "dataset_id": config.dataset_id,
     }
+
+
+def _success_and_prompt(episode: EpisodeRecord) -> dict[str, np.ndarray]:
+    """Minari infos (T+1 rows, row 0 the reset's): ``success`` (True on the final row of a successful episode)
+    and ``prompt`` (the episode's instruction on every row; strings, read back as bytes)."""
+    success = np.zeros(episode.length + 1, dtype=bool)
+    success[-1] = episode.outcome == Outcome.SUCCESS
+    return {"success": success, "prompt": np.array([_prompt(episode)] * (episode.length + 1), dtype=object)}
+
+
+def _minari_spec(episode: EpisodeRecord) -> str | None:
+    """The env spec (JSON) ``recover_environment`` rebuilds the episode's env from, in Minari's flat observation
+    layout: the one the episode recorded (``env_spec``, less its first-reset seed), else for a Meta-World task one
+    made from its frames. A dataset whose episodes name different envs carries none."""
+    from envs import EnvConfig
+    from envs.registration import env_spec, spec_from_metadata, with_layout
+
+    recorded = episode.metadata.get("env_spec")
+    if recorded:
+        spec = with_layout(spec_from_metadata(recorded), "flat")
+        spec.kwargs["config"] = {k: v for k, v in spec.kwargs["config"].items() if k != "seed"}  # reset(seed) sets it
+        return spec.to_json()
+    if not _is_metaworld(episode.task):
+        return None
+    shapes = {camera: images.shape[1:3] for camera, images in episode.images.items()}
+    height, width = next(iter(shapes.values()), (64, 64))
+    config = EnvConfig(
+        task=episode.task, width=width, height=height, **({"cameras": tuple(shapes)} if shapes else {"render": False})
+    )
+    return env_spec(config, layout="flat").to_json()
 
 
 def _with_final(values: np.ndarray) -> np.ndarray:

@@ -12,8 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
-from envs.tasks import UnknownTaskError, resolve_task
+from envs import EnvSettings, InjectionConfig, SimulatedHumanConfig, is_metaworld_task
+from envs.settings import resolve_env_name
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.training import BCConfig
 from experiments.validation import first_error
@@ -35,26 +35,6 @@ class PriorConfig(_Strict):
 
     policy: str = "scripted"
     noise: float = Field(default=0.0, ge=0.0)
-
-
-class EnvSettings(_Strict):
-    """Camera, image size and episode length shared by collection, training and evaluation."""
-
-    cameras: tuple[str, ...] = ("corner2",)
-    image_size: int = Field(default=64, ge=16, le=512)
-    max_episode_steps: int | None = Field(default=None, ge=1, le=500)
-
-    def env(self, task: str, seed: int, render: bool = True) -> EnvConfig:
-        """The env of ``task`` with these settings."""
-        return EnvConfig(
-            task=task,
-            cameras=self.cameras,
-            width=self.image_size,
-            height=self.image_size,
-            max_episode_steps=self.max_episode_steps,
-            render=render,
-            seed=seed,
-        )
 
 
 class CollectionSettings(_Strict):
@@ -155,13 +135,31 @@ class PipelineConfig(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        try:
-            resolved = [resolve_task(task) for task in tasks]
-        except UnknownTaskError as error:
-            raise ValueError(str(error).removeprefix("task: ")) from None
+        """Meta-World tasks or gymnasium envs (registered ids, ``module:EnvId``, ``module:Class``)."""
+        resolved = [resolve_env_name(task) for task in tasks]
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"expected distinct tasks, got {tasks}")
         return resolved
+
+    @model_validator(mode="after")
+    def _gym_envs(self) -> PipelineConfig:
+        """A gymnasium env has no simulated human (Meta-World's scripted expert; the default is dropped for it, an
+        explicit one is an error) and no RLT stage (its hand-off reads Meta-World's state); ``env`` must fit
+        every task."""
+        foreign = [task for task in self.tasks if not is_metaworld_task(task)]
+        for task in self.tasks:
+            try:
+                self.env.env(task, self.seed)
+            except ValueError as error:
+                raise ValueError(f"env.{error}") from None
+        if not foreign:
+            return self
+        if self.interventions is not None and "interventions" in self.model_fields_set:
+            raise ValueError(f"interventions: the simulated human is Meta-World's scripted expert; not for {foreign[0]}")
+        self.interventions = None
+        if self.method != "recap":
+            raise ValueError(f"method {self.method!r}: RLT runs on Meta-World tasks; {foreign[0]} takes method recap")
+        return self
 
     @model_validator(mode="after")
     def _rlt_on_one_task(self) -> PipelineConfig:

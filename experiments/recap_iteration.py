@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.types import LEARNABLE_OUTCOMES
-from envs import EnvConfig, SimulatedHumanConfig
+from envs import EnvConfig, GymEnvConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, CollectReport, run_collection
 from experiments.evaluation import EvalResult, evaluate
 from experiments.policy_loader import load, register, resolve
@@ -31,10 +31,10 @@ class RecapIterationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str
+    task: str = Field(description="a Meta-World task or a gymnasium env name (the env's task)")
     policy: str = Field(description="the current policy: a registered version or checkpoint directory")
     store_url: str
-    env: EnvConfig
+    env: EnvConfig | GymEnvConfig
     collect_episodes: int = Field(default=50, ge=1)
     human: SimulatedHumanConfig | None = SimulatedHumanConfig()
     relabel: RelabelConfig = RelabelConfig()
@@ -67,9 +67,10 @@ class RecapIterationResult:
 
 
 def with_task_horizon(config: RelabelConfig, task: str, horizon: int) -> RelabelConfig:
-    """The relabel config with the task's episode limit as its return horizon (unless one is configured)."""
+    """The relabel config with the task's episode limit as its return horizon (unless one is configured, or the
+    env declares no limit: 0, the longest stored episode then)."""
     reward = config.value.reward
-    if reward.max_episode_length is not None:
+    if reward.max_episode_length is not None or not horizon:
         return config
     value = config.value.model_copy(
         update={"reward": reward.model_copy(update={"max_episode_length": {task: horizon}})}

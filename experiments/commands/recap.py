@@ -18,7 +18,9 @@ console = Console()
 
 @app.command("iterate")
 def iterate(
-    task: Annotated[str, typer.Option(help="Meta-World task")],
+    task: Annotated[
+        str, typer.Option(help="Meta-World task or gymnasium env (Reacher-v5, module:EnvId, module:Class)")
+    ],
     policy: Annotated[str, typer.Option(help="Current policy: registered version or checkpoint directory")],
     episodes: Annotated[int, typer.Option(min=1, help="Episodes to collect with the simulated human")] = 50,
     steps: Annotated[int, typer.Option(min=1, help="Policy training steps")] = 2000,
@@ -51,10 +53,20 @@ def iterate(
     train_workers: Annotated[
         int, typer.Option(min=1, help="Data-parallel Ray Train workers for π's retraining")
     ] = 1,
+    env_file: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            help="YAML file of env settings for a gymnasium env (docs/envs.md: kwargs, declared success, …)",
+        ),
+    ] = None,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
-    """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate."""
-    from envs import EnvConfig
+    """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate.
+
+    A gymnasium env has no simulated human (Meta-World's scripted expert): its iteration collects without one.
+    """
+    from envs import EnvSettings, is_metaworld_task
     from experiments.policy_loader import PolicySpecError, checkpoint_directory, vla_image_layout
     from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
@@ -73,26 +85,24 @@ def iterate(
         pretrained = checkpoint_directory(retrain_from, store) if retrain_from else None
     except PolicySpecError as error:
         _fail(f"--retrain-from: {error}")
-    model_cameras, model_size = (
-        vla_image_layout(policy, store)
-        or (vla_image_layout(str(pretrained), store) if pretrained else None)
-        or (("corner2",), 64)
-    )
-    camera_names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras else model_cameras
-    image_size = image_size or model_size
-    env = EnvConfig(
-        task=task,
-        cameras=camera_names,
-        width=image_size,
-        height=image_size,
-        max_episode_steps=max_episode_steps,
-        seed=seed,
-    )
+    layout = vla_image_layout(policy, store) or (vla_image_layout(str(pretrained), store) if pretrained else None)
+    try:
+        settings = EnvSettings.from_file(env_file) if env_file else EnvSettings()
+        settings = settings.for_model(*layout) if layout else settings
+        update = {"cameras": tuple(c.strip() for c in cameras.split(",") if c.strip())} if cameras else {}
+        update |= {"image_size": image_size} if image_size else {}
+        update |= {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+        settings = settings.model_copy(update=update)
+        env = settings.env(task, seed)
+    except ValueError as error:
+        _fail(str(error))
+    camera_names, image_size = (() if settings.cameras == () else tuple(env.cameras)), settings.image_size
     config = RecapIterationConfig(
         task=task,
         policy=policy,
         store_url=store_url,
         env=env,
+        **({} if is_metaworld_task(task) else {"human": None}),
         collect_episodes=episodes,
         relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps, device=device)),
         bc=BCConfig(

@@ -13,6 +13,7 @@ from experiments.paths import checkpoints_dir, default_store_url
 from experiments.validation import first_error
 
 if TYPE_CHECKING:
+    from envs import EnvSettings
     from experiments.evaluation import EvalResult
 
 app = typer.Typer(help="Train policies from stored episodes, and evaluate them.", no_args_is_help=True)
@@ -21,7 +22,20 @@ console = Console()
 
 @app.command("bc")
 def bc(
-    task: Annotated[list[str], typer.Option(help="Task(s) to train on; repeat for a multi-task model")],
+    task: Annotated[
+        list[str],
+        typer.Option(
+            help="Task(s) to train on (Meta-World tasks or gymnasium env names, as stored); repeat for a "
+            "multi-task model"
+        ),
+    ],
+    env: Annotated[
+        str | None,
+        typer.Option(
+            help="YAML file of env settings for a gymnasium env's evaluations (docs/envs.md: kwargs, declared "
+            "success, Dict-observation keys)"
+        ),
+    ] = None,
     episodes: Annotated[int | None, typer.Option(min=1, help="At most this many episodes per task")] = None,
     run_id: Annotated[list[str] | None, typer.Option(help="Only episodes of these runs (repeatable)")] = None,
     successes_only: Annotated[bool, typer.Option(help="Only successful episodes")] = False,
@@ -140,6 +154,7 @@ def bc(
         )
         store = ExperienceStore(db or default_store_url())
         store.upgrade()
+        settings = _env_settings(env)
         camera_names, side = stored_image_layout(
             store, selection, _camera_names(cameras) if cameras is not None else None, image_size
         )
@@ -178,7 +193,7 @@ def bc(
                     store, selection, config, checkpoints_dir(), desired=ask or DESIRED_METADATA
                 )
                 if metadata
-                else train_vla(store, selection, config, checkpoints_dir(), resume=resume)
+                else train_vla(store, selection, config, checkpoints_dir(), resume=resume, env=settings)
             )
             used, version, checkpoint = trained.episodes_used, trained.version, trained.checkpoint
             curve = trained.evaluation_curve
@@ -208,7 +223,17 @@ def eval_policy(
     policy: Annotated[
         str, typer.Option(help="A checkpoint dir (VLA or hierarchical) or a registered version")
     ],
-    task: Annotated[str, typer.Option(help="Meta-World task, e.g. pick-place-v3")],
+    task: Annotated[
+        str,
+        typer.Option(help="Meta-World task (pick-place-v3) or gymnasium env (Reacher-v5, module:EnvId, module:Class)"),
+    ],
+    env: Annotated[
+        str | None,
+        typer.Option(
+            help="YAML file of env settings for a gymnasium env's evaluations (docs/envs.md: kwargs, declared "
+            "success, Dict-observation keys)"
+        ),
+    ] = None,
     episodes: Annotated[int, typer.Option(min=1, help="Fresh evaluation episodes")] = 20,
     ask: Annotated[
         str | None,
@@ -226,7 +251,7 @@ def eval_policy(
     (furthest phase reached, phase at the last step) and, for a hierarchical policy, the subtask it named last.
     The result is recorded in the store's evaluations.
     """
-    from envs import EnvConfig
+    from envs import is_metaworld_task
     from experiments.context import phase_outcomes
     from experiments.evaluation import evaluate
     from experiments.policy_loader import PolicySpecError, load, register, resolve
@@ -249,26 +274,27 @@ def eval_policy(
     if ask is not None:
         vla.conditions = ask
     try:
-        env = EnvConfig(
-            task=task,
-            cameras=vla.config.cameras,
-            width=vla.config.image_size,
-            height=vla.config.image_size,
-            max_episode_steps=max_episode_steps,
-        )
+        settings = _env_settings(env).for_model(tuple(vla.config.cameras), vla.config.image_size)
+        if max_episode_steps is not None:
+            settings = settings.model_copy(update={"max_episode_steps": max_episode_steps})
+        env_config = settings.env(task)
     except ValidationError as error:
         raise typer.BadParameter(first_error(error)) from error
-    result, records = evaluate(loaded, env, episodes, seed=seed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    result, records = evaluate(loaded, env_config, episodes, seed=seed)
     register(store, source, loaded.version)
     store.write_evaluation(loaded.version, task, result.n, result.successes, metrics=result.as_metrics())
     log_command_run(
         "train-eval",
         {"policy": policy, "task": task, "episodes": episodes, "seed": seed, "ask": ask}
-        | {"env": env.model_dump(mode="json")},
+        | {"env": env_config.model_dump(mode="json")},
         _evaluation_metrics([result]),
         {POLICY_VERSION_TAG: loaded.version},
     )
     console.print(_results_table([result]))
+    if not is_metaworld_task(task):
+        return
     where = phase_outcomes(records, task)
     console.print(
         f"failures {where['failures']}: furthest expert phase {where['furthest_phase']}, "
@@ -286,6 +312,13 @@ def _evaluation_metrics(results: list[EvalResult]) -> dict[str, float]:
     return {f"{result.task}/{key}": value for result in results for key, value in result.as_metrics().items()}
 
 
+def _env_settings(path: str | None) -> EnvSettings:
+    """The ``--env`` file's env settings (plain ones without it)."""
+    from envs import EnvSettings
+
+    return EnvSettings.from_file(path) if path else EnvSettings()
+
+
 def _camera_names(cameras: str) -> tuple[str, ...]:
     """``a, b`` → ``("a", "b")``; ``none`` → ``()`` (the state-input model); an empty list is bad input."""
     if cameras.strip().lower() == "none":
@@ -298,7 +331,9 @@ def _camera_names(cameras: str) -> tuple[str, ...]:
 
 def _results_table(results: list[EvalResult], steps: list[int] | None = None) -> Table:
     """One row per evaluation; with ``steps``, a first column names the training step it was taken at."""
-    table = Table(*(["step"] if steps else []), "task", "policy", "success", "95% CI", "mean length")
+    table = Table(
+        *(["step"] if steps else []), "task", "policy", "success", "95% CI", "mean length", "mean return"
+    )
     for index, result in enumerate(results):
         table.add_row(
             *([str(steps[index])] if steps else []),
@@ -307,5 +342,6 @@ def _results_table(results: list[EvalResult], steps: list[int] | None = None) ->
             f"{result.successes}/{result.n} ({result.success_rate:.0%})",
             f"[{result.ci_low:.2f}, {result.ci_high:.2f}]",
             f"{result.mean_length:.0f}",
+            f"{result.mean_return:.2f}",
         )
     return table
