@@ -338,7 +338,12 @@ class RobotRuntime:
         if self.teleop is not None:
             self.teleop.reset(seed)
         recorder = EpisodeRecorder(
-            self.task, self.env_id, seed, self.run_id, record_images=config.record_images
+            self.task,
+            self.env_id,
+            seed,
+            self.run_id,
+            record_images=config.record_images,
+            prompt=observation.get("prompt") or None,
         )
         clock = RateClock(config.period_s, config.spin_ms / 1000)
         last = np.zeros(self.robot.action_dim, dtype=np.float32)
