@@ -36,7 +36,7 @@ class GymEnvConfig(BaseModel):
     ``env_id`` names the env three ways: a registered gymnasium id (``Pusher-v5``), gymnasium's ``module:EnvId``
     (the module is imported first, registering the id — how an env registered in the user's package reaches a
     Ray worker), or ``module:Class`` (an env class or factory, called with ``kwargs``). A ``Dict`` observation
-    maps to flywheel's: ``state_keys`` (default: every key that is not an image) are flattened into ``state``,
+    maps to flywheel's: ``state_keys`` (default: every key holding no image) are flattened into ``state``,
     ``image_keys`` maps camera names to image entries (``H×W×3`` uint8; dotted for nested dicts, e.g.
     ``pixels.top``); with ``render`` the env's ``rgb_array`` frame is one more camera, ``camera``. Success is
     ``info[success_key]`` (as a bool), or ``info[success_key] >= success_threshold`` when a threshold is declared
@@ -219,7 +219,7 @@ class GymAdapterEnv(gym.Env):
 class ObservationLayout:
     """Maps the wrapped env's observations to flywheel's ``state`` vector and camera images.
 
-    A ``Dict`` observation: ``config.state_keys`` (default: every top-level key that is not an image) are
+    A ``Dict`` observation: ``config.state_keys`` (default: every top-level key holding no image) are
     flattened in order into the state, ``config.image_keys`` (camera → dotted key) are the images. Any other
     observation is flattened whole (``gymnasium.spaces.flatten``: Box, Tuple, Discrete, …).
     """
@@ -239,7 +239,7 @@ class ObservationLayout:
         self.image_spaces = {camera: _image_space(space, key) for camera, key in self.image_keys.items()}
         image_roots = {key.split(".")[0] for key in self.image_keys.values()}
         if config.state_keys is None:
-            keys = tuple(k for k in space.spaces if k not in image_roots and not _is_image(space[k]))
+            keys = tuple(k for k in space.spaces if k not in image_roots and not _holds_image(space[k]))
         else:
             keys = config.state_keys
         missing = [key for key in keys if key not in space.spaces]
@@ -262,6 +262,13 @@ class ObservationLayout:
 
 def _is_image(space: gym.spaces.Space) -> bool:
     return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3 and space.shape[2] == 3
+
+
+def _holds_image(space: gym.spaces.Space) -> bool:
+    """An image, or a Dict/Tuple with one inside (left out of the default state)."""
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        return any(_holds_image(sub) for sub in (space.spaces.values() if isinstance(space, gym.spaces.Dict) else space))
+    return _is_image(space)
 
 
 def _lookup(tree: Any, key: str) -> Any:
