@@ -2,10 +2,12 @@
 
 One entry is one executed action chunk: ``(x, ã, a, R, x', ã', done, γ^k)`` where ``x`` is the RL state
 (``z_rl`` ‖ proprio), ``ã`` the VLA's reference chunk, ``a`` the executed chunk, ``R = Σ_{j<k} γ^j r_j`` the
-discounted reward of the ``k ≤ C`` steps actually executed, and ``γ^k`` the bootstrap discount. Observations
-are stored as ``x ‖ flatten(ã)`` (the actor's input); the critic reads only the ``x`` part. A human
-intervention replaces both ``ã`` and the executed chunk with the human's chunk. Samples come back as SB3
-``ReplayBufferSamples`` with ``discounts`` filled, so ``target = R + (1 − terminated) · γ^k · Q'``.
+discounted reward of the ``k`` steps up to the bootstrap (``k ≤ C``; up to ``n·C`` with n-step returns), and
+``γ^k`` the bootstrap discount. Observations are stored as ``x ‖ flatten(ã)`` (the actor's input); the critic
+reads only the ``x`` part. A human intervention replaces ``ã`` with the executed (human) actions: the whole
+chunk (``human_mask="chunk"``) or only the rows of the human steps (``"step"``, from ``ChunkTransition.human``).
+Samples come back as SB3 ``ReplayBufferSamples`` with ``discounts`` filled, so
+``target = R + (1 − terminated) · γ^k · Q'``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ChunkTransition:
     terminated: bool
     discount: float
     intervened: bool = False
+    human: np.ndarray | None = None
+    """Per-step ``C`` bool mask of the human steps (None: every step if ``intervened``, else none)."""
 
 
 class ChunkReplayBuffer(ReplayBuffer):
@@ -85,11 +89,15 @@ class ChunkReplayBuffer(ReplayBuffer):
         """Step-level adds are not meaningful here: use ``add_chunk``."""
         raise TypeError("ChunkReplayBuffer stores chunk transitions: call add_chunk(ChunkTransition)")
 
-    def add_chunk(self, transition: ChunkTransition) -> None:
-        """Validate and store one chunk transition (an intervention stores the human chunk as ``ã`` too)."""
+    def add_chunk(self, transition: ChunkTransition, human_mask: str = "chunk") -> None:
+        """Validate and store one chunk transition; an intervention stores the human's actions as ``ã`` too
+        (the whole chunk, or with ``human_mask="step"`` only the rows ``transition.human`` marks)."""
         reference = action = self._check_chunk("action", transition.action)
         if not transition.intervened:
             reference = self._check_chunk("reference", transition.reference)
+        elif human_mask == "step" and transition.human is not None:
+            mask = np.asarray(transition.human, bool).reshape(-1, 1)
+            reference = np.where(mask, action, self._check_chunk("reference", transition.reference))
         next_reference = self._check_chunk("next_reference", transition.next_reference)
         state = self._check_state("state", transition.state)
         next_state = self._check_state("next_state", transition.next_state)

@@ -4,8 +4,12 @@ Per chunk boundary the prior proposes a chunk (its first ``C`` actions are the r
 its final embeddings; once the ``PhaseSwitch`` fires (latched for the rest of the episode) the learner acts on
 ``x = (z_rl, proprio)`` and ``ã``. Interventions come from the env (``envs.InterventionWrapper``): a step
 whose ``info["source"]`` is ``StepSource.HUMAN`` executed ``info["executed_action"]``; a chunk with any
-human step is stored with the executed actions as both ``ã`` and the action. Reward is sparse (+1 on
-``info["success"]``, which terminates).
+human step is stored with the executed actions as the action and as ``ã`` (whole chunk or per human step,
+``LearnerConfig.human_mask``). Reward is sparse (+1 on ``info["success"]``, which terminates).
+With ``LearnerConfig.stride`` < ``C`` the prior is also queried every ``stride`` steps inside critical chunks,
+so ``chunk_transitions`` can start a transition there (overlapping chunks, contexts recomputed at each
+offset); ``n_step`` bootstraps several chunks later. A loop built with ``token=None`` uses no RL token:
+``x`` is the observation's ``OnlineConfig.state_key`` vector alone.
 
 ``run`` does: warm-up episodes with the prior alone (plus any stored ``EpisodeRecord`` passed to ``run``) →
 fit and freeze the RL token on their embeddings (unless it was fitted already) → seed the replay buffer from
@@ -46,6 +50,11 @@ class OnlineConfig:
 
     ``total_env_steps`` is the online budget after warm-up; evaluation episodes (on seeds
     ``eval_seed_base + i``, the same for every run) are not counted as training steps.
+    ``exploration`` is ``"iid"`` Gaussian noise per chunk entry (it averages out inside a chunk) or
+    ``"offset"``: one Gaussian offset per action dimension held for the whole chunk, correlated across the
+    chunks of an episode as an AR(1) process with coefficient ``exploration_rho`` (0: independent per chunk),
+    so exploration can try a consistent correction. ``state_key`` names the observation vector that is the
+    proprio part of ``x`` (``"state"``, or ``"privileged"`` for a simulator's full state).
     """
 
     task: str
@@ -53,6 +62,9 @@ class OnlineConfig:
     warmup_episodes: int = 20
     total_env_steps: int = 20_000
     exploration_noise: float = 0.2
+    exploration: Literal["iid", "offset"] = "iid"
+    exploration_rho: float = 0.0
+    state_key: Literal["state", "privileged"] = "state"
     token_steps: int = 2000
     token_batch_size: int = 128
     eval_every_steps: int = 0
@@ -74,7 +86,11 @@ class ChunkContext:
 
 @dataclass(frozen=True)
 class ChunkStep:
-    """One executed chunk: its context, the executed ``C×D`` chunk and the rewards of its executed steps."""
+    """One executed chunk: its context, the executed ``C×D`` chunk and the rewards of its executed steps.
+
+    ``inner`` holds the contexts recomputed every ``stride`` steps inside the chunk (offsets ``stride``,
+    ``2·stride``, … below the executed length; empty without a stride); ``human`` the per-step mask of
+    human steps (``C`` entries; None: all steps if ``intervened``)."""
 
     context: ChunkContext
     executed: np.ndarray
@@ -82,6 +98,8 @@ class ChunkStep:
     terminated: bool
     critical: bool
     intervened: bool
+    inner: tuple[ChunkContext, ...] = ()
+    human: np.ndarray | None = None
 
 
 @dataclass
@@ -130,7 +148,7 @@ class OnlineRLT:
         env: gym.Env,
         prior: Policy,
         phase_switch: PhaseSwitch,
-        token: RLToken,
+        token: RLToken | None,
         config: OnlineConfig,
         learner_config: LearnerConfig | None = None,
         on_episode: Callable[[EpisodeRecord], object] | None = None,
@@ -139,11 +157,13 @@ class OnlineRLT:
     ) -> None:
         self.env, self.prior, self.phase_switch = env, prior, phase_switch
         self.config, self.on_episode, self.on_stats = config, on_episode, on_stats
-        self.token, self.token_fitted = token, token_fitted
+        self.token, self.token_fitted = token, token_fitted or token is None
         learner_config = learner_config or LearnerConfig(seed=config.seed)
-        proprio_dim = int(np.asarray(env.reset(seed=config.seed)[0]["state"]).shape[0])
-        self.encoder = RLStateEncoder(token, proprio_dim) if token_fitted else None
-        self.learner = ChunkedTD3(token.config.z_dim + proprio_dim, prior.action_dim, learner_config)
+        proprio_dim = int(np.asarray(env.reset(seed=config.seed)[0][config.state_key]).shape[0])
+        self.encoder = RLStateEncoder(token, proprio_dim) if self.token_fitted else None
+        z_dim = token.config.z_dim if token is not None else 0
+        self.learner = ChunkedTD3(z_dim + proprio_dim, prior.action_dim, learner_config)
+        self._offset: np.ndarray | None = None
         self.proprio_dim = proprio_dim
         self.rng = np.random.default_rng(config.seed)
         self.env_steps = 0
@@ -180,7 +200,7 @@ class OnlineRLT:
                 self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
                 next_eval += self.config.eval_every_steps
             chunks, _ = self.run_episode("learner")
-            self.learner.update(self._add_to_replay([chunks]))
+            self.learner.update(self._add_to_replay([chunks])[1])
             if state_path is not None:
                 save_state(state_path, self._state(end, next_eval))
         if self.config.eval_every_steps:
@@ -192,7 +212,7 @@ class OnlineRLT:
         self.learner.check_parameters()
         return {
             "learner": self.learner.training_state(),
-            "token": self.token.state_dict(),
+            "token": self.token.state_dict() if self.token is not None else None,
             "counters": {"env_steps": self.env_steps, "episode_index": self.episode_index},
             "loop": {"end": end, "next_eval": next_eval},
             "rng": self.rng.bit_generator.state,
@@ -202,7 +222,8 @@ class OnlineRLT:
 
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
         """Adopt a ``_state``; returns the loop's end and next evaluation step."""
-        self.use_token(state["token"])
+        if state["token"] is not None:
+            self.use_token(state["token"])
         self.learner.restore_training_state(state["learner"])
         self.env_steps = int(state["counters"]["env_steps"])
         self.episode_index = int(state["counters"]["episode_index"])
@@ -218,16 +239,20 @@ class OnlineRLT:
         """
         for _ in range(self.config.warmup_episodes):
             self._pending.append(self.run_episode("prior")[0])
-        self._pending.extend(self._record_chunks(records))
+        stored = self._record_chunks(records)
+        self._pending.extend(stored)
         self.fit_token()
-        added = self.learn(self._pending)
+        played = self._pending[: len(self._pending) - len(stored)]
+        added, chunks = self._add_to_replay(played)
+        stored_added, stored_chunks = self._add_to_replay(stored, demo=True)
+        self.learner.update(chunks + stored_chunks)
         self._pending = []
-        return added
+        return added + stored_added
 
     def fit_token(self, episodes: list[EpisodeChunks] | None = None) -> list[float]:
         """Fit and freeze the RL token on the embeddings of ``episodes`` (default: the collected warm-up
         episodes), once."""
-        if self.token_fitted:
+        if self.token_fitted or self.token is None:
             return []
         episodes = self._pending if episodes is None else episodes
         if not episodes:
@@ -271,8 +296,8 @@ class OnlineRLT:
         """
         if self.encoder is None:
             raise RLTInputError("learn: the RL token must be fitted first (warm_up, fit_token or use_token)")
-        added = self._add_to_replay(episodes)
-        self.learner.update(added)
+        added, chunks = self._add_to_replay(episodes)
+        self.learner.update(chunks)
         return added
 
     def seed_from_records(self, records: Iterable[EpisodeRecord]) -> int:
@@ -282,12 +307,20 @@ class OnlineRLT:
         the recorded chunk (or, for human steps, the executed actions) is the reference. Records without a
         ``critical_phase`` flag get it from this loop's phase switch. The RL token must be fitted first
         (``fit_token`` or ``token_fitted=True``); image-based priors need records loaded with ``images=True``.
+        With ``LearnerConfig.demo_fraction`` > 0 they go to the second replay (demonstrations).
         """
-        return self._add_to_replay(self._record_chunks(records))
+        return self._add_to_replay(self._record_chunks(records), demo=True)[0]
 
     def _record_chunks(self, records: Iterable[EpisodeRecord]) -> list[EpisodeChunks]:
         return [
-            episode_chunks_from_record(record, self.prior, self.chunk_size, self.phase_switch)
+            episode_chunks_from_record(
+                record,
+                self.prior,
+                self.chunk_size,
+                self.phase_switch,
+                stride=self.learner.config.transition_stride,
+                state_key=self.config.state_key,
+            )
             for record in records
         ]
 
@@ -313,6 +346,7 @@ class OnlineRLT:
         observation, info = self.env.reset(seed=seed)
         self.prior.reset()
         self.phase_switch.reset()
+        self._offset = None
         recorder = _EpisodeRecorder(self.config.record_images)
         chunks, critical, terminated, done = EpisodeChunks(steps=[]), False, False, False
         # an untrained actor (no gradient step yet) leaves the critical phase to the prior
@@ -330,7 +364,8 @@ class OnlineRLT:
                 self.config.rl_version if acting_rl else self.prior.version,
                 critical,
             )
-            observation, info, step, done = self._execute(observation, context, planned, recorder)
+            inner = critical and mode != "eval"
+            observation, info, step, done = self._execute(observation, context, planned, recorder, inner)
             terminated = step.terminated
             chunks.steps.append(step)
         if not terminated:
@@ -346,26 +381,45 @@ class OnlineRLT:
         return chunks, stats
 
     def _execute(
-        self, observation: Observation, context: ChunkContext, planned: np.ndarray, recorder: _EpisodeRecorder
+        self,
+        observation: Observation,
+        context: ChunkContext,
+        planned: np.ndarray,
+        recorder: _EpisodeRecorder,
+        inner_contexts: bool = False,
     ) -> tuple[Observation, dict[str, Any], ChunkStep, bool]:
-        """Step the env through ``planned`` (until the episode ends); the env may substitute human actions."""
+        """Step the env through ``planned`` (until the episode ends); the env may substitute human actions.
+
+        With ``inner_contexts`` the prior's context is recomputed every ``LearnerConfig.stride`` steps."""
         executed, rewards, intervened = planned.copy(), [], False
+        human = np.zeros(self.chunk_size, bool)
+        stride, inner = self.learner.config.transition_stride, []
         terminated = truncated = False
         for offset in range(self.chunk_size):
             before = observation
+            if inner_contexts and offset > 0 and offset % stride == 0:
+                inner.append(self.chunk_context(observation)[0])
             observation, _, terminated, truncated, info = self.env.step(planned[offset])
             source = StepSource(int(info.get("source", StepSource.POLICY)))
             executed[offset] = np.asarray(info.get("executed_action", planned[offset]), np.float32)
-            intervened = intervened or source == StepSource.HUMAN
+            human[offset] = source == StepSource.HUMAN
+            intervened = intervened or human[offset]
             terminated = bool(terminated or info.get("success", False))
             rewards.append(float(info.get("success", False)))
             recorder.add_step(before, executed[offset], source, offset)
             recorder.end_step(rewards[-1], terminated, bool(truncated), info.get("intervention_trigger"))
             if terminated or truncated:
                 break
-        if intervened:
-            context = ChunkContext(context.embeddings, context.proprio, executed)
-        step = ChunkStep(context, executed, np.asarray(rewards), terminated, recorder.critical, intervened)
+        step = ChunkStep(
+            context,
+            executed,
+            np.asarray(rewards),
+            terminated,
+            recorder.critical,
+            bool(intervened),
+            tuple(inner),
+            human,
+        )
         return observation, info, step, terminated or bool(truncated)
 
     def _episode_stats(
@@ -395,7 +449,7 @@ class OnlineRLT:
                 "embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior"
             )
         reference = self._check_chunk("prior chunk", proposal.actions[0, : self.chunk_size])
-        state = np.asarray(observation["state"], np.float32)
+        state = np.asarray(observation[self.config.state_key], np.float32)
         return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), state, reference), proposal
 
     def _check_chunk(self, name: str, chunk: np.ndarray) -> np.ndarray:
@@ -408,24 +462,40 @@ class OnlineRLT:
         return array
 
     def learner_chunk(self, context: ChunkContext, explore: bool) -> np.ndarray:
-        """The learner's ``C×D`` chunk for ``context`` (with exploration noise if ``explore``), clipped to [−1, 1]."""
+        """The learner's ``C×D`` chunk for ``context`` (with exploration noise if ``explore``, see
+        ``OnlineConfig.exploration``), clipped to [−1, 1]."""
         assert self.encoder is not None
         state = self.encoder.encode(context.embeddings[None], context.proprio[None])
         chunk = self.learner.act(state, context.reference[None])[0]
         if explore:
-            chunk = chunk + self.rng.normal(0.0, self.config.exploration_noise, chunk.shape)
+            chunk = chunk + self.exploration_noise(chunk.shape)
         return np.clip(chunk, -1.0, 1.0).astype(np.float32)
 
-    def _add_to_replay(self, episodes: list[EpisodeChunks]) -> int:
+    def exploration_noise(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The next chunk's ``C×D`` exploration noise (iid, or a held offset that is AR(1) across chunks)."""
+        sigma = self.config.exploration_noise
+        if self.config.exploration == "iid":
+            return self.rng.normal(0.0, sigma, shape)
+        fresh = self.rng.normal(0.0, sigma, shape[-1])
+        rho = self.config.exploration_rho
+        self._offset = fresh if self._offset is None else rho * self._offset + np.sqrt(1 - rho**2) * fresh
+        return np.broadcast_to(self._offset, shape).copy()
+
+    def _add_to_replay(self, episodes: list[EpisodeChunks], demo: bool = False) -> tuple[int, int]:
+        """Add the episodes' transitions; returns (transitions, executed chunks they amount to)."""
         assert self.encoder is not None
+        config = self.learner.config
         transitions = [
             transition
             for episode in episodes
-            for transition in chunk_transitions(episode, self.encoder, self.learner.config.gamma)
+            for transition in chunk_transitions(
+                episode, self.encoder, config.gamma, n_step=config.n_step, stride=config.stride
+            )
         ]
         for transition in transitions:
-            self.learner.add_transition(transition)
-        return len(transitions)
+            self.learner.add_transition(transition, demo=demo)
+        chunks = round(len(transitions) * config.transition_stride / config.chunk_size)
+        return len(transitions), max(chunks, 1) if transitions else 0
 
     def _train_seed(self) -> int:
         return self.config.seed * 1_000_003 + self.episode_index
@@ -434,43 +504,99 @@ class OnlineRLT:
         return self.config.eval_seed_base + index
 
 
-def chunk_transitions(episode: EpisodeChunks, encoder: RLStateEncoder, gamma: float) -> list[ChunkTransition]:
-    """Critical-phase chunk steps of one episode as replay transitions (chunked backups, γ^k bootstraps).
+def chunk_transitions(
+    episode: EpisodeChunks,
+    encoder: RLStateEncoder,
+    gamma: float,
+    n_step: int = 1,
+    stride: int | None = None,
+) -> list[ChunkTransition]:
+    """Critical-phase transitions of one episode (chunked backups, γ^k bootstraps).
 
-    A truncated episode's last chunk bootstraps from ``episode.final``; without it that chunk is dropped.
+    A transition starts at every step ``t`` that has a context (chunk starts, and every ``stride`` steps inside
+    chunks that recorded ``inner`` contexts): its action is the ``C`` steps executed from ``t`` (crossing into
+    the next chunk), its reference the prior's chunk at ``t``, and it bootstraps from the context ``n_step·C``
+    steps later with ``R = Σ_j γ^j r_{t+j}`` and discount ``γ^k`` over the ``k`` steps in between. A terminal
+    step inside that window ends the backup (``terminated``). Where the episode was truncated before the
+    window ends it bootstraps from ``episode.final`` (the context after the last step); without it, or
+    without a context at the bootstrap step, the transition is dropped. Rows of the action past the last
+    executed step are the last chunk's planned rows (or the reference's).
     """
-    contexts = [step.context for step in episode.steps] + ([episode.final] if episode.final else [])
-    if not contexts:
+    if not episode.steps:
         return []
-    states = encoder.encode(
-        np.stack([context.embeddings for context in contexts]),
-        np.stack([context.proprio for context in contexts]),
+    size = episode.steps[0].executed.shape[0]
+    stride = stride or size
+    contexts: dict[int, ChunkContext] = {}
+    critical: dict[int, bool] = {}
+    actions, rewards, human, start = [], [], [], 0
+    for step in episode.steps:
+        length = len(step.rewards)
+        contexts[start], critical[start] = step.context, step.critical
+        for index, context in enumerate(step.inner, start=1):
+            if index * stride < length:
+                contexts[start + index * stride], critical[start + index * stride] = context, step.critical
+        mask = step.human if step.human is not None else np.full(size, step.intervened)
+        actions.append(step.executed[:length])
+        rewards.append(np.asarray(step.rewards, np.float64))
+        human.append(np.asarray(mask[:length], bool))
+        start += length
+    total, last = start, episode.steps[-1]
+    if episode.final is not None and not last.terminated:
+        contexts[total] = episode.final
+    flat_actions = np.concatenate([*actions, last.executed[len(last.rewards) :]])
+    flat_rewards, flat_human = np.concatenate(rewards), np.concatenate(human)
+    positions = sorted(contexts)
+    states = dict(
+        zip(
+            positions,
+            encoder.encode(
+                np.stack([contexts[t].embeddings for t in positions]),
+                np.stack([contexts[t].proprio for t in positions]),
+            ),
+            strict=True,
+        )
     )
     transitions = []
-    for index, step in enumerate(episode.steps):
-        has_next = index + 1 < len(contexts)
-        if not step.critical or not (step.terminated or has_next):
+    for t in positions:
+        if t >= total or not critical[t]:
             continue
-        next_index = index + 1 if has_next else index
-        reward, discount = chunk_backup(step.rewards, gamma)
+        end = t + n_step * size
+        terminated = last.terminated and total <= end
+        bootstrap = t if terminated else min(end, total)
+        if bootstrap not in contexts:
+            continue
+        steps = min(end, total) - t
+        reference = np.asarray(contexts[t].reference, np.float32)
+        action = reference.copy()
+        executed = flat_actions[t : t + size]
+        action[: len(executed)] = executed
+        mask = np.zeros(size, bool)
+        mask[: len(flat_human[t : t + size])] = flat_human[t : t + size]
+        reward, discount = chunk_backup(flat_rewards[t : t + steps], gamma)
         transitions.append(
             ChunkTransition(
-                state=states[index],
-                reference=step.context.reference,
-                action=step.executed,
+                state=states[t],
+                reference=reference,
+                action=action,
                 reward=reward,
-                next_state=states[next_index],
-                next_reference=contexts[next_index].reference,
-                terminated=step.terminated,
+                next_state=states[bootstrap],
+                next_reference=contexts[bootstrap].reference,
+                terminated=terminated,
                 discount=discount,
-                intervened=step.intervened,
+                intervened=bool(mask.any()),
+                human=mask,
             )
         )
     return transitions
 
 
 def episode_chunks_from_record(
-    record: EpisodeRecord, prior: Policy, chunk_size: int, phase_switch: PhaseSwitch | None = None
+    record: EpisodeRecord,
+    prior: Policy,
+    chunk_size: int,
+    phase_switch: PhaseSwitch | None = None,
+    stride: int | None = None,
+    state_key: str = "state",
 ) -> EpisodeChunks:
     """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings.
 
@@ -478,7 +604,9 @@ def episode_chunks_from_record(
     chunks). The reference is the recorded chunk; chunks containing a human step use the executed actions as
     both reference and action. ``metadata["critical_phase"]`` (if present) marks critical steps; otherwise
     ``phase_switch`` is asked at each chunk start (latched; no env info is stored, so it sees ``{}``), and
-    without a switch every chunk counts as critical.
+    without a switch every chunk counts as critical. With ``stride`` < ``chunk_size`` the prior is re-run every
+    ``stride`` steps inside critical chunks for their ``inner`` contexts; ``state_key`` names the proprio vector
+    (``"privileged"``: the record's privileged states).
     """
     length = record.length
     starts = _chunk_starts(record, chunk_size)
@@ -494,12 +622,17 @@ def episode_chunks_from_record(
         if switch is not None:
             latched = latched or switch.is_critical(observation, {})
             critical[start] = latched
-        context = _record_context(record, observation, prior, start, chunk_size)
+        context = _record_context(record, observation, prior, start, chunk_size, state_key)
         executed = context.reference.copy()
         executed[: end - start] = record.actions[start:end]
-        intervened = bool(np.any(record.sources[start:end] == StepSource.HUMAN))
-        if intervened:
-            context = ChunkContext(context.embeddings, context.proprio, executed)
+        human = np.zeros(chunk_size, bool)
+        human[: end - start] = record.sources[start:end] == StepSource.HUMAN
+        inner = ()
+        if critical[start] and stride is not None and stride < chunk_size:
+            inner = tuple(
+                _record_context(record, _record_observation(record, t), prior, t, chunk_size, state_key)
+                for t in range(start + stride, end, stride)
+            )
         steps.append(
             ChunkStep(
                 context,
@@ -507,7 +640,9 @@ def episode_chunks_from_record(
                 np.asarray(record.rewards[start:end], np.float64),
                 bool(np.any(record.terminated[start:end])),
                 bool(critical[start]),
-                intervened,
+                bool(human.any()),
+                inner,
+                human,
             )
         )
     return EpisodeChunks(steps=steps)
@@ -532,7 +667,12 @@ def _record_observation(record: EpisodeRecord, t: int) -> Observation:
 
 
 def _record_context(
-    record: EpisodeRecord, observation: Observation, prior: Policy, t: int, chunk_size: int
+    record: EpisodeRecord,
+    observation: Observation,
+    prior: Policy,
+    t: int,
+    chunk_size: int,
+    state_key: str = "state",
 ) -> ChunkContext:
     proposal = prior.infer(stack_observations([observation]))
     if proposal.embeddings is None:
@@ -541,7 +681,8 @@ def _record_context(
     chunk_id = int(record.chunk_ids[t])
     if chunk_id >= 0 and record.chunk_offsets[t] == 0 and record.chunks.shape[1] >= chunk_size:
         reference = np.asarray(record.chunks[chunk_id, :chunk_size], np.float32)
-    return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), observation["state"], reference)
+    proprio = np.asarray(observation[state_key], np.float32)
+    return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), proprio, reference)
 
 
 class _EpisodeRecorder:

@@ -60,16 +60,17 @@ class EmbeddingPrior:
 
 
 class RLStateEncoder:
-    """Maps (VLA embeddings ``B×T×E``, proprio ``B×P``) to ``x = z_rl ‖ proprio`` with a frozen RL token."""
+    """Maps (VLA embeddings ``B×T×E``, proprio ``B×P``) to ``x = z_rl ‖ proprio`` with a frozen RL token
+    (``token=None``: ``x = proprio``, no RL token)."""
 
-    def __init__(self, token: RLToken, proprio_dim: int) -> None:
-        self.token = token.freeze()
+    def __init__(self, token: RLToken | None, proprio_dim: int) -> None:
+        self.token = token.freeze() if token is not None else None
         self.proprio_dim = proprio_dim
 
     @property
     def state_dim(self) -> int:
         """Width of ``x``."""
-        return self.token.config.z_dim + self.proprio_dim
+        return (self.token.config.z_dim if self.token is not None else 0) + self.proprio_dim
 
     @torch.no_grad()
     def encode(self, embeddings: np.ndarray, proprio: np.ndarray) -> np.ndarray:
@@ -79,6 +80,8 @@ class RLStateEncoder:
         proprio = np.asarray(proprio, dtype=np.float32)
         if proprio.ndim != 2 or proprio.shape[1] != self.proprio_dim:
             raise RLTInputError(f"proprio: expected B×{self.proprio_dim}, got {proprio.shape}")
+        if self.token is None:
+            return proprio
         return np.concatenate([self.token.encode_numpy(np.asarray(embeddings, np.float32)), proprio], axis=1)
 
 

@@ -8,15 +8,20 @@ delayed actor updates, Polyak targets, optimizers — is TD3's own):
 - ``RLTPolicy.make_actor`` / ``make_critic``: the critics read only ``x`` (a slicing features extractor),
   ``Q(x, a_chunk)``; both standardize ``x`` with statistics fitted on the warm-up data (``normalize_state``);
 - ``ChunkReplayBuffer``: chunk transitions with per-entry bootstrap discounts ``γ^k``;
-- ``ChunkedTD3.train``: critic target ``R + (1 − terminated) · γ^k · min Q'``; actor loss
-  ``−w · Q1(x, π(x, ã_drop)) + β · ‖π − ã‖²`` with the reference zeroed in the actor input for a fraction
-  ``ref_dropout`` of the batch; every loss is checked for finiteness before its optimizer step.
+- ``ChunkedTD3.train``: critic target ``R + (1 − terminated) · γ^k · min Q'`` (min over ``target_critics``
+  members sampled from an ensemble of ``n_critics``, REDQ-style; optional LayerNorm); actor loss
+  ``−w · Q(x, π(x, ã_drop)) + β · ‖π − ã‖²`` with the reference zeroed in the actor input for a fraction
+  ``ref_dropout`` of the batch, after ``critic_warmup_updates`` critic-only updates and with ``w`` / ``β``
+  ramped linearly (``q_weight_start → q_weight``, ``beta → beta_end``); every loss is checked for finiteness
+  before its optimizer step;
+- a second replay (``demo_fraction`` > 0): demonstrations and interventions sampled beside online data.
 
 Training runs without ``learn()``: the online loop (``rlt.online``) collects chunks and calls ``update``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +64,26 @@ class LearnerConfig:
     then reach the networks in units of their spread, so millimetre differences are not lost in raw scale.
     ``q_weight`` scales the ``−Q`` term of the actor loss; 0 leaves only the regression toward ``ã`` (with
     reference dropout): the ablation that shows whether the critic contributes anything.
+
+    Issue-19 options (defaults keep the earlier learner unless the evidence picked otherwise, see docs/rlt.md):
+
+    - ``target_noise_space``: ``"residual"`` (default) applies target smoothing ``clip(N(0, σ), ±c)`` to the
+      residual network's output, i.e. ``s·σ`` in action units, in residual mode; ``"action"`` adds it to the
+      chunk in action units (the earlier behaviour, where σ = 0.2 swamps a residual of scale 0.1).
+    - ``n_critics`` members (LayerNorm after each hidden layer with ``critic_layer_norm``); the TD target takes
+      the min over ``target_critics`` members drawn at random per update (= ``n_critics``: min over all, TD3).
+      ``actor_q`` ``"mean"`` climbs the ensemble mean.
+    - ``n_step``: chunk transitions bootstrap ``n_step`` executed chunks later (rewards summed with γ per step).
+    - ``stride``: one transition every ``stride`` steps (``C`` must be a multiple), each with the prior's
+      context recomputed at its own step: ``C / stride`` transitions per executed chunk (None = ``C``).
+    - ``critic_warmup_updates``: critic-only updates before the actor's first; then ``q_weight`` ramps from
+      ``q_weight_start`` and β toward ``beta_end`` over ``ramp_updates`` updates (None: constant).
+    - ``beta_reduction``: ``"sum"`` over the C×D chunk entries or ``"mean"`` over them; ``beta_on``:
+      ``"chunk"`` (``‖a − ã‖``) or ``"residual"`` (``‖π‖``, the residual network's output; residual mode only).
+    - ``human_mask``: ``"chunk"`` replaces the whole reference of a chunk with any human step by the executed
+      chunk; ``"step"`` replaces only the human steps' rows.
+    - ``demo_fraction``: share of every batch drawn from the second replay (stored demonstrations and chunks
+      with human steps), once it holds data; 0 keeps one replay.
     """
 
     chunk_size: int = 10
@@ -76,9 +101,23 @@ class LearnerConfig:
     target_policy_noise: float = 0.2
     target_noise_clip: float = 0.5
     residual_scale: float | None = None
-    actor_q: Literal["q1", "min"] = "q1"
+    actor_q: Literal["q1", "min", "mean"] = "q1"
     normalize_state: bool = True
     q_weight: float = 1.0
+    target_noise_space: Literal["residual", "action"] = "residual"
+    n_critics: int = 2
+    critic_layer_norm: bool = False
+    target_critics: int = 2
+    n_step: int = 1
+    stride: int | None = None
+    critic_warmup_updates: int = 0
+    q_weight_start: float | None = None
+    beta_end: float | None = None
+    ramp_updates: int = 0
+    beta_reduction: Literal["sum", "mean"] = "sum"
+    beta_on: Literal["chunk", "residual"] = "chunk"
+    human_mask: Literal["chunk", "step"] = "chunk"
+    demo_fraction: float = 0.0
     seed: int = 0
     device: str = "cpu"
 
@@ -92,12 +131,44 @@ class LearnerConfig:
             "policy_delay": self.policy_delay >= 1,
             "batch_size": self.batch_size >= 1,
             "residual_scale": self.residual_scale is None or self.residual_scale > 0.0,
-            "actor_q": self.actor_q in ("q1", "min"),
+            "actor_q": self.actor_q in ("q1", "min", "mean"),
             "q_weight": self.q_weight >= 0.0,
+            "target_noise_space": self.target_noise_space in ("residual", "action"),
+            "n_critics": self.n_critics >= 2,
+            "target_critics": 1 <= self.target_critics <= self.n_critics,
+            "n_step": self.n_step >= 1,
+            "stride": self.stride is None or (self.stride >= 1 and self.chunk_size % self.stride == 0),
+            "critic_warmup_updates": self.critic_warmup_updates >= 0,
+            "q_weight_start": self.q_weight_start is None or self.q_weight_start >= 0.0,
+            "beta_end": self.beta_end is None or self.beta_end >= 0.0,
+            "ramp_updates": self.ramp_updates >= 0,
+            "beta_reduction": self.beta_reduction in ("sum", "mean"),
+            "beta_on": self.beta_on == "chunk"
+            or (self.beta_on == "residual" and self.residual_scale is not None),
+            "human_mask": self.human_mask in ("chunk", "step"),
+            "demo_fraction": 0.0 <= self.demo_fraction < 1.0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise RLTInputError(f"LearnerConfig.{name}: invalid value {getattr(self, name)!r}")
+
+    @property
+    def transition_stride(self) -> int:
+        """Steps between consecutive transition starts (``C`` unless ``stride`` is set)."""
+        return self.stride or self.chunk_size
+
+    def loss_weights(self, update: int) -> tuple[float, float]:
+        """``(q_weight, β)`` of the actor loss at gradient step ``update`` (1-based), per the warm-up/ramp."""
+        if self.ramp_updates == 0:
+            progress = 1.0
+        else:
+            progress = min(max((update - self.critic_warmup_updates) / self.ramp_updates, 0.0), 1.0)
+        q_start = self.q_weight if self.q_weight_start is None else self.q_weight_start
+        beta_end = self.beta if self.beta_end is None else self.beta_end
+        return (
+            q_start + progress * (self.q_weight - q_start),
+            self.beta + progress * (beta_end - self.beta),
+        )
 
 
 class RLStateFeatures(BaseFeaturesExtractor):
@@ -122,11 +193,34 @@ class RLStateFeatures(BaseFeaturesExtractor):
         return torch.cat([state, observations[:, self.state_dim :]], dim=1)
 
 
+class ChunkCritic(ContinuousCritic):
+    """SB3's ``ContinuousCritic`` (``n_critics`` members), optionally with LayerNorm after every hidden layer."""
+
+    def __init__(self, *args: Any, layer_norm: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not layer_norm:
+            return
+        in_dim = kwargs["features_dim"] + int(np.prod(self.action_space.shape))
+        sizes = [in_dim, *kwargs["net_arch"]]
+        self.q_networks = []
+        for index in range(self.n_critics):
+            layers: list[torch.nn.Module] = []
+            for width_in, width_out in itertools.pairwise(sizes):
+                layers += [
+                    torch.nn.Linear(width_in, width_out),
+                    torch.nn.LayerNorm(width_out),
+                    torch.nn.ReLU(),
+                ]
+            network = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], 1))
+            self.add_module(f"qf{index}", network)
+            self.q_networks.append(network)
+
+
 class RLTPolicy(TD3Policy):
     """TD3 policy whose actor reads ``x ‖ ã`` and whose critics read only ``x`` and the action chunk."""
 
-    def __init__(self, *args: Any, state_dim: int, **kwargs: Any) -> None:
-        self.state_dim = state_dim
+    def __init__(self, *args: Any, state_dim: int, critic_layer_norm: bool = False, **kwargs: Any) -> None:
+        self.state_dim, self.critic_layer_norm = state_dim, critic_layer_norm
         super().__init__(*args, **kwargs)
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
@@ -135,9 +229,8 @@ class RLTPolicy(TD3Policy):
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
         extractor = RLStateFeatures(self.observation_space, self.state_dim, with_reference=False)
-        return ContinuousCritic(**self._update_features_extractor(self.critic_kwargs, extractor)).to(
-            self.device
-        )
+        kwargs = self._update_features_extractor(self.critic_kwargs, extractor)
+        return ChunkCritic(**kwargs, layer_norm=self.critic_layer_norm).to(self.device)
 
     def state_features(self) -> list[RLStateFeatures]:
         """The standardizing extractors of actor, critics and their targets."""
@@ -145,7 +238,11 @@ class RLTPolicy(TD3Policy):
         return [network.features_extractor for network in networks]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        return {**super()._get_constructor_parameters(), "state_dim": self.state_dim}
+        return {
+            **super()._get_constructor_parameters(),
+            "state_dim": self.state_dim,
+            "critic_layer_norm": self.critic_layer_norm,
+        }
 
 
 def apply_reference_dropout(
@@ -185,7 +282,12 @@ class ChunkedTD3(TD3):
                 "chunk_size": self.config.chunk_size,
                 "action_dim": action_dim,
             },
-            policy_kwargs={"net_arch": list(self.config.net_arch), "state_dim": state_dim},
+            policy_kwargs={
+                "net_arch": list(self.config.net_arch),
+                "state_dim": state_dim,
+                "n_critics": self.config.n_critics,
+                "critic_layer_norm": self.config.critic_layer_norm,
+            },
             seed=self.config.seed,
             device=resolve_device(self.config.device),
             _init_setup_model=False,
@@ -196,6 +298,19 @@ class ChunkedTD3(TD3):
         self._setup_model()
         self.set_logger(Logger(folder=None, output_formats=[]))
         self.dropout_generator = torch.Generator().manual_seed(self.config.seed)
+        self.demo_buffer = (
+            ChunkReplayBuffer(
+                self.buffer_size,
+                self.observation_space,
+                self.action_space,
+                device=self.device,
+                state_dim=state_dim,
+                chunk_size=self.config.chunk_size,
+                action_dim=action_dim,
+            )
+            if self.config.demo_fraction > 0
+            else None
+        )
         self.last_losses: dict[str, float] = {}
         if self.config.residual_scale is not None:
             self._zero_last_layer()
@@ -208,26 +323,67 @@ class ChunkedTD3(TD3):
         self.actor_target.load_state_dict(self.actor.state_dict())
 
     def policy_chunks(
-        self, actor: torch.nn.Module, observations: torch.Tensor, actor_input: torch.Tensor | None = None
+        self,
+        actor: torch.nn.Module,
+        observations: torch.Tensor,
+        actor_input: torch.Tensor | None = None,
+        output: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flat chunks of ``actor`` for stored observations ``x ‖ ã`` (``ã + s · π`` in residual mode).
 
-        ``actor_input`` (default: ``observations``) is what the network reads, e.g. with the reference dropped.
+        ``actor_input`` (default: ``observations``) is what the network reads, e.g. with the reference dropped;
+        ``output`` is the network's output when already computed.
         """
-        output = actor(observations if actor_input is None else actor_input)
+        output = actor(observations if actor_input is None else actor_input) if output is None else output
         if self.config.residual_scale is None:
             return output
         reference = observations[:, self.state_dim :]
         return (reference + self.config.residual_scale * output).clamp(-1.0, 1.0)
+
+    def smoothed_next_chunks(self, next_observations: torch.Tensor) -> torch.Tensor:
+        """The target actor's chunks at ``x' ‖ ã'`` with TD3's clipped target noise (see ``target_noise_space``)."""
+        output = self.actor_target(next_observations)
+        noise = output.clone().normal_(0, self.target_policy_noise)
+        noise = noise.clamp(-self.target_noise_clip, self.target_noise_clip)
+        if self.config.residual_scale is not None and self.config.target_noise_space == "residual":
+            return self.policy_chunks(
+                self.actor_target, next_observations, output=(output + noise).clamp(-1, 1)
+            )
+        return (self.policy_chunks(self.actor_target, next_observations, output=output) + noise).clamp(-1, 1)
+
+    def target_members(self) -> list[int]:
+        """Indices of the critic members whose min forms this update's target (random subset, REDQ-style)."""
+        n, k = self.config.n_critics, self.config.target_critics
+        if k == n:
+            return list(range(n))
+        return sorted(torch.randperm(n, generator=self.dropout_generator)[:k].tolist())
 
     @property
     def chunk_shape(self) -> tuple[int, int]:
         """``(C, D)``."""
         return self.config.chunk_size, self.action_dim
 
-    def add_transition(self, transition: ChunkTransition) -> None:
-        """Store one chunk transition in the replay buffer (validated there)."""
-        self.replay_buffer.add_chunk(transition)
+    def add_transition(self, transition: ChunkTransition, demo: bool = False) -> None:
+        """Store one chunk transition (validated there): in the second replay when ``demo`` (a demonstration)
+        or the transition has human steps and ``demo_fraction`` > 0, else in the online replay."""
+        to_demo = self.demo_buffer is not None and (demo or transition.intervened)
+        (self.demo_buffer if to_demo else self.replay_buffer).add_chunk(transition, self.config.human_mask)
+
+    def sample(self, batch_size: int) -> ReplayBufferSamples:
+        """A batch: ``demo_fraction`` of it from the second replay (when it holds data), the rest online."""
+        demo = self.demo_buffer
+        online_size = self.replay_buffer.size()
+        if demo is None or demo.size() == 0:
+            return self.replay_buffer.sample(batch_size)
+        n_demo = batch_size if online_size == 0 else round(batch_size * self.config.demo_fraction)
+        parts = [demo.sample(n_demo)] + (
+            [self.replay_buffer.sample(batch_size - n_demo)] if n_demo < batch_size else []
+        )
+        return ReplayBufferSamples(*(torch.cat(fields) for fields in zip(*parts, strict=True)))
+
+    def replay_size(self) -> int:
+        """Transitions held in both replays."""
+        return self.replay_buffer.size() + (self.demo_buffer.size() if self.demo_buffer is not None else 0)
 
     @property
     def weights_version(self) -> int:
@@ -250,12 +406,11 @@ class ChunkedTD3(TD3):
 
         Returns the number of gradient steps taken.
         """
-        if self.replay_buffer.size() < self.learning_starts or new_transitions <= 0:
+        if self.replay_size() < self.learning_starts or new_transitions <= 0:
             return 0
         if self.config.normalize_state and not self.state_normalization_fitted:
-            states, _ = self.replay_buffer.split(
-                self.replay_buffer.observations[: self.replay_buffer.size(), 0]
-            )
+            buffers = [b for b in (self.replay_buffer, self.demo_buffer) if b is not None and b.size()]
+            states = np.concatenate([b.split(b.observations[: b.size(), 0])[0] for b in buffers])
             self.fit_state_normalization(states)
         steps = self.config.utd_ratio * new_transitions
         self.train(gradient_steps=steps, batch_size=self.batch_size)
@@ -299,7 +454,7 @@ class ChunkedTD3(TD3):
         return chunks.reshape(len(states), *self.chunk_shape)
 
     def q_values(self, states: np.ndarray, references: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-        """``min(Q1, Q2)`` of ``B×C×D`` chunks at RL states ``B×S`` with reference chunks ``B×C×D`` (diagnostics)."""
+        """Min over the critic members of ``B×C×D`` chunks at RL states ``B×S`` with reference chunks ``B×C×D`` (diagnostics)."""
         observations = np.concatenate([states, references.reshape(len(states), -1)], axis=1)
         with torch.no_grad():
             q_pair = self.critic(
@@ -310,54 +465,78 @@ class ChunkedTD3(TD3):
             )
         return torch.cat(q_pair, dim=1).min(dim=1).values.cpu().numpy()
 
-    def critic_targets(self, batch: ReplayBufferSamples) -> torch.Tensor:
-        """Chunked TD targets ``R + (1 − terminated) · γ^k · min_i Q'_i(x', π'(x', ã') + ε)``."""
+    def critic_targets(self, batch: ReplayBufferSamples, members: list[int] | None = None) -> torch.Tensor:
+        """Chunked TD targets ``R + (1 − terminated) · γ^k · min_{i ∈ members} Q'_i(x', π'(x', ã') + ε)``.
+
+        ``members`` defaults to ``target_members()`` (all members unless ``target_critics < n_critics``)."""
+        members = self.target_members() if members is None else members
         with torch.no_grad():
-            noise = batch.actions.clone().normal_(0, self.target_policy_noise)
-            noise = noise.clamp(-self.target_noise_clip, self.target_noise_clip)
-            next_actions = self.policy_chunks(self.actor_target, batch.next_observations)
-            next_actions = (next_actions + noise).clamp(-1, 1)
+            next_actions = self.smoothed_next_chunks(batch.next_observations)
             next_q = torch.cat(self.critic_target(batch.next_observations, next_actions), dim=1)
-            next_q = next_q.min(dim=1, keepdim=True).values
+            next_q = next_q[:, members].min(dim=1, keepdim=True).values
             return batch.rewards + (1 - batch.dones) * batch.discounts * next_q
 
-    def actor_loss(self, observations: torch.Tensor) -> torch.Tensor:
-        """``−w · Q(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm over the chunk, mean over the batch).
+    def actor_loss(
+        self, observations: torch.Tensor, weights: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """``−w · Q(x, π(x, ã with dropout)) + β · ‖π − ã‖²`` (squared norm summed or averaged over the chunk's
+        entries, ``beta_reduction``; on the residual with ``beta_on="residual"``; mean over the batch).
 
-        ``Q`` is ``Q1`` or ``min(Q1, Q2)`` (``LearnerConfig.actor_q``), ``w`` is ``LearnerConfig.q_weight``."""
+        ``Q`` is ``Q1``, the min or the mean of the members (``LearnerConfig.actor_q``); ``(w, β)`` default to
+        ``LearnerConfig.q_weight`` and ``beta`` (``train`` passes the schedule's)."""
+        q_weight, beta = weights or (self.config.q_weight, self.config.beta)
         actor_input, _ = apply_reference_dropout(
             observations, self.state_dim, self.config.ref_dropout, self.dropout_generator
         )
-        actions = self.policy_chunks(self.actor, observations, actor_input)
-        reference = observations[:, self.state_dim :]
-        if self.config.actor_q == "min":
-            q_value = torch.cat(self.critic(observations, actions), dim=1).min(dim=1).values.mean()
-        else:
+        output = self.actor(actor_input)
+        actions = self.policy_chunks(self.actor, observations, output=output)
+        if q_weight == 0:
+            q_value = torch.zeros(())
+        elif self.config.actor_q == "q1":
             q_value = self.critic.q1_forward(observations, actions).mean()
-        regression = ((actions - reference) ** 2).sum(dim=1).mean()
-        return -self.config.q_weight * q_value + self.config.beta * regression
+        else:
+            values = torch.cat(self.critic(observations, actions), dim=1)
+            q_value = (
+                values.min(dim=1).values if self.config.actor_q == "min" else values.mean(dim=1)
+            ).mean()
+        if self.config.beta_on == "residual":
+            deviation = output
+        else:
+            deviation = actions - observations[:, self.state_dim :]
+        squared = deviation**2
+        regression = (
+            squared.mean(dim=1) if self.config.beta_reduction == "mean" else squared.sum(dim=1)
+        ).mean()
+        return -q_weight * q_value + beta * regression
 
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:
         """TD3's update loop with chunked targets and the reference-regularized actor loss."""
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
         critic_losses, actor_losses = [], []
+        # with q_weight 0 throughout (the critic-free ablation) the critic never reaches the actor: skip it
+        train_critic = max(self.config.q_weight, self.config.q_weight_start or 0.0) > 0
         for _ in range(gradient_steps):
             self._n_updates += 1
-            batch = self.replay_buffer.sample(batch_size)
-            target = self.critic_targets(batch)
-            current = self.critic(batch.observations, batch.actions)
-            critic_loss = sum(F.mse_loss(q_value, target) for q_value in current)
-            _step(self.critic.optimizer, _finite("critic_loss", critic_loss))
-            critic_losses.append(critic_loss.item())
+            batch = self.sample(batch_size)
+            if train_critic:
+                target = self.critic_targets(batch)
+                current = self.critic(batch.observations, batch.actions)
+                critic_loss = sum(F.mse_loss(q_value, target) for q_value in current)
+                _step(self.critic.optimizer, _finite("critic_loss", critic_loss))
+                critic_losses.append(critic_loss.item())
+            if self._n_updates <= self.config.critic_warmup_updates:  # critic warm-up: no actor update
+                if self._n_updates % self.policy_delay == 0:
+                    polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+                continue
             if self._n_updates % self.policy_delay == 0:
-                actor_loss = self.actor_loss(batch.observations)
+                actor_loss = self.actor_loss(batch.observations, self.config.loss_weights(self._n_updates))
                 _step(self.actor.optimizer, _finite("actor_loss", actor_loss))
                 actor_losses.append(actor_loss.item())
                 polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
                 polyak_update(self.actor.parameters(), self.actor_target.parameters(), self.tau)
         self.check_parameters()
-        self.last_losses = {"critic_loss": float(np.mean(critic_losses))}
+        self.last_losses = {"critic_loss": float(np.mean(critic_losses))} if critic_losses else {}
         if actor_losses:
             self.last_losses["actor_loss"] = float(np.mean(actor_losses))
 
@@ -384,13 +563,12 @@ class ChunkedTD3(TD3):
         """Everything a resumed learner needs to continue bit for bit: weights (targets and state normalization
         included), both optimizers, the filled part of the replay buffer, the update counter and random state
         (SB3 samples replay indices from numpy's global generator)."""
-        buffer, size = self.replay_buffer, self.replay_buffer.size()
-        replay = {name: getattr(buffer, name)[:size].copy() for name in _REPLAY_ARRAYS}
-        return {
+        demo = {"demo_replay": _replay_state(self.demo_buffer)} if self.demo_buffer is not None else {}
+        return demo | {
             "policy": {name: value.detach().cpu() for name, value in self.policy.state_dict().items()},
             "actor_optimizer": self.actor.optimizer.state_dict(),
             "critic_optimizer": self.critic.optimizer.state_dict(),
-            "replay": replay | {"pos": buffer.pos, "full": buffer.full},
+            "replay": _replay_state(self.replay_buffer),
             "n_updates": int(self._n_updates),
             "rng": capture_rng(None, self.dropout_generator) | {"numpy_global": np.random.get_state()},
         }
@@ -400,10 +578,9 @@ class ChunkedTD3(TD3):
         self.policy.load_state_dict(state["policy"])
         self.actor.optimizer.load_state_dict(state["actor_optimizer"])
         self.critic.optimizer.load_state_dict(state["critic_optimizer"])
-        buffer, replay = self.replay_buffer, state["replay"]
-        for name in _REPLAY_ARRAYS:
-            getattr(buffer, name)[: len(replay[name])] = replay[name]
-        buffer.pos, buffer.full = int(replay["pos"]), bool(replay["full"])
+        _restore_replay(self.replay_buffer, state["replay"])
+        if self.demo_buffer is not None and "demo_replay" in state:
+            _restore_replay(self.demo_buffer, state["demo_replay"])
         self._n_updates = int(state["n_updates"])
         restore_rng(state["rng"], None, self.dropout_generator)
         np.random.set_state(state["rng"]["numpy_global"])
@@ -463,6 +640,20 @@ _REPLAY_ARRAYS = (
     "discounts",
     "interventions",
 )
+
+
+def _replay_state(buffer: ChunkReplayBuffer) -> dict[str, Any]:
+    size = buffer.size()
+    return {name: getattr(buffer, name)[:size].copy() for name in _REPLAY_ARRAYS} | {
+        "pos": buffer.pos,
+        "full": buffer.full,
+    }
+
+
+def _restore_replay(buffer: ChunkReplayBuffer, replay: dict[str, Any]) -> None:
+    for name in _REPLAY_ARRAYS:
+        getattr(buffer, name)[: len(replay[name])] = replay[name]
+    buffer.pos, buffer.full = int(replay["pos"]), bool(replay["full"])
 
 
 def _finite(name: str, loss: torch.Tensor) -> torch.Tensor:

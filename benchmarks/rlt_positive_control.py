@@ -1,0 +1,318 @@
+"""Positive control for RLT's learner (issue 19 item 3): pick-place-v3 from a 10-demo state-MLP BC prior.
+
+The prior is a small MLP trained by MSE behaviour cloning to emit a ``C``-step chunk from the 39-D state, on
+``demos`` successful episodes of Meta-World's scripted expert with Gaussian action noise (``demo_noise``).
+Arms, on the same evaluation seeds (``rlt_sample_efficiency.eval_seeds``):
+
+- ``prior``: the frozen BC prior;
+- ``rlt``: ``rlt.online.OnlineRLT`` in residual mode over the whole episode (no hand-off) with no RL token
+  (``x`` = the 39-D state): ``clip(ã + s·π(x, ã))`` with the regularizer β on the residual's mean square,
+  ``utd_ratio`` critic updates per executed chunk, the first ``critic_warmup_updates`` critic-only;
+- ``regression``: the same loop with ``q_weight = 0`` and the actor predicting the chunk itself (RLT's
+  critic-free ablation: regression toward ``ã`` with 50% reference dropout).
+
+Each (arm, seed) is written to ``<output>/rlt_positive_control_<task>_<arm>_seed<seed>.json`` as it lands (a
+finished file is reused, so seeds accumulate over runs); the summary prints mean ± 95% t-interval per point.
+
+    python benchmarks/rlt_positive_control.py --seeds 0 --arms prior rlt regression
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import torch
+from rlt_sample_efficiency import BenchmarkConfig, Curve, eval_seeds, make_env, plot, summarize
+
+from envs.experts import ScriptedExpert
+from policies.base import ActionChunk, ObservationBatch, stack_observations
+from rlt.online import EpisodeStats, EvalPoint, OnlineConfig, OnlineRLT
+from rlt.phase import AlwaysCritical
+from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.td3 import LearnerConfig
+
+STATE_DIM = 39
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The positive control's task, prior, budget and the RLT arm's learner settings."""
+
+    task: str = "pick-place-v3"
+    seeds: tuple[int, ...] = (0,)
+    arms: tuple[str, ...] = ("prior", "rlt", "regression")
+    demos: int = 10
+    demo_noise: float = 0.3
+    bc_steps: int = 3000
+    chunk_size: int = 10
+    episode_steps: int = 200
+    env_steps: int = 140_000
+    warmup_episodes: int = 20
+    eval_every: int = 20_000
+    eval_episodes: int = 30
+    residual_scale: float = 0.5
+    beta: float = 1.0
+    utd_ratio: int = 10
+    critic_warmup_updates: int = 5000
+    exploration_noise: float = 0.2
+    exploration: str = "iid"
+    exploration_rho: float = 0.0
+    n_step: int = 1
+    stride: int | None = None
+    n_critics: int = 2
+    target_critics: int = 2
+    critic_layer_norm: bool = False
+    output: str = "benchmarks/results"
+
+    def benchmark(self) -> BenchmarkConfig:
+        """The shared benchmark's config for its env and evaluation seeds."""
+        return BenchmarkConfig(
+            task=self.task,
+            env_steps=self.env_steps,
+            eval_episodes=self.eval_episodes,
+            episode_steps=self.episode_steps,
+            chunk_size=self.chunk_size,
+        )
+
+
+class StateBCPrior:
+    """A ``Policy``: an MLP from the 39-D ``privileged`` state to a ``C×4`` chunk in ``[−1, 1]``."""
+
+    action_dim = 4
+
+    def __init__(self, network: torch.nn.Module, chunk_size: int, version: str) -> None:
+        self.network, self.action_horizon, self.version = network.eval(), chunk_size, version
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        started = time.perf_counter()
+        with torch.no_grad():
+            states = torch.as_tensor(np.asarray(batch["privileged"], np.float32))
+            chunks = self.network(states).clamp(-1, 1).reshape(len(states), self.action_horizon, 4)
+        return ActionChunk(actions=chunks.numpy(), timing={"infer_ms": (time.perf_counter() - started) * 1e3})
+
+    def reset(self) -> None:
+        """Stateless."""
+
+
+def collect_demos(config: ControlConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``demos`` successful episodes of the noisy scripted expert: (states T×39, actions T×4) each."""
+    env = make_env(config.benchmark())
+    expert = ScriptedExpert(config.task, config.demo_noise, seed=seed)
+    demos, episode = [], 0
+    while len(demos) < config.demos:
+        observation, _ = env.reset(seed=10_000 * (seed + 1) + episode)
+        episode += 1
+        states, actions, terminated, truncated = [], [], False, False
+        while not (terminated or truncated):
+            states.append(observation["privileged"])
+            actions.append(expert.act(observation["privileged"]))
+            observation, _, terminated, truncated, _ = env.step(actions[-1])
+        if terminated:
+            demos.append((np.stack(states), np.stack(actions)))
+    return demos
+
+
+def train_bc_prior(config: ControlConfig, seed: int) -> StateBCPrior:
+    """MSE behaviour cloning of ``C``-step chunks (the episode's last action repeated past its end)."""
+    inputs, targets = [], []
+    for states, actions in collect_demos(config, seed):
+        padded = np.concatenate([actions, np.repeat(actions[-1:], config.chunk_size, axis=0)])
+        for t in range(len(states)):
+            inputs.append(states[t])
+            targets.append(padded[t : t + config.chunk_size].ravel())
+    x = torch.as_tensor(np.stack(inputs), dtype=torch.float32)
+    y = torch.as_tensor(np.stack(targets), dtype=torch.float32)
+    torch.manual_seed(seed)
+    network = torch.nn.Sequential(
+        torch.nn.Linear(STATE_DIM, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, config.chunk_size * 4),
+    )
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(config.bc_steps):
+        index = torch.randint(len(x), (256,), generator=generator)
+        loss = torch.nn.functional.mse_loss(network(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return StateBCPrior(network, config.chunk_size, f"state-bc-{config.demos}demos-seed{seed}")
+
+
+def prior_success(config: ControlConfig, prior: StateBCPrior) -> float:
+    """The prior's success rate on the evaluation seeds."""
+    env = make_env(config.benchmark())
+    successes = []
+    for episode_seed in eval_seeds(config.benchmark()):
+        observation, _ = env.reset(seed=episode_seed)
+        done = terminated = False
+        while not done:
+            for action in prior.infer(stack_observations([observation])).actions[0]:
+                observation, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+                if done:
+                    break
+        successes.append(float(terminated))
+    return float(np.mean(successes))
+
+
+def learner_config(config: ControlConfig, arm: str, seed: int) -> LearnerConfig:
+    """RLT's residual learner, or the critic-free regression ablation."""
+    shared = {
+        "chunk_size": config.chunk_size,
+        "utd_ratio": config.utd_ratio,
+        "n_step": config.n_step,
+        "stride": config.stride,
+        "n_critics": config.n_critics,
+        "target_critics": config.target_critics,
+        "critic_layer_norm": config.critic_layer_norm,
+        "seed": seed,
+    }
+    if arm == "regression":
+        return LearnerConfig(**shared, q_weight=0.0, beta=config.beta, beta_reduction="mean")
+    return LearnerConfig(
+        **shared,
+        residual_scale=config.residual_scale,
+        beta=config.beta,
+        beta_on="residual",
+        beta_reduction="mean",
+        ref_dropout=0.0,
+        critic_warmup_updates=config.critic_warmup_updates,
+    )
+
+
+def run_learner(
+    config: ControlConfig, arm: str, seed: int, prior: StateBCPrior, on_point: Callable[[Curve], object]
+) -> Curve:
+    """One online run from ``prior`` (warm-up included in the env steps); the curve of its evaluations.
+
+    ``on_point`` receives the curve so far after every evaluation (partial results survive a stopped run)."""
+    torch.manual_seed(seed)
+    started = time.time()
+    loop = OnlineRLT(
+        make_env(config.benchmark()),
+        EmbeddingPrior(prior, StateProjectionEmbedder(STATE_DIM, 1, 1, key="privileged", seed=seed)),
+        AlwaysCritical(),
+        None,
+        OnlineConfig(
+            task=config.task,
+            env_id=f"metaworld/{config.task}",
+            warmup_episodes=config.warmup_episodes,
+            total_env_steps=config.env_steps,
+            eval_every_steps=config.eval_every,
+            eval_episodes=config.eval_episodes,
+            eval_seed_base=eval_seeds(config.benchmark())[0],
+            record_images=False,
+            exploration_noise=config.exploration_noise,
+            exploration=config.exploration,
+            exploration_rho=config.exploration_rho,
+            state_key="privileged",
+            rl_version=arm,
+            seed=seed,
+        ),
+        learner_config(config, arm, seed),
+    )
+    reported = [0]
+
+    def progress(stats: EpisodeStats) -> None:
+        if len(loop.curve) > reported[0]:
+            reported[0] = len(loop.curve)
+            point = loop.curve[-1]
+            print(
+                f"  {arm} seed {seed}: {point.env_steps} env steps → {point.success_rate:.2f} "
+                f"({time.time() - started:.0f} s)",
+                flush=True,
+            )
+            on_point(_curve(arm, seed, loop.curve, time.time() - started))
+
+    loop.on_stats = progress
+    return _curve(arm, seed, loop.run(), time.time() - started)
+
+
+def _curve(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
+    steps, success = [p.env_steps for p in points], [p.success_rate for p in points]
+    return Curve(arm, seed, steps, success, wall_s=wall_s)
+
+
+def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
+    """One arm and seed, from its JSON if it already landed; otherwise run it and write the JSON."""
+    path = Path(config.output) / f"rlt_positive_control_{config.task}_{arm}_seed{seed}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["config"] == _arm_settings(config, arm) and saved.get("complete", True):
+            return Curve(**saved["curve"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(curve: Curve, complete: bool) -> None:
+        document = {"config": _arm_settings(config, arm), "complete": complete, "curve": asdict(curve)}
+        path.write_text(json.dumps(document, indent=1))
+
+    started = time.time()
+    prior = train_bc_prior(config, seed)
+    if arm == "prior":
+        rate = prior_success(config, prior)
+        curve = Curve("prior", seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
+    else:
+        curve = run_learner(config, arm, seed, prior, on_point=lambda partial: write(partial, False))
+    write(curve, True)
+    return curve
+
+
+def _arm_settings(config: ControlConfig, arm: str) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output")}
+    return settings | {"arm": arm}
+
+
+def main(config: ControlConfig) -> dict:
+    """Run every arm for every seed (one after another), print per-seed curves and the summary."""
+    torch.set_num_threads(1)
+    curves = []
+    for seed in config.seeds:
+        for arm in config.arms:
+            curve = run_arm(config, arm, seed)
+            curves.append(curve)
+            cells = ", ".join(f"{s}:{r:.2f}" for s, r in zip(curve.steps, curve.success, strict=True))
+            print(f"{arm:>10} seed {seed} ({curve.wall_s:.0f} s): {cells}", flush=True)
+    summary = summarize(curves)
+    for arm, data in summary.items():
+        cells = ", ".join(
+            f"{step}: {mean:.2f} ± {half:.2f}"
+            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
+        )
+        print(f"{arm:>10} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
+    plot(summary, config.benchmark(), Path(config.output) / f"rlt_positive_control_{config.task}.png")
+    return summary
+
+
+def parse_args() -> ControlConfig:
+    """Command-line flags → ``ControlConfig`` (every field is a flag)."""
+    defaults = ControlConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            kind = int if name == "seeds" else str
+            parser.add_argument(flag, nargs="+", type=kind, default=list(value))
+        elif isinstance(value, bool):
+            parser.add_argument(flag, type=lambda text: text.lower() in ("1", "true", "yes"), default=value)
+        elif value is None:
+            parser.add_argument(flag, type=int, default=None)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = vars(parser.parse_args())
+    return replace(defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+
+
+if __name__ == "__main__":
+    main(parse_args())
