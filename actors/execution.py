@@ -14,6 +14,12 @@ steps later; what the robot does meanwhile depends on the mode:
 The first chunk of an episode (and the first after a human takeover) has nothing to continue: in every mode the
 robot holds for ``d`` steps and executes ``new[0:s]``. Every executed step records its chunk and offset; a
 waiting step records chunk −1 and offset −1 (source ``POLICY``), so the store keeps exact provenance.
+
+The same :class:`ChunkSchedule` runs the robot runtime (``actors.robot_runtime``), where inference runs in real
+time: the runtime asks ``needs_chunk(lead)`` with ``lead`` from its measured latency and hands over each chunk
+with ``receive(..., arrived_after=k)`` (the steps that passed since the request); the chunk is executable at once
+from action ``k`` (action ``i`` of a chunk requested at step ``t`` is meant for step ``t + i``), in the async
+modes until the chunk runs out, so a late reply is bridged by the current chunk's remaining actions.
 """
 
 from __future__ import annotations
@@ -23,8 +29,6 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-
-from policies.rtc import rtc_weights
 
 ExecutionMode = Literal["sync", "naive_async", "rtc"]
 
@@ -80,7 +84,8 @@ class _Chunk:
     version: str
     latency_ms: float
     index: int
-    stop: int
+    stop: int  # the execute horizon: the next request is timed against it
+    end: int  # where the chunk's executable actions run out
     first: bool = True
 
 
@@ -88,7 +93,8 @@ class _Chunk:
 class ScheduledAction:
     """The action to execute now and where it came from.
 
-    While waiting, ``chunk_id`` and ``offset`` are −1 and ``version`` is the awaited chunk's.
+    While waiting, ``chunk_id`` and ``offset`` are −1 and ``version`` is the awaited chunk's. ``latency_ms`` is
+    the chunk's inference latency; ``starts_chunk`` marks the chunk's first executed action.
     """
 
     action: np.ndarray
@@ -96,6 +102,7 @@ class ScheduledAction:
     offset: int
     version: str | None
     latency_ms: float
+    starts_chunk: bool = False
 
     @property
     def waiting(self) -> bool:
@@ -107,14 +114,19 @@ class ChunkSchedule:
     """One env's chunk bookkeeping under an ``ExecutionConfig``: when to request, what to execute, what to keep.
 
     ``mode`` may be downgraded from ``rtc`` to ``naive_async`` by the worker (policies without guidance).
+    ``horizon=None`` (the robot runtime: the length comes with each chunk) takes each chunk's own length.
     """
 
-    def __init__(self, config: ExecutionConfig, horizon: int, action_dim: int) -> None:
+    def __init__(self, config: ExecutionConfig, horizon: int | None, action_dim: int) -> None:
         self.config = config
         self.horizon = horizon
-        self.steps = config.steps(horizon)
+        self.steps = config.steps(horizon) if horizon is not None else None
         self.action_dim = action_dim
-        self.weights = rtc_weights(horizon, config.delay, self.steps) if config.asynchronous else None
+        self.weights = None
+        if config.asynchronous and horizon is not None:
+            from policies.rtc import rtc_weights  # torch: not on the robot runtime's path (horizon=None)
+
+            self.weights = rtc_weights(horizon, config.delay, self.steps)
         self.reset()
 
     def reset(self) -> None:
@@ -124,15 +136,25 @@ class ChunkSchedule:
         self._wait = 0
         self._last_action = np.zeros(self.action_dim, dtype=np.float32)
 
-    def needs_chunk(self) -> bool:
-        """Whether a request should go out now."""
+    def needs_chunk(self, lead: int | None = None) -> bool:
+        """Whether a request should go out now: ``lead`` steps before the current chunk's execute horizon
+        (default: the config's delay ``d`` in the async modes, 0 in sync; the robot runtime passes its measured
+        delay)."""
         self._promote()
         if self._pending is not None:
             return False
         if self._current is None:
             return True
-        lead = self.config.delay if self.config.asynchronous else 0
+        if lead is None or not self.config.asynchronous:
+            lead = self.config.delay if self.config.asynchronous else 0
         return self._current.index >= self._current.stop - lead
+
+    def remaining(self) -> np.ndarray | None:
+        """The current chunk's actions not executed yet (index 0: this step's), or None when there are none."""
+        chunk = self._current
+        if chunk is None or chunk.index >= len(chunk.actions):
+            return None
+        return chunk.actions[chunk.index :]
 
     def inpainting_target(self) -> tuple[np.ndarray, np.ndarray]:
         """RTC targets for the chunk about to be requested: ``Y`` (``H×D``, raw units) and weights ``W`` (``H``).
@@ -140,41 +162,68 @@ class ChunkSchedule:
         ``Y_i`` is the current chunk at ``i + shift`` (``shift`` = its next index now), padded with its last
         action; with nothing to continue the weights are all zero (plain sampling).
         """
-        if self._current is None or self.weights is None:
-            return np.zeros((self.horizon, self.action_dim), np.float32), np.zeros(self.horizon, np.float32)
+        if self._current is None or self.weights is None or self.horizon is None:
+            horizon = self.horizon or 0
+            return np.zeros((horizon, self.action_dim), np.float32), np.zeros(horizon, np.float32)
         index = np.minimum(np.arange(self.horizon) + self._current.index, self.horizon - 1)
         return self._current.actions[index], self.weights
 
-    def receive(self, actions: np.ndarray, chunk_id: int, version: str, latency_ms: float) -> None:
-        """Register the requested chunk; it becomes executable after ``delay`` steps."""
+    def receive(
+        self,
+        actions: np.ndarray,
+        chunk_id: int,
+        version: str,
+        latency_ms: float,
+        arrived_after: int | None = None,
+    ) -> None:
+        """Register the requested chunk.
+
+        Simulated delay (``arrived_after=None``): it becomes executable after ``delay`` steps, from action ``d``
+        when it continues a chunk (async modes), else from action 0, for ``s`` actions. Real time
+        (``arrived_after`` = steps since the request): it is executable now, from action ``arrived_after`` (a
+        chunk later than its horizon still gives its last action); the execute horizon is ``s`` (at most the
+        chunk's length) counted from action 0, and in the async modes the chunk runs until its last action.
+        """
+        actions = np.asarray(actions)
+        if arrived_after is not None:
+            length = len(actions)
+            stop = min(self.config.execute_horizon or length, length)
+            end = length if self.config.asynchronous else stop
+            index = min(arrived_after, length - 1)
+            self._current = _Chunk(actions, chunk_id, version, latency_ms, index, stop, end)
+            self._pending, self._wait = None, 0
+            return
         continues = self.config.asynchronous and self._current is not None
         start = self.config.delay if continues else 0
-        self._pending = _Chunk(np.asarray(actions), chunk_id, version, latency_ms, start, start + self.steps)
+        steps = self.steps if self.steps is not None else self.config.steps(len(actions))
+        self._pending = _Chunk(actions, chunk_id, version, latency_ms, start, start + steps, start + steps)
         self._wait = self.config.delay
 
-    def next_action(self) -> ScheduledAction:
-        """The action for this step (advancing the schedule by one step)."""
+    def next_action(self, hold_from: np.ndarray | None = None) -> ScheduledAction:
+        """The action for this step (advancing the schedule by one step); with no action left, a hold that keeps
+        the held dimensions of ``hold_from`` (default: the last action this schedule gave)."""
         self._promote()
         if self._pending is not None:
             self._wait -= 1
         chunk = self._current
-        if chunk is None or chunk.index >= chunk.stop:
+        if chunk is None or chunk.index >= chunk.end:
             awaited = self._pending or chunk
-            return ScheduledAction(self._hold(), -1, -1, awaited.version if awaited else None, 0.0)
+            hold = self._hold(self._last_action if hold_from is None else hold_from)
+            return ScheduledAction(hold, -1, -1, awaited.version if awaited else None, 0.0)
         offset = chunk.index
         chunk.index += 1
         self._last_action = np.asarray(chunk.actions[offset], dtype=np.float32)
-        latency = chunk.latency_ms if chunk.first else 0.0
-        chunk.first = False
-        return ScheduledAction(self._last_action, chunk.chunk_id, offset, chunk.version, latency)
+        first, chunk.first = chunk.first, False
+        return ScheduledAction(self._last_action, chunk.chunk_id, offset, chunk.version, chunk.latency_ms, first)
 
     def _promote(self) -> None:
         """Make the pending chunk current once it has arrived."""
         if self._pending is not None and self._wait == 0:
             self._current, self._pending = self._pending, None
 
-    def _hold(self) -> np.ndarray:
+    def _hold(self, last: np.ndarray) -> np.ndarray:
+        """Zero motion, the held dimensions (Meta-World's gripper) kept at ``last``."""
         hold = np.zeros(self.action_dim, dtype=np.float32)
-        for dim in self.config.held_dims:
-            hold[dim] = self._last_action[dim]
+        held = list(self.config.held_dims)
+        hold[held] = np.asarray(last, dtype=np.float32)[held]
         return hold

@@ -52,6 +52,7 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import EpisodeRecorder
 from actors.robot import EStopError, RobotInterface
 from core.teleop import TeleopContext, TeleopDevice
@@ -138,6 +139,10 @@ class RuntimeConfig(BaseModel):
         return 1.0 / self.rate_hz
 
 
+#: The runtime's modes as ``actors.execution`` names them (its ``async`` is the naive async schedule).
+_EXECUTION_MODES = {"async": "naive_async", "rtc": "rtc", "sync": "sync"}
+
+
 class PolicyUnavailableError(RuntimeError):
     """The policy server failed mid-episode: the robot stopped commanding; the steps so far were spooled."""
 
@@ -192,14 +197,6 @@ class RateClock:
         late = now - target
         self._next = now + self.period_s if late > self.period_s else target + self.period_s
         return late
-
-
-@dataclass
-class _Chunk:
-    reply: ChunkReply
-    chunk_id: int
-    offset: int
-    delay_steps: int
 
 
 @dataclass
@@ -282,6 +279,11 @@ class RobotRuntime:
         self.env_id = env_id
         self.teleop = teleop
         self.run_id = run_id
+        self._execution = ExecutionConfig(
+            mode=_EXECUTION_MODES[self.config.mode],
+            execute_horizon=self.config.execute_horizon,
+            held_dims=self.config.held_dims,
+        )
         self._e_stop = threading.Event()
         self._pool = ThreadPoolExecutor(1, "robot-inference", initializer=self._prioritize_inference_thread)
         self._latency_ema_ms: float | None = None
@@ -347,7 +349,7 @@ class RobotRuntime:
         )
         clock = RateClock(config.period_s, config.spin_ms / 1000)
         last = np.zeros(self.robot.action_dim, dtype=np.float32)
-        chunk: _Chunk | None = None
+        schedule = ChunkSchedule(self._execution, None, self.robot.action_dim)
         pending: _Pending | None = None
         takeover = _Takeover()
         late_ms: list[float] = []
@@ -366,12 +368,13 @@ class RobotRuntime:
                 break
             observation = self.robot.observe()
             try:
-                chunk, pending = self._advance_chunks(chunk, pending, observation, t, recorder, chunk_log)
+                pending = self._advance_chunks(schedule, pending, observation, t, recorder, chunk_log)
             except Exception as failure:  # the policy server failed: stop commanding, keep what happened
                 policy_error = f"policy: {type(failure).__name__}: {failure}"
                 outcome, error, pending = Outcome.ERROR, policy_error, None
                 break
-            policy_action, chunk_id, offset = self._policy_action(chunk, last)
+            scheduled = schedule.next_action(hold_from=last)
+            policy_action, chunk_id, offset = scheduled.action, scheduled.chunk_id, scheduled.offset
             if (chunk_id < 0) != holding:
                 takeover.transition = True  # entering or leaving a hold is bumpless too
             holding = chunk_id < 0
@@ -399,10 +402,10 @@ class RobotRuntime:
                 feedback.terminated,
                 done and not feedback.terminated,
                 source=StepSource.HUMAN if human else StepSource.POLICY,
-                policy_version=None if human or chunk is None else chunk.reply.version,
+                policy_version=None if human else scheduled.version,
                 chunk_id=-1 if human else chunk_id,
                 chunk_offset=-1 if human else offset,
-                latency_ms=0.0 if human or chunk_id < 0 else chunk.reply.latency_ms,
+                latency_ms=0.0 if human or chunk_id < 0 else scheduled.latency_ms,
             )
             succeeded = succeeded or feedback.success
             terminated, truncated = feedback.terminated, done and not feedback.terminated
@@ -440,44 +443,41 @@ class RobotRuntime:
 
     def _advance_chunks(
         self,
-        chunk: _Chunk | None,
+        schedule: ChunkSchedule,
         pending: _Pending | None,
         observation: Observation,
         t: int,
         recorder: EpisodeRecorder,
         chunk_log: _ChunkLog,
-    ) -> tuple[_Chunk | None, _Pending | None]:
-        """Switch to an arrived chunk, and request the next one when it is time (or wait for it in sync)."""
-        horizon_left = self._execute_horizon(chunk)
+    ) -> _Pending | None:
+        """Hand an arrived chunk to the schedule, and request the next one when it is due (in sync: wait for
+        it); returns the request in flight."""
         if self.config.mode == "sync":
-            if chunk is None or chunk.offset >= horizon_left:
+            if schedule.needs_chunk():
                 reply = self._infer(observation)
-                chunk = _Chunk(reply, recorder.add_chunk(reply.actions), 0, 0)
-                chunk_log.add(0, reply)
-            return chunk, None
-        if pending is not None and pending.future.done():
-            reply = pending.future.result()
-            delay = t - pending.step
-            chunk_log.add(delay, reply)
-            offset = min(delay, len(reply.actions) - 1)  # a late chunk still gives its most recent action
-            chunk = _Chunk(reply, recorder.add_chunk(reply.actions), offset, delay)
-            pending = None
-        if pending is None and (chunk is None or chunk.offset >= horizon_left - self._lead_steps()):
-            rtc = self._rtc_request(chunk) if self.config.mode == "rtc" else None
-            pending = _Pending(self._pool.submit(self._infer, observation, rtc), t)
-        return chunk, pending
-
-    def _rtc_request(self, chunk: _Chunk | None) -> RTCRequest | None:
-        """The unexecuted rest of ``chunk`` (index 0 = this step's action) and the expected delay in steps."""
-        if chunk is None or chunk.offset >= len(chunk.reply.actions):
+                self._receive(schedule, reply, 0, recorder, chunk_log)
             return None
-        return RTCRequest(chunk.reply.actions[chunk.offset :], self._lead_steps() - 1)
+        if pending is not None and pending.future.done():
+            self._receive(schedule, pending.future.result(), t - pending.step, recorder, chunk_log)
+            pending = None
+        if pending is None and schedule.needs_chunk(self._lead_steps()):
+            rtc = self._rtc_request(schedule) if self.config.mode == "rtc" else None
+            pending = _Pending(self._pool.submit(self._infer, observation, rtc), t)
+        return pending
 
-    def _execute_horizon(self, chunk: _Chunk | None) -> int:
-        if chunk is None:
-            return 0
-        horizon = len(chunk.reply.actions)
-        return min(self.config.execute_horizon or horizon, horizon)
+    @staticmethod
+    def _receive(
+        schedule: ChunkSchedule, reply: ChunkReply, delay: int, recorder: EpisodeRecorder, chunk_log: _ChunkLog
+    ) -> None:
+        """Record the chunk that arrived ``delay`` steps after its request and make it the schedule's."""
+        chunk_log.add(delay, reply)
+        chunk_id = recorder.add_chunk(reply.actions)
+        schedule.receive(reply.actions, chunk_id, reply.version, reply.latency_ms, arrived_after=delay)
+
+    def _rtc_request(self, schedule: ChunkSchedule) -> RTCRequest | None:
+        """The unexecuted rest of the current chunk (index 0 = this step's action) and the expected delay."""
+        rest = schedule.remaining()
+        return None if rest is None else RTCRequest(rest, self._lead_steps() - 1)
 
     def _lead_steps(self) -> int:
         latency = self._latency_ema_ms if self._latency_ema_ms is not None else 0.0
@@ -493,17 +493,6 @@ class RobotRuntime:
             latency if self._latency_ema_ms is None else 0.7 * self._latency_ema_ms + 0.3 * latency
         )
         return ChunkReply(reply.actions, reply.version, latency, reply.inpainted)
-
-    def _policy_action(self, chunk: _Chunk | None, last: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """The current chunk's next action (and its chunk id and offset), or a hold (id −1) when starved."""
-        if chunk is None or chunk.offset >= len(chunk.reply.actions):
-            hold = np.zeros_like(last)
-            held = list(self.config.held_dims)
-            hold[held] = last[held]
-            return hold, -1, -1
-        action = chunk.reply.actions[chunk.offset]
-        chunk.offset += 1
-        return action, chunk.chunk_id, chunk.offset - 1
 
     def _bumpless(self, last: np.ndarray, target: np.ndarray, takeover: _Takeover) -> np.ndarray:
         """During a transition, move from ``last`` toward ``target`` by at most ``max_action_delta`` per step."""

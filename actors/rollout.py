@@ -402,7 +402,7 @@ class RolloutWorker:
             policy_version=scheduled.version if from_policy else None,
             chunk_id=scheduled.chunk_id if from_policy else -1,
             chunk_offset=scheduled.offset if from_policy else -1,
-            latency_ms=scheduled.latency_ms if from_policy else 0.0,
+            latency_ms=scheduled.latency_ms if from_policy and scheduled.starts_chunk else 0.0,
             subtask=subtask,
             subtask_source=None if subtask is None else SUBTASK_POLICY if from_policy else SUBTASK_HUMAN,
             injected=info.get("injected"),

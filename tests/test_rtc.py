@@ -163,6 +163,39 @@ def test_schedule_timing_per_mode():
     assert run("naive_async", delay=2, steps=2) == d_equals_s
 
 
+
+def test_schedule_in_real_time_as_the_robot_runtime_drives_it():
+    """A chunk handed over with ``arrived_after=k`` runs at once from action k; the next request is due ``lead``
+    steps before the execute horizon s; a late reply is bridged by the chunk's remaining actions, then a hold
+    that keeps the gripper. In sync mode the chunk stops at s."""
+    gripper = np.array([0.0, 0.0, 0.0, 0.7], np.float32)
+    schedule = ChunkSchedule(ExecutionConfig(mode="naive_async", execute_horizon=4), horizon=None, action_dim=4)
+    assert schedule.needs_chunk(lead=2)
+    first = schedule.next_action(hold_from=gripper)
+    assert (first.chunk_id, first.offset, first.action[3]) == (-1, -1, np.float32(0.7))
+    schedule.receive(np.ones((6, 4), np.float32), 0, "v1", 5.0, arrived_after=1)
+    trace = []
+    for _ in range(6):
+        due = schedule.needs_chunk(lead=2)
+        scheduled = schedule.next_action(hold_from=gripper)
+        trace.append((due, scheduled.chunk_id, scheduled.offset, scheduled.starts_chunk))
+    assert trace == [
+        (False, 0, 1, True),
+        (True, 0, 2, False),  # index 2 = s − lead: the request goes out; the reply is late
+        (True, 0, 3, False),
+        (True, 0, 4, False),  # past s: the chunk's remaining actions bridge the wait
+        (True, 0, 5, False),
+        (True, -1, -1, False),  # nothing left: hold
+    ]
+    schedule.receive(np.full((6, 4), 2.0, np.float32), 1, "v2", 5.0, arrived_after=9)
+    late = schedule.next_action()
+    assert (late.chunk_id, late.offset, late.version, late.latency_ms) == (1, 5, "v2", 5.0)
+
+    sync = ChunkSchedule(ExecutionConfig(mode="sync", execute_horizon=4), horizon=None, action_dim=4)
+    sync.receive(np.ones((6, 4), np.float32), 0, "v1", 5.0, arrived_after=0)
+    offsets = [sync.next_action().offset for _ in range(5)]
+    assert offsets == [0, 1, 2, 3, -1] and sync.needs_chunk()
+
 def _collect(policy, execution: ExecutionConfig, episodes: int = 2) -> list[EpisodeRecord]:
     records: list[EpisodeRecord] = []
     factory = functools.partial(make_env, ENV)
