@@ -169,3 +169,16 @@ def test_robot_side_imports_without_torch_mujoco_or_sqlalchemy() -> None:
     loaded, _ = loaded_after("import actors.robot_runtime, actors.robot, actors.upload")
     assert "actors" in loaded
     assert loaded & {*HEAVY, "sqlalchemy"} == set()
+
+
+def test_cli_error_names_resolve_to_exception_classes() -> None:
+    """The CLI names the errors it reports in one line by string (so matching them imports nothing); a typo
+    there would silently turn bad input into a traceback."""
+    import importlib
+
+    from experiments.cli import RUN_FAILURES, USER_ERRORS
+
+    for name in USER_ERRORS + RUN_FAILURES:
+        module, _, qualname = name.rpartition(".")
+        error = getattr(importlib.import_module(module), qualname)
+        assert issubclass(error, Exception) and f"{error.__module__}.{error.__qualname__}" == name
