@@ -285,3 +285,34 @@ def test_malformed_datasets_are_one_line_errors(tmp_path, damage, message):
     result = CliRunner().invoke(app, ["import", str(root), "--db", f"sqlite:///{tmp_path / 's.db'}"])
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def _imported_teleop(tmp_path: Path) -> str:
+    root = tmp_path / "teleop"
+    build_v21(root)
+    url = f"sqlite:///{tmp_path / 'teleop.db'}"
+    result = CliRunner().invoke(
+        app, ["import", str(root), "--task", "cube-in-bowl", "--image-size", "48", "--db", url]
+    )
+    assert result.exit_code == 0, result.output
+    return url
+
+
+def test_imported_demonstrations_are_a_training_selection(tmp_path):
+    from experiments.training import EpisodeFilter, stored_image_layout
+
+    store = ExperienceStore(_imported_teleop(tmp_path))
+    selection = EpisodeFilter(tasks=["cube-in-bowl"], run_ids=["import-teleop"], outcomes=["success"])
+    assert stored_image_layout(store, selection) == (("front", "wrist"), 48)
+
+
+@pytest.mark.slow
+def test_train_bc_on_an_imported_teleop_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    url = _imported_teleop(tmp_path)
+    args = ["train", "bc", "--task", "cube-in-bowl", "--run-id", "import-teleop", "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--eval-episodes", "0", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "trained on 2 episodes" in result.output
+    (version,) = [v["version"] for v in ExperienceStore(url).policy_versions()]
+    assert version.startswith("vla-tiny-")
