@@ -10,8 +10,8 @@ is the dataset's own (flywheel's ``outcome`` column, else ``next.success``), els
 Provenance goes into the metadata: ``demonstration``, ``fps``, ``robot_type`` (which a LeRobot export reads
 back) and ``source`` (format, path, repo id, codebase version, original episode index). Episode UUIDs are
 derived from the repo id, task, run, original index and a hash of the episode's states, actions and frames,
-so importing the same data again stores nothing new (``write_episode`` sees an identical record) wherever
-the folder lies; other data (or another run or task) gets other UUIDs.
+so importing the same data again into the same task and run stores nothing new (``write_episode`` sees an
+identical record) from wherever it is read; other data (or another run or task) gets other UUIDs.
 """
 
 from __future__ import annotations
