@@ -25,9 +25,9 @@ from gymnasium.envs.registration import EnvSpec
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.types import Observation
 from envs.rendering import configure_fast_rendering, release_current_context
 from envs.tasks import closest_names
-from policies.base import Observation
 
 
 class GymEnvConfig(BaseModel):

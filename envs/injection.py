@@ -30,9 +30,8 @@ import gymnasium as gym
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.types import StepSource
+from core.types import Observation, StepSource
 from envs.metaworld_env import GOAL, HAND, MetaWorldEnv
-from policies.base import Observation
 
 InjectionKind = Literal["detour", "random", "pause"]
 INJECTED_KEY = "injected"

@@ -37,10 +37,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.teleop import TeleopCommand, TeleopContext, TeleopDevice
-from core.types import InterventionSegment, StepSource
+from core.types import InterventionSegment, Observation, StepSource
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import goal_distance
-from policies.base import Observation
 
 
 class SimulatedHumanConfig(BaseModel):

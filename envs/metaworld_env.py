@@ -1,6 +1,6 @@
 """Meta-World v3 tasks as gymnasium envs that return the flywheel ``Observation`` dict.
 
-Observation (see ``policies.base.Observation``):
+Observation (see ``core.types.Observation``):
 
 - ``images``: ``{camera: H×W×3 uint8}`` for each configured camera, correct orientation (``corner*`` cameras
   are rotated by 180°, see ``envs.rendering``); empty when ``render=False``.
@@ -37,9 +37,9 @@ import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.types import Observation
 from envs.rendering import CameraRenderer
 from envs.tasks import resolve_task, task_max_episode_steps, task_prompt
-from policies.base import Observation
 
 HAND = slice(0, 3)
 GRIPPER = slice(3, 4)
