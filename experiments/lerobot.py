@@ -119,9 +119,8 @@ def image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel statistics of T×h×w×3 uint8 frames in [0, 1], shaped (3, 1, 1) as LeRobot's image stats."""
     pixels = frames.reshape(-1, 3).astype(np.float64) / 255.0
     stats = feature_stats(pixels)
-    return {name: value if name == "count" else value.reshape(3, 1, 1) for name, value in stats.items()} | {
-        "count": np.array([len(frames)])
-    }
+    shaped = {name: value.reshape(3, 1, 1) for name, value in stats.items() if name != "count"}
+    return shaped | {"count": np.array([len(frames)])}
 
 
 def aggregate_stats(episodes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
