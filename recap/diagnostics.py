@@ -3,6 +3,12 @@
 All figures use held-out values (each episode scored by a value model that did not train on it). "Autonomous"
 steps are the policy's own steps (interventions are forced positive and would inflate the figures).
 Figures that need both classes (e.g. AUC when a task has no failures) are ``None``; JSON-ready throughout.
+
+Where the answer is known — episodes whose steps carry ``EpisodeRecord.injected`` (bad segments an env wrapper
+injected, ``envs.injection``) — the labels are also judged against that ground truth: ``label_auc`` (does the
+advantage rank clean autonomous steps above injected ones), P(positive) on injected vs clean steps and per kind.
+Episodes of a group without marks count as clean once any episode of the group carries them. Episodes labelled
+with the scripted expert's phases (``metadata["subtask_source"] == "expert_phase"``) get P(positive) per phase.
 """
 
 from __future__ import annotations
@@ -54,6 +60,84 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+EXPERT_PHASE_SOURCE = "expert_phase"
+
+
+def value_figures(scores: Sequence[EpisodeScores]) -> dict[str, float | None]:
+    """How much the held-out value knows about the return.
+
+    ``value_episode_rank``: Spearman correlation of V_t with the return G_t inside each episode (≥ 3 steps),
+    averaged over episodes — what N-step advantages use (a value constant within an episode counts 0).
+    ``value_return_spearman``: the rank correlation across all steps. ``value_skill`` = 1 − MAE(V, G) / MAE(m, G),
+    m the median return (0 for the best constant guess, < 0 worse, 1 perfect)."""
+    ranks = [_episode_rank(item.values, item.returns) for item in scores if item.episode.length >= 3]
+    values = np.concatenate([item.values for item in scores])
+    returns = np.concatenate([item.returns for item in scores])
+    baseline = float(np.abs(returns - np.median(returns)).mean())
+    return {
+        "value_episode_rank": float(np.mean(ranks)) if ranks else None,
+        "value_return_spearman": _correlation(rankdata(values), rankdata(returns)),
+        "value_skill": None if baseline == 0 else 1.0 - float(np.abs(values - returns).mean()) / baseline,
+    }
+
+
+def _episode_rank(values: np.ndarray, returns: np.ndarray) -> float:
+    if np.ptp(values) == 0 or np.ptp(returns) == 0:
+        return 0.0
+    return float(np.corrcoef(rankdata(values), rankdata(returns))[0, 1])
+
+
+def injected_steps(episode: EpisodeRecord) -> list[str | None]:
+    """The episode's per-step injected kinds (all None for an episode without marks)."""
+    return list(episode.injected) if episode.injected is not None else [None] * episode.length
+
+
+def ground_truth_figures(
+    advantages: np.ndarray, indicators: np.ndarray, autonomous: np.ndarray, injected: Sequence[str | None]
+) -> dict[str, Any]:
+    """Labels against the injected ground truth, over autonomous steps: ``label_auc`` (AUC of the advantage
+    for *clean* steps; 0.5 = blind, 1 = every clean step ranks above every injected one),
+    ``p_positive_injected`` / ``p_positive_clean``, their ``injected_gap`` (clean − injected) and
+    ``p_positive_by_kind``. Empty when no step was injected."""
+    kinds = np.array([kind or "" for kind in injected], dtype=object)
+    bad = kinds != ""
+    if not bad.any():
+        return {}
+    auto = np.asarray(autonomous, dtype=bool)
+    p_bad, p_clean = _mean(indicators[auto & bad]), _mean(indicators[auto & ~bad])
+    return {
+        "injected_steps": int((auto & bad).sum()),
+        "injected_fraction": _mean(bad[auto]),
+        "label_auc": auc(advantages[auto], ~bad[auto]),
+        "p_positive_injected": p_bad,
+        "p_positive_clean": p_clean,
+        "injected_gap": None if p_bad is None or p_clean is None else p_clean - p_bad,
+        "p_positive_by_kind": {
+            str(kind): _mean(indicators[auto & (kinds == kind)]) for kind in sorted(set(kinds[bad]))
+        },
+    }
+
+
+def phase_figures(indicators: np.ndarray, autonomous: np.ndarray, phases: Sequence[str | None]) -> dict:
+    """P(positive) and step count per phase over autonomous steps (steps without a phase left out)."""
+    names = np.array([phase or "" for phase in phases], dtype=object)
+    auto = np.asarray(autonomous, dtype=bool)
+    return {
+        str(phase): {
+            "steps": int((auto & (names == phase)).sum()),
+            "p_positive": _mean(indicators[auto & (names == phase)]),
+        }
+        for phase in sorted(set(names[auto]) - {""})
+    }
+
+
+def expert_phases_of(episode: EpisodeRecord) -> list[str | None] | None:
+    """The episode's subtasks when they are the scripted expert's phases, else None."""
+    if episode.subtasks is None or episode.metadata.get("subtask_source") != EXPERT_PHASE_SOURCE:
+        return None
+    return list(episode.subtasks)
+
+
 def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) -> dict[str, Any]:
     """The label-quality figures of one group of episodes (a task, or all of them)."""
     success = np.array([item.episode.outcome == Outcome.SUCCESS for item in scores])
@@ -65,6 +149,18 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
     indicator = np.concatenate([item.indicators for item in scores])
     values = np.concatenate([item.values for item in scores])
     returns = np.concatenate([item.returns for item in scores])
+    advantages = np.concatenate([item.advantages for item in scores])
+    injected = [kind for item in scores for kind in injected_steps(item.episode)]
+    phases = [expert_phases_of(item.episode) for item in scores]
+    by_phase = (
+        phase_figures(
+            np.concatenate([item.indicators for item, p in zip(scores, phases, strict=True) if p]),
+            np.concatenate([a for a, p in zip(autonomous, phases, strict=True) if p]),
+            [name for p in phases if p for name in p],
+        )
+        if any(phases)
+        else None
+    )
     p_success = _mean(indicator[auto & step_success])
     p_failure = _mean(indicator[auto & ~step_success])
     inner = auto & np.concatenate([item.bootstrapped for item in scores])
@@ -97,6 +193,9 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
         "mean_first_step_value_failure": _mean(
             np.array([s.values[0] for s, ok in zip(scores, success, strict=True) if not ok])
         ),
+        **value_figures(scores),
+        **ground_truth_figures(advantages, indicator, auto, injected),
+        "p_positive_by_phase": by_phase,
     }
 
 
@@ -105,14 +204,18 @@ def _rounded(value: float | None) -> float | None:
 
 
 def sanity_failures(name: str, figures: dict[str, Any], floor: SanityFloor) -> list[str]:
-    """Which floors a group misses (only groups with both successes and failures are judged)."""
-    if figures["successes"] == 0 or figures["failures"] == 0:
-        return []
-    checks = [
-        ("positive_gap", floor.min_positive_gap),
-        ("first_step_value_auc", floor.min_first_step_auc),
-        ("value_return_correlation", floor.min_value_correlation),
-    ]
+    """Which floors a group misses: the label-vs-outcome and value checks on groups with both successes and
+    failures, the ground-truth check on groups with injected steps."""
+    checks = []
+    if figures["successes"] and figures["failures"]:
+        checks += [
+            ("positive_gap", floor.min_positive_gap),
+            ("value_episode_rank", floor.min_value_episode_rank),
+            ("first_step_value_auc", floor.min_first_step_auc),
+            ("value_return_correlation", floor.min_value_correlation),
+        ]
+    if figures.get("injected_steps"):
+        checks.append(("label_auc", floor.min_label_auc))
     checks = [(key, minimum) for key, minimum in checks if minimum is not None]
     return [
         f"{name}: {key} = {_rounded(figures[key])} < floor {minimum}"
