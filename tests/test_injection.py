@@ -19,6 +19,7 @@ from envs import (
     make_env,
 )
 from experiments.cli import app
+from experiments.pipeline_config import PipelineConfigError, parse_pipeline_config
 from storage import ExperienceStore
 from tests.storage_fixtures import pg_database, store_url  # noqa: F401
 
@@ -186,3 +187,18 @@ def test_flywheel_collect_stores_the_ground_truth(store_url, tmp_path, monkeypat
     assert fractions == {
         r.uuid: sum(k is not None for k in (r.injected or [])) / r.length for r in records
     }
+
+
+def test_the_pipeline_config_takes_injection_and_a_late_human():
+    config = parse_pipeline_config(
+        {
+            "name": "late",
+            "tasks": ["reach-v3"],
+            "injection": {"kinds": ["detour", "pause"], "rate": 0.05, "length": 10},
+            "interventions": {"late_distance": 0.05, "no_progress_steps": 10},
+        }
+    )
+    assert config.injection == InjectionConfig(kinds=("detour", "pause"), rate=0.05, length=10)
+    assert config.interventions.late_distance == 0.05
+    with pytest.raises(PipelineConfigError, match=r"injection\.kinds"):
+        parse_pipeline_config({"name": "bad", "tasks": ["reach-v3"], "injection": {"kinds": ["teleport"]}})
