@@ -22,6 +22,9 @@ picks the policy's action from the current chunk, polls the teleop device, and s
   chunks that were inpainted).
 - ``sync``: the robot waits for every chunk (the loop blocks on inference), for comparison.
 
+The chunk bookkeeping (offsets, when the next request is due, the hold) is ``actors.execution.ChunkSchedule``,
+the scheduler simulated rollouts use, driven in real time (``receive(..., arrived_after=k)``).
+
 Takeover and hand-back are bumpless: after the source of the command changes (policy ↔ human), or the policy
 resumes after a hold, or starts holding, the command moves from the last executed action toward the new source's action by at
 most ``max_action_delta`` per dimension and step, until it has caught up. ``e_stop()`` (any thread) stops the robot at once and ends the run;
