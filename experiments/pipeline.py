@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from envs.tasks import TASK_PROMPTS
 from experiments.collection import CollectConfig, run_collection
+from experiments.context import ExpertPhaseLabels
 from experiments.evaluation import evaluate, wilson_interval
 from experiments.gate import decide
 from experiments.paths import check_writable_folder
@@ -42,7 +44,7 @@ from recap import POSITIVE_PROMPT, conditioned_episodes
 from recap.relabel import cross_fit
 from recap.value import ValueTrainer, train_value
 from rlt.deployment import PriorSpec
-from storage import ExperienceStore, Outcome
+from storage import EpisodeRecord, ExperienceStore, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +264,7 @@ class Pipeline:
             record, value_losses = existing[-1], []
         else:
             episodes = [
-                episode
+                _with_expert_phases(episode)
                 for episode in load_training_episodes(self.store, self._selection(state.iteration))
                 if episode.outcome != Outcome.ERROR
             ]
@@ -280,6 +282,12 @@ class Pipeline:
             "advantage_positive_fraction": sum(indicators) / max(len(indicators), 1),
             "relabel_episodes": float(len(record.labels)),
             **{f"diag/{k}": v for k, v in pooled.items() if isinstance(v, int | float)},
+            **{f"diag/p_positive_kind/{k}": v for k, v in (pooled.get("p_positive_by_kind") or {}).items()},
+            **{
+                f"diag/p_positive_phase/{phase}": figures["p_positive"]
+                for phase, figures in (pooled.get("p_positive_by_phase") or {}).items()
+                if figures["p_positive"] is not None
+            },
         }
         if value_losses:
             metrics["value_loss"] = sum(value_losses) / len(value_losses)
@@ -320,6 +328,11 @@ class Pipeline:
         self.tracker.log_curve(run_id, "train_loss", losses)
         metrics = {"final_train_loss": losses[-1]} if losses else {}
         metrics["train_episodes"] = float(trained.episodes_used)
+        metrics |= {
+            f"conditioning/{key}": float(value)
+            for key, value in (trained.conditioning or {}).items()
+            if value is not None
+        }
         self.tracker.log_metrics(run_id, metrics, state.iteration)
         self.tracker.set_tags(
             run_id,
@@ -603,6 +616,14 @@ def _finite(data: Any) -> Any:
     if isinstance(data, float) and not math.isfinite(data):
         return None
     return data
+
+
+def _with_expert_phases(episode: EpisodeRecord) -> EpisodeRecord:
+    """``episode`` labelled with the scripted expert's phases (in memory, for the relabel's P(positive) per
+    phase) when it is a Meta-World episode with simulator state and no subtasks of its own."""
+    if episode.subtasks is not None or episode.task not in TASK_PROMPTS:
+        return episode
+    return ExpertPhaseLabels(lambda record: record, episode.task)(episode)
 
 
 def _write_atomically(path: Path, text: str) -> None:

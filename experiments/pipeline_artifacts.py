@@ -1,7 +1,8 @@
-"""Files an iteration leaves in MLflow: the resolved config, relabel ids, success-over-iterations and
-value-along-episode plots (PNG), rollout GIFs made from the stored episode images, and a candidate-vs-deployed
-GIF of one evaluation episode each (same seed), side by side; frames are scaled up to about :data:`VIDEO_SIDE`
-px so a person can judge them."""
+"""Files an iteration leaves in MLflow: the resolved config, relabel ids, the success-over-iterations plot and
+the per-episode view (PNG: frames over value, advantage labels, interventions and injected bad steps of a failed
+and a successful episode, :func:`recap.plots.plot_episode_view`), rollout GIFs made from the stored episode
+images, and a candidate-vs-deployed GIF of one evaluation episode each (same seed), side by side; frames are
+scaled up to about :data:`VIDEO_SIDE` px so a person can judge them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from experiments.evaluation import evaluate
-from recap.plots import plot_episode_values
+from recap.plots import plot_episode_view
 from storage import EpisodeRecord, Outcome
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ VIDEO_EPISODES = 2
 #: Videos show each camera frame scaled up (nearest neighbour, by a whole factor) to at least this side.
 VIDEO_SIDE = 192
 COMPARISON_VIDEO = "candidate_vs_deployed.gif"
+#: The iteration's per-episode view: frames over value, advantage labels, interventions and injected bad steps.
+EPISODE_VIEW = "episode_view.png"
 
 
 class IterationState(Protocol):
@@ -81,10 +84,9 @@ def write_iteration_artifacts(
         files.append((relabel_path, None))
         record = pipeline.store.load_relabel(state.outputs["relabel"]["relabel_id"])
         labelled = {labels.episode_uuid for labels in record.labels}
-        for episode in episodes[:PLOT_EPISODES]:
-            if episode.uuid in labelled:
-                path = folder / f"value_along_episode_{episode.outcome.value}_{str(episode.uuid)[:8]}.png"
-                files.append((plot_episode_values(episode, record, path), "plots"))
+        shown = [episode for episode in episodes[:PLOT_EPISODES] if episode.uuid in labelled]
+        if shown:
+            files.append((plot_episode_view(shown, record, folder / EPISODE_VIEW), "plots"))
     if state.outputs.get("rlt", {}).get("curve"):
         files.append((plot_rl_curve(state.outputs["rlt"], folder / "rl_curve.png"), "plots"))
     for episode in episodes[:VIDEO_EPISODES]:

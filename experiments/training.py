@@ -24,9 +24,18 @@ from envs.tasks import episode_prompt
 from experiments.evaluation import EvalResult, evaluate
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.device import DeviceName, describe, resolve_device
-from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, create_policy, train_bc
+from policies.training import (
+    BCDataset,
+    EpisodeArrays,
+    TrainConfig,
+    TrainResult,
+    build_dataset,
+    create_policy,
+    train_bc,
+)
 from policies.vla.config import VLAConfig
 from policies.vla.policy import VLAPolicy
+from recap.conditioning import NEGATIVE_PROMPT, POSITIVE_PROMPT, conditioning_gap
 from storage import EpisodeRecord, EpisodeSummary, ExperienceStore
 
 #: Per-step condition text for a stored episode (RECAP's advantage indicator, metadata prompts), or None.
@@ -82,7 +91,9 @@ class BCConfig(BaseModel):
     )
     validate_every: int = Field(default=50, ge=1, description="held-out flow loss every this many steps")
     patience: int = Field(
-        default=0, ge=0, description="stop after this many held-out measurements without improvement (0 = never)"
+        default=0,
+        ge=0,
+        description="stop after this many held-out measurements without improvement (0 = never)",
     )
 
     @model_validator(mode="after")
@@ -122,6 +133,9 @@ class TrainedPolicy:
     episodes_used: int
     #: Every evaluation during training as (step, result), the final ones (step = ``steps``) included.
     evaluation_curve: list[tuple[int, EvalResult]] = field(default_factory=list)
+    #: Advantage-conditioned training only: ``recap.conditioning.conditioning_gap`` of the trained policy on the
+    #: held-out samples (else the training samples); None without "Advantage: positive" conditions.
+    conditioning: dict[str, float | int | None] | None = None
 
 
 def select_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> list[EpisodeSummary]:
@@ -312,6 +326,7 @@ def train_vla(
             evaluator(config.steps, policy)
     else:
         train_result = train_bc(policy, dataset, train_config, callback=evaluator, validation=validation)
+    conditioning = _conditioning_gap(policy, validation or dataset, seed=config.seed) if conditions else None
     checkpoint = output_dir / f"vla-{uuid.uuid4().hex[:8]}"
     version = save_checkpoint(policy, checkpoint)
     policy.version = version
@@ -333,6 +348,7 @@ def train_vla(
             "heldout_episodes": len(heldout),
             "best_step": train_result.best_step,
             "stopped_at": train_result.stopped_at,
+            "conditioning": conditioning,
         },
     )
     if state_dir is not None:
@@ -340,7 +356,20 @@ def train_vla(
     curve = evaluator.registered(version) if evaluator else []
     last = train_result.stopped_at or config.steps
     final = [_record_evaluation(store, result) for step, result in curve if step == last]
-    return TrainedPolicy(policy, checkpoint, version, train_result, final, len(records), curve)
+    return TrainedPolicy(policy, checkpoint, version, train_result, final, len(records), curve, conditioning)
+
+
+def _conditioning_gap(
+    policy: VLAPolicy, dataset: BCDataset, seed: int
+) -> dict[str, float | int | None] | None:
+    """The trained policy's conditioning gap on ``dataset`` when it carries advantage conditions (against no text
+    when negative steps are unconditioned: positive-only conditioning), else None — also None when the policy
+    reads cameras the dataset has no images of (data-parallel training leaves the driver without them)."""
+    texts = set(dataset.conditions or [])
+    if POSITIVE_PROMPT not in texts or (policy.config.cameras and not dataset.images):
+        return None
+    negative = NEGATIVE_PROMPT if NEGATIVE_PROMPT in texts else None
+    return conditioning_gap(policy, dataset, negative=negative, seed=seed)
 
 
 def split_heldout(

@@ -175,13 +175,16 @@ def relabels(db: Annotated[str | None, typer.Option(help="Store URL")] = None) -
 
 
 def _headline(diagnostics: dict) -> str:
-    """The figures a person checks first: positive rate on success vs failure steps, value AUC, sanity."""
+    """The figures a person checks first: positive rate on success vs failure steps, how V ranks steps within
+    episodes, label AUC against injected ground truth (when there is any), sanity."""
     pooled = diagnostics.get("all", {})
     keys = (
         "p_positive_given_success",
         "p_positive_given_failure",
-        "first_step_value_auc",
-        "value_return_correlation",
+        "value_episode_rank",
+        "label_auc",
+        "p_positive_injected",
+        "p_positive_clean",
     )
     parts = [f"{key}={pooled[key]:.2f}" for key in keys if isinstance(pooled.get(key), float)]
     parts.append("sanity ok" if diagnostics.get("sanity_ok", True) else "[red]SANITY FLOOR FAILED[/red]")
