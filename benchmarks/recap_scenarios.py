@@ -86,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-noise", type=float, default=0.1)
     parser.add_argument("--prior-steps", type=int, default=150)
     parser.add_argument("--collect", type=int, default=40)
+    parser.add_argument(
+        "--collector",
+        choices=["prior", "scripted"],
+        default="prior",
+        help="who acts in the rollouts: the prior, or the scripted expert (noise --collect-noise; the regime of the "
+        "issue's outside probe, where episodes mostly succeed and the bad steps are the injected ones)",
+    )
+    parser.add_argument("--collect-noise", type=float, default=0.1)
     parser.add_argument("--inject-rate", type=float, default=0.02)
     parser.add_argument("--inject-length", type=int, default=15)
     parser.add_argument("--no-progress-steps", type=int, default=30)
@@ -152,9 +160,12 @@ def collect_config(task: str, args: argparse.Namespace, env: EnvConfig, policy: 
     inject = None
     if args.scenario == "detours":
         inject = InjectionConfig(kinds=("detour",), rate=args.inject_rate, length=args.inject_length, seed=args.seed)
+    if args.collector == "scripted":
+        policy = "scripted"
     return CollectConfig(
         env=env, policy=policy, episodes=args.collect, human=human, inject=inject, store_url=url,
         run_id="rollouts", seed=args.seed, record_images=args.tier == "image",
+        noise=args.collect_noise if args.collector == "scripted" else 0.0,
     )  # fmt: skip
 
 
@@ -215,6 +226,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     return {
         "task": task,
         "scenario": args.scenario,
+        "collector": args.collector,
         "tier": args.tier,
         "seed": args.seed,
         "rows": rows,
@@ -315,7 +327,8 @@ def log(task: str, message: str) -> None:
 
 
 def result_path(args: argparse.Namespace, task: str) -> Path:
-    return args.output_dir / f"recap_{args.scenario}_{args.tier}_{task}_seed{args.seed}.json"
+    scenario = args.scenario + ("-expert" if args.collector == "scripted" else "")
+    return args.output_dir / f"recap_{scenario}_{args.tier}_{task}_seed{args.seed}.json"
 
 
 def write_result(args: argparse.Namespace, result: dict[str, Any]) -> Path:
@@ -331,7 +344,8 @@ def format_result(result: dict[str, Any]) -> str:
     rows = {row["arm"]: row for row in result["rows"]}
     reference = rows.get("filtered_bc")
     lines = [
-        f"{result['scenario']} / {result['tier']} tier / {result['task']} / seed {result['seed']}: success within "
+        f"{result['scenario']} / collector {result.get('collector', 'prior')} / {result['tier']} tier / "
+        f"{result['task']} / seed {result['seed']}: success within "
         f"the time limit on {rows['prior']['n']} eval seeds ({EVAL_SEED}+, same for every arm); Δ fBC = points vs "
         "filtered BC; succ/h at 10 Hz; best = the step whose weights the convergence rule kept",
         f"{'arm':<20} {'success':>8} {'rate':>5} {'95% CI':>13} {'Δ fBC':>6} {'succ/h':>7} {'× fBC':>6} "
@@ -368,10 +382,10 @@ def _fmt(value: float | None) -> str:
 def pooled_report(paths: list[Path]) -> str:
     """Per (scenario, tier, task, arm) pooled over seeds: successes/n, Wilson interval, Δ vs filtered BC, succ/h."""
     results = [json.loads(path.read_text()) for path in paths]
-    cells: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
-    labels: dict[tuple[str, str, str], list[float]] = {}
+    cells: dict[tuple[str, ...], dict[str, list[dict[str, Any]]]] = {}
+    labels: dict[tuple[str, ...], list[float]] = {}
     for result in results:
-        key = (result["scenario"], result["tier"], result["task"])
+        key = (result["scenario"], result.get("collector", "prior"), result["tier"], result["task"])
         for row in result["rows"]:
             cells.setdefault(key, {}).setdefault(row["arm"], []).append(row | {"seed": result["seed"]})
         if result["labels"].get("label_auc") is not None:
