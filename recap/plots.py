@@ -39,7 +39,7 @@ def plot_episode_view(
         raise ValueError("episodes: expected at least one episode to plot")
     by_uuid = labels_by_episode(record)
     rows = [(episode, bool(episode.images)) for episode in episodes]
-    ratios = [r for _, images in rows for r in ((1.0, 2.2) if images else (2.2,))]
+    ratios = [r for _, images in rows for r in ((1.4, 2.2) if images else (2.2,))]
     figure, axes = plt.subplots(
         len(ratios), 1, figsize=(10, 1.2 + 1.65 * len(ratios)), height_ratios=ratios, squeeze=False
     )
