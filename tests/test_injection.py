@@ -57,7 +57,9 @@ def test_injection_is_deterministic_under_a_seed_and_varies_with_it():
 
 
 def test_ground_truth_is_exactly_where_the_action_was_overridden():
-    env = make_env(reach(120), inject=InjectionConfig(kinds=ALL_KINDS, rate=0.08, length=6, scale=0.8, seed=0))
+    env = make_env(
+        reach(120), inject=InjectionConfig(kinds=ALL_KINDS, rate=0.08, length=6, scale=0.8, seed=0)
+    )
     steps = [s for seed in range(3) for s in rollout(env, seed)]
     env.close()
     kinds = {s["injected"] for s in steps}
@@ -153,15 +155,21 @@ def test_phase_gated_human_takes_over_only_late():
     assert any(s["source"] == StepSource.HUMAN for s in steps)
     gated = ungated.model_copy(update={"late_distance": 0.1})
     steps = rollout(make_env(reach(60), human=gated), 0, far_stall)
-    assert all(s["source"] == StepSource.POLICY for s in steps)  # the stall is far from the goal: nobody comes
+    assert all(
+        s["source"] == StepSource.POLICY for s in steps
+    )  # the stall is far from the goal: nobody comes
     steps = rollout(make_env(reach(150), human=gated), 0, _stall_near_goal(0.08))
     first = next(t for t, s in enumerate(steps) if s["source"] == StepSource.HUMAN)
-    assert all(goal_distance("reach-v3", s["obs"]["privileged"]) <= 0.1 for s in steps[first - stall + 1 : first + 1])
+    assert all(
+        goal_distance("reach-v3", s["obs"]["privileged"]) <= 0.1 for s in steps[first - stall + 1 : first + 1]
+    )
     assert goal_distance("reach-v3", steps[0]["obs"]["privileged"]) > 0.1  # the early phase is autonomous
 
 
 def test_step_gated_human_waits_for_its_step():
-    human = SimulatedHumanConfig(no_progress_steps=None, random_rate=0.5, takeover_steps=3, late_after_step=25)
+    human = SimulatedHumanConfig(
+        no_progress_steps=None, random_rate=0.5, takeover_steps=3, late_after_step=25
+    )
     steps = rollout(make_env(reach(60), human=human), 0)
     sources = [s["source"] for s in steps]
     assert set(sources[:25]) == {StepSource.POLICY} and StepSource.HUMAN in sources[25:]
@@ -170,7 +178,18 @@ def test_step_gated_human_waits_for_its_step():
 def test_flywheel_collect_stores_the_ground_truth(store_url, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    args = ["collect", "--task", "reach-v3", "--episodes", "2", "--noise", "0.1", "--no-images", "--seed", "4"]
+    args = [
+        "collect",
+        "--task",
+        "reach-v3",
+        "--episodes",
+        "2",
+        "--noise",
+        "0.1",
+        "--no-images",
+        "--seed",
+        "4",
+    ]
     args += ["--inject", "detour,pause", "--inject-rate", "0.1", "--inject-length", "5", "--run-id", "gt"]
     result = CliRunner().invoke(app, [*args, "--db", store_url], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -184,9 +203,7 @@ def test_flywheel_collect_stores_the_ground_truth(store_url, tmp_path, monkeypat
             if kind == "pause":
                 np.testing.assert_array_equal(record.actions[t, :3], 0.0)
     fractions = store.injected_fractions(run_id="gt")
-    assert fractions == {
-        r.uuid: sum(k is not None for k in (r.injected or [])) / r.length for r in records
-    }
+    assert fractions == {r.uuid: sum(k is not None for k in (r.injected or [])) / r.length for r in records}
 
 
 def test_the_pipeline_config_takes_injection_and_a_late_human():
@@ -202,3 +219,18 @@ def test_the_pipeline_config_takes_injection_and_a_late_human():
     assert config.interventions.late_distance == 0.05
     with pytest.raises(PipelineConfigError, match=r"injection\.kinds"):
         parse_pipeline_config({"name": "bad", "tasks": ["reach-v3"], "injection": {"kinds": ["teleport"]}})
+
+
+def test_an_unknown_injection_kind_is_a_one_line_cli_error(tmp_path):
+    args = [
+        "collect",
+        "--task",
+        "reach-v3",
+        "--inject",
+        "detour,teleport",
+        "--db",
+        f"sqlite:///{tmp_path / 's.db'}",
+    ]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "inject.kinds.1" in result.output and "detour" in result.output

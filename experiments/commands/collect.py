@@ -128,7 +128,7 @@ def collect(
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
     from actors.execution import ExecutionConfig
-    from envs import InjectionConfig, SimulatedHumanConfig
+    from envs import SimulatedHumanConfig
     from experiments.collection import CollectConfig, run_collection
     from experiments.policy_loader import vla_image_layout
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
@@ -156,12 +156,12 @@ def collect(
             )
             if interventions
             else None,
-            inject=InjectionConfig(
-                kinds=tuple(k.strip() for k in inject.split(",") if k.strip()),
-                rate=inject_rate,
-                length=inject_length,
-                seed=seed or 0,
-            )
+            inject={  # validated as CollectConfig.inject: an error names inject.<field>
+                "kinds": tuple(k.strip() for k in inject.split(",") if k.strip()),
+                "rate": inject_rate,
+                "length": inject_length,
+                "seed": seed or 0,
+            }
             if inject
             else None,
             workers=workers,
