@@ -329,15 +329,18 @@ def _success_and_prompt(episode: EpisodeRecord) -> dict[str, np.ndarray]:
 
 def _minari_spec(episode: EpisodeRecord) -> str | None:
     """The env spec (JSON) ``recover_environment`` rebuilds the episode's env from, in Minari's flat observation
-    layout: the one the episode recorded (``env_spec``, less its first-reset seed), else for a Meta-World task one
-    made from its frames. A dataset whose episodes name different envs carries none."""
+    layout: the one the episode recorded (``env_spec``, less its first-reset seed and, without rendering, its frame
+    settings), else for a Meta-World task one made from its frames. A dataset whose episodes name different envs
+    carries none."""
     from envs import EnvConfig
     from envs.registration import env_spec, spec_from_metadata, with_layout
 
     recorded = episode.metadata.get("env_spec")
     if recorded:
         spec = with_layout(spec_from_metadata(recorded), "flat")
-        spec.kwargs["config"] = {k: v for k, v in spec.kwargs["config"].items() if k != "seed"}  # reset(seed) sets it
+        config = spec.kwargs["config"]
+        unused = {"seed"} | ({"width", "height", "camera", "cameras"} if not config.get("render", True) else set())
+        spec.kwargs["config"] = {k: v for k, v in config.items() if k not in unused}  # equal envs, equal specs
         return spec.to_json()
     if not _is_metaworld(episode.task):
         return None

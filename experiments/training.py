@@ -285,7 +285,8 @@ def train_vla(
     (:mod:`experiments.distributed`). The device chosen (``auto`` resolved) is recorded in the version metadata.
     """
     parallel = config.train_workers > 1  # the workers read the images of their shards; the driver needs none
-    records = load_training_episodes(store, selection, images=not parallel)
+    # the state tier reads no images, so episodes stored with and without them train together
+    records = load_training_episodes(store, selection, images=not parallel and bool(config.cameras))
     arrays = to_episode_arrays(records, conditions, weights)
     training, heldout = split_heldout(arrays, config.validation_fraction, config.seed)
     dataset = build_dataset(training, config.action_horizon)
