@@ -659,7 +659,7 @@ def _record_observation(record: EpisodeRecord, t: int) -> Observation:
     observation = Observation(
         images={camera: frames[t] for camera, frames in record.images.items()},
         state=np.asarray(record.states[t], np.float32),
-        prompt=str(record.metadata.get("prompt", record.task)),
+        prompt=record.prompt or str(record.metadata.get("prompt", record.task)),
     )
     if record.privileged is not None:
         observation["privileged"] = record.privileged[t]
