@@ -26,7 +26,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from actors.errors import WorkerError
+from actors.errors import ClusterConnectionError, WorkerError
 from actors.inference import BatchingInferenceServer, ServedPolicy
 from actors.rollout import RolloutStats, RolloutWorker, TargetUnit, target_progress_bar
 from policies.base import Policy
@@ -36,16 +36,63 @@ logger = logging.getLogger(__name__)
 
 WorkerDeathPolicy = Literal["discard", "record"]
 
+#: Ray Client's proxy starts one server process per driver; now and then (seen ~1 in 8 attaches on a loaded
+#: machine, with and without a runtime env) that process dies at start-up ("Starting Ray client server
+#: failed"). A new attach gets a new process, so ``ensure_ray`` tries that many times.
+_CLIENT_ATTEMPTS = 3
+_CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the Ray cluster at ``address``, or start a local one (idempotent)."""
+    """Attach to the Ray cluster at ``address`` (else ``$RAY_ADDRESS``), or start a local one (idempotent).
+
+    ``address`` is a head's GCS address (``head:6390``), ``auto`` (the cluster this machine is a node of) or a
+    Ray Client address (``ray://head:10001``). The driver's ``MUJOCO_GL`` goes to every worker through the
+    job's runtime env; through Ray Client the job gets none (the client server would first build it with the
+    head's runtime-env agent, one more process and port between the driver and the cluster), and the actors
+    flywheel starts carry it instead (:func:`actor_runtime_env`). A failed attach is
+    :class:`ClusterConnectionError`.
+    """
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(num_cpus=num_cpus, runtime_env=_job_env(), include_dashboard=False, log_to_driver=False)
+        return
+    _attach(address)
+
+
+def _attach(address: str) -> None:
+    client = address.startswith("ray://")
+    attempts = _CLIENT_ATTEMPTS if client else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, runtime_env=None if client else _job_env(), log_to_driver=False)
+            return
+        except ConnectionError as error:
+            if attempt < attempts and _CLIENT_SERVER_FAILED in str(error):
+                logger.warning("Ray Client server at %s failed to start (try %d); retrying", address, attempt)
+                continue
+            port = "Ray Client's, ray start --ray-client-server-port" if client else "the GCS port"
+            raise ClusterConnectionError(
+                f"cannot attach to the Ray cluster at {address}: {error}. Check that the head is up and its"
+                f" port reachable ({port}); a head with token auth (Ray's default for new clusters) needs"
+                " RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token as on the head) in"
+                " the driver's environment"
+            ) from error
+
+
+def _job_env() -> dict[str, Any]:
+    """The runtime env flywheel's Ray workers need from the driver: its ``MUJOCO_GL`` (EGL unless set)."""
+    return {"env_vars": {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}}
+
+
+def actor_runtime_env() -> dict[str, Any] | None:
+    """The runtime env to give the actors flywheel starts: the job's env when attached through Ray Client (the
+    job has none there, see :func:`ensure_ray`), else None (the job's applies)."""
+    from ray.util.client import ray as client_ray
+
+    return _job_env() if client_ray.is_connected() else None
 
 
 def start_inference_server(
@@ -57,9 +104,13 @@ def start_inference_server(
     it has any; ``auto`` on a cluster without GPUs is the CPU).
     """
     wants_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    server = ray.remote(num_cpus=0, num_gpus=1 if wants_gpu else 0, max_restarts=3, max_task_retries=3)(
-        BatchingInferenceServer
-    ).remote(policy, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device)
+    server = ray.remote(
+        num_cpus=0,
+        num_gpus=1 if wants_gpu else 0,
+        max_restarts=3,
+        max_task_retries=3,
+        runtime_env=actor_runtime_env(),
+    )(BatchingInferenceServer).remote(policy, max_batch=max_batch, max_wait_ms=max_wait_ms, device=device)
     served = ServedPolicy(
         server, policy.action_horizon, policy.action_dim, policy.version, supports_inpainting(policy)
     )
@@ -108,7 +159,11 @@ def rollout_actor(cpus_per_worker: float = 1.0, max_restarts: int = 3) -> Any:
     """The Ray actor class a rollout worker runs as: restartable, two threads (``set_policy`` and ``close`` reach
     a worker during ``run``), exceptions raised as ``WorkerError``. Build one with ``.remote(**worker_kwargs)``."""
     return ray.remote(
-        num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0, max_concurrency=2
+        num_cpus=cpus_per_worker,
+        max_restarts=max_restarts,
+        max_task_retries=0,
+        max_concurrency=2,
+        runtime_env=actor_runtime_env(),
     )(_RayRolloutWorker)
 
 

@@ -31,3 +31,8 @@ class WorkerError(RuntimeError):
     def __str__(self) -> str:
         where = "" if self.worker is None else f"rollout worker {self.worker} failed: "
         return f"{where}{self.type_name}: {' '.join(self.message.split())}"
+
+
+class ClusterConnectionError(ConnectionError):
+    """The driver could not attach to the Ray cluster it was pointed at (the message names the address and the
+    usual causes: the head is unreachable, or it uses token auth and the driver has no token)."""

@@ -47,7 +47,7 @@ USER_ERRORS: tuple[str, ...] = (
 )
 
 #: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.
-RUN_FAILURES: tuple[str, ...] = ("actors.errors.WorkerError",)
+RUN_FAILURES: tuple[str, ...] = ("actors.errors.WorkerError", "actors.errors.ClusterConnectionError")
 
 
 def is_one_of(error: BaseException, names: tuple[str, ...]) -> bool:
