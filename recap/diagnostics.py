@@ -7,8 +7,9 @@ Figures that need both classes (e.g. AUC when a task has no failures) are ``None
 Where the answer is known — episodes whose steps carry ``EpisodeRecord.injected`` (bad segments an env wrapper
 injected, ``envs.injection``) — the labels are also judged against that ground truth: ``label_auc`` (does the
 advantage rank clean autonomous steps above injected ones), P(positive) on injected vs clean steps and per kind.
-Episodes of a group without marks count as clean once any episode of the group carries them. Episodes labelled
-with the scripted expert's phases (``metadata["subtask_source"] == "expert_phase"``) get P(positive) per phase.
+Only episodes of runs with injections count (``run_id``: demonstrations and other collections stay out); an
+episode of such a run without marks is all clean. Episodes labelled with the scripted expert's phases
+(``metadata["subtask_source"] == "expert_phase"``) get P(positive) per phase.
 """
 
 from __future__ import annotations
@@ -150,7 +151,13 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
     values = np.concatenate([item.values for item in scores])
     returns = np.concatenate([item.returns for item in scores])
     advantages = np.concatenate([item.advantages for item in scores])
-    injected = [kind for item in scores for kind in injected_steps(item.episode)]
+    truth_runs = {item.episode.run_id for item in scores if item.episode.injected is not None}
+    with_truth = np.concatenate(
+        [np.full(item.episode.length, item.episode.run_id in truth_runs) for item in scores]
+    )
+    injected = [
+        kind for item in scores if item.episode.run_id in truth_runs for kind in injected_steps(item.episode)
+    ]
     phases = [expert_phases_of(item.episode) for item in scores]
     by_phase = (
         phase_figures(
@@ -194,7 +201,7 @@ def group_diagnostics(scores: Sequence[EpisodeScores], threshold: float | None) 
             np.array([s.values[0] for s, ok in zip(scores, success, strict=True) if not ok])
         ),
         **value_figures(scores),
-        **ground_truth_figures(advantages, indicator, auto, injected),
+        **ground_truth_figures(advantages[with_truth], indicator[with_truth], auto[with_truth], injected),
         "p_positive_by_phase": by_phase,
     }
 

@@ -124,6 +124,7 @@ def test_labels_against_ground_truth_end_to_end(tmp_path):
         episode.injected = ["detour" if bad else None for bad in backward] if backward.any() else None
         episode.subtasks = ["early" if t < 10 else "late" for t in range(episode.length)]
         episode.metadata = {"subtask_source": "expert_phase"} if index % 2 else {}
+    episodes[0].run_id, episodes[0].injected = "demos", None  # a run without injections: not judged
     config = RelabelConfig(
         value=ValueConfig(hidden_dim=32, train_steps=150, batch_size=128, device="cpu"),
         advantage=AdvantageConfig(n_step=5),
@@ -133,6 +134,8 @@ def test_labels_against_ground_truth_end_to_end(tmp_path):
     assert pooled["label_auc"] > 0.65
     assert pooled["p_positive_clean"] > pooled["p_positive_injected"] + 0.2
     assert set(pooled["p_positive_by_kind"]) == {"detour"}
+    judged = sum(e.length for e in episodes[1:])
+    assert pooled["injected_fraction"] == pytest.approx(pooled["injected_steps"] / judged)
     assert set(pooled["p_positive_by_phase"]) == {"early", "late"}  # from the expert-phase episodes only
     assert sum(p["steps"] for p in pooled["p_positive_by_phase"].values()) == sum(
         e.length for e in episodes[1::2]
