@@ -7,7 +7,14 @@ trained on, evaluated and exported (LeRobot and Minari, read back with the real 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -277,3 +284,91 @@ def test_minari_export_of_metaworld_episodes_recovers_the_env(tmp_path, monkeypa
         assert env.unwrapped.config.max_episode_steps == 15
     finally:
         env.close()
+
+
+def _flywheel(home: Path, *args: str) -> str:
+    """Run the real ``flywheel`` CLI in a subprocess (its own data folder and MLflow store); its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args], env=_env(home), capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, f"flywheel {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _env(home: Path) -> dict[str, str]:
+    """The subprocesses' environment: their own data folder and MLflow store, one torch thread each."""
+    unset = {"MLFLOW_TRACKING_URI"}
+    return {k: v for k, v in os.environ.items() if k not in unset} | {"FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _served_chunk(home: Path, version: str, url: str, observation: dict) -> np.ndarray:
+    """``flywheel serve`` the version; one chunk for ``observation`` through the openpi client."""
+    from policies.base import stack_observations
+    from policies.openpi_client import OpenPIClientPolicy
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", "serve", "--policy", version, "--db", url, "--port", str(port)],
+        env=_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with OpenPIClientPolicy(f"ws://127.0.0.1:{port}", connect_timeout_s=300) as client:
+            chunk = client.infer(stack_observations([observation])).actions
+            assert client.version == version
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, output
+    return chunk
+
+
+@pytest.mark.slow  # eight CLI processes each importing the stack, a BC and a RECAP training: minutes on 2 cores
+@pytest.mark.timeout(3600)
+def test_gym_env_cli_chain(tmp_path, monkeypatch):
+    """collect → train bc → train eval → recap iterate → serve → export on Reacher-v5, through the real CLI.
+
+    State-only episodes (``--no-images``: the state-input VLA), so that the chain fits a loaded 2-core machine;
+    Reacher's camera path is the default tests' (``test_train_and_evaluate_on_a_gymnasium_env``)."""
+    import minari
+
+    home, url, settings = tmp_path / "home", f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "reacher.yaml"
+    settings.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in REACHER_SETTINGS.items()))
+    task = ["--task", REACHER, "--env", str(settings), "--db", url]
+    collected = _flywheel(home, "collect", *task, "--policy", EXPERT, "--episodes", "6", "--seed", "1", "--no-images")
+    assert "episodes 6" in collected
+    trained = _flywheel(home, "train", "bc", *task, "--steps", "20", "--batch-size", "8", "--eval-episodes", "2")
+    version = re.search(r"→ (vla-\S+)", trained).group(1)
+    evaluated = _flywheel(home, "train", "eval", *task, "--policy", version, "--episodes", "2")
+    assert REACHER in evaluated and "return" in evaluated and "expert phase" not in evaluated
+    iterated = _flywheel(
+        home, "recap", "iterate", *task, "--policy", version, "--episodes", "3", "--steps", "10",
+        "--value-steps", "10", "--eval-episodes", "1",
+    )
+    assert "relabel" in iterated
+    store = ExperienceStore(url)
+    candidates = [row for row in store.policy_versions() if row["parent"] == version]
+    assert candidates, "recap iterate registered no retrained version"
+    observation = make_env(EnvSettings(**REACHER_SETTINGS).env(REACHER, render=False)).reset(seed=0)[0]
+    chunk = _served_chunk(home, candidates[-1]["version"], url, observation)
+    assert chunk.shape[0] == 1 and chunk.shape[2] == 2  # Reacher's 2-D torques
+    out = tmp_path / "minari"
+    _flywheel(home, "export", "--format", "minari", "--output", str(out), "--dataset-id", "flywheel/chain-v0", "--db", url)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(out))
+    dataset = minari.load_dataset("flywheel/chain-v0")
+    assert dataset.total_episodes == 6 + 3 and dataset.env_spec.id == "flywheel/Reacher-v5"
+    recovered = dataset.recover_environment()
+    assert dataset.observation_space.contains(recovered.reset(seed=1)[0])
+    recovered.close()
+    _flywheel(home, "export", "--format", "lerobot", "--output", str(tmp_path / "lerobot"), "--db", url)
+    assert json.loads((tmp_path / "lerobot" / "meta" / "info.json").read_text())["robot_type"] == "Reacher"
