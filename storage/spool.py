@@ -40,6 +40,8 @@ from storage.records import (
 
 EPISODE_FORMAT = "flywheel.episode/2"
 _FORMAT_UNTAGGED = "flywheel.episode/1"
+_TAGGED_PARTS = (b"dtype", b"shape", b"data")
+_UNTAGGED_PARTS = ("dtype", "shape", "data")
 _ALLOWED_KINDS = "biuf"
 
 
@@ -138,9 +140,9 @@ def _unpack_array(name: str, packed: Any, tagged: bool) -> np.ndarray:
     """A writable copy of the array ``packed`` holds (a tagged map; an untagged one in the first format)."""
     if tagged and not msgpack_numpy.is_array_map(packed):
         raise EpisodeDecodeError(name, "a tagged array map (core.msgpack_numpy)", repr(packed)[:60])
-    if not tagged and (not isinstance(packed, dict) or set(packed) != {"dtype", "shape", "data"}):
+    if not tagged and (not isinstance(packed, dict) or set(packed) != set(_UNTAGGED_PARTS)):
         raise EpisodeDecodeError(name, "an array map {dtype, shape, data}", repr(packed)[:60])
-    dtype, shape, data = (packed[part.encode() if tagged else part] for part in ("dtype", "shape", "data"))
+    dtype, shape, data = (packed[part] for part in (_TAGGED_PARTS if tagged else _UNTAGGED_PARTS))
     try:
         array = msgpack_numpy.array_from_parts(dtype, shape, data)
     except msgpack_numpy.WireFormatError as error:
