@@ -62,7 +62,7 @@ def test_two_nodes_collect_exactly_the_target_into_postgres(two_node_cluster, pg
         result = cluster.collect(
             7, lambda: pg_store.count_episodes(run_id="multinode"), episodes_per_call=2, progress=False
         )
-        nodes = {actor.node_id for actor in list_actors(filters=[("class_name", "=", "RolloutWorker")])}
+        nodes = {actor.node_id for actor in list_actors(filters=[("class_name", "=", "_RayRolloutWorker")])}
     finally:
         cluster.shutdown()
     assert len(nodes) == 2, "one rollout worker per node (1 CPU each)"
