@@ -88,16 +88,13 @@ def test_segments_last_the_configured_length_at_the_configured_rate():
     for seed in range(4):
         flags = [s["injected"] is not None for s in rollout(env, seed)]
         injected, total = injected + sum(flags), total + len(flags)
-        run = 0
-        for flag in [*flags, False]:
-            if flag:
-                run += 1
-            elif run:
-                runs.append(run)
-                run = 0
+        starts = [t for t, flag in enumerate(flags) if flag and (t == 0 or not flags[t - 1])]
+        for start in starts:
+            end = next((t for t in range(start, len(flags)) if not flags[t]), None)
+            if end is not None:  # a run the episode's end cut short is left out
+                runs.append(end - start)
     env.close()
-    # back-to-back segments merge into multiples of 7; only the episode's end may cut one short
-    assert all(run % 7 == 0 for run in runs[:-1]) and runs
+    assert runs and all(run % 7 == 0 for run in runs)  # back-to-back segments merge into multiples of 7
     expected = 0.05 * 7 / (1 + 0.05 * 7)
     assert abs(injected / total - expected) < 0.12
 
