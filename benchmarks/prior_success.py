@@ -20,10 +20,10 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from envs import EnvConfig
+from envs.scripted import ScriptedPolicy
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate
 from experiments.training import BCConfig, EpisodeFilter, train_vla
-from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore
 
 

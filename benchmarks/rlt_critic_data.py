@@ -35,8 +35,8 @@ from scipy import stats
 from tqdm import tqdm
 
 from envs import MetaWorldEnv
+from envs.scripted import ScriptedPolicy
 from policies.base import stack_observations
-from policies.scripted import ScriptedPolicy
 from rlt.diagnostics import chunk_returns
 from rlt.online import EpisodeChunks, OnlineRLT
 from rlt.td3 import LearnerConfig

@@ -2,7 +2,7 @@
 
 All arms see the same task with a sparse +1 success reward (success terminates) and the same episode length.
 The prior is state-based: Meta-World's scripted expert emitting zero-order-hold chunks of ``C`` actions with
-Gaussian noise (``policies.scripted.ScriptedPolicy``), with fixed random-projection "embeddings" of the
+Gaussian noise (``envs.scripted.ScriptedPolicy``), with fixed random-projection "embeddings" of the
 privileged state standing in for VLA embeddings (``rlt.state.EmbeddingPrior``). RLT = RL token + chunked
 actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT``); "regression" is RLT without the critic
 in its actor loss (the ablation: what RLT gains over it is the critic's); SAC reads the 39-D privileged state.
@@ -36,8 +36,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs import EnvConfig, MetaWorldEnv
+from envs.scripted import ScriptedPolicy
 from policies.base import ActionChunk, ObservationBatch, Policy, stack_observations
-from policies.scripted import ScriptedPolicy
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
 from rlt.phase import METAWORLD_PAIRS, metaworld_switch

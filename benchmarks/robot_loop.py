@@ -53,9 +53,9 @@ from actors.robot_runtime import (
 )
 from actors.upload import UploadConfig, Uploader
 from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig
+from envs.scripted import ScriptedPolicy
 from experiments.ingest import IngestConfig, IngestServer
 from policies.openpi_client import OpenPIClientPolicy
-from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig
 from storage.records import EpisodeRecord
 from storage.spool import EpisodeSpool

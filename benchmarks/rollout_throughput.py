@@ -45,8 +45,8 @@ from stable_baselines3.common.vec_env import SubprocVecEnv
 from actors.cluster import ensure_ray, rollout_actor, start_inference_server
 from actors.rollout import RolloutWorker
 from envs import EnvConfig, make_env
+from envs.scripted import ScriptedPolicy
 from policies.base import Policy
-from policies.scripted import ScriptedPolicy
 from policies.training import EpisodeArrays, build_dataset, create_policy
 from policies.vla import VLAConfig, VLAPolicy
 

@@ -97,7 +97,7 @@ def _rollout(policy, env, episodes: int, envs: int, seed: int, execution=None) -
 
 def train_policy(task: str, demos: int, train_steps: int, max_steps: int, seed: int):
     """Scripted demos → BC-trained tiny VLA for ``task``; returns the policy and the demos' success rate."""
-    from policies.scripted import ScriptedPolicy
+    from envs.scripted import ScriptedPolicy
     from policies.training import EpisodeArrays, TrainConfig, build_dataset, create_policy, train_bc
     from policies.vla import VLAConfig
 

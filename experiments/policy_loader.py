@@ -243,7 +243,7 @@ def _checkpoint_kind(directory: Path) -> str:
 
 
 def _load_scripted(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
-    from policies.scripted import ScriptedPolicy, scripted_version
+    from envs.scripted import ScriptedPolicy, scripted_version
 
     own_task, noise = parse_scripted_spec(source.uri)
     if own_task and task and own_task != task:

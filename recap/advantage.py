@@ -19,7 +19,7 @@ from core.types import monte_carlo_returns
 from recap.config import AdvantageConfig
 from storage.records import EpisodeRecord, StepSource
 
-#: Policy-version prefix of the scripted experts' demonstrations (``policies.scripted.scripted_version``).
+#: Policy-version prefix of the scripted experts' demonstrations (``envs.scripted.scripted_version``).
 SCRIPTED_PREFIX = "scripted"
 
 

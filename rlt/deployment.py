@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs.metaworld_env import PRIVILEGED_DIM
+from envs.scripted import ScriptedPolicy
 from policies.base import Policy
-from policies.scripted import ScriptedPolicy
 from rlt.errors import RLTInputError
 from rlt.phase import AlwaysCritical, PhaseSwitch, metaworld_switch
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder

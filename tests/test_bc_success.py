@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from envs import EnvConfig
+from envs.scripted import ScriptedPolicy
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate
 from experiments.training import BCConfig, EpisodeFilter, train_vla
-from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore
 
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
+from envs.scripted import ScriptedPolicy
 from policies.checkpoint import save_checkpoint
-from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, ServerConfig, msgpack_numpy
 from tests.conftest import postgres_url
 from tests.test_pipeline import REPO, TINY

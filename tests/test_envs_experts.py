@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from envs import EnvConfig, MetaWorldEnv, ScriptedExpert, expert_phases
+from envs.scripted import ScriptedPolicy
 from policies.base import Policy, stack_observations
-from policies.scripted import ScriptedPolicy
 
 # Every rendered step costs ~15 ms of CPU whatever the image size, so the default run uses five tasks whose clean
 # expert finishes in 30-55 steps (docs/envs.md, MT50 table); the slow run adds longer ones.

@@ -13,7 +13,7 @@ from actors.cluster import RolloutCluster, ensure_ray
 from actors.execution import ExecutionConfig
 from actors.sinks import StoreSink
 from envs import EnvConfig, make_env
-from policies.scripted import ScriptedPolicy
+from envs.scripted import ScriptedPolicy
 from storage import ExperienceStore
 from tests.storage_fixtures import fresh_pg_database
 

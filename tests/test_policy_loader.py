@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from envs import EnvConfig, MetaWorldEnv
+from envs.scripted import ScriptedPolicy
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.pipeline_config import RLTSettings
@@ -24,7 +25,6 @@ from experiments.policy_loader import PolicySpecError, load, resolve
 from policies.base import stack_observations
 from policies.checkpoint import save_checkpoint
 from policies.openpi_client import OpenPIClientPolicy, ServerError
-from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint
 from rlt.deployment import PriorSpec, RLTDeployment

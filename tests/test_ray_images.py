@@ -24,9 +24,9 @@ from actors.cluster import RolloutCluster, ensure_ray, start_inference_server
 from actors.errors import WorkerError
 from actors.sinks import StoreSink
 from envs import EnvConfig, make_env
+from envs.scripted import ScriptedPolicy
 from experiments.pipeline import Pipeline
 from experiments.pipeline_config import load_pipeline_config
-from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore
 from tests.test_pipeline import tiny_config
 from tests.test_ray_rollout import _cluster as start_cluster

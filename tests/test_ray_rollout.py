@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from actors.cluster import RolloutCluster, ensure_ray, start_inference_server
 from actors.sinks import StoreSink
 from envs import EnvConfig, make_env
+from envs.scripted import ScriptedPolicy
 from experiments.cli import app
-from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore, Outcome
 
 ENV = EnvConfig(task="reach-v3", render=False, max_episode_steps=80)

@@ -26,10 +26,10 @@ from actors.robot_runtime import (
 )
 from actors.upload import UploadConfig, Uploader
 from envs import EnvConfig, SimulatedHuman, SimulatedHumanConfig, TeleopCommand, TeleopContext
+from envs.scripted import ScriptedPolicy
 from experiments.commands.robot import app
 from experiments.ingest import IngestConfig, IngestServer
 from policies.openpi_client import OpenPIClientPolicy, ServerError
-from policies.scripted import ScriptedPolicy
 from policies.serving import BackgroundServer, PolicyServer, RTCRequest, ServerConfig
 from storage.records import Outcome, StepSource
 from storage.spool import EpisodeSpool

@@ -13,8 +13,8 @@ from actors.execution import ExecutionConfig
 from actors.rollout import RolloutWorker
 from actors.sinks import StoreSink
 from envs import EnvConfig, SimulatedHumanConfig, make_env
+from envs.scripted import ScriptedPolicy
 from experiments.cli import app
-from policies.scripted import ScriptedPolicy
 from storage import ExperienceStore, Outcome, StepSource
 
 STATE_ONLY = EnvConfig(task="reach-v3", render=False, max_episode_steps=60)

@@ -13,6 +13,7 @@ import torch
 from actors.execution import ChunkSchedule, ExecutionConfig, ExecutionConfigError
 from actors.rollout import RolloutWorker
 from envs import EnvConfig, make_env
+from envs.scripted import ScriptedPolicy
 from policies.rtc import (
     InpaintingTargets,
     RTCConfigError,
@@ -21,7 +22,6 @@ from policies.rtc import (
     rtc_weights,
     supports_inpainting,
 )
-from policies.scripted import ScriptedPolicy
 from policies.training import EpisodeArrays, build_dataset, create_policy
 from policies.vla import VLAConfig, VLAPolicy
 from storage import EpisodeRecord, StepSource

@@ -287,10 +287,10 @@ def _load_prior(
     """The prior as saved in the deployment block, the prior itself (with embeddings) and the env config it
     needs (cameras for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
     from envs import MetaWorldEnv
+    from envs.scripted import scripted_version
     from experiments.policy_loader import PolicySpecError, load, register, resolve
     from policies.base import stack_observations
     from policies.checkpoint import CheckpointError
-    from policies.scripted import scripted_version
     from rlt.deployment import PriorSpec
 
 

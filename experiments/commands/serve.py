@@ -68,8 +68,8 @@ def _loader(spec: str, store_url: str | None = None) -> Callable[[], Policy]:
 
 def _reads_privileged(policy: Policy) -> bool:
     """Scripted experts, and RLT policies whose prior, embeddings or hand-off read the simulator state."""
+    from envs.scripted import ScriptedPolicy
     from experiments.pipeline_rlt import RLTDeployedPolicy
-    from policies.scripted import ScriptedPolicy
     from rlt.phase import DistanceSwitch
     from rlt.state import EmbeddingPrior
 

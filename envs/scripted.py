@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
+from core.types import ActionChunk, ObservationBatch
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import PRIVILEGED_DIM
 from envs.tasks import TASK_PROMPTS
-from policies.base import ActionChunk, ObservationBatch
 
 _TASK_BY_PROMPT = {prompt: task for task, prompt in TASK_PROMPTS.items()}
 
