@@ -78,6 +78,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # ~30 s idle, ~60 s loaded: .ci/run runs it in its cluster step after the default suite
 def test_collect_attaches_through_ray_client_with_token_auth(ray_head, tmp_path: Path) -> None:
     address, auth = ray_head
     url = f"sqlite:///{tmp_path / 'client.db'}"
