@@ -271,17 +271,7 @@ def evaluate_arm(trained: TrainedPolicy, env: EnvConfig, args: argparse.Namespac
 
 
 def arm_row(arm: str, result: EvalResult, seconds: float) -> dict[str, Any]:
-    return {
-        "arm": arm,
-        "successes": result.successes,
-        "n": result.n,
-        "success_rate": result.success_rate,
-        "ci95": [result.ci_low, result.ci_high],
-        "mean_length": result.mean_length,
-        "mean_success_length": result.mean_success_length,
-        "successes_per_hour": result.successes_per_hour,
-        "train_seconds": seconds,
-    }
+    return {"arm": arm, **result.as_row(), "train_seconds": seconds}
 
 
 def label_quality(episodes: list[EpisodeRecord], record: RelabelRecord) -> dict[str, Any]:

@@ -41,6 +41,18 @@ class EvalResult:
             "success_rate": self.success_rate
         }
 
+    def as_row(self) -> dict[str, object]:
+        """The figures a results table reports (JSON-able; the interval as ``ci95``)."""
+        return {
+            "successes": self.successes,
+            "n": self.n,
+            "success_rate": self.success_rate,
+            "ci95": [self.ci_low, self.ci_high],
+            "mean_length": self.mean_length,
+            "mean_success_length": self.mean_success_length,
+            "successes_per_hour": self.successes_per_hour,
+        }
+
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (well-behaved at 0 and n)."""
