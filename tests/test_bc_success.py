@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from envs import EnvConfig
 from envs.scripted import ScriptedPolicy
 from experiments.collection import CollectConfig, run_collection
@@ -22,6 +24,7 @@ class StandStill(ScriptedPolicy):
 ENV = EnvConfig(task="reach-v3", width=48, height=48, max_episode_steps=60)
 
 
+@pytest.mark.slow  # ~45 s: .ci/run's long step runs it after the default suite
 def test_tiny_vla_from_ten_stored_demos_succeeds_on_reach(tmp_path):
     url = f"sqlite:///{tmp_path / 'bc.db'}"
     run_collection(

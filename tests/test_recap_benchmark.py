@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~40 s: .ci/run's long step runs it after the default suite
 def test_recap_benchmark_quick_reports_all_arms(tmp_path):
     output = tmp_path / "recap"
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
