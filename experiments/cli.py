@@ -44,6 +44,7 @@ USER_ERRORS: tuple[str, ...] = (
     "policies.openpi_client.ServerError",
     "policies.serving.server.ServerStartError",
     "actors.robot_runtime.RobotCamerasError",
+    "experiments.lerobot.LeRobotFormatError",
 )
 
 #: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.

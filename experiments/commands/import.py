@@ -44,7 +44,6 @@ def import_dataset(
 ) -> None:
     """Import a LeRobot dataset's episodes as demonstrations (human steps, with their task text and provenance);
     importing the same data again stores nothing new. Then: flywheel train bc --task <task> --run-id <run>."""
-    from experiments.lerobot import LeRobotFormatError
     from experiments.lerobot_import import ImportConfig, import_lerobot
 
     try:
@@ -63,9 +62,6 @@ def import_dataset(
         summary = import_lerobot(config)
     except ValidationError as error:
         typer.echo(f"error: {first_error(error)}", err=True)
-        raise typer.Exit(code=2) from error
-    except LeRobotFormatError as error:
-        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from error
     typer.echo(
         f"imported {summary['episodes']} episodes ({summary['frames']} frames, {summary['duplicates']} already "
