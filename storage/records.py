@@ -4,11 +4,11 @@ Everything a step carries is an array with the episode length T as its first axi
 handful of contiguous buffers rather than T objects. ``validate`` checks shapes, dtypes and finiteness before
 anything touches the database; the store calls it, so bad input never reaches SQL.
 
-``validate`` also refuses whatever either database backend would refuse, with limits read from the column
-definitions in ``storage.schema`` (so SQLite, which enforces none of them, and PostgreSQL behave the same):
-strings longer than their column, NUL bytes and lone surrogates in any string (PostgreSQL's text and JSON refuse
-them), integers outside their column's range (``seed`` is a signed 64-bit ``BIGINT``), and JSON nested deeper
-than ``MAX_JSON_DEPTH`` or holding non-finite floats. Those refusals are ``StoreLimitError``. The robot's spool
+``validate`` also refuses whatever either database backend would refuse, with the column limits of
+``storage.limits`` (which ``storage.schema`` declares its columns with), so SQLite, which enforces none of them,
+and PostgreSQL behave the same: strings longer than their column, NUL bytes and lone surrogates in any string
+(PostgreSQL's text and JSON refuse them), integers outside their column's range (``seed`` is a signed 64-bit
+``BIGINT``), and JSON nested deeper than ``MAX_JSON_DEPTH`` or holding non-finite floats. Those refusals are ``StoreLimitError``. The robot's spool
 validates before it encodes, so an episode a robot spools is one the platform can store. ``TaskSpec`` adds
 what one task's episodes must look like (state/action sizes, cameras); the ingest endpoint checks it.
 """
@@ -16,19 +16,16 @@ what one task's episodes must look like (state/action sizes, cameras); the inges
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import math
 import uuid
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from core.types import InterventionSegment, Outcome, StepSource
-
-if TYPE_CHECKING:
-    import sqlalchemy as sa
+from storage import limits
+from storage.limits import ColumnLimit
 
 MAX_JSON_DEPTH = 64
 """Deepest nesting of JSON values (metadata, relabel config/diagnostics): checked without recursion."""
@@ -156,17 +153,17 @@ class EpisodeRecord:
         expected dtype and shape, and what was given), so what is stored is exactly what was validated.
         """
         _check_type("uuid", self.uuid, uuid.UUID, "a uuid.UUID")
-        _check_name("task", self.task, _columns().episodes.task)
-        _check_name("env_id", self.env_id, _columns().episodes.env_id)
-        _check_optional_name("policy_version", self.policy_version, _columns().version)
-        _check_optional_name("run_id", self.run_id, _columns().run_id)
+        _check_name("task", self.task, limits.TASK)
+        _check_name("env_id", self.env_id, limits.ENV_ID)
+        _check_optional_name("policy_version", self.policy_version, limits.POLICY_VERSION)
+        _check_optional_name("run_id", self.run_id, limits.RUN_ID)
         if self.seed is not None:
-            _check_int("seed", self.seed, _columns().episodes.seed)
+            _check_int("seed", self.seed, limits.SEED)
         parse_outcome(self.outcome)
         if self.error is not None:
             if not isinstance(self.error, str):
                 raise EpisodeValidationError("error", "a str or None", repr(self.error))
-            _check_text("error", self.error, _columns().episodes.error)
+            _check_text("error", self.error, None)
         _check_array("actions", self.actions, np.float32, 2, finite=True)
         steps = self.length
         _check_array("states", self.states, np.float32, 2, steps, finite=True)
@@ -177,15 +174,15 @@ class EpisodeRecord:
         _check_range("sources", self.sources, 0, max(StepSource), "a StepSource value (0=policy, 1=human)")
         _check_array("latency_ms", self.latency_ms, np.float32, 1, steps, finite=True)
         _check_range("latency_ms", self.latency_ms, 0, math.inf, "non-negative milliseconds")
-        _check_per_step_names("policy_versions", self.policy_versions, steps, _columns().version)
+        _check_per_step_names("policy_versions", self.policy_versions, steps, limits.POLICY_VERSION)
         if self.subtasks is not None:
-            _check_per_step_names("subtasks", self.subtasks, steps, _columns().subtask)
+            _check_per_step_names("subtasks", self.subtasks, steps, limits.SUBTASK)
         if self.injected is not None:
-            _check_per_step_names("injected", self.injected, steps, _columns().injected)
+            _check_per_step_names("injected", self.injected, steps, limits.INJECTED)
         if self.prompt is not None:
             if not isinstance(self.prompt, str):
                 raise EpisodeValidationError("prompt", "a str or None", repr(self.prompt))
-            _check_text("prompt", self.prompt, _columns().episodes.prompt)
+            _check_text("prompt", self.prompt, None)
         self._validate_chunks(steps)
         self._validate_images(steps)
         if self.privileged is not None:
@@ -216,7 +213,7 @@ class EpisodeRecord:
                 "images", "a dict camera -> T×h×w×3 uint8", type(self.images).__name__
             )
         for camera, frames in self.images.items():
-            _check_name("images camera name", camera, _columns().camera)
+            _check_name("images camera name", camera, limits.CAMERA)
             _check_array(f"images[{camera!r}]", frames, np.uint8, 4, steps)
             if frames.shape[3] != 3:
                 raise EpisodeValidationError(f"images[{camera!r}]", "T×h×w×3 (RGB)", f"shape {frames.shape}")
@@ -231,7 +228,7 @@ class EpisodeRecord:
                     f"0 <= t_start < t_end <= T={steps}",
                     f"t_start={segment.t_start}, t_end={segment.t_end}",
                 )
-            _check_name(f"{name}.trigger", segment.trigger, _columns().trigger)
+            _check_name(f"{name}.trigger", segment.trigger, limits.TRIGGER)
 
 
 @dataclass(frozen=True)
@@ -333,9 +330,9 @@ class RelabelRecord:
 
     def validate(self) -> None:
         """Check the method name, JSON-ability of config/diagnostics and every episode's labels."""
-        _check_name("method", self.method, _columns().relabels.method)
-        _check_optional_name("value_model_version", self.value_model_version, _columns().relabels.value_model_version)
-        _check_optional_name("parent_id", self.parent_id, _columns().relabels.id)
+        _check_name("method", self.method, limits.RELABEL_METHOD)
+        _check_optional_name("value_model_version", self.value_model_version, limits.VALUE_MODEL_VERSION)
+        _check_optional_name("parent_id", self.parent_id, limits.RELABEL_ID)
         _check_json("config", self.config)
         _check_json("diagnostics", self.diagnostics)
         seen: set[uuid.UUID] = set()
@@ -354,32 +351,28 @@ def _check_type(name: str, value: Any, expected_type: type, expected: str) -> No
         raise EpisodeValidationError(name, expected, f"{type(value).__name__} {value!r:.60}")
 
 
-def _check_name(name: str, value: Any, column: sa.Column[Any]) -> None:
+def _check_name(name: str, value: Any, column: ColumnLimit) -> None:
     if not isinstance(value, str) or not value:
         raise EpisodeValidationError(name, "a non-empty str", repr(value)[:80])
     _check_text(name, value, column)
 
 
-def _check_optional_name(name: str, value: Any, column: sa.Column[Any]) -> None:
+def _check_optional_name(name: str, value: Any, column: ColumnLimit) -> None:
     if value is not None:
         _check_name(name, value, column)
 
 
-def _check_text(name: str, value: str, column: sa.Column[Any] | None) -> None:
+def _check_text(name: str, value: str, column: ColumnLimit | None) -> None:
     """Refuse what a text column (or a JSON string, ``column=None``) cannot hold on some backend."""
     problem = _text_problem(value, column)
     if problem is not None:
         raise StoreLimitError(name, *problem)
 
 
-def _text_problem(value: str, column: sa.Column[Any] | None) -> tuple[str, str] | None:
+def _text_problem(value: str, column: ColumnLimit | None) -> tuple[str, str] | None:
     """(expected, got) if ``value`` is longer than ``column`` holds or has a NUL byte or a lone surrogate."""
-    limit = getattr(column.type, "length", None) if column is not None else None
-    if limit is not None and len(value) > limit:
-        return (
-            f"at most {limit} characters (column {column.table.name}.{column.name})",
-            f"{len(value)} characters",
-        )
+    if column is not None and column.length is not None and len(value) > column.length:
+        return f"at most {column.length} characters (column {column.column})", f"{len(value)} characters"
     if "\x00" in value:
         return "text without NUL bytes (PostgreSQL refuses them)", f"NUL at index {value.index(chr(0))}"
     if not value.isascii():
@@ -390,17 +383,17 @@ def _text_problem(value: str, column: sa.Column[Any] | None) -> tuple[str, str] 
     return None
 
 
-def _check_int(name: str, value: Any, column: sa.Column[Any]) -> None:
+def _check_int(name: str, value: Any, column: ColumnLimit) -> None:
     """Refuse a non-int or an int outside the signed range of ``column``'s integer type."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise EpisodeValidationError(name, "an int or None", repr(value)[:80])
-    bits = next(n for kind, n in _columns().int_bits if isinstance(column.type, kind))
+    bits = column.bits or 64
     if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
-        where = f"column {column.table.name}.{column.name}"
+        where = f"column {column.column}"
         raise StoreLimitError(name, f"a signed {bits}-bit integer (|n| < 2^{bits - 1}, {where})", str(value))
 
 
-def _check_per_step_names(name: str, values: Any, steps: int, column: sa.Column[Any]) -> None:
+def _check_per_step_names(name: str, values: Any, steps: int, column: ColumnLimit) -> None:
     if not isinstance(values, list) or len(values) != steps:
         got = (
             f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
@@ -514,24 +507,3 @@ def _render(path: _Path) -> str:
         node = node[1]
     root, *rest = reversed(keys)
     return str(root) + "".join(f"[{key!r}]" for key in rest)
-
-
-@functools.cache
-def _columns() -> SimpleNamespace:
-    """The schema columns whose limits validation checks, read on first use: importing this module (as the
-    robot's spool and runtime do) loads no sqlalchemy."""
-    import sqlalchemy as sa
-
-    from storage.schema import Episode, Intervention, PolicyVersion, Relabel, Run, Step, StepImage
-
-    return SimpleNamespace(
-        int_bits=((sa.BigInteger, 64), (sa.SmallInteger, 16), (sa.Integer, 32)),
-        episodes=Episode.__table__.c,
-        relabels=Relabel.__table__.c,
-        version=PolicyVersion.__table__.c.version,
-        run_id=Run.__table__.c.id,
-        subtask=Step.__table__.c.subtask,
-        injected=Step.__table__.c.injected,
-        camera=StepImage.__table__.c.camera,
-        trigger=Intervention.__table__.c.trigger,
-    )

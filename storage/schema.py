@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from storage import limits
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -48,7 +50,7 @@ class Run(Base):
 
     __tablename__ = "runs"
 
-    id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String(limits.RUN_ID.length), primary_key=True)
     name: Mapped[str | None] = mapped_column(sa.String(256))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     next_episode_index: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
@@ -61,7 +63,7 @@ class PolicyVersion(Base):
     __tablename__ = "policy_versions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    version: Mapped[str] = mapped_column(sa.String(256), unique=True)
+    version: Mapped[str] = mapped_column(sa.String(limits.POLICY_VERSION.length), unique=True)
     kind: Mapped[str] = mapped_column(sa.String(64))
     uri: Mapped[str | None] = mapped_column(sa.Text)
     parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("policy_versions.id"))
@@ -81,8 +83,8 @@ class Episode(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[uuid.UUID] = mapped_column(sa.Uuid, unique=True)
     run_id: Mapped[str | None] = mapped_column(sa.ForeignKey("runs.id"), index=True)
-    task: Mapped[str] = mapped_column(sa.String(256))
-    env_id: Mapped[str] = mapped_column(sa.String(256))
+    task: Mapped[str] = mapped_column(sa.String(limits.TASK.length))
+    env_id: Mapped[str] = mapped_column(sa.String(limits.ENV_ID.length))
     policy_version_id: Mapped[int | None] = mapped_column(sa.ForeignKey("policy_versions.id"), index=True)
     seed: Mapped[int | None] = mapped_column(sa.BigInteger)
     outcome: Mapped[str] = mapped_column(sa.String(16))
@@ -133,8 +135,8 @@ class Step(Base):
     chunk_index: Mapped[int | None] = mapped_column(sa.Integer)
     chunk_offset: Mapped[int] = mapped_column(sa.Integer)
     latency_ms: Mapped[float] = mapped_column(sa.Double)
-    subtask: Mapped[str | None] = mapped_column(sa.String(256))
-    injected: Mapped[str | None] = mapped_column(sa.String(64))
+    subtask: Mapped[str | None] = mapped_column(sa.String(limits.SUBTASK.length))
+    injected: Mapped[str | None] = mapped_column(sa.String(limits.INJECTED.length))
 
 
 class Image(Base):
@@ -159,7 +161,7 @@ class StepImage(Base):
         sa.ForeignKey("episodes.id", ondelete="CASCADE"), primary_key=True
     )
     t: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    camera: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    camera: Mapped[str] = mapped_column(sa.String(limits.CAMERA.length), primary_key=True)
     image_hash: Mapped[str] = mapped_column(sa.ForeignKey("images.hash"))
 
 
@@ -174,7 +176,7 @@ class Intervention(Base):
     segment_index: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     t_start: Mapped[int] = mapped_column(sa.Integer)
     t_end: Mapped[int] = mapped_column(sa.Integer)
-    trigger: Mapped[str] = mapped_column(sa.String(128))
+    trigger: Mapped[str] = mapped_column(sa.String(limits.TRIGGER.length))
 
 
 class Relabel(Base):
@@ -183,11 +185,11 @@ class Relabel(Base):
     __tablename__ = "relabels"
     __table_args__ = (sa.UniqueConstraint("method", "version", name="uq_relabels_method_version"),)
 
-    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    method: Mapped[str] = mapped_column(sa.String(64))
+    id: Mapped[str] = mapped_column(sa.String(limits.RELABEL_ID.length), primary_key=True)
+    method: Mapped[str] = mapped_column(sa.String(limits.RELABEL_METHOD.length))
     version: Mapped[int] = mapped_column(sa.Integer)
     parent_id: Mapped[str | None] = mapped_column(sa.ForeignKey("relabels.id"))
-    value_model_version: Mapped[str | None] = mapped_column(sa.String(256))
+    value_model_version: Mapped[str | None] = mapped_column(sa.String(limits.VALUE_MODEL_VERSION.length))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     diagnostics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)

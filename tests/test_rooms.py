@@ -164,11 +164,35 @@ def test_flywheel_help_loads_no_heavy_library() -> None:
     assert loaded & set(HEAVY) == set()
 
 
-def test_robot_side_imports_without_torch_mujoco_or_sqlalchemy() -> None:
+#: A robot spooling one episode: the record is validated (column limits included) before it is encoded.
+ROBOT_SPOOLS_AN_EPISODE = """
+import sys, tempfile, uuid
+import numpy as np
+import actors.robot, actors.robot_runtime, actors.upload
+from storage.records import EpisodeRecord
+from storage.spool import EpisodeSpool
+
+T = 3
+record = EpisodeRecord(
+    uuid=uuid.uuid4(), task="reach-v3", env_id="robot", policy_version=None, seed=2**40, outcome="success",
+    states=np.zeros((T, 4), np.float32), actions=np.zeros((T, 2), np.float32), rewards=np.zeros(T, np.float32),
+    terminated=np.zeros(T, bool), truncated=np.zeros(T, bool), sources=np.zeros(T, np.uint8),
+    policy_versions=[None] * T, chunk_ids=np.full(T, -1, np.int32), chunk_offsets=np.zeros(T, np.int32),
+    latency_ms=np.zeros(T, np.float32), chunks=np.zeros((0, 1, 2), np.float32),
+    images={"wrist": np.zeros((T, 8, 8, 3), np.uint8)}, subtasks=["reach"] * T, prompt="reach",
+)
+print(EpisodeSpool(tempfile.mkdtemp() + "/spool.db").put(record))
+"""
+
+
+def test_robot_side_imports_without_torch_mujoco_or_sqlalchemy(tmp_path) -> None:
     """A robot computer runs the control loop, the robot interface and the uploader with numpy, pydantic and
-    websockets: importing them loads no torch, mujoco/Meta-World, sqlalchemy, Ray or MLflow."""
-    loaded, _ = loaded_after("import actors.robot_runtime, actors.robot, actors.upload")
-    assert "actors" in loaded
+    websockets: importing them, and spooling an episode (validated against the store's column limits first),
+    loads no torch, mujoco/Meta-World, sqlalchemy, Ray or MLflow."""
+    script = tmp_path / "robot.py"
+    script.write_text(ROBOT_SPOOLS_AN_EPISODE)
+    loaded, shown = loaded_after(f"exec(open({str(script)!r}).read())")
+    assert "actors" in loaded and shown.strip() == "True"
     assert loaded & {*HEAVY, "sqlalchemy"} == set()
 
 

@@ -27,6 +27,7 @@ from storage import (
     StoreError,
     UnknownPolicyVersionError,
 )
+from storage.limits import LIMITS
 from storage.schema import Base
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, make_episode
@@ -60,6 +61,20 @@ def test_migrated_database_matches_the_schema_models(store_url: str) -> None:
         differences = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert differences == []
+
+
+def test_validation_limits_are_the_migrated_columns(store_url: str) -> None:
+    """``storage.limits`` (what validation checks without sqlalchemy) names real columns with their real sizes."""
+    ExperienceStore(store_url).upgrade()
+    inspector = sa.inspect(sa.create_engine(store_url))
+    for limit in LIMITS:
+        table, name = limit.column.split(".")
+        (column,) = [column for column in inspector.get_columns(table) if column["name"] == name]
+        if limit.bits is not None:
+            bits = {sa.BigInteger: 64, sa.SmallInteger: 16, sa.Integer: 32}
+            assert next(n for kind, n in bits.items() if isinstance(column["type"], kind)) == limit.bits
+        else:
+            assert column["type"].length == limit.length, limit.column
 
 
 def test_sqlite_store_journals_in_wal_mode(tmp_path) -> None:
