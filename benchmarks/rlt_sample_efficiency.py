@@ -36,11 +36,12 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs import EnvConfig, MetaWorldEnv
+from envs.metaworld_env import GOAL, HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from policies.base import ActionChunk, ObservationBatch, Policy, stack_observations
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
-from rlt.phase import METAWORLD_PAIRS, metaworld_switch
+from rlt.phase import handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
@@ -102,7 +103,7 @@ def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
 
 
 class GoalBiasedPolicy:
-    """A ``Policy`` that hands ``policy`` the observation with the goal (``privileged[36:39]``) moved ``bias``
+    """A ``Policy`` that hands ``policy`` the observation with the goal (``privileged[GOAL]``) moved ``bias``
     along x: a prior that is consistently off by the same amount, like a VLA with a miscalibrated camera."""
 
     def __init__(self, policy: Policy, bias: float) -> None:
@@ -113,7 +114,7 @@ class GoalBiasedPolicy:
     def infer(self, batch: ObservationBatch) -> ActionChunk:
         shifted = dict(batch)
         shifted["privileged"] = np.array(batch["privileged"], np.float32)
-        shifted["privileged"][:, 36] += self.bias
+        shifted["privileged"][:, GOAL.start] += self.bias
         return self.policy.infer(shifted)
 
     def reset(self) -> None:
@@ -128,7 +129,7 @@ def make_prior(config: BenchmarkConfig, seed: int) -> EmbeddingPrior:
     )
     if config.prior_goal_bias:
         prior = GoalBiasedPolicy(prior, config.prior_goal_bias)
-    return EmbeddingPrior(prior, StateProjectionEmbedder(39, 8, 32, key="privileged", seed=seed))
+    return EmbeddingPrior(prior, StateProjectionEmbedder(PRIVILEGED_DIM, 8, 32, key="privileged", seed=seed))
 
 
 def eval_seeds(config: BenchmarkConfig) -> list[int]:
@@ -209,7 +210,7 @@ def make_loop(
 ) -> OnlineRLT:
     """The online loop of a learner arm (seeded torch), not yet run."""
     torch.manual_seed(seed)
-    switch = metaworld_switch(config.critical_pair, config.critical_distance or 0.0)
+    switch = handoff_switch(HANDOFF_PAIRS, config.critical_pair, config.critical_distance or 0.0)
     return OnlineRLT(
         make_env(config),
         make_prior(config, seed),
@@ -327,7 +328,7 @@ class _StateEnv(gym.Env):
 
     def __init__(self, config: BenchmarkConfig) -> None:
         self.env = make_env(config)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (PRIVILEGED_DIM,), np.float32)
         self.action_space = self.env.action_space
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -561,7 +562,7 @@ def parse_args() -> BenchmarkConfig:
         default=defaults.critical_distance,
         help="hand-off distance (≤ 0: RLT acts from the first chunk)",
     )
-    parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(METAWORLD_PAIRS))
+    parser.add_argument("--critical-pair", default=defaults.critical_pair, choices=sorted(HANDOFF_PAIRS))
     parser.add_argument("--warmup-episodes", type=int, default=defaults.warmup_episodes)
     parser.add_argument("--residual-scale", type=float, default=defaults.residual_scale)
     parser.add_argument(

@@ -60,6 +60,13 @@ TOLERANCE_PAIRS: dict[str, tuple[slice, slice]] = {
     "push-v3": (OBJECT, GOAL),
     "pick-place-v3": (OBJECT, GOAL),
 }
+HANDOFF_PAIRS: dict[str, tuple[slice, slice]] = {
+    "hand-object": (HAND, OBJECT),
+    "object-goal": (OBJECT, GOAL),
+    "hand-goal": (HAND, GOAL),
+}
+"""Named pairs of privileged-state positions whose distance marks a task's precision-critical phase: what
+``rlt.phase.handoff_switch`` hands off to RLT on (``--handoff``, a pipeline's ``rlt.handoff``)."""
 
 
 def goal_distance(task: str, privileged: np.ndarray) -> float:

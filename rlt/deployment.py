@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from envs.metaworld_env import PRIVILEGED_DIM
+from envs.metaworld_env import HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from policies.base import Policy
 from rlt.errors import RLTInputError
-from rlt.phase import AlwaysCritical, PhaseSwitch, metaworld_switch
+from rlt.phase import AlwaysCritical, PhaseSwitch, handoff_switch
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 
 #: Shape of the stand-in "VLA embeddings" of a prior that has none: a fixed projection of the 39-D sim state.
@@ -65,7 +65,7 @@ class PriorSpec:
 class RLTDeployment:
     """The task, the prior and the hand-off of an RLT policy.
 
-    ``handoff`` is a ``rlt.phase.METAWORLD_PAIRS`` pair (the actor takes over once its distance falls below
+    ``handoff`` is a ``envs.metaworld_env.HANDOFF_PAIRS`` pair (the actor takes over once its distance falls below
     ``handoff_distance``) or ``"always"`` (from the first chunk; build with ``with_handoff``). Manifests
     written before ``with_handoff`` may say a pair with distance ``≤ 0``, which still means the same.
     """
@@ -87,7 +87,7 @@ class RLTDeployment:
         """The phase switch that hands off to the actor."""
         if self.handoff == ALWAYS:
             return AlwaysCritical()
-        return metaworld_switch(self.handoff, self.handoff_distance)
+        return handoff_switch(HANDOFF_PAIRS, self.handoff, self.handoff_distance)
 
     def to_manifest(self) -> dict[str, Any]:
         """The ``deployment`` block of a checkpoint manifest (plain JSON)."""

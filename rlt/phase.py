@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from policies.base import Observation
 from rlt.errors import RLTInputError
+
+#: Positions in a state vector: a slice (``slice(0, 3)``) or a list of indices.
+Indices = slice | Sequence[int]
 
 
 @runtime_checkable
@@ -40,12 +43,12 @@ class InfoKeySwitch:
 class DistanceSwitch:
     """Critical when ``‖privileged[first] − privileged[second]‖ < threshold`` (e.g. hand to object)."""
 
-    def __init__(self, first: Sequence[int], second: Sequence[int], threshold: float) -> None:
-        if len(first) != len(second) or not first:
+    def __init__(self, first: Indices, second: Indices, threshold: float) -> None:
+        self.first, self.second, self.threshold = _index_list(first), _index_list(second), threshold
+        if len(self.first) != len(self.second) or not self.first:
             raise RLTInputError(
-                f"DistanceSwitch: first and second must be equal-length index lists, got {first} / {second}"
+                f"DistanceSwitch: first and second must be equal-length index groups, got {first} / {second}"
             )
-        self.first, self.second, self.threshold = list(first), list(second), threshold
 
     def reset(self) -> None:
         """Nothing to reset."""
@@ -88,18 +91,18 @@ class AlwaysCritical:
         return True
 
 
-METAWORLD_PAIRS: dict[str, tuple[list[int], list[int]]] = {
-    "hand-object": ([0, 1, 2], [4, 5, 6]),
-    "object-goal": ([4, 5, 6], [36, 37, 38]),
-    "hand-goal": ([0, 1, 2], [36, 37, 38]),
-}
-"""Index groups of Meta-World's 39-D privileged state (hand xyz, first object xyz, goal xyz)."""
-
-
-def metaworld_switch(pair: str, distance: float) -> PhaseSwitch:
-    """``DistanceSwitch`` on a ``METAWORLD_PAIRS`` pair; ``distance ≤ 0`` means RLT acts from the start."""
-    if pair not in METAWORLD_PAIRS:
-        raise RLTInputError(f"hand-off pair: expected one of {sorted(METAWORLD_PAIRS)}, got {pair!r}")
+def handoff_switch(pairs: Mapping[str, tuple[Indices, Indices]], pair: str, distance: float) -> PhaseSwitch:
+    """``DistanceSwitch`` on ``pairs[pair]``, named positions of the env's privileged state (the caller passes
+    its env's layout, e.g. ``envs.metaworld_env.HANDOFF_PAIRS``); ``distance ≤ 0`` means RLT acts from the start."""
+    if pair not in pairs:
+        raise RLTInputError(f"hand-off pair: expected one of {sorted(pairs)}, got {pair!r}")
     if distance <= 0:
         return AlwaysCritical()
-    return DistanceSwitch(*METAWORLD_PAIRS[pair], distance)
+    return DistanceSwitch(*pairs[pair], distance)
+
+
+def _index_list(indices: Indices) -> list[int]:
+    """``indices`` as a list (a slice needs its ``stop``)."""
+    if isinstance(indices, slice):
+        return list(range(indices.start or 0, indices.stop, indices.step or 1))
+    return list(indices)

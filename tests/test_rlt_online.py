@@ -8,10 +8,11 @@ import torch
 
 from actors.sinks import StoreSink
 from envs.interventions import InterventionWrapper, TeleopCommand, TeleopContext
+from envs.metaworld_env import GOAL, HAND, HANDOFF_PAIRS, OBJECT, PRIVILEGED_DIM
 from rlt.diagnostics import critic_calibration
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
 from rlt.online import OnlineConfig, OnlineRLT, chunk_transitions, episode_chunks_from_record
-from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch
+from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch, handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
@@ -173,6 +174,24 @@ def test_bad_priors_are_clear_errors() -> None:
         _loop().run_episode("learner")
     with pytest.raises(RLTInputError, match="warmup_episodes"):
         _loop(warmup_episodes=0).run()
+
+
+def test_handoff_switch_reads_the_layout_its_caller_passes() -> None:
+    """The Meta-World hand-off pairs come from the env's 39-D layout (``HAND``/``OBJECT``/``GOAL``)."""
+    privileged = np.zeros(PRIVILEGED_DIM, np.float32)
+    privileged[HAND], privileged[OBJECT], privileged[GOAL] = (
+        (0.0, 0.6, 0.2),
+        (0.03, 0.6, 0.2),
+        (0.3, 0.8, 0.2),
+    )
+    observation = {"images": {}, "state": np.zeros(7), "prompt": "", "privileged": privileged}
+    assert handoff_switch(HANDOFF_PAIRS, "hand-object", 0.05).is_critical(observation, {})
+    assert not handoff_switch(HANDOFF_PAIRS, "hand-goal", 0.05).is_critical(observation, {})
+    assert isinstance(handoff_switch(HANDOFF_PAIRS, "object-goal", 0.0), AlwaysCritical)
+    with pytest.raises(RLTInputError, match="hand-object"):
+        handoff_switch(HANDOFF_PAIRS, "hand-peg", 0.05)
+    with pytest.raises(RLTInputError, match="equal-length"):
+        DistanceSwitch(slice(0, 3), slice(4, 6), 0.1)
 
 
 def test_phase_switches() -> None:

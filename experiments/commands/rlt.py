@@ -21,7 +21,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.validation import first_error
-from rlt.phase import METAWORLD_PAIRS
 
 if TYPE_CHECKING:
     from envs import EnvConfig
@@ -59,7 +58,7 @@ def rlt(
     warmup_episodes: Annotated[int, typer.Option(min=0, help="Fresh prior-only warm-up episodes")] = 10,
     prior_noise: Annotated[float, typer.Option(min=0.0, help="Action noise of the scripted prior")] = 0.3,
     handoff: Annotated[
-        str, typer.Option(help=f"Distance that hands off to RLT: {' or '.join(sorted(METAWORLD_PAIRS))}")
+        str, typer.Option(help="Distance that hands off to RLT: a pair of envs.metaworld_env.HANDOFF_PAIRS")
     ] = "hand-object",
     handoff_distance: Annotated[
         float, typer.Option(help="Hand off once that distance is below this (≤ 0: RLT acts from the start)")
@@ -122,6 +121,7 @@ def rlt(
     """
     from actors.sinks import StoreSink
     from envs import EnvConfig
+    from envs.metaworld_env import HANDOFF_PAIRS
     from experiments.rlt_training import RLTLoopFactory
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
     from policies.device import DeviceError, resolve_device
@@ -130,7 +130,7 @@ def rlt(
     from rlt.diagnostics import critic_calibration
     from rlt.errors import CriticDivergedError, RLTInputError
     from rlt.online import OnlineConfig
-    from rlt.phase import metaworld_switch
+    from rlt.phase import handoff_switch
     from rlt.td3 import LearnerConfig
 
     try:
@@ -143,7 +143,7 @@ def rlt(
             seed=seed,
             success_tolerance=success_tolerance,
         )
-        switch = metaworld_switch(handoff, handoff_distance)
+        switch = handoff_switch(HANDOFF_PAIRS, handoff, handoff_distance)
         learner_config = LearnerConfig(
             chunk_size=chunk_size,
             learning_starts=learning_starts,
