@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from envs.experts import ScriptedExpert, expert_phases
-from envs.factory import make_env
 from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
 from envs.injection import INJECTED_KEY, BadSegmentWrapper, InjectionConfig
 from envs.interventions import (
@@ -18,7 +17,7 @@ from envs.interventions import (
     TeleopDevice,
 )
 from envs.metaworld_env import EnvConfig, MetaWorldEnv, goal_distance
-from envs.registration import register_envs
+from envs.registration import make_env, register_envs
 from envs.settings import EnvSettings, is_metaworld_task
 from envs.tasks import TASK_PROMPTS, UnknownTaskError, resolve_task, task_max_episode_steps, task_names
 

@@ -1,4 +1,4 @@
-"""flywheel's envs as gymnasium ids, and the ``EnvSpec`` every flywheel env carries.
+"""Making flywheel envs: :func:`make_env` (the one factory), their gymnasium ids and the ``EnvSpec`` each carries.
 
 Importing ``envs`` registers ``flywheel/<task>`` for every Meta-World v3 task, so ``gymnasium.make("flywheel/
 reach-v3")`` (or ``gymnasium.make("envs:flywheel/reach-v3")`` from a fresh process) gives the ``MetaWorldEnv``
@@ -21,8 +21,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import EnvSpec
 
-from envs.gym_adapter import GymEnvConfig
-from envs.metaworld_env import EnvConfig
+from envs.gym_adapter import GymAdapterEnv, GymEnvConfig
+from envs.injection import BadSegmentWrapper, InjectionConfig
+from envs.interventions import InterventionWrapper, SimulatedHuman, SimulatedHumanConfig
+from envs.metaworld_env import EnvConfig, MetaWorldEnv
 from envs.tasks import TASK_PROMPTS
 
 NAMESPACE = "flywheel"
@@ -30,12 +32,38 @@ ENTRY_POINT = "envs.registration:make_flywheel_env"
 Layout = Literal["flywheel", "flat"]
 
 
-def make_flywheel_env(config: dict[str, Any], layout: Layout = "flywheel", render_mode: str | None = None) -> gym.Env:
+def make_env(
+    config: EnvConfig | GymEnvConfig,
+    human: SimulatedHumanConfig | None = None,
+    inject: InjectionConfig | None = None,
+) -> gym.Env:
+    """A Meta-World env (``EnvConfig``) or any gymnasium env (``GymEnvConfig``) with flywheel observations.
+
+    With ``human`` the env is wrapped in an ``InterventionWrapper`` whose ``SimulatedHuman`` is the task's
+    scripted expert (Meta-World tasks only: generic envs have no expert). With ``inject`` a
+    ``BadSegmentWrapper`` goes around that (the human sees the injected actions as the robot's). The env's
+    ``unwrapped.spec`` is its :func:`env_spec`.
+    """
+    if isinstance(config, GymEnvConfig):
+        if human is not None:
+            raise ValueError(
+                "human: simulated interventions need a Meta-World task (EnvConfig), not a GymEnvConfig"
+            )
+        env: gym.Env = GymAdapterEnv(config)
+    else:
+        env = MetaWorldEnv(config)
+        if human is not None:
+            env = InterventionWrapper(env, SimulatedHuman(config.task, human))
+    env.unwrapped.spec = env_spec(config)  # gymnasium.make(spec) rebuilds it
+    return env if inject is None else BadSegmentWrapper(env, inject)
+
+
+def make_flywheel_env(
+    config: dict[str, Any], layout: Layout = "flywheel", render_mode: str | None = None
+) -> gym.Env:
     """The env a config dump names (``EnvConfig`` fields with ``task``, ``GymEnvConfig`` fields with
     ``env_id``), in flywheel's observation layout or Minari's flat one. ``render_mode`` is accepted for
     gymnasium's sake; cameras render into the observations as configured."""
-    from envs.factory import make_env
-
     env = make_env(parse_env_config(config))
     return FlatObservation(env) if layout == "flat" else env
 
@@ -59,7 +87,12 @@ def env_spec(config: EnvConfig | GymEnvConfig, layout: Layout = "flywheel") -> E
         disable_env_checker=True,
     )
     if spec.id not in gym.registry:
-        gym.register(spec.id, entry_point=ENTRY_POINT, kwargs={"config": spec.kwargs["config"]}, disable_env_checker=True)
+        gym.register(
+            spec.id,
+            entry_point=ENTRY_POINT,
+            kwargs={"config": spec.kwargs["config"]},
+            disable_env_checker=True,
+        )
     return spec
 
 
@@ -84,7 +117,9 @@ def register_envs() -> None:
     for task in TASK_PROMPTS:
         name = f"{NAMESPACE}/{task}"
         if name not in gym.registry:
-            gym.register(name, entry_point=ENTRY_POINT, kwargs={"config": {"task": task}}, disable_env_checker=True)
+            gym.register(
+                name, entry_point=ENTRY_POINT, kwargs={"config": {"task": task}}, disable_env_checker=True
+            )
 
 
 class FlatObservation(gym.ObservationWrapper):

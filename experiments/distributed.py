@@ -24,8 +24,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.training import EpisodeArrays, TrainConfig, TrainResult, build_dataset, train_bc
 from policies.vla.policy import VLAPolicy
@@ -49,22 +47,22 @@ def train_bc_data_parallel(
 ) -> TrainResult:
     """Train ``policy`` in place on ``workers`` Ray Train workers; returns rank 0's record (mean loss over ranks).
 
-    ``records`` name the episodes (their ids are sharded over the workers, which load them from the store at
-    ``store_url``); ``arrays`` carry each episode's per-step conditions and weights, computed once here.
+    ``records`` name the episodes; ``arrays`` are their training arrays without images (states, actions, prompt,
+    per-step conditions and weights, computed once here). Both are sharded over the workers, each of which reads
+    the images of its shard from the store at ``store_url``.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ray-train-", dir=output_dir))
     try:
         save_checkpoint(policy, work / INIT)
-        labels = {
-            str(record.uuid): (episode.conditions, episode.weights)
+        episodes = [
+            (str(record.uuid), episode)
             for record, episode in zip([r for r in records if r.length > 0], arrays, strict=True)
-        }
+        ]
         use_gpu = config.device.startswith("cuda")
         loop_config = {
             "store_url": store_url,
-            "episodes": list(labels),
-            "labels": labels,
+            "episodes": episodes,
             "train": asdict(config) | {"state_dir": str(config.state_dir) if config.state_dir else None},
             "work": str(work),
             "inference": {"conditions": policy.conditions, "cfg_beta": policy.cfg_beta},
@@ -172,8 +170,10 @@ def _bc_worker(loop_config: dict[str, Any]) -> None:
     work = Path(loop_config["work"])
     policy = load_checkpoint(work / INIT, **loop_config["inference"])
     store = ExperienceStore(loop_config["store_url"])
-    shard = [store.load_episode(episode) for episode in loop_config["episodes"][rank::size]]
-    arrays = [_shard_arrays(record, *loop_config["labels"][str(record.uuid)]) for record in shard]
+    arrays = [
+        replace(episode, images=store.load_episode(episode_uuid).images)
+        for episode_uuid, episode in loop_config["episodes"][rank::size]
+    ]
     dataset = build_dataset(arrays, policy.config.action_horizon)
     result = train_bc(policy, dataset, config)
     if rank == 0:
@@ -183,14 +183,3 @@ def _bc_worker(loop_config: dict[str, Any]) -> None:
         }
         (work / HISTORY).write_text(json.dumps(record))
     ray.train.report({"loss": result.history[-1]["loss"] if result.history else float("nan")})
-
-
-def _shard_arrays(
-    record: EpisodeRecord, conditions: list[str | None] | None, weights: np.ndarray | None
-) -> EpisodeArrays:
-    """A stored episode as training arrays, with the conditions and weights the driver computed for it."""
-    from experiments.training import to_episode_arrays
-
-    [episode] = to_episode_arrays([record])
-    episode.conditions, episode.weights = conditions, weights
-    return episode

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from experiments.mlflow_policy import MODELS_PREFIX, download_policy
 from policies.base import Policy
 from policies.manifest import HIERARCHICAL_KIND, RLT_KIND, VLA_KIND, ManifestError, checkpoint_kind
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 SCRIPTED, OPENPI, PYTHON = "scripted", "openpi", "python"
 OPENPI_PREFIX = "openpi:"
 PYTHON_PREFIX = "python:"
-MODELS_PREFIX = "models:/"
 #: Options of an ``openpi:`` spec's query string.
 OPENPI_OPTIONS = {
     "keys": "openpi field names: libero or droid (cameras main/wrist, exterior/wrist)",
@@ -208,9 +208,7 @@ def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
 
 
 def _mlflow_checkpoint(spec: str) -> Path:
-    """The local checkpoint directory of a ``models:/`` spec (``experiments.tracking.download_policy``)."""
-    from experiments.tracking import download_policy
-
+    """The local checkpoint directory of a ``models:/`` spec (``experiments.mlflow_policy.download_policy``)."""
     try:
         return download_policy(spec)
     except (LookupError, OSError) as error:
@@ -304,11 +302,15 @@ def parse_python_spec(spec: str) -> tuple[Callable[..., Policy], dict[str, Any]]
     target, _, query = spec.removeprefix(PYTHON_PREFIX).partition("?")
     module_name, colon, name = target.rpartition(":")
     if not colon or not module_name or not name:
-        raise PolicySpecError(f"policy {spec!r}: expected python:<module>:<class or factory>[?option=value&...]")
+        raise PolicySpecError(
+            f"policy {spec!r}: expected python:<module>:<class or factory>[?option=value&...]"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
-        raise PolicySpecError(f"policy {spec!r}: cannot load {name!r} from {module_name!r} ({error})") from None
+        raise PolicySpecError(
+            f"policy {spec!r}: cannot load {name!r} from {module_name!r} ({error})"
+        ) from None
     options: dict[str, Any] = {}
     for entry in filter(None, query.split("&")):
         option, separator, value = (unquote(part) for part in entry.partition("="))

@@ -15,7 +15,7 @@ import numpy as np
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from experiments.tracking import CHECKPOINT_ARTIFACT, IMAGE_INPUT
+from experiments.mlflow_policy import CHECKPOINT_ARTIFACT, IMAGE_INPUT
 
 
 class PolicyModel(PythonModel):

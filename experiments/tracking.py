@@ -1,8 +1,8 @@
 """MLflow tracking of a pipeline: one experiment per pipeline, one run per iteration, a nested run per stage,
 and a registered model whose versions carry the store's policy-version ids (alias ``deployed``) and a loadable
-``mlflow.pyfunc`` model wrapping the policy checkpoint (``experiments.policy_model``). :func:`log_command_run`
-records one run per CLI command that trains or evaluates; :func:`download_policy` fetches a ``models:/``
-policy's checkpoint.
+``mlflow.pyfunc`` model wrapping the policy checkpoint (``experiments.policy_model``; its artifact layout and
+the download of a ``models:/`` policy are ``experiments.mlflow_policy``'s). :func:`log_command_run` records one
+run per CLI command that trains or evaluates.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no global active run), and every lookup is by
 tag, so a resumed iteration finds and continues its runs instead of creating new ones.
@@ -11,7 +11,6 @@ tag, so a resumed iteration finds and continues its runs instead of creating new
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,10 +21,11 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
+from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from experiments.paths import default_mlflow_uri, flywheel_home
+from experiments.mlflow_policy import CHECKPOINT_ARTIFACT, IMAGE_INPUT, MODEL_ARTIFACT
+from experiments.paths import default_mlflow_uri
 from policies.manifest import HIERARCHICAL_KIND, VLA_KIND, checkpoint_kind
 from storage.engine import hide_password
 
@@ -38,10 +38,6 @@ COMMAND_TAG = "flywheel.command"
 POLICY_VERSION_TAG = "policy_version"
 #: MLflow 3 opens an experiment in the view its kind names; flywheel's runs are model training runs.
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-MODEL_ARTIFACT = "policy_model"
-CHECKPOINT_ARTIFACT = "checkpoint"
-MODELS_PREFIX = "models:/"
-IMAGE_INPUT = "images/"
 #: Checkpoint kinds that load without the experience store (an RLT checkpoint names its prior's version).
 STANDALONE_KINDS = (VLA_KIND, HIERARCHICAL_KIND)
 
@@ -305,48 +301,3 @@ def log_policy_model(client: MlflowClient, run_id: str, checkpoint: Path) -> str
         )
         client.log_artifacts(run_id, str(path), MODEL_ARTIFACT)
     return f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
-
-
-def download_policy(spec: str) -> Path:
-    """The local checkpoint directory of ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` in the
-    configured tracking store (downloaded once into ``$FLYWHEEL_HOME/models/<name>/<version>``).
-
-    Raises ``LookupError`` (one line) for a model, alias or version that is not there."""
-    uri = default_mlflow_uri()
-    client = MlflowClient(uri, registry_uri=uri)
-    reference = spec.removeprefix(MODELS_PREFIX)
-    name, alias_sep, alias = reference.partition("@")
-    if not alias_sep and "/" not in reference:
-        raise LookupError(f"policy {spec!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    try:
-        if alias_sep:
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = reference.rpartition("/")
-            version = client.get_model_version(name, number)
-    except MlflowException as error:
-        raise LookupError(f"policy {spec!r}: {error.message} (tracking store {uri})") from None
-    if Path(version.source).is_dir():  # registered by path (an RLT checkpoint, or before models were logged)
-        return Path(version.source)
-    target = flywheel_home() / "models" / name / str(version.version)
-    if not (target / "MLmodel").is_file():
-        _download(f"{MODELS_PREFIX}{name}/{version.version}", target, uri)
-    artifacts = Model.load(str(target / "MLmodel")).flavors["python_function"].get("artifacts", {})
-    if CHECKPOINT_ARTIFACT not in artifacts:
-        raise LookupError(f"policy {spec!r}: version {version.version} of {name!r} holds no flywheel policy")
-    return target / artifacts[CHECKPOINT_ARTIFACT]["path"]
-
-
-def _download(model_uri: str, target: Path, uri: str) -> None:
-    """Download a model version's files into ``target`` (via a sibling folder renamed into place)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        mlflow.artifacts.download_artifacts(
-            model_uri, dst_path=str(partial), tracking_uri=uri, registry_uri=uri
-        )
-    except MlflowException as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise LookupError(f"policy {model_uri!r}: {error.message}") from None
-    shutil.rmtree(target, ignore_errors=True)
-    partial.replace(target)
