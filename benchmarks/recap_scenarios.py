@@ -82,6 +82,13 @@ StepFn = Callable[[EpisodeRecord], Any]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scenario options (shared with ``recap_iteration.py --scenario``)."""
     parser.add_argument("--tier", choices=["state", "image"], default="state")
+    parser.add_argument(
+        "--state-parts",
+        nargs="+",
+        default=None,
+        help="the policy state's parts of the Meta-World observation (envs.metaworld_env.STATE_PARTS; default hand "
+        "gripper goal); the state tier of an object task needs the object, e.g. hand gripper object goal",
+    )
     parser.add_argument("--demos", type=int, default=10)
     parser.add_argument("--demo-noise", type=float, default=0.1)
     parser.add_argument("--prior-steps", type=int, default=150)
@@ -137,10 +144,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
     limit = args.max_episode_steps or HORIZONS.get(task)
+    state = {"state_parts": tuple(args.state_parts)} if args.state_parts else {}
     if args.tier == "state":
-        return EnvConfig(task=task, render=False, max_episode_steps=limit)
+        return EnvConfig(task=task, render=False, max_episode_steps=limit, **state)
     size = args.image_size
-    return EnvConfig(task=task, cameras=("corner2",), width=size, height=size, max_episode_steps=limit)
+    return EnvConfig(task=task, cameras=("corner2",), width=size, height=size, max_episode_steps=limit, **state)
 
 
 def bc_config(args: argparse.Namespace, steps: int, **overrides: Any) -> BCConfig:

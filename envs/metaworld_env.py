@@ -4,10 +4,14 @@ Observation (see ``core.types.Observation``):
 
 - ``images``: ``{camera: H×W×3 uint8}`` for each configured camera, correct orientation (``corner*`` cameras
   are rotated by 180°, see ``envs.rendering``); empty when ``render=False``.
-- ``state``: ``float32``, 7-D by default: ``[hand_x, hand_y, hand_z, gripper_opening, goal_x, goal_y,
-  goal_z]`` (Meta-World obs indices 0:3, 3, 36:39; the gripper opening is the normalized finger distance in
-  [0, 1]). With ``goal_in_state=False`` it is the first 4 values only. The goal is included by default
-  because goal sites are a few pixels wide at 64–96 px and invisible for ``reach``-style tasks.
+- ``state``: ``float32``, the ``EnvConfig.state_parts`` of Meta-World's observation concatenated in the order
+  given (``STATE_PARTS`` names them). The default ``("hand", "gripper", "goal")`` is 7-D: ``[hand_x, hand_y,
+  hand_z, gripper_opening, goal_x, goal_y, goal_z]`` (obs indices 0:3, 3, 36:39; the gripper opening is the
+  normalized finger distance in [0, 1]). The goal is included by default because goal sites are a few pixels
+  wide at 64–96 px and invisible for ``reach``-style tasks. A task with an object needs it in the state when
+  the policy sees no camera (the state tier): e.g. ``("hand", "gripper", "object", "goal")`` (10-D) for
+  ``pick-place-v3``; ``PRIVILEGED_PARTS`` is the full 39-D observation. A policy trained on one layout must be
+  run on the same layout (a VLA checkpoint refuses another state size with a one-line error).
 - ``prompt``: the task's instruction from ``envs.tasks.TASK_PROMPTS`` (or ``EnvConfig.prompt``).
 - ``privileged``: Meta-World's raw 39-D observation as ``float32`` (hand, gripper, object poses, the
   previous frame's 18 values, goal) — for scripted experts and simulated humans only.
@@ -47,9 +51,21 @@ OBJECT = slice(4, 7)
 GOAL = slice(36, 39)
 PRIVILEGED_DIM = 39
 ACTION_DIM = 4
-STATE_DIM = 7
-"""Size of ``state``: hand xyz, gripper opening, goal xyz (the first 4 only with ``goal_in_state=False``)."""
-STATE_DIM_WITHOUT_GOAL = 4
+STATE_PARTS: dict[str, slice] = {
+    "hand": HAND,
+    "gripper": GRIPPER,
+    "object": OBJECT,
+    "object_quat": slice(7, 11),
+    "object2": slice(11, 14),
+    "object2_quat": slice(14, 18),
+    "previous": slice(18, 36),
+    "goal": GOAL,
+}
+"""Named slices of Meta-World's 39-D observation that ``EnvConfig.state_parts`` picks the ``state`` from
+(``previous`` is the previous frame's hand, gripper and object values)."""
+DEFAULT_STATE_PARTS = ("hand", "gripper", "goal")
+PRIVILEGED_PARTS = tuple(STATE_PARTS)
+"""Every part in the observation's own order: the full 39-D observation as ``state``."""
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 """The cameras of every Meta-World v3 scene (the sawyer base model)."""
 PROMPT_SPACE = gym.spaces.Text(max_length=512, charset=string.printable)
@@ -89,7 +105,7 @@ class EnvConfig(BaseModel):
     render: bool = True
     max_episode_steps: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
-    goal_in_state: bool = True
+    state_parts: tuple[str, ...] = Field(default=DEFAULT_STATE_PARTS, min_length=1)
     terminate_on_success: bool = True
     reward: Literal["dense", "sparse"] = "dense"
     prompt: str | None = None
@@ -109,6 +125,23 @@ class EnvConfig(BaseModel):
         if len(set(cameras)) != len(cameras):
             raise ValueError(f"cameras: expected distinct camera names, got {list(cameras)}")
         return cameras
+
+    @field_validator("state_parts")
+    @classmethod
+    def _known_unique_parts(cls, parts: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [part for part in parts if part not in STATE_PARTS]
+        if unknown:
+            raise ValueError(
+                f"state_parts: unknown part {unknown[0]!r}; expected some of {', '.join(STATE_PARTS)}"
+            )
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"state_parts: expected distinct parts, got {list(parts)}")
+        return parts
+
+    @property
+    def state_dim(self) -> int:
+        """The size of ``state``: the summed sizes of ``state_parts``."""
+        return sum(STATE_PARTS[part].stop - STATE_PARTS[part].start for part in self.state_parts)
 
     @model_validator(mode="after")
     def _tolerance_task(self) -> EnvConfig:
@@ -218,9 +251,7 @@ class MetaWorldEnv(gym.Env):
 
     def _observation(self, raw: np.ndarray) -> Observation:
         privileged = raw.astype(np.float32)
-        parts = [privileged[HAND], privileged[GRIPPER]]
-        if self.config.goal_in_state:
-            parts.append(privileged[GOAL])
+        parts = [privileged[STATE_PARTS[part]] for part in self.config.state_parts]
         self._last_images = self._renderer.render(self._sim.data) if self._renderer is not None else {}
         return Observation(
             images=self._last_images,
@@ -232,13 +263,12 @@ class MetaWorldEnv(gym.Env):
     def _observation_space(self) -> gym.spaces.Dict:
         shape = (self.config.height, self.config.width, 3)
         cameras = self.config.cameras if self.config.render else ()
-        state_dim = STATE_DIM if self.config.goal_in_state else STATE_DIM_WITHOUT_GOAL
         return gym.spaces.Dict(
             {
                 "images": gym.spaces.Dict(
                     {camera: gym.spaces.Box(0, 255, shape=shape, dtype=np.uint8) for camera in cameras}
                 ),
-                "state": gym.spaces.Box(-np.inf, np.inf, shape=(state_dim,), dtype=np.float32),
+                "state": gym.spaces.Box(-np.inf, np.inf, shape=(self.config.state_dim,), dtype=np.float32),
                 "prompt": PROMPT_SPACE,
                 "privileged": gym.spaces.Box(-np.inf, np.inf, shape=(PRIVILEGED_DIM,), dtype=np.float32),
             }

@@ -2,9 +2,11 @@
 
 A task name is a Meta-World task (``reach-v3``) or any gymnasium env: a registered id (``Reacher-v5``),
 gymnasium's ``module:EnvId`` or ``module:Class``. ``EnvSettings`` holds what is shared by every stage (cameras,
-image size, episode limit) and, for a gymnasium env, how to make and read it (constructor ``kwargs``, the
-``success_key``/``success_threshold`` that declare success, ``state_keys``/``image_keys`` for a ``Dict``
-observation, the prompt and robot type). ``EnvSettings.env(task, seed)`` is the ``EnvConfig`` or
+image size, episode limit), for a Meta-World task which parts of its observation are the ``state``
+(``state_parts``, see ``envs.metaworld_env.STATE_PARTS``; the state tier needs the object for object tasks)
+and, for a gymnasium env, how to make and read it (constructor ``kwargs``, the ``success_key``/
+``success_threshold`` that declare success, ``state_keys``/``image_keys`` for a ``Dict`` observation, the prompt
+and robot type). ``EnvSettings.env(task, seed)`` is the ``EnvConfig`` or
 ``GymEnvConfig`` to build. The same fields are the ``env:`` block of a pipeline config and the YAML file of
 ``--env`` on ``flywheel collect``, ``train``, ``recap iterate``.
 """
@@ -67,6 +69,7 @@ class EnvSettings(BaseModel):
     state_keys: tuple[str, ...] | None = None
     image_keys: dict[str, str] = Field(default_factory=dict)
     robot_type: str | None = None
+    state_parts: tuple[str, ...] | None = None
 
     def env(self, task: str, seed: int = 0, render: bool = True) -> EnvConfig | GymEnvConfig:
         """The env of ``task`` with these settings (``render=False``: no camera images)."""
@@ -82,8 +85,11 @@ class EnvSettings(BaseModel):
                 max_episode_steps=self.max_episode_steps,
                 seed=seed,
                 prompt=self.prompt,
+                **({"state_parts": self.state_parts} if self.state_parts else {}),
                 **({"cameras": cameras, "render": render} if cameras else {"render": False}),
             )
+        if self.state_parts is not None:
+            raise ValueError(f"state_parts: applies to Meta-World tasks, not the gymnasium env {task!r}")
         cameras = (tuple(self.image_keys) or (GYM_CAMERA,)) if self.cameras is None else self.cameras
         rendered = [camera for camera in cameras if camera not in self.image_keys]
         if len(rendered) > 1:
@@ -103,7 +109,9 @@ class EnvSettings(BaseModel):
             success_key=self.success_key,
             success_threshold=self.success_threshold,
             state_keys=self.state_keys,
-            image_keys={camera: key for camera, key in self.image_keys.items() if camera in cameras and render},
+            image_keys={
+                camera: key for camera, key in self.image_keys.items() if camera in cameras and render
+            },
             robot_type=self.robot_type,
         )
 

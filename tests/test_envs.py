@@ -25,6 +25,7 @@ from envs import (
     resolve_task,
     task_max_episode_steps,
 )
+from envs.metaworld_env import PRIVILEGED_PARTS
 from envs.rendering import camera_is_upside_down, orient
 from policies.base import stack_observations
 
@@ -64,10 +65,30 @@ def test_state_is_hand_gripper_and_goal_from_the_privileged_vector(pick_place_en
     expected = obs["privileged"][[0, 1, 2, 3, 36, 37, 38]]
     np.testing.assert_array_equal(obs["state"], expected)
     assert np.linalg.norm(obs["state"][4:]) > 0.1, "the goal must be observable (not Meta-World's zeros)"
-    env = MetaWorldEnv(EnvConfig(task="reach-v3", render=False, goal_in_state=False))
+    env = MetaWorldEnv(EnvConfig(task="reach-v3", render=False, state_parts=("hand", "gripper")))
     obs, _ = env.reset()
     assert obs["state"].shape == (4,) and obs["images"] == {}
     env.close()
+
+
+def test_state_parts_pick_the_object_or_the_full_observation_in_the_order_given():
+    env = MetaWorldEnv(
+        EnvConfig(task="pick-place-v3", render=False, state_parts=("object", "hand", "gripper", "goal"))
+    )
+    obs, _ = env.reset(seed=2)
+    np.testing.assert_array_equal(obs["state"], obs["privileged"][[4, 5, 6, 0, 1, 2, 3, 36, 37, 38]])
+    assert env.observation_space.contains(obs) and np.linalg.norm(obs["state"][:3]) > 0.1, (
+        "the object's position"
+    )
+    env.close()
+    env = MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False, state_parts=PRIVILEGED_PARTS))
+    obs, _ = env.reset(seed=2)
+    np.testing.assert_array_equal(obs["state"], obs["privileged"])
+    env.close()
+    with pytest.raises(ValueError, match="state_parts: unknown part 'elbow'"):
+        EnvConfig(state_parts=("hand", "elbow"))
+    with pytest.raises(ValueError, match="state_parts: expected distinct parts"):
+        EnvConfig(state_parts=("hand", "hand"))
 
 
 @pytest.mark.parametrize("camera", UPRIGHT_CHECK_CAMERAS)
