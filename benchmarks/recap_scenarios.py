@@ -148,7 +148,8 @@ def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
     if args.tier == "state":
         return EnvConfig(task=task, render=False, max_episode_steps=limit, **state)
     size = args.image_size
-    return EnvConfig(task=task, cameras=("corner2",), width=size, height=size, max_episode_steps=limit, **state)
+    cameras = ("corner2",)
+    return EnvConfig(task=task, cameras=cameras, width=size, height=size, max_episode_steps=limit, **state)
 
 
 def bc_config(args: argparse.Namespace, steps: int, **overrides: Any) -> BCConfig:

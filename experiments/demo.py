@@ -2,8 +2,11 @@
 
 Scripted demos from a noisy expert → BC-train the built-in VLA (tiny) as a mediocre prior → one pipeline
 iteration (collect with simulated interventions → cross-fitted value + advantage relabel → advantage-conditioned
-retraining → evaluation of prior and candidate → gate → registry → deploy). Every step is idempotent, so a rerun
-after an interruption continues where it stopped; the pipeline part is the same runner ``flywheel iterate`` uses.
+retraining → evaluation of prior and candidate → gate → registry → deploy), then the baseline a user would try
+first: filtered BC (the successful episodes and the human steps of the others) trained on the same data with the
+candidate's budget and seed, evaluated on the same episodes, so the table shows RECAP next to it, not only
+before/after. Every step is idempotent, so a rerun after an interruption continues where it stopped; the pipeline
+part is the same runner ``flywheel iterate`` uses.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from envs import SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
+from experiments.evaluation import wilson_interval
 from experiments.paths import checkpoints_dir, default_mlflow_uri, default_store_url
 from experiments.pipeline import IterationState, Pipeline
 from experiments.pipeline_config import (
@@ -23,8 +27,8 @@ from experiments.pipeline_config import (
     PipelineConfig,
     PriorConfig,
 )
-from experiments.training import BCConfig, EpisodeFilter, train_vla
-from recap import RelabelConfig, ValueConfig
+from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from recap import RelabelConfig, ValueConfig, filtered_bc_weights
 from storage import ExperienceStore
 
 DEMO_RUN = "demo/scripted-demos"
@@ -107,19 +111,20 @@ def train_prior(plan: DemoPlan, store: ExperienceStore, demo_run: str, progress:
 
 
 def run_demo(quick: bool = False, progress: bool = True, on_step=None) -> tuple[Pipeline, IterationState]:
-    """Run (or finish) the demo; returns the pipeline and its first iteration."""
+    """Run (or finish) the demo; returns the pipeline and its first iteration, whose outputs carry the filtered-BC
+    baseline under ``"filtered_bc"`` (``{"version": …, <task>: figures}``)."""
     plan = QUICK if quick else FULL
     say = on_step or (lambda text: None)
     store_url, mlflow_uri = default_store_url(), default_mlflow_uri()
     store = ExperienceStore(store_url)
     store.upgrade()
     say(
-        f"1/3 scripted demonstrations ({plan.demo_episodes} episodes of {plan.task}, noise {plan.demo_noise})"
+        f"1/4 scripted demonstrations ({plan.demo_episodes} episodes of {plan.task}, noise {plan.demo_noise})"
     )
     demo_run = collect_demos(plan, store_url, progress)
-    say(f"2/3 behaviour-cloning the built-in VLA prior ({plan.prior_steps} steps)")
+    say(f"2/4 behaviour-cloning the built-in VLA prior ({plan.prior_steps} steps)")
     prior = train_prior(plan, store, demo_run, progress)
-    say("3/3 one RECAP iteration: collect with interventions → relabel → retrain → evaluate → gate → deploy")
+    say("3/4 one RECAP iteration: collect with interventions → relabel → retrain → evaluate → gate → deploy")
     pipeline = Pipeline(
         demo_config(plan, prior, store_url, mlflow_uri),
         progress=progress,
@@ -127,17 +132,77 @@ def run_demo(quick: bool = False, progress: bool = True, on_step=None) -> tuple[
     )
     states = pipeline.iterations()
     state = states[0] if states and states[0].finished else pipeline.run_iteration()
+    say(
+        "4/4 the baseline on the same data: filtered BC (successful episodes + human steps), same budget and seed"
+    )
+    state.outputs["filtered_bc"] = filtered_bc_baseline(pipeline, state, progress)
     return pipeline, state
 
 
-def before_after(state: IterationState) -> list[dict[str, Any]]:
-    """Rows of the before/after table: the prior (deployed) and the RECAP candidate, per task."""
+def filtered_bc_baseline(pipeline: Pipeline, state: IterationState, progress: bool) -> dict[str, Any]:
+    """Filtered BC trained like the iteration's candidate (same episodes, config, seed and fresh start; the
+    successful episodes and the intervention steps of the others, unconditioned), evaluated with the pipeline's
+    protocol (same episodes and seeds as the candidate); its figures go to the iteration's MLflow run as
+    ``filtered_bc_*``. Reused when already trained and evaluated."""
+    config, iteration = pipeline.config, state.iteration
+    selection = EpisodeFilter(
+        tasks=config.tasks, run_ids=[*config.data_runs, *state.outputs["collect"]["runs"].values()]
+    )
+    folder = pipeline.home / f"iter-{iteration:04d}" / "filtered-bc"
+    existing = pipeline.store.policy_versions(uri_prefix=str(folder.resolve()))
+    if existing:
+        version = existing[-1]["version"]
+    else:
+        weights = filtered_bc_weights(load_training_episodes(pipeline.store, selection, images=False))
+        folder.mkdir(parents=True, exist_ok=True)
+        version = train_vla(
+            pipeline.store,
+            selection,
+            config.training.model_copy(
+                update={"eval_episodes": 0, "seed": config.seed + iteration, "condition_dropout": 0.0}
+            ),
+            folder,
+            weights=lambda episode: weights[episode.uuid],
+            parent_version=state.outputs["collect"]["policy"],
+            progress=progress,
+        ).version
+    figures = pipeline._evaluations(version, f"{pipeline.stage_id(iteration, 'evaluate')}/filtered-bc")
+    successes, n = sum(f["successes"] for f in figures.values()), sum(f["n"] for f in figures.values())
+    low, high = wilson_interval(int(successes), int(n))
+    run = pipeline.tracker.iteration_run(iteration, config.model_dump(mode="json"))
+    pipeline.tracker.log_metrics(
+        run,
+        {
+            "filtered_bc_success_rate": successes / max(n, 1),
+            "filtered_bc_ci_low": low,
+            "filtered_bc_ci_high": high,
+            "filtered_bc_successes_per_hour": sum(f["successes_per_hour"] for f in figures.values())
+            / len(figures),
+            "filtered_bc_episode_length": sum(f["mean_length"] for f in figures.values()) / len(figures),
+        },
+        iteration,
+    )
+    pipeline.tracker.set_tags(run, {"filtered_bc": version})
+    pipeline.tracker.finish(run)
+    return {"version": version, **figures}
+
+
+def comparison(state: IterationState) -> list[dict[str, Any]]:
+    """Rows of the demo's table per task: the prior (deployed, before), the RECAP candidate (after) and filtered
+    BC on the same data (when ``run_demo`` added it)."""
     evaluation = state.outputs["evaluate"]
-    rows = []
-    for label, role in (("before (prior)", "deployed"), ("after (RECAP)", "candidate")):
-        for task, figures in evaluation[role].items():
-            rows.append({"policy": label, "version": evaluation["versions"][role], "task": task, **figures})
-    return rows
+    roles = [
+        ("before (prior)", evaluation["versions"]["deployed"], evaluation["deployed"]),
+        ("after (RECAP)", evaluation["versions"]["candidate"], evaluation["candidate"]),
+    ]
+    if "filtered_bc" in state.outputs:
+        baseline = dict(state.outputs["filtered_bc"])
+        roles.append(("filtered BC, same data", baseline.pop("version"), baseline))
+    return [
+        {"policy": label, "version": version, "task": task, **figures}
+        for label, version, per_task in roles
+        for task, figures in per_task.items()
+    ]
 
 
 def mlflow_hint(pipeline: Pipeline) -> str:

@@ -1,4 +1,5 @@
-"""`flywheel demo --quick` on a fresh data folder: demos → VLA prior → one pipeline iteration → table."""
+"""`flywheel demo --quick` on a fresh data folder: demos → VLA prior → one pipeline iteration → filtered BC on the
+same data → table."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "before (prior)" in out and "after (RECAP)" in out and "gate:" in out
+    assert (
+        "before (prior)" in out
+        and "after (RECAP)" in out
+        and "filtered BC, same data" in out
+        and "gate:" in out
+    )
     assert "flywheel dashboard" in out and "flywheel/demo-quick" in out
     store = ExperienceStore(f"sqlite:///{tmp_path / 'home' / 'experience.db'}")
     runs = {run["id"] for run in store.list_runs()}
@@ -34,7 +40,16 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     assert store.count_episodes(run_id="demo/scripted-demos/reach-v3") == 6
     assert store.count_episodes(run_id="pipeline:demo-quick/iter-0001/collect/reach-v3") == 6
     kinds = [row["kind"] for row in store.policy_versions()]
-    assert kinds.count("vla") == 2  # the BC prior and the RECAP candidate
+    assert kinds.count("vla") == 3  # the BC prior, the RECAP candidate and filtered BC
+    # filtered BC: trained on the iteration's data (its parent is the collecting prior), evaluated on the
+    # candidate's episodes, and the table prints its stored figures
+    evaluations = {
+        e.run_id.rsplit("/", 1)[-1]: e for e in store.list_evaluations() if "/evaluate/" in e.run_id
+    }
+    baseline, candidate = evaluations["filtered-bc"], evaluations["candidate"]
+    assert baseline.policy_version != candidate.policy_version and baseline.n == candidate.n == 4
+    [row] = [line for line in out.splitlines() if "filtered BC, same data" in line and "%" in line]
+    assert baseline.policy_version in row and f"({baseline.successes}/{baseline.n})" in row
     # full VLA version ids are printed, ready to paste into other commands
     for row in store.policy_versions():
         assert row["kind"] != "vla" or row["version"] in out
@@ -42,6 +57,8 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     experiment = client.get_experiment_by_name("flywheel/demo-quick")
     [run] = client.search_runs([experiment.experiment_id], "tags.`flywheel.stage` = 'iteration'")
     assert "candidate_success_rate" in run.data.metrics and "deployed_success_rate" in run.data.metrics
+    assert run.data.metrics["filtered_bc_success_rate"] == baseline.successes / baseline.n
+    assert run.data.tags["filtered_bc"] == baseline.policy_version and run.info.status == "FINISHED"
     # rerunning finds the finished demo and prints the same table without redoing anything
     again = subprocess.run(
         [sys.executable, "-m", "experiments.cli", "demo", "--quick", "--no-progress"],
@@ -52,4 +69,5 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
         timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert store.count_episodes() == 12 and len(store.list_evaluations()) == 2
+    assert store.count_episodes() == 12 and len(store.list_evaluations()) == 3
+    assert [row["kind"] for row in store.policy_versions()].count("vla") == 3

@@ -1,4 +1,5 @@
-"""``flywheel demo``: demos → VLA prior → one RECAP iteration → before/after table (see experiments/demo.py)."""
+"""``flywheel demo``: demos → VLA prior → one RECAP iteration → table of the prior, RECAP and filtered BC on the same
+data (see experiments/demo.py)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Progress bars")] = True,
 ) -> None:
     """The whole flywheel on the embedded defaults (≤ 15 min on 2 CPU cores; --quick: a few minutes)."""
-    from experiments.demo import before_after, demo_home_note, mlflow_hint, run_demo
+    from experiments.demo import comparison, demo_home_note, mlflow_hint, run_demo
 
     started = time.monotonic()
     console.print(f"[bold]flywheel demo[/bold]{' --quick' if quick else ''}: data in {demo_home_note()}")
     pipeline, state = run_demo(quick=quick, progress=progress, on_step=console.print)
     table = Table("policy", "version", "task", "success", "95% CI", "mean length", "successes/h")
-    for row in before_after(state):
+    for row in comparison(state):
         table.add_row(
             row["policy"],
             row["version"],
@@ -37,7 +38,7 @@ def demo(
         )
     console.print(table)
     console.print(
-        "versions: " + ", ".join(f"{row['policy']} = {row['version']}" for row in before_after(state))
+        "versions: " + ", ".join(f"{row['policy']} = {row['version']}" for row in comparison(state))
     )
     console.print(f"gate: {state.outputs['gate']['reason']}")
     console.print(mlflow_hint(pipeline))
