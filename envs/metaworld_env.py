@@ -66,6 +66,19 @@ STATE_PARTS: dict[str, slice] = {
 DEFAULT_STATE_PARTS = ("hand", "gripper", "goal")
 PRIVILEGED_PARTS = tuple(STATE_PARTS)
 """Every part in the observation's own order: the full 39-D observation as ``state``."""
+
+
+def state_dim(parts: tuple[str, ...]) -> int:
+    """The size of a ``state`` made of ``parts`` (names in ``STATE_PARTS``)."""
+    return sum(STATE_PARTS[part].stop - STATE_PARTS[part].start for part in parts)
+
+
+STATE_DIMS = frozenset(
+    state_dim(parts)
+    for parts in (DEFAULT_STATE_PARTS, ("hand", "gripper"), ("hand", "gripper", "object", "goal"), PRIVILEGED_PARTS)
+)
+"""The state sizes of the common layouts (7 default, 4 without the goal, 10 with the object, 39 full): what an
+ingest endpoint accepts for a Meta-World task."""
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 """The cameras of every Meta-World v3 scene (the sawyer base model)."""
 PROMPT_SPACE = gym.spaces.Text(max_length=512, charset=string.printable)
@@ -141,7 +154,7 @@ class EnvConfig(BaseModel):
     @property
     def state_dim(self) -> int:
         """The size of ``state``: the summed sizes of ``state_parts``."""
-        return sum(STATE_PARTS[part].stop - STATE_PARTS[part].start for part in self.state_parts)
+        return state_dim(self.state_parts)
 
     @model_validator(mode="after")
     def _tolerance_task(self) -> EnvConfig:

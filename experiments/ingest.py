@@ -93,12 +93,13 @@ class IngestConfig:
 
 
 def metaworld_task_specs() -> Mapping[str, TaskSpec]:
-    """The spec of every Meta-World v3 task: 7-D (or 4-D) state, 4-D action, 39-D privileged, its cameras."""
-    from envs.metaworld_env import ACTION_DIM, CAMERAS, PRIVILEGED_DIM, STATE_DIM, STATE_DIM_WITHOUT_GOAL
+    """The spec of every Meta-World v3 task: a common state layout's size (``STATE_DIMS``: 7, 4, 10 or 39), 4-D
+    action, 39-D privileged, its cameras."""
+    from envs.metaworld_env import ACTION_DIM, CAMERAS, PRIVILEGED_DIM, STATE_DIMS
     from envs.tasks import task_names
 
     spec = TaskSpec(
-        state_dims=frozenset({STATE_DIM, STATE_DIM_WITHOUT_GOAL}),
+        state_dims=STATE_DIMS,
         action_dim=ACTION_DIM,
         privileged_dim=PRIVILEGED_DIM,
         cameras=frozenset(CAMERAS),
