@@ -75,7 +75,12 @@ def state_dim(parts: tuple[str, ...]) -> int:
 
 STATE_DIMS = frozenset(
     state_dim(parts)
-    for parts in (DEFAULT_STATE_PARTS, ("hand", "gripper"), ("hand", "gripper", "object", "goal"), PRIVILEGED_PARTS)
+    for parts in (
+        DEFAULT_STATE_PARTS,
+        ("hand", "gripper"),
+        ("hand", "gripper", "object", "goal"),
+        PRIVILEGED_PARTS,
+    )
 )
 """The state sizes of the common layouts (7 default, 4 without the goal, 10 with the object, 39 full): what an
 ingest endpoint accepts for a Meta-World task."""

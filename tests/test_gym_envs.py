@@ -136,7 +136,8 @@ def test_one_env_settings_model_builds_either_kind():
     with pytest.raises(ValueError, match="success_key: applies to gymnasium envs, not the Meta-World task"):
         EnvSettings(success_key="reward_dist").env("reach-v3")
     object_state = EnvSettings(cameras=(), state_parts=("hand", "gripper", "object", "goal"))
-    assert object_state.env("pick-place-v3").state_dim == 10 and EnvSettings().env("pick-place-v3").state_dim == 7
+    assert object_state.env("pick-place-v3").state_dim == 10
+    assert EnvSettings().env("pick-place-v3").state_dim == 7
     with pytest.raises(ValueError, match="state_parts: applies to Meta-World tasks, not the gymnasium env"):
         object_state.env(REACHER)
 
