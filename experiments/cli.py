@@ -6,7 +6,8 @@ the others become command groups (``flywheel db upgrade``).
 
 Bad input is reported in one place: an error of a type named in :data:`USER_ERRORS` (or a ``typer.BadParameter``
 a command raises) that escapes a command is printed as one ``error: <message>`` line on stderr, exit code 2,
-without a traceback. A job that failed where it ran (:data:`RUN_FAILURES`, e.g. a rollout worker's code raised)
+without a traceback; a pydantic ``ValidationError`` (a config model refusing an option's value) as the fields
+it names. Commands build their config models without catching it. A job that failed where it ran (:data:`RUN_FAILURES`, e.g. a rollout worker's code raised)
 is printed the same way with exit code 1. Everything else is a bug and keeps its traceback.
 
 Start-up stays light: ``flywheel --help`` and every command module import only typer, rich, pydantic and light
@@ -26,8 +27,13 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from experiments.validation import every_error
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+#: pydantic's error for settings that fail validation (an option value a config model refuses): reported as every
+#: field it names (``experiments.validation.every_error``).
+VALIDATION_ERROR = "pydantic_core._pydantic_core.ValidationError"
 #: Errors that describe bad input in one line naming it: printed as ``error: …``, exit code 2. Named as
 #: ``module.Class`` (where the class is defined) so that matching imports nothing: an error whose module was
 #: never imported was never raised.
@@ -45,6 +51,7 @@ USER_ERRORS: tuple[str, ...] = (
     "policies.serving.server.ServerStartError",
     "actors.robot_runtime.RobotCamerasError",
     "experiments.lerobot.LeRobotFormatError",
+    VALIDATION_ERROR,
 )
 
 #: Errors of a job that failed where it ran (not bad input): printed as ``error: …``, exit code 1.
@@ -73,7 +80,7 @@ class FlywheelGroup(TyperGroup):
                 raise typer.Exit(1) from None
             if not is_one_of(error, USER_ERRORS):
                 raise
-            message = str(error)
+            message = every_error(error) if is_one_of(error, (VALIDATION_ERROR,)) else str(error)
         _report(message)
         raise typer.Exit(2)
 

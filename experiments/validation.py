@@ -1,8 +1,9 @@
-"""One-line messages for invalid settings, shared by configs and commands."""
+"""One-line messages for invalid settings, shared by configs, commands and the CLI's root error handler."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 class UserError(ValueError):
@@ -14,9 +15,22 @@ class UserError(ValueError):
 
 def first_error(error: ValidationError) -> str:
     """Pydantic's first complaint as ``field.path: message``."""
-    problem = error.errors()[0]
-    location = ".".join(str(part) for part in problem["loc"]) or "config"
+    return _problem(error.errors()[0])
+
+
+def every_error(error: ValidationError, most: int = 3) -> str:
+    """Pydantic's complaints on one line, ``field.path: message`` each (at most ``most``, then how many more)."""
+    problems = list(dict.fromkeys(_problem(problem) for problem in error.errors()))
+    more = f" (and {len(problems) - most} more)" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
+
+
+def _problem(problem: ErrorDetails) -> str:
+    """``field.path: message``; our validators' messages start with the field's name already, and a model
+    validator's (no location) is its message as raised."""
+    ours = problem["msg"].startswith("Value error, ")
     message = problem["msg"].removeprefix("Value error, ")
-    if problem["loc"]:  # our validators' messages start with the field's name already
-        message = message.removeprefix(f"{problem['loc'][-1]}: ")
-    return f"{location}: {message}"
+    if not problem["loc"]:
+        return message if ours else f"config: {message}"
+    field = problem["loc"][-1]
+    return f"{'.'.join(str(part) for part in problem['loc'])}: {message.removeprefix(f'{field}: ')}"

@@ -98,6 +98,33 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["episodes", "show", "not-a-uuid", "--db", "sqlite:///{store}"],
         "'not-a-uuid'",
     ),
+    # option values a config model refuses: the root handler reports every field pydantic names
+    "export-two-bad-fields": (
+        [
+            "export",
+            "--format",
+            "parquet",
+            "--outcome",
+            "maybe",
+            "--output",
+            "{tmp}/out",
+            "--db",
+            "sqlite:///{store}",
+        ],
+        "format: Input should be 'lerobot' or 'minari'; outcome: Input should be 'success', 'failure' or",
+    ),
+    "import-bad-outcome": (
+        ["import", "{tmp}", "--outcome", "maybe", "--db", "sqlite:///{store}"],
+        "outcome: Input should be 'success', 'failure' or 'truncated'",
+    ),
+    "envs-render-unknown-camera": (
+        ["envs", "render", "--cameras", "nocam", "--out", "{tmp}/render.png"],
+        "cameras: unknown camera 'nocam'",
+    ),
+    "collect-unknown-injection": (
+        [*COLLECT, "--inject", "wobble", "--db", "sqlite:///{tmp}/inject.db"],
+        "inject.kinds.0: Input should be 'detour', 'random' or 'pause'",
+    ),
 }
 
 #: Same mechanism as a default case, another command: run with ``-m slow``.
@@ -115,6 +142,8 @@ NOT_CREATED = {
     "robot-upload-mistyped-spool": "{tmp}/mistyped.db",
     "robot-run-server-down": "{tmp}/run.db",
     "collect-unknown-camera": "{tmp}/cameras.db",
+    "collect-unknown-injection": "{tmp}/inject.db",
+    "envs-render-unknown-camera": "{tmp}/render.png",
 }
 
 

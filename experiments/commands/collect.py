@@ -9,7 +9,6 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from experiments.paths import default_store_url
-from experiments.validation import first_error
 
 if TYPE_CHECKING:
     from envs import EnvSettings
@@ -177,9 +176,9 @@ def collect(
             execution=ExecutionConfig(mode=execution, delay=delay, execute_horizon=execute_horizon),
             device=device,
         )
-    except ValidationError as error:
-        raise typer.BadParameter(first_error(error)) from error
     except ValueError as error:
+        if isinstance(error, ValidationError):  # a config model's: the CLI reports every field it names
+            raise
         raise typer.BadParameter(str(error)) from error
     report = run_collection(config, on_start=_announce)
     console.print(

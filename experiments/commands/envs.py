@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from envs import EnvConfig, MetaWorldEnv, ScriptedExpert
+    from envs import MetaWorldEnv, ScriptedExpert
 
 app = typer.Typer(no_args_is_help=True, help="Meta-World tasks: list, render, expert check.")
 console = Console()
@@ -40,9 +39,9 @@ def render(
     """Render the first observation of a task, all cameras side by side, to a PNG file."""
     from PIL import Image
 
-    from envs import MetaWorldEnv
+    from envs import EnvConfig, MetaWorldEnv
 
-    config = _config(task=task, cameras=tuple(cameras.split(",")), width=size, height=size, seed=seed)
+    config = EnvConfig(task=task, cameras=tuple(cameras.split(",")), width=size, height=size, seed=seed)
     env = MetaWorldEnv(config)
     try:
         obs, _ = env.reset(seed=seed)
@@ -60,9 +59,9 @@ def expert(
     seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Success rate and mean length of the scripted expert (image-free, for speed)."""
-    from envs import MetaWorldEnv, ScriptedExpert
+    from envs import EnvConfig, MetaWorldEnv, ScriptedExpert
 
-    env = MetaWorldEnv(_config(task=task, render=False, seed=seed))
+    env = MetaWorldEnv(EnvConfig(task=task, render=False, seed=seed))
     scripted = ScriptedExpert(env.task, noise_std=noise, seed=seed)
     try:
         outcomes = [_expert_episode(env, scripted, seed + episode) for episode in range(episodes)]
@@ -83,17 +82,3 @@ def _expert_episode(env: MetaWorldEnv, scripted: ScriptedExpert, seed: int) -> t
         obs, _, terminated, truncated, info = env.step(scripted.act(obs["privileged"]))
         length, done = length + 1, terminated or truncated
     return bool(info["success"]), length
-
-
-def _config(**fields: object) -> EnvConfig:
-    """An ``EnvConfig``, or a one-line error naming the bad field."""
-    from envs import EnvConfig
-
-    try:
-        return EnvConfig(**fields)
-    except ValidationError as error:
-        first = error.errors()[0]
-        cause = first.get("ctx", {}).get("error")  # our validators' messages already name the field
-        message = str(cause) if cause else f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
-        console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-        raise typer.Exit(2) from None

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from experiments.paths import default_store_url
-from experiments.validation import first_error
 
 app = typer.Typer()
 
@@ -41,28 +39,25 @@ def export(
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
     """Export selected episodes (images, actions, interventions, relabels) for other ecosystems' loaders."""
-    from experiments.export import ExportConfig, ExportError, export_episodes
+    from experiments.export import ExportConfig, export_episodes
 
+    config = ExportConfig(
+        store_url=db or default_store_url(),
+        output=output,
+        format=format,
+        tasks=_split(tasks),
+        run_ids=_split(runs),
+        outcome=outcome,
+        limit=limit,
+        relabel_id=relabel,
+        dataset_id=dataset_id,
+        fps=fps,
+        video=video,
+        split=split,
+    )
     try:
-        config = ExportConfig(
-            store_url=db or default_store_url(),
-            output=output,
-            format=format,
-            tasks=_split(tasks),
-            run_ids=_split(runs),
-            outcome=outcome,
-            limit=limit,
-            relabel_id=relabel,
-            dataset_id=dataset_id,
-            fps=fps,
-            video=video,
-            split=split,
-        )
         summary = export_episodes(config)
-    except ValidationError as error:
-        typer.echo(f"error: {first_error(error)}", err=True)
-        raise typer.Exit(code=2) from error
-    except (ExportError, LookupError) as error:
+    except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from error
     for dataset in summary.get("datasets", [summary]):

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from experiments.paths import default_store_url
-from experiments.validation import first_error
 
 app = typer.Typer()
 
@@ -46,23 +44,19 @@ def import_dataset(
     importing the same data again stores nothing new. Then: flywheel train bc --task <task> --run-id <run>."""
     from experiments.lerobot_import import ImportConfig, import_lerobot
 
-    try:
-        config = ImportConfig(
-            store_url=db or default_store_url(),
-            source=source,
-            repo_id=repo_id,
-            task=task,
-            run_id=run_id,
-            outcome=outcome,
-            state_key=state_key,
-            action_key=action_key,
-            image_size=image_size,
-            limit=limit,
-        )
-        summary = import_lerobot(config)
-    except ValidationError as error:
-        typer.echo(f"error: {first_error(error)}", err=True)
-        raise typer.Exit(code=2) from error
+    config = ImportConfig(
+        store_url=db or default_store_url(),
+        source=source,
+        repo_id=repo_id,
+        task=task,
+        run_id=run_id,
+        outcome=outcome,
+        state_key=state_key,
+        action_key=action_key,
+        image_size=image_size,
+        limit=limit,
+    )
+    summary = import_lerobot(config)
     typer.echo(
         f"imported {summary['episodes']} episodes ({summary['frames']} frames, {summary['duplicates']} already "
         f"stored) from LeRobot {summary['version']} dataset {source} as task {', '.join(summary['tasks'])}, "

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.validation import first_error
 
 if TYPE_CHECKING:
     from envs import EnvConfig
@@ -152,9 +151,6 @@ def rlt(
         )
     except DeviceError as error:
         _fail(str(error))
-    except ValidationError as error:
-        cause = error.errors()[0].get("ctx", {}).get("error")  # our validators' messages name the field
-        _fail(str(cause) if cause else first_error(error))
     except RLTInputError as error:
         _fail(str(error))
     experience = _open_store(store)

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from pydantic import ValidationError
 
-from experiments.validation import UserError, first_error
+from experiments.validation import UserError
 
 if TYPE_CHECKING:
     from envs import EnvConfig
@@ -98,7 +97,7 @@ def run(
     client.send_privileged = bool(client.metadata.get(PRIVILEGED_METADATA))  # a sim robot has it to send
     try:
         env = _robot_env(client.metadata, task, cameras, image_size, images, max_steps, seed)
-    except UserError:
+    except Exception:  # bad cameras or env settings: reported by the CLI, the connection closed first
         client.close()
         raise
     robot = RobotProcess(sim_robot_factory(env)) if own_process else SimRobot(env)
@@ -161,18 +160,15 @@ def _robot_env(
 
     names = tuple(c.strip() for c in cameras.split(",") if c.strip()) if cameras is not None else None
     render = robot_cameras(metadata, names or None, image_size, images)
-    try:
-        return EnvConfig(
-            task=task,
-            render=bool(render.names),
-            cameras=render.names or EnvConfig.model_fields["cameras"].default,
-            width=render.width,
-            height=render.height,
-            max_episode_steps=max_steps,
-            seed=seed,
-        )
-    except ValidationError as error:
-        raise UserError(first_error(error)) from error
+    return EnvConfig(
+        task=task,
+        render=bool(render.names),
+        cameras=render.names or EnvConfig.model_fields["cameras"].default,
+        width=render.width,
+        height=render.height,
+        max_episode_steps=max_steps,
+        seed=seed,
+    )
 
 
 @app.command()

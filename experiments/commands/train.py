@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.paths import checkpoints_dir, default_store_url
-from experiments.validation import first_error
 
 if TYPE_CHECKING:
     from envs import EnvSettings
@@ -177,9 +176,9 @@ def bc(
         )
         resolve_device(config.device)
         subtask_config = SubtaskTrainConfig(steps=subtask_steps)
-    except ValidationError as error:
-        raise typer.BadParameter(first_error(error)) from error
     except (DeviceError, ValueError) as error:
+        if isinstance(error, ValidationError):  # a config model's: the CLI reports every field it names
+            raise
         raise typer.BadParameter(str(error)) from error
     try:
         if subtasks:
@@ -278,9 +277,9 @@ def eval_policy(
         if max_episode_steps is not None:
             settings = settings.model_copy(update={"max_episode_steps": max_episode_steps})
         env_config = settings.env(task)
-    except ValidationError as error:
-        raise typer.BadParameter(first_error(error)) from error
     except ValueError as error:
+        if isinstance(error, ValidationError):  # a config model's: the CLI reports every field it names
+            raise
         raise typer.BadParameter(str(error)) from error
     result, records = evaluate(loaded, env_config, episodes, seed=seed)
     register(store, source, loaded.version)
