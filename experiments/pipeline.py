@@ -34,7 +34,7 @@ from experiments.gate import decide
 from experiments.paths import check_writable_folder
 from experiments.pipeline_artifacts import dump_json, write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
-from experiments.pipeline_rlt import RLTResult, load_rlt_result, run_rlt
+from experiments.pipeline_rlt import RLTResult, RLTStage, load_rlt_result, run_rlt
 from experiments.policy_loader import load, register, resolve
 from experiments.tracking import PipelineTracker
 from experiments.training import EpisodeFilter, load_training_episodes, train_vla
@@ -370,24 +370,27 @@ class Pipeline:
             if summary.outcome != Outcome.ERROR
         ]
         if checkpoint_kind(folder) == RLT_KIND:
-            result = load_rlt_result(folder, version)
+            result = load_rlt_result(folder)
         else:
             settings, images = self.config.rlt, not self._scripted(prior)
             result = run_rlt(
-                self.store,
-                self._prior_spec(prior, seed),
-                lambda spec: self._load(spec, task, seed),
-                self.config.env.env(task, seed, render=settings.record_images or images),
-                settings,
-                version=version,
-                run_id=self.rlt_run(state.iteration),
-                folder=folder,
-                seed=seed,
-                records=(self.store.load_episode(episode, images=images) for episode in collected),
+                RLTStage(
+                    self.store,
+                    self._prior_spec(prior, seed),
+                    lambda spec: self._load(spec, task, seed),
+                    self.config.env.env(task, seed, render=settings.online.record_images or images),
+                    settings,
+                    version=version,
+                    run_id=self.rlt_run(state.iteration),
+                    folder=folder,
+                    seed=seed,
+                    records=(self.store.load_episode(episode, images=images) for episode in collected),
+                    stored_episodes=len(collected),
+                )
             )
         self._log_rl_history(run_id, result)
         metrics = {
-            "rl_env_steps": float(result.episode_stats[-1]["env_steps"] if result.episode_stats else 0),
+            "rl_env_steps": float(result.manifest.env_steps),
             "rl_episodes": float(len(result.episode_stats)),
             "rl_warmup_stored_episodes": float(len(collected)),
         }
@@ -402,13 +405,13 @@ class Pipeline:
         for point in result.curve:
             self.tracker.log_metrics(run_id, {"rl_eval_success_rate": point.success_rate}, point.env_steps)
         for stats in result.episode_stats:
-            if stats["mode"] != "eval":  # eval episodes are summarised by the curve
+            if stats.mode != "eval":  # eval episodes are summarised by the curve
                 figures = {
-                    "rl_train_success": float(stats["success"]),
-                    "rl_train_episode_length": float(stats["length"]),
-                    **{f"rl_{key}": value for key, value in stats["losses"].items()},
+                    "rl_train_success": float(stats.success),
+                    "rl_train_episode_length": float(stats.length),
+                    **{f"rl_{key}": value for key, value in stats.losses.items()},
                 }
-                self.tracker.log_metrics(run_id, figures, stats["env_steps"])
+                self.tracker.log_metrics(run_id, figures, stats.env_steps)
 
     def rlt_run(self, iteration: int) -> str:
         """The store run holding the episodes of ``iteration``'s RLT stage."""
@@ -630,5 +633,3 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
     temporary.replace(path)
-
-

@@ -19,6 +19,7 @@ from experiments.training import BCConfig
 from experiments.validation import first_error
 from policies.device import DeviceName
 from recap import RelabelConfig
+from rlt.config import RLTConfig
 
 
 class PipelineConfigError(ValueError):
@@ -68,39 +69,6 @@ class GateSettings(_Strict):
     margin: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
-class RLTSettings(_Strict):
-    """The RLT stage: online RL around the deployed policy (``method: rlt``) or the RECAP candidate (``both``).
-
-    ``env_steps`` is the online budget after ``warmup_episodes`` prior-only episodes; the learner's success is
-    measured every ``eval_every_steps`` on ``eval_episodes`` fixed episodes (the RL curve in MLflow).
-    ``handoff`` picks the critical phase where RLT takes over: ``always`` (from the first chunk) or the
-    distance between two privileged-state points falling under ``handoff_distance``. A scripted prior gets
-    fixed random-projection embeddings of the privileged state (``rlt.state.EmbeddingPrior``); a VLA prior's
-    own embeddings feed the RL token. ``normalize_state`` standardizes the RL state with warm-up statistics
-    (``rlt.td3.LearnerConfig``). ``device`` is where the RL token and the actor-critic train (``auto``: the
-    accelerator if there is one).
-    """
-
-    warmup_episodes: int = Field(default=20, ge=1)
-    env_steps: int = Field(default=20_000, ge=0)
-    eval_every_steps: int = Field(default=5_000, ge=0)
-    eval_episodes: int = Field(default=20, ge=1)
-    exploration_noise: float = Field(default=0.2, ge=0.0)
-    handoff: Literal["always", "hand-object", "object-goal", "hand-goal"] = "hand-object"
-    handoff_distance: float = Field(default=0.05, gt=0.0)
-    token_steps: int = Field(default=2000, ge=1)
-    z_dim: int = Field(default=32, ge=1)
-    chunk_size: int = Field(default=10, ge=1)
-    beta: float = Field(default=1.0, ge=0.0)
-    utd_ratio: int = Field(default=5, ge=1)
-    net_arch: tuple[int, ...] = (256, 256)
-    batch_size: int = Field(default=256, ge=1)
-    learning_starts: int = Field(default=256, ge=1)
-    normalize_state: bool = True
-    record_images: bool = False
-    device: DeviceName = "auto"
-
-
 class PipelineConfig(_Strict):
     """A whole improvement pipeline: tasks, prior, method, budgets, gate, and the store/Ray/MLflow endpoints."""
 
@@ -116,7 +84,7 @@ class PipelineConfig(_Strict):
     )
     relabel: RelabelConfig = RelabelConfig()
     training: BCConfig = BCConfig(condition_dropout=0.3)
-    rlt: RLTSettings = RLTSettings()
+    rlt: RLTConfig = Field(default=RLTConfig(), description="the RLT stage (method rlt / both): rlt.config")
     cfg_beta: float = Field(default=1.0, ge=0.0)
     evaluation: EvaluationSettings = EvaluationSettings()
     gate: GateSettings = GateSettings()
@@ -155,10 +123,14 @@ class PipelineConfig(_Strict):
         if not foreign:
             return self
         if self.interventions is not None and "interventions" in self.model_fields_set:
-            raise ValueError(f"interventions: the simulated human is Meta-World's scripted expert; not for {foreign[0]}")
+            raise ValueError(
+                f"interventions: the simulated human is Meta-World's scripted expert; not for {foreign[0]}"
+            )
         self.interventions = None
         if self.method != "recap":
-            raise ValueError(f"method {self.method!r}: RLT runs on Meta-World tasks; {foreign[0]} takes method recap")
+            raise ValueError(
+                f"method {self.method!r}: RLT runs on Meta-World tasks; {foreign[0]} takes method recap"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,9 +1,10 @@
-"""The pipeline's RLT stage: online RLT (``rlt.online.OnlineRLT``) around a prior, saved as its own policy kind.
+"""The RLT stage: online RLT (``rlt.online.OnlineRLT``) around a prior, saved as its own policy kind.
 
-An RLT result is not a VLA checkpoint: it is the frozen prior plus an RL token and a chunked actor that take
-over in the critical phase. It is saved as an ``rlt.checkpoint`` directory (written atomically; its manifest
-holds the prior, the settings and the RL history) and registered in the store as kind ``rlt`` with the prior
-as its parent;
+``run_rlt(RLTStage) -> RLTResult`` is the one RLT driver: the pipeline's RLT stage calls it once per iteration
+and ``flywheel rlt`` is one run of it (plus its printing and MLflow record). An RLT result is not a VLA
+checkpoint: it is the frozen prior plus an RL token and a chunked actor that take over in the critical phase,
+saved as an ``rlt.checkpoint`` directory (written atomically; its ``RLTManifest`` holds the prior, the settings,
+the env and the RL history) and registered in the store as kind ``rlt`` with the prior as its parent;
 ``load_rlt_policy`` rebuilds it as a ``Policy`` (``RLTDeployedPolicy``) for evaluation, collection and the next
 iteration.
 """
@@ -14,140 +15,212 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from envs import EnvConfig, make_env
-from experiments.pipeline_config import RLTSettings
+from envs import EnvConfig
+from experiments.rlt_training import (
+    NoProgress,
+    OnlineRun,
+    RLTLoopFactory,
+    TrainingProgress,
+    train_in_process,
+    train_on_ray,
+)
 from policies.base import ActionChunk, Observation, ObservationBatch, Policy
 from policies.device import resolve_device
 from policies.manifest import RLT_KIND
-from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, save_rlt_checkpoint
+from policies.train_state import load_state
+from rlt.checkpoint import (
+    FinalEvaluation,
+    RLTManifest,
+    load_rlt_checkpoint,
+    read_rlt_manifest,
+    save_rlt_checkpoint,
+)
+from rlt.config import OnlineConfig, RLTConfig
 from rlt.deployment import PriorSpec, RLTDeployment
-from rlt.online import EvalPoint, OnlineConfig, OnlineRLT
+from rlt.diagnostics import critic_calibration
+from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import PhaseSwitch
 from rlt.rl_token import RLToken
-from rlt.state import RLStateEncoder, token_config_for
-from rlt.td3 import ChunkedTD3, LearnerConfig
+from rlt.state import RLStateEncoder
+from rlt.td3 import ChunkedTD3
 from storage import EpisodeRecord, ExperienceStore
 
 
 @dataclass(frozen=True)
+class RLTStage:
+    """What one RLT stage runs: the prior (loaded with ``load_version`` unless scripted) on ``env`` with
+    ``config``, registered as ``version``, episodes committed under store run ``run_id``, the checkpoint
+    written to ``folder``.
+
+    ``records`` (stored episodes of the task, ``stored_episodes`` of them, e.g. this iteration's collection with
+    its interventions) join the warm-up: they help fit the RL token and seed the second replay. ``state_path``
+    is where the in-process learner state goes after every online episode (default: beside ``folder``); a rerun
+    that finds it continues from it. ``workers`` > 0 plays the online episodes on that many Ray rollout actors.
+    ``final_eval_episodes`` > 0 evaluates the prior and the RLT policy on the same seeds at the end.
+    """
+
+    store: ExperienceStore
+    prior: PriorSpec
+    load_version: Callable[[str], Policy]
+    env: EnvConfig
+    config: RLTConfig
+    version: str
+    run_id: str
+    folder: Path
+    seed: int
+    records: Iterable[EpisodeRecord] = ()
+    stored_episodes: int = 0
+    state_path: Path | None = None
+    workers: int = 0
+    final_eval_episodes: int = 0
+    progress: TrainingProgress = field(default_factory=NoProgress)
+
+    @property
+    def learner_state(self) -> Path | None:
+        """Where the in-process learner state goes (none on Ray)."""
+        if self.workers:
+            return None
+        return self.state_path or self.folder.parent / f"{self.folder.name}-state.pt"
+
+
+@dataclass(frozen=True)
 class RLTResult:
-    """What an RLT stage produced: the saved policy, its RL curve and per-episode statistics."""
+    """What an RLT stage produced: the saved policy's version and checkpoint, and its manifest (the RL curve,
+    per-episode statistics, final evaluation)."""
 
     version: str
     checkpoint: Path
-    curve: list[EvalPoint]
-    episode_stats: list[dict[str, Any]]
+    manifest: RLTManifest
+
+    @property
+    def curve(self) -> list[EvalPoint]:
+        """The learner's success at each evaluation point."""
+        return self.manifest.curve
+
+    @property
+    def episode_stats(self) -> list[EpisodeStats]:
+        """Every episode the in-process loop played (warm-up, online, evaluation)."""
+        return self.manifest.episodes
 
 
-def deployment_for(task: str, prior: PriorSpec, settings: RLTSettings) -> RLTDeployment:
-    """The deployment block the stage's checkpoint carries: the prior and the settings' hand-off."""
-    return RLTDeployment(task, prior, settings.handoff, settings.handoff_distance)
+def deployment_for(task: str, prior: PriorSpec, config: RLTConfig) -> RLTDeployment:
+    """The deployment block the stage's checkpoint carries: the prior and the config's hand-off."""
+    return RLTDeployment.with_handoff(task, prior, config.handoff, config.handoff_distance)
 
 
-def run_rlt(
-    store: ExperienceStore,
-    prior: PriorSpec,
-    load_version: Callable[[str], Policy],
-    env: EnvConfig,
-    settings: RLTSettings,
-    *,
-    version: str,
-    run_id: str,
-    folder: Path,
-    seed: int,
-    records: Iterable[EpisodeRecord] = (),
-) -> RLTResult:
-    """Run online RLT around ``prior`` on ``env``; store every episode under ``run_id``; save to ``folder``.
+def run_rlt(stage: RLTStage) -> RLTResult:
+    """Run online RLT around ``stage.prior``; store every episode under ``stage.run_id``; save the checkpoint.
 
-    ``records`` (stored episodes of the task, e.g. this iteration's collection with its interventions) join
-    the warm-up: they help fit the RL token and seed the replay buffer.
-    ``version`` is registered (kind ``rlt``, parent = the prior) before the first episode, because the
-    episodes' steps name it. Episode ids are derived from ``run_id`` and the episode's index, so a rerun after
-    a kill skips the ids the killed attempt stored instead of adding episodes. The checkpoint
-    (``rlt.checkpoint.save_rlt_checkpoint``, renamed into place when complete) marks a finished stage.
+    ``stage.version`` is registered (kind ``rlt``, parent = the prior) before the first episode, because the
+    episodes' steps name it. In process, episode ids are derived from ``run_id`` and the episode's index, so a
+    rerun after a kill skips the ids the killed attempt stored instead of adding episodes, and the learner state
+    (``RLTStage.learner_state``) is removed once the checkpoint (renamed into place when complete) is saved.
     """
-    torch.manual_seed(seed)
-    policy = prior.load(env.task, settings.chunk_size, load_version)
-    deployment = deployment_for(env.task, prior, settings)
-    switch = deployment.switch()
-    environment = make_env(env)
-    observation, _ = environment.reset(seed=seed)
-    token = RLToken(token_config_for(policy, observation, z_dim=settings.z_dim))
-    manifest = _manifest(settings, token)
+    config, env, store = stage.config, stage.env, stage.store
+    learner = config.learner.model_copy(
+        update={"seed": stage.seed, "device": str(resolve_device(config.learner.device))}
+    )
+    torch.manual_seed(stage.seed)
+    policy = stage.prior.load(env.task, learner.chunk_size, stage.load_version)
+    deployment = deployment_for(env.task, stage.prior, config)
     store.register_policy_version(
-        version,
+        stage.version,
         kind=RLT_KIND,
-        uri=str(folder.resolve()),
-        parent=prior.version,
-        metadata=manifest | deployment.to_manifest(),
+        uri=str(stage.folder.resolve()),
+        parent=stage.prior.version,
+        metadata={"config": config.model_dump(mode="json"), "deployment": dataclasses.asdict(deployment)},
     )
-    store.register_run(run_id, name="rlt", config={"prior": prior.version, "version": version})
-    loop = OnlineRLT(
-        environment,
-        policy,
-        switch,
-        token,
-        OnlineConfig(
-            task=env.task,
-            env_id=f"metaworld/{env.task}",
-            warmup_episodes=settings.warmup_episodes,
-            total_env_steps=settings.env_steps,
-            exploration_noise=settings.exploration_noise,
-            token_steps=settings.token_steps,
-            token_batch_size=min(128, settings.batch_size),
-            eval_every_steps=settings.eval_every_steps,
-            eval_episodes=settings.eval_episodes,
-            record_images=settings.record_images,
-            rl_version=version,
-            seed=seed,
-        ),
-        learner_config(settings, seed),
+    store.register_run(
+        stage.run_id, name="rlt", config={"prior": stage.prior.version, "version": stage.version}
     )
-    loop.on_episode = episode_writer(store, run_id, lambda: loop.episode_index)
-    state_path = folder.parent / f"{folder.name}-state.pt"  # a killed stage continues from here
-    curve = loop.run(records, state_path=state_path)
-    environment.close()
-    stats = [dataclasses.asdict(s) for s in loop.stats]
-    history = {"curve": [dataclasses.asdict(point) for point in curve], "episodes": stats}
-    history = json.loads(json.dumps(history, default=lambda value: value.item()))
-    manifest |= {"rl_version": version, "history": history}
-    save_rlt_checkpoint(folder, loop.learner, loop.token, deployment, manifest)
-    state_path.unlink(missing_ok=True)
-    return RLTResult(version, folder, curve, stats)
+    online = OnlineConfig(
+        **config.online.model_dump() | {"record_images": config.online.record_images or env.render},
+        task=env.task,
+        env_id=f"metaworld/{env.task}",
+        rl_version=stage.version,
+        seed=stage.seed,
+    )
+    resumed = _resumed_from(stage.learner_state)
+    sink = _store_sink(store) if stage.workers else None  # in process: episode_writer (see _train)
+    factory = RLTLoopFactory(env, policy, deployment.switch(), config.z_dim, online, learner, on_episode=sink)
+    run = _train(stage, factory)
+    loop = run.loop
+    evaluation = None
+    if stage.final_eval_episodes:
+        stage.progress.evaluating()
+        episodes = stage.final_eval_episodes
+        prior_success = loop.evaluate(episodes, mode="prior")
+        evaluation = FinalEvaluation(
+            episodes=episodes, prior_success=prior_success, rlt_success=loop.evaluate(episodes)
+        )
+    manifest = RLTManifest(
+        rl_version=stage.version,
+        deployment=deployment,
+        config=config,
+        env=env,
+        token=loop.token.config,
+        env_steps=run.env_steps,
+        online_episodes=run.online_episodes,
+        stored_episodes=stage.stored_episodes,
+        updates=loop.learner.weights_version,
+        replay_chunks=loop.learner.replay_buffer.size(),
+        workers=stage.workers,
+        resumed_from_env_step=resumed,
+        curve=loop.curve,
+        episodes=_plain(loop.stats),
+        evaluation=evaluation,
+        critic_calibration=critic_calibration(loop.learner, loop.encoder, loop.last_evaluation)
+        if loop.last_evaluation
+        else None,
+    )
+    save_rlt_checkpoint(stage.folder, loop.learner, loop.token, manifest)
+    if stage.learner_state is not None:
+        stage.learner_state.unlink(missing_ok=True)
+    return RLTResult(stage.version, stage.folder, manifest)
 
 
-def load_rlt_result(folder: Path, version: str) -> RLTResult:
-    """The result of a finished RLT stage, read back from its folder (a rerun after a kill that came after
-    the save logs the same curve instead of training again)."""
-    history = json.loads((folder / MANIFEST_FILE).read_text())["history"]
-    curve = [EvalPoint(**point) for point in history["curve"]]
-    return RLTResult(version, folder, curve, history["episodes"])
+def _train(stage: RLTStage, factory: RLTLoopFactory) -> OnlineRun:
+    """The online phase on Ray (``stage.workers``) or in this process, resuming from the learner state."""
+    if stage.workers:
+        return train_on_ray(factory, stage.seed, stage.workers, stage.records, stage.progress)
 
+    def sink_for(loop: OnlineRLT) -> Callable[[EpisodeRecord], None]:
+        return episode_writer(stage.store, stage.run_id, lambda: loop.episode_index)
 
-def learner_config(settings: RLTSettings, seed: int) -> LearnerConfig:
-    """The chunked actor-critic's settings."""
-    return LearnerConfig(
-        chunk_size=settings.chunk_size,
-        beta=settings.beta,
-        utd_ratio=settings.utd_ratio,
-        net_arch=tuple(settings.net_arch),
-        batch_size=settings.batch_size,
-        learning_starts=settings.learning_starts,
-        normalize_state=settings.normalize_state,
-        seed=seed,
-        device=str(resolve_device(settings.device)),
+    return train_in_process(
+        factory, stage.seed, stage.records, stage.progress, state_path=stage.learner_state, sink_for=sink_for
     )
 
 
-def _manifest(settings: RLTSettings, token: RLToken) -> dict[str, Any]:
-    return {"settings": settings.model_dump(mode="json"), "token": dataclasses.asdict(token.config)}
+def _store_sink(store: ExperienceStore) -> Callable[[EpisodeRecord], object]:
+    from actors.sinks import StoreSink
+
+    return StoreSink(store.url)
+
+
+def _resumed_from(state_path: Path | None) -> int | None:
+    """The env step an interrupted attempt's learner state reached (None: nothing to resume)."""
+    state = load_state(state_path) if state_path is not None else None
+    return None if state is None else int(state["counters"]["env_steps"])
+
+
+def _plain(stats: list[EpisodeStats]) -> list[EpisodeStats]:
+    """Episode statistics with numpy scalars made plain Python (for the JSON manifest)."""
+    plain = json.loads(json.dumps([dataclasses.asdict(s) for s in stats], default=lambda value: value.item()))
+    return [EpisodeStats(**entry) for entry in plain]
+
+
+def load_rlt_result(folder: Path) -> RLTResult:
+    """The result of a finished RLT stage, read back from its checkpoint's manifest (a rerun after a kill that
+    came after the save logs the same curve instead of training again)."""
+    manifest = read_rlt_manifest(folder)
+    return RLTResult(manifest.rl_version, folder, manifest)
 
 
 def episode_writer(

@@ -43,6 +43,7 @@ from policies.base import Policy
 from policies.manifest import HIERARCHICAL_KIND, RLT_KIND, VLA_KIND, ManifestError, checkpoint_kind
 
 if TYPE_CHECKING:
+    from rlt.checkpoint import RLTManifest
     from storage import ExperienceStore
 
 SCRIPTED, OPENPI, PYTHON = "scripted", "openpi", "python"
@@ -128,7 +129,7 @@ def register(store: ExperienceStore, source: PolicySource, version: str) -> None
     elif source.kind == OPENPI:
         metadata = _openpi_metadata(parse_openpi_spec(source.uri)[1])
     elif source.kind == RLT_KIND:
-        prior = _rlt_manifest(Path(source.uri))[1].prior
+        prior = _rlt_manifest(Path(source.uri)).deployment.prior
         if prior.scripted_noise is not None:
             register(store, PolicySource(SCRIPTED, scripted_spec(prior.scripted_noise)), prior.version)
         parent = prior.version
@@ -271,11 +272,13 @@ def _load_rlt(source: PolicySource, task: str | None, store: ExperienceStore | N
     from rlt.errors import RLTInputError
 
     directory = Path(source.uri)
-    manifest, deployment = _rlt_manifest(directory)
-    task = task or deployment.task
-    if deployment.task != task:
-        raise PolicySpecError(f"RLT checkpoint {directory} was trained on {deployment.task!r}, not {task!r}")
-    version = source.version or manifest.get("rl_version") or directory.name
+    manifest = _rlt_manifest(directory)
+    task = task or manifest.deployment.task
+    if manifest.deployment.task != task:
+        raise PolicySpecError(
+            f"RLT checkpoint {directory} was trained on {manifest.deployment.task!r}, not {task!r}"
+        )
+    version = source.version or manifest.rl_version
     try:
         return load_rlt_policy(
             directory, version, task, lambda prior: load(prior, task=task, store=store, seed=seed)
@@ -284,17 +287,15 @@ def _load_rlt(source: PolicySource, task: str | None, store: ExperienceStore | N
         raise PolicySpecError(str(error)) from None
 
 
-def _rlt_manifest(directory: Path) -> tuple[dict[str, Any], Any]:
-    """An RLT checkpoint's manifest and its deployment block (``rlt.deployment.RLTDeployment``)."""
-    from rlt.checkpoint import MANIFEST_FILE
-    from rlt.deployment import RLTDeployment
+def _rlt_manifest(directory: Path) -> RLTManifest:
+    """An RLT checkpoint's manifest (``rlt.checkpoint.read_rlt_manifest``; its errors are spec errors)."""
+    from rlt.checkpoint import read_rlt_manifest
     from rlt.errors import RLTInputError
 
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        return manifest, RLTDeployment.from_manifest(manifest)
-    except (OSError, ValueError, RLTInputError) as error:
-        raise PolicySpecError(f"RLT checkpoint {directory}: {error}") from None
+        return read_rlt_manifest(directory)
+    except RLTInputError as error:
+        raise PolicySpecError(str(error)) from None
 
 
 def parse_python_spec(spec: str) -> tuple[Callable[..., Policy], dict[str, Any]]:

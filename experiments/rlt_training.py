@@ -1,6 +1,7 @@
-"""The online phase of ``flywheel rlt``: one picklable loop factory, trained in this process or on Ray.
+"""The online phase of an RLT stage (``experiments.pipeline_rlt.run_rlt``: ``flywheel rlt`` and the pipeline):
+one picklable loop factory, trained in this process or on Ray.
 
-``RLTLoopFactory(seed)`` builds the command's ``OnlineRLT`` loop; ``train_in_process`` runs it
+``RLTLoopFactory(seed)`` builds the stage's ``OnlineRLT`` loop; ``train_in_process`` runs it
 (``OnlineRLT.run``). ``train_on_ray`` hands the factory to ``actors.rlt_learner.RLTCluster``: the learner
 actor warms up on loop seed ``seed`` (the same warm-up as in process), ``workers`` rollout actors (loop seeds
 ``seed + 1 + i``) play learner-mode episodes in rounds until the summed env steps of their episodes reach the
@@ -12,7 +13,6 @@ must be picklable (``actors.sinks.StoreSink``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +43,26 @@ class TrainingProgress(Protocol):
     def played(self, env_steps: int) -> None:
         """Online episodes of ``env_steps`` env steps in all were played."""
 
+    def evaluating(self) -> None:
+        """Training is over; the final evaluation runs."""
+
+
+class NoProgress:
+    """A ``TrainingProgress`` that shows nothing (the pipeline's stage)."""
+
+    def warmed_up(self, episodes: int) -> None:
+        """Nothing to show."""
+
+    def played(self, env_steps: int) -> None:
+        """Nothing to show."""
+
+    def evaluating(self) -> None:
+        """Nothing to show."""
+
 
 @dataclass(frozen=True)
 class RLTLoopFactory:
-    """Builds ``flywheel rlt``'s loop for a seed; picklable when ``prior`` and ``on_episode`` are.
+    """Builds the RLT stage's loop for a seed; picklable when ``prior`` and ``on_episode`` are.
 
     ``config`` and ``learner`` take the seed. The env, the prior and (a copy of) the phase switch are as
     given; the RL token (``z_dim`` wide) is shaped by probing the prior on the env's first observation.
@@ -69,8 +85,8 @@ class RLTLoopFactory:
             self.prior,
             copy.deepcopy(self.switch),
             token,
-            dataclasses.replace(self.config, seed=seed),
-            dataclasses.replace(self.learner, seed=seed),
+            self.config.model_copy(update={"seed": seed}),
+            self.learner.model_copy(update={"seed": seed}),
             on_episode=self.on_episode,
         )
 

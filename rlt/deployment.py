@@ -1,26 +1,23 @@
 """What a saved RLT policy deploys with: the prior it refines and the hand-off to its actor.
 
-Every RLT checkpoint's manifest carries this as one ``deployment`` block, whichever command wrote it
-(``flywheel rlt`` or the pipeline's RLT stage), so loading never has to know who trained the policy.
+Every RLT checkpoint's manifest (``rlt.checkpoint.RLTManifest``) carries this as its ``deployment`` block, so
+loading never has to know who trained the policy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from envs.metaworld_env import HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from policies.base import Policy
-from rlt.errors import RLTInputError
+from rlt.config import ALWAYS
 from rlt.phase import AlwaysCritical, PhaseSwitch, handoff_switch
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 
 #: Shape of the stand-in "VLA embeddings" of a prior that has none: a fixed projection of the 39-D sim state.
 PROJECTED_TOKENS, PROJECTED_WIDTH = 8, 32
-ALWAYS = "always"
 
 
 def with_projected_embeddings(policy: Policy, seed: int) -> EmbeddingPrior:
@@ -77,9 +74,9 @@ class RLTDeployment:
 
     @classmethod
     def with_handoff(cls, task: str, prior: PriorSpec, pair: str, distance: float) -> RLTDeployment:
-        """A distance hand-off on ``pair``; ``distance ≤ 0`` (RLT from the first chunk) is recorded as
-        ``"always"``, the one spelling of that hand-off in a manifest."""
-        if distance <= 0:
+        """A distance hand-off on ``pair``; pair ``"always"`` or ``distance ≤ 0`` (RLT from the first chunk) is
+        recorded as ``"always"`` with distance 0, the one spelling of that hand-off in a manifest."""
+        if pair == ALWAYS or distance <= 0:
             return cls(task, prior, ALWAYS, 0.0)
         return cls(task, prior, pair, distance)
 
@@ -88,23 +85,3 @@ class RLTDeployment:
         if self.handoff == ALWAYS:
             return AlwaysCritical()
         return handoff_switch(HANDOFF_PAIRS, self.handoff, self.handoff_distance)
-
-    def to_manifest(self) -> dict[str, Any]:
-        """The ``deployment`` block of a checkpoint manifest (plain JSON)."""
-        return {"deployment": dataclasses.asdict(self)}
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> RLTDeployment:
-        """Read the ``deployment`` block; a manifest without one (or missing a field) is a one-line error."""
-        try:
-            block = manifest["deployment"]
-            return cls(
-                block["task"],
-                PriorSpec(**block["prior"]),
-                block["handoff"],
-                float(block["handoff_distance"]),
-            )
-        except (KeyError, TypeError) as error:
-            raise RLTInputError(
-                f"RLT manifest: no valid 'deployment' block ({error}); written by an older flywheel? retrain it"
-            ) from None

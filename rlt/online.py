@@ -34,45 +34,15 @@ from core.types import InterventionSegment, Outcome, StepSource, episode_outcome
 from policies.base import ActionChunk, Observation, Policy, stack_observations
 from policies.train_state import load_state, save_state
 from rlt.buffer import ChunkTransition, chunk_backup
+from rlt.config import LearnerConfig, OnlineConfig
 from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
 from rlt.phase import AlwaysCritical, PhaseSwitch
 from rlt.rl_token import RLToken, fit_rl_token
 from rlt.state import RLStateEncoder
-from rlt.td3 import ChunkedTD3, LearnerConfig
+from rlt.td3 import ChunkedTD3
 from storage.records import EpisodeRecord
 
 Mode = Literal["prior", "learner", "eval"]
-
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    """Budget and settings of an online run.
-
-    ``total_env_steps`` is the online budget after warm-up; evaluation episodes (on seeds
-    ``eval_seed_base + i``, the same for every run) are not counted as training steps.
-    ``exploration`` is ``"iid"`` Gaussian noise per chunk entry (it averages out inside a chunk) or
-    ``"offset"``: one Gaussian offset per action dimension held for the whole chunk, correlated across the
-    chunks of an episode as an AR(1) process with coefficient ``exploration_rho`` (0: independent per chunk),
-    so exploration can try a consistent correction. ``state_key`` names the observation vector that is the
-    proprio part of ``x`` (``"state"``, or ``"privileged"`` for a simulator's full state).
-    """
-
-    task: str
-    env_id: str
-    warmup_episodes: int = 20
-    total_env_steps: int = 20_000
-    exploration_noise: float = 0.2
-    exploration: Literal["iid", "offset"] = "iid"
-    exploration_rho: float = 0.0
-    state_key: Literal["state", "privileged"] = "state"
-    token_steps: int = 2000
-    token_batch_size: int = 128
-    eval_every_steps: int = 0
-    eval_episodes: int = 20
-    eval_seed_base: int = 500_000
-    record_images: bool = True
-    rl_version: str = "rlt"
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,16 @@ delayed actor updates, Polyak targets, optimizers — is TD3's own):
   before its optimizer step;
 - a second replay (``demo_fraction`` > 0): demonstrations and interventions sampled beside online data.
 
-Training runs without ``learn()``: the online loop (``rlt.online``) collects chunks and calls ``update``.
+Training runs without ``learn()``: the online loop (``rlt.online``) collects chunks and calls ``update``. The
+settings are ``rlt.config.LearnerConfig``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,132 +43,11 @@ from torch.nn import functional as F
 from policies.device import resolve_device
 from policies.train_state import capture_rng, load_state, restore_rng, save_state
 from rlt.buffer import ChunkReplayBuffer, ChunkTransition
+from rlt.config import LearnerConfig
 from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
 
 #: Smallest per-entry standard deviation used by the state normalization (near-constant entries stay near 0).
 STATE_STD_FLOOR = 1e-3
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    """Hyper-parameters of the chunked actor-critic (defaults follow the RLT recipe).
-
-    ``utd_ratio`` is the number of critic updates per chunk transition collected, ``policy_delay`` the number
-    of critic updates per actor update, ``beta`` the weight of ``‖a − ã‖²`` (over the C×D chunk) in the actor loss.
-    ``actor_q`` is the critic value the actor climbs: ``"q1"`` (TD3's own) or ``"min"`` of the twin critics (more
-    pessimistic, so a small β leaves the actor less room to exploit one critic's errors).
-    ``residual_scale`` (ResFiT-style baseline, off by default) makes the policy ``clip(ã + s · π(x, ã))`` with
-    the actor's last layer zero-initialised, so it starts exactly at the prior's chunk.
-    ``normalize_state`` standardizes ``x`` per entry with the mean and standard deviation of the replay buffer
-    at the first gradient step (the warm-up data), frozen from then on: positions that vary by centimetres
-    then reach the networks in units of their spread, so millimetre differences are not lost in raw scale.
-    ``q_weight`` scales the ``−Q`` term of the actor loss; 0 leaves only the regression toward ``ã`` (with
-    reference dropout): the ablation that shows whether the critic contributes anything.
-
-    Issue-19 options (defaults keep the earlier learner unless the evidence picked otherwise, see docs/rlt.md):
-
-    - ``target_noise_space``: ``"residual"`` (default) applies target smoothing ``clip(N(0, σ), ±c)`` to the
-      residual network's output, i.e. ``s·σ`` in action units, in residual mode; ``"action"`` adds it to the
-      chunk in action units (the earlier behaviour, where σ = 0.2 swamps a residual of scale 0.1).
-    - ``n_critics`` members (LayerNorm after each hidden layer with ``critic_layer_norm``); the TD target takes
-      the min over ``target_critics`` members drawn at random per update (= ``n_critics``: min over all, TD3).
-      ``actor_q`` ``"mean"`` climbs the ensemble mean.
-    - ``n_step``: chunk transitions bootstrap ``n_step`` executed chunks later (rewards summed with γ per step).
-    - ``stride``: one transition every ``stride`` steps (``C`` must be a multiple), each with the prior's
-      context recomputed at its own step: ``C / stride`` transitions per executed chunk (None = ``C``).
-    - ``critic_warmup_updates``: critic-only updates before the actor's first; then ``q_weight`` ramps from
-      ``q_weight_start`` and β toward ``beta_end`` over ``ramp_updates`` updates (None: constant).
-    - ``beta_reduction``: ``"sum"`` over the C×D chunk entries or ``"mean"`` over them; ``beta_on``:
-      ``"chunk"`` (``‖a − ã‖``) or ``"residual"`` (``‖π‖``, the residual network's output; residual mode only).
-    - ``human_mask``: ``"chunk"`` replaces the whole reference of a chunk with any human step by the executed
-      chunk; ``"step"`` replaces only the human steps' rows.
-    - ``demo_fraction``: share of every batch drawn from the second replay (stored demonstrations and chunks
-      with human steps), once it holds data; 0 keeps one replay.
-    """
-
-    chunk_size: int = 10
-    gamma: float = 0.99
-    beta: float = 1.0
-    ref_dropout: float = 0.5
-    utd_ratio: int = 5
-    policy_delay: int = 2
-    net_arch: tuple[int, ...] = (256, 256)
-    learning_rate: float = 3e-4
-    batch_size: int = 256
-    buffer_size: int = 200_000
-    learning_starts: int = 256
-    tau: float = 0.005
-    target_policy_noise: float = 0.2
-    target_noise_clip: float = 0.5
-    residual_scale: float | None = None
-    actor_q: Literal["q1", "min", "mean"] = "q1"
-    normalize_state: bool = True
-    q_weight: float = 1.0
-    target_noise_space: Literal["residual", "action"] = "residual"
-    n_critics: int = 2
-    critic_layer_norm: bool = False
-    target_critics: int = 2
-    n_step: int = 1
-    stride: int | None = None
-    critic_warmup_updates: int = 0
-    q_weight_start: float | None = None
-    beta_end: float | None = None
-    ramp_updates: int = 0
-    beta_reduction: Literal["sum", "mean"] = "sum"
-    beta_on: Literal["chunk", "residual"] = "chunk"
-    human_mask: Literal["chunk", "step"] = "chunk"
-    demo_fraction: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        checks = {
-            "chunk_size": self.chunk_size >= 1,
-            "gamma": 0.0 < self.gamma <= 1.0,
-            "beta": self.beta >= 0.0,
-            "ref_dropout": 0.0 <= self.ref_dropout < 1.0,
-            "utd_ratio": self.utd_ratio >= 1,
-            "policy_delay": self.policy_delay >= 1,
-            "batch_size": self.batch_size >= 1,
-            "residual_scale": self.residual_scale is None or self.residual_scale > 0.0,
-            "actor_q": self.actor_q in ("q1", "min", "mean"),
-            "q_weight": self.q_weight >= 0.0,
-            "target_noise_space": self.target_noise_space in ("residual", "action"),
-            "n_critics": self.n_critics >= 2,
-            "target_critics": 1 <= self.target_critics <= self.n_critics,
-            "n_step": self.n_step >= 1,
-            "stride": self.stride is None or (self.stride >= 1 and self.chunk_size % self.stride == 0),
-            "critic_warmup_updates": self.critic_warmup_updates >= 0,
-            "q_weight_start": self.q_weight_start is None or self.q_weight_start >= 0.0,
-            "beta_end": self.beta_end is None or self.beta_end >= 0.0,
-            "ramp_updates": self.ramp_updates >= 0,
-            "beta_reduction": self.beta_reduction in ("sum", "mean"),
-            "beta_on": self.beta_on == "chunk"
-            or (self.beta_on == "residual" and self.residual_scale is not None),
-            "human_mask": self.human_mask in ("chunk", "step"),
-            "demo_fraction": 0.0 <= self.demo_fraction < 1.0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise RLTInputError(f"LearnerConfig.{name}: invalid value {getattr(self, name)!r}")
-
-    @property
-    def transition_stride(self) -> int:
-        """Steps between consecutive transition starts (``C`` unless ``stride`` is set)."""
-        return self.stride or self.chunk_size
-
-    def loss_weights(self, update: int) -> tuple[float, float]:
-        """``(q_weight, β)`` of the actor loss at gradient step ``update`` (1-based), per the warm-up/ramp."""
-        if self.ramp_updates == 0:
-            progress = 1.0
-        else:
-            progress = min(max((update - self.critic_warmup_updates) / self.ramp_updates, 0.0), 1.0)
-        q_start = self.q_weight if self.q_weight_start is None else self.q_weight_start
-        beta_end = self.beta if self.beta_end is None else self.beta_end
-        return (
-            q_start + progress * (self.q_weight - q_start),
-            self.beta + progress * (beta_end - self.beta),
-        )
 
 
 class RLStateFeatures(BaseFeaturesExtractor):
@@ -553,7 +432,7 @@ class ChunkedTD3(TD3):
             name: value.detach().cpu().contiguous() for name, value in self.policy.state_dict().items()
         }
         metadata = {
-            "config": json.dumps(asdict(self.config)),
+            "config": self.config.model_dump_json(),
             "state_dim": str(self.state_dim),
             "action_dim": str(self.action_dim),
         }
@@ -592,7 +471,7 @@ class ChunkedTD3(TD3):
             path,
             {
                 "learner": self.training_state(),
-                "config": asdict(self.config),
+                "config": self.config.model_dump(mode="json"),
                 "dims": (self.state_dim, self.action_dim),
             },
         )
@@ -603,8 +482,7 @@ class ChunkedTD3(TD3):
         state = load_state(path)
         if state is None:
             return None
-        raw = state["config"] | {"net_arch": tuple(state["config"]["net_arch"])}
-        config = LearnerConfig(**raw | ({"device": device} if device else {}))
+        config = LearnerConfig(**state["config"] | ({"device": device} if device else {}))
         learner = cls(*state["dims"], config)
         learner.restore_training_state(state["learner"])
         return learner
@@ -619,9 +497,7 @@ class ChunkedTD3(TD3):
         raw = json.loads(metadata["config"])
         tensors = load_file(str(path))
         legacy = "normalize_state" not in raw  # written before state normalization: raw states, no buffers
-        config = LearnerConfig(
-            **{**raw, "net_arch": tuple(raw["net_arch"]), "normalize_state": not legacy, "device": device}
-        )
+        config = LearnerConfig(**raw | {"normalize_state": not legacy, "device": device})
         learner = cls(int(metadata["state_dim"]), int(metadata["action_dim"]), config)
         if legacy:
             identity = {k: v for k, v in learner.policy.state_dict().items() if ".features_extractor." in k}

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from experiments.cli import app
 from experiments.pipeline import STAGE_RECORD, Pipeline, stages_for
 from experiments.pipeline_config import PipelineConfigError, load_pipeline_config, parse_pipeline_config
-from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy, learner_config
+from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy
+from rlt.config import LearnerConfig, RLTConfig
 from storage.engine import create_scratch_database
 from tests.test_pipeline import REPO, tiny_config
 from tests.test_pipeline_resume import TIMEOUT, _finished, _kill_when, _start
@@ -46,9 +47,9 @@ def _assert_rl_curve_in_mlflow(pipeline: Pipeline, iteration: int) -> None:
         f"tags.`flywheel.stage` = 'rlt' and tags.`flywheel.iteration` = '{iteration}'",
     )
     curve = client.get_metric_history(run.info.run_id, "rl_eval_success_rate")
-    settings = pipeline.config.rlt
+    settings = pipeline.config.rlt.online
     # one point per eval_every_steps of the online budget, plus the final one
-    assert len(curve) >= settings.env_steps // settings.eval_every_steps
+    assert len(curve) >= settings.total_env_steps // settings.eval_every_steps
     assert sorted({point.step for point in curve}) == sorted(point.step for point in curve)
     assert all(0.0 <= point.value <= 1.0 for point in curve)
     [iteration_run] = client.search_runs(
@@ -62,19 +63,25 @@ def _assert_rl_curve_in_mlflow(pipeline: Pipeline, iteration: int) -> None:
 def test_method_config_errors():
     with pytest.raises(PipelineConfigError, match=r"method 'rlt' trains one RLT learner per pipeline"):
         parse_pipeline_config({"name": "x", "tasks": ["reach-v3", "push-v3"], "method": "rlt"})
-    with pytest.raises(PipelineConfigError, match=r"rlt\.handoff: Input should be"):
+    with pytest.raises(PipelineConfigError, match=r"rlt\.handoff: expected 'always' or a pair of"):
         parse_pipeline_config({"name": "x", "tasks": ["reach-v3"], "method": "rlt", "rlt": {"handoff": "x"}})
     assert load_pipeline_config(REPO / "configs" / "peg-rlt.yaml").rlt.handoff == "hand-object"
     assert stages_for("rlt") == ("rlt", "evaluate", "gate", "register", "deploy", "report")
     assert stages_for("both")[:4] == ("collect", "relabel", "train", "rlt")
 
 
-def test_rlt_settings_reach_the_learner():
+def test_rlt_settings_are_the_learner_and_online_configs():
+    """The pipeline's ``rlt:`` block is ``rlt.config.RLTConfig``: the learner's and the online loop's own
+    models, their defaults, and a one-line error naming a field written in the layout before them."""
     raw = {"name": "x", "tasks": ["reach-v3"], "method": "rlt"}
-    assert learner_config(parse_pipeline_config(raw).rlt, 0).normalize_state
-    raw["rlt"] = {"normalize_state": False, "beta": 0.5}
-    learner = learner_config(parse_pipeline_config(raw).rlt, 3)
-    assert (learner.normalize_state, learner.beta, learner.seed) == (False, 0.5, 3)
+    assert parse_pipeline_config(raw).rlt == RLTConfig()
+    raw["rlt"] = {"learner": {"normalize_state": False, "beta": 0.5}, "online": {"exploration": "offset"}}
+    settings = parse_pipeline_config(raw).rlt
+    assert (settings.learner.normalize_state, settings.learner.beta) == (False, 0.5)
+    assert settings.online.exploration == "offset" and settings.learner.utd_ratio == LearnerConfig().utd_ratio
+    raw["rlt"] = {"beta": 0.5}
+    with pytest.raises(PipelineConfigError, match=r"^config: rlt: beta: moved to learner.beta$"):
+        parse_pipeline_config(raw)
 
 
 def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
@@ -106,7 +113,7 @@ def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
         )
         rlt_run = pipeline.rlt_run(1)
         count = store.count_episodes(run_id=rlt_run)
-        assert count == _expected_rlt_episodes(pipeline, 1) > settings.rlt.warmup_episodes
+        assert count == _expected_rlt_episodes(pipeline, 1) > settings.rlt.online.warmup_episodes
         rlt_summaries = store.list_episodes(run_id=rlt_run)
         assert {s.uuid for s in rlt_summaries} == _rlt_episode_ids(pipeline, 1, count)
         steps = store.load_episode(rlt_summaries[-1].uuid, images=False).policy_versions

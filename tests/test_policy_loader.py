@@ -1,11 +1,13 @@
 """The one policy loader (``experiments.policy_loader``): it dispatches every kind (VLA, hierarchical, RLT,
 scripted, openpi, ``@FILE``, registered versions) on the checkpoint's manifest; ``openpi:`` specs (with options)
-collect against a served policy; RLT checkpoints (``flywheel rlt`` and pipeline manifests) collect and serve;
+collect against a served policy; RLT checkpoints (written by ``flywheel rlt`` in a subprocess and by the
+pipeline's RLT stage: one manifest) collect and serve;
 a deploy file naming the scripted prior serves (issue 21's regression)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,20 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter
 from typer.testing import CliRunner
 
 from envs import EnvConfig, MetaWorldEnv
 from envs.scripted import ScriptedPolicy
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
-from experiments.pipeline_config import RLTSettings
-from experiments.pipeline_rlt import RLTDeployedPolicy, deployment_for, load_rlt_policy, run_rlt
+from experiments.pipeline_rlt import RLTDeployedPolicy, RLTStage, deployment_for, load_rlt_policy, run_rlt
 from experiments.policy_loader import PolicySpecError, load, resolve
 from policies.base import stack_observations
 from policies.checkpoint import save_checkpoint
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig
-from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint
+from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, read_rlt_manifest
+from rlt.config import RLTConfig
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.phase import AlwaysCritical, DistanceSwitch
 from storage import ExperienceStore, StepSource
@@ -35,17 +38,29 @@ TASK = "peg-insert-side-v3"
 runner = CliRunner()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[str, str]:
-    """A tiny ``flywheel rlt`` run (the cheapest budget of tests/test_rlt_cli.py): store URL and RLT version."""
+    """A tiny ``flywheel rlt`` run, the real CLI in a subprocess, its settings from ``--config`` (a pipeline
+    config's ``rlt:`` block), flags and ``--set``: store URL and RLT version."""
     home = tmp_path_factory.mktemp("rlt")
     url = f"sqlite:///{home / 'store.db'}"
+    (home / "rlt.yaml").write_text("name: x\ntasks: [reach-v3]\nrlt:\n  online:\n    token_steps: 5\n")
     args = ["rlt", "--task", TASK, "--db", url, "--env-steps", "30", "--warmup-episodes", "1"]
-    args += ["--episode-steps", "30", "--handoff-distance", "0", "--token-steps", "5", "--eval-episodes", "1"]
-    args += ["--no-progress", "--output", str(home / "ckpt")]
-    result = runner.invoke(app, args, env={"COLUMNS": "200", "FLYWHEEL_HOME": str(home)})
-    assert result.exit_code == 0, result.output
-    return url, load_rlt_checkpoint(home / "ckpt").manifest["rl_version"]
+    args += ["--episode-steps", "30", "--handoff-distance", "0", "--eval-episodes", "1", "--config"]
+    args += [str(home / "rlt.yaml"), "--set", "learner.net_arch=[64, 64]", "--no-progress"]
+    args += ["--output", str(home / "ckpt")]
+    env = os.environ | {"COLUMNS": "200", "FLYWHEEL_HOME": str(home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_rlt_manifest(home / "ckpt")
+    assert manifest.config.online.token_steps == 5 and manifest.config.learner.net_arch == (64, 64)
+    assert manifest.config.handoff == "always" and manifest.config.online.total_env_steps == 30
+    return url, manifest.rl_version
 
 
 def test_collect_with_an_rlt_version_stores_episodes_naming_it(trained, tmp_path) -> None:
@@ -106,11 +121,17 @@ def test_both_writers_leave_one_deployment_block(trained, tmp_path) -> None:
     cli = load_rlt_checkpoint(_checkpoint(ExperienceStore(url), version)).deployment
     assert cli == RLTDeployment(TASK, PriorSpec("scripted-noise0.3", 0.3, 0), "always", 0.0)
     assert isinstance(cli.switch(), AlwaysCritical)
-    pipeline = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="object-goal"))
-    assert RLTDeployment.from_manifest(json.loads(json.dumps(pipeline.to_manifest()))) == pipeline
+    pipeline = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTConfig(handoff="object-goal"))
+    assert _round_trip(pipeline) == pipeline
     assert isinstance(pipeline.switch(), DistanceSwitch)
-    always = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTSettings(handoff="always"))
-    assert isinstance(always.switch(), AlwaysCritical)
+    always = deployment_for(TASK, PriorSpec("vla-7", None, 4), RLTConfig(handoff="always"))
+    assert always.handoff_distance == 0.0 and isinstance(always.switch(), AlwaysCritical)
+
+
+def _round_trip(deployment: RLTDeployment) -> RLTDeployment:
+    """The deployment block through the manifest's JSON."""
+    adapter = TypeAdapter(RLTDeployment)
+    return adapter.validate_json(adapter.dump_json(deployment))
 
 
 def test_a_prior_without_embeddings_deploys_with_the_projection_it_trained_on() -> None:
@@ -120,8 +141,7 @@ def test_a_prior_without_embeddings_deploys_with_the_projection_it_trained_on() 
     bare = ScriptedPolicy(TASK, seed=0, action_horizon=10, version="state-bc-1")
     assert bare.infer(stack_observations([observation])).embeddings is None
     spec = PriorSpec("state-bc-1", None, 3, projected_embeddings=True)
-    block = RLTDeployment(TASK, spec, "hand-object", 0.05).to_manifest()
-    loaded = RLTDeployment.from_manifest(json.loads(json.dumps(block))).prior
+    loaded = _round_trip(RLTDeployment(TASK, spec, "hand-object", 0.05)).prior
     assert loaded == spec
     trained = spec.load(TASK, 10, lambda _: bare).infer(stack_observations([observation])).embeddings
     deployed = loaded.load(TASK, 10, lambda _: bare).infer(stack_observations([observation])).embeddings
@@ -131,56 +151,58 @@ def test_a_prior_without_embeddings_deploys_with_the_projection_it_trained_on() 
     assert unprojected.infer(stack_observations([observation])).embeddings is None
 
 
-def test_a_manifest_without_a_deployment_block_is_a_one_line_error(trained, tmp_path) -> None:
+def test_an_older_or_broken_manifest_is_a_one_line_error(trained, tmp_path) -> None:
+    """A manifest of the two layouts before the one writer (no ``format``) says how to rewrite it; a current one
+    missing a field names it."""
     url, version = trained
     store = ExperienceStore(url)
     source = _checkpoint(store, version)
-    old = tmp_path / "old"
-    old.mkdir()
-    for name in ("actor_critic.safetensors", "rl_token.safetensors"):
-        (old / name).write_bytes((source / name).read_bytes())
-    manifest = load_rlt_checkpoint(source).manifest
-    (old / MANIFEST_FILE).write_text(
-        json.dumps({key: value for key, value in manifest.items() if key != "deployment"})
-    )
-    with pytest.raises(PolicySpecError, match="RLT manifest: no valid 'deployment' block"):
-        load(str(old), task=TASK, store=store)
+    manifest = json.loads((source / MANIFEST_FILE).read_text())
+    older = {key: value for key, value in manifest.items() if key not in ("format", "config", "token")}
+    for name, document, message in (
+        ("older", older, "written by an older flywheel .* retrain it with the same `flywheel rlt` command"),
+        (
+            "broken",
+            {k: v for k, v in manifest.items() if k != "deployment"},
+            "rlt.json deployment: Field required",
+        ),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("actor_critic.safetensors", "rl_token.safetensors"):
+            (folder / file).write_bytes((source / file).read_bytes())
+        (folder / MANIFEST_FILE).write_text(json.dumps(document))
+        with pytest.raises(PolicySpecError, match=message) as error:
+            load(str(folder), task=TASK, store=store)
+        assert "\n" not in str(error.value)
 
 
-def test_a_pipeline_rlt_checkpoint_loads_and_collects(tmp_path) -> None:
-    """The pipeline's RLT stage (``run_rlt``, tiny budget, distance hand-off) writes the same checkpoint format;
-    ``load`` rebuilds it with its hand-off, the actor acts once the hand is near the peg, and the
-    collected episodes name the RLT version."""
+def test_a_pipeline_rlt_checkpoint_loads_and_collects(trained, tmp_path) -> None:
+    """The pipeline's RLT stage (``run_rlt``, tiny budget, distance hand-off) writes the manifest ``flywheel rlt``
+    writes, field for field; ``load`` rebuilds it with its hand-off, the actor acts once the hand is near the
+    peg, and the collected episodes name the RLT version."""
     url = f"sqlite:///{tmp_path / 'pipeline.db'}"
     store = ExperienceStore(url)
     store.upgrade()
     prior = PriorSpec("scripted-noise0.3", 0.3, 0)
     store.register_policy_version(prior.version, kind="scripted", metadata={"noise_std": 0.3})
-    settings = RLTSettings(
-        warmup_episodes=1,
-        env_steps=30,
-        eval_every_steps=0,
-        eval_episodes=1,
-        token_steps=5,
-        handoff_distance=0.1,
-        net_arch=(32, 32),
-        batch_size=16,
-        learning_starts=16,
+    config = RLTConfig.model_validate(
+        {
+            "handoff_distance": 0.1,
+            "online": {"warmup_episodes": 1, "total_env_steps": 30, "eval_episodes": 1, "token_steps": 5},
+            "learner": {"net_arch": [32, 32], "batch_size": 16, "learning_starts": 16},
+        }
     )
     env = EnvConfig(task=TASK, render=False, max_episode_steps=150, seed=0)  # hand near the peg by ~100
     version = "rlt:tiny/iter-0001"
     load_version = lambda spec: load(spec, task=TASK, store=store)  # noqa: E731 (unused: the prior is scripted)
-    run_rlt(
-        store,
-        prior,
-        load_version,
-        env,
-        settings,
-        version=version,
-        run_id="rlt-run",
-        folder=tmp_path / "rlt",
-        seed=0,
-    )
+    stage = RLTStage(store, prior, load_version, env, config, version, "rlt-run", tmp_path / "rlt", seed=0)
+    result = run_rlt(stage)
+    assert result.manifest == read_rlt_manifest(tmp_path / "rlt") and result.manifest.rl_version == version
+    cli = json.loads((_checkpoint(ExperienceStore(trained[0]), trained[1]) / MANIFEST_FILE).read_text())
+    assert set(json.loads((tmp_path / "rlt" / MANIFEST_FILE).read_text())) == set(cli)
+    assert result.manifest.config == config and result.manifest.env == env
+    assert [stats.mode for stats in result.episode_stats][:1] == ["prior"] and result.manifest.env_steps >= 30
 
     policy = load(version, task=TASK, store=store)
     assert load(str(tmp_path / "rlt"), store=store).version == version, "the manifest names the version"
@@ -226,7 +248,7 @@ def test_serve_an_rlt_version_and_name_the_missing_privileged_state(trained) -> 
 
 
 def test_the_pipeline_rebuilds_a_flywheel_rlt_checkpoint(trained) -> None:
-    """``load_rlt_policy`` (the pipeline's loader) reads ``flywheel rlt``'s manifest too, so the pipeline can
+    """``load_rlt_policy`` (the pipeline's loader) rebuilds ``flywheel rlt``'s checkpoint too, so the pipeline can
     deploy such a checkpoint's version as its prior."""
     url, version = trained
     store = ExperienceStore(url)

@@ -62,30 +62,30 @@ def test_rlt_command_runs_online_commits_episodes_and_saves_a_checkpoint(tmp_pat
     assert modes[:2] == ["prior", "prior"] and modes.count("learner") >= 2
     assert modes[-2:] == ["prior", "eval"], "the prior and RLT are evaluated on the same seed"
     checkpoint = load_rlt_checkpoint(first)
-    rl_version = checkpoint.manifest["rl_version"]
+    rl_version = checkpoint.manifest.rl_version
     _assert_versions_follow_the_handoff(records, rl_version)
     assert checkpoint.deployment.prior.version == "scripted-noise0.3"
-    assert checkpoint.manifest["env"]["task"] == "peg-insert-side-v3"
-    assert checkpoint.manifest["env"]["success_tolerance"] is None
+    assert checkpoint.manifest.env.task == "peg-insert-side-v3"
+    assert checkpoint.manifest.env.success_tolerance is None
     assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.token.config.num_tokens == 8
     assert {row["version"] for row in store.policy_versions()} >= {rl_version, "scripted-noise0.3"}
     evaluation = records[-1]  # the critic is checked on every critical chunk of RLT's evaluation episodes
     critical_starts = np.asarray(evaluation.metadata["critical_phase"], bool) & (
         evaluation.chunk_offsets == 0
     )
-    calibration = checkpoint.manifest["critic_calibration"]
-    assert calibration["chunks"] == critical_starts.sum() > 0
-    assert calibration["bias"] == pytest.approx(calibration["mean_q"] - calibration["mean_return"])
-    assert f"critic on RLT's evaluation chunks ({calibration['chunks']})" in output.replace("\n", " ")
+    calibration = checkpoint.manifest.critic_calibration
+    assert calibration.chunks == critical_starts.sum() > 0
+    assert calibration.bias == pytest.approx(calibration.mean_q - calibration.mean_return)
+    assert f"critic on RLT's evaluation chunks ({calibration.chunks})" in output.replace("\n", " ")
 
     second = tmp_path / "second"
     output = _invoke("--db", url, "--env-steps", "30", "--warmup-episodes", "0", "--output", str(second))
     assert f"{len(records)} stored + 0 fresh warm-up episodes" in output
-    assert load_rlt_checkpoint(second).manifest["stored_episodes"] == len(records)
+    assert load_rlt_checkpoint(second).manifest.stored_episodes == len(records)
     client = MlflowClient(default_mlflow_uri())  # each run is logged to the (embedded) tracking store
     experiment = client.get_experiment_by_name("flywheel/rlt")
     logged = {run.data.tags["policy_version"]: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(logged) == {rl_version, load_rlt_checkpoint(second).manifest["rl_version"]}
+    assert set(logged) == {rl_version, load_rlt_checkpoint(second).manifest.rl_version}
     assert logged[rl_version].data.params["prior"] == "scripted-noise0.3"
     assert logged[rl_version].data.metrics["eval_episodes"] == 1
 
@@ -109,8 +109,8 @@ def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
     args = ["--db", url, "--env-steps", str(budget), "--warmup-episodes", "2", "--output", str(output_dir)]
     output = _invoke(*args, "--workers", str(workers))
     checkpoint = load_rlt_checkpoint(output_dir)
-    rl_version = checkpoint.manifest["rl_version"]
-    assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.manifest["workers"] == workers
+    rl_version = checkpoint.manifest.rl_version
+    assert checkpoint.learner.chunk_shape == (10, 4) and checkpoint.manifest.workers == workers
     records = list(ExperienceStore(url).iter_episodes(task="peg-insert-side-v3"))
     modes = [record.metadata["mode"] for record in records]
     assert modes[:2] == ["prior", "prior"] and modes[-2:] == ["prior", "eval"], modes  # warm-up … evaluations
@@ -119,7 +119,7 @@ def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
     online_steps = sum(record.length for record in online)
     assert budget <= online_steps < budget + workers * episode_steps, "only the last round overshoots"
     warmup_steps = sum(r.length for r in records[:2])
-    assert checkpoint.manifest["env_steps"] == warmup_steps + online_steps
+    assert checkpoint.manifest.env_steps == warmup_steps + online_steps
     assert f"{warmup_steps + online_steps} env steps" in output and f"{len(online)} online episodes" in output
     # worker i plays on loop seed 0 + 1 + i, and its episode seeds are loop seed × 1_000_003 + episode index
     assert {record.seed // 1_000_003 for record in online} == {1, 2}, "both rollout actors contributed"
@@ -138,7 +138,23 @@ def test_negative_workers_are_refused(tmp_path) -> None:
     ("args", "message"),
     [
         (["--task", "peg-insert-v9"], "error: task: unknown Meta-World task 'peg-insert-v9'"),
-        (["--task", "peg-insert-side-v3", "--handoff", "elbow"], "error: hand-off pair: expected one of"),
+        (
+            ["--task", "peg-insert-side-v3", "--handoff", "elbow"],
+            "error: handoff: expected 'always' or a pair of",
+        ),
+        (
+            ["--task", "peg-insert-side-v3", "--set", "learner.beta=-1"],
+            "error: learner.beta: Input should be greater than or equal to 0",
+        ),
+        (
+            ["--task", "peg-insert-side-v3", "--set", "learner.n_critic=5"],
+            "error: learner.n_critic: Extra inputs are not permitted",
+        ),
+        (["--task", "peg-insert-side-v3", "--set", "beta"], "error: --set beta: expected KEY=VALUE"),
+        (
+            ["--task", "peg-insert-side-v3", "--set", "learner.stride=3"],
+            "error: learner: stride: expected a divisor of chunk_size 10, got 3",
+        ),
         (
             ["--task", "peg-insert-side-v3", "--prior", "v9"],
             "error: --prior: policy 'v9': no such version registered",
@@ -168,4 +184,4 @@ def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> N
         *args, "--db", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c")
     )
     manifest = load_rlt_checkpoint(tmp_path / "c").manifest
-    assert manifest["env"]["task"] == "reach-v3" and manifest["env"]["success_tolerance"] == 0.005
+    assert manifest.env.task == "reach-v3" and manifest.env.success_tolerance == 0.005

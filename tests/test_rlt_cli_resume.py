@@ -58,8 +58,8 @@ def test_sigkilled_rlt_run_resumes_from_its_last_learner_state(tmp_path):
     resumed_from = int(re.search(r"resumed from env step (\d+)", text).group(1))
     assert stopped_at <= resumed_from < 400  # the step counter continues, it does not restart from 0
     checkpoint = load_rlt_checkpoint(output)
-    assert checkpoint.manifest["rl_version"] == version
-    assert checkpoint.manifest["resumed_from_env_step"] == resumed_from
+    assert checkpoint.manifest.rl_version == version
+    assert checkpoint.manifest.resumed_from_env_step == resumed_from
     reported = re.search(r"(\d+) online episodes, (\d+) updates", text)
     assert int(reported.group(2)) > updates  # the learner's update counter continued
     assert not state_file.parent.exists()  # a saved checkpoint leaves no learner state behind

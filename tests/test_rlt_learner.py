@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from envs import EnvConfig
 from rlt.buffer import ChunkTransition, chunk_backup
-from rlt.checkpoint import load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.checkpoint import RLTManifest, load_rlt_checkpoint, save_rlt_checkpoint
+from rlt.config import RLTConfig
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.errors import CriticDivergedError, NonChunkActionError, RLTInputError
 from rlt.rl_token import RLToken, RLTokenConfig
@@ -129,7 +131,7 @@ def test_min_actor_q_climbs_the_lower_of_the_twin_critics() -> None:
     assert learners["min"].q_values(states, references, chunks) == pytest.approx(
         torch.minimum(q1, q2).squeeze(1).numpy(), rel=1e-4
     )
-    with pytest.raises(RLTInputError, match="actor_q"):
+    with pytest.raises(ValidationError, match="actor_q"):
         LearnerConfig(actor_q="max")  # type: ignore[arg-type]
 
 
@@ -146,7 +148,7 @@ def test_zero_q_weight_leaves_only_the_regression_toward_the_reference() -> None
         losses = {weight: learner.actor_loss(observations).item() for weight, learner in learners.items()}
     assert losses[0.0] == pytest.approx(0.5 * regression, rel=1e-5)
     assert losses[1.0] == pytest.approx(0.5 * regression - q1, rel=1e-5)
-    with pytest.raises(RLTInputError, match="q_weight"):
+    with pytest.raises(ValidationError, match="q_weight"):
         LearnerConfig(q_weight=-1.0)
 
 
@@ -202,23 +204,35 @@ def test_residual_mode_starts_at_the_reference_and_stays_within_its_scale() -> N
     chunks = learner.act(states, references)
     assert not np.allclose(chunks, references, atol=1e-6), "the residual learns"
     assert np.abs(chunks - references).max() <= 0.1 + 1e-5
-    with pytest.raises(RLTInputError, match="residual_scale"):
+    with pytest.raises(ValidationError, match="residual_scale"):
         LearnerConfig(residual_scale=0.0)
 
 
 def test_rlt_checkpoint_round_trips_and_a_diverged_learner_writes_nothing(tmp_path) -> None:
     learner, token = _learner(), RLToken(RLTokenConfig(num_tokens=2, embed_dim=4, z_dim=STATE_DIM))
     deployment = RLTDeployment("t", PriorSpec("vla-3", None, 0), "hand-object", 0.05)
-    save_rlt_checkpoint(tmp_path / "ok", learner, token, deployment, {"note": "n"})
+    manifest = RLTManifest(
+        rl_version="v",
+        deployment=deployment,
+        config=RLTConfig(),
+        env=EnvConfig(task="reach-v3", render=False),
+        token=token.config,
+        env_steps=0,
+        online_episodes=0,
+        stored_episodes=0,
+        updates=0,
+        replay_chunks=0,
+    )
+    save_rlt_checkpoint(tmp_path / "ok", learner, token, manifest)
     loaded = load_rlt_checkpoint(tmp_path / "ok")
     states, references = np.zeros((1, STATE_DIM)), np.zeros((1, CHUNK, ACTION_DIM))
     np.testing.assert_allclose(loaded.learner.act(states, references), learner.act(states, references))
-    assert loaded.manifest["note"] == "n" and loaded.deployment == deployment
+    assert loaded.manifest == manifest and loaded.deployment == deployment
     assert loaded.token.config == token.config
     with torch.no_grad():
         next(learner.critic.parameters()).fill_(float("nan"))
     with pytest.raises(CriticDivergedError):
-        save_rlt_checkpoint(tmp_path / "bad", learner, token, deployment)
+        save_rlt_checkpoint(tmp_path / "bad", learner, token, manifest)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ok"]
     with pytest.raises(RLTInputError, match="missing"):
         load_rlt_checkpoint(tmp_path)
@@ -286,7 +300,7 @@ def test_a_checkpoint_from_before_state_normalization_loads_with_raw_states(tmp_
     learner.update(2)
     config = {
         k: v
-        for k, v in dataclasses.asdict(learner.config).items()
+        for k, v in learner.config.model_dump(mode="json").items()
         if k not in ("normalize_state", "q_weight")
     }
     tensors = {

@@ -56,6 +56,7 @@ def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> Onlin
             warmup_episodes=2,
             total_env_steps=30,
             token_steps=5,
+            record_images=True,
         ),
         LearnerConfig(batch_size=4, learning_starts=4, net_arch=(32, 32)),
         on_episode=records.append,

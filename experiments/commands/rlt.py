@@ -1,11 +1,12 @@
 """``flywheel rlt``: refine a frozen prior with RLT online on a Meta-World task, committing every episode.
 
-The online phase runs in this process or, with ``--workers N``, on Ray (``experiments.rlt_training``).
+The command is one run of the pipeline's RLT stage (``experiments.pipeline_rlt.run_rlt``) plus its progress bar,
+printed comparison and MLflow record. Its settings are ``rlt.config.RLTConfig`` (the pipeline config's ``rlt:``
+block): read from ``--config``, then the typed flags, then ``--set key=value``, validated once by that model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -15,26 +16,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from experiments.paths import checkpoints_dir, default_store_url
+from experiments.validation import UserError, first_error
+from rlt.config import RLTConfig
 
 if TYPE_CHECKING:
     from envs import EnvConfig
-    from experiments.rlt_training import OnlineRun, RLTLoopFactory
+    from experiments.pipeline_rlt import RLTResult
     from policies.base import Policy
+    from rlt.checkpoint import RLTManifest
     from rlt.deployment import PriorSpec
-    from rlt.diagnostics import CriticCalibration
-    from rlt.online import OnlineRLT
-    from storage import EpisodeRecord, ExperienceStore
+    from storage import ExperienceStore
 
 app = typer.Typer(help="RLT: online RL on top of a frozen prior.", no_args_is_help=True)
 console = Console()
 
-Z_DIM = 32  # width of the RL token bottleneck z_rl
 RUN_FILE = "run.json"  # next to the learner state: the interrupted run's version and stored-episode count
+
+
+def _field(path: str) -> Any:
+    """The ``RLTConfig`` field at a dotted ``path`` (``learner.beta``)."""
+    model: Any = RLTConfig
+    *blocks, name = path.split(".")
+    for block in blocks:
+        model = model.model_fields[block].annotation
+    return model.model_fields[name]
+
+
+def _help(path: str, extra: str = "") -> str:
+    """A typed flag's help: the config field's description, its key and its default (defined in rlt.config)."""
+    field = _field(path)
+    return f"{field.description}{extra} (--set {path}=…; default {field.default})"
 
 
 @app.command("rlt")
@@ -47,33 +63,52 @@ def rlt(
             "state), a registered policy version, a VLA checkpoint directory or openpi:ws://host:port"
         ),
     ] = "scripted",
-    env_steps: Annotated[int, typer.Option(min=1, help="Online env-step budget after warm-up")] = 20_000,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML settings: an RLT block (handoff, z_dim, online:, learner: — rlt.config.RLTConfig) or a "
+            "pipeline config whose rlt: block is used; flags and --set override it",
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="KEY=VALUE for any setting, e.g. --set learner.n_critics=5 --set online.exploration=offset "
+            "(repeatable; keys and defaults in docs/rlt.md)",
+        ),
+    ] = None,
+    env_steps: Annotated[int | None, typer.Option(help=_help("online.total_env_steps"))] = None,
+    warmup_episodes: Annotated[int | None, typer.Option(help=_help("online.warmup_episodes"))] = None,
+    eval_episodes: Annotated[
+        int | None,
+        typer.Option(
+            help=_help("online.eval_episodes", "; the prior and RLT are compared on as many at the end")
+        ),
+    ] = None,
+    token_steps: Annotated[int | None, typer.Option(help=_help("online.token_steps"))] = None,
+    handoff: Annotated[str | None, typer.Option(help=_help("handoff"))] = None,
+    handoff_distance: Annotated[
+        float | None, typer.Option(help=_help("handoff_distance", " (≤ 0: RLT acts from the start)"))
+    ] = None,
+    chunk_size: Annotated[int | None, typer.Option(help=_help("learner.chunk_size"))] = None,
+    learning_starts: Annotated[int | None, typer.Option(help=_help("learner.learning_starts"))] = None,
+    beta: Annotated[float | None, typer.Option(help=_help("learner.beta"))] = None,
+    utd_ratio: Annotated[int | None, typer.Option(help=_help("learner.utd_ratio"))] = None,
+    residual_scale: Annotated[float | None, typer.Option(help=_help("learner.residual_scale"))] = None,
+    device: Annotated[str | None, typer.Option(help=_help("learner.device"))] = None,
     store: Annotated[
         str | None, typer.Option("--db", help="Experience store URL (default: the embedded SQLite store)")
     ] = None,
     stored_episodes: Annotated[
         int, typer.Option(min=0, help="Warm up on at most this many stored episodes of the task too")
     ] = 50,
-    warmup_episodes: Annotated[int, typer.Option(min=0, help="Fresh prior-only warm-up episodes")] = 10,
     prior_noise: Annotated[float, typer.Option(min=0.0, help="Action noise of the scripted prior")] = 0.3,
-    handoff: Annotated[
-        str, typer.Option(help="Distance that hands off to RLT: a pair of envs.metaworld_env.HANDOFF_PAIRS")
-    ] = "hand-object",
-    handoff_distance: Annotated[
-        float, typer.Option(help="Hand off once that distance is below this (≤ 0: RLT acts from the start)")
-    ] = 0.05,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Action chunk length C")] = 10,
-    token_steps: Annotated[int, typer.Option(min=1, help="Gradient steps fitting the RL token")] = 2000,
-    learning_starts: Annotated[
-        int,
-        typer.Option(min=1, help="Chunk transitions in replay before the first update (RLT acts after it)"),
-    ] = 256,
     episode_steps: Annotated[
         int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
     ] = 200,
-    eval_episodes: Annotated[
-        int, typer.Option(min=1, help="Evaluation episodes of the prior and of RLT at the end")
-    ] = 20,
     success_tolerance: Annotated[
         float | None,
         typer.Option(help="Harder-tolerance variant: success within this distance (reach/push/pick-place)"),
@@ -91,9 +126,6 @@ def rlt(
         ),
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
-    device: Annotated[
-        str, typer.Option(help="Where the RL token and the actor-critic train: cpu, cuda, mps or auto")
-    ] = "auto",
     resume: Annotated[
         bool,
         typer.Option(
@@ -104,9 +136,9 @@ def rlt(
 ) -> None:
     """Run RLT online: warm up (stored + fresh prior episodes), fit the RL token, then learn online.
 
-    With --workers N the warm-up and training run in a learner actor and N rollout actors play the online
-    episodes with its newest weights (pulled between episodes), until their env steps reach --env-steps;
-    evaluation, checkpoint and store writes are as without Ray.
+    One run of the pipeline's RLT stage. With --workers N the warm-up and training run in a learner actor and N
+    rollout actors play the online episodes with its newest weights (pulled between episodes), until their env
+    steps reach --env-steps; evaluation, checkpoint and store writes are as without Ray.
 
     Every episode — warm-up, online and evaluation — is committed to the store with per-step policy versions
     (the prior before the hand-off, this run's RLT version after it, none on human steps) and the per-step
@@ -118,56 +150,59 @@ def rlt(
     version, skipping episodes the interrupted run already committed; the state is removed once the version's
     checkpoint is saved.
     """
-    from actors.sinks import StoreSink
     from envs import EnvConfig
-    from envs.metaworld_env import HANDOFF_PAIRS
-    from experiments.rlt_training import RLTLoopFactory
+    from experiments.pipeline_rlt import RLTStage, run_rlt
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
     from policies.device import DeviceError, resolve_device
-    from rlt.checkpoint import save_rlt_checkpoint
-    from rlt.deployment import RLTDeployment
-    from rlt.diagnostics import critic_calibration
+    from policies.train_state import STATE_FILE
     from rlt.errors import CriticDivergedError, RLTInputError
-    from rlt.online import OnlineConfig
-    from rlt.phase import handoff_switch
-    from rlt.td3 import LearnerConfig
 
+    flags = {
+        "online.total_env_steps": env_steps,
+        "online.warmup_episodes": warmup_episodes,
+        "online.eval_episodes": eval_episodes,
+        "online.token_steps": token_steps,
+        "handoff": handoff,
+        "handoff_distance": handoff_distance,
+        "learner.chunk_size": chunk_size,
+        "learner.learning_starts": learning_starts,
+        "learner.beta": beta,
+        "learner.utd_ratio": utd_ratio,
+        "learner.residual_scale": residual_scale,
+        "learner.device": device,
+    }
+    if handoff_distance is not None and handoff_distance <= 0:
+        flags |= {"handoff": "always", "handoff_distance": None}
+    config = rlt_config(
+        config_file, {key: value for key, value in flags.items() if value is not None}, overrides
+    )
+    env_config = EnvConfig(  # a ValidationError is reported by the CLI's root handler
+        task=task,
+        render=False,
+        reward="sparse",
+        terminate_on_success=True,
+        max_episode_steps=episode_steps,
+        seed=seed,
+        success_tolerance=success_tolerance,
+    )
     try:
-        env_config = EnvConfig(
-            task=task,
-            render=False,
-            reward="sparse",
-            terminate_on_success=True,
-            max_episode_steps=episode_steps,
-            seed=seed,
-            success_tolerance=success_tolerance,
-        )
-        switch = handoff_switch(HANDOFF_PAIRS, handoff, handoff_distance)
-        learner_config = LearnerConfig(
-            chunk_size=chunk_size,
-            learning_starts=learning_starts,
-            seed=seed,
-            device=str(resolve_device(device)),
-        )
+        resolve_device(config.learner.device)
     except DeviceError as error:
-        _fail(str(error))
-    except RLTInputError as error:
-        _fail(str(error))
+        raise UserError(f"learner.device: {error}") from None
     experience = _open_store(store)
-    prior_spec, policy, env_config = _load_prior(prior, env_config, experience, prior_noise, chunk_size, seed)
-    key = {"env": env_config, "prior": policy.version, "noise": prior_noise, "handoff": handoff}
-    key |= {"handoff_distance": handoff_distance, "env_steps": env_steps, "stored": stored_episodes}
-    key |= {"warmup": warmup_episodes, "token_steps": token_steps, "learner": learner_config}
-    key |= {"output": output.resolve() if output else None, "store": experience.url}
+    prior_spec, load_version, env_config = _load_prior(prior, env_config, experience, prior_noise, seed)
+    key = {"env": env_config, "prior": prior_spec.version, "noise": prior_noise, "config": config}
+    key |= {
+        "stored": stored_episodes,
+        "output": output.resolve() if output else None,
+        "store": experience.url,
+    }
     state_dir = None if workers else _state_dir(key, resume)
     started = _started_run(state_dir)
     rl_version = started.get("rl_version") or f"rlt-{env_config.task}-{uuid.uuid4().hex[:8]}"
     directory = output or checkpoints_dir() / rl_version
     if directory.exists():
-        _fail(f"--output {directory}: already exists")
-    experience.register_policy_version(
-        rl_version, kind="rlt", uri=str(directory.resolve()), parent=policy.version
-    )
+        raise UserError(f"--output {directory}: already exists")
     records = (
         []
         if started
@@ -180,58 +215,87 @@ def rlt(
         state_dir.mkdir(parents=True, exist_ok=True)
         run_info = {"rl_version": rl_version, "stored_episodes": stored_count}
         (state_dir / RUN_FILE).write_text(json.dumps(run_info))
-    config = OnlineConfig(
-        task=env_config.task,
-        env_id=f"metaworld/{env_config.task}",
-        warmup_episodes=warmup_episodes,
-        total_env_steps=env_steps,
-        token_steps=token_steps,
-        record_images=env_config.render,
-        rl_version=rl_version,
-        seed=seed,
-    )
-    sink = StoreSink(experience.url) if workers else None  # in process: episode_writer (_train_and_evaluate)
-    factory = RLTLoopFactory(env_config, policy, switch, Z_DIM, config, learner_config, on_episode=sink)
-    try:
-        run, prior_rate, rlt_rate = _train_and_evaluate(
-            factory, seed, workers, records, eval_episodes, progress, state_dir, experience
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        stage = RLTStage(
+            experience,
+            prior_spec,
+            load_version,
+            env_config,
+            config,
+            version=rl_version,
+            run_id=rl_version,
+            folder=directory,
+            seed=seed,
+            records=records,
+            stored_episodes=stored_count,
+            state_path=state_dir / STATE_FILE if state_dir is not None else None,
+            workers=workers,
+            final_eval_episodes=config.online.eval_episodes,
+            progress=_Bar(bar, config.online.warmup_episodes, config.online.total_env_steps),
         )
-        calibration = critic_calibration(run.loop.learner, run.loop.encoder, run.loop.last_evaluation)
-        manifest = {
-            "rl_version": rl_version,
-            "env_steps": run.env_steps,
-            "workers": workers,
-            "stored_episodes": stored_count,
-            "resumed_from_env_step": started.get("env_steps"),
-            "env": env_config.model_dump(mode="json"),
-            "eval": {"episodes": eval_episodes, "prior_success": prior_rate, "rlt_success": rlt_rate},
-            "critic_calibration": dataclasses.asdict(calibration),
-        }
-        deployment = RLTDeployment.with_handoff(env_config.task, prior_spec, handoff, handoff_distance)
-        save_rlt_checkpoint(directory, run.loop.learner, run.loop.token, deployment, manifest)
-    except (RLTInputError, CriticDivergedError) as error:
-        _fail(f"{error} (no checkpoint written)", code=1)
+        try:
+            result = run_rlt(stage)
+        except (RLTInputError, CriticDivergedError) as error:
+            _fail(f"{error} (no checkpoint written)")
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
-    successes = round(rlt_rate * eval_episodes)
-    experience.write_evaluation(rl_version, env_config.task, eval_episodes, successes)
+    manifest = result.manifest
+    evaluation = manifest.evaluation
+    experience.write_evaluation(
+        rl_version, env_config.task, evaluation.episodes, round(evaluation.rlt_success * evaluation.episodes)
+    )
     log_command_run(
         "rlt",
-        manifest | {"learner": dataclasses.asdict(learner_config), "prior": policy.version},
-        {"prior_success": prior_rate, "rlt_success": rlt_rate, "eval_episodes": eval_episodes}
-        | {"env_steps": run.env_steps, "online_episodes": run.online_episodes},
-        {POLICY_VERSION_TAG: rl_version, "prior_version": policy.version, "task": env_config.task},
+        manifest.model_dump(mode="json", exclude={"curve", "episodes"}) | {"prior": prior_spec.version},
+        {"prior_success": evaluation.prior_success, "rlt_success": evaluation.rlt_success}
+        | {"eval_episodes": evaluation.episodes, "env_steps": manifest.env_steps}
+        | {"online_episodes": manifest.online_episodes},
+        {POLICY_VERSION_TAG: rl_version, "prior_version": prior_spec.version, "task": env_config.task},
     )
-    if started:
-        console.print(f"resumed from env step {started['env_steps']} of an interrupted run")
-    _report(rl_version, policy.version, directory, run, stored_count, eval_episodes, prior_rate, rlt_rate)
-    _report_critic(calibration)
+    _report(result, prior_spec.version)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Print one ``error: …`` line and exit (2: bad input, 1: the run failed)."""
+def rlt_config(file: Path | None, flags: dict[str, Any], overrides: list[str] | None) -> RLTConfig:
+    """``RLTConfig`` from ``file`` (an RLT block or a pipeline config's ``rlt:``), then ``flags`` and ``overrides``
+    (``key=value``, dotted keys, YAML values) on top; any problem is a one-line ``UserError`` naming the key."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"--config {file}: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {file}: expected a mapping of RLT settings")
+        data = loaded.get("rlt", {}) if "tasks" in loaded else loaded
+    for override in overrides or []:
+        path, equals, text = override.partition("=")
+        if not equals or not path.strip():
+            raise UserError(f"--set {override}: expected KEY=VALUE, e.g. learner.beta=0.5")
+        flags = flags | {path.strip(): yaml.safe_load(text)}
+    for path, value in flags.items():
+        *blocks, name = path.split(".")
+        target = data
+        for block in blocks:
+            target = target.setdefault(block, {})
+            if not isinstance(target, dict):
+                raise UserError(f"{path}: {block} is a block of settings, not a value")
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    try:
+        return RLTConfig.model_validate(data)
+    except ValidationError as error:
+        raise UserError(first_error(error)) from None
+
+
+def _fail(message: str) -> NoReturn:
+    """Print one ``error: …`` line and exit 1 (the run failed)."""
     console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(1)
 
 
 def _state_dir(key: dict[str, Any], resume: bool) -> Path:
@@ -245,25 +309,25 @@ def _state_dir(key: dict[str, Any], resume: bool) -> Path:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, RLTConfig):  # where it runs does not change what it learns
+        return value.model_dump(mode="json", exclude={"learner": {"device"}})
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value) | {"device": None}  # where it runs does not change what it learns
     return str(value)
 
 
 def _started_run(state_dir: Path | None) -> dict[str, Any]:
-    """What an interrupted attempt recorded once it had saved a learner state: its version, stored episodes
-    used and the env step it reached (``env_steps``); empty for a fresh run."""
+    """What an interrupted attempt recorded once it had saved a learner state: its version and the stored
+    episodes it used; empty for a fresh run."""
     from policies.train_state import STATE_FILE, TrainStateError, load_state
 
-    try:
-        state = load_state(state_dir / STATE_FILE) if state_dir is not None else None
-    except TrainStateError as error:
-        _fail(f"{error} (--no-resume starts over)")
-    if state is None:
+    if state_dir is None:
         return {}
-    return json.loads((state_dir / RUN_FILE).read_text()) | state["counters"]
+    try:
+        state = load_state(state_dir / STATE_FILE)
+    except TrainStateError as error:
+        raise UserError(f"{error} (--no-resume starts over)") from None
+    return {} if state is None else json.loads((state_dir / RUN_FILE).read_text())
 
 
 def _open_store(url: str | None) -> ExperienceStore:
@@ -273,15 +337,15 @@ def _open_store(url: str | None) -> ExperienceStore:
         experience = ExperienceStore(url or default_store_url())
         experience.upgrade()
     except (ValueError, ImportError, StoreError) as error:
-        _fail(f"--db: {error}")
+        raise UserError(f"--db: {error}") from None
     return experience
 
 
 def _load_prior(
-    spec: str, env_config: EnvConfig, store: ExperienceStore, noise: float, chunk_size: int, seed: int
-) -> tuple[PriorSpec, Policy, EnvConfig]:
-    """The prior as saved in the deployment block, the prior itself (with embeddings) and the env config it
-    needs (cameras for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
+    spec: str, env_config: EnvConfig, store: ExperienceStore, noise: float, seed: int
+) -> tuple[PriorSpec, Callable[[str], Policy], EnvConfig]:
+    """The prior as the deployment block saves it, how the stage loads it and the env config it needs (cameras
+    for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
     from envs import MetaWorldEnv
     from envs.scripted import scripted_version
     from experiments.policy_loader import PolicySpecError, load, register, resolve
@@ -289,19 +353,15 @@ def _load_prior(
     from policies.checkpoint import CheckpointError
     from rlt.deployment import PriorSpec
 
-
-    def load_version(version: str) -> Policy:
-        return load(version, task=env_config.task, store=store, seed=seed)
-
     if spec == "scripted":
         prior = PriorSpec(scripted_version(noise), noise, seed)
         register(store, resolve(spec, noise=noise), prior.version)
-        return prior, prior.load(env_config.task, chunk_size, load_version), env_config
+        return prior, lambda version: load(version, task=env_config.task, store=store, seed=seed), env_config
     try:
         source = resolve(spec, store)
         policy = load(source, task=env_config.task, store=store, seed=seed)
     except (PolicySpecError, CheckpointError) as error:
-        _fail(f"--prior: {error}")
+        raise UserError(f"--prior: {error}") from None
     register(store, source, policy.version)
     vla = getattr(policy, "low_level", policy)
     if hasattr(vla, "config"):
@@ -311,12 +371,11 @@ def _load_prior(
         )
     probe = MetaWorldEnv(env_config).reset(seed=seed)[0]
     projected = policy.infer(stack_observations([probe])).embeddings is None
-    prior = PriorSpec(policy.version, None, seed, projected_embeddings=projected)
-    return prior, prior.load(env_config.task, chunk_size, lambda _: policy), env_config
+    return PriorSpec(policy.version, None, seed, projected_embeddings=projected), lambda _: policy, env_config
 
 
 class _Bar:
-    """The progress bar's two counters: fresh warm-up episodes, then online env steps."""
+    """The progress bar's two counters: fresh warm-up episodes, then online env steps (``TrainingProgress``)."""
 
     def __init__(self, bar: Progress, warmup_episodes: int, env_steps: int) -> None:
         self.bar = bar
@@ -332,69 +391,33 @@ class _Bar:
         self.bar.start_task(self.online)
         self.bar.advance(self.online, env_steps)
 
-
-def _train_and_evaluate(
-    factory: RLTLoopFactory,
-    seed: int,
-    workers: int,
-    records: list,
-    eval_episodes: int,
-    show: bool,
-    state_dir: Path | None,
-    store: ExperienceStore,
-) -> tuple[OnlineRun, float, float]:
-    """Train under a progress bar (on Ray with ``workers`` > 0); return the run and (prior, RLT) success on
-    the same evaluation seeds. In process the learner state goes to ``state_dir`` and episodes are committed
-    under the run's version with ids from their index (a resumed run skips those already stored)."""
-    from experiments.pipeline_rlt import episode_writer
-    from experiments.rlt_training import train_in_process, train_on_ray
-    from policies.train_state import STATE_FILE
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not show) as bar:
-        display = _Bar(bar, factory.config.warmup_episodes, factory.config.total_env_steps)
-        if workers:
-            run = train_on_ray(factory, seed, workers, records, display)
-        else:
-            version = factory.config.rl_version
-
-            def sink_for(loop: OnlineRLT) -> Callable[[EpisodeRecord], None]:
-                return episode_writer(store, version, lambda: loop.episode_index)
-
-            state_path = state_dir / STATE_FILE if state_dir is not None else None
-            run = train_in_process(factory, seed, records, display, state_path=state_path, sink_for=sink_for)
-        bar.update(display.online, description="evaluating")
-        return run, run.loop.evaluate(eval_episodes, mode="prior"), run.loop.evaluate(eval_episodes)
+    def evaluating(self) -> None:
+        """Say the final evaluation runs."""
+        self.bar.update(self.online, description="evaluating")
 
 
-def _report_critic(calibration: CriticCalibration) -> None:
-    """One line: is the critic's value of RLT's evaluation chunks what actually followed them?"""
-    console.print(
-        f"critic on RLT's evaluation chunks ({calibration.chunks}): Q {calibration.mean_q:.3f} vs discounted "
-        f"return {calibration.mean_return:.3f} (Q − return {calibration.bias:+.3f}), "
-        f"Spearman {calibration.spearman:.2f}; Q far above the return means the actor climbs the critic's errors"
-    )
-
-
-def _report(
-    rl_version: str,
-    prior_version: str,
-    directory: Path,
-    run: OnlineRun,
-    stored: int,
-    episodes: int,
-    prior_rate: float,
-    rlt_rate: float,
-) -> None:
+def _report(result: RLTResult, prior_version: str) -> None:
+    """The run in a few lines: env steps and data, the prior vs RLT with intervals, the checkpoint, the critic."""
     from experiments.evaluation import wilson_interval
 
-    learner = run.loop.learner
+    manifest: RLTManifest = result.manifest
+    if manifest.resumed_from_env_step is not None:
+        console.print(f"resumed from env step {manifest.resumed_from_env_step} of an interrupted run")
     console.print(
-        f"{run.env_steps} env steps ({stored} stored + {run.loop.config.warmup_episodes} fresh warm-up "
-        f"episodes, {run.online_episodes} online episodes, {learner.weights_version} updates, "
-        f"{learner.replay_buffer.size()} replay chunks)"
+        f"{manifest.env_steps} env steps ({manifest.stored_episodes} stored + "
+        f"{manifest.config.online.warmup_episodes} fresh warm-up episodes, {manifest.online_episodes} online "
+        f"episodes, {manifest.updates} updates, {manifest.replay_chunks} replay chunks)"
     )
-    for name, rate in ((prior_version, prior_rate), (rl_version, rlt_rate)):
-        low, high = wilson_interval(round(rate * episodes), episodes)
-        console.print(f"{name}: success {rate:.0%} of {episodes} [95% CI {low:.2f}–{high:.2f}]")
-    console.print(f"checkpoint [bold]{rl_version}[/bold] at {directory}")
+    evaluation = manifest.evaluation
+    for name, rate in ((prior_version, evaluation.prior_success), (result.version, evaluation.rlt_success)):
+        low, high = wilson_interval(round(rate * evaluation.episodes), evaluation.episodes)
+        console.print(f"{name}: success {rate:.0%} of {evaluation.episodes} [95% CI {low:.2f}–{high:.2f}]")
+    console.print(f"checkpoint [bold]{result.version}[/bold] at {result.checkpoint}")
+    calibration = manifest.critic_calibration
+    if calibration is not None:
+        console.print(
+            f"critic on RLT's evaluation chunks ({calibration.chunks}): Q {calibration.mean_q:.3f} vs discounted "
+            f"return {calibration.mean_return:.3f} (Q − return {calibration.bias:+.3f}), "
+            f"Spearman {calibration.spearman:.2f}; Q far above the return means the actor climbs the critic's "
+            "errors"
+        )
