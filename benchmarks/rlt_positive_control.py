@@ -35,7 +35,7 @@ from rlt_sample_efficiency import BenchmarkConfig, Curve, eval_seeds, make_env, 
 
 from envs.experts import ScriptedExpert
 from policies.base import ActionChunk, ObservationBatch, stack_observations
-from rlt.online import EpisodeStats, EvalPoint, OnlineConfig, OnlineRLT
+from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import AlwaysCritical
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
@@ -78,6 +78,8 @@ class ControlConfig:
         return BenchmarkConfig(
             task=self.task,
             env_steps=self.env_steps,
+            warmup_episodes=self.warmup_episodes,
+            eval_every=self.eval_every,
             eval_episodes=self.eval_episodes,
             episode_steps=self.episode_steps,
             chunk_size=self.chunk_size,
@@ -205,21 +207,13 @@ def run_learner(
         EmbeddingPrior(prior, StateProjectionEmbedder(STATE_DIM, 1, 1, key="privileged", seed=seed)),
         AlwaysCritical(),
         None,
-        OnlineConfig(
-            task=config.task,
-            env_id=f"metaworld/{config.task}",
-            warmup_episodes=config.warmup_episodes,
-            total_env_steps=config.env_steps,
-            eval_every_steps=config.eval_every,
-            eval_episodes=config.eval_episodes,
-            eval_seed_base=eval_seeds(config.benchmark())[0],
-            record_images=False,
+        config.benchmark().online(
+            arm,
+            seed,
             exploration_noise=config.exploration_noise,
             exploration=config.exploration,
             exploration_rho=config.exploration_rho,
             state_key="privileged",
-            rl_version=arm,
-            seed=seed,
         ),
         learner_config(config, arm, seed),
     )

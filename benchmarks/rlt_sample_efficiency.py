@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -39,14 +40,16 @@ from envs import EnvConfig, MetaWorldEnv
 from envs.metaworld_env import GOAL, HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from policies.base import ActionChunk, ObservationBatch, Policy, stack_observations
+from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
-from rlt.online import ChunkContext, OnlineConfig, OnlineRLT
+from rlt.online import ChunkContext, OnlineRLT
 from rlt.phase import handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 
-EVAL_SEED_BASE = 500_000
+#: The first evaluation episode's seed: the online loop's own (``rlt.config.OnlineSettings.eval_seed_base``).
+EVAL_SEED_BASE = OnlineSettings.model_fields["eval_seed_base"].default
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,21 @@ class BenchmarkConfig:
     token_steps: int = 2000
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
+
+    def online(self, arm: str, seed: int, **settings: Any) -> OnlineConfig:
+        """An online loop's config for ``arm`` and ``seed``: this benchmark's task, budget, warm-up and evaluation
+        (no images), with the arm's own ``settings`` (exploration, token steps, state key, …)."""
+        return OnlineConfig(
+            task=self.task,
+            env_id=f"metaworld/{self.task}",
+            warmup_episodes=self.warmup_episodes,
+            total_env_steps=self.env_steps,
+            eval_every_steps=self.eval_every,
+            eval_episodes=self.eval_episodes,
+            rl_version=arm,
+            seed=seed,
+            **settings,
+        )
 
 
 @dataclass
@@ -168,14 +186,17 @@ def run_regression(config: BenchmarkConfig, seed: int) -> Curve:
 
 def rlt_learner(config: BenchmarkConfig, seed: int, q_weight: float = 1.0) -> LearnerConfig:
     """RLT's learner settings for this run (the recipe's defaults unless the benchmark overrides them)."""
+    return _learner(config, seed, beta=config.beta, actor_q=config.actor_q, q_weight=q_weight)
+
+
+def _learner(config: BenchmarkConfig, seed: int, **arm: Any) -> LearnerConfig:
+    """The learner settings every arm shares (chunk, update ratio, state normalization), with the arm's own."""
     return LearnerConfig(
         chunk_size=config.chunk_size,
-        beta=config.beta,
-        actor_q=config.actor_q,
         utd_ratio=config.utd_ratio,
         normalize_state=config.normalize_state,
-        q_weight=q_weight,
         seed=seed,
+        **arm,
     )
 
 
@@ -184,15 +205,7 @@ def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
 
     Exploration noise is scaled with the residual (``s / 2``) so it stays within what the residual can reach.
     """
-    learner = LearnerConfig(
-        chunk_size=config.chunk_size,
-        beta=0.0,
-        ref_dropout=0.0,
-        residual_scale=config.residual_scale,
-        utd_ratio=config.utd_ratio,
-        normalize_state=config.normalize_state,
-        seed=seed,
-    )
+    learner = _learner(config, seed, beta=0.0, ref_dropout=0.0, residual_scale=config.residual_scale)
     return _online(config, seed, "residual", learner, exploration_noise=config.residual_scale / 2)
 
 
@@ -216,20 +229,7 @@ def make_loop(
         make_prior(config, seed),
         switch,
         RLToken(RLTokenConfig(num_tokens=8, embed_dim=32, z_dim=32)),
-        OnlineConfig(
-            task=config.task,
-            env_id=f"metaworld/{config.task}",
-            warmup_episodes=config.warmup_episodes,
-            total_env_steps=config.env_steps,
-            eval_every_steps=config.eval_every,
-            eval_episodes=config.eval_episodes,
-            token_steps=config.token_steps,
-            eval_seed_base=EVAL_SEED_BASE,
-            record_images=False,
-            exploration_noise=exploration_noise,
-            rl_version=arm,
-            seed=seed,
-        ),
+        config.online(arm, seed, token_steps=config.token_steps, exploration_noise=exploration_noise),
         learner,
     )
 
