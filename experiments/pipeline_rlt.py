@@ -122,23 +122,14 @@ def run_rlt(stage: RLTStage) -> RLTResult:
     rerun after a kill skips the ids the killed attempt stored instead of adding episodes, and the learner state
     (``RLTStage.learner_state``) is removed once the checkpoint (renamed into place when complete) is saved.
     """
-    config, env, store = stage.config, stage.env, stage.store
+    config, env = stage.config, stage.env
     learner = config.learner.model_copy(
         update={"seed": stage.seed, "device": str(resolve_device(config.learner.device))}
     )
     torch.manual_seed(stage.seed)
     policy = stage.prior.load(env.task, learner.chunk_size, stage.load_version)
     deployment = deployment_for(env.task, stage.prior, config)
-    store.register_policy_version(
-        stage.version,
-        kind=RLT_KIND,
-        uri=str(stage.folder.resolve()),
-        parent=stage.prior.version,
-        metadata={"config": config.model_dump(mode="json"), "deployment": dataclasses.asdict(deployment)},
-    )
-    store.register_run(
-        stage.run_id, name="rlt", config={"prior": stage.prior.version, "version": stage.version}
-    )
+    _register(stage, deployment)
     online = OnlineConfig(
         **config.online.model_dump() | {"record_images": config.online.record_images or env.render},
         task=env.task,
@@ -147,23 +138,62 @@ def run_rlt(stage: RLTStage) -> RLTResult:
         seed=stage.seed,
     )
     resumed = _resumed_from(stage.learner_state)
-    sink = _store_sink(store) if stage.workers else None  # in process: episode_writer (see _train)
+    sink = _store_sink(stage.store) if stage.workers else None  # in process: episode_writer (see _train)
     factory = RLTLoopFactory(env, policy, deployment.switch(), config.z_dim, online, learner, on_episode=sink)
     run = _train(stage, factory)
+    manifest = _manifest(stage, deployment, run, _final_evaluation(stage, run.loop), resumed)
+    save_rlt_checkpoint(stage.folder, run.loop.learner, run.loop.token, manifest)
+    if stage.learner_state is not None:
+        stage.learner_state.unlink(missing_ok=True)
+    return RLTResult(stage.version, stage.folder, manifest)
+
+
+def _register(stage: RLTStage, deployment: RLTDeployment) -> None:
+    """Register the stage's version (kind ``rlt``, parent = the prior) and its store run."""
+    stage.store.register_policy_version(
+        stage.version,
+        kind=RLT_KIND,
+        uri=str(stage.folder.resolve()),
+        parent=stage.prior.version,
+        metadata={
+            "config": stage.config.model_dump(mode="json"),
+            "deployment": dataclasses.asdict(deployment),
+        },
+    )
+    stage.store.register_run(
+        stage.run_id, name="rlt", config={"prior": stage.prior.version, "version": stage.version}
+    )
+
+
+def _final_evaluation(stage: RLTStage, loop: OnlineRLT) -> FinalEvaluation | None:
+    """The prior, then the deterministic learner, on the same ``final_eval_episodes`` seeds (none: skipped)."""
+    episodes = stage.final_eval_episodes
+    if not episodes:
+        return None
+    stage.progress.evaluating()
+    prior_success = loop.evaluate(episodes, mode="prior")
+    return FinalEvaluation(
+        episodes=episodes, prior_success=prior_success, rlt_success=loop.evaluate(episodes)
+    )
+
+
+def _manifest(
+    stage: RLTStage,
+    deployment: RLTDeployment,
+    run: OnlineRun,
+    evaluation: FinalEvaluation | None,
+    resumed: int | None,
+) -> RLTManifest:
+    """The checkpoint's manifest: what deploys it and what the run was (the critic checked on the last
+    evaluation's episodes, if any were played)."""
     loop = run.loop
-    evaluation = None
-    if stage.final_eval_episodes:
-        stage.progress.evaluating()
-        episodes = stage.final_eval_episodes
-        prior_success = loop.evaluate(episodes, mode="prior")
-        evaluation = FinalEvaluation(
-            episodes=episodes, prior_success=prior_success, rlt_success=loop.evaluate(episodes)
-        )
-    manifest = RLTManifest(
+    evaluated = loop.last_evaluation
+    calibration = critic_calibration(loop.learner, loop.encoder, evaluated) if evaluated else None
+    return RLTManifest(
         rl_version=stage.version,
         deployment=deployment,
-        config=config,
-        env=env,
+        config=stage.config,
+        env=stage.env,
         token=loop.token.config,
         env_steps=run.env_steps,
         online_episodes=run.online_episodes,
@@ -175,14 +205,8 @@ def run_rlt(stage: RLTStage) -> RLTResult:
         curve=loop.curve,
         episodes=_plain(loop.stats),
         evaluation=evaluation,
-        critic_calibration=critic_calibration(loop.learner, loop.encoder, loop.last_evaluation)
-        if loop.last_evaluation
-        else None,
+        critic_calibration=calibration,
     )
-    save_rlt_checkpoint(stage.folder, loop.learner, loop.token, manifest)
-    if stage.learner_state is not None:
-        stage.learner_state.unlink(missing_ok=True)
-    return RLTResult(stage.version, stage.folder, manifest)
 
 
 def _train(stage: RLTStage, factory: RLTLoopFactory) -> OnlineRun:
