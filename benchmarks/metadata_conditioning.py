@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from experiments.collection import collect_scripted_demos
 from experiments.context import DESIRED_METADATA, metadata_conditions
 from experiments.evaluation import EvalResult, evaluate
@@ -88,7 +88,7 @@ def main() -> None:
     episodes = load_training_episodes(store, selection)
     successes = sum(e.outcome == "success" for e in episodes)
     print(f"data: {len(episodes)} episodes ({successes} successful) at noise {args.noise} on {args.task}")
-    bc = BCConfig(image_size=args.image_size, steps=args.steps, seed=args.seed)
+    bc = BCConfig(env=EnvSettings(image_size=args.image_size), steps=args.steps, seed=args.seed)
     conditioned = bc.model_copy(update={"condition_dropout": 0.3})
     metadata = metadata_conditions(episodes)
     labels = relabel(

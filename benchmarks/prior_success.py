@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from envs.scripted import ScriptedPolicy
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate
@@ -65,7 +65,7 @@ def main() -> None:
         run_id = f"demos-{task}"
         collect_scripted_demos(env, url, run_id, args.demos, args.noise, seed=args.seed)
         wall, cpu = time.perf_counter(), time.process_time()
-        config = BCConfig(image_size=args.image_size, steps=args.steps, seed=args.seed)
+        config = BCConfig(env=EnvSettings(image_size=args.image_size), steps=args.steps, seed=args.seed)
         trained = train_vla(
             ExperienceStore(url), EpisodeFilter(tasks=[task], run_ids=[run_id]), config, workdir
         )

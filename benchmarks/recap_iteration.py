@@ -38,7 +38,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 
 from core.types import LEARNABLE_OUTCOMES
-from envs import EnvConfig, SimulatedHumanConfig
+from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
@@ -128,13 +128,18 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     started = time.perf_counter()
     collect_scripted_demos(env, url, demos, args.demos, args.noise, seed=args.seed)
     store = ExperienceStore(url)
-    prior_config = BCConfig(image_size=args.image_size, steps=args.prior_steps, seed=args.seed)
+    prior_config = BCConfig(
+        env=EnvSettings(image_size=args.image_size), steps=args.prior_steps, seed=args.seed
+    )
     prior = train_vla(
         store, EpisodeFilter(tasks=[task], run_ids=[demos]), prior_config, workdir, progress=False
     )
     print(f"[{task}] prior trained ({time.perf_counter() - started:.0f} s)", flush=True)
     retrain = BCConfig(
-        image_size=args.image_size, steps=args.retrain_steps, seed=args.seed, condition_dropout=0.3
+        env=EnvSettings(image_size=args.image_size),
+        steps=args.retrain_steps,
+        seed=args.seed,
+        condition_dropout=0.3,
     )
     config = RecapIterationConfig(
         task=task,

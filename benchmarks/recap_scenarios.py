@@ -48,7 +48,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 
-from envs import EnvConfig, InjectionConfig, SimulatedHumanConfig
+from envs import EnvConfig, EnvSettings, InjectionConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, collect_scripted_demos, run_collection
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.recap_iteration import with_task_horizon
@@ -155,8 +155,8 @@ def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
 def bc_config(args: argparse.Namespace, steps: int, **overrides: Any) -> BCConfig:
     cameras = () if args.tier == "state" else ("corner2",)
     return BCConfig(
-        cameras=cameras, image_size=args.image_size, steps=steps, batch_size=args.batch_size, seed=args.seed,
-        checkpoint_every=0, **overrides,
+        env=EnvSettings(cameras=cameras, image_size=args.image_size), steps=steps, batch_size=args.batch_size,
+        seed=args.seed, checkpoint_every=0, **overrides,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from scipy import stats as scipy_stats
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from envs.experts import ScriptedExpert
 from envs.tasks import task_prompt
 from experiments.collection import collect_scripted_demos
@@ -115,7 +115,10 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
     store = ExperienceStore(url)
     selection = EpisodeFilter(tasks=[task], run_ids=[demos.run_id])
     config = BCConfig(
-        image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, seed=args.seed
+        env=EnvSettings(image_size=args.image_size),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     out: dict[str, dict] = {}
     started = time.perf_counter()

@@ -34,7 +34,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import torch
 
 from actors.cluster import ensure_ray
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
 from experiments.distributed import train_bc_data_parallel
 from experiments.training import (
@@ -89,7 +89,9 @@ def main() -> None:
         progress=False,
     )
     store = ExperienceStore(url)
-    config = BCConfig(image_size=48, steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3)
+    config = BCConfig(
+        env=EnvSettings(image_size=48), steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3
+    )
     records = load_training_episodes(store, EpisodeFilter(tasks=[TASK]))
     arrays = to_episode_arrays(records)
     dataset = build_dataset(arrays, config.action_horizon)

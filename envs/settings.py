@@ -74,7 +74,8 @@ class EnvSettings(BaseModel):
     def env(self, task: str, seed: int = 0, render: bool = True) -> EnvConfig | GymEnvConfig:
         """The env of ``task`` with these settings (``render=False``: no camera images)."""
         if is_metaworld_task(task):
-            given = sorted(name for name in GYM_ONLY if name in self.model_fields_set)
+            default = EnvSettings()  # a dumped and reloaded config sets every field: compare values
+            given = sorted(name for name in GYM_ONLY if getattr(self, name) != getattr(default, name))
             if given:
                 raise ValueError(f"{given[0]}: applies to gymnasium envs, not the Meta-World task {task!r}")
             cameras = ("corner2",) if self.cameras is None else self.cameras
@@ -114,6 +115,10 @@ class EnvSettings(BaseModel):
             },
             robot_type=self.robot_type,
         )
+
+    def camera_names(self, task: str) -> tuple[str, ...]:
+        """The cameras ``task``'s env renders with these settings (``()``: none, the state tier)."""
+        return () if self.cameras == () else tuple(self.env(task).cameras)
 
     def for_model(self, cameras: tuple[str, ...], image_size: int) -> EnvSettings:
         """These settings rendering what a model reads: its ``cameras`` at ``image_size``."""

@@ -210,7 +210,7 @@ def train_hierarchical(
 ) -> TrainedHierarchical:
     """Train a subtask-conditioned VLA and a high-level subtask model on the same episodes; save, register, evaluate.
 
-    Labels come from ``subtask_labels`` (stored, else expert phases); the high level sees ``config.cameras[0]``.
+    Labels come from ``subtask_labels`` (stored, else expert phases); the high level sees the low level's first camera.
     """
     subtask = subtask or SubtaskTrainConfig()
     records = load_training_episodes(store, selection)
@@ -223,7 +223,7 @@ def train_hierarchical(
         conditions=lambda episode: [subtask_prompt(s) for s in labels[episode.uuid]],
         progress=progress,
     )
-    high, losses = _train_high_level(records, labels, config.cameras[0], subtask, config.seed, progress)
+    high, losses = _train_high_level(records, labels, low.policy.config.cameras[0], subtask, config.seed, progress)
     policy = HierarchicalPolicy(high, low.policy)
     checkpoint = output_dir / f"hier-{uuid.uuid4().hex[:8]}"
     version = save_hierarchical(policy, checkpoint)

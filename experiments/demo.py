@@ -61,7 +61,7 @@ def demo_config(plan: DemoPlan, prior_version: str, store_url: str, mlflow_uri: 
         name=plan.name,
         tasks=[plan.task],
         prior=PriorConfig(policy=prior_version),
-        env=EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps),
+        env=_env(plan),
         collection=CollectionSettings(episodes_per_task=plan.collect_episodes),
         interventions=SimulatedHumanConfig(no_progress_steps=10, takeover_steps=15),
         relabel=RelabelConfig(
@@ -75,20 +75,18 @@ def demo_config(plan: DemoPlan, prior_version: str, store_url: str, mlflow_uri: 
     )
 
 
+def _env(plan: DemoPlan) -> EnvSettings:
+    return EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps)
+
+
 def _bc(plan: DemoPlan, steps: int, condition_dropout: float = 0.0) -> BCConfig:
-    return BCConfig(
-        image_size=plan.image_size,
-        steps=steps,
-        batch_size=16,
-        condition_dropout=condition_dropout,
-        max_episode_steps=plan.max_episode_steps,
-    )
+    return BCConfig(env=_env(plan), steps=steps, batch_size=16, condition_dropout=condition_dropout)
 
 
 def collect_demos(plan: DemoPlan, store_url: str, progress: bool) -> str:
     """Noisy scripted demonstrations (idempotent: the run is topped up to its target)."""
     run_id = f"{DEMO_RUN}/{plan.task}"
-    env = EnvSettings(image_size=plan.image_size, max_episode_steps=plan.max_episode_steps).env(plan.task, 0)
+    env = _env(plan).env(plan.task, 0)
     collect_scripted_demos(env, store_url, run_id, plan.demo_episodes, plan.demo_noise, progress=progress)
     return run_id
 

@@ -134,6 +134,14 @@ class PipelineConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_env(self) -> PipelineConfig:
+        """``env`` is the pipeline's one env setting: the trained model reads its cameras at its image size."""
+        if "env" in self.training.model_fields_set and self.training.env != self.env:
+            raise ValueError("training.env: set by the pipeline's env block (cameras, image size, episode limit)")
+        self.training = self.training.model_copy(update={"env": self.env})
+        return self
+
+    @model_validator(mode="after")
     def _rlt_on_one_task(self) -> PipelineConfig:
         if self.method != "recap" and len(self.tasks) != 1:
             raise ValueError(

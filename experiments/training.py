@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from envs import EnvConfig, EnvSettings, GymEnvConfig
+from envs import EnvSettings
 from envs.tasks import episode_prompt
 from experiments.evaluation import EvalResult, evaluate
 from policies.checkpoint import load_checkpoint, save_checkpoint
@@ -60,13 +60,14 @@ STATE_TIER_IMAGE_SIZE = 64
 
 
 class BCConfig(BaseModel):
-    """Model size, optimisation and evaluation settings of a BC run (``cameras=()``: the state-input tier)."""
+    """Model size, optimisation and evaluation settings of a BC run. ``env`` is the one env settings model: the
+    model reads its cameras (``cameras=()``: the state-input tier) at its image size, and is evaluated in it (its
+    episode limit, a gymnasium env's kwargs and declared success)."""
 
     model_config = ConfigDict(extra="forbid")
 
     size: Literal["tiny", "small"] = "tiny"
-    cameras: tuple[str, ...] = ("corner2",)
-    image_size: int = Field(default=64, ge=16)
+    env: EnvSettings = EnvSettings()
     action_horizon: int = Field(default=10, ge=1)
     knowledge_insulation: bool = False
     steps: int = Field(default=2000, ge=1)
@@ -75,7 +76,6 @@ class BCConfig(BaseModel):
     condition_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
     eval_episodes: int = Field(default=0, ge=0)
     eval_every: int = Field(default=0, ge=0)
-    max_episode_steps: int | None = Field(default=None, ge=1)
     seed: int = 0
     device: DeviceName = Field(default="auto", description="cpu, cuda, mps or auto (the accelerator if any)")
     bf16: bool = Field(default=False, description="bfloat16 autocast where the device supports it")
@@ -262,15 +262,12 @@ def train_vla(
     progress: bool = True,
     state_dir: Path | None = None,
     resume: bool = True,
-    env: EnvSettings | None = None,
 ) -> TrainedPolicy:
     """Train a VLA on the selected episodes, save it to ``output_dir``, register it, and record its evaluations.
 
     With ``config.eval_episodes`` > 0 the policy is evaluated in each task's env at the last step and every
     ``config.eval_every`` steps (:class:`EnvEvaluator`): the last point goes to the store's evaluations under the
-    registered version, the whole curve into the version's metadata (``evaluation_curve``). ``env`` says how a
-    task name becomes the evaluation env (a gymnasium env's kwargs and declared success; default: plain
-    settings); it renders the cameras and image size of ``config``.
+    registered version, the whole curve into the version's metadata (``evaluation_curve``), in ``config.env``.
 
     A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
     weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).
@@ -286,14 +283,15 @@ def train_vla(
     """
     parallel = config.train_workers > 1  # the workers read the images of their shards; the driver needs none
     # the state tier reads no images, so episodes stored with and without them train together
-    records = load_training_episodes(store, selection, images=not parallel and bool(config.cameras))
+    cameras = config.env.camera_names(selection.tasks[0])
+    records = load_training_episodes(store, selection, images=not parallel and bool(cameras))
     arrays = to_episode_arrays(records, conditions, weights)
     training, heldout = split_heldout(arrays, config.validation_fraction, config.seed)
     dataset = build_dataset(training, config.action_horizon)
     validation = build_dataset(heldout, config.action_horizon) if heldout else None
-    policy = _initial_policy(dataset, config, init_from)
+    policy = _initial_policy(dataset, config, cameras, init_from)
     policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta  # evaluations query it as deployed
-    evaluator = EnvEvaluator(selection.tasks, config, env) if config.eval_episodes > 0 else None
+    evaluator = EnvEvaluator(selection.tasks, config) if config.eval_episodes > 0 else None
     if state_dir is None and config.checkpoint_every:
         key = _fingerprint(
             selection, config, records, init_from, parent_version, inference_conditions, arrays
@@ -392,12 +390,12 @@ def split_heldout(
 
 #: BC settings that do not change what is learned (where and how often it runs, what is evaluated).
 _RUNTIME_FIELDS = {
-    "device",
-    "train_workers",
-    "checkpoint_every",
-    "eval_episodes",
-    "eval_every",
-    "max_episode_steps",
+    "device": True,
+    "train_workers": True,
+    "checkpoint_every": True,
+    "eval_episodes": True,
+    "eval_every": True,
+    "env": {"max_episode_steps"},
 }
 
 
@@ -431,16 +429,15 @@ class EnvEvaluator:
     ``<task>/ci_high``), which land in ``TrainResult.evaluations`` and next to the progress bar.
     """
 
-    def __init__(self, tasks: list[str], config: BCConfig, env: EnvSettings | None = None) -> None:
+    def __init__(self, tasks: list[str], config: BCConfig) -> None:
         self.tasks = tasks
         self.config = config
-        self.env = env
         self.results: list[tuple[int, EvalResult]] = []
 
     def __call__(self, step: int, policy: VLAPolicy) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for task in self.tasks:
-            result = _evaluate(policy, task, self.config, self.env)
+            result = _evaluate(policy, task, self.config)
             self.results.append((step, result))
             metrics |= {
                 f"{task}/success": result.success_rate,
@@ -468,13 +465,14 @@ class EnvEvaluator:
         ]
 
 
-def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPolicy:
-    """A fresh policy fitted on ``dataset``, or the checkpoint at ``init_from`` (checked against ``config``)."""
+def _initial_policy(dataset, config: BCConfig, cameras: tuple[str, ...], init_from: Path | None) -> VLAPolicy:
+    """A fresh policy reading ``cameras``, fitted on ``dataset``, or the checkpoint at ``init_from`` (checked
+    against ``config`` and ``cameras``)."""
     if init_from is not None:
         policy = load_checkpoint(init_from, seed=config.seed)
         expected = (
-            tuple(config.cameras),
-            config.image_size,
+            cameras,
+            config.env.image_size,
             config.action_horizon,
             config.knowledge_insulation,
         )
@@ -492,8 +490,8 @@ def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPol
         return policy
     vla_config = VLAConfig.preset(
         config.size,
-        cameras=config.cameras,
-        image_size=config.image_size,
+        cameras=cameras,
+        image_size=config.env.image_size,
         state_dim=dataset.state.shape[1],
         action_dim=dataset.actions.shape[2],
         action_horizon=config.action_horizon,
@@ -503,29 +501,15 @@ def _initial_policy(dataset, config: BCConfig, init_from: Path | None) -> VLAPol
 
 
 def _evaluate_and_record(
-    store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig, env: EnvSettings | None = None
+    store: ExperienceStore, policy: VLAPolicy, task: str, config: BCConfig
 ) -> EvalResult:
-    """Evaluate a registered policy on ``task`` (``config``'s cameras, image size, episodes) and record it."""
-    return _record_evaluation(store, _evaluate(policy, task, config, env))
+    """Evaluate a registered policy on ``task`` (``config.env``, ``config.eval_episodes``) and record it."""
+    return _record_evaluation(store, _evaluate(policy, task, config))
 
 
-def _evaluate(policy: VLAPolicy, task: str, config: BCConfig, env: EnvSettings | None = None) -> EvalResult:
-    result, _ = evaluate(policy, evaluation_env(task, config, env), config.eval_episodes)
+def _evaluate(policy: VLAPolicy, task: str, config: BCConfig) -> EvalResult:
+    result, _ = evaluate(policy, config.env.env(task), config.eval_episodes)
     return result
-
-
-def evaluation_env(task: str, config: BCConfig, env: EnvSettings | None = None) -> EnvConfig | GymEnvConfig:
-    """The env a policy trained with ``config`` is evaluated in: ``env``'s settings (default: plain ones) rendering
-    the model's cameras at its image size (none for the state tier), ``config``'s episode limit if it sets one."""
-    settings = (env or EnvSettings()).for_model(config.cameras, config.image_size)
-    if config.max_episode_steps is not None:
-        settings = settings.model_copy(update={"max_episode_steps": config.max_episode_steps})
-    return settings.env(task)
-
-
-def env_cameras(cameras: tuple[str, ...]) -> dict[str, object]:
-    """``EnvConfig`` fields for a model reading ``cameras``: render them, or render nothing (state tier)."""
-    return {"cameras": tuple(cameras), "render": True} if cameras else {"render": False}
 
 
 def _record_evaluation(store: ExperienceStore, result: EvalResult) -> EvalResult:

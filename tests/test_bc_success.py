@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from envs.scripted import ScriptedPolicy
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate
@@ -31,7 +31,7 @@ def test_tiny_vla_from_ten_stored_demos_succeeds_on_reach(tmp_path):
         CollectConfig(env=ENV, policy="scripted", noise=0.1, episodes=10, store_url=url, run_id="demos"),
         progress=False,
     )
-    config = BCConfig(image_size=48, steps=300, batch_size=16)
+    config = BCConfig(env=EnvSettings(image_size=48), steps=300, batch_size=16)
     trained = train_vla(
         ExperienceStore(url), EpisodeFilter(tasks=["reach-v3"]), config, tmp_path, progress=False
     )

@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
 from experiments.context import (
     DESIRED_METADATA,
@@ -72,7 +72,9 @@ def test_metadata_conditioned_policy_trains_from_store_and_answers_the_desired_p
     by_uuid = metadata_conditions(list(store.iter_episodes(task="reach-v3")))
     qualities = {text[0].split(",")[0] for text in by_uuid.values()}
     assert qualities == {"quality: high", "quality: low"}
-    config = BCConfig(cameras=("corner2",), image_size=48, steps=5, batch_size=4, condition_dropout=0.3)
+    config = BCConfig(
+        env=EnvSettings(cameras=("corner2",), image_size=48), steps=5, batch_size=4, condition_dropout=0.3
+    )
     trained = train_vla(
         store, selection, config, tmp_path, conditions=lambda e: by_uuid[e.uuid], progress=False
     )

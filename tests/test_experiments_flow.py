@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from envs import EnvConfig, SimulatedHumanConfig
+from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
 from envs.tasks import task_prompt
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
@@ -31,7 +31,10 @@ from storage import ExperienceStore
 TASK = "reach-v3"
 ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=40)
 TINY_BC = BCConfig(
-    cameras=("corner2",), image_size=48, steps=15, batch_size=8, eval_episodes=2, max_episode_steps=40
+    env=EnvSettings(cameras=("corner2",), image_size=48, max_episode_steps=40),
+    steps=15,
+    batch_size=8,
+    eval_episodes=2,
 )
 
 
@@ -110,7 +113,9 @@ def test_one_model_trains_on_two_tasks_and_the_prompt_selects_the_task(tmp_path)
             progress=False,
         )
     store, selection = ExperienceStore(url), EpisodeFilter(tasks=tasks)
-    config = BCConfig(image_size=48, steps=3, batch_size=8, eval_episodes=1, max_episode_steps=30)
+    config = BCConfig(
+        env=EnvSettings(image_size=48, max_episode_steps=30), steps=3, batch_size=8, eval_episodes=1
+    )
     trained = train_vla(store, selection, config, tmp_path, progress=False)
     assert [row["version"] for row in store.policy_versions() if row["kind"] == "vla"] == [trained.version]
     assert [(e.task, e.n) for e in trained.evaluations] == [(task, 1) for task in tasks]
@@ -148,7 +153,7 @@ def test_train_bc_cli_trains_registers_and_evaluates_every_k_steps(tmp_path, mon
     assert f"trained on 2 episodes → {registered['version']} at" in result.output
     assert registered["uri"].startswith(str((tmp_path / "home").resolve()))
     assert registered["metadata"]["bc_config"]["eval_every"] == 1
-    assert registered["metadata"]["bc_config"]["max_episode_steps"] == 30
+    assert registered["metadata"]["bc_config"]["env"]["max_episode_steps"] == 30
     assert [(e.task, e.n) for e in store.list_evaluations(policy_version=registered["version"])] == [
         (TASK, 1)
     ]

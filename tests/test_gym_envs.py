@@ -214,8 +214,8 @@ def test_train_and_evaluate_on_a_gymnasium_env(reacher_store, tmp_path):
     learning, is under test)."""
     store = ExperienceStore(reacher_store)
     settings = EnvSettings(**REACHER_SETTINGS)
-    config = BCConfig(cameras=("main",), image_size=48, steps=3, batch_size=4, eval_episodes=1, checkpoint_every=0)
-    trained = train_vla(store, EpisodeFilter(tasks=[REACHER]), config, tmp_path, progress=False, env=settings)
+    config = BCConfig(env=settings.for_model(("main",), 48), steps=3, batch_size=4, eval_episodes=1, checkpoint_every=0)
+    trained = train_vla(store, EpisodeFilter(tasks=[REACHER]), config, tmp_path, progress=False)
     assert trained.policy.action_dim == 2 and trained.episodes_used == 4
     [result] = trained.evaluations
     assert result.task == REACHER and result.n == 1 and result.mean_return < 0  # Reacher's negative rewards

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import experiments.recap_iteration as recap_iteration
-from envs import EnvConfig, SimulatedHumanConfig
+from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
 from experiments.collection import CollectConfig, run_collection
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
@@ -18,7 +18,7 @@ from storage import ExperienceStore
 
 TASK = "reach-v3"
 ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
-BC = BCConfig(cameras=("corner2",), image_size=48, steps=3, batch_size=8)
+BC = BCConfig(env=EnvSettings(cameras=("corner2",), image_size=48), steps=3, batch_size=8)
 SELECTION = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
 
 
@@ -57,7 +57,7 @@ def test_bad_weights_and_mismatched_prior_fail_with_one_line(store_and_prior, tm
         train_vla(store, SELECTION, BC, tmp_path, weights=lambda e: np.zeros(e.length), progress=False)
     with pytest.raises(VLAInputError, match=r"weights.shape: expected"):
         train_vla(store, SELECTION, BC, tmp_path, weights=lambda e: np.ones(e.length + 1), progress=False)
-    bigger = BC.model_copy(update={"image_size": 64})
+    bigger = BC.model_copy(update={"env": BC.env.model_copy(update={"image_size": 64})})
     with pytest.raises(ValueError, match=r"init_from .* image_size"):
         train_vla(store, SELECTION, bigger, tmp_path, init_from=prior.checkpoint, progress=False)
 

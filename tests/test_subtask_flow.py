@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from actors.recorder import EpisodeRecorder, source_segments, subtask_sources
-from envs import EnvConfig, InterventionWrapper, SimulatedHuman, SimulatedHumanConfig, make_env
+from envs import EnvConfig, EnvSettings, InterventionWrapper, SimulatedHuman, SimulatedHumanConfig, make_env
 from envs.experts import expert_phases
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
@@ -90,7 +90,7 @@ def test_hierarchical_rollouts_record_both_levels_with_provenance_and_retrain(de
     store = ExperienceStore(url)
     stored = list(store.iter_episodes(run_id="demos"))
     assert all(subtask_sources(e) == ["expert_phase"] * e.length for e in stored)
-    config = BCConfig(image_size=48, steps=3, batch_size=4)
+    config = BCConfig(env=EnvSettings(image_size=48), steps=3, batch_size=4)
     selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
     trained = train_hierarchical(
         store, selection, config, root, subtask=SubtaskTrainConfig(steps=3, history=2), progress=False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from actors.cluster import ensure_ray
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
 from experiments.training import BCConfig, EpisodeFilter, train_vla
 from storage import ExperienceStore
@@ -33,7 +33,7 @@ def store(tmp_path_factory) -> ExperienceStore:
 
 def _curve(store: ExperienceStore, workers: int, output) -> tuple[list[float], dict]:
     config = BCConfig(
-        image_size=48,
+        env=EnvSettings(image_size=48),
         steps=50,
         batch_size=16,
         learning_rate=1e-3,
@@ -102,7 +102,12 @@ def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     config = BCConfig(
-        image_size=48, steps=400, batch_size=16, eval_episodes=0, train_workers=2, checkpoint_every=10
+        env=EnvSettings(image_size=48),
+        steps=400,
+        batch_size=16,
+        eval_episodes=0,
+        train_workers=2,
+        checkpoint_every=10,
     )
     trained = train_vla(
         store,

@@ -102,8 +102,6 @@ def test_sigkilled_recap_retraining_in_the_pipeline_resumes_its_learner(tmp_path
     from tests.test_pipeline_resume import _kill_when, _start
 
     training = {
-        "cameras": ["corner2"],
-        "image_size": 48,
         "steps": 200,
         "batch_size": 8,
         "checkpoint_every": 10,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs import EnvConfig
+from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
 from experiments.commands.train import _camera_names
 from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
@@ -74,10 +74,7 @@ def test_train_vla_takes_episodes_stored_without_images(tmp_path) -> None:
     assert stored_image_layout(store, selection, cameras=_camera_names("none")) == ((), 64)  # --cameras none
     with pytest.raises(ValueError, match="stored no camera images"):
         stored_image_layout(store, selection, cameras=("corner2",))
-    config = BCConfig(
-        cameras=(), steps=3, batch_size=8, eval_episodes=1, max_episode_steps=5, validation_fraction=0.5,
-        validate_every=1,
-    )  # fmt: skip
+    config = BCConfig(env=EnvSettings(cameras=(), max_episode_steps=5), steps=3, batch_size=8, eval_episodes=1, validation_fraction=0.5, validate_every=1)  # fmt: skip
     trained = train_vla(store, selection, config, tmp_path, progress=False)
     assert trained.policy.config.cameras == ()
     assert trained.evaluations[0].n == 1  # evaluated in an env that renders nothing

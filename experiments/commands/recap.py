@@ -96,7 +96,6 @@ def iterate(
         env = settings.env(task, seed)
     except ValueError as error:
         _fail(str(error))
-    camera_names, image_size = (() if settings.cameras == () else tuple(env.cameras)), settings.image_size
     config = RecapIterationConfig(
         task=task,
         policy=policy,
@@ -106,8 +105,7 @@ def iterate(
         collect_episodes=episodes,
         relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps, device=device)),
         bc=BCConfig(
-            cameras=camera_names,
-            image_size=image_size,
+            env=settings,
             steps=steps,
             condition_dropout=0.3,
             seed=seed,

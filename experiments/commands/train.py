@@ -153,21 +153,19 @@ def bc(
         )
         store = ExperienceStore(db or default_store_url())
         store.upgrade()
-        settings = _env_settings(env)
+        settings = _env_settings(env, max_episode_steps)
         camera_names, side = stored_image_layout(
             store, selection, _camera_names(cameras) if cameras is not None else None, image_size
         )
         config = BCConfig(
             size=size,
-            cameras=camera_names,
-            image_size=side,
+            env=settings.for_model(camera_names, side),
             knowledge_insulation=knowledge_insulation,
             steps=steps,
             batch_size=batch_size,
             condition_dropout=condition_dropout if metadata or subtasks else 0.0,
             eval_episodes=eval_episodes,
             eval_every=eval_every,
-            max_episode_steps=max_episode_steps,
             seed=seed,
             device=device,
             bf16=bf16,
@@ -192,7 +190,7 @@ def bc(
                     store, selection, config, checkpoints_dir(), desired=ask or DESIRED_METADATA
                 )
                 if metadata
-                else train_vla(store, selection, config, checkpoints_dir(), resume=resume, env=settings)
+                else train_vla(store, selection, config, checkpoints_dir(), resume=resume)
             )
             used, version, checkpoint = trained.episodes_used, trained.version, trained.checkpoint
             curve = trained.evaluation_curve
@@ -273,10 +271,8 @@ def eval_policy(
     if ask is not None:
         vla.conditions = ask
     try:
-        settings = _env_settings(env).for_model(tuple(vla.config.cameras), vla.config.image_size)
-        if max_episode_steps is not None:
-            settings = settings.model_copy(update={"max_episode_steps": max_episode_steps})
-        env_config = settings.env(task)
+        settings = _env_settings(env, max_episode_steps)
+        env_config = settings.for_model(tuple(vla.config.cameras), vla.config.image_size).env(task)
     except ValueError as error:
         if isinstance(error, ValidationError):  # a config model's: the CLI reports every field it names
             raise
@@ -311,11 +307,12 @@ def _evaluation_metrics(results: list[EvalResult]) -> dict[str, float]:
     return {f"{result.task}/{key}": value for result in results for key, value in result.as_metrics().items()}
 
 
-def _env_settings(path: str | None) -> EnvSettings:
-    """The ``--env`` file's env settings (plain ones without it)."""
+def _env_settings(path: str | None, max_episode_steps: int | None) -> EnvSettings:
+    """The ``--env`` file's env settings (plain ones without it), with ``--max-episode-steps`` if given."""
     from envs import EnvSettings
 
-    return EnvSettings.from_file(path) if path else EnvSettings()
+    settings = EnvSettings.from_file(path) if path else EnvSettings()
+    return settings.model_copy(update={"max_episode_steps": max_episode_steps}) if max_episode_steps else settings
 
 
 def _camera_names(cameras: str) -> tuple[str, ...]:
