@@ -41,6 +41,8 @@ from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 
 STATE_DIM = 39
+#: Env steps per window of ``training_windows``.
+TRAINING_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,12 @@ class ControlConfig:
     n_critics: int = 2
     target_critics: int = 2
     critic_layer_norm: bool = False
+    normalize_state: bool = True
+    target_noise_space: str = "residual"
+    beta_reduction: str = "mean"
+    policy_delay: int = 2
     output: str = "benchmarks/results"
+    tag: str = ""
 
     def benchmark(self) -> BenchmarkConfig:
         """The shared benchmark's config for its env and evaluation seeds."""
@@ -179,27 +186,35 @@ def learner_config(config: ControlConfig, arm: str, seed: int) -> LearnerConfig:
         "n_critics": config.n_critics,
         "target_critics": config.target_critics,
         "critic_layer_norm": config.critic_layer_norm,
+        "normalize_state": config.normalize_state,
+        "policy_delay": config.policy_delay,
         "seed": seed,
     }
     if arm == "regression":
-        return LearnerConfig(**shared, q_weight=0.0, beta=config.beta, beta_reduction="mean")
+        return LearnerConfig(**shared, q_weight=0.0, beta=config.beta, beta_reduction=config.beta_reduction)
     return LearnerConfig(
         **shared,
         residual_scale=config.residual_scale,
         beta=config.beta,
         beta_on="residual",
-        beta_reduction="mean",
+        beta_reduction=config.beta_reduction,
+        target_noise_space=config.target_noise_space,
         ref_dropout=0.0,
         critic_warmup_updates=config.critic_warmup_updates,
     )
 
 
 def run_learner(
-    config: ControlConfig, arm: str, seed: int, prior: StateBCPrior, on_point: Callable[[Curve], object]
-) -> Curve:
-    """One online run from ``prior`` (warm-up included in the env steps); the curve of its evaluations.
+    config: ControlConfig,
+    arm: str,
+    seed: int,
+    prior: StateBCPrior,
+    on_point: Callable[[Curve, list[dict]], object],
+) -> tuple[Curve, list[dict]]:
+    """One online run from ``prior`` (warm-up included in the env steps); the curve of its evaluations and
+    the training episodes' success per ``TRAINING_WINDOW`` env steps (``training_windows``).
 
-    ``on_point`` receives the curve so far after every evaluation (partial results survive a stopped run)."""
+    ``on_point`` receives both so far after every evaluation (partial results survive a stopped run)."""
     torch.manual_seed(seed)
     started = time.time()
     loop = OnlineRLT(
@@ -228,10 +243,24 @@ def run_learner(
                 f"({time.time() - started:.0f} s)",
                 flush=True,
             )
-            on_point(_curve(arm, seed, loop.curve, time.time() - started))
+            on_point(_curve(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
 
     loop.on_stats = progress
-    return _curve(arm, seed, loop.run(), time.time() - started)
+    curve = _curve(arm, seed, loop.run(), time.time() - started)
+    return curve, training_windows(loop.stats)
+
+
+def training_windows(stats: list[EpisodeStats]) -> list[dict]:
+    """Success of the exploring learner's training episodes per ``TRAINING_WINDOW`` env steps (by the env-step
+    count at each episode's end): many more episodes than an evaluation point, so a less noisy learning signal."""
+    windows: dict[int, list[bool]] = {}
+    for episode in stats:
+        if episode.mode == "learner":
+            windows.setdefault(episode.env_steps // TRAINING_WINDOW, []).append(episode.success)
+    return [
+        {"until": (index + 1) * TRAINING_WINDOW, "episodes": len(flags), "success": float(np.mean(flags))}
+        for index, flags in sorted(windows.items())
+    ]
 
 
 def _curve(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
@@ -241,30 +270,34 @@ def _curve(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve
 
 def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
     """One arm and seed, from its JSON if it already landed; otherwise run it and write the JSON."""
-    path = Path(config.output) / f"rlt_positive_control_{config.task}_{arm}_seed{seed}.json"
+    name = f"{arm}_{config.tag}" if config.tag else arm
+    path = Path(config.output) / f"rlt_positive_control_{config.task}_{name}_seed{seed}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["config"] == _arm_settings(config, arm) and saved.get("complete", True):
             return Curve(**saved["curve"])
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(curve: Curve, complete: bool) -> None:
+    def write(curve: Curve, complete: bool, training: list[dict] | None = None) -> None:
         document = {"config": _arm_settings(config, arm), "complete": complete, "curve": asdict(curve)}
-        path.write_text(json.dumps(document, indent=1))
+        path.write_text(json.dumps(document | ({"training": training} if training else {}), indent=1))
 
     started = time.time()
     prior = train_bc_prior(config, seed)
     if arm == "prior":
         rate = prior_success(config, prior)
         curve = Curve("prior", seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
+        training = None
     else:
-        curve = run_learner(config, arm, seed, prior, on_point=lambda partial: write(partial, False))
-    write(curve, True)
+        curve, training = run_learner(
+            config, arm, seed, prior, on_point=lambda partial, windows: write(partial, False, windows)
+        )
+    write(curve, True, training)
     return curve
 
 
 def _arm_settings(config: ControlConfig, arm: str) -> dict:
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output", "tag")}
     return settings | {"arm": arm}
 
 
@@ -285,7 +318,8 @@ def main(config: ControlConfig) -> dict:
             for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
         )
         print(f"{arm:>10} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
-    plot(summary, config.benchmark(), Path(config.output) / f"rlt_positive_control_{config.task}.png")
+    suffix = f"_{config.tag}" if config.tag else ""
+    plot(summary, config.benchmark(), Path(config.output) / f"rlt_positive_control_{config.task}{suffix}.png")
     return summary
 
 
