@@ -31,10 +31,10 @@ from envs import EnvConfig, EnvSettings
 from experiments.collection import collect_scripted_demos
 from experiments.context import DESIRED_METADATA, metadata_conditions
 from experiments.evaluation import EvalResult, evaluate
-from experiments.recap_iteration import with_task_horizon
-from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from experiments.stages import with_task_horizons
+from experiments.training import BCConfig, load_training_episodes, train_vla
 from recap import POSITIVE_PROMPT, RelabelConfig, ValueConfig, conditioned_episodes, relabel
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,7 +84,7 @@ def main() -> None:
     url = f"sqlite:///{workdir / 'store.db'}"
     runs = collect(args, env, url)
     store = ExperienceStore(url)
-    selection = EpisodeFilter(tasks=[args.task], run_ids=runs)
+    selection = EpisodeQuery(tasks=[args.task], run_ids=runs)
     episodes = load_training_episodes(store, selection)
     successes = sum(e.outcome == "success" for e in episodes)
     print(f"data: {len(episodes)} episodes ({successes} successful) at noise {args.noise} on {args.task}")
@@ -93,8 +93,8 @@ def main() -> None:
     metadata = metadata_conditions(episodes)
     labels = relabel(
         episodes,
-        with_task_horizon(
-            RelabelConfig(value=ValueConfig(inputs="privileged")), args.task, env.episode_steps
+        with_task_horizons(
+            RelabelConfig(value=ValueConfig(inputs="privileged")), {args.task: env.episode_steps}
         ),
     )
     recap_conditions = {item.episode.uuid: item.conditions for item in conditioned_episodes(episodes, labels)}

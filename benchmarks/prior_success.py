@@ -23,8 +23,8 @@ from envs import EnvConfig, EnvSettings
 from envs.scripted import ScriptedPolicy
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate
-from experiments.training import BCConfig, EpisodeFilter, train_vla
-from storage import ExperienceStore
+from experiments.training import BCConfig, train_vla
+from storage import EpisodeQuery, ExperienceStore
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +67,7 @@ def main() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         config = BCConfig(env=EnvSettings(image_size=args.image_size), steps=args.steps, seed=args.seed)
         trained = train_vla(
-            ExperienceStore(url), EpisodeFilter(tasks=[task], run_ids=[run_id]), config, workdir
+            ExperienceStore(url), EpisodeQuery(tasks=[task], run_ids=[run_id]), config, workdir
         )
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         prior, _ = evaluate(trained.policy, env, args.eval_episodes, seed=10_000 + args.seed)

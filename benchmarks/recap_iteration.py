@@ -42,9 +42,9 @@ from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from experiments.training import BCConfig, load_training_episodes, train_vla
 from recap import RelabelConfig, ValueConfig, awr_weights, filtered_bc_weights
-from storage import EpisodeRecord, ExperienceStore, RelabelRecord
+from storage import EpisodeQuery, EpisodeRecord, ExperienceStore, RelabelRecord
 
 EVAL_SEED = 10_000
 
@@ -132,7 +132,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         env=EnvSettings(image_size=args.image_size), steps=args.prior_steps, seed=args.seed
     )
     prior = train_vla(
-        store, EpisodeFilter(tasks=[task], run_ids=[demos]), prior_config, workdir, progress=False
+        store, EpisodeQuery(tasks=[task], run_ids=[demos]), prior_config, workdir, progress=False
     )
     print(f"[{task}] prior trained ({time.perf_counter() - started:.0f} s)", flush=True)
     retrain = BCConfig(
@@ -161,7 +161,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     recap_seconds = time.perf_counter() - clock
     assert iteration.before is not None and iteration.after is not None  # eval_episodes >= 1
     print(f"[{task}] RECAP iteration done ({time.perf_counter() - started:.0f} s)", flush=True)
-    selection = EpisodeFilter(tasks=[task], outcomes=[o.value for o in LEARNABLE_OUTCOMES])
+    selection = EpisodeQuery(tasks=[task], outcomes=[o.value for o in LEARNABLE_OUTCOMES])
     episodes = load_training_episodes(store, selection, images=False)
     plain = retrain.model_copy(update={"condition_dropout": 0.0})
     arms: dict[str, Callable[[EpisodeRecord], np.ndarray | None] | None] = {

@@ -51,8 +51,8 @@ import numpy as np
 from envs import EnvConfig, EnvSettings, InjectionConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, collect_scripted_demos, run_collection
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
-from experiments.recap_iteration import with_task_horizon
-from experiments.training import BCConfig, EpisodeFilter, TrainedPolicy, load_training_episodes, train_vla
+from experiments.stages import with_task_horizons
+from experiments.training import BCConfig, TrainedPolicy, load_training_episodes, train_vla
 from recap import (
     POSITIVE_PROMPT,
     AdvantageConfig,
@@ -65,7 +65,7 @@ from recap import (
 )
 from recap.conditioning import condition_texts
 from recap.diagnostics import auc
-from storage import EpisodeRecord, ExperienceStore, RelabelRecord, StepSource
+from storage import EpisodeQuery, EpisodeRecord, ExperienceStore, RelabelRecord, StepSource
 
 EVAL_SEED = 10_000
 SCENARIOS = ("detours", "late-corrections")
@@ -191,7 +191,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     env = env_config(task, args)
     collect_scripted_demos(env, url, "demos", args.demos, args.demo_noise, seed=args.seed)
     store = ExperienceStore(url)
-    demo_selection = EpisodeFilter(tasks=[task], run_ids=["demos"])
+    demo_selection = EpisodeQuery(tasks=[task], run_ids=["demos"])
     prior = train_vla(
         store, demo_selection, bc_config(args, args.prior_steps, condition_dropout=0.3), workdir,
         conditions=lambda ep: [POSITIVE_PROMPT] * ep.length, inference_conditions=POSITIVE_PROMPT,
@@ -200,7 +200,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     log(task, f"prior trained ({time.perf_counter() - started:.0f} s)")
     report = run_collection(collect_config(task, args, env, str(prior.checkpoint), url), progress=False)
     log(task, f"collected {report.episodes} rollouts, {report.successes} successful ({time.perf_counter() - started:.0f} s)")
-    selection = EpisodeFilter(tasks=[task], outcomes=["success", "failure", "truncated"])
+    selection = EpisodeQuery(tasks=[task], outcomes=["success", "failure", "truncated"])
     episodes = load_training_episodes(store, selection, images=False)
     advantage = AdvantageConfig(n_step=args.n_step, demonstrations_positive=args.demos_positive)
     relabel_config = RelabelConfig(
@@ -208,7 +208,7 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         advantage=advantage,
     )
     clock = time.perf_counter()
-    record = cross_fit(episodes, with_task_horizon(relabel_config, task, env.episode_steps)).record
+    record = cross_fit(episodes, with_task_horizons(relabel_config, {task: env.episode_steps})).record
     relabel_seconds = time.perf_counter() - clock
     log(task, f"relabelled ({relabel_seconds:.0f} s)")
     arms = arm_specs(episodes, record, args)

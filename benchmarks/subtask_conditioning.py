@@ -39,10 +39,10 @@ from envs.tasks import task_prompt
 from experiments.collection import collect_scripted_demos
 from experiments.context import SubtaskTrainConfig, phase_outcomes, subtask_prompt, train_hierarchical
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
-from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from experiments.training import BCConfig, load_training_episodes, train_vla
 from policies.base import ActionChunk, ObservationBatch, Policy
 from policies.hierarchical import SubtaskModel, previous_subtasks
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 
 class OracleSubtasks:
@@ -113,7 +113,7 @@ def run_task(args: argparse.Namespace, task: str, workdir: Path) -> dict[str, di
         f"{task}: {demos.episodes} demos ({demos.successes} successful) in {time.perf_counter() - started:.0f} s"
     )
     store = ExperienceStore(url)
-    selection = EpisodeFilter(tasks=[task], run_ids=[demos.run_id])
+    selection = EpisodeQuery(tasks=[task], run_ids=[demos.run_id])
     config = BCConfig(
         env=EnvSettings(image_size=args.image_size),
         steps=args.steps,

@@ -39,14 +39,13 @@ from experiments.collection import CollectConfig, run_collection
 from experiments.distributed import train_bc_data_parallel
 from experiments.training import (
     BCConfig,
-    EpisodeFilter,
     _initial_policy,
     load_training_episodes,
     to_episode_arrays,
 )
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.training import TrainConfig, TrainResult, build_dataset, train_bc
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 TASK = "reach-v3"
 
@@ -92,7 +91,7 @@ def main() -> None:
     config = BCConfig(
         env=EnvSettings(image_size=48), steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3
     )
-    records = load_training_episodes(store, EpisodeFilter(tasks=[TASK]))
+    records = load_training_episodes(store, EpisodeQuery(tasks=[TASK]))
     arrays = to_episode_arrays(records)
     dataset = build_dataset(arrays, config.action_horizon)
     save_checkpoint(_initial_policy(dataset, config, None), work / "init")

@@ -31,7 +31,6 @@ from envs.tasks import episode_prompt
 from experiments.evaluation import EvalResult
 from experiments.training import (
     BCConfig,
-    EpisodeFilter,
     TrainedPolicy,
     _evaluate_and_record,
     load_training_episodes,
@@ -44,7 +43,7 @@ from policies.hierarchical import (
     save_hierarchical,
     train_subtask_model,
 )
-from storage import EpisodeRecord, ExperienceStore
+from storage import EpisodeQuery, EpisodeRecord, ExperienceStore
 
 DESIRED_METADATA = "quality: high, speed: fast, mistakes: none"
 
@@ -151,7 +150,7 @@ def subtask_labels(record: EpisodeRecord) -> list[str | None]:
 
 def train_metadata_conditioned(
     store: ExperienceStore,
-    selection: EpisodeFilter,
+    selection: EpisodeQuery,
     config: BCConfig,
     output_dir: Path,
     *,
@@ -201,7 +200,7 @@ class TrainedHierarchical:
 
 def train_hierarchical(
     store: ExperienceStore,
-    selection: EpisodeFilter,
+    selection: EpisodeQuery,
     config: BCConfig,
     output_dir: Path,
     *,

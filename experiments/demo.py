@@ -27,9 +27,10 @@ from experiments.pipeline_config import (
     PipelineConfig,
     PriorConfig,
 )
-from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from experiments.stages import Figures, StageOutput, evaluate_version, training_selection
+from experiments.training import BCConfig, load_training_episodes, train_vla
 from recap import RelabelConfig, ValueConfig, filtered_bc_weights
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 DEMO_RUN = "demo/scripted-demos"
 
@@ -100,7 +101,7 @@ def train_prior(plan: DemoPlan, store: ExperienceStore, demo_run: str, progress:
     folder.mkdir(parents=True, exist_ok=True)
     trained = train_vla(
         store,
-        EpisodeFilter(tasks=[plan.task], run_ids=[demo_run]),
+        EpisodeQuery(tasks=[plan.task], run_ids=[demo_run]),
         _bc(plan, plan.prior_steps),
         folder,
         progress=progress,
@@ -137,15 +138,20 @@ def run_demo(quick: bool = False, progress: bool = True, on_step=None) -> tuple[
     return pipeline, state
 
 
-def filtered_bc_baseline(pipeline: Pipeline, state: IterationState, progress: bool) -> dict[str, Any]:
+class BaselineOutput(StageOutput):
+    """The filtered-BC baseline's version and its per-task figures under the pipeline's protocol."""
+
+    version: str
+    figures: dict[str, Figures]
+
+
+def filtered_bc_baseline(pipeline: Pipeline, state: IterationState, progress: bool) -> BaselineOutput:
     """Filtered BC trained like the iteration's candidate (same episodes, config, seed and fresh start; the
     successful episodes and the intervention steps of the others, unconditioned), evaluated with the pipeline's
     protocol (same episodes and seeds as the candidate); its figures go to the iteration's MLflow run as
     ``filtered_bc_*``. Reused when already trained and evaluated."""
     config, iteration = pipeline.config, state.iteration
-    selection = EpisodeFilter(
-        tasks=config.tasks, run_ids=[*config.data_runs, *state.outputs["collect"]["runs"].values()]
-    )
+    selection = training_selection(config.tasks, [*config.data_runs, *state.outputs["collect"].runs.values()])
     folder = pipeline.home / f"iter-{iteration:04d}" / "filtered-bc"
     existing = pipeline.store.policy_versions(uri_prefix=str(folder.resolve()))
     if existing:
@@ -161,10 +167,11 @@ def filtered_bc_baseline(pipeline: Pipeline, state: IterationState, progress: bo
             ),
             folder,
             weights=lambda episode: weights[episode.uuid],
-            parent_version=state.outputs["collect"]["policy"],
+            parent_version=state.outputs["collect"].policy,
             progress=progress,
         ).version
-    figures = pipeline._evaluations(version, f"{pipeline.stage_id(iteration, 'evaluate')}/filtered-bc")
+    run_id = f"{pipeline.stage_id(iteration, 'evaluate')}/filtered-bc"
+    figures, _ = evaluate_version(pipeline.store, pipeline.evaluation_protocol(), version, run_id)
     successes, n = sum(f["successes"] for f in figures.values()), sum(f["n"] for f in figures.values())
     low, high = wilson_interval(int(successes), int(n))
     run = pipeline.tracker.iteration_run(iteration, config.model_dump(mode="json"))
@@ -182,7 +189,7 @@ def filtered_bc_baseline(pipeline: Pipeline, state: IterationState, progress: bo
     )
     pipeline.tracker.set_tags(run, {"filtered_bc": version})
     pipeline.tracker.finish(run)
-    return {"version": version, **figures}
+    return BaselineOutput(version=version, figures=figures)
 
 
 def comparison(state: IterationState) -> list[dict[str, Any]]:
@@ -190,12 +197,12 @@ def comparison(state: IterationState) -> list[dict[str, Any]]:
     BC on the same data (when ``run_demo`` added it)."""
     evaluation = state.outputs["evaluate"]
     roles = [
-        ("before (prior)", evaluation["versions"]["deployed"], evaluation["deployed"]),
-        ("after (RECAP)", evaluation["versions"]["candidate"], evaluation["candidate"]),
+        ("before (prior)", evaluation.versions["deployed"], evaluation.deployed),
+        ("after (RECAP)", evaluation.versions["candidate"], evaluation.candidate),
     ]
     if "filtered_bc" in state.outputs:
-        baseline = dict(state.outputs["filtered_bc"])
-        roles.append(("filtered BC, same data", baseline.pop("version"), baseline))
+        baseline = state.outputs["filtered_bc"]
+        roles.append(("filtered BC, same data", baseline.version, baseline.figures))
     return [
         {"policy": label, "version": version, "task": task, **figures}
         for label, version, per_task in roles

@@ -26,10 +26,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.types import LEARNABLE_OUTCOMES
 from envs.tasks import UnknownTaskError, episode_prompt, resolve_task
 from experiments.lerobot import LeRobotFormatError, LeRobotWriter
 from experiments.paths import check_writable_folder
-from storage import EpisodeLabels, EpisodeRecord, EpisodeSummary, ExperienceStore, Outcome
+from storage import EpisodeLabels, EpisodeQuery, EpisodeRecord, EpisodeSummary, ExperienceStore, Outcome
 
 #: LeRobot's name for camera features: ``observation.images.<camera>``.
 CAMERA_PREFIX = "observation.images."
@@ -62,16 +63,13 @@ class ExportConfig(BaseModel):
 
 def select_summaries(store: ExperienceStore, config: ExportConfig) -> list[EpisodeSummary]:
     """The selected episodes' index rows, oldest first (at most ``limit``; no per-step data read)."""
-    selected: list[EpisodeSummary] = []
-    for task in config.tasks or [None]:
-        for run_id in config.run_ids or [None]:
-            for summary in store.list_episodes(task=task, run_id=run_id, outcome=config.outcome):
-                if summary.outcome == Outcome.ERROR or summary.length == 0:
-                    continue
-                if config.limit is not None and len(selected) >= config.limit:
-                    return selected
-                selected.append(summary)
-    return selected
+    query = EpisodeQuery(
+        tasks=config.tasks or None,
+        run_ids=config.run_ids or None,
+        outcomes=[config.outcome] if config.outcome else LEARNABLE_OUTCOMES,
+    )
+    selected = [summary for summary in store.find_episodes(query) if summary.length > 0]
+    return selected[: config.limit]
 
 
 def select_episodes(store: ExperienceStore, config: ExportConfig) -> Iterator[EpisodeRecord]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from pydantic import BaseModel, ConfigDict
 
 from experiments.evaluation import wilson_interval
 from experiments.pipeline_config import GateSettings
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    """Whether to promote, and why (pooled over tasks)."""
+class GateDecision(BaseModel):
+    """Whether to promote, and why (pooled over tasks); the gate stage's output
+    (``experiments.stages.GateOutput``)."""
+
+    model_config = ConfigDict(frozen=True)
 
     promote: bool
     reason: str
@@ -18,10 +20,6 @@ class GateDecision:
     candidate_ci: tuple[float, float]
     deployed_rate: float
     deployed_ci: tuple[float, float]
-
-    def as_dict(self) -> dict:
-        """JSON-able form (for the stage record and MLflow)."""
-        return asdict(self)
 
 
 def decide(candidate: tuple[int, int], deployed: tuple[int, int], settings: GateSettings) -> GateDecision:
@@ -44,4 +42,11 @@ def decide(candidate: tuple[int, int], deployed: tuple[int, int], settings: Gate
             f"deployed {dep_rate:.3f} − margin {settings.margin}"
         )
     verdict = "promoted" if promote else "rejected: worse than deployed"
-    return GateDecision(promote, f"{verdict} ({why}; {figures})", cand_rate, cand_ci, dep_rate, dep_ci)
+    return GateDecision(
+        promote=promote,
+        reason=f"{verdict} ({why}; {figures})",
+        candidate_rate=cand_rate,
+        candidate_ci=cand_ci,
+        deployed_rate=dep_rate,
+        deployed_ci=dep_ci,
+    )

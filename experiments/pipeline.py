@@ -3,12 +3,17 @@ deploy, one iteration at a time, every stage recorded in the experience store an
 ``method: rlt`` replaces collect/relabel/train with an online RLT stage around the deployed policy; ``both``
 runs RLT around the RECAP candidate after RECAP's train stage (``stages_for``).
 
+What each stage does is in :mod:`experiments.stages` (functions with typed inputs and outputs); ``Pipeline`` is
+the stage machine around them: it builds each stage's input from the config and the iteration so far, reads the
+iteration's episodes once for relabel and train, records each output, and owns MLflow runs, the deploy file and
+SIGHUP.
+
 Resumability: a finished stage writes a stage record (a row of the store's ``runs`` table with id
-``pipeline:<name>/iter-NNNN/<stage>`` and the stage's outputs as its config). A rerun skips finished stages and
-redoes the interrupted one, which is itself idempotent: collection tops its run up to the target; a relabel,
-a trained checkpoint or an evaluation that was written just before a kill is found again (by the stage id in
-the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone; an
-interrupted RLT stage continues from its last online episode (learner, replay and optimizers restored), its
+``pipeline:<name>/iter-NNNN/<stage>`` and the JSON of the stage's output as its config). A rerun skips finished
+stages and redoes the interrupted one, which is itself idempotent: collection tops its run up to the target; a
+relabel, a trained checkpoint or an evaluation that was written just before a kill is found again (by the stage
+id in the relabel's config, the iteration's checkpoint folder, the evaluation's run id) instead of being redone;
+an interrupted RLT stage continues from its last online episode (learner, replay and optimizers restored), its
 episodes landing on the same derived ids (no duplicates).
 """
 
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import logging
 import math
 import os
@@ -26,25 +30,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envs.tasks import TASK_PROMPTS
-from experiments.collection import CollectConfig, run_collection
-from experiments.context import ExpertPhaseLabels
-from experiments.evaluation import evaluate, wilson_interval
-from experiments.gate import decide
+from experiments import stages
+from experiments.collection import CollectConfig
+from experiments.evaluation import wilson_interval
 from experiments.paths import check_writable_folder
-from experiments.pipeline_artifacts import dump_json, write_iteration_artifacts
+from experiments.pipeline_artifacts import write_iteration_artifacts
 from experiments.pipeline_config import PipelineConfig, PipelineConfigError
 from experiments.pipeline_rlt import RLTResult, RLTStage, load_rlt_result, run_rlt
 from experiments.policy_loader import load, register, resolve
+from experiments.stages import (
+    OUTPUT_TYPES,
+    CollectOutput,
+    DeployOutput,
+    EvaluateOutput,
+    GateOutput,
+    RegisterOutput,
+    RelabelOutput,
+    ReportOutput,
+    RLTOutput,
+    StageOutput,
+    TrainOutput,
+)
 from experiments.tracking import PipelineTracker
-from experiments.training import EpisodeFilter, load_training_episodes, train_vla
 from policies.base import Policy
 from policies.manifest import RLT_KIND, checkpoint_kind
-from recap import POSITIVE_PROMPT, conditioned_episodes
-from recap.relabel import cross_fit
 from recap.value import ValueTrainer, train_value
 from rlt.deployment import PriorSpec
-from storage import EpisodeRecord, ExperienceStore, Outcome
+from storage import EpisodeQuery, EpisodeRecord, ExperienceStore, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +78,10 @@ def stages_for(method: str) -> tuple[str, ...]:
 
 @dataclass
 class IterationState:
-    """What the stages of one iteration produced so far (each entry is that stage's record)."""
+    """What the stages of one iteration produced so far (each entry is that stage's typed output)."""
 
     iteration: int
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, StageOutput] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -84,7 +96,7 @@ class Pipeline:
         self,
         config: PipelineConfig,
         progress: bool = True,
-        on_stage: Callable[[int, str, dict[str, Any]], None] | None = None,
+        on_stage: Callable[[int, str, StageOutput], None] | None = None,
     ) -> None:
         self.config = config.resolved()
         self.home = Path(self.config.checkpoints) / self.config.name
@@ -98,6 +110,7 @@ class Pipeline:
         self.home.mkdir(parents=True, exist_ok=True)
         self._prior_version: str | None = None
         self.stages = stages_for(self.config.method)
+        self._episodes: tuple[int, list[EpisodeRecord]] | None = None  # the iteration's, read once
 
     # ---- state ----
 
@@ -111,10 +124,9 @@ class Pipeline:
         for run in self.store.list_runs(prefix=self.prefix):
             if run["name"] != STAGE_RECORD:
                 continue
-            iteration = int(run["config"]["iteration"])
-            states.setdefault(iteration, IterationState(iteration)).outputs[run["config"]["stage"]] = run[
-                "config"
-            ]["output"]
+            iteration, stage = int(run["config"]["iteration"]), run["config"]["stage"]
+            output = OUTPUT_TYPES[stage].model_validate(run["config"]["output"])
+            states.setdefault(iteration, IterationState(iteration)).outputs[stage] = output
         order = {stage: index for index, stage in enumerate(self.stages)}
         for state in states.values():
             state.outputs = dict(
@@ -126,7 +138,7 @@ class Pipeline:
         """The version the last finished iteration deployed, else the prior's."""
         for state in reversed(self.iterations()):
             if "deploy" in state.outputs:
-                return state.outputs["deploy"]["deployed"]
+                return state.outputs["deploy"].deployed
         return self.prior_version()
 
     def finished_at(self, iteration: int) -> dt.datetime:
@@ -178,73 +190,71 @@ class Pipeline:
         self.tracker.finish(parent_run)
         return state
 
-    def _record(self, state: IterationState, stage: str, output: dict[str, Any]) -> None:
-        output = _finite(json.loads(dump_json(output)))
+    def _record(self, state: IterationState, stage: str, output: StageOutput) -> None:
+        record = _finite(output.model_dump(mode="json"))
         self.store.register_run(
             self.stage_id(state.iteration, stage),
             name=STAGE_RECORD,
-            config={"iteration": state.iteration, "stage": stage, "output": output},
+            config={"iteration": state.iteration, "stage": stage, "output": record},
         )
         state.outputs[stage] = output
-        logger.info("iteration %d: %s done %s", state.iteration, stage, output)
+        logger.info("iteration %d: %s done %s", state.iteration, stage, record)
         self.on_stage(state.iteration, stage, output)
 
-    # ---- stages ----
+    # ---- stages (their logic is in experiments.stages; here: what the config and the store's state say) ----
 
-    def _collect(self, state: IterationState, run_id: str) -> dict[str, Any]:
+    def _collect(self, state: IterationState, run_id: str) -> CollectOutput:
         deployed = self.deployed_version()
         spec, noise = self._spec_of(deployed)
         if self.config.collection.workers and self._kind(deployed) == RLT_KIND:
             raise PipelineConfigError(
                 f"collection.workers: the deployed RLT policy {deployed!r} is collected in-process only; set 0"
             )
-        runs, metrics = {}, {}
+        settings = self.config.collection
+        jobs = {}
         for index, task in enumerate(self.config.tasks):
-            collection_run = f"{self.stage_id(state.iteration, 'collect')}/{task}"
             seed = self.config.seed + 1000 * state.iteration + index
-            report = run_collection(
-                CollectConfig(
-                    env=self.config.env.env(task, seed),
-                    policy=spec,
-                    noise=noise,
-                    episodes=self.config.collection.episodes_per_task,
-                    human=self.config.interventions,
-                    inject=self.config.injection,
-                    workers=self.config.collection.workers,
-                    envs_per_worker=self.config.collection.envs_per_worker,
-                    inference=self.config.collection.inference,
-                    ray_address=self.config.ray_address,
-                    store_url=self.config.store_url,
-                    run_id=collection_run,
-                    seed=seed,
-                    record_images=self.config.collection.record_images,
-                    metadata={"pipeline": self.config.name, "iteration": state.iteration},
-                    device=self.config.collection.device,
-                ),
-                progress=self.progress,
-                policy=self._load(deployed, task, seed),
+            jobs[task] = CollectConfig(
+                env=self.config.env.env(task, seed),
+                policy=spec,
+                noise=noise,
+                episodes=settings.episodes_per_task,
+                human=self.config.interventions,
+                inject=self.config.injection,
+                workers=settings.workers,
+                envs_per_worker=settings.envs_per_worker,
+                inference=settings.inference,
+                ray_address=self.config.ray_address,
+                store_url=self.config.store_url,
+                run_id=f"{self.stage_id(state.iteration, 'collect')}/{task}",
+                seed=seed,
+                record_images=settings.record_images,
+                metadata={"pipeline": self.config.name, "iteration": state.iteration},
+                device=settings.device,
             )
-            runs[task] = collection_run
-            summaries = self.store.list_episodes(run_id=collection_run)
-            steps = sum(s.length for s in summaries)
-            metrics |= {
-                f"{task}/collect_success_rate": report.success_rate,
-                f"{task}/intervention_rate": sum(s.human_steps for s in summaries) / max(steps, 1),
-                f"{task}/collect_episode_length": steps / max(len(summaries), 1),
-                f"{task}/collect_steps_per_second": report.env_steps / max(report.seconds, 1e-9),
-            }
-        self.tracker.log_metrics(run_id, metrics, state.iteration)
-        return {"policy": deployed, "runs": runs, "metrics": metrics}
+        output = stages.collect(self.store, stages.CollectInput(deployed, jobs), self.progress)
+        self.tracker.log_metrics(run_id, output.metrics, state.iteration)
+        return output
 
     def _data_runs(self, iteration: int) -> list[str]:
         runs = list(self.config.data_runs)
         for state in self.iterations():
             if state.iteration <= iteration and "collect" in state.outputs:
-                runs += list(state.outputs["collect"]["runs"].values())
+                runs += list(state.outputs["collect"].runs.values())
         return runs
 
-    def _selection(self, iteration: int) -> EpisodeFilter:
-        return EpisodeFilter(tasks=self.config.tasks, run_ids=self._data_runs(iteration))
+    def _selection(self, iteration: int) -> EpisodeQuery:
+        return stages.training_selection(self.config.tasks, self._data_runs(iteration))
+
+    def iteration_episodes(self, iteration: int) -> list[EpisodeRecord]:
+        """The episodes ``iteration`` relabels and trains on, read from the store once (again after a restart)."""
+        if self._episodes is None or self._episodes[0] != iteration:
+            selection = self._selection(iteration)
+            loaded = stages.iteration_episodes(
+                self.store, selection, self.config.relabel, self.config.training
+            )
+            self._episodes = (iteration, loaded)
+        return self._episodes[1]
 
     def _value_trainer(self, state_dir: Path) -> ValueTrainer:
         """How the relabel stage fits its value models: here (resumable from ``state_dir`` after a kill), or on
@@ -255,105 +265,53 @@ class Pipeline:
 
         return functools.partial(train_value_data_parallel, self.config.store_url)
 
-    def _relabel(self, state: IterationState, run_id: str) -> dict[str, Any]:
+    def _relabel(self, state: IterationState, run_id: str) -> RelabelOutput:
         stage_id = self.stage_id(state.iteration, "relabel")
         existing = [
             r for r in self.store.list_relabels(method="recap") if r.config.get("pipeline_stage") == stage_id
         ]
-        if existing:
-            record, value_losses = existing[-1], []
+        if existing:  # written just before a kill
+            output = stages.relabel_output(existing[-1], [])
         else:
-            episodes = [
-                _with_expert_phases(episode)
-                for episode in load_training_episodes(self.store, self._selection(state.iteration))
-                if episode.outcome != Outcome.ERROR
-            ]
             state_dir = self.home / f"iter-{state.iteration:04d}" / "value-state"
-            result = cross_fit(episodes, self.config.relabel, self._value_trainer(state_dir))
-            record = result.record
-            record.config["pipeline_stage"] = stage_id
-            record.relabel_id = self.store.write_relabel(record)
-            value_losses = [
-                fold.model.training_loss for fold in result.folds if fold.model.training_loss is not None
-            ]
-        indicators = [bool(x) for labels in record.labels for x in labels.indicators]
-        pooled = record.diagnostics.get("all", {})
-        metrics = {
-            "advantage_positive_fraction": sum(indicators) / max(len(indicators), 1),
-            "relabel_episodes": float(len(record.labels)),
-            **{f"diag/{k}": v for k, v in pooled.items() if isinstance(v, int | float)},
-            **{f"diag/p_positive_kind/{k}": v for k, v in (pooled.get("p_positive_by_kind") or {}).items()},
-            **{
-                f"diag/p_positive_phase/{phase}": figures["p_positive"]
-                for phase, figures in (pooled.get("p_positive_by_phase") or {}).items()
-                if figures["p_positive"] is not None
-            },
-        }
-        if value_losses:
-            metrics["value_loss"] = sum(value_losses) / len(value_losses)
-        self.tracker.log_metrics(run_id, metrics, state.iteration)
-        self.tracker.set_tags(run_id, {"relabel_id": str(record.relabel_id)})
-        return {
-            "relabel_id": str(record.relabel_id),
-            "sanity_ok": bool(record.diagnostics.get("sanity_ok", True)),
-            "metrics": metrics,
-        }
+            job = stages.RelabelInput(
+                episodes=self.iteration_episodes(state.iteration),
+                config=self.config.relabel,
+                horizons={task: self.config.env.env(task).episode_steps for task in self.config.tasks},
+                trainer=self._value_trainer(state_dir),
+                extra={"pipeline_stage": stage_id},
+            )
+            output = stages.relabel(self.store, job)
+        self.tracker.log_metrics(run_id, output.metrics, state.iteration)
+        self.tracker.set_tags(run_id, {"relabel_id": output.relabel_id})
+        return output
 
-    def _train(self, state: IterationState, run_id: str) -> dict[str, Any]:
+    def _train(self, state: IterationState, run_id: str) -> TrainOutput:
         output_dir = self.home / f"iter-{state.iteration:04d}"
         found = self._version_under(output_dir)
-        if found is not None:
-            return {"version": found["version"], "checkpoint": found["uri"], "metrics": {}}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        selection = self._selection(state.iteration)
-        record = self.store.load_relabel(state.outputs["relabel"]["relabel_id"])
-        by_uuid = {
-            item.episode.uuid: item.conditions
-            for item in conditioned_episodes(load_training_episodes(self.store, selection), record)
-        }
-        trained = train_vla(
-            self.store,
-            selection,
-            self.config.training.model_copy(
-                update={"eval_episodes": 0, "seed": self.config.seed + state.iteration}
-            ),
-            output_dir,
-            conditions=lambda episode: by_uuid.get(episode.uuid),
-            inference_conditions=POSITIVE_PROMPT,
+        if found is not None:  # trained and registered just before a kill
+            return TrainOutput(version=found["version"], checkpoint=found["uri"])
+        relabelled = state.outputs["relabel"]
+        job = stages.TrainInput(
+            episodes=self.iteration_episodes(state.iteration),
+            selection=self._selection(state.iteration),
+            record=relabelled.record or self.store.load_relabel(relabelled.relabel_id),
+            config=self.config.training.model_copy(update={"seed": self.config.seed + state.iteration}),
+            output_dir=output_dir,
+            parent_version=state.outputs["collect"].policy,
             cfg_beta=self.config.cfg_beta,
-            parent_version=state.outputs["collect"]["policy"],
-            progress=self.progress,
         )
-        losses = [row["loss"] for row in trained.train.history]
-        self.tracker.log_curve(run_id, "train_loss", losses)
-        metrics = {"final_train_loss": losses[-1]} if losses else {}
-        metrics["train_episodes"] = float(trained.episodes_used)
-        metrics |= {
-            f"conditioning/{key}": float(value)
-            for key, value in (trained.conditioning or {}).items()
-            if value is not None
-        }
-        self.tracker.log_metrics(run_id, metrics, state.iteration)
-        self.tracker.set_tags(
-            run_id,
-            {
-                "device": trained.train.device,
-                "train_workers": str(self.config.training.train_workers),
-                "resumed_from_step": str(trained.train.resumed_from),
-            },
-        )
-        return {
-            "version": trained.version,
-            "checkpoint": str(trained.checkpoint.resolve()),
-            "metrics": metrics,
-        }
+        output = stages.train(self.store, job, self.progress)
+        self._episodes = None  # the last stage that reads them
+        self.tracker.log_curve(run_id, "train_loss", output.loss_curve)
+        self.tracker.log_metrics(run_id, output.metrics, state.iteration)
+        self.tracker.set_tags(run_id, output.tags)
+        return output
 
-    def _rlt(self, state: IterationState, run_id: str) -> dict[str, Any]:
+    def _rlt(self, state: IterationState, run_id: str) -> RLTOutput:
         """Online RLT around the deployed policy (``rlt``) or the RECAP candidate (``both``)."""
-        deployed = (
-            state.outputs["collect"]["policy"] if "collect" in state.outputs else self.deployed_version()
-        )
-        prior = state.outputs["train"]["version"] if "train" in state.outputs else deployed
+        deployed = state.outputs["collect"].policy if "collect" in state.outputs else self.deployed_version()
+        prior = state.outputs["train"].version if "train" in state.outputs else deployed
         folder = self.home / f"iter-{state.iteration:04d}" / "rlt"
         version = f"rlt:{self.config.name}/iter-{state.iteration:04d}"
         output = {
@@ -365,7 +323,7 @@ class Pipeline:
         task, seed = self.config.tasks[0], self.config.seed + 1000 * state.iteration
         collected = [
             summary.uuid
-            for run in state.outputs.get("collect", {}).get("runs", {}).values()
+            for run in (state.outputs["collect"].runs.values() if "collect" in state.outputs else ())
             for summary in self.store.list_episodes(run_id=run)
             if summary.outcome != Outcome.ERROR
         ]
@@ -398,7 +356,7 @@ class Pipeline:
             metrics["rl_final_eval_success_rate"] = result.curve[-1].success_rate
         self.tracker.log_metrics(run_id, metrics, state.iteration)
         curve = [[point.env_steps, point.success_rate] for point in result.curve]
-        return output | {"metrics": metrics, "curve": curve}
+        return RLTOutput(**output, metrics=metrics, curve=curve)
 
     def _log_rl_history(self, run_id: str, result: RLTResult) -> None:
         """The RL curve (eval success per eval point) and per-episode training figures, at their env step."""
@@ -423,102 +381,81 @@ class Pipeline:
     def _deployed_at(self, state: IterationState) -> str:
         """The version deployed when ``state``'s iteration started."""
         return (
-            state.outputs["collect"]["policy"]
-            if "collect" in state.outputs
-            else state.outputs["rlt"]["deployed"]
+            state.outputs["collect"].policy if "collect" in state.outputs else state.outputs["rlt"].deployed
         )
 
-    def _evaluate(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        candidate = state.outputs[self._candidate_stage()]["version"]
-        deployed = self._deployed_at(state)
-        results = {
-            "candidate": self._evaluations(
-                candidate, f"{self.stage_id(state.iteration, 'evaluate')}/candidate"
-            ),
-            "deployed": self._evaluations(deployed, f"{self.prefix}baseline/{deployed}"),
-        }
-        metrics: dict[str, float] = {}
-        for role, per_task in results.items():
-            for task, figures in per_task.items():
-                metrics |= {f"{role}/{task}/{key}": value for key, value in figures.items()}
-        self.tracker.log_metrics(run_id, metrics, state.iteration)
-        return {"versions": {"candidate": candidate, "deployed": deployed}, **results}
-
-    def _evaluations(self, version: str, eval_run: str) -> dict[str, dict[str, float]]:
-        """Per-task evaluation figures of ``version`` (reused from the store when already recorded)."""
-        done = {
-            e.task: e.metrics
-            for e in self.store.list_evaluations(policy_version=version)
-            if e.run_id == eval_run
-        }
+    def evaluation_protocol(self) -> stages.EvaluationProtocol:
+        """The config's evaluation protocol: ``evaluation.episodes`` from ``evaluation.seed`` on every task."""
         protocol = self.config.evaluation
-        for task in self.config.tasks:
-            if task in done:
-                continue
-            policy = self._load(version, task)
-            env = self.config.env.env(task, protocol.seed)
-            result, _ = evaluate(policy, env, protocol.episodes, seed=protocol.seed)
-            metrics = result.as_metrics()  # the store keeps NaN (no successes → no mean length) as null
-            self.store.write_evaluation(
-                version, task, result.n, result.successes, metrics=metrics, run_id=eval_run
-            )
-            done[task] = metrics
-        return {task: done[task] for task in self.config.tasks}
-
-    def _gate(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        evaluation = state.outputs["evaluate"]
-
-        def pooled(role: str) -> tuple[int, int]:
-            figures = evaluation[role].values()
-            return int(sum(f["successes"] for f in figures)), int(sum(f["n"] for f in figures))
-
-        decision = decide(pooled("candidate"), pooled("deployed"), self.config.gate)
-        self.tracker.log_metrics(
-            run_id,
-            {
-                "promoted": float(decision.promote),
-                "candidate_success_rate": decision.candidate_rate,
-                "deployed_success_rate": decision.deployed_rate,
-            },
-            state.iteration,
+        return stages.EvaluationProtocol(
+            envs={task: self.config.env.env(task, protocol.seed) for task in self.config.tasks},
+            episodes=protocol.episodes,
+            seed=protocol.seed,
+            policy_seed=self.config.seed,
         )
-        self.tracker.set_tags(run_id, {"gate_reason": decision.reason})
-        return decision.as_dict()
 
-    def _register(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        train, gate = state.outputs[self._candidate_stage()], state.outputs["gate"]
+    def _evaluate(self, state: IterationState, run_id: str) -> EvaluateOutput:
+        deployed = self._deployed_at(state)
+        job = stages.EvaluateInput(
+            protocol=self.evaluation_protocol(),
+            versions={"candidate": state.outputs[self._candidate_stage()].version, "deployed": deployed},
+            runs={
+                "candidate": f"{self.stage_id(state.iteration, 'evaluate')}/candidate",
+                "deployed": f"{self.prefix}baseline/{deployed}",
+            },
+        )
+        output = stages.evaluate(self.store, job)
+        metrics = {
+            f"{role}/{task}/{key}": value
+            for role in ("candidate", "deployed")
+            for task, figures in getattr(output, role).items()
+            for key, value in figures.items()
+        }
+        self.tracker.log_metrics(run_id, metrics, state.iteration)
+        return output
+
+    def _gate(self, state: IterationState, run_id: str) -> GateOutput:
+        output = stages.gate(state.outputs["evaluate"], self.config.gate)
+        figures = {
+            "promoted": float(output.promote),
+            "candidate_success_rate": output.candidate_rate,
+            "deployed_success_rate": output.deployed_rate,
+        }
+        self.tracker.log_metrics(run_id, figures, state.iteration)
+        self.tracker.set_tags(run_id, {"gate_reason": output.reason})
+        return output
+
+    def _register(self, state: IterationState, run_id: str) -> RegisterOutput:
+        """The candidate as a version of the pipeline's MLflow model, tagged with the gate's verdict."""
+        candidate, gate = state.outputs[self._candidate_stage()], state.outputs["gate"]
         model_version = self.tracker.register(
-            train["version"], train["checkpoint"], run_id, description=gate["reason"]
+            candidate.version, candidate.checkpoint, run_id, description=gate.reason
         )
         self.tracker.tag_version(
             model_version,
             {
-                "gate": "promoted" if gate["promote"] else "rejected",
-                "gate_reason": gate["reason"],
+                "gate": "promoted" if gate.promote else "rejected",
+                "gate_reason": gate.reason,
                 "policy_kind": RLT_KIND if self._candidate_stage() == "rlt" else "vla",
             },
         )
-        return {
-            "model": self.tracker.model_name,
-            "model_version": model_version,
-            "store_version": train["version"],
-        }
+        return RegisterOutput(
+            model=self.tracker.model_name, model_version=model_version, store_version=candidate.version
+        )
 
-    def _deploy(self, state: IterationState, run_id: str) -> dict[str, Any]:
-        promoted = state.outputs["gate"]["promote"]
-        candidate = state.outputs[self._candidate_stage()]["version"]
-        deployed = candidate if promoted else self._deployed_at(state)
+    def _deploy(self, state: IterationState, run_id: str) -> DeployOutput:
+        """Write the deploy file (the candidate if promoted, else the version deployed before) and SIGHUP the
+        servers that serve it."""
+        promoted = state.outputs["gate"].promote
+        deployed = state.outputs[self._candidate_stage()].version if promoted else self._deployed_at(state)
         if promoted:
-            self.tracker.set_deployed(state.outputs["register"]["model_version"])
+            self.tracker.set_deployed(state.outputs["register"].model_version)
         _write_atomically(self.deploy_file(), deployed + "\n")
         notified = self._notify_servers()
         self.tracker.set_tags(run_id, {"deployed": deployed})
-        return {
-            "deployed": deployed,
-            "promoted": promoted,
-            "deploy_file": str(self.deploy_file()),
-            "notified": notified,
-        }
+        return DeployOutput(
+            deployed=deployed, promoted=promoted, deploy_file=str(self.deploy_file()), notified=notified
+        )
 
     def _notify_servers(self) -> list[int]:
         """SIGHUP every ``flywheel serve`` whose pid is listed in ``deploy.pid_files`` so it reloads @FILE."""
@@ -534,14 +471,14 @@ class Pipeline:
 
     # ---- summary ----
 
-    def _report(self, state: IterationState, parent_run: str) -> dict[str, Any]:
+    def _report(self, state: IterationState, parent_run: str) -> ReportOutput:
         """Iteration-level metrics, tags and artifacts on the iteration run."""
         evaluation = state.outputs["evaluate"]
-        metrics: dict[str, float] = {"promoted": float(state.outputs["gate"]["promote"])}
+        metrics: dict[str, float | None] = {"promoted": float(state.outputs["gate"].promote)}
         for role in ("candidate", "deployed"):
-            figures = list(evaluation[role].values())
-            successes, n = sum(f["successes"] for f in figures), sum(f["n"] for f in figures)
-            low, high = wilson_interval(int(successes), int(n))
+            figures = list(getattr(evaluation, role).values())
+            successes, n = evaluation.pooled(role)
+            low, high = wilson_interval(successes, n)
             metrics |= {
                 f"{role}_success_rate": successes / max(n, 1),
                 f"{role}_ci_low": low,
@@ -550,26 +487,23 @@ class Pipeline:
                 f"{role}_episode_length": sum(f["mean_length"] for f in figures) / len(figures),
             }
         for stage in ("collect", "relabel", "train", "rlt"):
-            metrics |= {
-                k: v
-                for k, v in state.outputs.get(stage, {}).get("metrics", {}).items()
-                if isinstance(v, float | int)
-            }
+            if stage in state.outputs:
+                metrics |= {k: v for k, v in state.outputs[stage].metrics.items() if v is not None}
         self.tracker.log_metrics(parent_run, metrics, state.iteration)
         tags = {
-            "candidate": state.outputs[self._candidate_stage()]["version"],
-            "deployed": state.outputs["deploy"]["deployed"],
-            "gate_reason": state.outputs["gate"]["reason"],
+            "candidate": state.outputs[self._candidate_stage()].version,
+            "deployed": state.outputs["deploy"].deployed,
+            "gate_reason": state.outputs["gate"].reason,
         }
         if "relabel" in state.outputs:
-            tags["relabel_id"] = state.outputs["relabel"]["relabel_id"]
+            tags["relabel_id"] = state.outputs["relabel"].relabel_id
         self.tracker.set_tags(parent_run, tags)
         folder = self.home / f"iter-{state.iteration:04d}" / "artifacts"
         artifacts = []
         for path, artifact_folder in write_iteration_artifacts(self, state, folder):
             self.tracker.log_artifact(parent_run, path, artifact_folder)
             artifacts.append(f"{artifact_folder}/{path.name}" if artifact_folder else path.name)
-        return {"metrics": metrics, "artifacts": artifacts}
+        return ReportOutput(metrics=metrics, artifacts=artifacts)
 
     # ---- helpers ----
 
@@ -619,14 +553,6 @@ def _finite(data: Any) -> Any:
     if isinstance(data, float) and not math.isfinite(data):
         return None
     return data
-
-
-def _with_expert_phases(episode: EpisodeRecord) -> EpisodeRecord:
-    """``episode`` labelled with the scripted expert's phases (in memory, for the relabel's P(positive) per
-    phase) when it is a Meta-World episode with simulator state and no subtasks of its own."""
-    if episode.subtasks is not None or episode.task not in TASK_PROMPTS:
-        return episode
-    return ExpertPhaseLabels(lambda record: record, episode.task)(episode)
 
 
 def _write_atomically(path: Path, text: str) -> None:

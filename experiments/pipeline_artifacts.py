@@ -26,6 +26,7 @@ from storage import EpisodeRecord, Outcome
 
 if TYPE_CHECKING:
     from experiments.pipeline_config import PipelineConfig
+    from experiments.stages import RLTOutput, StageOutput
     from policies.base import Policy
     from storage import ExperienceStore
 
@@ -39,10 +40,10 @@ EPISODE_VIEW = "episode_view.png"
 
 
 class IterationState(Protocol):
-    """One iteration's stage records (``experiments.pipeline.IterationState`` is one)."""
+    """One iteration's stage outputs (``experiments.pipeline.IterationState`` is one)."""
 
     iteration: int
-    outputs: dict[str, dict[str, Any]]
+    outputs: dict[str, StageOutput]
 
 
 class Pipeline(Protocol):
@@ -74,20 +75,23 @@ def write_iteration_artifacts(
     config_path = folder / "pipeline.yaml"
     config_path.write_text(yaml.safe_dump(pipeline.config.model_dump(mode="json"), sort_keys=False))
     outputs_path = folder / "stages.json"
-    outputs_path.write_text(dump_json(state.outputs))
+    outputs_path.write_text(
+        dump_json({stage: output.model_dump(mode="json") for stage, output in state.outputs.items()})
+    )
     files: list[tuple[Path, str | None]] = [(config_path, None), (outputs_path, None)]
     files.append((plot_success_over_iterations(pipeline, folder / "success_over_iterations.png"), "plots"))
     episodes = _showcase_episodes(pipeline, state)
     if "relabel" in state.outputs:
         relabel_path = folder / "relabel_ids.json"
-        relabel_path.write_text(dump_json({"relabel_id": state.outputs["relabel"]["relabel_id"]}))
+        relabel_id = state.outputs["relabel"].relabel_id
+        relabel_path.write_text(dump_json({"relabel_id": relabel_id}))
         files.append((relabel_path, None))
-        record = pipeline.store.load_relabel(state.outputs["relabel"]["relabel_id"])
+        record = pipeline.store.load_relabel(relabel_id)
         labelled = {labels.episode_uuid for labels in record.labels}
         shown = [episode for episode in episodes[:PLOT_EPISODES] if episode.uuid in labelled]
         if shown:
             files.append((plot_episode_view(shown, record, folder / EPISODE_VIEW), "plots"))
-    if state.outputs.get("rlt", {}).get("curve"):
+    if "rlt" in state.outputs and state.outputs["rlt"].curve:
         files.append((plot_rl_curve(state.outputs["rlt"], folder / "rl_curve.png"), "plots"))
     for episode in episodes[:VIDEO_EPISODES]:
         video = write_rollout_gif(
@@ -103,7 +107,7 @@ def write_iteration_artifacts(
 def _showcase_episodes(pipeline: Pipeline, state: IterationState) -> list[EpisodeRecord]:
     """A failed and a successful episode of this iteration's collection (else its RLT run), when there are
     both."""
-    runs = list(state.outputs.get("collect", {}).get("runs", {}).values())
+    runs = list(state.outputs["collect"].runs.values()) if "collect" in state.outputs else []
     if not runs:
         runs = [pipeline.rlt_run(state.iteration)]
     summaries = [summary for run in runs for summary in pipeline.store.list_episodes(run_id=run)]
@@ -135,7 +139,7 @@ def write_comparison_gif(pipeline: Pipeline, state: IterationState, path: Path, 
     """One evaluation episode of the candidate and of the deployed policy (first task, first evaluation
     seed), side by side with a caption naming each version and its outcome; the shorter one holds its last
     frame."""
-    versions = state.outputs["evaluate"]["versions"]
+    versions = state.outputs["evaluate"].versions
     task, seed = pipeline.config.tasks[0], pipeline.config.evaluation.seed
     env = pipeline.config.env.env(task, seed)
     panels = []
@@ -158,16 +162,16 @@ def _captioned(frames: np.ndarray, caption: str, height: int = 16) -> np.ndarray
     return np.concatenate([header, frames], axis=1)
 
 
-def plot_rl_curve(rlt_output: dict, path: Path) -> Path:
+def plot_rl_curve(rlt_output: RLTOutput, path: Path) -> Path:
     """The RLT stage's evaluation success rate against env steps (warm-up included)."""
-    steps, rates = zip(*rlt_output["curve"], strict=True)
+    steps, rates = zip(*rlt_output.curve, strict=True)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot(steps, rates, marker="o")
     axis.set(
         xlabel="env steps",
         ylabel="eval success rate",
         ylim=(-0.02, 1.02),
-        title=f"RLT: {rlt_output['version']}",
+        title=f"RLT: {rlt_output.version}",
     )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -183,13 +187,9 @@ def plot_success_over_iterations(pipeline: Pipeline, path: Path) -> Path:
     for state in pipeline.iterations():
         if "gate" not in state.outputs:
             continue
-        figures = {
-            role: [
-                sum(f[key] for f in state.outputs["evaluate"][role].values()) for key in ("successes", "n")
-            ]
-            for role in ("candidate", "deployed")
-        }
-        rows.append((state.iteration, figures, state.outputs["gate"]["promote"]))
+        evaluation = state.outputs["evaluate"]
+        figures = {role: evaluation.pooled(role) for role in ("candidate", "deployed")}
+        rows.append((state.iteration, figures, state.outputs["gate"].promote))
     figure, axis = plt.subplots(figsize=(7, 3.5))
     for role, colour in (("deployed", "tab:gray"), ("candidate", "tab:blue")):
         xs = [row[0] for row in rows]

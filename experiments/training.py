@@ -36,23 +36,12 @@ from policies.training import (
 from policies.vla.config import VLAConfig
 from policies.vla.policy import VLAPolicy
 from recap.conditioning import NEGATIVE_PROMPT, POSITIVE_PROMPT, conditioning_gap
-from storage import EpisodeRecord, EpisodeSummary, ExperienceStore
+from storage import EpisodeQuery, EpisodeRecord, EpisodeSummary, ExperienceStore
 
 #: Per-step condition text for a stored episode (RECAP's advantage indicator, metadata prompts), or None.
 ConditionFn = Callable[[EpisodeRecord], list[str | None] | None]
 #: Per-step loss weights for a stored episode (filtered BC: 0/1, AWR: exp(A/τ)), or None for all ones.
 WeightFn = Callable[[EpisodeRecord], np.ndarray | None]
-
-
-class EpisodeFilter(BaseModel):
-    """Which stored episodes to train on."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[str] = Field(min_length=1)
-    run_ids: list[str] | None = None
-    outcomes: list[Literal["success", "failure", "truncated", "error"]] | None = None
-    max_episodes_per_task: int | None = Field(default=None, ge=1)
 
 
 #: Image side recorded for a state-input (no camera) model; nothing is rendered at that size.
@@ -138,24 +127,19 @@ class TrainedPolicy:
     conditioning: dict[str, float | int | None] | None = None
 
 
-def select_training_episodes(store: ExperienceStore, selection: EpisodeFilter) -> list[EpisodeSummary]:
-    """The index rows of the episodes ``selection`` picks, oldest first per task (no per-step data read)."""
-    summaries: list[EpisodeSummary] = []
-    for task in selection.tasks:
-        chosen = [
-            summary
-            for run_id in selection.run_ids or [None]
-            for outcome in selection.outcomes or [None]
-            for summary in store.list_episodes(task=task, run_id=run_id, outcome=outcome)
-        ]
-        summaries += chosen[: selection.max_episodes_per_task]
+def select_training_episodes(store: ExperienceStore, selection: EpisodeQuery) -> list[EpisodeSummary]:
+    """The index rows of the episodes ``selection`` picks, oldest first (no per-step data read); it must name its
+    tasks (each is evaluated on)."""
+    if not selection.tasks:
+        raise ValueError(f"{selection}: name the tasks to train on")
+    summaries = store.find_episodes(selection)
     if not summaries:
-        raise ValueError(f"no stored episodes match {selection.model_dump(exclude_none=True)}")
+        raise ValueError(f"no stored episodes match {selection.as_dict()}")
     return summaries
 
 
 def load_training_episodes(
-    store: ExperienceStore, selection: EpisodeFilter, images: bool = True
+    store: ExperienceStore, selection: EpisodeQuery, images: bool = True
 ) -> list[EpisodeRecord]:
     """The stored episodes selected by ``selection``, oldest first (``images=False`` skips the image blobs)."""
     return [
@@ -166,7 +150,7 @@ def load_training_episodes(
 
 def stored_image_layout(
     store: ExperienceStore,
-    selection: EpisodeFilter,
+    selection: EpisodeQuery,
     cameras: tuple[str, ...] | None = None,
     image_size: int | None = None,
 ) -> tuple[tuple[str, ...], int]:
@@ -249,10 +233,11 @@ def to_episode_arrays(
 
 def train_vla(
     store: ExperienceStore,
-    selection: EpisodeFilter,
+    selection: EpisodeQuery,
     config: BCConfig,
     output_dir: Path,
     *,
+    records: list[EpisodeRecord] | None = None,
     conditions: ConditionFn | None = None,
     weights: WeightFn | None = None,
     init_from: Path | None = None,
@@ -271,7 +256,9 @@ def train_vla(
 
     A fresh model unless ``init_from`` names a checkpoint to continue from (RECAP retrains from the prior: its
     weights, tokenizers and normalization statistics are kept; ``config``'s model fields must match it).
-    ``weights`` gives per-step loss weights (0 drops a step): filtered BC and AWR ablations.
+    ``weights`` gives per-step loss weights (0 drops a step): filtered BC and AWR ablations. ``records`` are the
+    selected episodes already read (with their images when the model reads cameras: the pipeline reads an
+    iteration's episodes once for relabel and train); default: read from the store.
     ``inference_conditions`` / ``cfg_beta`` are how the policy is queried after training (RECAP: "Advantage:
     positive"); they are saved in the checkpoint, so evaluation, rollouts and ``flywheel serve`` agree.
 
@@ -284,14 +271,15 @@ def train_vla(
     parallel = config.train_workers > 1  # the workers read the images of their shards; the driver needs none
     # the state tier reads no images, so episodes stored with and without them train together
     cameras = config.env.camera_names(selection.tasks[0])
-    records = load_training_episodes(store, selection, images=not parallel and bool(cameras))
+    if records is None:
+        records = load_training_episodes(store, selection, images=not parallel and bool(cameras))
     arrays = to_episode_arrays(records, conditions, weights)
     training, heldout = split_heldout(arrays, config.validation_fraction, config.seed)
     dataset = build_dataset(training, config.action_horizon)
     validation = build_dataset(heldout, config.action_horizon) if heldout else None
     policy = _initial_policy(dataset, config, cameras, init_from)
     policy.conditions, policy.cfg_beta = inference_conditions, cfg_beta  # evaluations query it as deployed
-    evaluator = EnvEvaluator(selection.tasks, config) if config.eval_episodes > 0 else None
+    evaluator = EnvEvaluator(list(selection.tasks), config) if config.eval_episodes > 0 else None
     if state_dir is None and config.checkpoint_every:
         key = _fingerprint(
             selection, config, records, init_from, parent_version, inference_conditions, arrays
@@ -336,7 +324,7 @@ def train_vla(
         parent=parent_version,
         metadata={
             "bc_config": config.model_dump(mode="json"),
-            "selection": selection.model_dump(mode="json"),
+            "selection": selection.as_dict(),
             "episodes": len(records),
             "init_from": str(init_from.resolve()) if init_from is not None else None,
             "final_loss": train_result.history[-1]["loss"] if train_result.history else None,
@@ -400,7 +388,7 @@ _RUNTIME_FIELDS = {
 
 
 def _fingerprint(
-    selection: EpisodeFilter,
+    selection: EpisodeQuery,
     config: BCConfig,
     records: list[EpisodeRecord],
     init_from: Path | None,
@@ -411,7 +399,7 @@ def _fingerprint(
     """Names a training run by what it learns from: the same command on the same data finds its own state."""
     payload = {
         "config": config.model_dump(mode="json", exclude=_RUNTIME_FIELDS),
-        "selection": selection.model_dump(mode="json"),
+        "selection": selection.as_dict(),
         "episodes": sorted(str(record.uuid) for record in records),
         "init_from": str(init_from.resolve()) if init_from is not None else None,
         "parent": parent_version,

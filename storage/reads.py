@@ -131,18 +131,24 @@ class EpisodeReader:
 
 
 def select_episodes(query: EpisodeQuery) -> sa.Select[Any]:
-    """``SELECT`` of (``Episode``, policy version name) for the episodes ``query`` matches."""
+    """``SELECT`` of (``Episode``, policy version name) for the episodes ``query`` matches (each tuple of values an
+    ``IN`` clause; ``max_per_task`` a row number per task, oldest first)."""
     select = sa.select(Episode, PolicyVersion.version).outerjoin(
         PolicyVersion, Episode.policy_version_id == PolicyVersion.id
     )
-    if query.task is not None:
-        select = select.where(Episode.task == query.task)
-    if query.outcome is not None:
-        select = select.where(Episode.outcome == Outcome(query.outcome).value)
-    if query.policy_version is not None:
-        select = select.where(PolicyVersion.version == query.policy_version)
-    if query.run_id is not None:
-        select = select.where(Episode.run_id == query.run_id)
+    if query.tasks is not None:
+        select = select.where(Episode.task.in_(query.tasks))
+    if query.outcomes is not None:
+        select = select.where(Episode.outcome.in_([outcome.value for outcome in query.outcomes]))
+    if query.policy_versions is not None:
+        select = select.where(PolicyVersion.version.in_(query.policy_versions))
+    if query.run_ids is not None:
+        select = select.where(Episode.run_id.in_(query.run_ids))
+    if query.max_per_task is not None:
+        rank = sa.func.row_number().over(partition_by=Episode.task, order_by=Episode.id)
+        ranked = select.with_only_columns(Episode.id, rank.label("rank")).subquery()
+        first = sa.select(ranked.c.id).where(ranked.c.rank <= query.max_per_task)
+        select = select.where(Episode.id.in_(first))
     return select
 
 

@@ -62,23 +62,60 @@ def parse_outcome(value: Outcome | str) -> Outcome:
 class EpisodeQuery:
     """Which episodes a read covers: every field that is not None must match (all None: every episode).
 
-    ``outcome`` may be given as a string; it is stored as an ``Outcome`` (a bad value raises
-    ``EpisodeValidationError``), so equal filters compare and hash equal.
+    ``tasks``, ``outcomes``, ``policy_versions`` and ``run_ids`` are tuples of accepted values (the store compiles
+    each to an ``IN`` clause; a list is kept as a tuple, so equal queries compare and hash equal). Outcomes may be
+    given as strings; they are stored as ``Outcome`` (a bad value raises ``EpisodeValidationError``).
+    ``max_per_task`` keeps the oldest that many matching episodes of each task. ``EpisodeQuery.of`` builds the
+    one-value-per-filter query of the store's keyword methods (``list_episodes(task=…, run_id=…)``).
     """
 
-    task: str | None = None
-    outcome: Outcome | str | None = None
-    policy_version: str | None = None
-    run_id: str | None = None
+    tasks: tuple[str, ...] | None = None
+    outcomes: tuple[Outcome, ...] | None = None
+    policy_versions: tuple[str, ...] | None = None
+    run_ids: tuple[str, ...] | None = None
+    max_per_task: int | None = None
 
     def __post_init__(self) -> None:
-        if self.outcome is not None:
-            object.__setattr__(self, "outcome", parse_outcome(self.outcome))
+        for name in _QUERY_FIELDS:
+            values = getattr(self, name)
+            if isinstance(values, str | Outcome):
+                raise EpisodeValidationError(name, "a tuple or list of values", repr(values))
+            if values is not None:
+                parse = parse_outcome if name == "outcomes" else str
+                object.__setattr__(self, name, tuple(parse(value) for value in values))
+        if self.max_per_task is not None and self.max_per_task < 1:
+            raise EpisodeValidationError("max_per_task", "at least 1", repr(self.max_per_task))
+
+    @classmethod
+    def of(
+        cls,
+        task: str | None = None,
+        outcome: Outcome | str | None = None,
+        policy_version: str | None = None,
+        run_id: str | None = None,
+    ) -> EpisodeQuery:
+        """The query matching one value per given filter (None: any)."""
+        singles = (task, outcome, policy_version, run_id)
+        return cls(*(None if value is None else (value,) for value in singles))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The given filters as JSON-able values (outcomes as strings), for metadata and messages."""
+        data: dict[str, Any] = {
+            name: [str(getattr(value, "value", value)) for value in getattr(self, name)]
+            for name in _QUERY_FIELDS
+            if getattr(self, name) is not None
+        }
+        return data | ({"max_per_task": self.max_per_task} if self.max_per_task is not None else {})
 
     def __str__(self) -> str:
-        filters = {name: getattr(self, name) for name in ("task", "outcome", "policy_version", "run_id")}
-        given = ", ".join(f"{name}={str(value)!r}" for name, value in filters.items() if value is not None)
+        given = ", ".join(
+            f"{name}={('|'.join(values) if isinstance(values, list) else values)!r}"
+            for name, values in self.as_dict().items()
+        )
         return f"episodes with {given}" if given else "all episodes"
+
+
+_QUERY_FIELDS = ("tasks", "outcomes", "policy_versions", "run_ids")
 
 
 # The numpy array fields every ``EpisodeRecord`` has (``privileged`` and ``images`` are optional).

@@ -176,7 +176,14 @@ class ExperienceStore:
     ) -> list[EpisodeSummary]:
         """Episodes matching every given filter, oldest first (at most ``limit``; ``newest_first`` reverses)."""
         self._schema.require()
-        query = EpisodeQuery(task, outcome, policy_version, run_id)
+        query = EpisodeQuery.of(task, outcome, policy_version, run_id)
+        return self._reader.list(query, limit, newest_first)
+
+    def find_episodes(
+        self, query: EpisodeQuery, limit: int | None = None, newest_first: bool = False
+    ) -> list[EpisodeSummary]:
+        """Episodes ``query`` matches (any of each filter's values), oldest first (at most ``limit``)."""
+        self._schema.require()
         return self._reader.list(query, limit, newest_first)
 
     def count_episodes(
@@ -188,7 +195,7 @@ class ExperienceStore:
     ) -> int:
         """Number of episodes matching the filters."""
         self._schema.require()
-        return self._reader.count(EpisodeQuery(task, outcome, policy_version, run_id))
+        return self._reader.count(EpisodeQuery.of(task, outcome, policy_version, run_id))
 
     def count_steps(
         self,
@@ -199,7 +206,7 @@ class ExperienceStore:
     ) -> int:
         """Total env steps (episode lengths) of the episodes matching the filters, summed in SQL."""
         self._schema.require()
-        return self._reader.count_steps(EpisodeQuery(task, outcome, policy_version, run_id))
+        return self._reader.count_steps(EpisodeQuery.of(task, outcome, policy_version, run_id))
 
     def injected_fractions(
         self,
@@ -211,7 +218,7 @@ class ExperienceStore:
         """Ground truth at a glance: per matching episode, the fraction of its steps an env wrapper injected a
         bad segment into (``EpisodeRecord.injected`` not None), counted in SQL."""
         self._schema.require()
-        return self._reader.injected_fractions(EpisodeQuery(task, outcome, policy_version, run_id))
+        return self._reader.injected_fractions(EpisodeQuery.of(task, outcome, policy_version, run_id))
 
     def load_episode(self, episode_uuid: uuid.UUID | str, images: bool = True) -> EpisodeRecord:
         """The stored episode as an ``EpisodeRecord`` of numpy arrays (images decoded if ``images``)."""
@@ -262,7 +269,7 @@ class ExperienceStore:
         ``t + n_step`` are fetched from the database for the sampled steps only.
         """
         self._schema.require()
-        query = EpisodeQuery(task, outcome, policy_version, run_id)
+        query = EpisodeQuery.of(task, outcome, policy_version, run_id)
         return self._sampler.sample(query, batch_size, rng, n_step, images, refresh)
 
     def replay(
@@ -275,7 +282,7 @@ class ExperienceStore:
     ) -> ReplayIndex:
         """The in-memory index of all matching episodes' step arrays (with newly stored ones if ``refresh``)."""
         self._schema.require()
-        return self._sampler.replay(EpisodeQuery(task, outcome, policy_version, run_id), refresh)
+        return self._sampler.replay(EpisodeQuery.of(task, outcome, policy_version, run_id), refresh)
 
     # ---- relabels ----
 

@@ -8,8 +8,8 @@ from envs import EnvConfig, EnvSettings
 from envs.scripted import ScriptedPolicy
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate
-from experiments.training import BCConfig, EpisodeFilter, train_vla
-from storage import ExperienceStore
+from experiments.training import BCConfig, train_vla
+from storage import EpisodeQuery, ExperienceStore
 
 
 class StandStill(ScriptedPolicy):
@@ -33,7 +33,7 @@ def test_tiny_vla_from_ten_stored_demos_succeeds_on_reach(tmp_path):
     )
     config = BCConfig(env=EnvSettings(image_size=48), steps=300, batch_size=16)
     trained = train_vla(
-        ExperienceStore(url), EpisodeFilter(tasks=["reach-v3"]), config, tmp_path, progress=False
+        ExperienceStore(url), EpisodeQuery(tasks=["reach-v3"]), config, tmp_path, progress=False
     )
     result, episodes = evaluate(trained.policy, ENV, 10)
     # A policy that does not move never reaches the goal; the expert does almost always. Measured: 8/10.

@@ -17,9 +17,9 @@ from experiments.context import (
     subtask_prompt,
     task_median_lengths,
 )
-from experiments.training import BCConfig, EpisodeFilter, train_vla
+from experiments.training import BCConfig, train_vla
 from policies.base import stack_observations
-from storage import ExperienceStore, InterventionSegment, Outcome
+from storage import EpisodeQuery, ExperienceStore, InterventionSegment, Outcome
 from tests.storage_fixtures import make_episode
 
 
@@ -68,7 +68,7 @@ def test_metadata_conditioned_policy_trains_from_store_and_answers_the_desired_p
             progress=False,
         )
     store = ExperienceStore(url)
-    selection = EpisodeFilter(tasks=["reach-v3"])
+    selection = EpisodeQuery(tasks=["reach-v3"])
     by_uuid = metadata_conditions(list(store.iter_episodes(task="reach-v3")))
     qualities = {text[0].split(",")[0] for text in by_uuid.values()}
     assert qualities == {"quality: high", "quality: low"}

@@ -18,7 +18,6 @@ from experiments.paths import default_mlflow_uri
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
 from experiments.training import (
     BCConfig,
-    EpisodeFilter,
     TrainedPolicy,
     load_training_episodes,
     to_episode_arrays,
@@ -26,7 +25,7 @@ from experiments.training import (
 )
 from policies.training import build_dataset
 from recap import RelabelConfig, ValueConfig
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 TASK = "reach-v3"
 ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=40)
@@ -67,7 +66,7 @@ def test_collection_is_idempotent_by_run_id(demo_store):
 def test_train_vla_from_store_registers_and_evaluates(demo_store, tmp_path):
     store, _ = demo_store
     trained = train_vla(
-        store, EpisodeFilter(tasks=[TASK], run_ids=["demos"]), TINY_BC, tmp_path, progress=False
+        store, EpisodeQuery(tasks=[TASK], run_ids=["demos"]), TINY_BC, tmp_path, progress=False
     )
     assert trained.episodes_used == 6 and trained.checkpoint.is_dir()
     versions = {row["version"]: row for row in store.policy_versions()}
@@ -84,7 +83,7 @@ def test_train_vla_evaluates_in_the_env_every_k_steps_and_records_each(demo_stor
     store, _ = demo_store
     config = BCConfig.model_validate(TINY_BC.model_dump() | {"steps": 7, "eval_every": 3, "eval_episodes": 1})
     trained = train_vla(
-        store, EpisodeFilter(tasks=[TASK], run_ids=["demos"]), config, tmp_path, progress=False
+        store, EpisodeQuery(tasks=[TASK], run_ids=["demos"]), config, tmp_path, progress=False
     )
     assert [row["step"] for row in trained.train.evaluations] == [3, 6, 7]  # every k steps, and the end
     for row in trained.train.evaluations:
@@ -112,7 +111,7 @@ def test_one_model_trains_on_two_tasks_and_the_prompt_selects_the_task(tmp_path)
             CollectConfig(env=env, policy="scripted", noise=0.1, episodes=2, store_url=url, run_id=task),
             progress=False,
         )
-    store, selection = ExperienceStore(url), EpisodeFilter(tasks=tasks)
+    store, selection = ExperienceStore(url), EpisodeQuery(tasks=tasks)
     config = BCConfig(
         env=EnvSettings(image_size=48, max_episode_steps=30), steps=3, batch_size=8, eval_episodes=1
     )
@@ -173,7 +172,7 @@ def _logged_runs(command: str) -> list:
 
 def _tiny_prior(store: ExperienceStore, output_dir) -> TrainedPolicy:
     """A few BC steps on the demos (no evaluation): the prior the RECAP tests improve."""
-    selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
+    selection = EpisodeQuery(tasks=[TASK], run_ids=["demos"])
     return train_vla(
         store, selection, TINY_BC.model_copy(update={"eval_episodes": 0}), output_dir, progress=False
     )

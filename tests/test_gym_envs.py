@@ -28,8 +28,8 @@ from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
 from experiments.evaluation import evaluate
 from experiments.pipeline_config import PipelineConfigError, parse_pipeline_config
-from experiments.training import BCConfig, EpisodeFilter, to_episode_arrays, train_vla
-from storage import ExperienceStore, Outcome
+from experiments.training import BCConfig, to_episode_arrays, train_vla
+from storage import EpisodeQuery, ExperienceStore, Outcome
 
 REACHER = "Reacher-v5"
 PROMPT = "touch the red target with the fingertip"
@@ -215,7 +215,7 @@ def test_train_and_evaluate_on_a_gymnasium_env(reacher_store, tmp_path):
     store = ExperienceStore(reacher_store)
     settings = EnvSettings(**REACHER_SETTINGS)
     config = BCConfig(env=settings.for_model(("main",), 48), steps=3, batch_size=4, eval_episodes=1, checkpoint_every=0)
-    trained = train_vla(store, EpisodeFilter(tasks=[REACHER]), config, tmp_path, progress=False)
+    trained = train_vla(store, EpisodeQuery(tasks=[REACHER]), config, tmp_path, progress=False)
     assert trained.policy.action_dim == 2 and trained.episodes_used == 4
     [result] = trained.evaluations
     assert result.task == REACHER and result.n == 1 and result.mean_return < 0  # Reacher's negative rewards

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from experiments.cli import app
 from experiments.lerobot import LeRobotReader
-from storage import ExperienceStore, Outcome, StepSource
+from storage import EpisodeQuery, ExperienceStore, Outcome, StepSource
 from tests.storage_fixtures import make_episode
 
 TASK_TEXT = "Put the red cube in the bowl"
@@ -299,10 +299,10 @@ def _imported_teleop(tmp_path: Path) -> str:
 
 
 def test_imported_demonstrations_are_a_training_selection(tmp_path):
-    from experiments.training import EpisodeFilter, stored_image_layout
+    from experiments.training import stored_image_layout
 
     store = ExperienceStore(_imported_teleop(tmp_path))
-    selection = EpisodeFilter(tasks=["cube-in-bowl"], run_ids=["import-teleop"], outcomes=["success"])
+    selection = EpisodeQuery(tasks=["cube-in-bowl"], run_ids=["import-teleop"], outcomes=["success"])
     assert stored_image_layout(store, selection) == (("front", "wrist"), 48)
 
 

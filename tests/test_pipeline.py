@@ -37,6 +37,7 @@ from experiments.pipeline_config import (
 from experiments.policy_loader import PolicySpecError, load
 from experiments.schedule import ScheduleError, parse_interval
 from recap import POSITIVE_PROMPT
+from storage import ExperienceStore
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -63,13 +64,24 @@ def two_iterations(tmp_path_factory) -> tuple[Pipeline, Path]:
     is rejected); iteration 2 with gate rule 'always' (promoted, deployed), both through the CLI."""
     tmp = tmp_path_factory.mktemp("pipeline")
     runner = CliRunner()
-    first = runner.invoke(app, ["iterate", "--config", str(tiny_config(tmp)), "--once", "--no-progress"])
-    assert first.exit_code == 0, first.output
-    always = tiny_config(tmp, gate={"rule": "always"})
-    second = runner.invoke(
-        app, ["iterate", "--config", str(always), "--every", "1s", "--iterations", "1", "--no-progress"]
-    )
-    assert second.exit_code == 0, second.output
+    reads: list[list[tuple[str, str]]] = [[], []]  # per iteration: (calling module, episode uuid)
+    load_episode = ExperienceStore.load_episode
+
+    def recorded(store, episode_uuid, images=True):
+        reads[-1].append((sys._getframe(1).f_globals["__name__"], str(episode_uuid)))
+        return load_episode(store, episode_uuid, images)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ExperienceStore, "load_episode", recorded)
+        first = runner.invoke(app, ["iterate", "--config", str(tiny_config(tmp)), "--once", "--no-progress"])
+        assert first.exit_code == 0, first.output
+        reads.append([])
+        always = tiny_config(tmp, gate={"rule": "always"})
+        second = runner.invoke(
+            app, ["iterate", "--config", str(always), "--every", "1s", "--iterations", "1", "--no-progress"]
+        )
+        assert second.exit_code == 0, second.output
+    (tmp / "episode_reads.json").write_text(json.dumps(reads[1:]))
     return Pipeline(load_pipeline_config(always), progress=False), tmp
 
 
@@ -118,9 +130,9 @@ def test_store_records_every_stage_without_duplicates(two_iterations):
     assert [s.iteration for s in states] == [1, 2] and all(s.finished for s in states)
     assert all(set(s.outputs) == set(STAGES) for s in states)
     for state in states:
-        [run] = state.outputs["collect"]["runs"].values()
+        [run] = state.outputs["collect"].runs.values()
         assert store.count_episodes(run_id=run) == config.collection.episodes_per_task
-        relabel = store.load_relabel(state.outputs["relabel"]["relabel_id"])
+        relabel = store.load_relabel(state.outputs["relabel"].relabel_id)
         assert relabel.config["pipeline_stage"] == pipeline.stage_id(state.iteration, "relabel")
         # iteration n relabels and trains on all data collected so far (the aggregated runs)
         assert len(relabel.labels) == state.iteration * config.collection.episodes_per_task
@@ -129,7 +141,7 @@ def test_store_records_every_stage_without_duplicates(two_iterations):
     versions = {row["version"]: row for row in store.policy_versions()}
     prior = pipeline.prior_version()
     for state in states:
-        candidate = versions[state.outputs["train"]["version"]]
+        candidate = versions[state.outputs["train"].version]
         assert candidate["kind"] == "vla" and candidate["parent"] == prior
         assert Path(candidate["uri"]).is_dir()
         # the checkpoint carries its RECAP inference conditions; loading applies them once, from inference.json
@@ -141,33 +153,48 @@ def test_store_records_every_stage_without_duplicates(two_iterations):
     assert len(store.list_evaluations(policy_version=prior)) == 1
 
 
+def test_each_iteration_reads_its_episodes_once(two_iterations):
+    """Relabel and train share one read of the iteration's episodes; only the report's videos read some again."""
+    pipeline, tmp = two_iterations
+    reads = json.loads((tmp / "episode_reads.json").read_text())
+    for state, iteration_reads in zip(pipeline.iterations(), reads, strict=True):
+        labelled = {
+            str(labels.episode_uuid)
+            for labels in pipeline.store.load_relabel(state.outputs["relabel"].relabel_id).labels
+        }
+        training = [uuid for module, uuid in iteration_reads if module == "experiments.training"]
+        assert sorted(training) == sorted(labelled)
+        assert {module for module, _ in iteration_reads} == {
+            "experiments.training",
+            "experiments.pipeline_artifacts",
+        }
+
+
 def test_gate_rejects_worse_policy_and_it_stays_registered(two_iterations):
     pipeline, _ = two_iterations
     first, second = pipeline.iterations()
     gate = first.outputs["gate"]
-    assert not gate["promote"] and gate["reason"].startswith("rejected")
-    assert gate["candidate_rate"] < gate["deployed_rate"]
-    assert first.outputs["deploy"]["deployed"] == pipeline.prior_version()
+    assert not gate.promote and gate.reason.startswith("rejected")
+    assert gate.candidate_rate < gate.deployed_rate
+    assert first.outputs["deploy"].deployed == pipeline.prior_version()
     client = MlflowClient(pipeline.config.mlflow_uri, registry_uri=pipeline.config.mlflow_uri)
-    rejected = client.get_model_version(
-        pipeline.tracker.model_name, first.outputs["register"]["model_version"]
-    )
+    rejected = client.get_model_version(pipeline.tracker.model_name, first.outputs["register"].model_version)
     assert (
         rejected.tags["gate"] == "rejected"
-        and rejected.tags["store_version"] == first.outputs["train"]["version"]
+        and rejected.tags["store_version"] == first.outputs["train"].version
     )
-    assert rejected.description == gate["reason"]
+    assert rejected.description == gate.reason
     # iteration 2 (rule 'always') promotes: alias, deploy file and `flywheel serve`'s @FILE agree
     assert (
-        second.outputs["gate"]["promote"]
-        and second.outputs["deploy"]["deployed"] == second.outputs["train"]["version"]
+        second.outputs["gate"].promote
+        and second.outputs["deploy"].deployed == second.outputs["train"].version
     )
     deployed = client.get_model_version_by_alias(pipeline.tracker.model_name, "deployed")
-    assert deployed.tags["store_version"] == second.outputs["train"]["version"]
-    assert pipeline.deploy_file().read_text().strip() == second.outputs["train"]["version"]
-    assert pipeline.deployed_version() == second.outputs["train"]["version"]
+    assert deployed.tags["store_version"] == second.outputs["train"].version
+    assert pipeline.deploy_file().read_text().strip() == second.outputs["train"].version
+    assert pipeline.deployed_version() == second.outputs["train"].version
     served = load(f"@{pipeline.deploy_file()}", store=pipeline.store)
-    assert served.version == second.outputs["train"]["version"]
+    assert served.version == second.outputs["train"].version
 
 
 def test_mlflow_runs_metrics_and_artifacts(two_iterations):
@@ -248,7 +275,7 @@ print(json.dumps({{"inputs": names, "shape": list(model.predict(batch).shape)}})
     assert answer["shape"] == [2, deployed.action_horizon, deployed.action_dim]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
-    second = pipeline.iterations()[1].outputs["register"]["model_version"]
+    second = pipeline.iterations()[1].outputs["register"].model_version
     for spec in ("models:/flywheel-tiny@deployed", f"models:/flywheel-tiny/{second}"):
         assert load(spec).version == deployed.version
     with pytest.raises(PolicySpecError, match="alias nope not found"):

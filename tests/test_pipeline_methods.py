@@ -36,7 +36,7 @@ def _rlt_episode_ids(pipeline: Pipeline, iteration: int, count: int) -> set[uuid
 def _expected_rlt_episodes(pipeline: Pipeline, iteration: int) -> int:
     """Warm-up + online + evaluation episodes the RLT loop played (its stage record's count)."""
     [state] = [s for s in pipeline.iterations() if s.iteration == iteration]
-    return int(state.outputs["rlt"]["metrics"]["rl_episodes"])
+    return int(state.outputs["rlt"].metrics["rl_episodes"])
 
 
 def _assert_rl_curve_in_mlflow(pipeline: Pipeline, iteration: int) -> None:
@@ -97,19 +97,18 @@ def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
         assert state.finished and tuple(state.outputs) == stages_for("both")
         records = [r for r in store.list_runs(prefix=pipeline.prefix) if r["name"] == STAGE_RECORD]
         assert sorted(r["config"]["stage"] for r in records) == sorted(stages_for("both"))
-        [collect_run] = state.outputs["collect"]["runs"].values()
+        [collect_run] = state.outputs["collect"].runs.values()
         assert store.count_episodes(run_id=collect_run) == settings.collection.episodes_per_task
-        relabel = store.load_relabel(state.outputs["relabel"]["relabel_id"])
+        relabel = store.load_relabel(state.outputs["relabel"].relabel_id)
         assert relabel.config["pipeline_stage"] == pipeline.stage_id(1, "relabel")
         assert len(relabel.labels) == settings.collection.episodes_per_task
         versions = {row["version"]: row for row in store.policy_versions()}
-        recap, rlt = state.outputs["train"]["version"], state.outputs["rlt"]["version"]
+        recap, rlt = state.outputs["train"].version, state.outputs["rlt"].version
         assert versions[recap]["kind"] == "vla" and versions[recap]["parent"] == pipeline.prior_version()
         assert versions[rlt]["kind"] == RLT_KIND and versions[rlt]["parent"] == recap
         # the collected episodes (with their interventions) joined RLT's warm-up
         assert (
-            state.outputs["rlt"]["metrics"]["rl_warmup_stored_episodes"]
-            == settings.collection.episodes_per_task
+            state.outputs["rlt"].metrics["rl_warmup_stored_episodes"] == settings.collection.episodes_per_task
         )
         rlt_run = pipeline.rlt_run(1)
         count = store.count_episodes(run_id=rlt_run)
@@ -118,14 +117,14 @@ def test_both_methods_one_iteration_on_postgresql(tmp_path, pg_url):
         assert {s.uuid for s in rlt_summaries} == _rlt_episode_ids(pipeline, 1, count)
         steps = store.load_episode(rlt_summaries[-1].uuid, images=False).policy_versions
         assert rlt in steps  # the learner acted (hand-off 'always') and its steps name the RLT version
-        assert state.outputs["evaluate"]["versions"] == {
+        assert state.outputs["evaluate"].versions == {
             "candidate": rlt,
             "deployed": pipeline.prior_version(),
         }
         assert [e.n for e in store.list_evaluations(policy_version=rlt)] == [settings.evaluation.episodes]
         client = MlflowClient(settings.mlflow_uri, registry_uri=settings.mlflow_uri)
         registered = client.get_model_version(
-            pipeline.tracker.model_name, state.outputs["register"]["model_version"]
+            pipeline.tracker.model_name, state.outputs["register"].model_version
         )
         assert registered.tags["store_version"] == rlt and registered.tags["policy_kind"] == RLT_KIND
         _assert_rl_curve_in_mlflow(pipeline, 1)
@@ -151,7 +150,7 @@ def test_rlt_resumes_after_sigkill_then_iterates_around_the_deployed_policy(tmp_
     count = store.count_episodes()
     assert count == store.count_episodes(run_id=rlt_run) == _expected_rlt_episodes(pipeline, 1)
     assert {s.uuid for s in store.list_episodes(run_id=rlt_run)} == _rlt_episode_ids(pipeline, 1, count)
-    one = first.outputs["rlt"]["version"]
+    one = first.outputs["rlt"].version
     assert [r["version"] for r in store.policy_versions() if r["kind"] == RLT_KIND] == [one]
     client = MlflowClient(pipeline.config.mlflow_uri, registry_uri=pipeline.config.mlflow_uri)
     assert len(client.search_model_versions(f"name = '{pipeline.tracker.model_name}'")) == 1
@@ -159,15 +158,15 @@ def test_rlt_resumes_after_sigkill_then_iterates_around_the_deployed_policy(tmp_
 
     _iterate(tiny_config(tmp_path, method="rlt", gate={"rule": "always"}))
     first, second = pipeline.iterations()
-    two, deployed_after_first = second.outputs["rlt"]["version"], first.outputs["deploy"]["deployed"]
+    two, deployed_after_first = second.outputs["rlt"].version, first.outputs["deploy"].deployed
     versions = {row["version"]: row for row in store.policy_versions()}
-    assert versions[one]["parent"] == pipeline.prior_version() == first.outputs["rlt"]["prior"]
+    assert versions[one]["parent"] == pipeline.prior_version() == first.outputs["rlt"].prior
     assert versions[two]["kind"] == RLT_KIND
-    assert second.outputs["rlt"]["prior"] == deployed_after_first == versions[two]["parent"]
+    assert second.outputs["rlt"].prior == deployed_after_first == versions[two]["parent"]
     assert store.count_episodes(run_id=pipeline.rlt_run(2)) == _expected_rlt_episodes(pipeline, 2)
     assert store.count_episodes() == count + _expected_rlt_episodes(pipeline, 2)
     _assert_rl_curve_in_mlflow(pipeline, 2)
-    assert second.outputs["gate"]["promote"] and pipeline.deployed_version() == two
+    assert second.outputs["gate"].promote and pipeline.deployed_version() == two
     assert pipeline.deploy_file().read_text().strip() == two
     deployed = pipeline._load(two, pipeline.config.tasks[0])
     assert isinstance(deployed, RLTDeployedPolicy)

@@ -70,13 +70,13 @@ def _assert_single_copy_of_everything(pipeline: Pipeline) -> None:
     store, config = pipeline.store, pipeline.config
     [state] = pipeline.iterations()
     assert state.finished and set(state.outputs) == set(STAGES)
-    [run] = state.outputs["collect"]["runs"].values()
+    [run] = state.outputs["collect"].runs.values()
     assert store.count_episodes(run_id=run) == config.collection.episodes_per_task
     assert store.count_episodes() == config.collection.episodes_per_task
     assert_no_repeated_episode(store, run)  # the resumed collection continued the seed sequence
     assert len(store.list_relabels(method="recap")) == 1
     trained = [r for r in store.policy_versions() if r["kind"] == "vla"]
-    assert [r["version"] for r in trained] == [state.outputs["train"]["version"]]
+    assert [r["version"] for r in trained] == [state.outputs["train"].version]
     evaluations = store.list_evaluations()
     assert len(evaluations) == 2 and len({(e.policy_version, e.run_id) for e in evaluations}) == 2
     client = MlflowClient(config.mlflow_uri, registry_uri=config.mlflow_uri)

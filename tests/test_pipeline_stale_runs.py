@@ -18,10 +18,23 @@ KILLED_AFTER_COMMIT = """
 import os, signal, sys
 from experiments.pipeline import Pipeline
 from experiments.pipeline_config import load_pipeline_config
+from experiments.stages import OUTPUT_TYPES
 from experiments.tracking import STAGE_TAG, PipelineTracker
 
-for name in ("_collect", "_relabel", "_train", "_evaluate", "_gate", "_register", "_deploy", "_report"):
-    setattr(Pipeline, name, lambda self, *args: {"stub": True})
+STUBS = {
+    "collect": {"policy": "stub", "runs": {}},
+    "relabel": {"relabel_id": "stub", "sanity_ok": True},
+    "train": {"version": "stub", "checkpoint": "stub"},
+    "evaluate": {"versions": {}, "candidate": {}, "deployed": {}},
+    "gate": {"promote": False, "reason": "stub", "candidate_rate": 0, "candidate_ci": [0, 1],
+             "deployed_rate": 0, "deployed_ci": [0, 1]},
+    "register": {"model": "stub", "model_version": "1", "store_version": "stub"},
+    "deploy": {"deployed": "stub", "promoted": False, "deploy_file": "stub"},
+    "report": {},
+}
+for stage, fields in STUBS.items():
+    output = OUTPUT_TYPES[stage](**fields)
+    setattr(Pipeline, f"_{stage}", lambda self, *args, output=output: output)
 finish = PipelineTracker.finish
 
 def finish_or_die(self, run_id, failed=False):

@@ -146,7 +146,7 @@ def test_pipeline_collect_stage_on_ray_workers_with_cameras(local_ray, tmp_path)
         pipeline.run_iteration()
     [state] = pipeline.iterations()
     assert list(state.outputs) == ["collect"]
-    [run_id] = state.outputs["collect"]["runs"].values()
+    [run_id] = state.outputs["collect"].runs.values()
     summaries = pipeline.store.list_episodes(run_id=run_id)
     assert len(summaries) == 2
     size = config.env.image_size

@@ -28,8 +28,8 @@ import yaml
 
 from actors.robot_runtime import RobotCameras, RobotCamerasError, robot_cameras
 from experiments.policy_loader import vla_image_layout
-from experiments.training import EpisodeFilter, stored_image_layout
-from storage import ExperienceStore
+from experiments.training import stored_image_layout
+from storage import EpisodeQuery, ExperienceStore
 from storage.spool import EpisodeSpool
 from tests.storage_fixtures import make_episode, pg_database, pg_migrated, store  # noqa: F401
 
@@ -67,7 +67,7 @@ def test_frame_shapes_and_layout_come_from_the_store(store: ExperienceStore) -> 
     _write(store, 1, "small", 24, ("corner2", "gripperPOV"))
     [first, _] = store.list_episodes()
     assert store.frame_shapes([first.uuid]) == {first.uuid: {"corner2": (24, 24), "gripperPOV": (24, 24)}}
-    selection = EpisodeFilter(tasks=["reach-v3"])
+    selection = EpisodeQuery(tasks=["reach-v3"])
     assert stored_image_layout(store, selection) == (("corner2", "gripperPOV"), 24)
     assert stored_image_layout(store, selection, ("gripperPOV",), 24) == (("gripperPOV",), 24)
     with pytest.raises(ValueError, match=r"^--image-size 64: the selected episodes store 24 px images"):
@@ -81,13 +81,13 @@ def test_frame_shapes_and_layout_come_from_the_store(store: ExperienceStore) -> 
 def test_mixed_image_sizes_are_one_error_that_says_how_to_filter(store: ExperienceStore) -> None:  # noqa: F811
     _write(store, 0, "run-48", 48)
     _write(store, 1, "run-96", 96)
-    mixed = EpisodeFilter(tasks=["reach-v3"])
+    mixed = EpisodeQuery(tasks=["reach-v3"])
     with pytest.raises(ValueError) as raised:
         stored_image_layout(store, mixed)
     message = str(raised.value)
     assert "\n" not in message and "--run-id" in message
     assert "corner2 48 px in run(s) run-48" in message and "corner2 96 px in run(s) run-96" in message
-    assert stored_image_layout(store, EpisodeFilter(tasks=["reach-v3"], run_ids=["run-96"])) == (
+    assert stored_image_layout(store, EpisodeQuery(tasks=["reach-v3"], run_ids=["run-96"])) == (
         ("corner2",),
         96,
     )

@@ -1,5 +1,5 @@
-"""RECAP ablations through the store: weighted BC and retraining from the prior via ``train_vla``, and a relabel
-with a state-input value model that never loads images."""
+"""RECAP ablations through the store: weighted BC and retraining from the prior via ``train_vla``, and one
+``recap iterate`` iteration through the shared stages, reading its episodes once."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-import experiments.recap_iteration as recap_iteration
 from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
+from experiments import stages
 from experiments.collection import CollectConfig, run_collection
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
-from experiments.training import BCConfig, EpisodeFilter, load_training_episodes, train_vla
+from experiments.training import BCConfig, load_training_episodes, train_vla
 from policies.vla import VLAInputError
-from recap import RelabelConfig
-from storage import ExperienceStore
+from recap import RelabelConfig, ValueConfig
+from storage import EpisodeQuery, ExperienceStore
 
 TASK = "reach-v3"
 ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
 BC = BCConfig(env=EnvSettings(cameras=("corner2",), image_size=48), steps=3, batch_size=8)
-SELECTION = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
+SELECTION = EpisodeQuery(tasks=[TASK], run_ids=["demos"])
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +62,41 @@ def test_bad_weights_and_mismatched_prior_fail_with_one_line(store_and_prior, tm
         train_vla(store, SELECTION, bigger, tmp_path, init_from=prior.checkpoint, progress=False)
 
 
-class _Relabeled(Exception):
-    """Stops the iteration once the relabel stage has been reached."""
-
-
-def test_state_value_relabel_loads_no_images(store_and_prior, tmp_path, monkeypatch):
+def test_recap_iterate_runs_the_shared_stages_reading_each_episode_once(
+    store_and_prior, tmp_path, monkeypatch
+):
+    """``run_recap_iteration`` (``flywheel recap iterate``) is collect → relabel → train → evaluate → gate of
+    ``experiments.stages``, and the iteration's episodes are read from the store once, for relabel and train
+    (with images: π reads a camera; a state-input value model reuses them)."""
     _, url, prior = store_and_prior
-    seen: list[bool] = []
+    called: list[str] = []
+    for name in ("collect", "relabel", "train", "evaluate", "gate"):
+        monkeypatch.setattr(stages, name, _recording(getattr(stages, name), name, called))
+    reads: list[tuple[str, bool]] = []
+    load_episode = ExperienceStore.load_episode
 
-    def spy(episodes, config):
-        seen.extend(bool(episode.images) for episode in episodes)
-        raise _Relabeled
+    def counting(store, episode_uuid, images=True):
+        reads.append((str(episode_uuid), images))
+        return load_episode(store, episode_uuid, images)
 
-    monkeypatch.setattr(recap_iteration, "relabel", spy)
+    monkeypatch.setattr(ExperienceStore, "load_episode", counting)
     config = RecapIterationConfig(
         task=TASK, policy=str(prior.checkpoint), store_url=url, env=ENV, collect_episodes=1,
-        human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=5), relabel=RelabelConfig(),
-        bc=BC, eval_episodes=0,
+        human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=5),
+        relabel=RelabelConfig(value=ValueConfig(train_steps=5, hidden_dim=16)), bc=BC, eval_episodes=1,
     )  # fmt: skip
-    with pytest.raises(_Relabeled):
-        run_recap_iteration(config, tmp_path, progress=False)
-    assert len(seen) == 4 and not any(seen)  # 3 demos + 1 rollout, none with images
+    result = run_recap_iteration(config, tmp_path, progress=False)
+    assert called == ["collect", "relabel", "train", "evaluate", "gate"]
+    assert (
+        len(reads) == 4 and len(set(reads)) == 4 and all(images for _, images in reads)
+    )  # 3 demos + 1 rollout
+    assert result.trained.episodes_used == 4 and len(result.relabel.labels) == 4
+    assert result.gate is not None and result.after.policy_version == result.trained.version
+
+
+def _recording(function, name: str, called: list[str]):
+    def recorded(*args, **kwargs):
+        called.append(name)
+        return function(*args, **kwargs)
+
+    return recorded

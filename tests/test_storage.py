@@ -377,7 +377,7 @@ def test_sampling_picks_up_new_episodes_filters_and_fetches_images(store: Experi
         assert np.array_equal(batch.images["corner"][i], record.images["corner"][t])
         next_t = t + 2 if batch.has_next[i] else t
         assert np.array_equal(batch.next_images["corner"][i], record.images["corner"][next_t])
-    with pytest.raises(NotFoundError, match="task='no-such-task'"):
+    with pytest.raises(NotFoundError, match="tasks='no-such-task'"):
         store.sample_transitions(4, rng, task="no-such-task")
     store.write_episode(make_episode(rng, 5, task="reach-v3", outcome=Outcome.FAILURE))
     failures = store.replay(task="reach-v3", outcome="failure")
@@ -388,17 +388,55 @@ def test_sampling_picks_up_new_episodes_filters_and_fetches_images(store: Experi
 
 
 def test_episode_query_normalizes_outcome_and_names_its_filters() -> None:
-    query = EpisodeQuery(task="reach-v3", outcome="success")
-    assert query.outcome is Outcome.SUCCESS
-    assert query == EpisodeQuery("reach-v3", Outcome.SUCCESS) and hash(query) == hash(
-        EpisodeQuery("reach-v3", "success")
+    query = EpisodeQuery(tasks=["reach-v3"], outcomes=["success"])
+    assert query.outcomes == (Outcome.SUCCESS,) and query.tasks == ("reach-v3",)
+    assert query == EpisodeQuery.of("reach-v3", Outcome.SUCCESS) and hash(query) == hash(
+        EpisodeQuery(("reach-v3",), ("success",))
     )
-    assert str(query) == "episodes with task='reach-v3', outcome='success'"
+    assert str(query) == "episodes with tasks='reach-v3', outcomes='success'"
+    assert (
+        str(EpisodeQuery(run_ids=("a", "b"), max_per_task=2)) == "episodes with run_ids='a|b', max_per_task=2"
+    )
     assert str(EpisodeQuery()) == "all episodes"
     with pytest.raises(
         EpisodeValidationError, match="outcome: expected one of success/failure/truncated/error"
     ):
-        EpisodeQuery(outcome="won")
+        EpisodeQuery(outcomes=["won"])
+    with pytest.raises(EpisodeValidationError, match="tasks: expected a tuple or list of values"):
+        EpisodeQuery(tasks="reach-v3")
+    with pytest.raises(EpisodeValidationError, match="max_per_task: expected at least 1"):
+        EpisodeQuery(max_per_task=0)
+
+
+def test_episode_query_compiles_each_tuple_to_an_in_clause(store: ExperienceStore) -> None:
+    """Several tasks, runs and outcomes in one query; ``max_per_task`` keeps the oldest per task (both backends)."""
+    rng = np.random.default_rng(5)
+    rows = [
+        ("reach-v3", "a", Outcome.SUCCESS),
+        ("reach-v3", "b", Outcome.FAILURE),
+        ("push-v3", "a", Outcome.ERROR),
+        ("push-v3", "b", Outcome.SUCCESS),
+        ("reach-v3", "c", Outcome.SUCCESS),
+        ("push-v3", "a", Outcome.TRUNCATED),
+        ("reach-v3", "a", Outcome.TRUNCATED),
+    ]
+    stored = []
+    for task, run, outcome in rows:
+        episode = make_episode(rng, 3, task=task, run_id=run, outcome=outcome, cameras=())
+        store.write_episode(episode)
+        stored.append(episode.uuid)
+
+    def found(**filters) -> list[int]:
+        return [stored.index(s.uuid) for s in store.find_episodes(EpisodeQuery(**filters))]
+
+    assert found() == list(range(7))
+    assert found(tasks=["reach-v3", "push-v3"], run_ids=["a", "b"]) == [0, 1, 2, 3, 5, 6]
+    assert found(run_ids=["a"], outcomes=["success", "truncated"]) == [0, 5, 6]
+    assert found(tasks=["reach-v3"], outcomes=["success", "failure", "truncated"], max_per_task=2) == [0, 1]
+    assert found(outcomes=["success", "truncated"], max_per_task=1) == [0, 3]
+    assert found(policy_versions=[POLICY_VERSION], tasks=["push-v3"]) == [2, 3, 5]
+    assert found(tasks=[]) == []
+    assert store.find_episodes(EpisodeQuery(), limit=2, newest_first=True)[0].uuid == stored[-1]
 
 
 def test_relabels_are_versioned_and_never_overwrite(store: ExperienceStore) -> None:

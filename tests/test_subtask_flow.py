@@ -19,9 +19,9 @@ from experiments.context import (
     train_hierarchical,
 )
 from experiments.policy_loader import load
-from experiments.training import BCConfig, EpisodeFilter
+from experiments.training import BCConfig
 from policies.hierarchical import HierarchicalPolicy, load_hierarchical
-from storage import ExperienceStore, Outcome, StepSource
+from storage import EpisodeQuery, ExperienceStore, Outcome, StepSource
 
 TASK = "pick-place-v3"
 runner = CliRunner()
@@ -91,7 +91,7 @@ def test_hierarchical_rollouts_record_both_levels_with_provenance_and_retrain(de
     stored = list(store.iter_episodes(run_id="demos"))
     assert all(subtask_sources(e) == ["expert_phase"] * e.length for e in stored)
     config = BCConfig(env=EnvSettings(image_size=48), steps=3, batch_size=4)
-    selection = EpisodeFilter(tasks=[TASK], run_ids=["demos"])
+    selection = EpisodeQuery(tasks=[TASK], run_ids=["demos"])
     trained = train_hierarchical(
         store, selection, config, root, subtask=SubtaskTrainConfig(steps=3, history=2), progress=False
     )
@@ -118,7 +118,7 @@ def test_hierarchical_rollouts_record_both_levels_with_provenance_and_retrain(de
                 assert source == "policy" and subtask in trained.subtasks
             provenance.add(source)
     assert provenance == {"policy", "human"}
-    rollouts = EpisodeFilter(tasks=[TASK], run_ids=["rollouts"])
+    rollouts = EpisodeQuery(tasks=[TASK], run_ids=["rollouts"])
     retrained = train_hierarchical(
         store, rollouts, config, root, subtask=SubtaskTrainConfig(steps=2), progress=False
     )

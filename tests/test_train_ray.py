@@ -14,8 +14,8 @@ import pytest
 from actors.cluster import ensure_ray
 from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
-from experiments.training import BCConfig, EpisodeFilter, train_vla
-from storage import ExperienceStore
+from experiments.training import BCConfig, train_vla
+from storage import EpisodeQuery, ExperienceStore
 
 ENV = EnvConfig(task="reach-v3", cameras=("corner2",), width=48, height=48, max_episode_steps=30)
 TOLERANCE = 0.15
@@ -42,7 +42,7 @@ def _curve(store: ExperienceStore, workers: int, output) -> tuple[list[float], d
         checkpoint_every=0,
         device="auto",
     )
-    trained = train_vla(store, EpisodeFilter(tasks=["reach-v3"]), config, output, progress=False)
+    trained = train_vla(store, EpisodeQuery(tasks=["reach-v3"]), config, output, progress=False)
     [row] = [r for r in store.policy_versions() if r["version"] == trained.version]
     return [point["loss"] for point in trained.train.history], row["metadata"]
 
@@ -111,7 +111,7 @@ def test_sigkilled_ray_train_worker_resumes_from_the_last_training_state(store, 
     )
     trained = train_vla(
         store,
-        EpisodeFilter(tasks=["reach-v3"]),
+        EpisodeQuery(tasks=["reach-v3"]),
         config,
         tmp_path / "out",
         progress=False,

@@ -116,7 +116,7 @@ def test_sigkilled_recap_retraining_in_the_pipeline_resumes_its_learner(tmp_path
     assert 0 < stopped_at < 200
     finish_pipeline(config)
     [state] = pipeline.iterations()
-    version = state.outputs["train"]["version"]
+    version = state.outputs["train"].version
     [row] = [r for r in pipeline.store.policy_versions() if r["version"] == version]
     assert stopped_at <= row["metadata"]["resumed_from_step"] < 200
     assert not state_file.exists()

@@ -9,7 +9,7 @@ import pytest
 from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
 from experiments.commands.train import _camera_names
-from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
+from experiments.training import BCConfig, stored_image_layout, train_vla
 from policies.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from policies.training import (
     EpisodeArrays,
@@ -21,7 +21,7 @@ from policies.training import (
 )
 from policies.vla import VLAConfig, VLAInputError
 from policies.vla.config import ConfigError
-from storage import ExperienceStore
+from storage import EpisodeQuery, ExperienceStore
 
 PROMPT = "reach the goal position"
 
@@ -69,7 +69,7 @@ def test_train_vla_takes_episodes_stored_without_images(tmp_path) -> None:
         progress=False,
     )
     store = ExperienceStore(url)
-    selection = EpisodeFilter(tasks=["reach-v3"], run_ids=["demos"])
+    selection = EpisodeQuery(tasks=["reach-v3"], run_ids=["demos"])
     assert stored_image_layout(store, selection) == ((), 64)
     assert stored_image_layout(store, selection, cameras=_camera_names("none")) == ((), 64)  # --cameras none
     with pytest.raises(ValueError, match="stored no camera images"):

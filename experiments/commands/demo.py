@@ -40,6 +40,6 @@ def demo(
     console.print(
         "versions: " + ", ".join(f"{row['policy']} = {row['version']}" for row in comparison(state))
     )
-    console.print(f"gate: {state.outputs['gate']['reason']}")
+    console.print(f"gate: {state.outputs['gate'].reason}")
     console.print(mlflow_hint(pipeline))
     console.print(f"wall time {time.monotonic() - started:.0f} s")

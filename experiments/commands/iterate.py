@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from experiments.stages import StageOutput
 
 app = typer.Typer()
 console = Console(stderr=True)
@@ -44,21 +47,21 @@ def iterate(
         raise typer.Exit(code=2) from error
 
 
-def _print_stage(iteration: int, stage: str, output: dict[str, Any]) -> None:
+def _print_stage(iteration: int, stage: str, output: StageOutput) -> None:
     console.print(f"[bold]iteration {iteration}[/bold] {stage} done")
 
 
-def _print_iteration(outputs: dict[str, Any]) -> None:
+def _print_iteration(outputs: dict[str, StageOutput]) -> None:
     table = Table("role", "version", "success", "95% CI", "successes/h")
     evaluation = outputs["evaluate"]
     for role in ("deployed", "candidate"):
-        for task, figures in evaluation[role].items():
+        for task, figures in getattr(evaluation, role).items():
             table.add_row(
                 f"{role} ({task})",
-                evaluation["versions"][role],
+                evaluation.versions[role],
                 f"{figures['success_rate']:.0%}",
                 f"[{figures['ci_low']:.2f}, {figures['ci_high']:.2f}]",
                 f"{figures['successes_per_hour']:.0f}",
             )
     console.print(table)
-    console.print(f"gate: {outputs['gate']['reason']}\ndeployed: {outputs['deploy']['deployed']}")
+    console.print(f"gate: {outputs['gate'].reason}\ndeployed: {outputs['deploy'].deployed}")

@@ -62,7 +62,8 @@ def iterate(
     ] = None,
     db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
 ) -> None:
-    """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate.
+    """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate →
+    gate: one iteration of the pipeline's stages (nothing is deployed).
 
     A gymnasium env has no simulated human (Meta-World's scripted expert): its iteration collects without one.
     """
@@ -85,7 +86,9 @@ def iterate(
         pretrained = checkpoint_directory(retrain_from, store) if retrain_from else None
     except PolicySpecError as error:
         _fail(f"--retrain-from: {error}")
-    layout = vla_image_layout(policy, store) or (vla_image_layout(str(pretrained), store) if pretrained else None)
+    layout = vla_image_layout(policy, store) or (
+        vla_image_layout(str(pretrained), store) if pretrained else None
+    )
     try:
         settings = EnvSettings.from_file(env_file) if env_file else EnvSettings()
         settings = settings.for_model(*layout) if layout else settings
@@ -136,6 +139,8 @@ def iterate(
                 f"{evaluation.successes_per_hour:.0f}",
             )
     console.print(table)
+    if result.gate is not None:
+        console.print(f"gate: {result.gate.reason}")
     metrics = {"collect_success_rate": result.collection.success_rate}
     for name, evaluation in (("before", result.before), ("after", result.after)):
         if evaluation is not None:

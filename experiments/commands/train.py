@@ -134,9 +134,9 @@ def bc(
         train_metadata_conditioned,
     )
     from experiments.tracking import POLICY_VERSION_TAG, log_command_run
-    from experiments.training import BCConfig, EpisodeFilter, stored_image_layout, train_vla
+    from experiments.training import BCConfig, stored_image_layout, train_vla
     from policies.device import DeviceError, resolve_device
-    from storage import ExperienceStore
+    from storage import EpisodeQuery, ExperienceStore
 
     if metadata and subtasks:
         raise typer.BadParameter("--metadata and --subtasks: choose one condition per policy")
@@ -145,11 +145,11 @@ def bc(
             "--eval-every: not with --subtasks (the two-level policy is evaluated at the end)"
         )
     try:
-        selection = EpisodeFilter(
+        selection = EpisodeQuery(
             tasks=task,
             run_ids=run_id,
             outcomes=["success"] if successes_only else None,
-            max_episodes_per_task=episodes,
+            max_per_task=episodes,
         )
         store = ExperienceStore(db or default_store_url())
         store.upgrade()
@@ -208,7 +208,7 @@ def bc(
         console.print(_results_table(trained.evaluations))
     log_command_run(
         "train-bc",
-        {"selection": selection.model_dump(mode="json"), "bc": config.model_dump(mode="json")}
+        {"selection": selection.as_dict(), "bc": config.model_dump(mode="json")}
         | {"condition": "subtasks" if subtasks else "metadata" if metadata else "none"},
         {"episodes_used": used} | _evaluation_metrics(trained.evaluations),
         {POLICY_VERSION_TAG: version, "checkpoint": str(checkpoint)},
