@@ -214,7 +214,12 @@ class RolloutCluster:
         if on_worker_death == "record":
             worker_kwargs = {**worker_kwargs, "journal_dir": journal_dir or self._temporary_journal_dir}
         actor_class = rollout_actor(cpus_per_worker, max_restarts)
-        self.workers = [actor_class.remote(**worker_kwargs, worker_id=index) for index in range(num_workers)]
+        # held here for the cluster's life: a restarted actor is rebuilt from them (Ray frees constructor arguments
+        # it put in the object store itself once the first construction is done, ray-project/ray#53727)
+        self._worker_kwargs = {name: ray.put(value) for name, value in worker_kwargs.items()}
+        self.workers = [
+            actor_class.remote(**self._worker_kwargs, worker_id=index) for index in range(num_workers)
+        ]
         self._incarnations = [0] * num_workers  # restarts seen per worker: each gets its own seed stream
         self._latest_policy: ray.ObjectRef | None = None
 

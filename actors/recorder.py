@@ -20,6 +20,8 @@ from storage.records import EpisodeRecord, InterventionSegment, Outcome, StepSou
 
 SUBTASK_POLICY, SUBTASK_HUMAN, SUBTASK_EXPERT = "policy", "human", "expert_phase"
 SUBTASK_SOURCES_KEY = "subtask_sources"
+#: Per-step 0/1 hand-off flags of a refining policy's episode (RLT's critical phase), in the episode metadata.
+CRITICAL_PHASE_KEY = "critical_phase"
 
 
 @dataclass
@@ -28,7 +30,11 @@ class EpisodeRecorder:
 
     ``add_chunk`` registers a predicted chunk and returns its id; ``add_step`` records the observation the
     action was chosen from, the executed action and its provenance. ``finish`` closes the episode. ``prompt`` is
-    the instruction the episode ran under (stored as ``EpisodeRecord.prompt``).
+    the instruction the episode ran under (stored as ``EpisodeRecord.prompt``). A chunk of a refining policy
+    (RLT) also brings the chunk it started from (stored as ``EpisodeRecord.reference_chunks``) and its
+    hand-off flag (stored per step as ``metadata["critical_phase"]``, 0/1; a human step takes its chunk's, or
+    the latest chunk's); ``policy_version`` names the episode's policy when its steps name several (default:
+    the first step's).
     """
 
     task: str
@@ -39,6 +45,7 @@ class EpisodeRecorder:
     record_images: bool = True
     episode_uuid: uuid.UUID = field(default_factory=uuid.uuid4)
     prompt: str | None = None
+    policy_version: str | None = None
     _states: list[np.ndarray] = field(default_factory=list)
     _privileged: list[np.ndarray] = field(default_factory=list)
     _images: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -53,6 +60,9 @@ class EpisodeRecorder:
     _latency_ms: list[float] = field(default_factory=list)
     _chunks: list[np.ndarray] = field(default_factory=list)
     _chunk_subtasks: list[str | None] = field(default_factory=list)
+    _references: list[np.ndarray | None] = field(default_factory=list)
+    _chunk_critical: list[bool | None] = field(default_factory=list)
+    _critical: list[bool | None] = field(default_factory=list)
     _subtasks: list[str | None] = field(default_factory=list)
     _subtask_sources: list[str | None] = field(default_factory=list)
     _injected: list[str | None] = field(default_factory=list)
@@ -62,10 +72,19 @@ class EpisodeRecorder:
         """Steps recorded so far."""
         return len(self._actions)
 
-    def add_chunk(self, actions: np.ndarray, subtask: str | None = None) -> int:
-        """Register a predicted ``H×D`` chunk (and the subtask it was conditioned on); returns its index."""
+    def add_chunk(
+        self,
+        actions: np.ndarray,
+        subtask: str | None = None,
+        reference: np.ndarray | None = None,
+        critical: bool | None = None,
+    ) -> int:
+        """Register a predicted ``H×D`` chunk (the subtask it was conditioned on, the reference it refines and
+        its hand-off flag, if any); returns its index."""
         self._chunks.append(np.asarray(actions, dtype=np.float32))
         self._chunk_subtasks.append(subtask)
+        self._references.append(None if reference is None else np.asarray(reference, dtype=np.float32))
+        self._chunk_critical.append(None if critical is None else bool(critical))
         return len(self._chunks) - 1
 
     def chunk_subtask(self, chunk_id: int) -> str | None:
@@ -118,6 +137,8 @@ class EpisodeRecorder:
         self._subtasks.append(subtask)
         self._subtask_sources.append(subtask_source)
         self._injected.append(injected)
+        flags = self._chunk_critical
+        self._critical.append(flags[chunk_id] if chunk_id >= 0 else flags[-1] if flags else None)
 
     def finish(
         self,
@@ -133,11 +154,13 @@ class EpisodeRecorder:
         metadata = dict(self.metadata)
         if labelled:
             metadata[SUBTASK_SOURCES_KEY] = source_segments(self._subtask_sources)
+        if any(flag is not None for flag in self._critical):
+            metadata[CRITICAL_PHASE_KEY] = [int(bool(flag)) for flag in self._critical]
         return EpisodeRecord(
             uuid=self.episode_uuid,
             task=self.task,
             env_id=self.env_id,
-            policy_version=versions[0] if versions else None,
+            policy_version=self.policy_version or (versions[0] if versions else None),
             seed=self.seed,
             outcome=outcome,
             states=_stack(self._states, np.float32),
@@ -160,7 +183,15 @@ class EpisodeRecorder:
             subtasks=list(self._subtasks) if labelled else None,
             prompt=self.prompt,
             injected=list(self._injected) if any(k is not None for k in self._injected) else None,
+            reference_chunks=self._reference_chunks(),
         )
+
+    def _reference_chunks(self) -> np.ndarray | None:
+        """The chunks' references (a chunk without one: itself), or None when no chunk has one."""
+        if all(reference is None for reference in self._references):
+            return None
+        rows = [c if r is None else r for c, r in zip(self._chunks, self._references, strict=True)]
+        return np.stack(rows).astype(np.float32, copy=False)
 
     def truncated_snapshot(self, error: str) -> EpisodeRecord:
         """The episode so far as an ``error`` episode truncated at its last step (the recorder stays usable)."""

@@ -1,40 +1,44 @@
-"""Online RLT on Ray: one learner actor, N rollout actors, actor weights published through the object store.
+"""Online RLT on Ray: one learner actor and a ``RolloutCluster`` of rollout workers playing the RLT actor.
 
-Both sides are plain ``rlt.online.OnlineRLT`` loops built by the same picklable ``loop_factory(seed)``:
-
-- ``RLTLearner`` (learner actor) runs the warm-up (prior episodes, RL token fit, replay seeding), then trains
-  on every episode the rollout actors send (``OnlineRLT.learn``: ``utd_ratio`` updates per new transition).
-  ``latest`` returns ``(version, [ref])``: the weights version (the learner's gradient-step count) and an
-  object-store reference to ``RLTWeights`` (actor weights + frozen RL token), put once per new version.
-- ``RLTRolloutWorker`` (rollout actor) plays learner-mode episodes with its own env, prior and exploration
-  seed. Only between episodes does it ask for the newest version and, if it changed, load those weights, so
-  an episode is acted by one version end to end; it records that version (``metadata["actor_updates"]`` of
-  the episode's record) and sends the episode's chunks to the learner.
-
-``RLTCluster`` starts and drives them. Sends are asynchronous; the learner actor handles one call at a time,
-so a worker's ``latest`` call returns after its own previous episode was trained on. ``snapshot`` brings the
-trained learner (actor, critic, replay) and the RL token back to the driver, to evaluate and save them there.
+- ``RLTLearner`` (the learner actor) holds the ``rlt.online.OnlineRLT`` learner built by ``learner_factory(seed)``:
+  it warms up on the prior's episodes, then trains on every episode a rollout worker commits (``utd_ratio``
+  updates per new chunk); ``weights`` returns its actor weights, their version (its gradient-step count) and the
+  frozen RL token.
+- The rollout workers are an ``actors.cluster.RolloutCluster`` of ``RolloutWorker``s like every other method's:
+  their policy is the RLT actor (``rlt.actor.RLTActor`` in ``learner`` mode) around the prior, their episode
+  sink ``LearnerSink`` commits each episode to the store (under the run) and then hands it to the learner
+  actor. ``RLTCluster.publish`` rebuilds the actor with the learner's newest weights and publishes it to the
+  running workers (each env takes it at its next chunk and keeps its hand-off; a restarted worker gets it when
+  it is back).
+- ``RLTCluster.train`` collects the online env-step budget in rounds through ``RolloutCluster.collect`` (a
+  SIGKILLed worker is restarted and its share handed out again; the run ends with the budget's committed
+  episodes), publishing new weights after every round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import torch
 
-from rlt.errors import RLTInputError
-from rlt.online import EpisodeChunks, OnlineRLT
+from actors.cluster import RolloutCluster
+from actors.sinks import StoreSink
+from core.types import Outcome
+from rlt.actor import RLTActor
+from rlt.online import OnlineRLT
 from rlt.td3 import ChunkedTD3
+from storage import ExperienceStore
 from storage.records import EpisodeRecord
 
-LoopFactory = Callable[[int], OnlineRLT]
+LearnerFactory = Callable[[int], OnlineRLT]
 
 
 @dataclass(frozen=True)
 class RLTWeights:
-    """What a rollout actor needs to act: the actor's weights, their version and the frozen RL token."""
+    """What a rollout worker needs to act: the actor's weights, their version and the frozen RL token."""
 
     version: int
     actor: dict[str, torch.Tensor]
@@ -43,9 +47,9 @@ class RLTWeights:
 
 @dataclass(frozen=True)
 class ActedEpisode:
-    """One rollout episode as seen by the learner or a worker: who played it, with which weights, how long."""
+    """One rollout episode as the learner received it: where it was played, with which weights, what it gave."""
 
-    worker_id: int
+    env_id: str
     version: int
     transitions: int
     success: bool
@@ -54,12 +58,10 @@ class ActedEpisode:
 
 @dataclass(frozen=True)
 class LearnerSnapshot:
-    """The learner actor's loop state: its whole ``ChunkedTD3`` (actor, critic, replay), the frozen RL token's
-    state and the env steps the loop played itself (its warm-up episodes)."""
+    """The learner actor's state: its whole ``ChunkedTD3`` (actor, critic, replay) and the RL token's state."""
 
     learner: ChunkedTD3
     token: dict[str, torch.Tensor]
-    env_steps: int
 
 
 def weights_checksum(actor: dict[str, torch.Tensor]) -> float:
@@ -68,125 +70,190 @@ def weights_checksum(actor: dict[str, torch.Tensor]) -> float:
 
 
 class RLTLearner:
-    """The learner side (see the module docstring); ``seed`` seeds its loop (warm-up episodes, token, TD3)."""
+    """The learner actor (see the module docstring); ``seed`` seeds its learner."""
 
-    def __init__(self, loop_factory: LoopFactory, seed: int = 0) -> None:
+    def __init__(self, learner_factory: LearnerFactory, seed: int = 0) -> None:
         torch.set_num_threads(1)
-        self.loop = loop_factory(seed)
+        self.rlt = learner_factory(seed)
         self.received: list[ActedEpisode] = []
-        self.published: dict[int, float] = {}
-        self._latest: tuple[int, ray.ObjectRef] | None = None
 
-    def warm_up(self, records: Iterable[EpisodeRecord] = ()) -> int:
-        """Warm up the loop (``OnlineRLT.warm_up``); returns the transitions added to replay."""
-        return self.loop.warm_up(records)
+    def warm_up(self, played: list[EpisodeRecord], stored: list[EpisodeRecord]) -> int:
+        """``OnlineRLT.warm_up``: fit the token, seed replay, train; returns the transitions added."""
+        return self.rlt.warm_up(played, stored)
 
-    def add_episode(self, chunks: EpisodeChunks, worker_id: int, version: int, success: bool) -> int:
-        """Train on one rollout episode acted by weights ``version``; returns the new weights version."""
-        added = self.loop.learn([chunks])
-        length = sum(len(step.rewards) for step in chunks.steps)
-        self.received.append(ActedEpisode(worker_id, version, added, success, length))
-        return self.loop.learner.weights_version
+    def add_episode(self, record: EpisodeRecord) -> int:
+        """Train on one committed rollout episode (an ``error`` one is skipped); returns the weights version."""
+        if record.outcome != Outcome.ERROR:
+            added = self.rlt.learn([record])
+            version = int(record.metadata.get("actor_updates", -1))
+            success = record.outcome == Outcome.SUCCESS
+            self.received.append(ActedEpisode(record.env_id, version, added, success, record.length))
+        return self.rlt.learner.weights_version
 
     def weights(self) -> RLTWeights:
-        """The current actor weights and RL token (raises ``RLTInputError`` before the token is fitted)."""
-        if not self.loop.token_fitted:
-            raise RLTInputError("weights: call warm_up first; the RL token is not fitted")
-        learner = self.loop.learner
-        token = {name: value.detach().clone() for name, value in self.loop.token.state_dict().items()}
-        return RLTWeights(learner.weights_version, learner.actor_weights(), token)
+        """The current actor weights and the frozen RL token."""
+        learner, token = self.rlt.learner, self.rlt.token
+        state = {} if token is None else {k: v.detach().clone() for k, v in token.state_dict().items()}
+        return RLTWeights(learner.weights_version, learner.actor_weights(), state)
 
-    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
-        """``(version, [ref to RLTWeights])``; the weights are put in the object store once per version."""
-        version = self.loop.learner.weights_version
-        if self._latest is None or self._latest[0] != version:
-            weights = self.weights()
-            self.published[version] = weights_checksum(weights.actor)
-            self._latest = (version, ray.put(weights))
-        return version, [self._latest[1]]
-
-    def history(self) -> tuple[list[ActedEpisode], dict[int, float]]:
-        """Episodes received so far and the checksum of every published version."""
-        return list(self.received), dict(self.published)
+    def history(self) -> list[ActedEpisode]:
+        """The episodes trained on so far, in the order they arrived."""
+        return list(self.received)
 
     def snapshot(self) -> LearnerSnapshot:
-        """The loop's trained state (raises ``RLTInputError`` before the token is fitted)."""
-        return LearnerSnapshot(self.loop.learner, self.weights().token, self.loop.env_steps)
+        """The learner's trained state (to evaluate and save on the driver)."""
+        return LearnerSnapshot(self.rlt.learner, self.weights().token)
 
 
-class RLTRolloutWorker:
-    """The rollout side: plays learner-mode episodes with the newest weights pulled between episodes."""
+class LearnerSink:
+    """A rollout worker's episode sink: commit to the store at ``url``, then hand the record to the learner actor.
 
-    def __init__(self, loop_factory: LoopFactory, learner: ray.actor.ActorHandle, worker_id: int, seed: int):
-        torch.set_num_threads(1)
-        self.loop = loop_factory(seed)
-        self.learner, self.worker_id = learner, worker_id
-        self.version = -1
+    An episode the store already holds (a duplicate) is not sent again."""
 
-    def run(self, episodes: int) -> list[tuple[ActedEpisode, float]]:
-        """Play ``episodes`` episodes; returns each one's provenance and the checksum of the weights that acted.
+    def __init__(self, url: str, learner: ray.actor.ActorHandle) -> None:
+        self.store, self.learner = StoreSink(url), learner
 
-        ``ActedEpisode.transitions`` here counts the episode's RL-acted chunks (the learner counts what it added).
-        """
-        played, sent = [], []
-        for _ in range(episodes):
-            self._sync()
-            chunks, stats = self.loop.run_episode("learner")
-            sent.append(self.learner.add_episode.remote(chunks, self.worker_id, self.version, stats.success))
-            acted = ActedEpisode(self.worker_id, self.version, stats.rl_chunks, stats.success, stats.length)
-            played.append((acted, weights_checksum(self.loop.learner.actor_weights())))
-        ray.get(sent)  # every episode was trained on before run returns
-        return played
+    def __call__(self, record: EpisodeRecord) -> bool:
+        written = self.store(record)
+        if written:
+            self.learner.add_episode.remote(record)
+        return written
 
-    def _sync(self) -> None:
-        version, (ref,) = ray.get(self.learner.latest.remote())
-        if version == self.version:
-            return
-        weights: RLTWeights = ray.get(ref)
-        if not self.loop.token_fitted:
-            self.loop.use_token(weights.token)
-        self.loop.learner.load_actor_weights(weights.actor, weights.version)
-        self.version = weights.version
+
+@dataclass(frozen=True)
+class Rollouts:
+    """What the rollout workers run: env factories, the task, the run (store ``store_url``, ``run_id``) and the
+    run seed their episode seeds derive from; ``env_steps_per_call`` is a worker's share per ``run`` call."""
+
+    env_factories: list[Callable[[], Any]]
+    task: str
+    store_url: str
+    run_id: str
+    seed: int
+    record_images: bool = False
+    env_steps_per_call: int = 256
 
 
 class RLTCluster:
-    """A learner actor and ``num_workers`` rollout actors (worker ``i`` uses loop seed ``seed + 1 + i``)."""
+    """The learner actor and ``num_workers`` rollout workers (see the module docstring).
+
+    ``driver`` is the driver's learner (its own replay stays empty): the published policy is a copy of its RLT
+    actor (prior, hand-off, exploration) in ``learner`` mode, acting with the learner actor's newest weights
+    through a replay-less learner; the driver adopts the learner actor's RL token once it is fitted.
+    """
 
     def __init__(
         self,
-        loop_factory: LoopFactory,
+        learner_factory: LearnerFactory,
+        driver: OnlineRLT,
+        rollouts: Rollouts,
         num_workers: int,
         *,
         seed: int = 0,
         learner_cpus: float = 1.0,
         cpus_per_worker: float = 1.0,
+        max_restarts: int = 3,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be ≥ 1, got {num_workers}")
-        self.learner = ray.remote(num_cpus=learner_cpus)(RLTLearner).remote(loop_factory, seed)
-        worker_class = ray.remote(num_cpus=cpus_per_worker)(RLTRolloutWorker)
-        self.workers = [
-            worker_class.remote(loop_factory, self.learner, index, seed + 1 + index)
-            for index in range(num_workers)
-        ]
+        self.learner = ray.remote(num_cpus=learner_cpus)(RLTLearner).remote(learner_factory, seed)
+        self.driver, self.rollouts = driver, rollouts
+        self._acting = ChunkedTD3(
+            driver.learner.state_dim,
+            driver.learner.action_dim,
+            driver.learner.config.model_copy(update={"buffer_size": 1, "demo_fraction": 0.0}),
+        )
+        self.num_workers, self.cpus_per_worker, self.max_restarts = num_workers, cpus_per_worker, max_restarts
+        self.workers: RolloutCluster | None = None
+        self.store = ExperienceStore(rollouts.store_url)
 
-    def warm_up(self, records: Iterable[EpisodeRecord] = ()) -> int:
-        """Warm up the learner; returns the transitions it added to replay."""
-        return ray.get(self.learner.warm_up.remote(list(records)))
+    def warm_up(self, played: list[EpisodeRecord], stored: list[EpisodeRecord] = ()) -> int:
+        """Warm up the learner on the prior's ``played`` episodes and ``stored`` ones; returns transitions added."""
+        return ray.get(self.learner.warm_up.remote(list(played), list(stored)))
 
-    def run(self, episodes_per_worker: int) -> list[list[tuple[ActedEpisode, float]]]:
-        """Every worker plays ``episodes_per_worker`` episodes concurrently; returns each worker's ``run``."""
-        return ray.get([worker.run.remote(episodes_per_worker) for worker in self.workers])
+    def publish(self) -> int:
+        """Build the RLT actor with the learner's newest weights and publish it to the rollout workers (started
+        on the first call); returns the published weights version."""
+        weights: RLTWeights = ray.get(self.learner.weights.remote())
+        policy = self._policy(weights)
+        if self.workers is None:
+            rollouts = self.rollouts
+            kwargs = {
+                "env_factories": rollouts.env_factories,
+                "policy": policy,
+                "sink": LearnerSink(rollouts.store_url, self.learner),
+                "task": rollouts.task,
+                "seed": rollouts.seed,
+                "run_id": rollouts.run_id,
+                "record_images": rollouts.record_images,
+            }
+            self.workers = RolloutCluster(
+                self.num_workers,
+                kwargs,
+                cpus_per_worker=self.cpus_per_worker,
+                max_restarts=self.max_restarts,
+            )
+        self.workers.publish_policy(policy)
+        return weights.version
 
-    def history(self) -> tuple[list[ActedEpisode], dict[int, float]]:
-        """The learner's received episodes and published checksums (after every sent episode was trained on)."""
+    def train(self, env_steps: int, round_steps: int, on_round: Callable[[int], object] | None = None) -> int:
+        """Collect ``env_steps`` committed env steps in the run (at least; episodes are committed whole) in rounds
+        of ``round_steps``, publishing new weights before each; returns the committed steps. ``on_round``
+        receives each round's steps."""
+        start = committed = self.committed_steps()
+        while committed - start < env_steps:
+            self.publish()
+            target = min(start + env_steps, committed + round_steps)
+            result = self.workers.collect(
+                target,
+                self.committed_steps,
+                unit="env_steps",
+                env_steps_per_call=self.rollouts.env_steps_per_call,
+                progress=False,
+            )
+            if on_round is not None:
+                on_round(result.committed - committed)
+            committed = result.committed
+        return committed - start
+
+    def committed_steps(self) -> int:
+        """Env steps of the episodes committed in the run."""
+        return self.store.count_steps(run_id=self.rollouts.run_id)
+
+    def pids(self) -> list[int]:
+        """Process ids of the rollout workers (for fault-injection tests)."""
+        return self.workers.pids() if self.workers is not None else []
+
+    def history(self) -> list[ActedEpisode]:
+        """The episodes the learner trained on (after every episode sent so far)."""
         return ray.get(self.learner.history.remote())
 
     def snapshot(self) -> LearnerSnapshot:
-        """The learner's trained state (``RLTLearner.snapshot``), e.g. to evaluate and save on the driver."""
+        """The learner's trained state (``RLTLearner.snapshot``)."""
         return ray.get(self.learner.snapshot.remote())
 
     def shutdown(self) -> None:
-        """Kill the learner and every rollout actor."""
-        for handle in [*self.workers, self.learner]:
-            ray.kill(handle)
+        """Close the rollout workers, then kill the learner actor."""
+        if self.workers is not None:
+            self.workers.shutdown()
+        ray.kill(self.learner)
+
+    def _policy(self, weights: RLTWeights) -> RLTActor:
+        """The RLT actor the workers run: the driver's prior and settings, the published weights."""
+        driver = self.driver
+        if not driver.token_fitted:
+            driver.use_token(weights.token)
+        self._acting.load_actor_weights(weights.actor, weights.version)
+        actor = driver.actor
+        return RLTActor(
+            actor.prior,
+            actor.switch,
+            self._acting,
+            driver.encoder,
+            rl_version=actor.rl_version,
+            mode="learner",
+            exploration=actor.exploration,
+            state_key=actor.state_key,
+            seed=self.rollouts.seed,
+            defer_until_trained=True,
+        )

@@ -23,6 +23,7 @@ records the subtask the intervening device named (``info["subtask"]``) with prov
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -30,7 +31,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import SUBTASK_HUMAN, SUBTASK_POLICY, EpisodeRecorder
 from core.types import InterventionSegment, Outcome, StepSource, episode_outcome
-from policies.base import ActionChunk, Observation, Policy, stack_observations
+from policies.base import ActionChunk, Observation, PerEnvPolicy, Policy, stack_observations
 from policies.rtc import InpaintingTargets, infer_inpainted, supports_inpainting
 from storage.errors import EpisodeConflictError, RunFullError
 from storage.journal import EpisodeJournal
@@ -110,6 +111,7 @@ class _EnvSlot:
     env: gym.Env
     env_id: str
     task: str
+    index: int
     schedule: ChunkSchedule
     observation: Observation | None = None
     recorder: EpisodeRecorder | None = None
@@ -157,12 +159,14 @@ class RolloutWorker:
         self._seed = seed
         self._seeds = np.random.default_rng([seed, worker_id])
         self._claim_index = claim_episode_index
+        self._given_seeds: collections.deque[int] = collections.deque()
         self._run_full = False
         self._slots = [
             _EnvSlot(
                 env=factory(),
                 env_id=f"worker{worker_id}/env{index}",
                 task=task,
+                index=index,
                 schedule=ChunkSchedule(self.execution, policy.action_horizon, policy.action_dim),
             )
             for index, factory in enumerate(env_factories)
@@ -208,6 +212,7 @@ class RolloutWorker:
         started = time.perf_counter()
         self._run_full = False
         while not self._run_full and not self._target_reached(stats, episodes, env_steps):
+            self._adopt_pending_policy()
             for slot in self._slots:
                 if slot.recorder is None:
                     self._start_episode(slot)
@@ -220,6 +225,11 @@ class RolloutWorker:
                         break
         stats.seconds = time.perf_counter() - started
         return stats
+
+    def seed_episodes(self, seeds: Iterable[int]) -> None:
+        """Seed the next episodes this worker starts with ``seeds``, in order (e.g. fixed evaluation seeds); after
+        them, seeds come from the run again."""
+        self._given_seeds = collections.deque(int(seed) for seed in seeds)
 
     def reseed(self, incarnation: int) -> None:
         """Draw episode seeds from a stream of its own for this ``incarnation`` of the worker.
@@ -283,7 +293,9 @@ class RolloutWorker:
 
     def _start_episode(self, slot: _EnvSlot) -> None:
         metadata = {**self.episode_metadata, **self._execution_metadata()}
-        if self._claim_index is None:
+        if self._given_seeds:
+            seed = self._given_seeds.popleft()
+        elif self._claim_index is None:
             seed = int(self._seeds.integers(0, 2**31 - 1))
         else:
             index = self._claim_index()
@@ -292,6 +304,9 @@ class RolloutWorker:
         observation, _ = slot.env.reset(seed=seed)
         slot.observation = observation
         metadata |= env_metadata(slot.env)
+        describe = getattr(self.policy, "episode_metadata", None)
+        if describe is not None:  # what a policy says about itself (RLT: its mode and weights version)
+            metadata |= describe()
         if slot.schedule.horizon != self.policy.action_horizon:
             slot.schedule = ChunkSchedule(self.execution, self.policy.action_horizon, self.policy.action_dim)
         slot.schedule.reset()
@@ -304,7 +319,10 @@ class RolloutWorker:
             record_images=self.record_images,
             prompt=observation.get("prompt"),
         )
-        self.policy.reset()
+        if isinstance(self.policy, PerEnvPolicy):
+            self.policy.reset_env(slot.index)
+        else:
+            self.policy.reset()
 
     def _execution_metadata(self) -> dict[str, Any]:
         mode = "naive_async" if self.execution.mode == "rtc" and not self._inpaint else self.execution.mode
@@ -327,11 +345,7 @@ class RolloutWorker:
 
     def _refill_chunks(self, stats: RolloutStats) -> None:
         """One batched ``infer`` for every env that needs a chunk now."""
-        with self._policy_lock:
-            pending, self._pending_policy = self._pending_policy, None
-        if pending is not None:
-            self.policy = pending
-            self._inpaint = self._check_inpainting(self.policy)
+        self._adopt_pending_policy()
         needy = [slot for slot in self._slots if slot.schedule.needs_chunk()]
         if not needy:
             return
@@ -344,8 +358,27 @@ class RolloutWorker:
         subtasks = self._chunk_subtasks(len(needy))
         for index, slot in enumerate(needy):
             chunk = result.actions[index]
-            chunk_id = slot.recorder.add_chunk(chunk, subtask=subtasks[index])
-            slot.schedule.receive(chunk, chunk_id, self.policy.version, float(latency_ms))
+            chunk_id = slot.recorder.add_chunk(
+                chunk,
+                subtask=subtasks[index],
+                reference=None if result.reference is None else result.reference[index],
+                critical=None if result.critical is None else bool(result.critical[index]),
+            )
+            version = self.policy.version
+            if result.versions is not None:  # the rows name who produced them (RLT: the prior or the learner)
+                version, slot.recorder.policy_version = result.versions[index], self.policy.version
+            slot.schedule.receive(chunk, chunk_id, version, float(latency_ms))
+
+    def _adopt_pending_policy(self) -> None:
+        """Switch to the policy ``set_policy`` left, if any (a per-env policy takes over the old one's env state)."""
+        with self._policy_lock:
+            pending, self._pending_policy = self._pending_policy, None
+        if pending is None:
+            return
+        if isinstance(pending, PerEnvPolicy):
+            pending.take_over(self.policy)
+        self.policy = pending
+        self._inpaint = self._check_inpainting(self.policy)
 
     def _journal_open_episodes(self, slots: list[_EnvSlot]) -> None:
         """Snapshot each open episode of ``slots`` (at its chunk boundary) as it would be recorded if we died now."""
@@ -377,6 +410,8 @@ class RolloutWorker:
             if any(w.any() for w in weights):
                 inpainting = InpaintingTargets(np.stack(targets), np.stack(weights), self.execution.beta)
                 return infer_inpainted(self.policy, batch, inpainting)
+        if isinstance(self.policy, PerEnvPolicy):
+            return self.policy.infer_envs(batch, [slot.index for slot in needy])
         return self.policy.infer(batch)
 
     def _step(self, slot: _EnvSlot, stats: RolloutStats) -> EpisodeRecord | None:

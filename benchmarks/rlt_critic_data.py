@@ -67,20 +67,19 @@ class CriticDataResult:
 
 
 def collect(config: BenchmarkConfig, seed: int, env_steps: int) -> tuple[OnlineRLT, list[EpisodeChunks]]:
-    """RLT's warm-up and ``env_steps`` online steps, keeping every episode's chunks."""
+    """RLT's warm-up and ``env_steps`` online steps; the learner and every episode's chunks."""
     loop = make_loop(config, seed, "rlt", rlt_learner(config, seed), exploration_noise=0.2)
-    episodes = [loop.run_episode("prior")[0] for _ in range(config.warmup_episodes)]
-    loop.fit_token(episodes)
-    loop.learn(episodes)
+    played = loop.play("prior", config.warmup_episodes)
+    loop.rlt.warm_up(played)
     end = loop.env_steps + env_steps
     with tqdm(total=env_steps, desc=f"seed {seed} online", unit="step") as bar:
         while loop.env_steps < end:
             before = loop.env_steps
-            chunks, _ = loop.run_episode("learner")
-            loop.learn([chunks])
-            episodes.append(chunks)
+            records = loop.play("learner", 1)
+            loop.rlt.learn(records)
+            played.extend(records)
             bar.update(loop.env_steps - before)
-    return loop, episodes
+    return loop.rlt, loop.rlt.episode_chunks(played)
 
 
 def replay_data(loop: OnlineRLT, episodes: list[EpisodeChunks]) -> tuple[np.ndarray, ...]:

@@ -5,7 +5,7 @@ The prior is a small MLP trained by MSE behaviour cloning to emit a ``C``-step c
 Arms, on the same evaluation seeds (``rlt_sample_efficiency.eval_seeds``):
 
 - ``prior``: the frozen BC prior;
-- ``rlt``: ``rlt.online.OnlineRLT`` in residual mode over the whole episode (no hand-off) with no RL token
+- ``rlt``: ``rlt.online.OnlineRLT`` (played by ``actors.rlt_loop.RLTLoop``) in residual mode over the whole episode (no hand-off) with no RL token
   (``x`` = the 39-D state): ``clip(ã + s·π(x, ã))`` with the regularizer β on the residual's mean square,
   ``utd_ratio`` critic updates per executed chunk, the first ``critic_warmup_updates`` critic-only;
 - ``regression``: the same loop with ``q_weight = 0`` and the actor predicting the chunk itself (RLT's
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from rlt_sample_efficiency import BenchmarkConfig, Curve, eval_seeds, make_env, plot, summarize
 
+from actors.rlt_loop import RLTLoop
 from envs.experts import ScriptedExpert
 from policies.base import ActionChunk, ObservationBatch, stack_observations
 from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
@@ -217,8 +218,8 @@ def run_learner(
     ``on_point`` receives both so far after every evaluation (partial results survive a stopped run)."""
     torch.manual_seed(seed)
     started = time.time()
-    loop = OnlineRLT(
-        make_env(config.benchmark()),
+    env = make_env(config.benchmark())
+    learner = OnlineRLT(
         EmbeddingPrior(prior, StateProjectionEmbedder(STATE_DIM, 1, 1, key="privileged", seed=seed)),
         AlwaysCritical(),
         None,
@@ -231,7 +232,9 @@ def run_learner(
             state_key="privileged",
         ),
         learner_config(config, arm, seed),
+        proprio_dim=STATE_DIM,
     )
+    loop = RLTLoop(learner, lambda: env)
     reported = [0]
 
     def progress(stats: EpisodeStats) -> None:

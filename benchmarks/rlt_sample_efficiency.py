@@ -4,7 +4,7 @@ All arms see the same task with a sparse +1 success reward (success terminates) 
 The prior is state-based: Meta-World's scripted expert emitting zero-order-hold chunks of ``C`` actions with
 Gaussian noise (``envs.scripted.ScriptedPolicy``), with fixed random-projection "embeddings" of the
 privileged state standing in for VLA embeddings (``rlt.state.EmbeddingPrior``). RLT = RL token + chunked
-actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT``); "regression" is RLT without the critic
+actor-critic regularized to the prior's chunk (``rlt.online.OnlineRLT`` fed by ``actors.rlt_loop.RLTLoop``); "regression" is RLT without the critic
 in its actor loss (the ablation: what RLT gains over it is the critic's); SAC reads the 39-D privileged state.
 Success is measured on the same fixed evaluation seeds for every arm; curves are plotted with 95% t-intervals
 over seeds.
@@ -36,6 +36,7 @@ from scipy import stats
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
+from actors.rlt_loop import RLTLoop
 from envs import EnvConfig, MetaWorldEnv
 from envs.metaworld_env import GOAL, HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
@@ -220,18 +221,21 @@ def _online(
 
 def make_loop(
     config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
-) -> OnlineRLT:
+) -> RLTLoop:
     """The online loop of a learner arm (seeded torch), not yet run."""
     torch.manual_seed(seed)
     switch = handoff_switch(HANDOFF_PAIRS, config.critical_pair, config.critical_distance or 0.0)
-    return OnlineRLT(
-        make_env(config),
+    env = make_env(config)
+    online = config.online(arm, seed, token_steps=config.token_steps, exploration_noise=exploration_noise)
+    rlt = OnlineRLT(
         make_prior(config, seed),
         switch,
         RLToken(RLTokenConfig(num_tokens=8, embed_dim=32, z_dim=32)),
-        config.online(arm, seed, token_steps=config.token_steps, exploration_noise=exploration_noise),
+        online,
         learner,
+        proprio_dim=len(env.reset(seed=seed)[0][online.state_key]),
     )
+    return RLTLoop(rlt, lambda: env)
 
 
 @dataclass
@@ -267,7 +271,7 @@ def critical_chunks(
             first = not critical and loop.phase_switch.is_critical(observation, info)
             critical = critical or first
             acting = critical and learner_acts
-            chunk = loop.learner_chunk(context, explore=False) if acting else context.reference
+            chunk = loop.learner_chunk(context) if acting else context.reference
             if critical:
                 target = clean.infer(stack_observations([observation])).actions[0, : config.chunk_size]
                 yield CriticalChunk(episode_seed, list(prefix), context, chunk, target, first)
@@ -279,7 +283,7 @@ def critical_chunks(
                     break
 
 
-def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
+def probe_actor_and_critic(loop: RLTLoop, config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
     """What the trained learner does at the critical chunk starts of its first evaluation episodes.
 
     Also how its critic's values of the chunks it executed compare with the discounted returns that followed
@@ -290,11 +294,11 @@ def probe_actor_and_critic(loop: OnlineRLT, config: BenchmarkConfig, episodes: i
     ``c``'s, and whether the critic ranks ``c`` above ``ã`` and by how much it believes ``a`` beats ``ã``.
     """
     rows = [
-        _probe_row(loop, start.context, start.chunk, start.clean)
-        for start in critical_chunks(loop, config, episodes, learner_acts=True)
+        _probe_row(loop.rlt, start.context, start.chunk, start.clean)
+        for start in critical_chunks(loop.rlt, config, episodes, learner_acts=True)
     ]
     table = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
-    calibration = critic_calibration(loop.learner, loop.encoder, loop.last_evaluation[:episodes])
+    calibration = critic_calibration(loop.rlt.learner, loop.rlt.encoder, loop.last_evaluation[:episodes])
     return {
         **table,
         "chunks": len(rows),

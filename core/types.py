@@ -43,12 +43,18 @@ class ActionChunk:
     """What a policy returns for a batch: ``actions`` is ``B×H×D`` ``float32``.
 
     ``embeddings`` optionally carries the backbone's final token embeddings (``B×T×E``, used by RLT) and
-    ``timing`` carries named durations in milliseconds (e.g. ``infer_ms``).
+    ``timing`` carries named durations in milliseconds (e.g. ``infer_ms``). A policy that refines another's
+    chunk (RLT) also returns per row the chunk it started from (``reference``, ``B×C×D``), whether the row was
+    in its critical phase (``critical``, ``B`` bool) and who produced the row's actions (``versions``); the
+    rollout recorder stores them beside the executed chunk.
     """
 
     actions: np.ndarray
     embeddings: np.ndarray | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    reference: np.ndarray | None = None
+    critical: np.ndarray | None = None
+    versions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.actions.ndim != 3:

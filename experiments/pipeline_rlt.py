@@ -1,11 +1,12 @@
-"""The RLT stage: online RLT (``rlt.online.OnlineRLT``) around a prior, saved as its own policy kind.
+"""The RLT stage: online RLT (``actors.rlt_loop.RLTLoop``: the ``rlt.online.OnlineRLT`` learner fed by a rollout
+worker) around a prior, saved as its own policy kind.
 
 ``run_rlt(RLTStage) -> RLTResult`` is the one RLT driver: the pipeline's RLT stage calls it once per iteration
 and ``flywheel rlt`` is one run of it (plus its printing and MLflow record). An RLT result is not a VLA
 checkpoint: it is the frozen prior plus an RL token and a chunked actor that take over in the critical phase,
 saved as an ``rlt.checkpoint`` directory (written atomically; its ``RLTManifest`` holds the prior, the settings,
 the env and the RL history) and registered in the store as kind ``rlt`` with the prior as its parent;
-``load_rlt_policy`` rebuilds it as a ``Policy`` (``RLTDeployedPolicy``) for evaluation, collection and the next
+``load_rlt_policy`` rebuilds it as a ``Policy`` (``rlt.actor.RLTActor`` in ``eval`` mode) for evaluation, collection and the next
 iteration.
 """
 
@@ -18,9 +19,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from actors.rlt_loop import RLTLoop
 from envs import EnvConfig
 from experiments.rlt_training import (
     NoProgress,
@@ -30,10 +31,11 @@ from experiments.rlt_training import (
     train_in_process,
     train_on_ray,
 )
-from policies.base import ActionChunk, Observation, ObservationBatch, Policy
+from policies.base import Policy
 from policies.device import resolve_device
 from policies.manifest import RLT_KIND
 from policies.train_state import load_state
+from rlt.actor import RLTActor
 from rlt.checkpoint import (
     FinalEvaluation,
     RLTManifest,
@@ -44,11 +46,8 @@ from rlt.checkpoint import (
 from rlt.config import OnlineConfig, RLTConfig
 from rlt.deployment import PriorSpec, RLTDeployment
 from rlt.diagnostics import critic_calibration
-from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
-from rlt.phase import PhaseSwitch
-from rlt.rl_token import RLToken
+from rlt.online import EpisodeStats, EvalPoint
 from rlt.state import RLStateEncoder
-from rlt.td3 import ChunkedTD3
 from storage import EpisodeRecord, ExperienceStore
 
 
@@ -138,11 +137,10 @@ def run_rlt(stage: RLTStage) -> RLTResult:
         seed=stage.seed,
     )
     resumed = _resumed_from(stage.learner_state)
-    sink = _store_sink(stage.store) if stage.workers else None  # in process: episode_writer (see _train)
-    factory = RLTLoopFactory(env, policy, deployment.switch(), config.z_dim, online, learner, on_episode=sink)
+    factory = RLTLoopFactory(env, policy, deployment.switch(), config.z_dim, online, learner)
     run = _train(stage, factory)
     manifest = _manifest(stage, deployment, run, _final_evaluation(stage, run.loop), resumed)
-    save_rlt_checkpoint(stage.folder, run.loop.learner, run.loop.token, manifest)
+    save_rlt_checkpoint(stage.folder, run.loop.rlt.learner, run.loop.rlt.token, manifest)
     if stage.learner_state is not None:
         stage.learner_state.unlink(missing_ok=True)
     return RLTResult(stage.version, stage.folder, manifest)
@@ -165,7 +163,7 @@ def _register(stage: RLTStage, deployment: RLTDeployment) -> None:
     )
 
 
-def _final_evaluation(stage: RLTStage, loop: OnlineRLT) -> FinalEvaluation | None:
+def _final_evaluation(stage: RLTStage, loop: RLTLoop) -> FinalEvaluation | None:
     """The prior, then the deterministic learner, on the same ``final_eval_episodes`` seeds (none: skipped)."""
     episodes = stage.final_eval_episodes
     if not episodes:
@@ -188,18 +186,19 @@ def _manifest(
     evaluation's episodes, if any were played)."""
     loop = run.loop
     evaluated = loop.last_evaluation
-    calibration = critic_calibration(loop.learner, loop.encoder, evaluated) if evaluated else None
+    learner = loop.rlt.learner
+    calibration = critic_calibration(learner, loop.rlt.encoder, evaluated) if evaluated else None
     return RLTManifest(
         rl_version=stage.version,
         deployment=deployment,
         config=stage.config,
         env=stage.env,
-        token=loop.token.config,
+        token=loop.rlt.token.config,
         env_steps=run.env_steps,
         online_episodes=run.online_episodes,
         stored_episodes=stage.stored_episodes,
-        updates=loop.learner.weights_version,
-        replay_chunks=loop.learner.replay_buffer.size(),
+        updates=learner.weights_version,
+        replay_chunks=learner.replay_buffer.size(),
         workers=stage.workers,
         resumed_from_env_step=resumed,
         curve=loop.curve,
@@ -210,22 +209,26 @@ def _manifest(
 
 
 def _train(stage: RLTStage, factory: RLTLoopFactory) -> OnlineRun:
-    """The online phase on Ray (``stage.workers``) or in this process, resuming from the learner state."""
-    if stage.workers:
-        return train_on_ray(factory, stage.seed, stage.workers, stage.records, stage.progress)
+    """The online phase on Ray (``stage.workers``) or in this process, resuming from the learner state; this
+    process's loop commits its episodes with ``episode_writer``."""
 
-    def sink_for(loop: OnlineRLT) -> Callable[[EpisodeRecord], None]:
+    def sink_for(loop: RLTLoop) -> Callable[[EpisodeRecord], None]:
         return episode_writer(stage.store, stage.run_id, lambda: loop.episode_index)
 
+    if stage.workers:
+        return train_on_ray(
+            factory,
+            stage.seed,
+            stage.workers,
+            stage.records,
+            stage.progress,
+            store_url=stage.store.url,
+            run_id=stage.run_id,
+            sink_for=sink_for,
+        )
     return train_in_process(
         factory, stage.seed, stage.records, stage.progress, state_path=stage.learner_state, sink_for=sink_for
     )
-
-
-def _store_sink(store: ExperienceStore) -> Callable[[EpisodeRecord], object]:
-    from actors.sinks import StoreSink
-
-    return StoreSink(store.url)
 
 
 def _resumed_from(state_path: Path | None) -> int | None:
@@ -262,53 +265,13 @@ def episode_writer(
     return write
 
 
-def load_rlt_policy(
-    folder: Path, version: str, task: str, load_version: Callable[[str], Policy]
-) -> RLTDeployedPolicy:
-    """Rebuild a saved RLT policy (a pipeline's or ``flywheel rlt``'s) from its deployment block; its prior is
-    loaded with ``load_version`` or rebuilt as a scripted expert."""
+def load_rlt_policy(folder: Path, version: str, task: str, load_version: Callable[[str], Policy]) -> RLTActor:
+    """Rebuild a saved RLT policy (a pipeline's or ``flywheel rlt``'s) from its deployment block as the RLT
+    actor in ``eval`` mode (the deterministic learner after each env's hand-off); its prior is loaded with
+    ``load_version`` or rebuilt as a scripted expert."""
     checkpoint = load_rlt_checkpoint(folder)
-    deployment = checkpoint.deployment
-    prior = deployment.prior.load(task, checkpoint.learner.config.chunk_size, load_version)
-    return RLTDeployedPolicy(prior, checkpoint.token, checkpoint.learner, deployment.switch(), version)
-
-
-class RLTDeployedPolicy:
-    """The prior until the hand-off, then the deterministic RLT actor on ``(z_rl, proprio)`` and the prior's
-    chunk — the learner's ``eval`` mode of ``OnlineRLT`` as a batched ``Policy``.
-
-    The hand-off latches per batch row until ``reset`` (called at every episode start by the rollout worker);
-    with one env per worker that is exactly the training loop's per-episode latch.
-    """
-
-    def __init__(
-        self, prior: Policy, token: RLToken, learner: ChunkedTD3, switch: PhaseSwitch, version: str
-    ) -> None:
-        self.prior, self.learner, self.switch = prior, learner, switch
-        self.encoder = RLStateEncoder(token, learner.state_dim - token.config.z_dim)
-        self.version = version
-        self.action_horizon = learner.config.chunk_size
-        self.action_dim = prior.action_dim
-        self._critical: dict[int, bool] = {}
-
-    def infer(self, batch: ObservationBatch) -> ActionChunk:
-        proposal = self.prior.infer(batch)
-        actions = np.asarray(proposal.actions[:, : self.action_horizon], np.float32).copy()
-        rows = [row for row in range(len(actions)) if self._is_critical(row, batch)]
-        if rows:
-            states = self.encoder.encode(
-                np.asarray(proposal.embeddings, np.float32)[rows], np.asarray(batch["state"])[rows]
-            )
-            actions[rows] = np.clip(self.learner.act(states, actions[rows]), -1.0, 1.0)
-        return ActionChunk(actions=actions, embeddings=proposal.embeddings, timing=proposal.timing)
-
-    def reset(self) -> None:
-        self.prior.reset()
-        self.switch.reset()
-        self._critical.clear()
-
-    def _is_critical(self, row: int, batch: ObservationBatch) -> bool:
-        if not self._critical.get(row, False):
-            observation = Observation(**{key: value[row] for key, value in batch.items() if key != "images"})
-            self._critical[row] = self.switch.is_critical(observation, {})
-        return self._critical[row]
+    deployment, learner, token = checkpoint.deployment, checkpoint.learner, checkpoint.token
+    prior = deployment.prior.load(task, learner.config.chunk_size, load_version)
+    encoder = RLStateEncoder(token, learner.state_dim - token.config.z_dim)
+    state_key = checkpoint.manifest.config.online.state_key
+    return RLTActor(prior, deployment.switch(), learner, encoder, rl_version=version, state_key=state_key)

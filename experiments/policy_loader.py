@@ -7,7 +7,7 @@ Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
   ``scripted:<task>…`` is versioned by its spec;
 - a checkpoint directory: its ``policy.json`` (``policies.manifest``) says ``vla``, ``hierarchical``
   (``policies.hierarchical``) or ``rlt`` (``rlt.checkpoint``: its prior until the hand-off, then the RLT actor,
-  ``experiments.pipeline_rlt.RLTDeployedPolicy``; the prior loads through here, so nested RLT works);
+  ``rlt.actor.RLTActor``; the prior loads through here, so nested RLT works);
 - ``openpi:ws://host:port[?option=value&...]``: any openpi-compatible server (options: :data:`OPENPI_OPTIONS`;
   e.g. ``openpi:ws://gpu:8000?keys=libero&horizon=10&dim=7&api_key_env=PI_KEY`` for a π0.5 LIBERO server
   whose metadata is ``{}``);

@@ -1,13 +1,13 @@
 """The online phase of an RLT stage (``experiments.pipeline_rlt.run_rlt``: ``flywheel rlt`` and the pipeline):
 one picklable loop factory, trained in this process or on Ray.
 
-``RLTLoopFactory(seed)`` builds the stage's ``OnlineRLT`` loop; ``train_in_process`` runs it
-(``OnlineRLT.run``). ``train_on_ray`` hands the factory to ``actors.rlt_learner.RLTCluster``: the learner
-actor warms up on loop seed ``seed`` (the same warm-up as in process), ``workers`` rollout actors (loop seeds
-``seed + 1 + i``) play learner-mode episodes in rounds until the summed env steps of their episodes reach the
-online budget, and the trained learner and RL token come back into a loop in this process, for evaluation and
-the checkpoint. Every loop commits its episodes through the factory's ``on_episode`` sink, so on Ray that sink
-must be picklable (``actors.sinks.StoreSink``).
+``RLTLoopFactory(seed)`` builds the stage's loop (``actors.rlt_loop.RLTLoop``: a ``RolloutWorker`` playing the RLT
+actor and the ``OnlineRLT`` learner); ``train_in_process`` runs it (``RLTLoop.run``). ``train_on_ray`` plays the
+warm-up in this process, then hands the learner to a learner actor and the online budget to Ray rollout workers
+(``actors.rlt_learner.RLTCluster``: a ``RolloutCluster`` running the RLT actor, weights published between
+rounds), and brings the trained learner and RL token back into this process's loop, for evaluation and the
+checkpoint. The loop commits its episodes through the sink ``sink_for`` gives it; the rollout workers commit
+theirs to the store under the stage's run.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import numpy as np
+
+from actors.rlt_loop import RLTLoop
 from envs import EnvConfig, MetaWorldEnv
 from policies.base import Policy
 from rlt.online import EpisodeStats, OnlineConfig, OnlineRLT
@@ -26,12 +29,6 @@ from rlt.rl_token import RLToken
 from rlt.state import token_config_for
 from rlt.td3 import LearnerConfig
 from storage.records import EpisodeRecord
-
-if TYPE_CHECKING:
-    from actors.rlt_learner import RLTCluster
-
-#: Most episodes a rollout worker plays per round (the budget is checked and progress shown between rounds).
-MAX_ROUND_EPISODES = 4
 
 
 class TrainingProgress(Protocol):
@@ -62,7 +59,7 @@ class NoProgress:
 
 @dataclass(frozen=True)
 class RLTLoopFactory:
-    """Builds the RLT stage's loop for a seed; picklable when ``prior`` and ``on_episode`` are.
+    """Builds the RLT stage's loop for a seed; picklable when ``prior`` is.
 
     ``config`` and ``learner`` take the seed. The env, the prior and (a copy of) the phase switch are as
     given; the RL token (``z_dim`` wide) is shaped by probing the prior on the env's first observation.
@@ -74,20 +71,34 @@ class RLTLoopFactory:
     z_dim: int
     config: OnlineConfig
     learner: LearnerConfig
-    on_episode: Callable[[EpisodeRecord], object] | None = None
 
-    def __call__(self, seed: int) -> OnlineRLT:
+    def __call__(self, seed: int) -> RLTLoop:
         """A fresh loop whose episode seeds, exploration and learner follow ``seed``."""
         env = MetaWorldEnv(self.env_config)
-        token = RLToken(token_config_for(self.prior, env.reset(seed=seed)[0], z_dim=self.z_dim))
+        return RLTLoop(self._learner(seed, env), lambda: env)
+
+    def build_learner(self, seed: int) -> OnlineRLT:
+        """The loop's learner alone (the learner actor's on Ray)."""
+        env = MetaWorldEnv(self.env_config)
+        try:
+            return self._learner(seed, env)
+        finally:
+            env.close()
+
+    def env_factory(self) -> MetaWorldEnv:
+        """A fresh env (a rollout worker's)."""
+        return MetaWorldEnv(self.env_config)
+
+    def _learner(self, seed: int, env: MetaWorldEnv) -> OnlineRLT:
+        observation = env.reset(seed=seed)[0]
+        token = RLToken(token_config_for(self.prior, observation, z_dim=self.z_dim))
         return OnlineRLT(
-            env,
             self.prior,
             copy.deepcopy(self.switch),
             token,
             self.config.model_copy(update={"seed": seed}),
             self.learner.model_copy(update={"seed": seed}),
-            on_episode=self.on_episode,
+            proprio_dim=int(np.asarray(observation[self.config.state_key]).shape[0]),
         )
 
 
@@ -96,7 +107,7 @@ class OnlineRun:
     """A finished online phase: the trained loop (in this process), env steps played (warm-up + online;
     evaluation excluded) and online episodes played."""
 
-    loop: OnlineRLT
+    loop: RLTLoop
     env_steps: int
     online_episodes: int
 
@@ -108,13 +119,13 @@ def train_in_process(
     progress: TrainingProgress,
     *,
     state_path: Path | None = None,
-    sink_for: Callable[[OnlineRLT], Callable[[EpisodeRecord], object]] | None = None,
+    sink_for: Callable[[RLTLoop], Callable[[EpisodeRecord], object]] | None = None,
 ) -> OnlineRun:
-    """``OnlineRLT.run`` on ``factory(seed)`` (warm-up with ``records``, then the online budget).
+    """``RLTLoop.run`` on ``factory(seed)`` (warm-up with ``records``, then the online budget).
 
     With ``state_path`` the loop writes its state there after every online episode and a rerun continues
-    from it (``OnlineRLT.run``'s resume). ``sink_for(loop)``, when given, replaces the factory's episode sink
-    with one that may read the loop (``pipeline_rlt.episode_writer`` derives episode ids from its index).
+    from it (``RLTLoop.run``'s resume). ``sink_for(loop)``, when given, is the loop's episode sink (it may read
+    the loop: ``pipeline_rlt.episode_writer`` derives episode ids from its index).
     """
     loop = factory(seed)
     if sink_for is not None:
@@ -138,54 +149,61 @@ def train_on_ray(
     workers: int,
     records: Iterable[EpisodeRecord],
     progress: TrainingProgress,
+    *,
+    store_url: str,
+    run_id: str,
+    sink_for: Callable[[RLTLoop], Callable[[EpisodeRecord], object]] | None = None,
 ) -> OnlineRun:
-    """Warm up on the learner actor, then ``workers`` rollout actors until the online budget is played.
+    """Warm up, then ``workers`` Ray rollout workers and a learner actor until the online budget is committed.
 
-    Ray is started as ``flywheel collect --workers`` starts it (``actors.cluster.ensure_ray``, left running);
-    the actors share the CPUs Ray has (at most one each). An exception raised by a loop in an actor is
-    re-raised here as itself.
+    This process plays the prior's warm-up episodes (loop seed ``seed``) and hands them to the learner actor
+    (``actors.rlt_learner.RLTCluster``), whose learner warms up as in process; the rollout workers (run seed
+    ``seed + 1``) commit their episodes to the store under ``run_id`` and to the learner, and get new weights
+    after every round of about one episode each. The trained learner and RL token come back into this
+    process's loop, for evaluation and the checkpoint. Ray is started as ``flywheel collect --workers`` starts
+    it (``actors.cluster.ensure_ray``, left running); the actors share the CPUs Ray has (at most one each). An
+    exception raised in the learner actor is re-raised here as itself. ``sink_for`` as in ``train_in_process``.
     """
     import ray
     from ray.exceptions import RayTaskError
 
     from actors.cluster import ensure_ray
-    from actors.rlt_learner import RLTCluster
+    from actors.rlt_learner import RLTCluster, Rollouts
 
-    loop = factory(seed)  # the evaluation loop; building it first surfaces set-up errors before Ray starts
+    loop = factory(seed)  # warm-up and evaluation; building it first surfaces set-up errors before Ray starts
+    if sink_for is not None:
+        loop.on_episode = sink_for(loop)
     ensure_ray()
     cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / (workers + 1))
-    cluster = RLTCluster(factory, workers, seed=seed, learner_cpus=cpus, cpus_per_worker=cpus)
+    episode_steps = factory.env_config.episode_steps
+    rollouts = Rollouts(
+        env_factories=[factory.env_factory],
+        task=factory.config.task,
+        store_url=store_url,
+        run_id=run_id,
+        seed=seed + 1,
+        record_images=factory.config.record_images,
+        env_steps_per_call=episode_steps,
+    )
+    cluster = RLTCluster(
+        factory.build_learner, loop.rlt, rollouts, workers, seed=seed, learner_cpus=cpus, cpus_per_worker=cpus
+    )
     try:
-        cluster.warm_up(records)
-        progress.warmed_up(factory.config.warmup_episodes)
-        online_steps, online_episodes = _play_online(cluster, factory, workers, progress)
-        snapshot = cluster.snapshot()
+        played = loop.play("prior", factory.config.warmup_episodes)
+        progress.warmed_up(len(played))
+        cluster.warm_up(played, list(records))
+        online_steps = cluster.train(
+            factory.config.total_env_steps, workers * episode_steps, on_round=progress.played
+        )
+        snapshot, online_episodes = cluster.snapshot(), len(cluster.history())
     except RayTaskError as error:
         raise _remote_cause(error) from None
     finally:
         cluster.shutdown()
-    loop.use_token(snapshot.token)
-    loop.use_learner(snapshot.learner)
-    return OnlineRun(loop, snapshot.env_steps + online_steps, online_episodes)
-
-
-def _play_online(
-    cluster: RLTCluster, factory: RLTLoopFactory, workers: int, progress: TrainingProgress
-) -> tuple[int, int]:
-    """Rounds of episodes on every worker until their summed env steps reach the budget; (steps, episodes).
-
-    A round gives each worker as many episodes as fit in what is left at full length (1 to
-    ``MAX_ROUND_EPISODES``), so only a one-episode round can overshoot: by less than ``workers`` episodes.
-    """
-    budget, longest = factory.config.total_env_steps, factory.env_config.episode_steps
-    steps = episodes = 0
-    while steps < budget:
-        per_worker = min(MAX_ROUND_EPISODES, max(1, (budget - steps) // (workers * longest)))
-        played = [acted for run in cluster.run(per_worker) for acted, _ in run]
-        round_steps = sum(acted.length for acted in played)
-        steps, episodes = steps + round_steps, episodes + len(played)
-        progress.played(round_steps)
-    return steps, episodes
+    if loop.rlt.token is not None:
+        loop.rlt.use_token(snapshot.token)
+    loop.rlt.use_learner(snapshot.learner)
+    return OnlineRun(loop, loop.env_steps + online_steps, online_episodes)
 
 
 def _remote_cause(error: BaseException) -> BaseException:

@@ -13,7 +13,15 @@ import numpy as np
 
 from core.types import ActionChunk, Observation, ObservationBatch
 
-__all__ = ["ActionChunk", "Observation", "ObservationBatch", "Policy", "batch_size", "stack_observations"]
+__all__ = [
+    "ActionChunk",
+    "Observation",
+    "ObservationBatch",
+    "PerEnvPolicy",
+    "Policy",
+    "batch_size",
+    "stack_observations",
+]
 
 
 def stack_observations(observations: list[Observation]) -> ObservationBatch:
@@ -54,3 +62,16 @@ class Policy(Protocol):
     def infer(self, batch: ObservationBatch) -> ActionChunk: ...
 
     def reset(self) -> None: ...
+
+
+@runtime_checkable
+class PerEnvPolicy(Policy, Protocol):
+    """A policy with state per env (RLT's hand-off): the rollout worker names each row's env and resets one env
+    at a time instead of calling ``infer`` and ``reset``; a new version published mid-episode takes over the
+    state of the one it replaces."""
+
+    def infer_envs(self, batch: ObservationBatch, envs: list[int]) -> ActionChunk: ...
+
+    def reset_env(self, env: int) -> None: ...
+
+    def take_over(self, previous: Policy) -> None: ...

@@ -8,7 +8,6 @@ RLT tests and as a smoke benchmark; observations follow flywheel's ``Observation
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -21,6 +20,9 @@ from rlt.phase import DistanceSwitch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
+
+#: Width of the toy's state ``(x, y, goal_x, goal_y)``.
+PROPRIO_DIM = 4
 
 
 class PointReachEnv(gym.Env):
@@ -113,11 +115,11 @@ def toy_online_loop(
     seed: int,
     learner: LearnerConfig,
     warmup_episodes: int = 20,
-    on_episode: Callable[[Any], Any] | None = None,
 ) -> OnlineRLT:
-    """The toy task's online RLT loop: biased prior with projected-state embeddings, hand-off within 0.15 of the
-    goal. The embedder and the token's initial weights are the same for every seed; ``seed`` drives the prior's
-    noise, the episodes and the learner."""
+    """The toy task's RLT learner (its episodes: ``PointReachEnv``; ``actors.rlt_loop.RLTLoop`` plays them):
+    biased prior with projected-state embeddings, hand-off within 0.15 of the goal. The embedder and the token's
+    initial weights are the same for every seed; ``seed`` drives the prior's noise, the episodes and the
+    learner."""
     torch.manual_seed(0)
     token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=16, model_dim=32, encoder_layers=1))
     prior = EmbeddingPrior(BiasedReachPrior(noise=0.1, seed=seed), StateProjectionEmbedder(4, 4, 16, seed=0))
@@ -131,4 +133,4 @@ def toy_online_loop(
         seed=seed,
     )
     switch = DistanceSwitch([0, 1], [2, 3], 0.15)
-    return OnlineRLT(PointReachEnv(), prior, switch, token, config, learner, on_episode=on_episode)
+    return OnlineRLT(prior, switch, token, config, learner, proprio_dim=PROPRIO_DIM)

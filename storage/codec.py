@@ -86,6 +86,8 @@ def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> s
         header["injected"] = "\x1f".join(t or "\x00" for t in record.injected)
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     arrays = {name: getattr(record, name) for name in (*ARRAY_FIELDS, "privileged")}
+    if record.reference_chunks is not None:
+        arrays["reference_chunks"] = record.reference_chunks
     for name, array in arrays.items():
         if array is None:
             digest.update(f"{name}:none;".encode())

@@ -39,7 +39,7 @@ STEP_READ_COLUMNS = (
 )
 ARRAY_COLUMNS = STEP_READ_COLUMNS[:7]
 STEPS_OF_EPISODE = f"SELECT {', '.join(STEP_READ_COLUMNS)} FROM steps WHERE episode_id = ? ORDER BY t"
-CHUNKS_OF_EPISODE = "SELECT actions FROM chunks WHERE episode_id = ? ORDER BY chunk_index"
+CHUNKS_OF_EPISODE = "SELECT actions, reference FROM chunks WHERE episode_id = ? ORDER BY chunk_index"
 INTERVENTIONS_OF_EPISODE = (
     "SELECT t_start, t_end, trigger FROM interventions WHERE episode_id = ? ORDER BY segment_index"
 )
@@ -106,7 +106,7 @@ class EpisodeReader:
         columns = transpose(rows, len(STEP_READ_COLUMNS))
         arrays = arrays_from_columns(episode, columns[: len(ARRAY_COLUMNS)])
         version_ids, chunk_index, chunk_offset, latency, subtasks, injected = columns[len(ARRAY_COLUMNS) :]
-        chunks = [blob for (blob,) in self._db.raw_rows(connection, CHUNKS_OF_EPISODE, (episode.id,))]
+        chunks, references = transpose(self._db.raw_rows(connection, CHUNKS_OF_EPISODE, (episode.id,)), 2)
         segments = self._db.raw_rows(connection, INTERVENTIONS_OF_EPISODE, (episode.id,))
         return EpisodeRecord(
             **_header(episode, episode.policy_version),
@@ -121,6 +121,11 @@ class EpisodeReader:
             chunk_offsets=np.array(chunk_offset, dtype=np.int32),
             latency_ms=np.array(latency, dtype=np.float32),
             chunks=_chunk_array(chunks, episode.chunk_horizon, episode.action_dim),
+            reference_chunks=(
+                _chunk_array(references, episode.chunk_horizon, episode.action_dim)
+                if references and references[0] is not None
+                else None
+            ),
             images=self._frames.of_episode(connection, episode.id, episode.length) if images else {},
             privileged=arrays.privileged,
             interventions=[InterventionSegment(*segment) for segment in segments],

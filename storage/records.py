@@ -147,7 +147,9 @@ class EpisodeRecord:
     policies never do). ``subtasks`` optionally labels each step with a subtask name. ``prompt`` is the
     language instruction the episode ran under (None: the task's default). ``injected`` optionally marks
     each step with the kind of bad segment an env wrapper injected there (None: a clean step): the ground
-    truth that label diagnostics compare against.
+    truth that label diagnostics compare against. ``reference_chunks`` (optional, shaped as ``chunks``) holds for
+    each chunk the one a refining policy started from (RLT: the prior's ``ã``; ``chunks`` is then what it
+    executed).
     """
 
     uuid: uuid.UUID
@@ -176,6 +178,7 @@ class EpisodeRecord:
     subtasks: list[str | None] | None = None
     prompt: str | None = None
     injected: list[str | None] | None = None
+    reference_chunks: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -243,6 +246,14 @@ class EpisodeRecord:
         _check_range(
             "chunk_offsets", from_chunk, 0, horizon - 1, f"an index into the chunk (0..{horizon - 1})"
         )
+        if self.reference_chunks is not None:
+            _check_array("reference_chunks", self.reference_chunks, np.float32, 3, finite=True)
+            if self.reference_chunks.shape != self.chunks.shape:
+                raise EpisodeValidationError(
+                    "reference_chunks",
+                    f"shape {self.chunks.shape} (as chunks)",
+                    f"shape {self.reference_chunks.shape}",
+                )
 
     def _validate_images(self, steps: int) -> None:
         if not isinstance(self.images, dict):

@@ -103,7 +103,8 @@ class Episode(Base):
 
 
 class Chunk(Base):
-    """A predicted action chunk (H×D float32 blob), numbered within its episode."""
+    """A predicted action chunk (H×D float32 blob), numbered within its episode; ``reference`` (same layout,
+    NULL for most policies) is the chunk a refining policy started from (RLT: the prior's ``ã``)."""
 
     __tablename__ = "chunks"
 
@@ -113,6 +114,7 @@ class Chunk(Base):
     chunk_index: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     horizon: Mapped[int] = mapped_column(sa.Integer)
     actions: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    reference: Mapped[bytes | None] = mapped_column(sa.LargeBinary, nullable=True)
 
 
 class Step(Base):

@@ -81,6 +81,7 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "subtasks": record.subtasks,
         "prompt": record.prompt,
         "injected": record.injected,
+        "reference_chunks": None if record.reference_chunks is None else _checked(record.reference_chunks),
     }
     for name in ARRAY_FIELDS:
         body[name] = _checked(getattr(record, name))
@@ -102,7 +103,7 @@ def decode_episode(data: bytes) -> EpisodeRecord:
     unknown = sorted(set(body) - expected)
     if unknown:
         raise EpisodeDecodeError("body", f"only the fields {sorted(expected)}", f"unknown {unknown}")
-    missing = sorted(expected - set(body))
+    missing = sorted(expected - set(body) - {"reference_chunks"})  # spooled before it existed: None
     if missing:
         raise EpisodeDecodeError("body", "every EpisodeRecord field", f"missing {missing}")
     record = EpisodeRecord(
@@ -124,6 +125,11 @@ def decode_episode(data: bytes) -> EpisodeRecord:
         subtasks=body["subtasks"],
         prompt=body["prompt"],
         injected=body["injected"],
+        reference_chunks=(
+            None
+            if body.get("reference_chunks") is None
+            else _unpack_array("reference_chunks", body["reference_chunks"], tagged)
+        ),
         **{name: _unpack_array(name, body[name], tagged) for name in ARRAY_FIELDS},
     )
     record.validate()

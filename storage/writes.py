@@ -191,7 +191,13 @@ def _step_rows(record: EpisodeRecord, episode_id: int, version_ids: dict[str, in
 
 
 def _chunk_rows(record: EpisodeRecord, episode_id: int) -> list[tuple[Any, ...]]:
-    """One ``chunks`` row per predicted chunk: (episode, index, horizon, H×D float32 blob)."""
+    """One ``chunks`` row per predicted chunk: (episode, index, horizon, H×D float32 blob, reference blob)."""
     horizon = record.chunks.shape[1]
     blobs = codec.blobs_from_vectors(record.chunks.reshape(len(record.chunks), -1))
-    return [(episode_id, i, horizon, blob) for i, blob in enumerate(blobs)]
+    references: list[bytes | None] = [None] * len(blobs)
+    if record.reference_chunks is not None:
+        references = codec.blobs_from_vectors(record.reference_chunks.reshape(len(blobs), -1))
+    return [
+        (episode_id, i, horizon, blob, reference)
+        for i, (blob, reference) in enumerate(zip(blobs, references, strict=True))
+    ]

@@ -94,6 +94,11 @@ def assert_episodes_equal(actual: EpisodeRecord, expected: EpisodeRecord, images
         a, e = getattr(actual, name), getattr(expected, name)
         assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, a.shape, e.dtype, e.shape)
         assert a.tobytes() == e.tobytes(), name
+    for name in ("reference_chunks",):
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert (a is None) == (e is None), name
+        if e is not None:
+            assert a.dtype == e.dtype and a.shape == e.shape and a.tobytes() == e.tobytes(), name
     if expected.privileged is None:
         assert actual.privileged is None
     else:

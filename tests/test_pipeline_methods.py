@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from experiments.cli import app
 from experiments.pipeline import STAGE_RECORD, Pipeline, stages_for
 from experiments.pipeline_config import PipelineConfigError, load_pipeline_config, parse_pipeline_config
-from experiments.pipeline_rlt import RLT_KIND, RLTDeployedPolicy
+from experiments.pipeline_rlt import RLT_KIND
+from rlt.actor import RLTActor
 from rlt.config import LearnerConfig, RLTConfig
 from storage.engine import create_scratch_database
 from tests.test_pipeline import REPO, tiny_config
@@ -169,6 +170,6 @@ def test_rlt_resumes_after_sigkill_then_iterates_around_the_deployed_policy(tmp_
     assert second.outputs["gate"].promote and pipeline.deployed_version() == two
     assert pipeline.deploy_file().read_text().strip() == two
     deployed = pipeline._load(two, pipeline.config.tasks[0])
-    assert isinstance(deployed, RLTDeployedPolicy)
+    assert isinstance(deployed, RLTActor)
     # nested when iteration 1 promoted its RLT policy, else around the scripted prior
-    assert isinstance(deployed.prior, RLTDeployedPolicy) == (deployed_after_first == one)
+    assert isinstance(deployed.prior, RLTActor) == (deployed_after_first == one)

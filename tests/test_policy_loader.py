@@ -22,12 +22,13 @@ from envs import EnvConfig, MetaWorldEnv
 from envs.scripted import ScriptedPolicy
 from experiments.cli import app
 from experiments.collection import CollectConfig, run_collection
-from experiments.pipeline_rlt import RLTDeployedPolicy, RLTStage, deployment_for, load_rlt_policy, run_rlt
+from experiments.pipeline_rlt import RLTStage, deployment_for, load_rlt_policy, run_rlt
 from experiments.policy_loader import PolicySpecError, load, resolve
 from policies.base import stack_observations
 from policies.checkpoint import save_checkpoint
 from policies.openpi_client import OpenPIClientPolicy, ServerError
 from policies.serving import BackgroundServer, ObservationKeys, PolicyServer, ServerConfig
+from rlt.actor import RLTActor
 from rlt.checkpoint import MANIFEST_FILE, load_rlt_checkpoint, read_rlt_manifest
 from rlt.config import RLTConfig
 from rlt.deployment import PriorSpec, RLTDeployment
@@ -89,7 +90,7 @@ def test_loaded_rlt_policy_is_the_prior_plus_the_saved_actor(trained, tmp_path) 
     url, version = trained
     store = ExperienceStore(url)
     policy = load(version, task=TASK, store=store)
-    assert isinstance(policy, RLTDeployedPolicy) and policy.version == version
+    assert isinstance(policy, RLTActor) and policy.version == version
     assert isinstance(policy.switch, AlwaysCritical) and policy.action_horizon == 10
     observation, _ = MetaWorldEnv(EnvConfig(task=TASK, render=False, seed=3)).reset(seed=3)
     policy.reset()
@@ -206,7 +207,7 @@ def test_a_pipeline_rlt_checkpoint_loads_and_collects(trained, tmp_path) -> None
 
     policy = load(version, task=TASK, store=store)
     assert load(str(tmp_path / "rlt"), store=store).version == version, "the manifest names the version"
-    assert isinstance(policy, RLTDeployedPolicy) and isinstance(policy.switch, DistanceSwitch)
+    assert isinstance(policy, RLTActor) and isinstance(policy.switch, DistanceSwitch)
     assert policy.switch.threshold == 0.1
     acted: list[int] = []
     act = policy.learner.act
@@ -218,10 +219,12 @@ def test_a_pipeline_rlt_checkpoint_loads_and_collects(trained, tmp_path) -> None
     assert report.episodes == 2 and report.policy_version == version
     assert acted, "the hand-off fired and the RLT actor produced chunks"
     for record in ExperienceStore(url).iter_episodes(run_id="c"):
-        from_policy = [
-            v for v, s in zip(record.policy_versions, record.sources, strict=True) if s == StepSource.POLICY
-        ]
-        assert set(from_policy) == {version}
+        critical = np.asarray(record.metadata["critical_phase"], bool)
+        expected = np.where(critical, version, policy.prior.version)  # the RLT actor after the hand-off
+        from_policy = record.sources == StepSource.POLICY
+        assert np.array(record.policy_versions)[from_policy].tolist() == expected[from_policy].tolist()
+        assert record.policy_version == version and record.metadata["mode"] == "eval"
+        assert record.reference_chunks.shape == record.chunks.shape
 
 
 def test_serve_an_rlt_version_and_name_the_missing_privileged_state(trained) -> None:

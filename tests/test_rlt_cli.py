@@ -100,8 +100,8 @@ def local_ray():
 def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
     local_ray, tmp_path, monkeypatch
 ) -> None:
-    """``--workers 2``: the learner actor's warm-up, two rollout actors' online episodes (each with the
-    weights version that acted) and the driver's evaluation all reach the store; the checkpoint is written as
+    """``--workers 2``: the warm-up, two Ray rollout workers' online episodes (each with the weights version
+    that acted, trained by the learner actor) and the driver's evaluation all reach the store under one run; the checkpoint is written as
     without Ray."""
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url, output_dir = f"sqlite:///{tmp_path / 'rlt.db'}", tmp_path / "c"
@@ -121,8 +121,10 @@ def test_workers_play_the_online_budget_on_ray_and_the_run_ends_as_in_process(
     warmup_steps = sum(r.length for r in records[:2])
     assert checkpoint.manifest.env_steps == warmup_steps + online_steps
     assert f"{warmup_steps + online_steps} env steps" in output and f"{len(online)} online episodes" in output
-    # worker i plays on loop seed 0 + 1 + i, and its episode seeds are loop seed × 1_000_003 + episode index
-    assert {record.seed // 1_000_003 for record in online} == {1, 2}, "both rollout actors contributed"
+    assert {record.env_id for record in online} == {"worker0/env0", "worker1/env0"}, (
+        "both workers contributed"
+    )
+    assert all(record.run_id == records[0].run_id for record in records), "one run holds them all"
     assert all(record.metadata["actor_updates"] > 0 for record in online), "workers act with trained weights"
     _assert_versions_follow_the_handoff(records, rl_version)
 

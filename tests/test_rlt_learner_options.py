@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from rlt.actor import RLTActor
 from rlt.buffer import ChunkTransition
-from rlt.online import ChunkContext, ChunkStep, EpisodeChunks, OnlineConfig, OnlineRLT, chunk_transitions
+from rlt.online import ChunkContext, ChunkStep, EpisodeChunks, OnlineConfig, chunk_transitions
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3, LearnerConfig
 
@@ -184,9 +185,16 @@ def test_offset_exploration_holds_a_chunk_and_correlates_across_chunks() -> None
     config = OnlineConfig(
         task="t", env_id="e", exploration="offset", exploration_rho=0.8, exploration_noise=0.3
     )
-    loop = types.SimpleNamespace(config=config, rng=np.random.default_rng(0), _offset=None)
-    first = OnlineRLT.exploration_noise(loop, (CHUNK, ACTION_DIM))
-    second = OnlineRLT.exploration_noise(loop, (CHUNK, ACTION_DIM))
+    actor = types.SimpleNamespace(
+        exploration=config,
+        rng=np.random.default_rng(0),
+        _offsets={},
+        action_horizon=CHUNK,
+        action_dim=ACTION_DIM,
+    )
+    first = RLTActor.exploration_noise(actor, env=3)
+    second = RLTActor.exploration_noise(actor, env=3)
+    assert set(actor._offsets) == {3}  # one offset per env
     draws = np.random.default_rng(0).normal(0.0, 0.3, (2, ACTION_DIM))
     np.testing.assert_allclose(first, np.tile(draws[0], (CHUNK, 1)))
     np.testing.assert_allclose(second[0], 0.8 * draws[0] + 0.6 * draws[1])

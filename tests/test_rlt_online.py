@@ -1,4 +1,5 @@
-"""Online RLT (rlt.online) on the 2-D reaching toy: improvement over the prior, records, interventions, seeding."""
+"""Online RLT (rlt.online's learner, actors.rlt_loop's RolloutWorker) on the 2-D reaching toy: improvement over the
+prior, records, interventions, seeding."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.rlt_loop import RLTLoop
 from actors.sinks import StoreSink
 from envs.interventions import InterventionWrapper, TeleopCommand, TeleopContext
 from envs.metaworld_env import GOAL, HAND, HANDOFF_PAIRS, OBJECT, PRIVILEGED_DIM
@@ -37,10 +39,10 @@ def _token(seed: int = 0) -> RLToken:
 
 def _loop(
     env=None, switch=None, seed: int = 0, records: list | None = None, learning_starts: int = 128, **config
-) -> OnlineRLT:
+) -> RLTLoop:
     settings = {"warmup_episodes": 20, "total_env_steps": 0, "token_steps": 50, "seed": seed, **config}
-    return OnlineRLT(
-        env or PointReachEnv(),
+    env = env or PointReachEnv()
+    learner = OnlineRLT(
         _prior(seed),
         switch or DistanceSwitch([0, 1], [2, 3], 0.15),
         _token(seed),
@@ -52,8 +54,9 @@ def _loop(
             beta=0.05,  # β‖a − ã‖² over C×D = 20 entries: the strength this test was tuned with (β = 1 per entry)
             seed=seed,
         ),
-        on_episode=None if records is None else records.append,
+        proprio_dim=4,
     )
+    return RLTLoop(learner, lambda: env, on_episode=None if records is None else records.append)
 
 
 def test_online_rlt_fixes_the_biased_prior_on_a_tight_tolerance() -> None:
@@ -63,7 +66,7 @@ def test_online_rlt_fixes_the_biased_prior_on_a_tight_tolerance() -> None:
     late_success = np.mean([point.success_rate for point in curve[-2:]])
     assert prior_success <= 0.2
     assert late_success >= prior_success + 0.4, [(point.env_steps, point.success_rate) for point in curve]
-    assert loop.learner.replay_buffer.size() > 200
+    assert loop.rlt.learner.replay_buffer.size() > 200
 
 
 def test_records_mark_the_hand_off_per_step() -> None:
@@ -76,13 +79,21 @@ def test_records_mark_the_hand_off_per_step() -> None:
         critical = np.asarray(record.metadata["critical_phase"])
         assert critical.shape == (record.length,)
         assert np.all(np.diff(critical) >= 0), "the hand-off is latched within an episode"
-        assert record.chunks.shape[1:] == (10, 2)
+        assert record.chunks.shape[1:] == (10, 2) and record.reference_chunks.shape == record.chunks.shape
         assert record.rewards.sum() == (record.outcome == "success")
         acting = record.metadata["mode"] != "prior" and record.metadata["actor_updates"] > 0
         expected = [
-            "rlt" if acting and flag else loop.prior.version for flag in record.metadata["critical_phase"]
+            "rlt" if acting and flag else loop.rlt.prior.version for flag in record.metadata["critical_phase"]
         ]
         assert record.policy_versions == expected
+        assert record.policy_version == (
+            "rlt" if record.metadata["mode"] != "prior" else loop.rlt.prior.version
+        )
+        rl_chunks = record.chunk_ids[(record.chunk_offsets == 0) & (np.array(expected) == "rlt")]
+        # the learner's chunk is what ran; the prior's ã rides beside it (equal wherever the prior acted)
+        assert all(not np.allclose(record.chunks[c], record.reference_chunks[c]) for c in rl_chunks)
+        prior_chunks = np.setdiff1d(np.arange(len(record.chunks)), rl_chunks)
+        np.testing.assert_array_equal(record.chunks[prior_chunks], record.reference_chunks[prior_chunks])
     assert any(np.asarray(r.metadata["critical_phase"]).any() for r in records)
     assert any("rlt" in r.policy_versions for r in records), "the trained learner acted"
     assert any(not np.asarray(r.metadata["critical_phase"]).all() for r in records)
@@ -105,7 +116,7 @@ def test_env_interventions_replace_reference_and_action_in_the_buffer() -> None:
     env = InterventionWrapper(PointReachEnv(), _TakeOverBetweenSteps())
     loop = _loop(env=env, switch=AlwaysCritical(), records=records, warmup_episodes=3)
     loop.run()
-    buffer = loop.learner.replay_buffer
+    buffer = loop.rlt.learner.replay_buffer
     size = buffer.size()
     _, references = buffer.split(buffer.observations[:size, 0])
     actions = buffer.actions[:size, 0].reshape(size, 10, 2)
@@ -125,25 +136,24 @@ def test_replay_seeded_from_the_store_matches_the_online_buffer(tmp_path) -> Non
     store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
     store.upgrade()
     online = _loop(switch=AlwaysCritical(), records=[], warmup_episodes=4, total_env_steps=100)
-    store.register_policy_version(online.prior.version, "scripted")
+    store.register_policy_version(online.rlt.prior.version, "scripted")
     store.register_policy_version(online.config.rl_version, "rlt")
     online.on_episode = store.write_episode
     online.run()
     records = list(store.iter_episodes(task="point-reach"))
     assert len(records) >= 5
     seeded = OnlineRLT(
-        PointReachEnv(),
         _prior(),
         AlwaysCritical(),
-        online.token,
+        online.rlt.token,
         online.config,
-        online.learner.config,
+        online.rlt.learner.config,
+        proprio_dim=4,
         token_fitted=True,
     )
     added = seeded.seed_from_records(records)
-    truncated = sum(record.outcome == "truncated" for record in records)
-    assert added == online.learner.replay_buffer.size() - truncated
-    online_rows = _rows(online.learner.replay_buffer)
+    assert added == online.rlt.learner.replay_buffer.size()  # both learned from the same records
+    online_rows = _rows(online.rlt.learner.replay_buffer)
     for row in _rows(seeded.learner.replay_buffer):
         assert any(
             all(np.allclose(a, b, atol=1e-5) for a, b in zip(row, other, strict=True))
@@ -159,19 +169,19 @@ def _rows(buffer) -> list[tuple[np.ndarray, ...]]:
 
 def test_bad_priors_are_clear_errors() -> None:
     short = _loop(warmup_episodes=1)
-    short.prior = _prior(horizon=5)
+    short.rlt.prior = _prior(horizon=5)
     with pytest.raises(NonChunkActionError, match=r"prior chunk: expected shape \(10, 2\)"):
-        short.run_episode("prior")
+        short.play("prior", 1)
     narrow = _loop(warmup_episodes=1)
-    narrow.prior = _prior(embed_dim=8)
+    narrow.rlt.prior = _prior(embed_dim=8)
     with pytest.raises(EmbeddingDimError, match="embeddings: expected shape B×4×16"):
         narrow.run()
     bare = _loop(warmup_episodes=1)
-    bare.prior = BiasedReachPrior()
+    bare.rlt.prior = BiasedReachPrior()
     with pytest.raises(EmbeddingDimError, match="EmbeddingPrior"):
-        bare.run_episode("prior")
+        bare.play("prior", 1)
     with pytest.raises(RLTInputError, match="RL token must be fitted"):
-        _loop().run_episode("learner")
+        _loop().play("learner", 1)
     with pytest.raises(RLTInputError, match="warmup_episodes"):
         _loop(warmup_episodes=0).run()
 
@@ -216,8 +226,8 @@ def test_online_episodes_are_committed_to_the_store_with_provenance(tmp_path) ->
     store.upgrade()
     env = InterventionWrapper(PointReachEnv(), _TakeOverBetweenSteps())
     loop = _loop(env=env, warmup_episodes=3, total_env_steps=120)
-    loop.learner.learning_starts = 8
-    store.register_policy_version(loop.prior.version, "scripted")
+    loop.rlt.learner.learning_starts = 8
+    store.register_policy_version(loop.rlt.prior.version, "scripted")
     store.register_policy_version(loop.config.rl_version, "rlt")
     loop.on_episode = StoreSink(url)
     loop.run()
@@ -232,7 +242,7 @@ def test_online_episodes_are_committed_to_the_store_with_provenance(tmp_path) ->
         assert human[3:8].all() and not human[8:].any()
         assert [(s.t_start, s.t_end, s.trigger) for s in record.interventions] == [(3, 8, "test")]
         rl_acting = critical & ~human & (record.metadata["mode"] == "learner")
-        expected = np.where(rl_acting, "rlt", loop.prior.version).astype(object)
+        expected = np.where(rl_acting, "rlt", loop.rlt.prior.version).astype(object)
         expected[human] = None
         assert record.policy_versions == expected.tolist()
     assert any(
@@ -245,21 +255,21 @@ def test_run_warms_up_from_stored_episodes_alone(tmp_path) -> None:
     store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
     store.upgrade()
     collector = _loop(records=[], warmup_episodes=6)
-    store.register_policy_version(collector.prior.version, "scripted")
+    store.register_policy_version(collector.rlt.prior.version, "scripted")
     collector.on_episode = store.write_episode
-    for _ in range(6):
-        collector.run_episode("prior")
+    collector.play("prior", 6)
     records = list(store.iter_episodes(task="point-reach"))
     for record in records:
         del record.metadata["critical_phase"]  # as from a plain collection: the switch marks the phase
     loop = _loop(warmup_episodes=0, total_env_steps=0)
     loop.run(records)
-    assert loop.token_fitted
+    assert loop.rlt.token_fitted
     episodes = [
-        episode_chunks_from_record(r, loop.prior, 10, DistanceSwitch([0, 1], [2, 3], 0.15)) for r in records
+        episode_chunks_from_record(r, loop.rlt.prior, 10, DistanceSwitch([0, 1], [2, 3], 0.15))
+        for r in records
     ]
-    expected = sum(len(chunk_transitions(episode, loop.encoder, 0.99)) for episode in episodes)
-    assert loop.learner.replay_buffer.size() == expected > 0
+    expected = sum(len(chunk_transitions(episode, loop.rlt.encoder, 0.99)) for episode in episodes)
+    assert loop.rlt.learner.replay_buffer.size() == expected > 0
     flags = [step.critical for episode in episodes for step in episode.steps]
     assert any(flags) and not all(flags), "the switch marks the hand-off in records without a flag"
 
@@ -267,11 +277,11 @@ def test_run_warms_up_from_stored_episodes_alone(tmp_path) -> None:
 def test_critic_calibration_pairs_each_critical_chunk_with_the_return_that_followed_it() -> None:
     loop = _loop(warmup_episodes=4, learning_starts=10_000)
     loop.warm_up()
-    episodes = [loop.run_episode("eval", seed=100 + index)[0] for index in range(30)]
+    episodes = loop.rlt.episode_chunks(loop.play("eval", 30, seeds=[100 + index for index in range(30)]))
     # a stand-in critic whose value is readable: the x-coordinate of the state where the chunk started
-    loop.learner.q_values = lambda states, references, chunks: states[:, -4]
-    calibration = critic_calibration(loop.learner, loop.encoder, episodes)
-    expected_q, expected_returns, gamma = [], [], loop.learner.config.gamma
+    loop.rlt.learner.q_values = lambda states, references, chunks: states[:, -4]
+    calibration = critic_calibration(loop.rlt.learner, loop.rlt.encoder, episodes)
+    expected_q, expected_returns, gamma = [], [], loop.rlt.learner.config.gamma
     for episode in episodes:
         rewards = [reward for step in episode.steps for reward in step.rewards]
         start = 0

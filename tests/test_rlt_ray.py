@@ -1,9 +1,13 @@
-"""Online RLT on real Ray (actors.rlt_learner): rollout actors → learner actor → weights back via the object store."""
+"""Online RLT on real Ray (actors.rlt_learner): a RolloutCluster of RolloutWorkers playing the RLT actor feeds one
+learner actor through the store; new weights reach the running workers; a SIGKILLed worker is restarted."""
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -12,50 +16,56 @@ import ray.cloudpickle
 import torch
 
 from actors.cluster import ensure_ray
-from actors.rlt_learner import RLTCluster
-from actors.sinks import StoreSink
+from actors.rlt_learner import RLTCluster, Rollouts
+from actors.rlt_loop import RLTLoop
 from rlt.errors import RLTInputError
 from rlt.online import OnlineRLT, chunk_transitions
 from rlt.td3 import LearnerConfig
-from rlt.toy import toy_online_loop
+from rlt.toy import PointReachEnv, toy_online_loop
 from storage import ExperienceStore
 
 torch.set_num_threads(1)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable in Ray workers
 
 
-def _toy_loop(seed: int, store_url: str | None = None, warmup_episodes: int = 20) -> OnlineRLT:
-    """The CI toy (rlt.toy) loop with small learner settings; episodes go to ``store_url`` when given."""
+def _toy_learner(seed: int, warmup_episodes: int = 20) -> OnlineRLT:
+    """The CI toy (rlt.toy) learner with small learner settings."""
     learner = LearnerConfig(batch_size=32, learning_starts=32, net_arch=(64, 64), seed=seed)
-    sink = None if store_url is None else StoreSink(store_url)
-    return toy_online_loop(seed, learner, warmup_episodes, on_episode=sink)
+    return toy_online_loop(seed, learner, warmup_episodes)
 
 
-def test_weights_and_token_move_between_loops_and_learn_trains_on_foreign_episodes() -> None:
+def _toy_loop(seed: int, warmup_episodes: int = 20) -> RLTLoop:
+    env = PointReachEnv()
+    return RLTLoop(_toy_learner(seed, warmup_episodes), lambda: env)
+
+
+def test_weights_and_token_move_between_learners_and_learn_trains_on_foreign_episodes() -> None:
     learner, actor = _toy_loop(0, warmup_episodes=20), _toy_loop(1, warmup_episodes=0)
     with pytest.raises(RLTInputError, match="RL token must be fitted"):
-        actor.learn([])
+        actor.rlt.learn([])
     learner.warm_up()
-    actor.use_token(learner.token.state_dict())
-    learner.learn([learner.run_episode("learner")[0] for _ in range(3)])
+    actor.rlt.use_token(learner.rlt.token.state_dict())
+    learner.rlt.learn(learner.play("learner", 3))
+    trained = learner.rlt.learner
     with pytest.raises(RLTInputError, match="version"):
-        actor.learner.load_actor_weights(learner.learner.actor_weights(), -1)
-    actor.learner.load_actor_weights(learner.learner.actor_weights(), learner.learner.weights_version)
-    assert actor.learner.weights_version == learner.learner.weights_version > 0
-    chunks, _ = actor.run_episode("learner")  # an episode played elsewhere …
-    before = learner.learner.replay_buffer.size()
-    added = learner.learn([chunks])  # … trains the learner
-    assert added == len(chunk_transitions(chunks, learner.encoder, learner.learner.config.gamma))
-    assert learner.learner.replay_buffer.size() == before + added
+        actor.rlt.learner.load_actor_weights(trained.actor_weights(), -1)
+    actor.rlt.learner.load_actor_weights(trained.actor_weights(), trained.weights_version)
+    assert actor.rlt.learner.weights_version == trained.weights_version > 0
+    records = actor.play("learner", 1)  # an episode played elsewhere …
+    before = trained.replay_buffer.size()
+    added = learner.rlt.learn(records)  # … trains the learner
+    (chunks,) = learner.rlt.episode_chunks(records)
+    assert added == len(chunk_transitions(chunks, learner.rlt.encoder, trained.config.gamma)) > 0
+    assert trained.replay_buffer.size() == before + added
     context = chunks.steps[-1].context
     states = [
-        loop.encoder.encode(context.embeddings[None], context.proprio[None]) for loop in (learner, actor)
+        loop.rlt.encoder.encode(context.embeddings[None], context.proprio[None]) for loop in (learner, actor)
     ]
     np.testing.assert_array_equal(states[0], states[1])
-    actor.learner.load_actor_weights(learner.learner.actor_weights(), learner.learner.weights_version)
+    actor.rlt.learner.load_actor_weights(trained.actor_weights(), trained.weights_version)
     np.testing.assert_array_equal(
-        actor.learner.act(states[1], context.reference[None]),
-        learner.learner.act(states[0], context.reference[None]),
+        actor.rlt.learner.act(states[1], context.reference[None]),
+        trained.act(states[0], context.reference[None]),
     )
 
 
@@ -66,37 +76,40 @@ def local_ray():
     ray.shutdown()
 
 
-def test_rollout_actors_feed_the_learner_actor_and_act_with_its_newer_weights(local_ray, tmp_path) -> None:
+@pytest.mark.slow
+def test_rlt_through_rollout_workers_on_ray_survives_a_sigkilled_worker(local_ray, tmp_path) -> None:
     store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt-ray.db'}")
     store.upgrade()
-    probe = _toy_loop(0, warmup_episodes=0)
-    store.register_policy_version(probe.prior.version, "scripted")
-    store.register_policy_version(probe.config.rl_version, "rlt")
-    factory = functools.partial(_toy_loop, store_url=store.url)
-    cluster = RLTCluster(factory, num_workers=2, seed=0, learner_cpus=0.5, cpus_per_worker=0.5)
+    driver = _toy_loop(0, warmup_episodes=10)
+    store.register_policy_version(driver.rlt.prior.version, "scripted")
+    store.register_policy_version(driver.config.rl_version, "rlt")
+    rollouts = Rollouts([PointReachEnv], "point-reach", store.url, "rlt-ray", seed=1, env_steps_per_call=60)
+    learner_factory = functools.partial(_toy_learner, warmup_episodes=10)
+    cluster = RLTCluster(
+        learner_factory, driver.rlt, rollouts, 2, seed=0, learner_cpus=0.5, cpus_per_worker=0.5
+    )
     try:
-        assert cluster.warm_up() > 0
-        played = cluster.run(episodes_per_worker=4)
-        received, published = cluster.history()
+        assert cluster.warm_up(driver.play("prior", 10)) > 0
+        first = cluster.train(240, round_steps=120)
+        killed = cluster.pids()[0]
+        killer = threading.Timer(1.0, os.kill, (killed, signal.SIGKILL))
+        killer.start()
+        second = cluster.train(600, round_steps=120)
+        killer.join()
+        restarted = cluster.pids()[0]
+        received = cluster.history()
     finally:
         cluster.shutdown()
 
-    assert len(received) == 8 and {episode.worker_id for episode in received} == {0, 1}
-    assert sum(episode.transitions for episode in received) > 0
-    for worker_id, episodes in enumerate(played):
-        versions = [acted.version for acted, _ in episodes]
-        assert all(acted.worker_id == worker_id for acted, _ in episodes)
-        assert versions == sorted(versions) and versions[-1] > versions[0], versions
-        for acted, checksum in episodes:  # the weights that acted are exactly those published as that version
-            assert checksum == pytest.approx(published[acted.version], rel=0, abs=1e-9)
-    sent = sorted((episode.worker_id, episode.version) for episode in received)
-    assert sent == sorted((acted.worker_id, acted.version) for episodes in played for acted, _ in episodes)
-
-    learner_mode = [
-        store.load_episode(summary.uuid, images=False) for summary in store.list_episodes(task="point-reach")
-    ]
-    learner_mode = [record for record in learner_mode if record.metadata["mode"] == "learner"]
-    assert len(learner_mode) == 8
-    assert sorted(record.metadata["actor_updates"] for record in learner_mode) == sorted(
-        acted.version for episodes in played for acted, _ in episodes
-    )
+    assert first >= 240 and second >= 600
+    assert restarted != killed, "the SIGKILLed worker was restarted"
+    committed = list(store.iter_episodes(run_id="rlt-ray", images=False))
+    assert sum(record.length for record in committed) == first + second
+    assert {record.metadata["mode"] for record in committed} == {"learner"}
+    assert {record.env_id for record in committed} == {"worker0/env0", "worker1/env0"}
+    assert len(committed) - 1 <= len(received) <= len(committed)  # each commit reached the learner
+    for record in committed:
+        assert record.reference_chunks.shape == record.chunks.shape
+    survivor = [r.metadata["actor_updates"] for r in committed if r.env_id == "worker1/env0"]
+    assert len(set(survivor)) > 1, "new weights reached the running worker"
+    assert min(survivor) > 0

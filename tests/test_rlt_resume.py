@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actors.rlt_loop import RLTLoop
 from rlt.online import OnlineConfig, OnlineRLT
 from rlt.phase import DistanceSwitch
 from rlt.rl_token import RLToken, RLTokenConfig
@@ -20,14 +21,13 @@ class Interrupted(Exception):
     """Stands in for the SIGKILL: raised from the episode sink mid-run."""
 
 
-def _loop(on_episode=None) -> OnlineRLT:
+def _loop(on_episode=None) -> RLTLoop:
     torch.manual_seed(0)
     token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=8, model_dim=16, encoder_layers=1))
     prior = EmbeddingPrior(
         BiasedReachPrior(noise=0.0, horizon=10, seed=0), StateProjectionEmbedder(4, 4, 16, seed=0)
     )
-    return OnlineRLT(
-        PointReachEnv(),
+    learner = OnlineRLT(
         prior,
         DistanceSwitch([0, 1], [2, 3], 0.15),
         token,
@@ -39,8 +39,10 @@ def _loop(on_episode=None) -> OnlineRLT:
             token_steps=5,
         ),
         LearnerConfig(batch_size=32, learning_starts=32, net_arch=(32, 32), utd_ratio=2, seed=0),
-        on_episode=on_episode,
+        proprio_dim=4,
     )
+    env = PointReachEnv()
+    return RLTLoop(learner, lambda: env, on_episode=on_episode)
 
 
 def _weights(learner: ChunkedTD3) -> dict[str, torch.Tensor]:
@@ -50,7 +52,7 @@ def _weights(learner: ChunkedTD3) -> dict[str, torch.Tensor]:
 def test_stopped_online_rlt_resumes_to_the_uninterrupted_weights(tmp_path):
     straight = _loop()
     straight.run()
-    assert straight.learner.weights_version > 0
+    assert straight.rlt.learner.weights_version > 0
 
     seen = []
 
@@ -67,9 +69,9 @@ def test_stopped_online_rlt_resumes_to_the_uninterrupted_weights(tmp_path):
     resumed = _loop()
     resumed.run(state_path=state)
     assert resumed.env_steps == straight.env_steps
-    assert resumed.learner.weights_version == straight.learner.weights_version
-    assert resumed.learner.replay_buffer.size() == straight.learner.replay_buffer.size()
-    expected, found = _weights(straight.learner), _weights(resumed.learner)
+    assert resumed.rlt.learner.weights_version == straight.rlt.learner.weights_version
+    assert resumed.rlt.learner.replay_buffer.size() == straight.rlt.learner.replay_buffer.size()
+    expected, found = _weights(straight.rlt.learner), _weights(resumed.rlt.learner)
     for name, value in expected.items():
         assert torch.equal(value, found[name]), name
 
@@ -77,7 +79,7 @@ def test_stopped_online_rlt_resumes_to_the_uninterrupted_weights(tmp_path):
 def test_learner_training_state_round_trips_replay_and_optimizers(tmp_path):
     loop = _loop()
     loop.warm_up()
-    learner = loop.learner
+    learner = loop.rlt.learner
     path = learner.save_training_state(tmp_path / "learner.pt")
     again = ChunkedTD3.resume(path)
     assert again.replay_buffer.size() == learner.replay_buffer.size() > 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.rlt_loop import RLTLoop
 from policies.base import stack_observations
 from policies.training import EpisodeArrays, build_dataset, create_policy
 from policies.vla import VLAConfig, VLAPolicy
@@ -44,9 +45,8 @@ def _vla() -> VLAPolicy:
     return create_policy(config, build_dataset(episodes, horizon=10), seed=0)
 
 
-def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> OnlineRLT:
-    return OnlineRLT(
-        PointReachEnv(image_size=IMAGE, max_steps=30),
+def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> RLTLoop:
+    learner = OnlineRLT(
         vla,
         AlwaysCritical(),
         token,
@@ -59,8 +59,10 @@ def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> Onlin
             record_images=True,
         ),
         LearnerConfig(batch_size=4, learning_starts=4, net_arch=(32, 32)),
-        on_episode=records.append,
+        proprio_dim=4,
     )
+    env = PointReachEnv(image_size=IMAGE, max_steps=30)
+    return RLTLoop(learner, lambda: env, on_episode=records.append)
 
 
 def test_online_rlt_runs_on_vla_embeddings() -> None:
@@ -70,9 +72,9 @@ def test_online_rlt_runs_on_vla_embeddings() -> None:
     records: list[EpisodeRecord] = []
     loop = _loop(vla, RLToken(config), records)
     loop.run()
-    assert loop.learner.state_dim == 8 + 4
-    assert loop.learner.replay_buffer.size() >= 6
-    assert loop.learner._n_updates > 0
+    assert loop.rlt.learner.state_dim == 8 + 4
+    assert loop.rlt.learner.replay_buffer.size() >= 6
+    assert loop.rlt.learner._n_updates > 0
     assert [record.metadata["mode"] for record in records] == ["prior", "prior", "learner"]
     for record in records:
         record.validate()

@@ -29,6 +29,7 @@ from storage import (
 )
 from storage.limits import LIMITS
 from storage.schema import Base
+from storage.spool import decode_episode, encode_episode
 from tests import storage_fixtures
 from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, make_episode
 
@@ -109,6 +110,23 @@ def test_round_trip_is_exact_for_arrays_images_interventions_and_metadata(store:
     without_images = store.load_episode(str(record.uuid), images=False)
     assert without_images.images == {}
     assert_episodes_equal(without_images, record, images=False)
+
+
+def test_reference_chunks_ride_beside_the_executed_chunks(store: ExperienceStore, tmp_path) -> None:
+    """RLT's reference ``ã`` per chunk (``chunks.reference``, migration 0004) round-trips through the store and the
+    robot's spool; episodes without it read back None; a wrong shape is a one-field error."""
+    rng = np.random.default_rng(3)
+    record = make_episode(rng, 20, cameras=())
+    record.reference_chunks = (record.chunks + 0.25).astype(np.float32)
+    plain = make_episode(rng, 8, cameras=())
+    for episode in (record, plain):
+        assert store.write_episode(episode)
+        assert_episodes_equal(store.load_episode(episode.uuid), episode)
+    assert store.load_episode(plain.uuid).reference_chunks is None
+    assert_episodes_equal(decode_episode(encode_episode(record)), record)
+    record.reference_chunks = record.reference_chunks[:, :1]
+    with pytest.raises(EpisodeValidationError, match="reference_chunks"):
+        record.validate()
 
 
 def test_episode_without_privileged_state_or_images_and_empty_episode(store: ExperienceStore) -> None:

@@ -69,11 +69,11 @@ def _loader(spec: str, store_url: str | None = None) -> Callable[[], Policy]:
 def _reads_privileged(policy: Policy) -> bool:
     """Scripted experts, and RLT policies whose prior, embeddings or hand-off read the simulator state."""
     from envs.scripted import ScriptedPolicy
-    from experiments.pipeline_rlt import RLTDeployedPolicy
+    from rlt.actor import RLTActor
     from rlt.phase import DistanceSwitch
     from rlt.state import EmbeddingPrior
 
-    if isinstance(policy, RLTDeployedPolicy):
+    if isinstance(policy, RLTActor):
         return isinstance(policy.switch, DistanceSwitch) or _reads_privileged(policy.prior)
     if isinstance(policy, EmbeddingPrior):
         return getattr(policy.embedder, "key", None) == "privileged" or _reads_privileged(policy.policy)

@@ -1,0 +1,84 @@
+"""The RLT actor as a ``Policy`` (rlt.actor): modes, one latched hand-off per env, the reference it returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policies.base import Policy, stack_observations
+from rlt.actor import RLTActor
+from rlt.errors import RLTInputError
+from rlt.phase import DistanceSwitch
+from rlt.rl_token import RLToken, RLTokenConfig
+from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder
+from rlt.td3 import ChunkedTD3, LearnerConfig
+from rlt.toy import BiasedReachPrior
+
+torch.set_num_threads(1)
+
+FAR, NEAR = (0.4, 0.0), (0.05, 0.0)  # the point's offset from the goal: outside / inside the 0.15 hand-off
+
+
+def _observation(offset: tuple[float, float]) -> dict:
+    state = np.array([offset[0], offset[1], 0.0, 0.0], np.float32)
+    return {"images": {}, "state": state, "prompt": "reach", "privileged": state.copy()}
+
+
+def _actor() -> RLTActor:
+    torch.manual_seed(0)
+    prior = EmbeddingPrior(BiasedReachPrior(noise=0.0), StateProjectionEmbedder(4, 4, 16))
+    token = RLToken(RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=8, model_dim=16, encoder_layers=1))
+    learner = ChunkedTD3(8 + 4, 2, LearnerConfig(net_arch=(16, 16), seed=0))
+    return RLTActor(
+        prior,
+        DistanceSwitch([0, 1], [2, 3], 0.15),
+        learner,
+        RLStateEncoder(token, 4),
+        rl_version="rlt-test",
+        mode="eval",
+    )
+
+
+def test_the_hand_off_latches_per_env_and_the_reference_rides_along() -> None:
+    actor = _actor()
+    assert isinstance(actor, Policy) and actor.action_horizon == 10
+    first = actor.infer_envs(stack_observations([_observation(FAR), _observation(NEAR)]), [5, 7])
+    assert first.critical.tolist() == [False, True]
+    assert first.versions == [actor.prior.version, "rlt-test"]
+    prior_chunk = actor.prior.infer(stack_observations([_observation(FAR), _observation(NEAR)]))
+    np.testing.assert_allclose(first.reference, prior_chunk.actions[:, :10])
+    np.testing.assert_allclose(first.actions[0], first.reference[0])  # before the hand-off: the prior's ã
+    state = actor.encoder.encode(prior_chunk.embeddings[1:], _observation(NEAR)["state"][None])
+    expected = np.clip(actor.learner.act(state, first.reference[1:]), -1.0, 1.0)[0]
+    np.testing.assert_allclose(first.actions[1], expected, atol=1e-6)
+    assert not np.allclose(first.actions[1], first.reference[1])
+
+    swapped = actor.infer_envs(stack_observations([_observation(NEAR), _observation(FAR)]), [5, 7])
+    assert swapped.critical.tolist() == [True, True], "env 7 stays handed off although it moved away"
+    actor.reset_env(7)
+    again = actor.infer_envs(stack_observations([_observation(FAR), _observation(FAR)]), [5, 7])
+    assert again.critical.tolist() == [True, False], "a reset starts only env 7 over"
+
+
+def test_modes_prior_eval_and_learner() -> None:
+    actor = _actor()
+    batch = stack_observations([_observation(NEAR)])
+    evaluated = [actor.infer(batch).actions for _ in range(2)]
+    np.testing.assert_array_equal(*evaluated)  # eval: deterministic
+    actor.mode = "learner"
+    explored = actor.infer(batch)
+    assert not np.allclose(explored.actions, evaluated[0]) and np.abs(explored.actions).max() <= 1.0
+    actor.mode = "prior"
+    prior = actor.infer(batch)
+    assert prior.critical.tolist() == [True] and prior.versions == [actor.prior.version]
+    np.testing.assert_array_equal(prior.actions, prior.reference)
+    actor.mode, actor.defer_until_trained = (
+        "eval",
+        True,
+    )  # online: an untrained learner leaves it to the prior
+    assert actor.infer(batch).versions == [actor.prior.version]
+    actor.learner.load_actor_weights(actor.learner.actor_weights(), version=1)  # as after a gradient step
+    assert actor.infer(batch).versions == ["rlt-test"]
+    with pytest.raises(RLTInputError, match="mode: expected one of"):
+        actor.mode = "greedy"
