@@ -84,7 +84,6 @@ class BenchmarkConfig:
         (no images), with the arm's own ``settings`` (exploration, token steps, state key, …)."""
         return OnlineConfig(
             task=self.task,
-            env_id=f"metaworld/{self.task}",
             warmup_episodes=self.warmup_episodes,
             total_env_steps=self.env_steps,
             eval_every_steps=self.eval_every,

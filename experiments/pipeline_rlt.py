@@ -132,7 +132,6 @@ def run_rlt(stage: RLTStage) -> RLTResult:
     online = OnlineConfig(
         **config.online.model_dump() | {"record_images": config.online.record_images or env.render},
         task=env.task,
-        env_id=f"metaworld/{env.task}",
         rl_version=stage.version,
         seed=stage.seed,
     )

@@ -158,10 +158,9 @@ class OnlineSettings(_Settings):
 
 
 class OnlineConfig(OnlineSettings):
-    """``OnlineSettings`` plus what names one run: its task and env id, the RL version and the seed."""
+    """``OnlineSettings`` plus what names one run: its task, the RL version and the seed."""
 
     task: str
-    env_id: str
     rl_version: str = "rlt"
     seed: int = Field(0, ge=0)
 

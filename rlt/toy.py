@@ -125,7 +125,6 @@ def toy_online_loop(
     prior = EmbeddingPrior(BiasedReachPrior(noise=0.1, seed=seed), StateProjectionEmbedder(4, 4, 16, seed=0))
     config = OnlineConfig(
         task="point-reach",
-        env_id="rlt-toy/point-reach",
         warmup_episodes=warmup_episodes,
         total_env_steps=0,
         token_steps=50,

@@ -38,7 +38,7 @@ def _error(model: type, **values: object) -> str:
         (LearnerConfig, {"beta_on": "residual"}, "beta_on: 'residual' needs residual_scale"),
         (LearnerConfig, {"betta": 1.0}, "betta: Extra inputs are not permitted"),
         (OnlineSettings, {"exploration_rho": 1.0}, "exploration_rho: Input should be less than 1"),
-        (OnlineConfig, {"env_id": "x"}, "task: Field required"),
+        (OnlineConfig, {"rl_version": "x"}, "task: Field required"),
         (RLTConfig, {"handoff": "elbow"}, "handoff: expected 'always' or a pair of"),
         (
             RLTConfig,
@@ -56,11 +56,10 @@ def test_an_invalid_setting_is_one_line_naming_it(model: type, values: dict, mes
 
 def test_online_config_is_the_settings_plus_the_run() -> None:
     settings = OnlineSettings(total_env_steps=50, exploration="offset")
-    config = OnlineConfig(**settings.model_dump(), task="reach-v3", env_id="metaworld/reach-v3", seed=3)
+    config = OnlineConfig(**settings.model_dump(), task="reach-v3", seed=3)
     assert config.total_env_steps == 50 and config.exploration == "offset" and config.seed == 3
     assert set(OnlineConfig.model_fields) - set(OnlineSettings.model_fields) == {
         "task",
-        "env_id",
         "rl_version",
         "seed",
     }

@@ -182,9 +182,7 @@ def test_second_replay_supplies_its_share_of_every_batch() -> None:
 
 
 def test_offset_exploration_holds_a_chunk_and_correlates_across_chunks() -> None:
-    config = OnlineConfig(
-        task="t", env_id="e", exploration="offset", exploration_rho=0.8, exploration_noise=0.3
-    )
+    config = OnlineConfig(task="t", exploration="offset", exploration_rho=0.8, exploration_noise=0.3)
     actor = types.SimpleNamespace(
         exploration=config,
         rng=np.random.default_rng(0),

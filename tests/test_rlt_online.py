@@ -46,7 +46,7 @@ def _loop(
         _prior(seed),
         switch or DistanceSwitch([0, 1], [2, 3], 0.15),
         _token(seed),
-        OnlineConfig(task="point-reach", env_id="rlt-toy/point-reach", **settings),
+        OnlineConfig(task="point-reach", **settings),
         LearnerConfig(
             batch_size=128,
             learning_starts=learning_starts,

@@ -33,7 +33,6 @@ def _loop(on_episode=None) -> RLTLoop:
         token,
         OnlineConfig(
             task="point-reach",
-            env_id="rlt-toy/point-reach",
             warmup_episodes=4,
             total_env_steps=240,
             token_steps=5,

@@ -52,7 +52,6 @@ def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> RLTLo
         token,
         OnlineConfig(
             task="point-reach",
-            env_id="rlt-toy/point-reach",
             warmup_episodes=2,
             total_env_steps=30,
             token_steps=5,
