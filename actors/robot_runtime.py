@@ -58,8 +58,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.execution import ChunkSchedule, ExecutionConfig
 from actors.recorder import EpisodeRecorder
 from actors.robot import EStopError, RobotInterface
-from core.teleop import TeleopContext, TeleopDevice
-from core.types import InterventionSegment, Observation, Outcome, StepSource, episode_outcome
+from core.teleop import TakeoverSegments, TeleopContext, TeleopDevice
+from core.types import Observation, Outcome, StepSource, episode_outcome
 from policies.openpi_client import OpenPIClientPolicy
 from policies.serving.inpainting import RTC_FIELD, RTCRequest
 from policies.serving.observations import ObservationSpec
@@ -241,22 +241,16 @@ class _Takeover:
 
     human: bool = False
     transition: bool = False
-    segments: list[InterventionSegment] = field(default_factory=list)
-    open_since: tuple[int, str] | None = None
+    segments: TakeoverSegments = field(default_factory=TakeoverSegments)
 
     def switch(self, human: bool, t: int, reason: str) -> None:
         if human != self.human:
             self.transition = True
             if human:
-                self.open_since = (t, reason)
+                self.segments.start(t, reason)
             else:
-                self.close(t)
+                self.segments.stop(t)
         self.human = human
-
-    def close(self, t: int) -> None:
-        if self.open_since is not None:
-            self.segments.append(InterventionSegment(self.open_since[0], t, self.open_since[1]))
-            self.open_since = None
 
 
 class RobotRuntime:
@@ -416,7 +410,7 @@ class RobotRuntime:
                 break
         if outcome is None:
             outcome = episode_outcome(succeeded, terminated, truncated)
-        takeover.close(recorder.length)
+        takeover.segments.stop(recorder.length)
         if pending is not None:
             pending.future.cancel()
         recorder.metadata = {
@@ -432,7 +426,7 @@ class RobotRuntime:
                 "chunk_delay_steps": chunk_log.delays,
             },
         }
-        segments = [s for s in takeover.segments if s.t_start < s.t_end <= recorder.length]
+        segments = [s for s in takeover.segments.closed if s.t_start < s.t_end <= recorder.length]
         record = recorder.finish(outcome, segments, error)
         if record.length:
             self.spool.put(record)
@@ -470,7 +464,11 @@ class RobotRuntime:
 
     @staticmethod
     def _receive(
-        schedule: ChunkSchedule, reply: ChunkReply, delay: int, recorder: EpisodeRecorder, chunk_log: _ChunkLog
+        schedule: ChunkSchedule,
+        reply: ChunkReply,
+        delay: int,
+        recorder: EpisodeRecorder,
+        chunk_log: _ChunkLog,
     ) -> None:
         """Record the chunk that arrived ``delay`` steps after its request and make it the schedule's."""
         chunk_log.add(delay, reply)

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from core.types import Observation
+from core.types import InterventionSegment, Observation
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,29 @@ class TeleopDevice(Protocol):
     def poll(self, context: TeleopContext) -> TeleopCommand | None:
         """The device's command for this step; ``None`` (or ``takeover=False``) lets the policy act."""
         ...
+
+
+@dataclass
+class TakeoverSegments:
+    """An episode's takeover segments, built step by step: ``start`` when a human takes over, ``stop`` when the
+    policy is back (or the episode ends). The one builder for the simulation's wrapper and the robot runtime."""
+
+    closed: list[InterventionSegment] = field(default_factory=list)
+    open_since: tuple[int, str] | None = None
+
+    def start(self, t: int, reason: str) -> None:
+        """A takeover at step ``t`` (a no-op while one is open)."""
+        if self.open_since is None:
+            self.open_since = (t, reason)
+
+    def stop(self, t: int) -> None:
+        """Close the open takeover (if any) before step ``t``."""
+        if self.open_since is not None:
+            self.closed.append(InterventionSegment(self.open_since[0], t, self.open_since[1]))
+            self.open_since = None
+
+    def until(self, t: int) -> list[InterventionSegment]:
+        """The segments so far, an open one reported up to step ``t``."""
+        if self.open_since is None:
+            return list(self.closed)
+        return [*self.closed, InterventionSegment(self.open_since[0], t, self.open_since[1])]

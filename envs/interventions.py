@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.teleop import TeleopCommand, TeleopContext, TeleopDevice
+from core.teleop import TakeoverSegments, TeleopCommand, TeleopContext, TeleopDevice
 from core.types import InterventionSegment, Observation, StepSource
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import goal_distance
@@ -163,8 +163,7 @@ class InterventionWrapper(gym.Wrapper):
         if not isinstance(device, TeleopDevice):
             raise TypeError(f"device: expected a TeleopDevice (reset, poll), got {type(device).__name__}")
         self.device = device
-        self._segments: list[InterventionSegment] = []
-        self._open: tuple[int, str] | None = None
+        self._segments = TakeoverSegments()
         self._t = 0
         self._observation: Observation | None = None
         self._reward = 0.0
@@ -173,15 +172,13 @@ class InterventionWrapper(gym.Wrapper):
     @property
     def interventions(self) -> list[InterventionSegment]:
         """The current episode's takeover segments (an open one reported up to the current step)."""
-        if self._open is None:
-            return list(self._segments)
-        return [*self._segments, InterventionSegment(self._open[0], self._t, self._open[1])]
+        return self._segments.until(self._t)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         """Reset the env and the device."""
         observation, info = self.env.reset(seed=seed, options=options)
         self.device.reset(seed)
-        self._segments, self._open, self._t = [], None, 0
+        self._segments, self._t = TakeoverSegments(), 0
         self._observation, self._reward, self._info = observation, 0.0, {}
         return observation, {**info, "interventions": []}
 
@@ -197,15 +194,14 @@ class InterventionWrapper(gym.Wrapper):
             if command.action is None:
                 raise ValueError("TeleopCommand.action: a takeover command needs an action, got None")
             executed = self._clip(command.action)
-            if self._open is None:
-                self._open = (self._t, command.reason)
+            self._segments.start(self._t, command.reason)
         else:
             executed = self._clip(policy_action)
-            self._close_segment()
+            self._segments.stop(self._t)
         observation, reward, terminated, truncated, info = self.env.step(executed)
         self._t += 1
         if terminated or truncated or info.get("success", False):
-            self._close_segment()
+            self._segments.stop(self._t)
         self._observation, self._reward, self._info = observation, float(reward), info
         info = {
             **info,
@@ -217,11 +213,6 @@ class InterventionWrapper(gym.Wrapper):
             "interventions": [asdict(segment) for segment in self.interventions],
         }
         return observation, reward, terminated, truncated, info
-
-    def _close_segment(self) -> None:
-        if self._open is not None:
-            self._segments.append(InterventionSegment(self._open[0], self._t, self._open[1]))
-            self._open = None
 
     def _clip(self, action: np.ndarray) -> np.ndarray:
         action = np.asarray(action, dtype=np.float32)

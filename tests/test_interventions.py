@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from core.types import StepSource
+from core.teleop import TakeoverSegments
+from core.types import InterventionSegment, StepSource
 from envs import (
     EnvConfig,
     InterventionWrapper,
@@ -206,3 +207,15 @@ def test_bad_devices_and_configs_are_rejected_with_the_field_named():
         SimulatedHumanConfig(random_rate=1.5)
     with pytest.raises(ValidationError, match="takeover_steps"):
         SimulatedHumanConfig(takeover_steps=0)
+
+
+def test_takeover_segments_open_close_and_report_an_open_one_up_to_now() -> None:
+    segments = TakeoverSegments()
+    segments.start(3, "stall")
+    segments.start(4, "other")  # already open: the first reason stays
+    assert segments.until(6) == [InterventionSegment(3, 6, "stall")]
+    segments.stop(7)
+    segments.stop(8)  # nothing open: no empty segment
+    segments.start(10, "near")
+    assert segments.closed == [InterventionSegment(3, 7, "stall")]
+    assert segments.until(12) == [InterventionSegment(3, 7, "stall"), InterventionSegment(10, 12, "near")]
