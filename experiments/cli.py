@@ -51,6 +51,7 @@ USER_ERRORS: tuple[str, ...] = (
     "policies.serving.server.ServerStartError",
     "actors.robot_runtime.RobotCamerasError",
     "experiments.lerobot.LeRobotFormatError",
+    "rlt.errors.RLTCheckpointError",
     VALIDATION_ERROR,
 )
 

@@ -27,7 +27,7 @@ from policies.manifest import RLT_KIND, write_kind
 from rlt.config import RLTConfig
 from rlt.deployment import RLTDeployment
 from rlt.diagnostics import CriticCalibration
-from rlt.errors import RLTInputError
+from rlt.errors import RLTCheckpointError
 from rlt.online import EpisodeStats, EvalPoint
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.td3 import ChunkedTD3
@@ -97,7 +97,7 @@ def save_rlt_checkpoint(
     """Write the checkpoint atomically to ``directory`` (which must not exist yet); return its path."""
     target = Path(directory)
     if target.exists():
-        raise RLTInputError(f"checkpoint directory {target}: already exists")
+        raise RLTCheckpointError(f"checkpoint directory {target}: already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -114,14 +114,14 @@ def save_rlt_checkpoint(
 
 def read_rlt_manifest(directory: str | Path) -> RLTManifest:
     """The manifest of an RLT checkpoint directory; a missing, older or malformed one is a one-line
-    ``RLTInputError`` (an older one says how to rewrite it)."""
+    ``RLTCheckpointError`` (an older one says how to rewrite it)."""
     path = Path(directory) / MANIFEST_FILE
     try:
         document: Any = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise RLTInputError(f"RLT checkpoint {path.parent}: no readable {MANIFEST_FILE} ({error})") from None
+        raise RLTCheckpointError(f"RLT checkpoint {path.parent}: no readable {MANIFEST_FILE} ({error})") from None
     if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
-        raise RLTInputError(
+        raise RLTCheckpointError(
             f"RLT checkpoint {path.parent}: {MANIFEST_FILE} was written by an older flywheel (expected format "
             f"{MANIFEST_FORMAT}); retrain it with the same `flywheel rlt` command or pipeline iteration"
         )
@@ -130,7 +130,7 @@ def read_rlt_manifest(directory: str | Path) -> RLTManifest:
     except ValidationError as error:
         problem = error.errors()[0]
         field = ".".join(str(part) for part in problem["loc"])
-        raise RLTInputError(
+        raise RLTCheckpointError(
             f"RLT checkpoint {path.parent}: {MANIFEST_FILE} {field}: {problem['msg']}"
         ) from None
 
@@ -140,7 +140,7 @@ def load_rlt_checkpoint(directory: str | Path) -> RLTCheckpoint:
     path = Path(directory)
     missing = [name for name in (LEARNER_FILE, TOKEN_FILE, MANIFEST_FILE) if not (path / name).is_file()]
     if missing:
-        raise RLTInputError(f"RLT checkpoint {path}: missing {', '.join(missing)}")
+        raise RLTCheckpointError(f"RLT checkpoint {path}: missing {', '.join(missing)}")
     manifest = read_rlt_manifest(path)
     return RLTCheckpoint(
         ChunkedTD3.load_checkpoint(path / LEARNER_FILE), RLToken.load(path / TOKEN_FILE), manifest

@@ -7,6 +7,10 @@ class RLTInputError(ValueError):
     """Malformed input to the RLT learner (shapes, dimensions, non-finite values)."""
 
 
+class RLTCheckpointError(RLTInputError):
+    """An RLT checkpoint directory that cannot be read: missing files, an older or malformed manifest."""
+
+
 class EmbeddingDimError(RLTInputError):
     """VLA embeddings do not have the width the RL token was built for."""
 

@@ -325,3 +325,20 @@ def test_a_failed_job_is_one_error_line_with_exit_1(monkeypatch, tmp_path) -> No
         "error: rollout worker 1 failed: EGLError: eglMakeCurrent failed"
     )
     assert "Traceback" not in result.output
+
+
+def test_an_unreadable_rlt_checkpoint_is_one_error_line_with_exit_2(monkeypatch, tmp_path) -> None:
+    """An RLT checkpoint a command cannot read (here: no manifest) is bad input wherever it surfaces (e.g. a
+    pipeline resuming its RLT stage): one ``error:`` line, exit 2."""
+    from typer.testing import CliRunner
+
+    from experiments import collection
+    from experiments.cli import app
+    from rlt.checkpoint import read_rlt_manifest
+
+    monkeypatch.setattr(collection, "run_collection", lambda *_args, **_kwargs: read_rlt_manifest(tmp_path))
+    result = CliRunner().invoke(app, [*COLLECT, "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: RLT checkpoint {tmp_path}: no readable"), last
+    assert "Traceback" not in result.output
