@@ -38,7 +38,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 
 from core.types import LEARNABLE_OUTCOMES
-from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
+from envs import EnvSettings, SimulatedHumanConfig
 from experiments.collection import collect_scripted_demos
 from experiments.evaluation import EvalResult, evaluate, wilson_interval
 from experiments.recap_iteration import RecapIterationConfig, run_recap_iteration
@@ -121,22 +121,19 @@ def relabel_summary(record: RelabelRecord, task: str) -> dict[str, Any]:
 def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Demos → prior → RECAP iteration → ablations on the same data, for one task."""
     url = f"sqlite:///{workdir / f'{task}.db'}"
-    env = EnvConfig(
-        task=task, width=args.image_size, height=args.image_size, max_episode_steps=args.max_episode_steps
-    )
+    settings = EnvSettings(image_size=args.image_size, max_episode_steps=args.max_episode_steps)
+    env = settings.env(task, args.seed)
     demos = f"demos-{task}"
     started = time.perf_counter()
     collect_scripted_demos(env, url, demos, args.demos, args.noise, seed=args.seed)
     store = ExperienceStore(url)
-    prior_config = BCConfig(
-        env=EnvSettings(image_size=args.image_size), steps=args.prior_steps, seed=args.seed
-    )
+    prior_config = BCConfig(env=settings, steps=args.prior_steps, seed=args.seed)
     prior = train_vla(
         store, EpisodeQuery(tasks=[task], run_ids=[demos]), prior_config, workdir, progress=False
     )
     print(f"[{task}] prior trained ({time.perf_counter() - started:.0f} s)", flush=True)
     retrain = BCConfig(
-        env=EnvSettings(image_size=args.image_size),
+        env=settings,
         steps=args.retrain_steps,
         seed=args.seed,
         condition_dropout=0.3,
@@ -145,7 +142,6 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
         task=task,
         policy=str(prior.checkpoint),
         store_url=url,
-        env=env,
         collect_episodes=args.collect,
         human=SimulatedHumanConfig(
             no_progress_steps=args.no_progress_steps, takeover_steps=args.takeover_steps, seed=args.seed

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from envs import EnvConfig, GymEnvConfig, SimulatedHumanConfig
 from experiments import stages
@@ -36,7 +36,6 @@ class RecapIterationConfig(BaseModel):
     task: str = Field(description="a Meta-World task or a gymnasium env name (the env's task)")
     policy: str = Field(description="the current policy: a registered version or checkpoint directory")
     store_url: str
-    env: EnvConfig | GymEnvConfig
     collect_episodes: int = Field(default=50, ge=1)
     human: SimulatedHumanConfig | None = SimulatedHumanConfig()
     relabel: RelabelConfig = RelabelConfig()
@@ -62,6 +61,16 @@ class RecapIterationConfig(BaseModel):
     gate: GateSettings = GateSettings()
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _settings_fit_the_task(self) -> RecapIterationConfig:
+        self.task_env  # noqa: B018 — raises (a ValidationError naming the field) when bc.env does not fit the task
+        return self
+
+    @property
+    def task_env(self) -> EnvConfig | GymEnvConfig:
+        """The task's env, from the one env settings model the retraining also reads (``bc.env``)."""
+        return self.bc.env.env(self.task, self.seed)
+
 
 @dataclass
 class RecapIterationResult:
@@ -85,7 +94,7 @@ def run_recap_iteration(
     current = load(source, task=config.task, store=store, seed=config.seed).version
     register(store, source, current)
     job = CollectConfig(
-        env=config.env,
+        env=config.task_env,
         policy=config.policy,
         episodes=config.collect_episodes,
         human=config.human,
@@ -96,7 +105,7 @@ def run_recap_iteration(
     collected = stages.collect(store, stages.CollectInput(current, {config.task: job}), progress)
     selection = stages.training_selection([config.task], config.data_runs)
     episodes = stages.iteration_episodes(store, selection, config.relabel, config.bc)
-    horizons = {config.task: config.env.episode_steps}
+    horizons = {config.task: config.task_env.episode_steps}
     relabelled = stages.relabel(store, stages.RelabelInput(episodes, config.relabel, horizons))
     assert relabelled.record is not None  # set by the stage that ran
     trained = stages.train(
@@ -125,7 +134,7 @@ def run_recap_iteration(
         store,
         stages.EvaluateInput(
             protocol=stages.EvaluationProtocol(
-                envs={config.task: config.env.model_copy(update={"render": True})},
+                envs={config.task: config.task_env.model_copy(update={"render": True})},
                 episodes=config.eval_episodes,
                 seed=config.evaluation_seed,
                 policy_seed=config.seed,

@@ -185,7 +185,6 @@ def test_one_recap_iteration_end_to_end(demo_store, tmp_path):
         task=TASK,
         policy=prior.version,
         store_url=url,
-        env=ENV,
         collect_episodes=4,
         human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=8),
         relabel=RelabelConfig(value=ValueConfig(train_steps=30, hidden_dim=32, inputs="privileged")),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from envs import EnvConfig, EnvSettings, SimulatedHumanConfig
 from experiments import stages
@@ -18,7 +19,9 @@ from storage import EpisodeQuery, ExperienceStore
 
 TASK = "reach-v3"
 ENV = EnvConfig(task=TASK, cameras=("corner2",), width=48, height=48, max_episode_steps=30)
-BC = BCConfig(env=EnvSettings(cameras=("corner2",), image_size=48), steps=3, batch_size=8)
+BC = BCConfig(
+    env=EnvSettings(cameras=("corner2",), image_size=48, max_episode_steps=30), steps=3, batch_size=8
+)
 SELECTION = EpisodeQuery(tasks=[TASK], run_ids=["demos"])
 
 
@@ -81,7 +84,7 @@ def test_recap_iterate_runs_the_shared_stages_reading_each_episode_once(
 
     monkeypatch.setattr(ExperienceStore, "load_episode", counting)
     config = RecapIterationConfig(
-        task=TASK, policy=str(prior.checkpoint), store_url=url, env=ENV, collect_episodes=1,
+        task=TASK, policy=str(prior.checkpoint), store_url=url, collect_episodes=1,
         human=SimulatedHumanConfig(no_progress_steps=5, takeover_steps=5),
         relabel=RelabelConfig(value=ValueConfig(train_steps=5, hidden_dim=16)), bc=BC, eval_episodes=1,
     )  # fmt: skip
@@ -100,3 +103,13 @@ def _recording(function, name: str, called: list[str]):
         return function(*args, **kwargs)
 
     return recorded
+
+
+def test_iteration_env_comes_from_the_retraining_env_settings() -> None:
+    """One env settings model: the iteration's env is ``bc.env`` for the task; settings that do not fit the
+    task are refused when the config is built."""
+    config = RecapIterationConfig(task=TASK, policy="scripted", store_url="sqlite://", bc=BC)
+    assert (config.task_env.task, config.task_env.max_episode_steps, config.task_env.width) == (TASK, 30, 48)
+    wrong = BC.model_copy(update={"env": EnvSettings(success_key="is_success")})
+    with pytest.raises(ValidationError, match="success_key: applies to gymnasium envs"):
+        RecapIterationConfig(task=TASK, policy="scripted", store_url="sqlite://", bc=wrong)

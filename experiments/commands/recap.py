@@ -96,14 +96,12 @@ def iterate(
         update |= {"image_size": image_size} if image_size else {}
         update |= {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
         settings = settings.model_copy(update=update)
-        env = settings.env(task, seed)
     except ValueError as error:
         _fail(str(error))
     config = RecapIterationConfig(
         task=task,
         policy=policy,
         store_url=store_url,
-        env=env,
         **({} if is_metaworld_task(task) else {"human": None}),
         collect_episodes=episodes,
         relabel=RelabelConfig(value=ValueConfig(train_steps=value_steps, device=device)),
