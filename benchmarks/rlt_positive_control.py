@@ -78,6 +78,7 @@ class ControlConfig:
     target_noise_space: str = "residual"
     beta_reduction: str = "mean"
     policy_delay: int = 2
+    ref_dropout: float = 0.0  # the RLT arm's; the regression arm always drops 50%
     output: str = "benchmarks/results"
     tag: str = ""
 
@@ -200,7 +201,7 @@ def learner_config(config: ControlConfig, arm: str, seed: int) -> LearnerConfig:
         beta_on="residual",
         beta_reduction=config.beta_reduction,
         target_noise_space=config.target_noise_space,
-        ref_dropout=0.0,
+        ref_dropout=config.ref_dropout,
         critic_warmup_updates=config.critic_warmup_updates,
     )
 
