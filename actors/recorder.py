@@ -34,7 +34,8 @@ class EpisodeRecorder:
     (RLT) also brings the chunk it started from (stored as ``EpisodeRecord.reference_chunks``) and its
     hand-off flag (stored per step as ``metadata["critical_phase"]``, 0/1; a human step takes its chunk's, or
     the latest chunk's); ``policy_version`` names the episode's policy when its steps name several (default:
-    the first step's).
+    the first step's). ``finish`` of a truncated episode keeps the observation after its last step
+    (``EpisodeRecord.final_observation``) as its steps' observations are kept.
     """
 
     task: str
@@ -145,8 +146,12 @@ class EpisodeRecorder:
         outcome: Outcome,
         interventions: list[InterventionSegment] | None = None,
         error: str | None = None,
+        final_observation: Observation | None = None,
     ) -> EpisodeRecord:
-        """Close the episode and return its record (the recorder should not be used afterwards)."""
+        """Close the episode and return its record (the recorder should not be used afterwards).
+
+        ``final_observation`` is the observation after the last step; it is kept for a ``TRUNCATED`` episode
+        only (the one a learner bootstraps from)."""
         action_dim = self._actions[0].shape[0] if self._actions else 0
         horizon = self._chunks[0].shape[0] if self._chunks else 1
         versions = [v for v in self._versions if v is not None]
@@ -184,7 +189,24 @@ class EpisodeRecorder:
             prompt=self.prompt,
             injected=list(self._injected) if any(k is not None for k in self._injected) else None,
             reference_chunks=self._reference_chunks(),
+            final_observation=(
+                self._kept(final_observation)
+                if outcome == Outcome.TRUNCATED and final_observation is not None
+                else None
+            ),
         )
+
+    def _kept(self, observation: Observation) -> Observation:
+        """What the record keeps of an observation: as ``add_step`` keeps a step's (state, privileged when the
+        steps have it, frames when recording images) and its prompt."""
+        kept = Observation(
+            images=dict(observation["images"]) if self.record_images else {},
+            state=np.asarray(observation["state"], dtype=np.float32),
+            prompt=str(observation.get("prompt", self.prompt or "")),
+        )
+        if self._privileged and "privileged" in observation:
+            kept["privileged"] = np.asarray(observation["privileged"], dtype=np.float32)
+        return kept
 
     def _reference_chunks(self) -> np.ndarray | None:
         """The chunks' references (a chunk without one: itself), or None when no chunk has one."""

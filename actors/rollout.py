@@ -454,7 +454,7 @@ class RolloutWorker:
         success = bool(info.get("success", False))
         if success or terminated or truncated:
             outcome = episode_outcome(success, bool(terminated), bool(truncated))
-            return self._finish(slot, outcome, segments=_intervention_segments(info))
+            return self._finish(slot, outcome, segments=_intervention_segments(info), final=observation)
         return None
 
     def _finish(
@@ -463,8 +463,10 @@ class RolloutWorker:
         outcome: Outcome,
         segments: list[InterventionSegment] | None = None,
         error: str | None = None,
+        final: Observation | None = None,
     ) -> EpisodeRecord:
-        record = slot.recorder.finish(outcome, segments, error=error)
+        """Close ``slot``'s episode; ``final`` is the observation after its last step (kept if truncated)."""
+        record = slot.recorder.finish(outcome, segments, error=error, final_observation=final)
         slot.recorder = None
         return record
 

@@ -33,7 +33,8 @@ class LearnerConfig(_Settings):
     the actor's last layer zero-initialised, so it starts exactly at the prior's chunk. ``normalize_state``
     standardizes ``x`` per entry with the replay buffer's statistics at the first gradient step (the warm-up
     data), frozen from then on. The issue-19 options (ensemble, n-step, stride, warm-up and ramp, β reduction,
-    human mask, second replay) keep the earlier learner by default; docs/rlt.md has the evidence.
+    human mask, second replay, bootstrapping truncated episodes) keep the earlier learner by default;
+    docs/rlt.md has the evidence.
     """
 
     chunk_size: int = Field(10, ge=1, description="action chunk length C")
@@ -89,6 +90,11 @@ class LearnerConfig(_Settings):
     )
     human_mask: Literal["chunk", "step"] = Field(
         "chunk", description="a human step replaces the whole chunk's reference, or only its own row"
+    )
+    bootstrap_truncated: bool = Field(
+        False,
+        description="bootstrap a time-limit-cut episode's last transitions from its final observation "
+        "(EpisodeRecord.final_observation; else they are dropped)",
     )
     demo_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of each batch from the second replay (demos, interventions)"

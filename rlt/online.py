@@ -230,6 +230,7 @@ class OnlineRLT:
                 stride=self.learner.config.transition_stride,
                 state_key=self.config.state_key,
                 n_step=self.learner.config.n_step,
+                bootstrap_truncated=self.learner.config.bootstrap_truncated,
             )
             for record in records
         ]
@@ -377,6 +378,7 @@ def episode_chunks_from_record(
     stride: int | None = None,
     state_key: str = "state",
     n_step: int = 1,
+    bootstrap_truncated: bool = False,
 ) -> EpisodeChunks:
     """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings.
 
@@ -390,6 +392,10 @@ def episode_chunks_from_record(
     ``stride`` steps inside critical chunks for their ``inner`` contexts; ``state_key`` names the proprio vector
     (``"privileged"``: the record's privileged states). Where a critical context's ``n_step·C`` bootstrap step
     holds no chunk start (a takeover moved them), the prior is re-run there too (``EpisodeChunks.bootstraps``).
+    With ``bootstrap_truncated``, a truncated record's ``final_observation`` (the observation after its last
+    step) becomes ``EpisodeChunks.final``, its reference the prior's fresh chunk there; without it, or for a
+    record without one (stored before it existed, or by a writer that keeps none), there is no ``final`` and
+    the last transitions are dropped.
     """
     length = record.length
     spans = _chunk_spans(record, chunk_size)
@@ -438,7 +444,10 @@ def episode_chunks_from_record(
         for t in sorted(missing)
         if t < length
     }
-    return EpisodeChunks(steps=steps, bootstraps=bootstraps)
+    final = None
+    if bootstrap_truncated and record.final_observation is not None and not terminated[-1]:
+        final = _record_context(record, record.final_observation, prior, length, chunk_size, state_key)
+    return EpisodeChunks(steps=steps, final=final, bootstraps=bootstraps)
 
 
 def _sparse_rewards(record: EpisodeRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -486,7 +495,7 @@ def _record_context(
     if proposal.embeddings is None:
         raise EmbeddingDimError("embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior")
     reference = np.asarray(proposal.actions[0, :chunk_size], np.float32)
-    chunk_id = int(record.chunk_ids[t])
+    chunk_id = int(record.chunk_ids[t]) if t < record.length else -1  # the final observation: no chunk
     recorded = record.chunks if record.reference_chunks is None else record.reference_chunks
     if chunk_id >= 0 and record.chunk_offsets[t] == 0 and recorded.shape[1] >= chunk_size:
         reference = np.asarray(recorded[chunk_id, :chunk_size], np.float32)

@@ -1,4 +1,5 @@
-"""Byte encodings used by the store: float32 vectors, compressed images and the episode content hash.
+"""Byte encodings used by the store: float32 vectors, compressed images, a truncated episode's final observation
+and the episode content hash.
 
 Images are compressed with zlib level 1 over the raw pixels: on 96×96 MuJoCo renders it is ~3× smaller than
 raw and 3× faster to encode than PNG (0.4 ms vs 1.3 ms per frame, measured), and it decodes losslessly.
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from core import msgpack_numpy
+from core.types import Observation
 from storage.records import ARRAY_FIELDS, EpisodeRecord
 
 IMAGE_CODEC = "zlib1"
@@ -61,6 +64,37 @@ def vectors_from_blobs(blobs: list[bytes], length: int, dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(length, dim).astype(np.float32)
 
 
+def encode_observation(observation: Observation) -> bytes:
+    """One observation (``EpisodeRecord.final_observation``) as msgpack-numpy bytes (``core.msgpack_numpy``), keys
+    sorted so equal observations give equal bytes."""
+    return msgpack_numpy.packb({key: observation[key] for key in sorted(observation)})
+
+
+def decode_observation(data: bytes) -> Observation:
+    """The observation ``encode_observation`` wrote (writable arrays); ``WireFormatError`` on malformed bytes,
+    ``ValueError`` on a map that is no observation (``EpisodeRecord.validate`` then checks shapes and dtypes)."""
+    body = msgpack_numpy.unpackb(data)
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("images"), dict)
+        or not {"state", "prompt"} <= set(body)
+    ):
+        raise ValueError(f"an observation map (state, prompt, images[, privileged]), got {str(body)[:60]}")
+    observation = Observation(
+        images={camera: _copy(frame) for camera, frame in body["images"].items()},
+        state=_copy(body["state"]),
+        prompt=body["prompt"],
+    )
+    if "privileged" in body:
+        observation["privileged"] = _copy(body["privileged"])
+    return observation
+
+
+def _copy(value: object) -> object:
+    """A writable copy of a decoded array (the codec's arrays are read-only views of the message)."""
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
 def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> str:
     """SHA-256 over everything an episode contains (images by their content hashes), independent of layout."""
     digest = hashlib.sha256()
@@ -88,6 +122,8 @@ def content_hash(record: EpisodeRecord, frame_hashes: dict[str, list[str]]) -> s
     arrays = {name: getattr(record, name) for name in (*ARRAY_FIELDS, "privileged")}
     if record.reference_chunks is not None:
         arrays["reference_chunks"] = record.reference_chunks
+    if record.final_observation is not None:
+        digest.update(b"final_observation:" + encode_observation(record.final_observation))
     for name, array in arrays.items():
         if array is None:
             digest.update(f"{name}:none;".encode())

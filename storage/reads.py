@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from core.types import Observation
 from storage import codec
 from storage.database import Database, as_utc
 from storage.errors import NotFoundError
@@ -132,6 +133,7 @@ class EpisodeReader:
             metadata=episode.metadata,
             subtasks=list(subtasks) if any(s is not None for s in subtasks) else None,
             injected=list(injected) if any(s is not None for s in injected) else None,
+            final_observation=_final_observation(episode.final_observation, images),
         )
 
 
@@ -186,6 +188,17 @@ def _chunk_array(blobs: list[bytes], horizon: int, action_dim: int) -> np.ndarra
     return codec.vectors_from_blobs(blobs, len(blobs), horizon * action_dim).reshape(
         len(blobs), horizon, action_dim
     )
+
+
+def _final_observation(data: bytes | None, images: bool) -> Observation | None:
+    """The stored final observation (None for an episode without one); its frames only with ``images``, as the
+    steps' frames."""
+    if data is None:
+        return None
+    observation = codec.decode_observation(data)
+    if not images:
+        observation["images"] = {}
+    return observation
 
 
 def _summary(episode: Episode, version: str | None) -> EpisodeSummary:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from core.types import InterventionSegment, Outcome, StepSource
+from core.types import InterventionSegment, Observation, Outcome, StepSource
 from storage import limits
 from storage.limits import ColumnLimit
 
@@ -149,7 +149,10 @@ class EpisodeRecord:
     each step with the kind of bad segment an env wrapper injected there (None: a clean step): the ground
     truth that label diagnostics compare against. ``reference_chunks`` (optional, shaped as ``chunks``) holds for
     each chunk the one a refining policy started from (RLT: the prior's ``ã``; ``chunks`` is then what it
-    executed).
+    executed). ``final_observation`` (optional) is the observation after the last step of an episode cut by a
+    time limit (outcome ``TRUNCATED``; gymnasium's ``final_observation``): ``state``, ``prompt``,
+    ``privileged`` exactly when the steps have it and the steps' cameras (none when they recorded no images);
+    a learner bootstraps its last transition from it.
     """
 
     uuid: uuid.UUID
@@ -179,6 +182,7 @@ class EpisodeRecord:
     prompt: str | None = None
     injected: list[str | None] | None = None
     reference_chunks: np.ndarray | None = None
+    final_observation: Observation | None = None
 
     @property
     def length(self) -> int:
@@ -229,6 +233,8 @@ class EpisodeRecord:
             _check_array("privileged", self.privileged, np.float32, 2, steps, finite=True)
         self._validate_interventions(steps)
         _check_json("metadata", self.metadata)
+        if self.final_observation is not None:
+            self._validate_final_observation()
 
     def _validate_chunks(self, steps: int) -> None:
         _check_array("chunks", self.chunks, np.float32, 3, finite=True)
@@ -265,6 +271,34 @@ class EpisodeRecord:
             _check_array(f"images[{camera!r}]", frames, np.uint8, 4, steps)
             if frames.shape[3] != 3:
                 raise EpisodeValidationError(f"images[{camera!r}]", "T×h×w×3 (RGB)", f"shape {frames.shape}")
+
+    def _validate_final_observation(self) -> None:
+        """A truncated episode's observation after its last step, shaped as its steps' observations."""
+        name, final = "final_observation", self.final_observation
+        if Outcome(self.outcome) != Outcome.TRUNCATED or not self.length:
+            raise EpisodeValidationError(
+                name, "None unless the episode is truncated", f"outcome {self.outcome}"
+            )
+        keys = {"state", "prompt", "images"} | ({"privileged"} if self.privileged is not None else set())
+        if not isinstance(final, dict) or set(final) != keys:
+            got = sorted(final) if isinstance(final, dict) else type(final).__name__
+            raise EpisodeValidationError(
+                name, f"an observation with exactly the keys {sorted(keys)}", str(got)
+            )
+        _check_row(f"{name}.state", final["state"], self.states, finite=True)
+        if self.privileged is not None:
+            _check_row(f"{name}.privileged", final["privileged"], self.privileged, finite=True)
+        if not isinstance(final["prompt"], str):
+            raise EpisodeValidationError(f"{name}.prompt", "a str", repr(final["prompt"])[:60])
+        _check_text(f"{name}.prompt", final["prompt"], None)
+        images = final["images"]
+        if not isinstance(images, dict) or sorted(images) != sorted(self.images):
+            got = sorted(images) if isinstance(images, dict) else type(images).__name__
+            raise EpisodeValidationError(
+                f"{name}.images", f"the steps' cameras {sorted(self.images)}", str(got)
+            )
+        for camera, frame in images.items():
+            _check_row(f"{name}.images[{camera!r}]", frame, self.images[camera])
 
     def _validate_interventions(self, steps: int) -> None:
         for index, segment in enumerate(self.interventions):
@@ -481,6 +515,20 @@ def _check_array(
         raise EpisodeValidationError(
             name, "finite values (no NaN/inf)", f"{array[tuple(bad)]} at {tuple(bad)}"
         )
+
+
+def _check_row(name: str, row: Any, steps: np.ndarray, *, finite: bool = False) -> None:
+    """Raise unless ``row`` is shaped and typed as one row of the per-step array ``steps``."""
+    expected = f"{steps.dtype.name} array of shape {steps.shape[1:]}"
+    if not isinstance(row, np.ndarray) or row.dtype != steps.dtype or row.shape != steps.shape[1:]:
+        got = (
+            f"{row.dtype.name} array of shape {row.shape}"
+            if isinstance(row, np.ndarray)
+            else type(row).__name__
+        )
+        raise EpisodeValidationError(name, expected, got)
+    if finite and not np.isfinite(row).all():
+        raise EpisodeValidationError(name, "finite values (no NaN/inf)", "a NaN or inf")
 
 
 def _check_range(name: str, array: np.ndarray, low: float, high: float, expected: str) -> None:

@@ -72,7 +72,9 @@ class PolicyVersion(Base):
 
 
 class Episode(Base):
-    """One finished episode; its steps, chunks, images and interventions hang off ``id``."""
+    """One finished episode; its steps, chunks, images and interventions hang off ``id``. ``final_observation``
+    (NULL unless the episode was truncated and its writer kept it) is the observation after the last step,
+    msgpack-numpy bytes (``storage.codec.encode_observation``); deferred, so listing episodes never reads it."""
 
     __tablename__ = "episodes"
     __table_args__ = (
@@ -100,6 +102,7 @@ class Episode(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     content_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    final_observation: Mapped[bytes | None] = mapped_column(sa.LargeBinary, nullable=True, deferred=True)
 
 
 class Chunk(Base):

@@ -30,6 +30,8 @@ import msgpack
 import numpy as np
 
 from core import msgpack_numpy
+from core.types import Observation
+from storage import codec
 from storage.records import (
     ARRAY_FIELDS,
     EpisodeRecord,
@@ -43,6 +45,8 @@ _FORMAT_UNTAGGED = "flywheel.episode/1"
 _TAGGED_PARTS = (b"dtype", b"shape", b"data")
 _UNTAGGED_PARTS = ("dtype", "shape", "data")
 _ALLOWED_KINDS = "biuf"
+#: Fields added after the format's first release: bytes spooled before them decode with None.
+_LATER_FIELDS = frozenset({"reference_chunks", "final_observation"})
 
 
 class EpisodeDecodeError(EpisodeValidationError):
@@ -82,6 +86,9 @@ def encode_episode(record: EpisodeRecord) -> bytes:
         "prompt": record.prompt,
         "injected": record.injected,
         "reference_chunks": None if record.reference_chunks is None else _checked(record.reference_chunks),
+        "final_observation": (
+            None if record.final_observation is None else codec.encode_observation(record.final_observation)
+        ),
     }
     for name in ARRAY_FIELDS:
         body[name] = _checked(getattr(record, name))
@@ -103,7 +110,7 @@ def decode_episode(data: bytes) -> EpisodeRecord:
     unknown = sorted(set(body) - expected)
     if unknown:
         raise EpisodeDecodeError("body", f"only the fields {sorted(expected)}", f"unknown {unknown}")
-    missing = sorted(expected - set(body) - {"reference_chunks"})  # spooled before it existed: None
+    missing = sorted(expected - set(body) - _LATER_FIELDS)
     if missing:
         raise EpisodeDecodeError("body", "every EpisodeRecord field", f"missing {missing}")
     record = EpisodeRecord(
@@ -130,6 +137,7 @@ def decode_episode(data: bytes) -> EpisodeRecord:
             if body.get("reference_chunks") is None
             else _unpack_array("reference_chunks", body["reference_chunks"], tagged)
         ),
+        final_observation=_unpack_observation(body.get("final_observation")),
         **{name: _unpack_array(name, body[name], tagged) for name in ARRAY_FIELDS},
     )
     record.validate()
@@ -156,6 +164,18 @@ def _unpack_array(name: str, packed: Any, tagged: bool) -> np.ndarray:
     if array.dtype.kind not in _ALLOWED_KINDS:
         raise EpisodeDecodeError(f"{name}.dtype", "a bool/int/float dtype", repr(dtype))
     return array.copy()
+
+
+def _unpack_observation(data: Any) -> Observation | None:
+    """The final observation's bytes (``storage.codec.encode_observation``) decoded, or None."""
+    if data is None:
+        return None
+    if not isinstance(data, bytes):
+        raise EpisodeDecodeError("final_observation", "observation bytes or None", type(data).__name__)
+    try:
+        return codec.decode_observation(data)
+    except ValueError as error:  # WireFormatError is one
+        raise EpisodeDecodeError("final_observation", "an encoded observation", str(error)[:80]) from None
 
 
 def _unpack_images(images: Any, tagged: bool) -> dict[str, np.ndarray]:

@@ -157,6 +157,9 @@ def _episode_row(prepared: _PreparedEpisode, version_ids: dict[str, int]) -> dic
         "prompt": record.prompt,
         "metadata": record.metadata,
         "content_hash": prepared.content_hash,
+        "final_observation": (
+            None if record.final_observation is None else codec.encode_observation(record.final_observation)
+        ),
     }
 
 

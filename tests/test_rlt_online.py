@@ -16,7 +16,7 @@ from rlt.errors import EmbeddingDimError, NonChunkActionError, RLTInputError
 from rlt.online import OnlineConfig, OnlineRLT, chunk_transitions, episode_chunks_from_record
 from rlt.phase import AlwaysCritical, DistanceSwitch, InfoKeySwitch, OperatorSwitch, handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
-from rlt.state import EmbeddingPrior, StateProjectionEmbedder
+from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 from rlt.toy import BiasedReachPrior, PointReachEnv
 from storage import ExperienceStore
@@ -97,6 +97,52 @@ def test_records_mark_the_hand_off_per_step() -> None:
     assert any(np.asarray(r.metadata["critical_phase"]).any() for r in records)
     assert any("rlt" in r.policy_versions for r in records), "the trained learner acted"
     assert any(not np.asarray(r.metadata["critical_phase"]).all() for r in records)
+
+
+def test_a_truncated_episode_bootstraps_its_last_chunk_from_its_final_observation(tmp_path) -> None:
+    """A time limit cuts the episode 5 steps into its third chunk (C = 10): the record keeps the observation
+    after the last step (also through the store), and the last chunk's transition bootstraps from it with γ^5,
+    not done (the learner with ``bootstrap_truncated``). A record without it (stored before it existed) drops
+    that transition, as before."""
+    env = PointReachEnv(tolerance=0.0, max_steps=25)  # never succeeds: every episode hits the time limit
+    loop = _loop(env=env, switch=AlwaysCritical(), warmup_episodes=1)
+    (record,) = loop.play("prior", 1)
+    assert (record.outcome, record.length) == ("truncated", 25)
+    final = record.final_observation
+    moved = record.states[-1, :2] + 0.05 * np.clip(record.actions[-1], -1, 1)  # PointReachEnv.step by hand
+    np.testing.assert_allclose(final["state"], np.concatenate([moved, record.states[-1, 2:]]), atol=1e-6)
+    np.testing.assert_array_equal(final["privileged"], final["state"])
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
+    store.upgrade()
+    store.register_policy_version(loop.rlt.prior.version, "scripted")
+    store.write_episode(record)
+    encoder, gamma = RLStateEncoder(None, 4), 0.5
+    for episode in (record, store.load_episode(record.uuid)):
+        chunks = episode_chunks_from_record(
+            episode, loop.rlt.prior, 10, AlwaysCritical(), bootstrap_truncated=True
+        )
+        transitions = chunk_transitions(chunks, encoder, gamma)
+        assert [t.state.tolist() for t in transitions] == [record.states[t].tolist() for t in (0, 10, 20)]
+        last = transitions[-1]
+        np.testing.assert_allclose(last.next_state, final["state"], atol=1e-6)
+        assert (last.reward, last.discount, last.terminated) == (0.0, gamma**5, False)
+        np.testing.assert_array_equal(last.action[:5], record.actions[20:])
+        np.testing.assert_array_equal(
+            last.action[5:], record.chunks[2, 5:]
+        )  # the rows planned past the limit
+        assert (
+            transitions[1].discount == gamma**10
+            and transitions[1].next_state.tolist() == record.states[20].tolist()
+        )
+    assert loop.rlt.episode_chunks([record])[0].final is None  # learner.bootstrap_truncated is off by default
+    loop.rlt.learner.config = loop.rlt.learner.config.model_copy(update={"bootstrap_truncated": True})
+    np.testing.assert_allclose(loop.rlt.episode_chunks([record])[0].final.proprio, final["state"])
+    record.final_observation = None  # an old record: today's behaviour, the cut chunk is not learned from
+    chunks = episode_chunks_from_record(
+        record, loop.rlt.prior, 10, AlwaysCritical(), bootstrap_truncated=True
+    )
+    assert chunks.final is None
+    assert len(chunk_transitions(chunks, encoder, gamma)) == 2
 
 
 class _TakeOverBetweenSteps:

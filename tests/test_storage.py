@@ -129,6 +129,64 @@ def test_reference_chunks_ride_beside_the_executed_chunks(store: ExperienceStore
         record.validate()
 
 
+def _final_observation(record, rng: np.random.Generator) -> dict:
+    """An observation shaped as ``record``'s steps' (what ``EpisodeRecorder`` keeps after a time limit)."""
+    final = {
+        "images": {camera: frames[0] + 1 for camera, frames in record.images.items()},
+        "state": rng.standard_normal(record.states.shape[1]).astype(np.float32),
+        "prompt": "reach the red target",
+    }
+    if record.privileged is not None:
+        final["privileged"] = rng.standard_normal(record.privileged.shape[1]).astype(np.float32)
+    return final
+
+
+def test_final_observation_of_a_truncated_episode_round_trips(store: ExperienceStore) -> None:
+    """A truncated episode's observation after its last step (``episodes.final_observation``, migration 0005)
+    round-trips through the store (frames only with ``images=True``, as the steps' frames) and the robot's
+    spool; an episode without one, as every episode stored before it existed, reads back None; the content
+    hash covers it; only a truncated episode may carry one, shaped as its steps' observations."""
+    rng = np.random.default_rng(7)
+    record = make_episode(rng, 12, cameras=("corner",), outcome=Outcome.TRUNCATED)
+    record.final_observation = _final_observation(record, rng)
+    plain = make_episode(rng, 8, cameras=(), outcome=Outcome.TRUNCATED)
+    for episode in (record, plain):
+        assert store.write_episode(episode)
+    assert store.load_episode(plain.uuid).final_observation is None
+    assert store.list_episodes()[0].uuid == record.uuid  # listing does not need the column
+    for loaded, images in (
+        (store.load_episode(record.uuid), True),
+        (store.load_episode(record.uuid, images=False), False),
+        (decode_episode(encode_episode(record)), True),
+    ):
+        final, expected = loaded.final_observation, record.final_observation
+        assert (
+            sorted(final) == ["images", "privileged", "prompt", "state"]
+            and final["prompt"] == expected["prompt"]
+        )
+        for key in ("state", "privileged"):
+            assert final[key].dtype == np.float32 and final[key].tobytes() == expected[key].tobytes()
+            final[key][0] = 0.0  # writable, like every array a read returns
+        assert sorted(final["images"]) == (["corner"] if images else [])
+        if images:
+            np.testing.assert_array_equal(final["images"]["corner"], expected["images"]["corner"])
+    changed = dataclasses.replace(record, final_observation={**record.final_observation, "prompt": "other"})
+    with pytest.raises(EpisodeConflictError):
+        store.write_episode(changed)
+    bad_state = {**record.final_observation, "state": record.final_observation["state"][:3]}
+    cases = [
+        (dataclasses.replace(record, outcome=Outcome.SUCCESS), "final_observation: expected None unless"),
+        (
+            dataclasses.replace(record, final_observation=bad_state),
+            r"final_observation\.state: expected float32",
+        ),
+        (dataclasses.replace(plain, final_observation=_final_observation(record, rng)), "final_observation"),
+    ]
+    for episode, message in cases:
+        with pytest.raises(EpisodeValidationError, match=message):
+            episode.validate()
+
+
 def test_episode_without_privileged_state_or_images_and_empty_episode(store: ExperienceStore) -> None:
     rng = np.random.default_rng(1)
     plain = make_episode(rng, 12, cameras=(), privileged=False)
