@@ -33,13 +33,16 @@ import numpy as np
 import torch
 from rlt_sample_efficiency import BenchmarkConfig, Curve, eval_seeds, make_env, plot, summarize
 
+from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
+from core.types import Observation, Outcome, StepSource
 from envs.experts import ScriptedExpert
 from policies.base import ActionChunk, ObservationBatch, stack_observations
 from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import AlwaysCritical
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
+from storage.records import EpisodeRecord
 
 STATE_DIM = 39
 #: Env steps per window of ``training_windows``.
@@ -79,6 +82,7 @@ class ControlConfig:
     beta_reduction: str = "mean"
     policy_delay: int = 2
     ref_dropout: float = 0.0  # the RLT arm's; the regression arm always drops 50%
+    demo_fraction: float = 0.0  # > 0: the prior's demos in a second replay, this share of each batch (RLPD)
     output: str = "benchmarks/results"
     tag: str = ""
 
@@ -114,28 +118,70 @@ class StateBCPrior:
         """Stateless."""
 
 
-def collect_demos(config: ControlConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``demos`` successful episodes of the noisy scripted expert: (states T×39, actions T×4) each."""
+@dataclass(frozen=True)
+class Demo:
+    """One successful episode of the noisy scripted expert: its observations and executed actions (``T×4``)."""
+
+    observations: list[Observation]
+    actions: np.ndarray
+
+    @property
+    def states(self) -> np.ndarray:
+        """The ``T×39`` privileged states the prior reads."""
+        return np.stack([observation["privileged"] for observation in self.observations])
+
+
+def collect_demos(config: ControlConfig, seed: int) -> list[Demo]:
+    """``demos`` successful episodes of the noisy scripted expert."""
     env = make_env(config.benchmark())
     expert = ScriptedExpert(config.task, config.demo_noise, seed=seed)
     demos, episode = [], 0
     while len(demos) < config.demos:
         observation, _ = env.reset(seed=10_000 * (seed + 1) + episode)
         episode += 1
-        states, actions, terminated, truncated = [], [], False, False
+        observations, actions, terminated, truncated = [], [], False, False
         while not (terminated or truncated):
-            states.append(observation["privileged"])
+            observations.append(observation)
             actions.append(expert.act(observation["privileged"]))
             observation, _, terminated, truncated, _ = env.step(actions[-1])
         if terminated:
-            demos.append((np.stack(states), np.stack(actions)))
+            demos.append(Demo(observations, np.stack(actions)))
     return demos
 
 
-def train_bc_prior(config: ControlConfig, seed: int) -> StateBCPrior:
-    """MSE behaviour cloning of ``C``-step chunks (the episode's last action repeated past its end)."""
+def demo_records(config: ControlConfig, demos: list[Demo], prior: StateBCPrior) -> list[EpisodeRecord]:
+    """The demos as episode records for RLT's second replay: ``C``-step chunks of the expert's actions, each
+    with the prior's chunk at its start as the reference ``ã`` (what the actor reads when it acts)."""
+    records = []
+    for index, demo in enumerate(demos):
+        recorder = EpisodeRecorder(config.task, config.task, seed=index, record_images=False)
+        padded = np.concatenate([demo.actions, np.repeat(demo.actions[-1:], config.chunk_size, axis=0)])
+        for t, observation in enumerate(demo.observations):
+            if t % config.chunk_size == 0:
+                reference = prior.infer(stack_observations([observation])).actions[0]
+                chunk_id = recorder.add_chunk(padded[t : t + config.chunk_size], reference=reference)
+            last = t == len(demo.actions) - 1
+            recorder.add_step(
+                observation,
+                demo.actions[t],
+                float(last),
+                last,
+                False,
+                source=StepSource.POLICY,
+                policy_version=f"scripted-noise{config.demo_noise:g}",
+                chunk_id=chunk_id,
+                chunk_offset=t % config.chunk_size,
+                latency_ms=0.0,
+            )
+        records.append(recorder.finish(Outcome.SUCCESS))
+    return records
+
+
+def train_bc_prior(config: ControlConfig, seed: int, demos: list[Demo]) -> StateBCPrior:
+    """MSE behaviour cloning of ``C``-step chunks on ``demos`` (the episode's last action repeated past its end)."""
     inputs, targets = [], []
-    for states, actions in collect_demos(config, seed):
+    for demo in demos:
+        states, actions = demo.states, demo.actions
         padded = np.concatenate([actions, np.repeat(actions[-1:], config.chunk_size, axis=0)])
         for t in range(len(states)):
             inputs.append(states[t])
@@ -190,6 +236,7 @@ def learner_config(config: ControlConfig, arm: str, seed: int) -> LearnerConfig:
         "critic_layer_norm": config.critic_layer_norm,
         "normalize_state": config.normalize_state,
         "policy_delay": config.policy_delay,
+        "demo_fraction": config.demo_fraction,
         "seed": seed,
     }
     if arm == "regression":
@@ -211,10 +258,12 @@ def run_learner(
     arm: str,
     seed: int,
     prior: StateBCPrior,
+    demos: list[EpisodeRecord],
     on_point: Callable[[Curve, list[dict]], object],
 ) -> tuple[Curve, list[dict]]:
-    """One online run from ``prior`` (warm-up included in the env steps); the curve of its evaluations and
-    the training episodes' success per ``TRAINING_WINDOW`` env steps (``training_windows``).
+    """One online run from ``prior`` (warm-up included in the env steps; ``demos`` join it, in the second
+    replay with ``demo_fraction`` > 0); the curve of its evaluations and the training episodes' success per
+    ``TRAINING_WINDOW`` env steps (``training_windows``).
 
     ``on_point`` receives both so far after every evaluation (partial results survive a stopped run)."""
     torch.manual_seed(seed)
@@ -250,7 +299,7 @@ def run_learner(
             on_point(_curve(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
 
     loop.on_stats = progress
-    curve = _curve(arm, seed, loop.run(), time.time() - started)
+    curve = _curve(arm, seed, loop.run(demos), time.time() - started)
     return curve, training_windows(loop.stats)
 
 
@@ -287,14 +336,21 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
         path.write_text(json.dumps(document | ({"training": training} if training else {}), indent=1))
 
     started = time.time()
-    prior = train_bc_prior(config, seed)
+    demos = collect_demos(config, seed)
+    prior = train_bc_prior(config, seed, demos)
     if arm == "prior":
         rate = prior_success(config, prior)
         curve = Curve("prior", seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
         training = None
     else:
+        records = demo_records(config, demos, prior) if config.demo_fraction > 0 else []
         curve, training = run_learner(
-            config, arm, seed, prior, on_point=lambda partial, windows: write(partial, False, windows)
+            config,
+            arm,
+            seed,
+            prior,
+            records,
+            on_point=lambda partial, windows: write(partial, False, windows),
         )
     write(curve, True, training)
     return curve
