@@ -5,7 +5,8 @@ Episodes are played by the RLT actor (``rlt.actor.RLTActor``, ``OnlineRLT.actor`
 (``actors.rollout.RolloutWorker`` + ``actors.recorder.EpisodeRecorder``; the driver is ``actors.rlt_loop``), which
 stores for every chunk the executed chunk and the prior's reference ``ã`` (``EpisodeRecord.reference_chunks``) and
 per step the hand-off flag (``metadata["critical_phase"]``). ``OnlineRLT`` turns each record back into chunk
-steps (``episode_chunks_from_record``: the prior re-run at chunk starts for its embeddings) and those into
+steps (``episode_chunks_from_record``: the embeddings at chunk starts are the actor's, handed over with the
+record by an in-process loop, or else the prior re-run there) and those into
 chunk transitions (``chunk_transitions``). Interventions come from the env (``envs.InterventionWrapper``): a
 human step executed ``info["executed_action"]``; a chunk with any human step is learned with the executed
 actions as the action and as ``ã`` (whole chunk or per human step, ``LearnerConfig.human_mask``). Reward is
@@ -23,7 +24,8 @@ episodes), seeds the replay buffers from them and trains on them; ``learn`` adds
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,9 @@ from rlt.rl_token import RLToken, fit_rl_token
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3
 from storage.records import EpisodeRecord
+
+Embeddings = Mapping[uuid.UUID, np.ndarray]
+"""Per episode uuid, the prior's ``K×T×E`` embeddings at its ``K`` recorded chunk starts (the actor's)."""
 
 
 @dataclass(frozen=True)
@@ -155,10 +160,16 @@ class OnlineRLT:
         """``C``."""
         return self.learner.config.chunk_size
 
-    def warm_up(self, played: list[EpisodeRecord], stored: Iterable[EpisodeRecord] = ()) -> int:
+    def warm_up(
+        self,
+        played: list[EpisodeRecord],
+        stored: Iterable[EpisodeRecord] = (),
+        embeddings: Embeddings | None = None,
+    ) -> int:
         """Fit the RL token on ``played`` (the prior's warm-up episodes) and ``stored`` episodes, add both to
-        replay (``stored`` to the second replay when there is one) and train on them; returns transitions added."""
-        fresh, kept = self.episode_chunks(played), self.episode_chunks(list(stored))
+        replay (``stored`` to the second replay when there is one) and train on them; returns transitions added.
+        ``embeddings``: the actor's, per played episode (see ``episode_chunks``)."""
+        fresh, kept = self.episode_chunks(played, embeddings), self.episode_chunks(list(stored))
         self.fit_token([*fresh, *kept])
         added, chunks = self._add_to_replay(fresh)
         stored_added, stored_chunks = self._add_to_replay(kept, demo=True)
@@ -200,12 +211,13 @@ class OnlineRLT:
         self.actor.use_learner(learner)
         self.learner = learner
 
-    def learn(self, records: list[EpisodeRecord]) -> int:
+    def learn(self, records: list[EpisodeRecord], embeddings: Embeddings | None = None) -> int:
         """Add the episodes' transitions to replay and train on them (``utd_ratio`` updates per new chunk, once
-        the buffer holds ``learning_starts``); returns the number of transitions added."""
+        the buffer holds ``learning_starts``); returns the number of transitions added. ``embeddings``: the
+        actor's, per episode (see ``episode_chunks``)."""
         if self.encoder is None:
             raise RLTInputError("learn: the RL token must be fitted first (warm_up, fit_token or use_token)")
-        added, chunks = self._add_to_replay(self.episode_chunks(records))
+        added, chunks = self._add_to_replay(self.episode_chunks(records, embeddings))
         self.learner.update(chunks)
         return added
 
@@ -218,9 +230,14 @@ class OnlineRLT:
         """
         return self._add_to_replay(self.episode_chunks(list(records)), demo=True)[0]
 
-    def episode_chunks(self, records: list[EpisodeRecord]) -> list[EpisodeChunks]:
+    def episode_chunks(
+        self, records: list[EpisodeRecord], embeddings: Embeddings | None = None
+    ) -> list[EpisodeChunks]:
         """The records at chunk level (``episode_chunks_from_record`` with this learner's prior, switch,
-        stride and state key)."""
+        stride and state key). ``embeddings`` maps an episode's uuid to the prior's embeddings at its chunks'
+        starts as the actor computed them (``RLTActor.pop_embeddings``); the prior is re-run only for the
+        records (and the steps) it does not cover."""
+        embeddings = embeddings or {}
         return [
             episode_chunks_from_record(
                 record,
@@ -231,6 +248,7 @@ class OnlineRLT:
                 state_key=self.config.state_key,
                 n_step=self.learner.config.n_step,
                 bootstrap_truncated=self.learner.config.bootstrap_truncated,
+                embeddings=embeddings.get(record.uuid),
             )
             for record in records
         ]
@@ -379,8 +397,10 @@ def episode_chunks_from_record(
     state_key: str = "state",
     n_step: int = 1,
     bootstrap_truncated: bool = False,
+    embeddings: np.ndarray | None = None,
 ) -> EpisodeChunks:
-    """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings.
+    """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings (unless
+    the actor's ``embeddings`` are given).
 
     Chunk starts are the steps with ``chunk_offsets == 0``, and every ``chunk_size`` steps where none comes (a
     human takeover, a record without chunks). The reference is the recorded reference chunk
@@ -395,9 +415,21 @@ def episode_chunks_from_record(
     With ``bootstrap_truncated``, a truncated record's ``final_observation`` (the observation after its last
     step) becomes ``EpisodeChunks.final``, its reference the prior's fresh chunk there; without it, or for a
     record without one (stored before it existed, or by a writer that keeps none), there is no ``final`` and
-    the last transitions are dropped.
+    the last transitions are dropped. ``embeddings`` (``K×T×E``, one per recorded chunk: the prior's embeddings
+    at its start, as the actor computed them) spare the prior's re-run at the recorded chunk starts, whose
+    reference is then the recorded one; it still runs where no chunk was recorded (off-grid, inner, final).
     """
     length = record.length
+    if embeddings is not None and len(embeddings) != len(record.chunks):
+        raise RLTInputError(
+            f"embeddings: expected one per recorded chunk ({len(record.chunks)}) of episode {record.uuid}, "
+            f"got {len(embeddings)}"
+        )
+
+    def context_at(t: int, observation: Observation | None = None) -> ChunkContext:
+        observation = _record_observation(record, t) if observation is None else observation
+        return _record_context(record, observation, prior, t, chunk_size, state_key, embeddings)
+
     spans = _chunk_spans(record, chunk_size)
     rewards, terminated = _sparse_rewards(record)
     stored = record.metadata.get("critical_phase")
@@ -411,17 +443,14 @@ def episode_chunks_from_record(
         if switch is not None:
             latched = latched or switch.is_critical(observation, {})
             critical[start] = latched
-        context = _record_context(record, observation, prior, start, chunk_size, state_key)
+        context = context_at(start, observation)
         executed = context.reference.copy()
         executed[: end - start] = record.actions[start:end]
         human = np.zeros(chunk_size, bool)
         human[: end - start] = record.sources[start:end] == StepSource.HUMAN
         inner, inner_starts = (), range(start + stride, end, stride) if stride else range(0)
         if critical[start] and stride is not None and stride < chunk_size:
-            inner = tuple(
-                _record_context(record, _record_observation(record, t), prior, t, chunk_size, state_key)
-                for t in inner_starts
-            )
+            inner = tuple(context_at(t) for t in inner_starts)
             critical_starts.update(inner_starts)
         if critical[start]:
             critical_starts.add(start)
@@ -439,14 +468,10 @@ def episode_chunks_from_record(
         )
     chunk_starts = {start for start, _ in spans} | critical_starts
     missing = {t + n_step * chunk_size for t in critical_starts} - chunk_starts
-    bootstraps = {
-        t: _record_context(record, _record_observation(record, t), prior, t, chunk_size, state_key)
-        for t in sorted(missing)
-        if t < length
-    }
+    bootstraps = {t: context_at(t) for t in sorted(missing) if t < length}
     final = None
     if bootstrap_truncated and record.final_observation is not None and not terminated[-1]:
-        final = _record_context(record, record.final_observation, prior, length, chunk_size, state_key)
+        final = context_at(length, record.final_observation)
     return EpisodeChunks(steps=steps, final=final, bootstraps=bootstraps)
 
 
@@ -490,14 +515,22 @@ def _record_context(
     t: int,
     chunk_size: int,
     state_key: str = "state",
+    embeddings: np.ndarray | None = None,
 ) -> ChunkContext:
+    """The context at step ``t`` (``t`` = T: after the last step): the actor's embeddings and the recorded
+    reference at a recorded chunk start when ``embeddings`` has them, else the prior re-run on ``observation``
+    (the recorded reference at a recorded chunk start, the prior's fresh chunk elsewhere)."""
+    chunk_id = int(record.chunk_ids[t]) if t < record.length else -1  # the final observation: no chunk
+    recorded = record.chunks if record.reference_chunks is None else record.reference_chunks
+    at_chunk = chunk_id >= 0 and record.chunk_offsets[t] == 0 and recorded.shape[1] >= chunk_size
+    proprio = np.asarray(observation[state_key], np.float32)
+    if at_chunk and embeddings is not None:
+        reference = np.asarray(recorded[chunk_id, :chunk_size], np.float32)
+        return ChunkContext(np.asarray(embeddings[chunk_id], np.float32), proprio, reference)
     proposal = prior.infer(stack_observations([observation]))
     if proposal.embeddings is None:
         raise EmbeddingDimError("embeddings: the prior returned none; wrap it in rlt.state.EmbeddingPrior")
     reference = np.asarray(proposal.actions[0, :chunk_size], np.float32)
-    chunk_id = int(record.chunk_ids[t]) if t < record.length else -1  # the final observation: no chunk
-    recorded = record.chunks if record.reference_chunks is None else record.reference_chunks
-    if chunk_id >= 0 and record.chunk_offsets[t] == 0 and recorded.shape[1] >= chunk_size:
+    if at_chunk:
         reference = np.asarray(recorded[chunk_id, :chunk_size], np.float32)
-    proprio = np.asarray(observation[state_key], np.float32)
     return ChunkContext(np.asarray(proposal.embeddings[0], np.float32), proprio, reference)

@@ -82,3 +82,18 @@ def test_modes_prior_eval_and_learner() -> None:
     assert actor.infer(batch).versions == ["rlt-test"]
     with pytest.raises(RLTInputError, match="mode: expected one of"):
         actor.mode = "greedy"
+
+
+def test_kept_embeddings_are_per_env_and_per_chunk_since_the_envs_reset() -> None:
+    actor = _actor()
+    batch = stack_observations([_observation(FAR), _observation(NEAR)])
+    actor.infer_envs(batch, [5, 7])
+    assert actor.pop_embeddings(5) is None  # keep_embeddings is off by default
+    actor.keep_embeddings = True
+    first = actor.infer_envs(batch, [5, 7])
+    second = actor.infer_envs(stack_observations([_observation(NEAR)]), [7])
+    actor.reset_env(5)
+    kept = actor.pop_embeddings(7)
+    assert kept.shape == (2, 4, 16) and actor.pop_embeddings(7) is None and actor.pop_embeddings(5) is None
+    np.testing.assert_array_equal(kept[0], first.embeddings[1])  # env 7's chunk 0: row 1 of the first batch
+    np.testing.assert_array_equal(kept[1], second.embeddings[0])

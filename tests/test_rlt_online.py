@@ -145,6 +145,69 @@ def test_a_truncated_episode_bootstraps_its_last_chunk_from_its_final_observatio
     assert len(chunk_transitions(chunks, encoder, gamma)) == 2
 
 
+class _CountingPrior:
+    """A ``Policy`` passing ``infer`` to ``prior`` and counting the calls."""
+
+    def __init__(self, prior) -> None:
+        self.prior, self.calls = prior, 0
+        self.version, self.action_horizon, self.action_dim = (
+            prior.version,
+            prior.action_horizon,
+            prior.action_dim,
+        )
+
+    def infer(self, batch):
+        self.calls += 1
+        return self.prior.infer(batch)
+
+    def reset(self) -> None:
+        self.prior.reset()
+
+
+def _prior_calls(prior: _CountingPrior, work) -> tuple[int, object]:
+    before = prior.calls
+    result = work()
+    return prior.calls - before, result
+
+
+def test_the_learner_takes_the_actors_embeddings_instead_of_re_running_the_prior() -> None:
+    """25-step episodes, C = 10: 3 chunks each, so the actor queries the prior 3 times per episode. The learner
+    used to re-run it at each chunk start (3 more per episode: 6 in all); with the actor's embeddings handed over
+    with the record it runs 0 times (with ``bootstrap_truncated``, once: at the final observation, where the
+    actor never acted), and the transitions are the same. Records without them (from the store) re-run it."""
+    loop = _loop(
+        env=PointReachEnv(tolerance=0.0, max_steps=25),
+        switch=AlwaysCritical(),
+        warmup_episodes=2,
+        total_env_steps=50,
+        learning_starts=4,
+        eval_every_steps=0,
+    )
+    prior = loop.rlt.prior = _CountingPrior(loop.rlt.prior)
+    acted, records = _prior_calls(prior, lambda: loop.play("prior", 2))
+    embeddings = loop.take_embeddings(records)
+    assert [len(record.chunks) for record in records] == [3, 3] and acted == 6
+    assert {uuid: e.shape for uuid, e in embeddings.items()} == {r.uuid: (3, 4, 16) for r in records}
+    handed, episodes = _prior_calls(prior, lambda: loop.rlt.episode_chunks(records, embeddings))
+    re_run, fallback = _prior_calls(prior, lambda: loop.rlt.episode_chunks(records))
+    assert (handed, re_run) == (0, 6)
+    for episode, again in zip(episodes, fallback, strict=True):
+        for step, other in zip(episode.steps, again.steps, strict=True):
+            np.testing.assert_allclose(step.context.embeddings, other.context.embeddings, rtol=1e-6)
+            np.testing.assert_array_equal(step.context.reference, other.context.reference)
+            np.testing.assert_array_equal(step.context.proprio, other.context.proprio)
+    loop.rlt.learner.config = loop.rlt.learner.config.model_copy(update={"bootstrap_truncated": True})
+    assert _prior_calls(prior, lambda: loop.rlt.episode_chunks(records, embeddings))[0] == 2
+    loop.rlt.learner.config = loop.rlt.learner.config.model_copy(update={"bootstrap_truncated": False})
+    calls, _ = _prior_calls(prior, loop.run)
+    assert (
+        len(loop.stats) == 2 + 2 + 2
+    )  # the records played above, then the run's warm-up and online episodes
+    assert calls == 4 * 3  # 4 episodes of 3 chunks: the actor's queries only
+    with pytest.raises(RLTInputError, match="one per recorded chunk"):
+        loop.rlt.episode_chunks(records, {records[0].uuid: embeddings[records[0].uuid][:2]})
+
+
 class _TakeOverBetweenSteps:
     """A teleop device pushing the point along +y during steps [3, 8) of every episode."""
 
