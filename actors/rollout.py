@@ -19,6 +19,10 @@ With a ``journal_dir``, a worker snapshots each open episode at every chunk boun
 A hierarchical policy (one with ``last_subtasks``, e.g. ``policies.hierarchical.HierarchicalPolicy``) also
 names each row's subtask; every step records the subtask of its chunk with provenance ``policy``. A human step
 records the subtask the intervening device named (``info["subtask"]``) with provenance ``human``.
+
+A per-env policy that declares ``info_keys`` (RLT's actor: the entries its hand-off switch reads, e.g.
+``rlt.phase.InfoKeySwitch``) gets with each row those entries of the env info that came with the row's
+observation (``reset``'s at an episode's first chunk, else the last step's); policies see observations only.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class _EnvSlot:
     index: int
     schedule: ChunkSchedule
     observation: Observation | None = None
+    info: dict[str, Any] = field(default_factory=dict)
     recorder: EpisodeRecorder | None = None
 
 
@@ -177,6 +182,7 @@ class RolloutWorker:
         self._inpaint = self._check_inpainting(policy)
         # a runtime protocol check costs ~30 µs: done once per policy, not per chunk
         self._per_env = isinstance(policy, PerEnvPolicy)
+        self._info_keys = _info_keys(policy)
         self._journal = (
             EpisodeJournal(Path(journal_dir) / f"worker{worker_id}.sqlite") if journal_dir else None
         )
@@ -303,8 +309,8 @@ class RolloutWorker:
             index = self._claim_index()
             seed = episode_seed(self._seed, index)
             metadata[EPISODE_INDEX_KEY] = index
-        observation, _ = slot.env.reset(seed=seed)
-        slot.observation = observation
+        observation, info = slot.env.reset(seed=seed)
+        slot.observation, slot.info = observation, info
         metadata |= env_metadata(slot.env)
         describe = getattr(self.policy, "episode_metadata", None)
         if describe is not None:  # what a policy says about itself (RLT: its mode and weights version)
@@ -378,6 +384,7 @@ class RolloutWorker:
         if pending is None:
             return
         self._per_env = isinstance(pending, PerEnvPolicy)
+        self._info_keys = _info_keys(pending)
         if self._per_env:
             pending.take_over(self.policy)
         self.policy = pending
@@ -414,7 +421,10 @@ class RolloutWorker:
                 inpainting = InpaintingTargets(np.stack(targets), np.stack(weights), self.execution.beta)
                 return infer_inpainted(self.policy, batch, inpainting)
         if self._per_env:
-            return self.policy.infer_envs(batch, [slot.index for slot in needy])
+            infos = [{k: slot.info[k] for k in self._info_keys if k in slot.info} for slot in needy]
+            return self.policy.infer_envs(
+                batch, [slot.index for slot in needy], infos if self._info_keys else None
+            )
         return self.policy.infer(batch)
 
     def _step(self, slot: _EnvSlot, stats: RolloutStats) -> EpisodeRecord | None:
@@ -448,7 +458,7 @@ class RolloutWorker:
         stats.env_steps += 1
         stats.human_steps += int(not from_policy)
         stats.waiting_steps += int(from_policy and scheduled.waiting)
-        slot.observation = observation
+        slot.observation, slot.info = observation, info
         if not from_policy:
             slot.schedule.reset()  # after a human step the policy replans from the new state
         success = bool(info.get("success", False))
@@ -507,6 +517,11 @@ def env_metadata(env: gym.Env) -> dict[str, Any]:
         if base.spec is not None:
             recorded["env_spec"] = json.loads(base.spec.to_json())
     return recorded
+
+
+def _info_keys(policy: Policy) -> tuple[str, ...]:
+    """The env info entries a per-env policy reads beside each observation (``PerEnvPolicy``: ``info_keys``)."""
+    return tuple(getattr(policy, "info_keys", ()))
 
 
 def _intervention_segments(info: dict[str, Any]) -> list[InterventionSegment]:

@@ -7,7 +7,7 @@ The observation and action-chunk types are ``core.types``'s (re-exported here).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -68,9 +68,12 @@ class Policy(Protocol):
 class PerEnvPolicy(Policy, Protocol):
     """A policy with state per env (RLT's hand-off): the rollout worker names each row's env and resets one env
     at a time instead of calling ``infer`` and ``reset``; a new version published mid-episode takes over the
-    state of the one it replaces."""
+    state of the one it replaces. A policy with ``info_keys`` (a tuple of names) also gets, per row, those
+    entries of the env info that came with the row's observation (``infos``; else None)."""
 
-    def infer_envs(self, batch: ObservationBatch, envs: list[int]) -> ActionChunk: ...
+    def infer_envs(
+        self, batch: ObservationBatch, envs: list[int], infos: list[dict[str, Any]] | None = None
+    ) -> ActionChunk: ...
 
     def reset_env(self, env: int) -> None: ...
 

@@ -10,8 +10,8 @@ produced the actions (``versions``: ``rl_version`` or the prior's version), whic
 beside the executed chunk.
 
 Rows are envs: ``infer(batch)`` treats row ``i`` as env ``i``; ``infer_envs(batch, envs)`` names each row's env
-(``actors.rollout.RolloutWorker`` does, so a worker stepping several envs keeps one hand-off per env). The
-phase switch sees the observation only (no env info).
+(``actors.rollout.RolloutWorker`` does, so a worker stepping several envs keeps one hand-off per env), and
+``infos`` the env info entries its switch declares (``info_keys``) for each row; without them it sees ``{}``.
 
 With ``keep_embeddings`` the actor also keeps, per env, the prior's embeddings of every chunk it returned since
 that env's ``reset_env``: chunk ``k`` of the env's episode is its recorder's chunk ``k``, so a learner in the same
@@ -154,15 +154,26 @@ class RLTActor:
             "actor_updates": self.learner.weights_version,
         }
 
+    @property
+    def info_keys(self) -> tuple[str, ...]:
+        """The env info entries the hand-off switch reads (``PhaseSwitch.info_keys``): what ``infos`` carries."""
+        return tuple(self.switch.info_keys)
+
     def infer(self, batch: ObservationBatch) -> ActionChunk:
         """``infer_envs`` with row ``i`` as env ``i``."""
         return self.infer_envs(batch, list(range(len(batch["prompt"]))))
 
-    def infer_envs(self, batch: ObservationBatch, envs: list[int]) -> ActionChunk:
-        """The chunk for each row (row ``i`` is env ``envs[i]``), with its reference, flag and version."""
+    def infer_envs(
+        self, batch: ObservationBatch, envs: list[int], infos: list[dict[str, Any]] | None = None
+    ) -> ActionChunk:
+        """The chunk for each row (row ``i`` is env ``envs[i]``, ``infos[i]`` its env info entries for the
+        switch), with its reference, flag and version."""
         proposal = self.prior.infer(batch)
         references = self.references(proposal)
-        flags = np.array([self._is_critical(env, batch, row) for row, env in enumerate(envs)], bool)
+        infos = infos or [{}] * len(envs)
+        flags = np.array(
+            [self._is_critical(env, batch, row, infos[row]) for row, env in enumerate(envs)], bool
+        )
         actions = references.copy()
         acting = np.flatnonzero(flags) if self.learner_acts else np.zeros(0, int)
         if len(acting):
@@ -228,7 +239,7 @@ class RLTActor:
         self._offsets[env] = offset
         return np.broadcast_to(offset, shape).copy()
 
-    def _is_critical(self, env: int, batch: ObservationBatch, row: int) -> bool:
+    def _is_critical(self, env: int, batch: ObservationBatch, row: int, info: dict[str, Any]) -> bool:
         if not self._critical.get(env, False):
             switch = self._switches.get(env)
             if switch is None:
@@ -236,5 +247,5 @@ class RLTActor:
                 switch.reset()
             observation = Observation(**{key: value[row] for key, value in batch.items() if key != "images"})
             observation["images"] = {camera: frames[row] for camera, frames in batch["images"].items()}
-            self._critical[env] = switch.is_critical(observation, {})
+            self._critical[env] = switch.is_critical(observation, info)
         return self._critical[env]

@@ -1,4 +1,11 @@
-"""Critical-phase hand-off: the VLA acts until a ``PhaseSwitch`` fires, RLT after (latched per episode)."""
+"""Critical-phase hand-off: the VLA acts until a ``PhaseSwitch`` fires, RLT after (latched per episode).
+
+A switch is asked at each chunk start with the observation there and ``info``: the entries named by its
+``info_keys`` of the env info that came with that observation (from ``reset`` at the episode's first chunk, else
+from the step that produced it). ``actors.rollout.RolloutWorker`` passes them to a per-env policy
+(``RLTActor``); a switch with no ``info_keys`` sees ``{}``. Records keep no env info: a learner rebuilding the
+phase of a record without ``metadata["critical_phase"]`` asks the switch with ``{}``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,11 @@ Indices = slice | Sequence[int]
 
 @runtime_checkable
 class PhaseSwitch(Protocol):
-    """Decides, at a chunk boundary, whether the episode has entered its precision-critical phase."""
+    """Decides, at a chunk boundary, whether the episode has entered its precision-critical phase.
+
+    ``info_keys`` names the env info entries ``is_critical`` reads (empty: the observation alone)."""
+
+    info_keys: tuple[str, ...]
 
     def reset(self) -> None:
         """Called at the start of every episode."""
@@ -28,10 +39,12 @@ class PhaseSwitch(Protocol):
 
 
 class InfoKeySwitch:
-    """Critical when ``info[key]`` is truthy (an env that knows its own phases)."""
+    """Critical when ``info[key]`` is truthy (an env that knows its own phases, e.g. Meta-World's
+    ``grasp_success``); a missing entry (e.g. at reset) is not."""
 
     def __init__(self, key: str = "critical_phase") -> None:
         self.key = key
+        self.info_keys = (key,)
 
     def reset(self) -> None:
         """Nothing to reset."""
@@ -42,6 +55,8 @@ class InfoKeySwitch:
 
 class DistanceSwitch:
     """Critical when ``‖privileged[first] − privileged[second]‖ < threshold`` (e.g. hand to object)."""
+
+    info_keys: tuple[str, ...] = ()
 
     def __init__(self, first: Indices, second: Indices, threshold: float) -> None:
         self.first, self.second, self.threshold = _index_list(first), _index_list(second), threshold
@@ -63,6 +78,8 @@ class DistanceSwitch:
 class OperatorSwitch:
     """Critical while an operator has engaged it (``engage`` / ``release``); cleared at every reset."""
 
+    info_keys: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         self.engaged = False
 
@@ -83,6 +100,8 @@ class OperatorSwitch:
 
 class AlwaysCritical:
     """RLT acts from the first chunk (no hand-off)."""
+
+    info_keys: tuple[str, ...] = ()
 
     def reset(self) -> None:
         """Nothing to reset."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+from actors.rollout import RolloutWorker
+from envs.metaworld_env import PRIVILEGED_DIM, EnvConfig, MetaWorldEnv
+from envs.scripted import ScriptedPolicy
 from policies.base import Policy, stack_observations
 from rlt.actor import RLTActor
 from rlt.errors import RLTInputError
-from rlt.phase import DistanceSwitch
+from rlt.phase import DistanceSwitch, InfoKeySwitch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder
 from rlt.td3 import ChunkedTD3, LearnerConfig
@@ -97,3 +101,46 @@ def test_kept_embeddings_are_per_env_and_per_chunk_since_the_envs_reset() -> Non
     assert kept.shape == (2, 4, 16) and actor.pop_embeddings(7) is None and actor.pop_embeddings(5) is None
     np.testing.assert_array_equal(kept[0], first.embeddings[1])  # env 7's chunk 0: row 1 of the first batch
     np.testing.assert_array_equal(kept[1], second.embeddings[0])
+
+
+class _InfoLog(gym.Wrapper):
+    """Keeps the env info that came with each observation: ``infos[t]`` with observation ``t`` (``reset``'s at 0)."""
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        self.infos = [info]
+        return observation, info
+
+    def step(self, action):
+        *result, info = self.env.step(action)
+        self.infos.append(info)
+        return (*result, info)
+
+
+def test_an_info_key_switch_hands_off_through_the_rollout_worker_on_meta_world() -> None:
+    """``InfoKeySwitch("grasp_success")`` on pick-place-v3: the worker passes the entry of the info that came with
+    each chunk start's observation, so the hand-off latches at the first chunk start after the grasp."""
+    env = _InfoLog(MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False, max_episode_steps=150)))
+    prior = EmbeddingPrior(
+        ScriptedPolicy("pick-place-v3", action_horizon=5, seed=0),
+        StateProjectionEmbedder(PRIVILEGED_DIM, 1, 4, key="privileged"),
+    )
+    learner = ChunkedTD3(4, 4, LearnerConfig(chunk_size=5, net_arch=(8,), seed=0))
+    switch = InfoKeySwitch("grasp_success")
+    actor = RLTActor(prior, switch, learner, None, rl_version="rlt-test", mode="prior")
+    assert actor.info_keys == ("grasp_success",)
+    records = []
+    worker = RolloutWorker([lambda: env], actor, records.append, task="pick-place-v3", record_images=False)
+    worker.seed_episodes([3])
+    worker.run(episodes=1)
+    (record,) = records
+    grasped = [bool(info.get("grasp_success", False)) for info in env.infos[: record.length]]
+    expected, latched = [], False
+    for t in range(record.length):
+        latched = latched or (record.chunk_offsets[t] == 0 and grasped[t])
+        expected.append(int(latched))
+    assert record.metadata["critical_phase"] == expected
+    first = expected.index(1)
+    assert 0 < first < record.length and record.chunk_offsets[first] == 0
+    assert not any(grasped[t] for t in range(first) if record.chunk_offsets[t] == 0)
+    worker.close()
