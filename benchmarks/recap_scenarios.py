@@ -106,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress-steps", type=int, default=30)
     parser.add_argument("--takeover-steps", type=int, default=20)
     parser.add_argument("--late-distance", type=float, default=0.1)
+    parser.add_argument(
+        "--release-grip",
+        action="store_true",
+        help="the human opens the gripper where the expert applies no grip (SimulatedHumanConfig.release_grip), "
+        "so it can regrasp on pick tasks",
+    )
     parser.add_argument("--value-inputs", choices=["state", "privileged", "state_privileged"], default="privileged")
     parser.add_argument("--value-steps", type=int, default=1500)
     parser.add_argument("--n-step", type=int, default=None, help="N of the advantage (default: from the horizon)")
@@ -165,6 +171,7 @@ def collect_config(task: str, args: argparse.Namespace, env: EnvConfig, policy: 
     human = SimulatedHumanConfig(
         no_progress_steps=args.no_progress_steps, takeover_steps=args.takeover_steps, seed=args.seed,
         late_distance=args.late_distance if args.scenario == "late-corrections" else None,
+        release_grip=args.release_grip,
     )  # fmt: skip
     inject = None
     if args.scenario == "detours":
@@ -317,6 +324,8 @@ def data_summary(episodes: list[EpisodeRecord], report: Any) -> dict[str, Any]:
         "rollout_steps": steps,
         "injected_steps": injected,
         "human_steps": int(sum(np.count_nonzero(ep.sources) for ep in rollouts)),
+        "episodes_with_human": sum(bool(ep.interventions) for ep in rollouts),
+        "interventions": sum(len(ep.interventions) for ep in rollouts),
         "episodes_with_injection": sum(not truth(ep).all() for ep in rollouts),
     }
 
@@ -363,7 +372,8 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append(
         f"  data: {data['episodes']} episodes ({data['rollouts']} rollouts, {data['rollout_successes']} "
         f"successful; {data['injected_steps']}/{data['rollout_steps']} rollout steps injected in "
-        f"{data['episodes_with_injection']} episodes; {data['human_steps']} human steps); wall "
+        f"{data['episodes_with_injection']} episodes; {data['human_steps']} human steps in "
+        f"{data.get('interventions', '?')} takeovers over {data.get('episodes_with_human', '?')} episodes); wall "
         f"{result['wall_seconds'] / 60:.1f} min"
     )
     lines.append(

@@ -23,7 +23,11 @@ back. A phase gate makes it a *late* corrector: with ``late_distance`` its trigg
 task's goal distance (``envs.metaworld_env.goal_distance``: the object's, or for reach the hand's, distance to
 the goal) is at most that, and with ``late_after_step`` only from that step on; outside the gate the triggers'
 counters restart, so e.g. ``no_progress`` fires only after the robot stalled *near the goal* for K steps.
-Corrected episodes then keep their sloppy early autonomous stretches, and failed ones their good early phases. While acting it also names the subtask it is executing (the scripted expert's phase), so rollouts of a
+Corrected episodes then keep their sloppy early autonomous stretches, and failed ones their good early phases.
+With ``release_grip`` the human opens the gripper (grab effort −1) wherever the expert applies no grip (0):
+Meta-World's pick experts (pick-place, push) never open a gripper, they assume it starts open, so without it the
+human cannot regrasp an object beside which the policy closed the gripper — the usual late failure of a
+pick-place policy. While acting it also names the subtask it is executing (the scripted expert's phase), so rollouts of a
 hierarchical policy store a human-corrected subtask for every intervention step. A real keyboard, gamepad or spacemouse is another ``TeleopDevice``: it returns its own command from
 ``poll`` and ignores the context."""
 
@@ -57,6 +61,7 @@ class SimulatedHumanConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     late_distance: float | None = Field(default=None, gt=0.0)
     late_after_step: int | None = Field(default=None, ge=0)
+    release_grip: bool = False
 
 
 class SimulatedHuman:
@@ -98,9 +103,12 @@ class SimulatedHuman:
         self._remaining -= 1
         if self._remaining == 0:
             self._watch_from_scratch()  # hand back: judge the policy afresh
+        action = self.expert.clean_action(privileged)
+        if self.config.release_grip and action[3] == 0.0:
+            action[3] = -1.0
         return TeleopCommand(
             takeover=True,
-            action=self.expert.act(privileged),
+            action=self.expert.add_noise(action),
             reason=self._reason,
             subtask=self.expert.phase(privileged),
         )

@@ -138,6 +138,30 @@ def test_deviation_trigger_fires_only_for_a_policy_that_disagrees_with_the_exper
         assert_provenance_is_consistent(episode)
 
 
+def test_release_grip_lets_the_human_regrasp_after_the_policy_closed_the_gripper():
+    """Pick-place: the policy closes the gripper beside the object; the human takes over from step 10 on. The
+    Meta-World expert never opens a gripper (grab effort 0 away from the object), so only with ``release_grip``
+    can it pick the object up."""
+    closing = np.array([0.0, 0.0, 0.0, 1.0], dtype=np.float32)
+    outcomes = {}
+    for release in (False, True):
+        human = SimulatedHumanConfig(
+            no_progress_steps=None, random_rate=1.0, late_after_step=10, takeover_steps=200, release_grip=release
+        )
+        env = make_env(EnvConfig(task="pick-place-v3", render=False, max_episode_steps=150), human)
+        try:
+            episodes = [run_episode(env, seed, lambda obs: closing) for seed in range(2)]
+        finally:
+            env.close()
+        for episode in episodes:
+            assert_provenance_is_consistent(episode)
+            assert episode.segments[0]["t_start"] == 10
+            human_efforts = [episode.executed[t][3] for t, src in enumerate(episode.sources) if src]
+            assert (min(human_efforts) == -1.0) == release  # the released grip is in the stored action
+        outcomes[release] = [episode.success for episode in episodes]
+    assert outcomes == {False: [False, False], True: [True, True]}
+
+
 def test_a_takeover_running_at_episode_end_is_closed_there():
     human = SimulatedHumanConfig(no_progress_steps=5, takeover_steps=100)
     env = make_env(EnvConfig(task="push-v3", render=False, max_episode_steps=30), human)

@@ -30,6 +30,9 @@ def test_detours_scenario_quick_reports_every_arm_and_label_quality(tmp_path):
     assert [row["arm"] for row in result["rows"]] == ARMS
     assert {row["n"] for row in result["rows"]} == {2}
     assert result["data"]["injected_steps"] > 0 and result["labels"]["injected_steps"] > 0
+    data = result["data"]
+    assert data["interventions"] >= data["episodes_with_human"]
+    assert (data["human_steps"] > 0) == (data["interventions"] > 0)
     assert result["relabel"]["windows"] == {"reach-v3": 10}
     pooled = subprocess.run(
         [sys.executable, script, "--scenario", "detours", "--combine", str(path), str(path)],

@@ -65,6 +65,9 @@ def collect(
     late_after_step: Annotated[
         int | None, typer.Option(help="Phase gate: the human watches only from this step on")
     ] = None,
+    release_grip: Annotated[
+        bool, typer.Option(help="The human opens the gripper where the expert applies no grip (to regrasp)")
+    ] = False,
     inject: Annotated[
         str | None,
         typer.Option(
@@ -152,6 +155,7 @@ def collect(
                 seed=seed or 0,
                 late_distance=late_distance,
                 late_after_step=late_after_step,
+                release_grip=release_grip,
             )
             if interventions
             else None,
