@@ -6,7 +6,8 @@ closed-loop action. With ``H > 1`` the chunk repeats the expert's action for the
 policy, so longer chunks are an open-loop approximation and succeed less often on precise tasks.
 
 The task comes from ``task`` or, when that is ``None``, from each observation's prompt (looked up in
-``envs.tasks.TASK_PROMPTS``), so one policy can serve a multi-task batch.
+``envs.tasks.TASK_PROMPTS``), so one policy can serve a multi-task batch. ``object_bias`` / ``goal_bias``
+make every expert systematically wrong about the object's / goal's position (``envs.experts.ScriptedExpert``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,18 @@ from envs.tasks import TASK_PROMPTS
 _TASK_BY_PROMPT = {prompt: task for task, prompt in TASK_PROMPTS.items()}
 
 
-def scripted_version(noise_std: float) -> str:
-    """The policy version a scripted expert with action noise ``noise_std`` is registered under."""
-    return f"scripted-noise{noise_std:g}"
+def scripted_version(
+    noise_std: float,
+    object_bias: tuple[float, float, float] | None = None,
+    goal_bias: tuple[float, float, float] | None = None,
+) -> str:
+    """The policy version a scripted expert with action noise ``noise_std`` (and a systematic ``object_bias`` /
+    ``goal_bias``, see ``envs.experts``) is registered under."""
+    version = f"scripted-noise{noise_std:g}"
+    for name, bias in (("object", object_bias), ("goal", goal_bias)):
+        if bias is not None and any(bias):
+            version += f"-{name}-bias" + ",".join(f"{value:g}" for value in bias)
+    return version
 
 
 class ScriptedPolicy:
@@ -42,13 +52,16 @@ class ScriptedPolicy:
         seed: int = 0,
         action_horizon: int = 1,
         version: str | None = None,
+        object_bias: tuple[float, float, float] | None = None,
+        goal_bias: tuple[float, float, float] | None = None,
     ) -> None:
         if action_horizon < 1:
             raise ValueError(f"action_horizon: expected an integer >= 1, got {action_horizon}")
         self.task = task
         self.noise_std = noise_std
         self.action_horizon = action_horizon
-        self.version = version or scripted_version(noise_std)
+        self.biases = {"object_bias": object_bias, "goal_bias": goal_bias}
+        self.version = version or scripted_version(noise_std, object_bias, goal_bias)
         self._seeds = np.random.default_rng(seed)
         self._experts: dict[str, ScriptedExpert] = {}
         if task is not None:
@@ -73,7 +86,8 @@ class ScriptedPolicy:
 
     def _expert(self, task: str) -> ScriptedExpert:
         if task not in self._experts:
-            self._experts[task] = ScriptedExpert(task, self.noise_std, seed=int(self._seeds.integers(2**31)))
+            seed = int(self._seeds.integers(2**31))
+            self._experts[task] = ScriptedExpert(task, self.noise_std, seed=seed, **self.biases)
         return self._experts[task]
 
     @staticmethod

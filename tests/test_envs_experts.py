@@ -129,3 +129,35 @@ def test_scripted_policy_implements_the_policy_contract():
         policy.infer({"images": {}, "state": np.zeros((1, 7), np.float32), "prompt": ["push"]})
     with pytest.raises(ValueError, match="action_horizon"):
         ScriptedPolicy("push-v3", action_horizon=0)
+
+
+def test_object_bias_moves_the_grasp_target_by_the_bias_in_every_state():
+    env = MetaWorldEnv(EnvConfig(task="pick-place-v3", render=False))
+    state = env.reset(seed=3)[0]["privileged"].copy()
+    bias = np.array([0.015, 0.0, 0.0], np.float32)
+    offset = np.array([0.02, -0.01, 0.03], np.float32)  # 2.2 cm from the target in xy: "move above the puck"
+    state[0:3] = state[4:7] + np.array([-0.005, 0.0, 0.1], np.float32) + bias + offset
+    biased = ScriptedExpert("pick-place-v3", object_bias=tuple(bias))
+    clean = ScriptedExpert("pick-place-v3")
+    # Meta-World's pick-place expert: delta = 10 · (puck + (−0.005, 0, 0.1) − hand), the puck as it perceives it
+    np.testing.assert_allclose(biased.clean_action(state)[:3], -10 * offset, atol=1e-5)
+    np.testing.assert_allclose(clean.clean_action(state)[:3], -10 * (offset + bias), atol=1e-5)
+    moved = state.copy()
+    moved[4:7] += bias  # the same error as a moved object: the bias is consistent, not noise
+    moved[22:25] += bias
+    assert np.array_equal(biased.clean_action(state), clean.clean_action(moved))
+    assert biased.phase(state) == clean.phase(moved)
+
+
+def test_goal_bias_and_the_policy_version_name_the_systematic_error():
+    state = MetaWorldEnv(EnvConfig(task="peg-insert-side-v3", render=False)).reset(seed=1)[0]["privileged"]
+    moved = state.copy()
+    moved[37] += np.float32(0.015)
+    biased = ScriptedExpert("peg-insert-side-v3", goal_bias=(0.0, 0.015, 0.0))
+    assert np.array_equal(biased.perceived(state), moved.astype(np.float64))
+    assert ScriptedPolicy("peg-insert-side-v3", noise_std=0.1, goal_bias=(0, 0.015, 0)).version == (
+        "scripted-noise0.1-goal-bias0,0.015,0"
+    )
+    assert ScriptedPolicy("peg-insert-side-v3", object_bias=(0, 0, 0)).version == "scripted-noise0"
+    with pytest.raises(ValueError, match="object_bias"):
+        ScriptedExpert("pick-place-v3", object_bias=(0.01, 0.0))
