@@ -13,6 +13,14 @@ over seeds.
 
 A harder-tolerance precision task (``--success-tolerance``, e.g. reach-v3 at 5 mm with a ``hand-goal`` hand-off)
 changes the success test of every arm alike.
+
+A prior with a systematic error: ``--prior-bias 0.015`` makes the scripted prior misjudge the position of the
+object (or goal) by 1.5 cm in the task's ``PRIOR_BIASES`` direction (``envs.experts.ScriptedExpert``), so every
+grasp / alignment target it derives is off the same way. ``--prior-table`` measures the prior and the clean
+expert at several biases instead of running arms (``benchmarks/results/biased_priors.txt``):
+
+    python benchmarks/rlt_sample_efficiency.py --prior-table --tasks pick-place-v3 peg-insert-side-v3 \
+        --biases 0 0.01 0.015 --eval-episodes 20 --episode-steps 300
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +46,20 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from actors.rlt_loop import RLTLoop
 from envs import EnvConfig, MetaWorldEnv
-from envs.metaworld_env import GOAL, HANDOFF_PAIRS, PRIVILEGED_DIM
+from envs.experts import ScriptedExpert
+from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
-from policies.base import ActionChunk, ObservationBatch, Policy, stack_observations
+from policies.base import Policy, stack_observations
 from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineRLT
-from rlt.phase import handoff_switch
+from rlt.phase import PhaseSwitch, handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
 
+#: A callback on each step of a prior's episode: (step, observation, info).
+StepHook = Callable[[int, dict, dict], None]
 #: The first evaluation episode's seed: the online loop's own (``rlt.config.OnlineSettings.eval_seed_base``).
 EVAL_SEED_BASE = OnlineSettings.model_fields["eval_seed_base"].default
 
@@ -65,10 +76,13 @@ class BenchmarkConfig:
     episode_steps: int = 200
     prior_noise: float = 0.3
     prior_goal_bias: float = 0.0
+    prior_bias: float = 0.0
+    prior_bias_at: str | None = None
     success_tolerance: float | None = None
     chunk_size: int = 10
     critical_distance: float | None = 0.05
     critical_pair: str = "hand-object"
+    precision_handoff: bool = False
     warmup_episodes: int = 20
     residual_scale: float = 0.1
     utd_ratio: int = 5
@@ -120,33 +134,46 @@ def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
     )
 
 
-class GoalBiasedPolicy:
-    """A ``Policy`` that hands ``policy`` the observation with the goal (``privileged[GOAL]``) moved ``bias``
-    along x: a prior that is consistently off by the same amount, like a VLA with a miscalibrated camera."""
+#: Where each task's scripted prior is systematically wrong (``prior_bias``): ``"<position>:<axis>"``, the
+#: position the expert misjudges (``object``: what it grasps; ``goal``: what it aligns with) and the direction.
+#: Chosen from 20-episode probes of the clean expert at 1.5 cm along ±x, ±y, +z
+#: (``benchmarks/results/biased_priors.txt``): the direction that costs most. Other tasks: ``object:+x``.
+PRIOR_BIASES: dict[str, str] = {
+    "pick-place-v3": "object:+x",
+    "peg-insert-side-v3": "object:+y",
+    "assembly-v3": "object:+y",
+}
+_AXES = {"x": 0, "y": 1, "z": 2}
 
-    def __init__(self, policy: Policy, bias: float) -> None:
-        self.policy, self.bias = policy, bias
-        self.version = f"{policy.version}-goal-bias{bias:g}"
-        self.action_horizon, self.action_dim = policy.action_horizon, policy.action_dim
 
-    def infer(self, batch: ObservationBatch) -> ActionChunk:
-        shifted = dict(batch)
-        shifted["privileged"] = np.array(batch["privileged"], np.float32)
-        shifted["privileged"][:, GOAL.start] += self.bias
-        return self.policy.infer(shifted)
+def bias_vectors(spec: str, metres: float) -> dict[str, tuple[float, float, float]]:
+    """``ScriptedPolicy`` bias arguments for ``metres`` along ``spec`` (``"object:+x"``, ``"goal:-y"``, …)."""
+    position, _, direction = spec.partition(":")
+    if position not in ("object", "goal") or direction.lstrip("+-") not in _AXES:
+        raise ValueError(f"prior bias: expected '<object|goal>:<±x|y|z>', got {spec!r}")
+    vector = [0.0, 0.0, 0.0]
+    vector[_AXES[direction.lstrip("+-")]] = -metres if direction.startswith("-") else metres
+    return {f"{position}_bias": (vector[0], vector[1], vector[2])}
 
-    def reset(self) -> None:
-        self.policy.reset()
+
+def prior_bias_spec(config: BenchmarkConfig) -> str:
+    """The direction of ``config.prior_bias``: ``prior_bias_at`` or the task's ``PRIOR_BIASES`` entry."""
+    return config.prior_bias_at or PRIOR_BIASES.get(config.task, "object:+x")
 
 
 def make_prior(config: BenchmarkConfig, seed: int) -> EmbeddingPrior:
-    """Noisy zero-order-hold scripted chunks (aimed ``prior_goal_bias`` off the goal along x) with projected
-    privileged-state embeddings of the true state."""
-    prior: Policy = ScriptedPolicy(
-        config.task, noise_std=config.prior_noise, seed=seed, action_horizon=config.chunk_size
-    )
+    """Noisy zero-order-hold scripted chunks with projected privileged-state embeddings of the true state.
+
+    The scripted expert misjudges a position by ``prior_bias`` (see ``prior_bias_spec``) and, independently,
+    the goal by ``prior_goal_bias`` along x: a prior that is consistently off, like a VLA with a miscalibrated
+    camera."""
+    biases = bias_vectors(prior_bias_spec(config), config.prior_bias) if config.prior_bias else {}
     if config.prior_goal_bias:
-        prior = GoalBiasedPolicy(prior, config.prior_goal_bias)
+        goal = biases.get("goal_bias", (0.0, 0.0, 0.0))
+        biases["goal_bias"] = (goal[0] + config.prior_goal_bias, goal[1], goal[2])
+    prior = ScriptedPolicy(
+        config.task, noise_std=config.prior_noise, seed=seed, action_horizon=config.chunk_size, **biases
+    )
     return EmbeddingPrior(prior, StateProjectionEmbedder(PRIVILEGED_DIM, 8, 32, key="privileged", seed=seed))
 
 
@@ -155,22 +182,119 @@ def eval_seeds(config: BenchmarkConfig) -> list[int]:
     return [EVAL_SEED_BASE + index for index in range(config.eval_episodes)]
 
 
+def make_switch(config: BenchmarkConfig) -> PhaseSwitch:
+    """The hand-off of the learner arms: the task's ``PRECISION_HANDOFFS`` entry with ``precision_handoff``,
+    else ``critical_pair`` under ``critical_distance`` (None: RLT acts from the first chunk)."""
+    if config.precision_handoff:
+        return handoff_switch(HANDOFF_PAIRS, *PRECISION_HANDOFFS[config.task])
+    return handoff_switch(HANDOFF_PAIRS, config.critical_pair, config.critical_distance or 0.0)
+
+
+def prior_episode(
+    config: BenchmarkConfig,
+    env: MetaWorldEnv,
+    prior: Policy,
+    episode_seed: int,
+    on_step: StepHook | None = None,
+) -> bool:
+    """One episode of ``prior`` in chunks of ``chunk_size``; whether it succeeded. ``on_step(t, observation,
+    info)`` sees every observation before its action (``t % chunk_size == 0`` at chunk starts)."""
+    observation, info = env.reset(seed=episode_seed)
+    terminated, step = False, 0
+    while True:
+        for action in prior.infer(stack_observations([observation])).actions[0, : config.chunk_size]:
+            if on_step is not None:
+                on_step(step, observation, info)
+            observation, _, terminated, truncated, info = env.step(action)
+            step += 1
+            if terminated or truncated:
+                return bool(terminated)
+
+
 def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
     """The frozen prior's success on the evaluation seeds (flat over env steps)."""
     env, prior = make_env(config), make_prior(config, seed)
-    successes = []
-    for episode_seed in eval_seeds(config):
-        observation, _ = env.reset(seed=episode_seed)
-        done = terminated = False
-        while not done:
-            for action in prior.infer(stack_observations([observation])).actions[0, : config.chunk_size]:
-                observation, _, terminated, truncated, _ = env.step(action)
-                done = terminated or truncated
-                if done:
-                    break
-        successes.append(float(terminated))
-    rate = float(np.mean(successes))
+    outcomes = [prior_episode(config, env, prior, episode_seed) for episode_seed in eval_seeds(config)]
+    rate = float(np.mean(outcomes))
     return Curve("prior", seed, [0, config.env_steps], [rate, rate])
+
+
+#: The scripted expert's phase that starts each task's grasp approach (``envs.experts.ScriptedExpert.phase``,
+#: the branch of its ``_desired_pos``): the descent onto the object once the hand is above it.
+GRASP_APPROACH_PHASES = {"pick-place-v3": "phase1", "peg-insert-side-v3": "phase1", "assembly-v3": "phase2"}
+
+
+def handoff_check(config: BenchmarkConfig, episodes: int = 10) -> dict[str, float]:
+    """How the precision hand-off (``PRECISION_HANDOFFS``) fires in ``episodes`` rollouts of the (biased) prior
+    (seed 0) on the evaluation seeds: the episodes in which it fired, the median of (the first chunk start at
+    which it fired − the step at which the prior's expert, as biased, first enters its grasp-approach phase),
+    and the prior's success rate in these rollouts."""
+    env, prior = make_env(config), make_prior(config, 0)
+    expert = ScriptedExpert(config.task, **prior.policy.biases)
+    switch = handoff_switch(HANDOFF_PAIRS, *PRECISION_HANDOFFS[config.task])
+    fired, lags, successes = 0, [], []
+    for episode_seed in eval_seeds(config)[:episodes]:
+        marks = _handoff_marks(config, env, prior, expert, switch, episode_seed)
+        successes.append(marks.pop("success"))
+        fired += "switch" in marks
+        if {"switch", "phase"} <= marks.keys():
+            lags.append(marks["switch"] - marks["phase"])
+    lag = float(np.median(lags)) if lags else float("nan")
+    return {"fired": fired, "episodes": episodes, "median_lag": lag, "success": float(np.mean(successes))}
+
+
+def _handoff_marks(
+    config: BenchmarkConfig,
+    env: MetaWorldEnv,
+    prior: Policy,
+    expert: ScriptedExpert,
+    switch: PhaseSwitch,
+    episode_seed: int,
+) -> dict[str, int]:
+    """One prior episode: the step its expert enters the grasp approach (``phase``) and the first chunk start
+    at which ``switch`` fires (``switch``), each absent if it never happens, and ``success`` (0 or 1)."""
+    marks: dict[str, int] = {}
+    approach = GRASP_APPROACH_PHASES[config.task]
+
+    def mark(step: int, observation: dict, info: dict) -> None:
+        if "phase" not in marks and expert.phase(observation["privileged"]) == approach:
+            marks["phase"] = step
+        if "switch" not in marks and step % config.chunk_size == 0 and switch.is_critical(observation, info):
+            marks["switch"] = step
+
+    switch.reset()
+    marks["success"] = int(prior_episode(config, env, prior, episode_seed, mark))
+    return marks
+
+
+def prior_table(config: BenchmarkConfig, tasks: list[str], biases: list[float]) -> str:
+    """Success of the clean scripted expert (no noise, one action per query) and of the benchmark's prior
+    (``prior_noise``, chunks of ``chunk_size``) with each ``prior_bias`` in ``biases`` (metres), on the
+    evaluation seeds of ``config`` (prior seed 0), as a text table. A task may name its bias's direction
+    (``peg-insert-side-v3@goal:+y``); otherwise ``prior_bias_spec`` decides."""
+    lines = [
+        f"# scripted priors with a systematic position error: {config.eval_episodes} episodes each "
+        f"(seeds {EVAL_SEED_BASE}+), {config.episode_steps} steps, state only",
+        f"# prior = noise {config.prior_noise:g}, zero-order-hold chunks of {config.chunk_size}; "
+        "clean = noise 0, one action per query",
+        "# hand-off = PRECISION_HANDOFFS fired in k of the prior's rollouts; lag = median steps from the prior's "
+        "expert entering its grasp approach (GRASP_APPROACH_PHASES) to the chunk start where it fired",
+        f"{'task':<22} {'bias at':<10} {'bias cm':>7} {'clean':>6} {'prior':>6} {'hand-off':>9} {'lag':>5}",
+    ]
+    for entry in tasks:
+        task, _, spec = entry.partition("@")
+        for bias in biases:
+            biased = replace(config, task=task, prior_bias=bias, prior_bias_at=spec or config.prior_bias_at)
+            clean = run_prior(replace(biased, prior_noise=0.0, chunk_size=1), 0).success[0]
+            check = handoff_check(biased, config.eval_episodes) if task in PRECISION_HANDOFFS else {}
+            prior = check["success"] if check else run_prior(biased, 0).success[0]
+            handoff = f"{check['fired']}/{check['episodes']} {check['median_lag']:>5.0f}" if check else ""
+            lines.append(
+                f"{task:<22} {prior_bias_spec(biased):<10} {100 * bias:>7.1f} {clean:>6.2f} {prior:>6.2f} "
+                f"{handoff:>15}"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
 
 
 def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
@@ -223,7 +347,7 @@ def make_loop(
 ) -> RLTLoop:
     """The online loop of a learner arm (seeded torch), not yet run."""
     torch.manual_seed(seed)
-    switch = handoff_switch(HANDOFF_PAIRS, config.critical_pair, config.critical_distance or 0.0)
+    switch = make_switch(config)
     env = make_env(config)
     online = config.online(arm, seed, token_steps=config.token_steps, exploration_noise=exploration_noise)
     rlt = OnlineRLT(
@@ -430,7 +554,7 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
 TASK_SETTINGS = ("task", "env_steps", "eval_every", "eval_episodes", "episode_steps", "success_tolerance")
 ARM_SETTINGS = {
     "sac": TASK_SETTINGS,
-    "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "chunk_size"),
+    "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
 
 ARMS = {
@@ -442,6 +566,22 @@ ARMS = {
 }
 
 
+#: Settings that do not change any arm's results (left out of the cache key).
+RUN_ONLY_SETTINGS = ("seeds", "arms", "output")
+
+
+def curve_path(config: BenchmarkConfig, arm: str, seed: int) -> Path:
+    """Where ``run_cached`` keeps the curve of ``arm`` and ``seed`` under this configuration."""
+    relevant = ARM_SETTINGS.get(arm)
+    settings = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in RUN_ONLY_SETTINGS and (relevant is None or k in relevant)
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(config.output) / "rlt_runs" / config.task / key / f"{arm}_seed{seed}.json"
+
+
 def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
     """Run one arm and seed, or load its curve if this exact configuration already ran.
 
@@ -449,14 +589,7 @@ def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
     setting that changes that arm's results: SAC ignores the prior and the learners' settings, the prior arm
     the learners'), so arms can run in parallel processes and a final call only summarizes.
     """
-    relevant = ARM_SETTINGS.get(arm)
-    settings = {
-        k: v
-        for k, v in asdict(config).items()
-        if k not in ("seeds", "arms", "output") and (relevant is None or k in relevant)
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(config.output) / "rlt_runs" / config.task / key / f"{arm}_seed{seed}.json"
+    path = curve_path(config, arm, seed)
     if path.exists():
         return Curve(**json.loads(path.read_text()))
     started = time.time()
@@ -536,8 +669,8 @@ def main(config: BenchmarkConfig) -> dict:
     return result
 
 
-def parse_args() -> BenchmarkConfig:
-    """Command-line flags → ``BenchmarkConfig``."""
+def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
+    """Command-line flags → ``BenchmarkConfig`` and the ``--prior-table`` mode's flags."""
     defaults = BenchmarkConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default=defaults.task)
@@ -587,8 +720,36 @@ def parse_args() -> BenchmarkConfig:
     parser.add_argument(
         "--token-steps", type=int, default=defaults.token_steps, help="gradient steps fitting the RL token"
     )
+    parser.add_argument(
+        "--prior-bias",
+        type=float,
+        default=defaults.prior_bias,
+        help="the scripted prior misjudges a position by this much (m): a systematic error (PRIOR_BIASES)",
+    )
+    parser.add_argument(
+        "--prior-bias-at",
+        default=defaults.prior_bias_at,
+        help="where --prior-bias applies, '<object|goal>:<±x|y|z>' (default: the task's PRIOR_BIASES entry)",
+    )
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
     parser.add_argument("--output", default=defaults.output)
+    parser.add_argument(
+        "--precision-handoff",
+        action="store_true",
+        help="hand off at the task's grasp approach (envs.metaworld_env.PRECISION_HANDOFFS), not --critical-*",
+    )
+    parser.add_argument(
+        "--prior-table",
+        action="store_true",
+        help="instead of the arms: the clean expert's and the prior's success at each of --biases on --tasks, "
+        "written to <output>/biased_priors.txt",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=[defaults.task], help="--prior-table's tasks (task or task@object:+x)"
+    )
+    parser.add_argument(
+        "--biases", type=float, nargs="+", default=[0.0, 0.01, 0.015], help="--prior-table's biases (m)"
+    )
     args = parser.parse_args()
     return BenchmarkConfig(
         task=args.task,
@@ -609,10 +770,18 @@ def parse_args() -> BenchmarkConfig:
         actor_q=args.actor_q,
         normalize_state=args.normalize_state,
         token_steps=args.token_steps,
+        prior_bias=args.prior_bias,
+        prior_bias_at=args.prior_bias_at,
         arms=tuple(args.arms),
         output=args.output,
-    )
+        precision_handoff=args.precision_handoff,
+    ), args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    benchmark, flags = parse_args()
+    if flags.prior_table:
+        table = prior_table(benchmark, flags.tasks, flags.biases)
+        Path(benchmark.output, "biased_priors.txt").write_text(table)
+    else:
+        main(benchmark)

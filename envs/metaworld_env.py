@@ -98,9 +98,20 @@ HANDOFF_PAIRS: dict[str, tuple[slice, slice]] = {
     "hand-object": (HAND, OBJECT),
     "object-goal": (OBJECT, GOAL),
     "hand-goal": (HAND, GOAL),
+    "hand-object-xy": (slice(0, 2), slice(4, 6)),
 }
 """Named pairs of privileged-state positions whose distance marks a task's precision-critical phase: what
-``rlt.phase.handoff_switch`` hands off to RLT on (``--handoff``, a pipeline's ``rlt.handoff``)."""
+``rlt.phase.handoff_switch`` hands off to RLT on (``--handoff``, a pipeline's ``rlt.handoff``). ``hand-object-xy``
+is the hand's horizontal distance to the object: small once the hand is above it, before the grasp descent."""
+PRECISION_HANDOFFS: dict[str, tuple[str, float]] = {
+    "pick-place-v3": ("hand-object-xy", 0.04),
+    "peg-insert-side-v3": ("hand-object-xy", 0.05),
+    "assembly-v3": ("hand-object-xy", 0.05),
+}
+"""A ``HANDOFF_PAIRS`` pair and distance (m) that hand a task over at the start of its grasp approach: the hand
+above the object, where Meta-World's scripted expert starts its descent (its own test: xy within 2 cm of its
+target for pick-place and assembly, 4 cm for peg-insert-side). A prior whose grasp target is biased by 1–1.5 cm
+still gets there (``benchmarks/results/biased_priors.txt`` counts the firings)."""
 
 
 def goal_distance(task: str, privileged: np.ndarray) -> float:
