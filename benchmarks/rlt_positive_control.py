@@ -31,12 +31,20 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 import torch
-from rlt_sample_efficiency import BenchmarkConfig, Curve, eval_seeds, make_env, plot, summarize
+from rlt_sample_efficiency import (
+    BenchmarkConfig,
+    Curve,
+    Demo,
+    collect_demos,
+    eval_seeds,
+    make_env,
+    plot,
+    summarize,
+)
 
 from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
-from core.types import Observation, Outcome, StepSource
-from envs.experts import ScriptedExpert
+from core.types import Outcome, StepSource
 from policies.base import ActionChunk, ObservationBatch, stack_observations
 from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import AlwaysCritical
@@ -116,37 +124,6 @@ class StateBCPrior:
 
     def reset(self) -> None:
         """Stateless."""
-
-
-@dataclass(frozen=True)
-class Demo:
-    """One successful episode of the noisy scripted expert: its observations and executed actions (``T×4``)."""
-
-    observations: list[Observation]
-    actions: np.ndarray
-
-    @property
-    def states(self) -> np.ndarray:
-        """The ``T×39`` privileged states the prior reads."""
-        return np.stack([observation["privileged"] for observation in self.observations])
-
-
-def collect_demos(config: ControlConfig, seed: int) -> list[Demo]:
-    """``demos`` successful episodes of the noisy scripted expert."""
-    env = make_env(config.benchmark())
-    expert = ScriptedExpert(config.task, config.demo_noise, seed=seed)
-    demos, episode = [], 0
-    while len(demos) < config.demos:
-        observation, _ = env.reset(seed=10_000 * (seed + 1) + episode)
-        episode += 1
-        observations, actions, terminated, truncated = [], [], False, False
-        while not (terminated or truncated):
-            observations.append(observation)
-            actions.append(expert.act(observation["privileged"]))
-            observation, _, terminated, truncated, _ = env.step(actions[-1])
-        if terminated:
-            demos.append(Demo(observations, np.stack(actions)))
-    return demos
 
 
 def demo_records(config: ControlConfig, demos: list[Demo], prior: StateBCPrior) -> list[EpisodeRecord]:
@@ -336,7 +313,7 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
         path.write_text(json.dumps(document | ({"training": training} if training else {}), indent=1))
 
     started = time.time()
-    demos = collect_demos(config, seed)
+    demos = collect_demos(config.benchmark(), seed, config.demos, config.demo_noise)
     prior = train_bc_prior(config, seed, demos)
     if arm == "prior":
         rate = prior_success(config, prior)

@@ -42,21 +42,26 @@ import numpy as np
 import torch
 from scipy import stats
 from stable_baselines3 import SAC
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples, Schedule
+from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.sac.policies import SACPolicy
 
 from actors.rlt_loop import RLTLoop
 from envs import EnvConfig, MetaWorldEnv
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
-from policies.base import Policy, stack_observations
+from policies.base import Observation, Policy, stack_observations
 from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, OnlineRLT
 from rlt.phase import PhaseSwitch, handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
-from rlt.td3 import LearnerConfig
+from rlt.td3 import ChunkCritic, LearnerConfig
 
 #: A callback on each step of a prior's episode: (step, observation, info).
 StepHook = Callable[[int, dict, dict], None]
@@ -90,6 +95,12 @@ class BenchmarkConfig:
     actor_q: str = "q1"
     normalize_state: bool = True
     token_steps: int = 2000
+    demos: int = 10
+    demo_noise: float = 0.3
+    rlpd_critics: int = 10
+    rlpd_target_critics: int = 2
+    rlpd_utd: int = 10
+    rlpd_demo_fraction: float = 0.5
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
 
@@ -132,6 +143,40 @@ def make_env(config: BenchmarkConfig) -> MetaWorldEnv:
             success_tolerance=config.success_tolerance,
         )
     )
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One successful episode of the noisy scripted expert: its observations, executed actions (``T×4``) and
+    the observation its last action led to."""
+
+    observations: list[Observation]
+    actions: np.ndarray
+    final: Observation
+
+    @property
+    def states(self) -> np.ndarray:
+        """The ``T×39`` privileged states the prior reads."""
+        return np.stack([observation["privileged"] for observation in self.observations])
+
+
+def collect_demos(config: BenchmarkConfig, seed: int, count: int, noise: float) -> list[Demo]:
+    """``count`` successful episodes of the unbiased scripted expert with action noise ``noise``, one action
+    per step, on seeds ``10_000 · (seed + 1) + i`` (disjoint from the evaluation seeds)."""
+    env = make_env(config)
+    expert = ScriptedExpert(config.task, noise, seed=seed)
+    demos, episode = [], 0
+    while len(demos) < count:
+        observation, _ = env.reset(seed=10_000 * (seed + 1) + episode)
+        episode += 1
+        observations, actions, terminated, truncated = [], [], False, False
+        while not (terminated or truncated):
+            observations.append(observation)
+            actions.append(expert.act(observation["privileged"]))
+            observation, _, terminated, truncated, _ = env.step(actions[-1])
+        if terminated:
+            demos.append(Demo(observations, np.stack(actions), observation))
+    return demos
 
 
 #: Where each task's scripted prior is systematically wrong (``prior_bias``): ``"<position>:<axis>"``, the
@@ -498,9 +543,114 @@ class _EvalCallback(BaseCallback):
 
 def run_sac(config: BenchmarkConfig, seed: int) -> Curve:
     """SB3 SAC from scratch (defaults) on the privileged state."""
-    curve = Curve("sac", seed)
     model = SAC("MlpPolicy", _StateEnv(config), buffer_size=config.env_steps, seed=seed, device="cpu")
+    return _learn_sac(config, model, Curve("sac", seed))
+
+
+def _learn_sac(config: BenchmarkConfig, model: SAC, curve: Curve) -> Curve:
+    """Train an SB3 SAC model for the budget, evaluating on the evaluation seeds into ``curve``."""
     model.learn(config.env_steps, callback=_EvalCallback(config, curve))
+    return curve
+
+
+class EnsembleCritic(ChunkCritic):
+    """``rlt.td3.ChunkCritic`` with LayerNorm (``n_critics`` members); with ``sampled`` set, each call returns
+    only that many members drawn at random (REDQ / RLPD: the target is the min over 2 sampled members)."""
+
+    def __init__(self, *args: Any, sampled: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, layer_norm=True, **kwargs)
+        self.sampled = sampled
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.set_grad_enabled(not self.share_features_extractor):
+            features = self.extract_features(obs, self.features_extractor)
+        inputs = torch.cat([features, actions], dim=1)
+        members = range(self.n_critics) if self.sampled is None else torch.randperm(self.n_critics)[: self.sampled]
+        return tuple(self.q_networks[int(index)](inputs) for index in members)
+
+
+class RLPDPolicy(SACPolicy):
+    """SB3's SAC policy with an ``EnsembleCritic`` of ``n_critics`` members whose target samples
+    ``target_critics`` of them. The actor climbs the min over all members (SB3's SAC rule; RLPD's actor uses
+    their mean)."""
+
+    def __init__(self, *args: Any, target_critics: int = 2, **kwargs: Any) -> None:
+        self.target_critics = target_critics
+        super().__init__(*args, **kwargs)
+
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> EnsembleCritic:
+        return EnsembleCritic(**self._update_features_extractor(self.critic_kwargs, features_extractor)).to(
+            self.device
+        )
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)
+        self.critic_target.sampled = self.target_critics
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "target_critics": self.target_critics}
+
+
+class DemoReplayBuffer(ReplayBuffer):
+    """SB3's replay with a second replay of demonstrations (``demos``) that supplies ``demo_fraction`` of every
+    sampled batch, the rest coming from online data (RLPD's symmetric sampling at 0.5). ``sampled_rows`` and
+    ``sampled_demo_rows`` count what ``sample`` returned."""
+
+    def __init__(self, *args: Any, demo_fraction: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.demos = ReplayBuffer(*args, **kwargs)
+        self.demo_fraction = demo_fraction
+        self.sampled_rows = self.sampled_demo_rows = 0
+
+    def add_demo(self, demo: Demo) -> None:
+        """One successful episode as transitions: reward 1 and done on its last step, 0 before."""
+        states = [*demo.states, demo.final["privileged"]]
+        last = len(demo.actions) - 1
+        for t, action in enumerate(demo.actions):
+            done = np.array([float(t == last)])
+            self.demos.add(states[t][None], states[t + 1][None], action[None], done.copy(), done, [{}])
+
+    def sample(self, batch_size: int, env: VecNormalize | None = None) -> ReplayBufferSamples:
+        demo_rows = round(batch_size * self.demo_fraction) if self.demos.size() else 0
+        online = super().sample(batch_size - demo_rows, env)
+        self.sampled_rows += batch_size
+        self.sampled_demo_rows += demo_rows
+        if not demo_rows:
+            return online
+        demos = self.demos.sample(demo_rows, env)
+        return ReplayBufferSamples(
+            *(None if a is None else torch.cat([a, b]) for a, b in zip(online, demos, strict=True))
+        )
+
+
+def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
+    """The RLPD-style arm's model, its demo replay filled: SB3 SAC on the privileged state with ``demos``
+    successful episodes of the unbiased noisy expert (``demo_noise``) in a second replay sampled
+    ``rlpd_demo_fraction`` of each batch, a LayerNorm ensemble of ``rlpd_critics`` (target: min over
+    ``rlpd_target_critics`` sampled) and ``rlpd_utd`` gradient steps per env step."""
+    torch.manual_seed(seed)
+    model = SAC(
+        RLPDPolicy,
+        _StateEnv(config),
+        buffer_size=config.env_steps,
+        gradient_steps=config.rlpd_utd,
+        replay_buffer_class=DemoReplayBuffer,
+        replay_buffer_kwargs={"demo_fraction": config.rlpd_demo_fraction},
+        policy_kwargs={"n_critics": config.rlpd_critics, "target_critics": config.rlpd_target_critics},
+        seed=seed,
+        device="cpu",
+    )
+    for demo in collect_demos(config, seed, config.demos, config.demo_noise):
+        model.replay_buffer.add_demo(demo)
+    return model
+
+
+def run_rlpd(config: BenchmarkConfig, seed: int) -> Curve:
+    """The RLPD-style arm (``make_rlpd``), evaluated like SAC; ``probe`` records the demo share of the batches."""
+    model = make_rlpd(config, seed)
+    curve = _learn_sac(config, model, Curve("rlpd", seed))
+    buffer = model.replay_buffer
+    curve.probe = {"demo_share": buffer.sampled_demo_rows / max(buffer.sampled_rows, 1)}
     return curve
 
 
@@ -554,6 +704,15 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
 TASK_SETTINGS = ("task", "env_steps", "eval_every", "eval_episodes", "episode_steps", "success_tolerance")
 ARM_SETTINGS = {
     "sac": TASK_SETTINGS,
+    "rlpd": (
+        *TASK_SETTINGS,
+        "demos",
+        "demo_noise",
+        "rlpd_critics",
+        "rlpd_target_critics",
+        "rlpd_utd",
+        "rlpd_demo_fraction",
+    ),
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
 
@@ -563,6 +722,7 @@ ARMS = {
     "regression": run_regression,
     "residual": run_residual,
     "sac": run_sac,
+    "rlpd": run_rlpd,
 }
 
 
@@ -738,6 +898,10 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         action="store_true",
         help="hand off at the task's grasp approach (envs.metaworld_env.PRECISION_HANDOFFS), not --critical-*",
     )
+    parser.add_argument("--demos", type=int, default=defaults.demos, help="the RLPD arm's expert episodes")
+    parser.add_argument("--demo-noise", type=float, default=defaults.demo_noise)
+    parser.add_argument("--rlpd-critics", type=int, default=defaults.rlpd_critics)
+    parser.add_argument("--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step")
     parser.add_argument(
         "--prior-table",
         action="store_true",
@@ -775,6 +939,10 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         arms=tuple(args.arms),
         output=args.output,
         precision_handoff=args.precision_handoff,
+        demos=args.demos,
+        demo_noise=args.demo_noise,
+        rlpd_critics=args.rlpd_critics,
+        rlpd_utd=args.rlpd_utd,
     ), args
 
 

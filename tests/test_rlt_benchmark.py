@@ -1,5 +1,5 @@
-"""``benchmarks/rlt_sample_efficiency.py`` (issue 19 item 4): priors with a systematic error and the hand-off at
-the grasp approach."""
+"""``benchmarks/rlt_sample_efficiency.py`` (issue 19 item 4): priors with a systematic error, the hand-off at the
+grasp approach and the RLPD-style arm."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from envs.scripted import ScriptedPolicy
 from policies.base import stack_observations
@@ -38,3 +39,27 @@ def test_precision_handoff_fires_in_every_biased_rollout_within_a_chunk_of_the_g
     check = bench.handoff_check(config, episodes=3)
     assert check["fired"] == 3
     assert abs(check["median_lag"]) <= config.chunk_size
+
+
+def test_rlpd_arm_draws_half_of_each_batch_from_the_demos_with_a_layernorm_ensemble():
+    config = bench.BenchmarkConfig(
+        task="pick-place-v3", env_steps=250, episode_steps=100, demos=2, rlpd_utd=1, eval_episodes=1
+    )
+    model = bench.make_rlpd(config, 0)
+    buffer = model.replay_buffer
+    demo_rows = buffer.demos.size()
+    assert buffer.demos.rewards[:demo_rows].sum() == 2 and buffer.demos.dones[:demo_rows].sum() == 2
+
+    critic, target = model.policy.critic, model.policy.critic_target
+    assert len(critic.q_networks) == 10
+    assert all(any(isinstance(layer, torch.nn.LayerNorm) for layer in member) for member in critic.q_networks)
+    states, actions = torch.zeros(5, 39), torch.zeros(5, 4)
+    assert len(critic(states, actions)) == 10 and len(target(states, actions)) == 2
+    assert all(value.shape == (5, 1) for value in target(states, actions))
+
+    model.learn(250)  # 150 updates after SB3's 100 learning_starts
+    assert buffer.sampled_rows > 0 and buffer.sampled_demo_rows / buffer.sampled_rows == 0.5
+    demo_states = buffer.demos.observations[:demo_rows, 0]
+    batch = buffer.sample(256).observations.numpy()
+    from_demos = [bool((row == demo_states).all(axis=1).any()) for row in batch]
+    assert from_demos == [False] * 128 + [True] * 128
