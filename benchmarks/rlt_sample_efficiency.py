@@ -54,6 +54,7 @@ from envs import EnvConfig, MetaWorldEnv
 from envs.experts import ScriptedExpert
 from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
+from experiments.tracking import log_command_run
 from policies.base import Observation, Policy, stack_observations
 from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
@@ -103,6 +104,7 @@ class BenchmarkConfig:
     rlpd_demo_fraction: float = 0.5
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
+    mlflow_uri: str | None = None
 
     def online(self, arm: str, seed: int, **settings: Any) -> OnlineConfig:
         """An online loop's config for ``arm`` and ``seed``: this benchmark's task, budget, warm-up and evaluation
@@ -727,7 +729,7 @@ ARMS = {
 
 
 #: Settings that do not change any arm's results (left out of the cache key).
-RUN_ONLY_SETTINGS = ("seeds", "arms", "output")
+RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri")
 
 
 def curve_path(config: BenchmarkConfig, arm: str, seed: int) -> Path:
@@ -826,7 +828,26 @@ def main(config: BenchmarkConfig) -> dict:
     }
     (output / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(summary, config, output / f"{stem}.png")
+    if config.mlflow_uri:
+        log_to_mlflow(config, summary, output / stem)
     return result
+
+
+def log_to_mlflow(config: BenchmarkConfig, summary: dict, stem: Path) -> str | None:
+    """One run of experiment ``flywheel/rlt_sample_efficiency`` in ``config.mlflow_uri``: the config as
+    params, each arm's final mean success as a metric, the summary JSON and plot and every (arm, seed) curve
+    JSON as artifacts. Returns the run id (None, with a warning, if the store cannot be written)."""
+    curves = [curve_path(config, arm, seed) for arm in config.arms for seed in config.seeds]
+    run_id = log_command_run(
+        "rlt_sample_efficiency",
+        asdict(config),
+        {f"final_success.{arm}": data["mean"][-1] for arm, data in summary.items()},
+        tags={"task": config.task},
+        artifacts={"": [stem.with_suffix(".json"), stem.with_suffix(".png")], "curves": curves},
+        tracking_uri=config.mlflow_uri,
+    )
+    print(f"MLflow: run {run_id} in {config.mlflow_uri}" if run_id else "MLflow: not logged (see the warning)")
+    return run_id
 
 
 def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
@@ -894,6 +915,11 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
     parser.add_argument("--arms", nargs="+", default=list(defaults.arms), choices=sorted(ARMS))
     parser.add_argument("--output", default=defaults.output)
     parser.add_argument(
+        "--mlflow-uri",
+        default=defaults.mlflow_uri,
+        help="also log the plot, summary and per-seed curves as artifacts of a run in this MLflow store",
+    )
+    parser.add_argument(
         "--precision-handoff",
         action="store_true",
         help="hand off at the task's grasp approach (envs.metaworld_env.PRECISION_HANDOFFS), not --critical-*",
@@ -938,6 +964,7 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         prior_bias_at=args.prior_bias_at,
         arms=tuple(args.arms),
         output=args.output,
+        mlflow_uri=args.mlflow_uri,
         precision_handoff=args.precision_handoff,
         demos=args.demos,
         demo_noise=args.demo_noise,

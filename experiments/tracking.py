@@ -80,12 +80,16 @@ def log_command_run(
     params: dict[str, Any],
     metrics: dict[str, float],
     tags: dict[str, str] | None = None,
+    artifacts: dict[str, Iterable[Path]] | None = None,
+    tracking_uri: str | None = None,
 ) -> str | None:
-    """Record a finished CLI command that trained or evaluated as one run of experiment ``flywheel/<command>``
-    in the configured tracking store (``experiments.paths.default_mlflow_uri``): ``params`` (its saved config,
-    flattened), final ``metrics`` and ``tags`` (e.g. ``policy_version``). Returns the run id; the command's
-    result never depends on tracking, so a store that cannot be written is a warning and None."""
-    uri = default_mlflow_uri()
+    """Record a finished CLI command (or benchmark) that trained or evaluated as one run of experiment
+    ``flywheel/<command>`` in ``tracking_uri`` (default: the configured store,
+    ``experiments.paths.default_mlflow_uri``): ``params`` (its saved config, flattened), final ``metrics``,
+    ``tags`` (e.g. ``policy_version``) and ``artifacts`` (artifact folder, ``""`` for the root → files).
+    Returns the run id; the command's result never depends on tracking, so a store that cannot be written is a
+    warning and None."""
+    uri = tracking_uri or default_mlflow_uri()
     try:
         client = MlflowClient(uri, registry_uri=uri)
         experiment = experiment_id(client, f"flywheel/{command}", uri)
@@ -96,6 +100,9 @@ def log_command_run(
         for start in range(0, len(items), 100):
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
         client.log_batch(run_id, metrics=_metric_rows(metrics, step=0))
+        for folder, paths in (artifacts or {}).items():
+            for path in paths:
+                client.log_artifact(run_id, str(path), folder or None)
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except Exception as error:  # best effort: the command's finished work never depends on its record
         logger.warning("MLflow: the %s run was not logged to %s: %s", command, uri, error)

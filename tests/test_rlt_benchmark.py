@@ -1,15 +1,17 @@
 """``benchmarks/rlt_sample_efficiency.py`` (issue 19 item 4): priors with a systematic error, the hand-off at the
-grasp approach and the RLPD-style arm."""
+grasp approach, the RLPD-style arm and the MLflow record of a run."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from envs.scripted import ScriptedPolicy
 from policies.base import stack_observations
@@ -63,3 +65,27 @@ def test_rlpd_arm_draws_half_of_each_batch_from_the_demos_with_a_layernorm_ensem
     batch = buffer.sample(256).observations.numpy()
     from_demos = [bool((row == demo_states).all(axis=1).any()) for row in batch]
     assert from_demos == [False] * 128 + [True] * 128
+
+
+def test_the_run_logs_its_plot_summary_and_per_seed_curves_to_mlflow(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow 3 refuses new file stores; artifacts go beside it
+    config = bench.BenchmarkConfig(
+        task="pick-place-v3",
+        seeds=(0, 1),
+        arms=("prior",),
+        eval_episodes=2,
+        episode_steps=60,
+        output=str(tmp_path / "results"),
+        mlflow_uri=uri,
+    )
+    bench.main(config)
+    curve = bench.curve_path(config, "prior", 1)
+    assert json.loads(curve.read_text())["seed"] == 1
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("flywheel/rlt_sample_efficiency").experiment_id])
+    names = {item.path for item in client.list_artifacts(run.info.run_id)}
+    stem = "rlt_sample_efficiency_pick-place-v3"
+    assert {f"{stem}.json", f"{stem}.png", "curves"} <= names
+    curves = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "curves")}
+    assert curves == {"prior_seed0.json", "prior_seed1.json"}
+    assert run.data.params["task"] == "pick-place-v3" and "final_success.prior" in run.data.metrics
