@@ -5,6 +5,8 @@ The prior is a small MLP trained by MSE behaviour cloning to emit a ``C``-step c
 Arms, on the same evaluation seeds (``rlt_sample_efficiency.eval_seeds``):
 
 - ``prior``: the frozen BC prior;
+- ``oracle`` (known answer): the prior's chunk moved toward the clean expert's zero-order-hold chunk by at most
+  the residual scale per entry — how far a residual actor of that scale could go (``ExpertResidual``);
 - ``rlt``: ``rlt.online.OnlineRLT`` (played by ``actors.rlt_loop.RLTLoop``) in residual mode over the whole episode (no hand-off) with no RL token
   (``x`` = the 39-D state): ``clip(ã + s·π(x, ã))`` with the regularizer β on the residual's mean square,
   ``utd_ratio`` critic updates per executed chunk, the first ``critic_warmup_updates`` critic-only;
@@ -45,6 +47,7 @@ from rlt_sample_efficiency import (
 from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
 from core.types import Outcome, StepSource
+from envs.experts import ScriptedExpert
 from policies.base import ActionChunk, ObservationBatch, stack_observations
 from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import AlwaysCritical
@@ -53,6 +56,8 @@ from rlt.td3 import LearnerConfig
 from storage.records import EpisodeRecord
 
 STATE_DIM = 39
+#: Arms without learning: the prior, and the known answer (the prior + the expert's correction within ±s).
+FROZEN_ARMS = ("prior", "oracle")
 #: Env steps per window of ``training_windows``.
 TRAINING_WINDOW = 10_000
 
@@ -184,8 +189,31 @@ def train_bc_prior(config: ControlConfig, seed: int, demos: list[Demo]) -> State
     return StateBCPrior(network, config.chunk_size, f"state-bc-{config.demos}demos-seed{seed}")
 
 
-def prior_success(config: ControlConfig, prior: StateBCPrior) -> float:
-    """The prior's success rate on the evaluation seeds."""
+class ExpertResidual:
+    """The known-answer arm's policy: the prior's chunk moved toward the clean scripted expert's zero-order-hold
+    chunk by at most the residual scale per entry, ``clip(ã + clip(e − ã, ±s), ±1)`` — what a residual actor of
+    scale ``s`` could reach if it had learned the expert's correction exactly (an upper bound of its policy
+    class, up to the chunk being open-loop)."""
+
+    action_dim = 4
+
+    def __init__(self, prior: StateBCPrior, task: str, scale: float) -> None:
+        self.prior, self.scale = prior, scale
+        self.action_horizon, self.version = prior.action_horizon, f"{prior.version}+expert-residual{scale:g}"
+        self.expert = ScriptedExpert(task, 0.0, seed=0)
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        reference = self.prior.infer(batch).actions
+        expert = np.stack([self.expert.act(state) for state in np.asarray(batch["privileged"])])[:, None]
+        correction = np.clip(expert - reference, -self.scale, self.scale)
+        return ActionChunk(actions=np.clip(reference + correction, -1.0, 1.0).astype(np.float32))
+
+    def reset(self) -> None:
+        """Stateless."""
+
+
+def prior_success(config: ControlConfig, prior: StateBCPrior | ExpertResidual) -> float:
+    """A frozen policy's success rate on the evaluation seeds."""
     env = make_env(config.benchmark())
     successes = []
     for episode_seed in eval_seeds(config.benchmark()):
@@ -315,9 +343,10 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
     started = time.time()
     demos = collect_demos(config.benchmark(), seed, config.demos, config.demo_noise)
     prior = train_bc_prior(config, seed, demos)
-    if arm == "prior":
-        rate = prior_success(config, prior)
-        curve = Curve("prior", seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
+    if arm in FROZEN_ARMS:
+        policy = prior if arm == "prior" else ExpertResidual(prior, config.task, config.residual_scale)
+        rate = prior_success(config, policy)
+        curve = Curve(arm, seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
         training = None
     else:
         records = demo_records(config, demos, prior) if config.demo_fraction > 0 else []
