@@ -332,7 +332,7 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
     path = Path(config.output) / f"rlt_positive_control_{config.task}_{name}_seed{seed}.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["config"] == _arm_settings(config, arm) and saved.get("complete", True):
+        if _same_settings(saved["config"], _arm_settings(config, arm)) and saved.get("complete", True):
             return Curve(**saved["curve"])
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -360,6 +360,15 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
         )
     write(curve, True, training)
     return curve
+
+
+def _same_settings(saved: dict, current: dict) -> bool:
+    """Whether a result file was run with ``current``'s settings; a setting added after it was written counts
+    as equal when ``current`` holds that setting's default (the file was run as the default runs)."""
+    defaults = asdict(ControlConfig())
+    return all(saved.get(key, defaults.get(key)) == value for key, value in current.items()) and set(
+        saved
+    ) <= set(current)
 
 
 def _arm_settings(config: ControlConfig, arm: str) -> dict:
