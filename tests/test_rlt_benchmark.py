@@ -22,7 +22,7 @@ bench = importlib.import_module("rlt_sample_efficiency")
 
 def test_prior_bias_goes_where_the_task_names_it_and_the_goal_bias_stays_an_x_shift():
     config = bench.BenchmarkConfig(task="pick-place-v3", prior_bias=0.015)
-    assert bench.make_prior(config, 0).policy.biases == {"object_bias": (0.015, 0.0, 0.0), "goal_bias": None}
+    assert bench.make_prior(config, 0).policy.biases == {"object_bias": (0.0, 0.015, 0.0), "goal_bias": None}
     assert bench.bias_vectors("goal:-y", 0.01) == {"goal_bias": (0.0, -0.01, 0.0)}
     with pytest.raises(ValueError, match="prior bias"):
         bench.bias_vectors("hand:+x", 0.01)
