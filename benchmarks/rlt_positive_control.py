@@ -41,6 +41,7 @@ from rlt_sample_efficiency import (
     eval_seeds,
     make_env,
     plot,
+    prior_episode,
     summarize,
 )
 
@@ -212,21 +213,11 @@ class ExpertResidual:
         """Stateless."""
 
 
-def prior_success(config: ControlConfig, prior: StateBCPrior | ExpertResidual) -> float:
-    """A frozen policy's success rate on the evaluation seeds."""
-    env = make_env(config.benchmark())
-    successes = []
-    for episode_seed in eval_seeds(config.benchmark()):
-        observation, _ = env.reset(seed=episode_seed)
-        done = terminated = False
-        while not done:
-            for action in prior.infer(stack_observations([observation])).actions[0]:
-                observation, _, terminated, truncated, _ = env.step(action)
-                done = terminated or truncated
-                if done:
-                    break
-        successes.append(float(terminated))
-    return float(np.mean(successes))
+def frozen_success(config: ControlConfig, policy: StateBCPrior | ExpertResidual) -> float:
+    """A frozen policy's success rate on the evaluation seeds (``rlt_sample_efficiency.prior_episode`` each)."""
+    benchmark = config.benchmark()
+    env = make_env(benchmark)
+    return float(np.mean([prior_episode(benchmark, env, policy, seed) for seed in eval_seeds(benchmark)]))
 
 
 def learner_config(config: ControlConfig, arm: str, seed: int) -> LearnerConfig:
@@ -345,7 +336,7 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
     prior = train_bc_prior(config, seed, demos)
     if arm in FROZEN_ARMS:
         policy = prior if arm == "prior" else ExpertResidual(prior, config.task, config.residual_scale)
-        rate = prior_success(config, policy)
+        rate = frozen_success(config, policy)
         curve = Curve(arm, seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
         training = None
     else:
