@@ -22,7 +22,6 @@ finished file is reused, so seeds accumulate over runs); the summary prints mean
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -39,10 +38,14 @@ from rlt_sample_efficiency import (
     Demo,
     collect_demos,
     eval_seeds,
+    load_result,
     make_env,
     plot,
+    print_curve,
+    print_summary,
     prior_episode,
     summarize,
+    write_result,
 )
 
 from actors.recorder import EpisodeRecorder
@@ -318,18 +321,17 @@ def _curve(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve
 
 
 def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
-    """One arm and seed, from its JSON if it already landed; otherwise run it and write the JSON."""
+    """One arm and seed, from its JSON if it already landed (``load_result``); otherwise run it and write the
+    JSON (``write_result``, rewritten at every evaluation point until the run is complete)."""
     name = f"{arm}_{config.tag}" if config.tag else arm
     path = Path(config.output) / f"rlt_positive_control_{config.task}_{name}_seed{seed}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if _same_settings(saved["config"], _arm_settings(config, arm)) and saved.get("complete", True):
-            return Curve(**saved["curve"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = _arm_settings(config, arm)
+    saved = load_result(path, settings, asdict(ControlConfig()))
+    if saved is not None:
+        return saved
 
     def write(curve: Curve, complete: bool, training: list[dict] | None = None) -> None:
-        document = {"config": _arm_settings(config, arm), "complete": complete, "curve": asdict(curve)}
-        path.write_text(json.dumps(document | ({"training": training} if training else {}), indent=1))
+        write_result(path, settings, curve, complete, {"training": training} if training else None)
 
     started = time.time()
     demos = collect_demos(config.benchmark(), seed, config.demos, config.demo_noise)
@@ -353,15 +355,6 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
     return curve
 
 
-def _same_settings(saved: dict, current: dict) -> bool:
-    """Whether a result file was run with ``current``'s settings; a setting added after it was written counts
-    as equal when ``current`` holds that setting's default (the file was run as the default runs)."""
-    defaults = asdict(ControlConfig())
-    return all(saved.get(key, defaults.get(key)) == value for key, value in current.items()) and set(
-        saved
-    ) <= set(current)
-
-
 def _arm_settings(config: ControlConfig, arm: str) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "arms", "output", "tag")}
     return settings | {"arm": arm}
@@ -373,17 +366,10 @@ def main(config: ControlConfig) -> dict:
     curves = []
     for seed in config.seeds:
         for arm in config.arms:
-            curve = run_arm(config, arm, seed)
-            curves.append(curve)
-            cells = ", ".join(f"{s}:{r:.2f}" for s, r in zip(curve.steps, curve.success, strict=True))
-            print(f"{arm:>10} seed {seed} ({curve.wall_s:.0f} s): {cells}", flush=True)
+            curves.append(run_arm(config, arm, seed))
+            print_curve(curves[-1], width=10)
     summary = summarize(curves)
-    for arm, data in summary.items():
-        cells = ", ".join(
-            f"{step}: {mean:.2f} ± {half:.2f}"
-            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
-        )
-        print(f"{arm:>10} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
+    print_summary(summary, len(config.seeds), width=10)
     suffix = f"_{config.tag}" if config.tag else ""
     plot(summary, config.benchmark(), Path(config.output) / f"rlt_positive_control_{config.task}{suffix}.png")
     return summary

@@ -567,7 +567,9 @@ class EnsembleCritic(ChunkCritic):
         with torch.set_grad_enabled(not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
         inputs = torch.cat([features, actions], dim=1)
-        members = range(self.n_critics) if self.sampled is None else torch.randperm(self.n_critics)[: self.sampled]
+        members = (
+            range(self.n_critics) if self.sampled is None else torch.randperm(self.n_critics)[: self.sampled]
+        )
         return tuple(self.q_networks[int(index)](inputs) for index in members)
 
 
@@ -732,33 +734,72 @@ ARMS = {
 RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri")
 
 
-def curve_path(config: BenchmarkConfig, arm: str, seed: int) -> Path:
-    """Where ``run_cached`` keeps the curve of ``arm`` and ``seed`` under this configuration."""
+def arm_settings(config: BenchmarkConfig, arm: str) -> dict[str, Any]:
+    """The settings that change the results of ``arm`` (SAC ignores the prior and the learners' settings, the
+    prior arm the learners')."""
     relevant = ARM_SETTINGS.get(arm)
-    settings = {
+    return {
         k: v
         for k, v in asdict(config).items()
         if k not in RUN_ONLY_SETTINGS and (relevant is None or k in relevant)
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def curve_path(config: BenchmarkConfig, arm: str, seed: int) -> Path:
+    """Where ``run_cached`` keeps the curve of ``arm`` and ``seed`` under this configuration:
+    ``<output>/rlt_runs/<task>/<key>/<arm>_seed<seed>.json``, ``key`` hashing the arm's settings that differ from
+    their defaults (so a setting added later, at its default, keeps the key of the runs before it)."""
+    defaults = asdict(BenchmarkConfig())
+    changed = {k: v for k, v in arm_settings(config, arm).items() if v != defaults.get(k)}
+    key = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
     return Path(config.output) / "rlt_runs" / config.task / key / f"{arm}_seed{seed}.json"
 
 
-def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
-    """Run one arm and seed, or load its curve if this exact configuration already ran.
+def same_settings(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a result file run with ``saved`` settings was run with ``current``'s: a setting added after the
+    file was written counts as equal when ``current`` holds its ``defaults`` value (the file ran as the default
+    runs); a saved setting ``current`` no longer has makes them differ."""
+    current, defaults = json.loads(json.dumps(current)), json.loads(json.dumps(defaults))  # tuples as lists
+    return set(saved) <= set(current) and all(
+        saved.get(key, defaults.get(key)) == value for key, value in current.items()
+    )
 
-    Curves are cached under ``<output>/rlt_runs/<task>/<key>/<arm>_seed<seed>.json`` (``key`` hashes every
-    setting that changes that arm's results: SAC ignores the prior and the learners' settings, the prior arm
-    the learners'), so arms can run in parallel processes and a final call only summarizes.
-    """
-    path = curve_path(config, arm, seed)
-    if path.exists():
-        return Curve(**json.loads(path.read_text()))
-    started = time.time()
-    curve = ARMS[arm](config, seed)
-    curve.wall_s = time.time() - started
+
+def load_result(path: Path, settings: dict[str, Any], defaults: dict[str, Any]) -> Curve | None:
+    """The curve of result file ``path`` (``write_result``'s) if it is complete and ``same_settings`` as
+    ``settings``; else None (no file, a partial run, other settings)."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("complete", True) and same_settings(saved["config"], settings, defaults):
+        return Curve(**saved["curve"])
+    return None
+
+
+def write_result(
+    path: Path,
+    settings: dict[str, Any],
+    curve: Curve,
+    complete: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write one arm and seed's result file: its ``settings`` (``config``), whether the run is ``complete`` (a
+    partial one is rewritten as its points land) and its ``curve``, with any ``extra`` entries."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(curve)))
+    document = {"config": settings, "complete": complete, "curve": asdict(curve)} | (extra or {})
+    path.write_text(json.dumps(document, indent=1))
+
+
+def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
+    """Run one arm and seed, or load its curve if it already ran with these settings (``curve_path``,
+    ``load_result``), so arms can run in parallel processes and a final call only summarizes."""
+    path, settings = curve_path(config, arm, seed), arm_settings(config, arm)
+    curve = load_result(path, settings, asdict(BenchmarkConfig()))
+    if curve is None:
+        started = time.time()
+        curve = ARMS[arm](config, seed)
+        curve.wall_s = time.time() - started
+        write_result(path, settings, curve)
     return curve
 
 
@@ -793,6 +834,24 @@ def targets(summary: dict, budget: int) -> dict[str, object]:
     return result
 
 
+def print_curve(curve: Curve, width: int = 8) -> None:
+    """One arm and seed's line (its evaluation points, its wall time) and its probe, if any."""
+    cells = ", ".join(f"{step}:{rate:.2f}" for step, rate in zip(curve.steps, curve.success, strict=True))
+    print(f"{curve.arm:>{width}} seed {curve.seed} ({curve.wall_s:.0f} s): {cells}", flush=True)
+    if curve.probe:
+        print(f"{'':>{width}} probe: " + json.dumps({k: round(v, 3) for k, v in curve.probe.items()}))
+
+
+def print_summary(summary: dict, seeds: int, width: int = 8) -> None:
+    """Each arm's mean success ± 95% interval over ``seeds`` seeds at every evaluation point (``summarize``'s)."""
+    for arm, data in summary.items():
+        cells = ", ".join(
+            f"{step}: {mean:.2f} ± {half:.2f}"
+            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
+        )
+        print(f"{arm:>{width}} mean ± 95% CI over {seeds} seeds — {cells}")
+
+
 def main(config: BenchmarkConfig) -> dict:
     """Run every arm for every seed, print the table and write JSON + PNG to ``config.output``."""
     torch.set_num_threads(1)
@@ -800,21 +859,9 @@ def main(config: BenchmarkConfig) -> dict:
     for arm in config.arms:
         for seed in config.seeds:
             curves.append(run_cached(config, arm, seed))
-            pairs = zip(curves[-1].steps, curves[-1].success, strict=True)
-            print(
-                f"{arm:>8} seed {seed} ({curves[-1].wall_s:.0f} s): "
-                + ", ".join(f"{step}:{rate:.2f}" for step, rate in pairs),
-                flush=True,
-            )
-            if curves[-1].probe:
-                print(f"{'':>8} probe: " + json.dumps({k: round(v, 3) for k, v in curves[-1].probe.items()}))
+            print_curve(curves[-1])
     summary = summarize(curves)
-    for arm, data in summary.items():
-        cells = ", ".join(
-            f"{step}: {mean:.2f} ± {half:.2f}"
-            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
-        )
-        print(f"{arm:>8} mean ± 95% CI over {len(config.seeds)} seeds — {cells}")
+    print_summary(summary, len(config.seeds))
     verdict = targets(summary, config.env_steps) if {"rlt", "prior"} <= summary.keys() else {}
     print("targets:", json.dumps(verdict))
     output = Path(config.output)
@@ -846,7 +893,9 @@ def log_to_mlflow(config: BenchmarkConfig, summary: dict, stem: Path) -> str | N
         artifacts={"": [stem.with_suffix(".json"), stem.with_suffix(".png")], "curves": curves},
         tracking_uri=config.mlflow_uri,
     )
-    print(f"MLflow: run {run_id} in {config.mlflow_uri}" if run_id else "MLflow: not logged (see the warning)")
+    print(
+        f"MLflow: run {run_id} in {config.mlflow_uri}" if run_id else "MLflow: not logged (see the warning)"
+    )
     return run_id
 
 
@@ -927,7 +976,9 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
     parser.add_argument("--demos", type=int, default=defaults.demos, help="the RLPD arm's expert episodes")
     parser.add_argument("--demo-noise", type=float, default=defaults.demo_noise)
     parser.add_argument("--rlpd-critics", type=int, default=defaults.rlpd_critics)
-    parser.add_argument("--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step")
+    parser.add_argument(
+        "--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step"
+    )
     parser.add_argument(
         "--prior-table",
         action="store_true",

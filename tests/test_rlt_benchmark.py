@@ -1,5 +1,5 @@
 """``benchmarks/rlt_sample_efficiency.py`` (issue 19 item 4): priors with a systematic error, the hand-off at the
-grasp approach, the RLPD-style arm and the MLflow record of a run."""
+grasp approach, the RLPD-style arm, the per-seed result files and the MLflow record of a run."""
 
 from __future__ import annotations
 
@@ -80,12 +80,45 @@ def test_the_run_logs_its_plot_summary_and_per_seed_curves_to_mlflow(tmp_path):
     )
     bench.main(config)
     curve = bench.curve_path(config, "prior", 1)
-    assert json.loads(curve.read_text())["seed"] == 1
+    assert json.loads(curve.read_text())["curve"]["seed"] == 1
     client = MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("flywheel/rlt_sample_efficiency").experiment_id])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("flywheel/rlt_sample_efficiency").experiment_id]
+    )
     names = {item.path for item in client.list_artifacts(run.info.run_id)}
     stem = "rlt_sample_efficiency_pick-place-v3"
     assert {f"{stem}.json", f"{stem}.png", "curves"} <= names
     curves = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "curves")}
     assert curves == {"prior_seed0.json", "prior_seed1.json"}
     assert run.data.params["task"] == "pick-place-v3" and "final_success.prior" in run.data.metrics
+
+
+def test_a_result_file_is_reused_across_settings_added_after_it_at_their_default(tmp_path, monkeypatch):
+    """``run_cached`` (and the positive control's ``run_arm``) reuse a complete result file with the same
+    settings; one written before a setting existed counts as run with that setting's default, not another value.
+    A partial file, one with other settings or one with a setting that no longer exists is run again."""
+    config = bench.BenchmarkConfig(task="reach-v3", arms=("prior",), output=str(tmp_path), eval_episodes=3)
+    ran: list[int] = []
+
+    def prior_arm(config: bench.BenchmarkConfig, seed: int) -> bench.Curve:
+        ran.append(seed)
+        return bench.Curve("prior", seed, [0, 10], [0.25, 0.5])
+
+    monkeypatch.setitem(bench.ARMS, "prior", prior_arm)
+    first = bench.run_cached(config, "prior", 0)
+    assert bench.run_cached(config, "prior", 0) == first and ran == [0]
+    path = bench.curve_path(config, "prior", 0)
+    assert path == bench.curve_path(bench.replace(config, beta=2.0), "prior", 0)  # a learner setting
+    assert path != bench.curve_path(bench.replace(config, prior_noise=0.1), "prior", 0)
+    older = json.loads(path.read_text())
+    del older["config"]["prior_bias_at"]  # as written before --prior-bias-at existed
+    path.write_text(json.dumps(older))
+    settings, defaults = bench.arm_settings(config, "prior"), bench.asdict(bench.BenchmarkConfig())
+    assert bench.load_result(path, settings, defaults) == first
+    assert bench.load_result(path, settings | {"prior_bias_at": "goal:-y"}, defaults) is None
+    assert bench.load_result(path, settings | {"eval_episodes": 4}, defaults) is None
+    del settings["chunk_size"]  # a setting that is gone: the file ran with something this run cannot know
+    assert bench.load_result(path, settings, defaults) is None
+    bench.write_result(path, bench.arm_settings(config, "prior"), first, complete=False)
+    assert bench.load_result(path, bench.arm_settings(config, "prior"), defaults) is None
+    assert bench.run_cached(config, "prior", 0).success == first.success and ran == [0, 0]  # run again
