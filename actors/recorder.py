@@ -35,7 +35,9 @@ class EpisodeRecorder:
     hand-off flag (stored per step as ``metadata["critical_phase"]``, 0/1; a human step takes its chunk's, or
     the latest chunk's); ``policy_version`` names the episode's policy when its steps name several (default:
     the first step's). ``finish`` of a truncated episode keeps the observation after its last step
-    (``EpisodeRecord.final_observation``) as its steps' observations are kept.
+    (``EpisodeRecord.final_observation``) as its steps' observations are kept. With ``record_embeddings`` each
+    chunk's ``embeddings`` (the policy's, ``T×E``) are kept too (``EpisodeRecord.chunk_embeddings``, in memory
+    only; none when a chunk came without them).
     """
 
     task: str
@@ -47,6 +49,7 @@ class EpisodeRecorder:
     episode_uuid: uuid.UUID = field(default_factory=uuid.uuid4)
     prompt: str | None = None
     policy_version: str | None = None
+    record_embeddings: bool = False
     _states: list[np.ndarray] = field(default_factory=list)
     _privileged: list[np.ndarray] = field(default_factory=list)
     _images: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -63,6 +66,7 @@ class EpisodeRecorder:
     _chunk_subtasks: list[str | None] = field(default_factory=list)
     _references: list[np.ndarray | None] = field(default_factory=list)
     _chunk_critical: list[bool | None] = field(default_factory=list)
+    _embeddings: list[np.ndarray | None] = field(default_factory=list)
     _critical: list[bool | None] = field(default_factory=list)
     _subtasks: list[str | None] = field(default_factory=list)
     _subtask_sources: list[str | None] = field(default_factory=list)
@@ -79,13 +83,16 @@ class EpisodeRecorder:
         subtask: str | None = None,
         reference: np.ndarray | None = None,
         critical: bool | None = None,
+        embeddings: np.ndarray | None = None,
     ) -> int:
-        """Register a predicted ``H×D`` chunk (the subtask it was conditioned on, the reference it refines and
-        its hand-off flag, if any); returns its index."""
+        """Register a predicted ``H×D`` chunk (the subtask it was conditioned on, the reference it refines, its
+        hand-off flag and the policy's embeddings, if any); returns its index."""
         self._chunks.append(np.asarray(actions, dtype=np.float32))
         self._chunk_subtasks.append(subtask)
         self._references.append(None if reference is None else np.asarray(reference, dtype=np.float32))
         self._chunk_critical.append(None if critical is None else bool(critical))
+        kept = self.record_embeddings and embeddings is not None
+        self._embeddings.append(np.array(embeddings, dtype=np.float32) if kept else None)
         return len(self._chunks) - 1
 
     def chunk_subtask(self, chunk_id: int) -> str | None:
@@ -189,6 +196,7 @@ class EpisodeRecorder:
             prompt=self.prompt,
             injected=list(self._injected) if any(k is not None for k in self._injected) else None,
             reference_chunks=self._reference_chunks(),
+            chunk_embeddings=self._chunk_embeddings(),
             final_observation=(
                 self._kept(final_observation)
                 if outcome == Outcome.TRUNCATED and final_observation is not None
@@ -214,6 +222,12 @@ class EpisodeRecorder:
             return None
         rows = [c if r is None else r for c, r in zip(self._chunks, self._references, strict=True)]
         return np.stack(rows).astype(np.float32, copy=False)
+
+    def _chunk_embeddings(self) -> np.ndarray | None:
+        """Every chunk's embeddings stacked ``K×T×E``, or None unless each chunk brought them."""
+        if not self._embeddings or any(kept is None for kept in self._embeddings):
+            return None
+        return np.stack(self._embeddings)
 
     def truncated_snapshot(self, error: str) -> EpisodeRecord:
         """The episode so far as an ``error`` episode truncated at its last step (the recorder stays usable)."""

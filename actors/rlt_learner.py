@@ -7,7 +7,9 @@
 - The rollout workers are an ``actors.cluster.RolloutCluster`` of ``RolloutWorker``s like every other method's:
   their policy is the RLT actor (``rlt.actor.RLTActor`` in ``learner`` mode) around the prior, their episode
   sink ``LearnerSink`` commits each episode to the store (under the run) and then hands it to the learner
-  actor. ``RLTCluster.publish`` rebuilds the actor with the learner's newest weights and publishes it to the
+  actor. The workers record the prior's embeddings of every chunk (``record_embeddings``): the record the learner
+  receives carries them (``EpisodeRecord.chunk_embeddings``; the store does not keep them), so the learner
+  does not re-run the prior on the episodes it trains on. ``RLTCluster.publish`` rebuilds the actor with the learner's newest weights and publishes it to the
   running workers (each env takes it at its next chunk and keeps its hand-off; a restarted worker gets it when
   it is back).
 - ``RLTCluster.train`` collects the online env-step budget in rounds through ``RolloutCluster.collect`` (a
@@ -186,6 +188,7 @@ class RLTCluster:
                 "seed": rollouts.seed,
                 "run_id": rollouts.run_id,
                 "record_images": rollouts.record_images,
+                "record_embeddings": True,
             }
             self.workers = RolloutCluster(
                 self.num_workers,

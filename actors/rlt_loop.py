@@ -11,15 +11,14 @@ i``). Every finished episode (evaluation included) goes to the episode sink ``on
 ``mode``, the ``prior_version`` and ``actor_updates`` (the weights version that acted,
 ``RLTActor.episode_metadata``).
 
-The actor keeps the prior's embeddings of every chunk it returned (``RLTActor.keep_embeddings``); the loop takes
-them as each episode ends and hands them to the learner with the episode's record, so the learner re-runs the
-prior only where the actor did not (``OnlineRLT.episode_chunks``): the stored episodes passed to ``run``, and
-steps without a recorded chunk start.
+The worker records the prior's embeddings of every chunk the actor played (``record_embeddings``): they reach the
+learner with the episode's record (``EpisodeRecord.chunk_embeddings``), so the learner re-runs the prior only
+where the actor did not (``OnlineRLT.episode_chunks``): the stored episodes passed to ``run``, and steps without
+a recorded chunk start.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,6 @@ class RLTLoop:
         config = learner.config
         self.rlt, self.config = learner, config
         self.on_episode, self.on_stats = on_episode, on_stats
-        learner.actor.keep_embeddings = True
-        self._embeddings: dict[uuid.UUID, np.ndarray] = {}
         self.worker = RolloutWorker(
             [env_factory],
             learner.actor,
@@ -61,18 +58,18 @@ class RLTLoop:
             task=config.task,
             seed=config.seed,
             record_images=config.record_images,
+            record_embeddings=True,
         )
         self.env_steps = 0
         self.episode_index = 0
         self.stats: list[EpisodeStats] = []
         self.curve: list[EvalPoint] = []
         self.evaluated: list[EpisodeRecord] = []
-        self._evaluated_embeddings: dict[uuid.UUID, np.ndarray] = {}
 
     @property
     def last_evaluation(self) -> list[EpisodeChunks]:
         """The last evaluation's episodes at chunk level (e.g. for ``rlt.diagnostics.critic_calibration``)."""
-        return self.rlt.episode_chunks(self.evaluated, self._evaluated_embeddings)
+        return self.rlt.episode_chunks(self.evaluated)
 
     def run(
         self, records: Iterable[EpisodeRecord] = (), state_path: str | Path | None = None
@@ -95,7 +92,7 @@ class RLTLoop:
                 self.curve.append(EvalPoint(self.env_steps, self.evaluate(self.config.eval_episodes)))
                 next_eval += self.config.eval_every_steps
             played = self.play("learner", 1)
-            self.rlt.learn(played, self.take_embeddings(played))
+            self.rlt.learn(played)
             if state_path is not None:
                 save_state(state_path, self._state(end, next_eval))
         if self.config.eval_every_steps:
@@ -106,12 +103,11 @@ class RLTLoop:
         """``warmup_episodes`` prior episodes, then ``OnlineRLT.warm_up`` on them and ``records``; returns the
         transitions added to replay."""
         played = self.play("prior", self.config.warmup_episodes)
-        return self.rlt.warm_up(played, records, self.take_embeddings(played))
+        return self.rlt.warm_up(played, records)
 
     def play(self, mode: Mode, episodes: int, seeds: list[int] | None = None) -> list[EpisodeRecord]:
         """Play ``episodes`` episodes with the actor in ``mode`` (on ``seeds``; default: the run's training
-        seeds); returns their records (the actor's embeddings of them wait for ``take_embeddings`` until the
-        next ``play``)."""
+        seeds); returns their records."""
         if mode != "prior" and self.rlt.encoder is None:
             raise RLTInputError(
                 "mode: the RL token must be fitted before the learner acts (run warm-up first)"
@@ -119,7 +115,6 @@ class RLTLoop:
         if not episodes:
             return []
         self.rlt.actor.mode = mode
-        self._embeddings.clear()  # what an earlier play left untaken
         seeds = seeds or [self.config.seed * 1_000_003 + self.episode_index + k for k in range(episodes)]
         self.worker.seed_episodes(seeds)
         played: list[EpisodeRecord] = []
@@ -130,22 +125,14 @@ class RLTLoop:
         """Success rate over ``episodes`` episodes on the fixed evaluation seeds (no exploration, no updates)."""
         seeds = [self.config.eval_seed_base + index for index in range(episodes)]
         self.evaluated = self.play(mode, episodes, seeds)
-        self._evaluated_embeddings = self.take_embeddings(self.evaluated)
         return float(np.mean([record.outcome == Outcome.SUCCESS for record in self.evaluated]))
-
-    def take_embeddings(self, records: list[EpisodeRecord]) -> dict[uuid.UUID, np.ndarray]:
-        """The actor's prior embeddings per chunk of each of ``records`` played here (forgotten here)."""
-        return {r.uuid: self._embeddings.pop(r.uuid) for r in records if r.uuid in self._embeddings}
 
     def close(self) -> None:
         """Close the worker's env."""
         self.worker.close()
 
     def _emit(self, record: EpisodeRecord) -> None:
-        """The worker's sink: keep the actor's embeddings of the episode, hand the record on, count it."""
-        embeddings = self.rlt.actor.pop_embeddings(0)  # the worker's only env
-        if embeddings is not None:
-            self._embeddings[record.uuid] = embeddings
+        """The worker's sink: hand the record on, count it."""
         mode = self.rlt.actor.mode
         if self.on_episode is not None:
             self.on_episode(record)

@@ -132,7 +132,9 @@ class RolloutWorker:
     executed (default: synchronously, no delay, the whole chunk). RTC needs a policy that accepts guidance (``policies.rtc.supports_inpainting``);
     with any other policy the worker logs a warning and runs naive async instead. ``journal_dir`` turns on the
     crash journal (``<journal_dir>/worker<worker_id>.sqlite``); building the worker commits what a previous,
-    killed incarnation with the same id left there (``recovered_episodes`` says how many).
+    killed incarnation with the same id left there (``recovered_episodes`` says how many). With
+    ``record_embeddings`` each record carries the policy's embeddings of its chunks (``chunk_embeddings``, e.g.
+    the RLT prior's, so its learner need not re-run the prior; the store does not keep them).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class RolloutWorker:
         seed: int = 0,
         run_id: str | None = None,
         record_images: bool = True,
+        record_embeddings: bool = False,
         execution: ExecutionConfig | None = None,
         episode_metadata: dict[str, Any] | None = None,
         journal_dir: str | None = None,
@@ -157,7 +160,7 @@ class RolloutWorker:
         self.sink = sink
         self.worker_id = worker_id
         self.run_id = run_id
-        self.record_images = record_images
+        self.record_images, self.record_embeddings = record_images, record_embeddings
         self.execution = execution or ExecutionConfig()
         self.execution.steps(policy.action_horizon)  # fail fast if s and d do not fit the chunk
         self.episode_metadata = dict(episode_metadata or {})
@@ -325,6 +328,7 @@ class RolloutWorker:
             run_id=self.run_id,
             metadata=metadata,
             record_images=self.record_images,
+            record_embeddings=self.record_embeddings,
             prompt=observation.get("prompt"),
         )
         if self._per_env:
@@ -371,6 +375,7 @@ class RolloutWorker:
                 subtask=subtasks[index],
                 reference=None if result.reference is None else result.reference[index],
                 critical=None if result.critical is None else bool(result.critical[index]),
+                embeddings=None if result.embeddings is None else result.embeddings[index],
             )
             version = self.policy.version
             if result.versions is not None:  # the rows name who produced them (RLT: the prior or the learner)

@@ -13,9 +13,9 @@ Rows are envs: ``infer(batch)`` treats row ``i`` as env ``i``; ``infer_envs(batc
 (``actors.rollout.RolloutWorker`` does, so a worker stepping several envs keeps one hand-off per env), and
 ``infos`` the env info entries its switch declares (``info_keys``) for each row; without them it sees ``{}``.
 
-With ``keep_embeddings`` the actor also keeps, per env, the prior's embeddings of every chunk it returned since
-that env's ``reset_env``: chunk ``k`` of the env's episode is its recorder's chunk ``k``, so a learner in the same
-process takes them (``pop_embeddings``) with the episode's record instead of re-running the prior.
+The returned chunk also carries the prior's embeddings (``embeddings``): a rollout worker built with
+``record_embeddings`` keeps them in each episode's record (``EpisodeRecord.chunk_embeddings``), so the learner
+does not re-run the prior on the chunks the actor played.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class RLTActor:
     (``use_encoder``): until then the prior acts everywhere.
     ``exploration`` gives the noise of ``"learner"`` mode (``OnlineSettings.exploration*``); ``seed`` its stream.
     With ``defer_until_trained`` an untrained learner (no gradient step yet) leaves the critical phase to the prior.
-    ``keep_embeddings`` keeps each env's chunk-start embeddings for ``pop_embeddings`` (module docstring).
     """
 
     def __init__(
@@ -60,7 +59,6 @@ class RLTActor:
         state_key: str = "state",
         seed: int = 0,
         defer_until_trained: bool = False,
-        keep_embeddings: bool = False,
     ) -> None:
         self.prior, self.learner, self.encoder = prior, learner, encoder
         self.rl_version, self.state_key = rl_version, state_key
@@ -73,8 +71,6 @@ class RLTActor:
         self._switches: dict[int, PhaseSwitch] = {}
         self._critical: dict[int, bool] = {}
         self._offsets: dict[int, np.ndarray] = {}
-        self.keep_embeddings = keep_embeddings
-        self._embeddings: dict[int, list[np.ndarray]] = {}
         self.mode = mode
 
     @property
@@ -126,7 +122,6 @@ class RLTActor:
         self._switches.clear()
         self._critical.clear()
         self._offsets.clear()
-        self._embeddings.clear()
         self.prior.reset()
 
     def reset_env(self, env: int) -> None:
@@ -134,7 +129,6 @@ class RLTActor:
         self._switches.pop(env, None)
         self._critical.pop(env, None)
         self._offsets.pop(env, None)
-        self._embeddings.pop(env, None)
         self.prior.reset()
 
     def take_over(self, previous: Policy) -> None:
@@ -142,7 +136,6 @@ class RLTActor:
         if isinstance(previous, RLTActor):
             self._switches, self._critical = dict(previous._switches), dict(previous._critical)
             self._offsets = dict(previous._offsets)
-            self._embeddings = {env: list(kept) for env, kept in previous._embeddings.items()}
 
     def episode_metadata(self) -> dict[str, Any]:
         """What each episode records about the actor (``RolloutWorker`` asks at its start): ``learner: rlt``, the
@@ -188,9 +181,6 @@ class RLTActor:
         versions = [self.prior.version] * len(envs)
         for row in acting:
             versions[row] = self.rl_version
-        if self.keep_embeddings:
-            for row, env in enumerate(envs):
-                self._embeddings.setdefault(env, []).append(np.array(proposal.embeddings[row], np.float32))
         return ActionChunk(
             actions=actions.astype(np.float32),
             embeddings=proposal.embeddings,
@@ -199,12 +189,6 @@ class RLTActor:
             critical=flags,
             versions=versions,
         )
-
-    def pop_embeddings(self, env: int) -> np.ndarray | None:
-        """The prior's ``K×T×E`` embeddings of the ``K`` chunks env ``env`` was given since its ``reset_env`` (row
-        ``k``: its episode's chunk ``k``), forgotten here; None without ``keep_embeddings`` or any chunk."""
-        kept = self._embeddings.pop(env, None)
-        return np.stack(kept) if kept else None
 
     def references(self, proposal: ActionChunk) -> np.ndarray:
         """The prior's ``B×C×D`` reference chunks (raises when it has no embeddings or too short a horizon)."""

@@ -5,8 +5,9 @@ Episodes are played by the RLT actor (``rlt.actor.RLTActor``, ``OnlineRLT.actor`
 (``actors.rollout.RolloutWorker`` + ``actors.recorder.EpisodeRecorder``; the driver is ``actors.rlt_loop``), which
 stores for every chunk the executed chunk and the prior's reference ``ã`` (``EpisodeRecord.reference_chunks``) and
 per step the hand-off flag (``metadata["critical_phase"]``). ``OnlineRLT`` turns each record back into chunk
-steps (``episode_chunks_from_record``: the embeddings at chunk starts are the actor's, handed over with the
-record by an in-process loop, or else the prior re-run there) and those into
+steps (``episode_chunks_from_record``: the embeddings at chunk starts are the actor's, carried by the record
+from the rollout worker (``EpisodeRecord.chunk_embeddings``, in process or over Ray), or else the prior re-run
+there: a record loaded from the store) and those into
 chunk transitions (``chunk_transitions``). Interventions come from the env (``envs.InterventionWrapper``): a
 human step executed ``info["executed_action"]``; a chunk with any human step is learned with the executed
 actions as the action and as ``ã`` (whole chunk or per human step, ``LearnerConfig.human_mask``). Reward is
@@ -24,8 +25,7 @@ episodes), seeds the replay buffers from them and trains on them; ``learn`` adds
 from __future__ import annotations
 
 import itertools
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +42,6 @@ from rlt.rl_token import RLToken, fit_rl_token
 from rlt.state import RLStateEncoder
 from rlt.td3 import ChunkedTD3
 from storage.records import EpisodeRecord
-
-Embeddings = Mapping[uuid.UUID, np.ndarray]
-"""Per episode uuid, the prior's ``K×T×E`` embeddings at its ``K`` recorded chunk starts (the actor's)."""
 
 
 @dataclass(frozen=True)
@@ -160,16 +157,10 @@ class OnlineRLT:
         """``C``."""
         return self.learner.config.chunk_size
 
-    def warm_up(
-        self,
-        played: list[EpisodeRecord],
-        stored: Iterable[EpisodeRecord] = (),
-        embeddings: Embeddings | None = None,
-    ) -> int:
+    def warm_up(self, played: list[EpisodeRecord], stored: Iterable[EpisodeRecord] = ()) -> int:
         """Fit the RL token on ``played`` (the prior's warm-up episodes) and ``stored`` episodes, add both to
-        replay (``stored`` to the second replay when there is one) and train on them; returns transitions added.
-        ``embeddings``: the actor's, per played episode (see ``episode_chunks``)."""
-        fresh, kept = self.episode_chunks(played, embeddings), self.episode_chunks(list(stored))
+        replay (``stored`` to the second replay when there is one) and train on them; returns transitions added."""
+        fresh, kept = self.episode_chunks(played), self.episode_chunks(list(stored))
         self.fit_token([*fresh, *kept])
         added, chunks = self._add_to_replay(fresh)
         stored_added, stored_chunks = self._add_to_replay(kept, demo=True)
@@ -211,13 +202,12 @@ class OnlineRLT:
         self.actor.use_learner(learner)
         self.learner = learner
 
-    def learn(self, records: list[EpisodeRecord], embeddings: Embeddings | None = None) -> int:
+    def learn(self, records: list[EpisodeRecord]) -> int:
         """Add the episodes' transitions to replay and train on them (``utd_ratio`` updates per new chunk, once
-        the buffer holds ``learning_starts``); returns the number of transitions added. ``embeddings``: the
-        actor's, per episode (see ``episode_chunks``)."""
+        the buffer holds ``learning_starts``); returns the number of transitions added."""
         if self.encoder is None:
             raise RLTInputError("learn: the RL token must be fitted first (warm_up, fit_token or use_token)")
-        added, chunks = self._add_to_replay(self.episode_chunks(records, embeddings))
+        added, chunks = self._add_to_replay(self.episode_chunks(records))
         self.learner.update(chunks)
         return added
 
@@ -230,14 +220,10 @@ class OnlineRLT:
         """
         return self._add_to_replay(self.episode_chunks(list(records)), demo=True)[0]
 
-    def episode_chunks(
-        self, records: list[EpisodeRecord], embeddings: Embeddings | None = None
-    ) -> list[EpisodeChunks]:
+    def episode_chunks(self, records: list[EpisodeRecord]) -> list[EpisodeChunks]:
         """The records at chunk level (``episode_chunks_from_record`` with this learner's prior, switch,
-        stride and state key). ``embeddings`` maps an episode's uuid to the prior's embeddings at its chunks'
-        starts as the actor computed them (``RLTActor.pop_embeddings``); the prior is re-run only for the
-        records (and the steps) it does not cover."""
-        embeddings = embeddings or {}
+        stride and state key): the prior is re-run only where a record does not carry the actor's embeddings
+        (``EpisodeRecord.chunk_embeddings``)."""
         return [
             episode_chunks_from_record(
                 record,
@@ -248,7 +234,6 @@ class OnlineRLT:
                 state_key=self.config.state_key,
                 n_step=self.learner.config.n_step,
                 bootstrap_truncated=self.learner.config.bootstrap_truncated,
-                embeddings=embeddings.get(record.uuid),
             )
             for record in records
         ]
@@ -397,10 +382,9 @@ def episode_chunks_from_record(
     state_key: str = "state",
     n_step: int = 1,
     bootstrap_truncated: bool = False,
-    embeddings: np.ndarray | None = None,
 ) -> EpisodeChunks:
     """Rebuild chunk steps from a stored episode, re-running ``prior`` at each chunk start for embeddings (unless
-    the actor's ``embeddings`` are given).
+    the record carries the actor's, ``chunk_embeddings``).
 
     Chunk starts are the steps with ``chunk_offsets == 0``, and every ``chunk_size`` steps where none comes (a
     human takeover, a record without chunks). The reference is the recorded reference chunk
@@ -415,15 +399,16 @@ def episode_chunks_from_record(
     With ``bootstrap_truncated``, a truncated record's ``final_observation`` (the observation after its last
     step) becomes ``EpisodeChunks.final``, its reference the prior's fresh chunk there; without it, or for a
     record without one (stored before it existed, or by a writer that keeps none), there is no ``final`` and
-    the last transitions are dropped. ``embeddings`` (``K×T×E``, one per recorded chunk: the prior's embeddings
-    at its start, as the actor computed them) spare the prior's re-run at the recorded chunk starts, whose
-    reference is then the recorded one; it still runs where no chunk was recorded (off-grid, inner, final).
+    the last transitions are dropped. The record's ``chunk_embeddings`` (``K×T×E``, one per recorded chunk: the
+    prior's embeddings at its start, as the actor computed them) spare the prior's re-run at the recorded chunk
+    starts, whose reference is then the recorded one; it still runs where no chunk was recorded (off-grid,
+    inner, final).
     """
-    length = record.length
+    length, embeddings = record.length, record.chunk_embeddings
     if embeddings is not None and len(embeddings) != len(record.chunks):
         raise RLTInputError(
-            f"embeddings: expected one per recorded chunk ({len(record.chunks)}) of episode {record.uuid}, "
-            f"got {len(embeddings)}"
+            f"chunk_embeddings: expected one per recorded chunk ({len(record.chunks)}) of episode "
+            f"{record.uuid}, got {len(embeddings)}"
         )
 
     def context_at(t: int, observation: Observation | None = None) -> ChunkContext:

@@ -132,6 +132,9 @@ ARRAY_FIELDS = (
     "chunks",
 )
 
+#: ``EpisodeRecord`` fields that live in memory only: the store and the spool neither write nor expect them.
+IN_MEMORY_FIELDS = frozenset({"chunk_embeddings"})
+
 
 @dataclass
 class EpisodeRecord:
@@ -152,7 +155,10 @@ class EpisodeRecord:
     executed). ``final_observation`` (optional) is the observation after the last step of an episode cut by a
     time limit (outcome ``TRUNCATED``; gymnasium's ``final_observation``): ``state``, ``prompt``,
     ``privileged`` exactly when the steps have it and the steps' cameras (none when they recorded no images);
-    a learner bootstraps its last transition from it.
+    a learner bootstraps its last transition from it. ``chunk_embeddings`` (optional, ``K×T×E`` float32, one row
+    per chunk) holds the policy's backbone embeddings at each chunk (``ActionChunk.embeddings``) when the rollout
+    recorded them (``RolloutWorker(record_embeddings=True)``, RLT): they travel with the record to a learner in
+    the same process or over Ray, but no store or spool keeps them (``IN_MEMORY_FIELDS``).
     """
 
     uuid: uuid.UUID
@@ -183,6 +189,7 @@ class EpisodeRecord:
     injected: list[str | None] | None = None
     reference_chunks: np.ndarray | None = None
     final_observation: Observation | None = None
+    chunk_embeddings: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -260,6 +267,8 @@ class EpisodeRecord:
                     f"shape {self.chunks.shape} (as chunks)",
                     f"shape {self.reference_chunks.shape}",
                 )
+        if self.chunk_embeddings is not None:
+            _check_array("chunk_embeddings", self.chunk_embeddings, np.float32, 3, n_chunks, finite=True)
 
     def _validate_images(self, steps: int) -> None:
         if not isinstance(self.images, dict):

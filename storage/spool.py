@@ -34,6 +34,7 @@ from core.types import Observation
 from storage import codec
 from storage.records import (
     ARRAY_FIELDS,
+    IN_MEMORY_FIELDS,
     EpisodeRecord,
     EpisodeValidationError,
     InterventionSegment,
@@ -106,7 +107,7 @@ def decode_episode(data: bytes) -> EpisodeRecord:
     if body.get("format") not in (EPISODE_FORMAT, _FORMAT_UNTAGGED):
         raise EpisodeDecodeError("format", repr(EPISODE_FORMAT), repr(body.get("format")))
     tagged = body["format"] == EPISODE_FORMAT
-    expected = {f.name for f in dataclasses.fields(EpisodeRecord)} | {"format"}
+    expected = ({f.name for f in dataclasses.fields(EpisodeRecord)} - IN_MEMORY_FIELDS) | {"format"}
     unknown = sorted(set(body) - expected)
     if unknown:
         raise EpisodeDecodeError("body", f"only the fields {sorted(expected)}", f"unknown {unknown}")

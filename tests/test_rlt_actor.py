@@ -17,7 +17,7 @@ from rlt.phase import DistanceSwitch, InfoKeySwitch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, RLStateEncoder, StateProjectionEmbedder
 from rlt.td3 import ChunkedTD3, LearnerConfig
-from rlt.toy import BiasedReachPrior
+from rlt.toy import BiasedReachPrior, PointReachEnv
 
 torch.set_num_threads(1)
 
@@ -88,19 +88,45 @@ def test_modes_prior_eval_and_learner() -> None:
         actor.mode = "greedy"
 
 
-def test_kept_embeddings_are_per_env_and_per_chunk_since_the_envs_reset() -> None:
+def test_each_record_carries_the_priors_embeddings_of_its_own_chunks_from_a_two_env_worker() -> None:
+    """Two envs of different episode lengths (3 and 4 chunks) share the worker's batched ``infer_envs`` calls;
+    with ``record_embeddings`` each record holds, row ``k``, the embeddings the actor returned for its env's
+    chunk ``k`` (``EpisodeRecord.chunk_embeddings``); without it, none."""
     actor = _actor()
-    batch = stack_observations([_observation(FAR), _observation(NEAR)])
-    actor.infer_envs(batch, [5, 7])
-    assert actor.pop_embeddings(5) is None  # keep_embeddings is off by default
-    actor.keep_embeddings = True
-    first = actor.infer_envs(batch, [5, 7])
-    second = actor.infer_envs(stack_observations([_observation(NEAR)]), [7])
-    actor.reset_env(5)
-    kept = actor.pop_embeddings(7)
-    assert kept.shape == (2, 4, 16) and actor.pop_embeddings(7) is None and actor.pop_embeddings(5) is None
-    np.testing.assert_array_equal(kept[0], first.embeddings[1])  # env 7's chunk 0: row 1 of the first batch
-    np.testing.assert_array_equal(kept[1], second.embeddings[0])
+    returned: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    infer_envs = actor.infer_envs
+
+    def spy(batch, envs, infos=None):
+        chunk = infer_envs(batch, envs, infos)
+        for row, env in enumerate(envs):
+            returned[env].append(chunk.embeddings[row])
+        return chunk
+
+    actor.infer_envs = spy
+    envs = [PointReachEnv(tolerance=0.0, max_steps=25), PointReachEnv(tolerance=0.0, max_steps=35)]
+    for record_embeddings in (True, False):
+        records = []
+        worker = RolloutWorker(
+            [lambda env=env: env for env in envs],
+            actor,
+            records.append,
+            task="point-reach",
+            record_images=False,
+            record_embeddings=record_embeddings,
+        )
+        worker.run(episodes=5)
+        worker.close()
+        if not record_embeddings:
+            assert all(record.chunk_embeddings is None for record in records)
+            continue
+        for env in (0, 1):
+            played = [record for record in records if record.env_id == f"worker0/env{env}"]
+            assert {len(record.chunks) for record in played} == {3 + env}
+            kept = np.concatenate([record.chunk_embeddings for record in played])
+            assert kept.shape == (len(played) * (3 + env), 4, 16)
+            np.testing.assert_array_equal(kept, np.stack(returned[env][: len(kept)]))
+            for record in played:
+                record.validate()
 
 
 class _InfoLog(gym.Wrapper):

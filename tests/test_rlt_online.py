@@ -3,6 +3,8 @@ prior, records, interventions, seeding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from rlt.td3 import LearnerConfig
 from rlt.toy import BiasedReachPrior, PointReachEnv
 from storage import ExperienceStore
 from storage.records import EpisodeRecord, StepSource
+from storage.spool import decode_episode, encode_episode
 
 torch.set_num_threads(1)
 
@@ -170,11 +173,14 @@ def _prior_calls(prior: _CountingPrior, work) -> tuple[int, object]:
     return prior.calls - before, result
 
 
-def test_the_learner_takes_the_actors_embeddings_instead_of_re_running_the_prior() -> None:
+def test_the_learner_takes_the_actors_embeddings_from_the_record_instead_of_re_running_the_prior(
+    tmp_path,
+) -> None:
     """25-step episodes, C = 10: 3 chunks each, so the actor queries the prior 3 times per episode. The learner
-    used to re-run it at each chunk start (3 more per episode: 6 in all); with the actor's embeddings handed over
-    with the record it runs 0 times (with ``bootstrap_truncated``, once: at the final observation, where the
-    actor never acted), and the transitions are the same. Records without them (from the store) re-run it."""
+    used to re-run it at each chunk start (3 more per episode: 6 in all); with the actor's embeddings in the
+    record (``chunk_embeddings``) it runs 0 times (with ``bootstrap_truncated``, once: at the final observation,
+    where the actor never acted), and the transitions are the same. The store and the spool keep no embeddings:
+    records loaded back re-run the prior."""
     loop = _loop(
         env=PointReachEnv(tolerance=0.0, max_steps=25),
         switch=AlwaysCritical(),
@@ -185,11 +191,18 @@ def test_the_learner_takes_the_actors_embeddings_instead_of_re_running_the_prior
     )
     prior = loop.rlt.prior = _CountingPrior(loop.rlt.prior)
     acted, records = _prior_calls(prior, lambda: loop.play("prior", 2))
-    embeddings = loop.take_embeddings(records)
     assert [len(record.chunks) for record in records] == [3, 3] and acted == 6
-    assert {uuid: e.shape for uuid, e in embeddings.items()} == {r.uuid: (3, 4, 16) for r in records}
-    handed, episodes = _prior_calls(prior, lambda: loop.rlt.episode_chunks(records, embeddings))
-    re_run, fallback = _prior_calls(prior, lambda: loop.rlt.episode_chunks(records))
+    assert [record.chunk_embeddings.shape for record in records] == [(3, 4, 16)] * 2
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt.db'}")
+    store.upgrade()
+    store.register_policy_version(prior.version, "scripted")
+    for record in records:
+        store.write_episode(record)
+    loaded = [store.load_episode(record.uuid) for record in records]
+    assert [record.chunk_embeddings for record in loaded] == [None, None]
+    assert decode_episode(encode_episode(records[0])).chunk_embeddings is None
+    handed, episodes = _prior_calls(prior, lambda: loop.rlt.episode_chunks(records))
+    re_run, fallback = _prior_calls(prior, lambda: loop.rlt.episode_chunks(loaded))
     assert (handed, re_run) == (0, 6)
     for episode, again in zip(episodes, fallback, strict=True):
         for step, other in zip(episode.steps, again.steps, strict=True):
@@ -197,15 +210,16 @@ def test_the_learner_takes_the_actors_embeddings_instead_of_re_running_the_prior
             np.testing.assert_array_equal(step.context.reference, other.context.reference)
             np.testing.assert_array_equal(step.context.proprio, other.context.proprio)
     loop.rlt.learner.config = loop.rlt.learner.config.model_copy(update={"bootstrap_truncated": True})
-    assert _prior_calls(prior, lambda: loop.rlt.episode_chunks(records, embeddings))[0] == 2
+    assert _prior_calls(prior, lambda: loop.rlt.episode_chunks(records))[0] == 2
     loop.rlt.learner.config = loop.rlt.learner.config.model_copy(update={"bootstrap_truncated": False})
     calls, _ = _prior_calls(prior, loop.run)
     assert (
         len(loop.stats) == 2 + 2 + 2
     )  # the records played above, then the run's warm-up and online episodes
     assert calls == 4 * 3  # 4 episodes of 3 chunks: the actor's queries only
+    short = dataclasses.replace(records[0], chunk_embeddings=records[0].chunk_embeddings[:2])
     with pytest.raises(RLTInputError, match="one per recorded chunk"):
-        loop.rlt.episode_chunks(records, {records[0].uuid: embeddings[records[0].uuid][:2]})
+        loop.rlt.episode_chunks([short])
 
 
 class _TakeOverBetweenSteps:

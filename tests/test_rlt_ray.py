@@ -1,5 +1,6 @@
 """Online RLT on real Ray (actors.rlt_learner): a RolloutCluster of RolloutWorkers playing the RLT actor feeds one
-learner actor through the store; new weights reach the running workers; a SIGKILLed worker is restarted."""
+learner actor through the store; new weights reach the running workers; a SIGKILLed worker is restarted; the
+learner trains on the workers' prior embeddings without re-running the prior."""
 
 from __future__ import annotations
 
@@ -74,6 +75,65 @@ def local_ray():
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+class _CallLog:
+    """A prior passing ``infer`` on and appending one line (the calling pid) per call to the file ``path``."""
+
+    def __init__(self, prior, path: str) -> None:
+        self.prior, self.path = prior, path
+        self.version, self.action_horizon, self.action_dim = (
+            prior.version,
+            prior.action_horizon,
+            prior.action_dim,
+        )
+
+    def infer(self, batch):
+        with open(self.path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        return self.prior.infer(batch)
+
+    def reset(self) -> None:
+        self.prior.reset()
+
+
+def _logged_learner(path: str, seed: int) -> OnlineRLT:
+    """The toy learner whose prior logs its calls to ``path`` (only the learner actor builds it)."""
+    learner = _toy_learner(seed, warmup_episodes=10)
+    learner.prior = _CallLog(learner.prior, path)
+    return learner
+
+
+def test_the_learner_actor_trains_on_the_workers_embeddings_without_re_running_the_prior(
+    local_ray, tmp_path
+) -> None:
+    """The rollout worker's records reach the learner actor with the prior's embeddings of their chunks, so the
+    learner's prior is never called, neither for the driver's warm-up episodes nor for the online ones; the same
+    episodes loaded from the store (which keeps no embeddings) make it re-run the prior once per chunk."""
+    calls = tmp_path / "learner-prior-calls.txt"
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt-ray.db'}")
+    store.upgrade()
+    driver = _toy_loop(0, warmup_episodes=10)
+    store.register_policy_version(driver.rlt.prior.version, "scripted")
+    store.register_policy_version(driver.config.rl_version, "rlt")
+    rollouts = Rollouts([PointReachEnv], "point-reach", store.url, "rlt-ray", seed=1, env_steps_per_call=60)
+    learner_factory = functools.partial(_logged_learner, str(calls))
+    cluster = RLTCluster(
+        learner_factory, driver.rlt, rollouts, 1, seed=0, learner_cpus=0.5, cpus_per_worker=0.5
+    )
+    try:
+        assert cluster.warm_up(driver.play("prior", 10)) > 0
+        assert cluster.train(180, round_steps=90) >= 180
+        received = cluster.history()
+        online_calls = calls.read_text().count("\n") if calls.exists() else 0
+        committed = list(store.iter_episodes(run_id="rlt-ray", images=False))
+        cluster.warm_up([], committed[:2])  # records from the store: no embeddings, the prior runs again
+        stored_calls = calls.read_text().count("\n") - online_calls
+    finally:
+        cluster.shutdown()
+    assert len(received) >= len(committed) - 1 and sum(episode.transitions for episode in received) > 0
+    assert online_calls == 0
+    assert stored_calls == sum(len(record.chunks) for record in committed[:2]) > 0
 
 
 @pytest.mark.slow
