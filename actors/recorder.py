@@ -159,6 +159,17 @@ class EpisodeRecorder:
 
         ``final_observation`` is the observation after the last step; it is kept for a ``TRUNCATED`` episode
         only (the one a learner bootstraps from)."""
+        return self._record(outcome, interventions, error, final_observation, self._chunk_embeddings())
+
+    def _record(
+        self,
+        outcome: Outcome,
+        interventions: list[InterventionSegment] | None,
+        error: str | None,
+        final_observation: Observation | None,
+        chunk_embeddings: np.ndarray | None,
+    ) -> EpisodeRecord:
+        """The record of the steps so far (``finish``)."""
         action_dim = self._actions[0].shape[0] if self._actions else 0
         horizon = self._chunks[0].shape[0] if self._chunks else 1
         versions = [v for v in self._versions if v is not None]
@@ -196,7 +207,7 @@ class EpisodeRecorder:
             prompt=self.prompt,
             injected=list(self._injected) if any(k is not None for k in self._injected) else None,
             reference_chunks=self._reference_chunks(),
-            chunk_embeddings=self._chunk_embeddings(),
+            chunk_embeddings=chunk_embeddings,
             final_observation=(
                 self._kept(final_observation)
                 if outcome == Outcome.TRUNCATED and final_observation is not None
@@ -230,8 +241,9 @@ class EpisodeRecorder:
         return np.stack(self._embeddings)
 
     def truncated_snapshot(self, error: str) -> EpisodeRecord:
-        """The episode so far as an ``error`` episode truncated at its last step (the recorder stays usable)."""
-        record = self.finish(Outcome.ERROR, error=error)
+        """The episode so far as an ``error`` episode truncated at its last step (the recorder stays usable; a
+        journal snapshot, so without embeddings, which no journal keeps)."""
+        record = self._record(Outcome.ERROR, None, error, None, None)
         record.truncated[-1] = True
         return record
 
