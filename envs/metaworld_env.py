@@ -103,6 +103,9 @@ HANDOFF_PAIRS: dict[str, tuple[slice, slice]] = {
 """Named pairs of privileged-state positions whose distance marks a task's precision-critical phase: what
 ``rlt.phase.handoff_switch`` hands off to RLT on (``--handoff``, a pipeline's ``rlt.handoff``). ``hand-object-xy``
 is the hand's horizontal distance to the object: small once the hand is above it, before the grasp descent."""
+HANDOFF_INFO_KEYS = ("grasp_success", "near_object")
+"""Meta-World's per-step 0/1 phase flags in the env info (after the first step; ``reset``'s info has none): what
+an ``info:<key>`` hand-off reads (``rlt.phase.InfoKeySwitch``; ``--handoff info:grasp_success``)."""
 PRECISION_HANDOFFS: dict[str, tuple[str, float]] = {
     "pick-place-v3": ("hand-object-xy", 0.04),
     "peg-insert-side-v3": ("hand-object-xy", 0.05),

@@ -16,8 +16,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-#: The hand-off from the first chunk; the others are ``envs.metaworld_env.HANDOFF_PAIRS`` distance pairs.
+#: The hand-off from the first chunk; the others are ``envs.metaworld_env.HANDOFF_PAIRS`` distance pairs and
+#: env info flags (``INFO_HANDOFF``).
 ALWAYS = "always"
+#: The prefix of a hand-off on an env info entry, ``info:<key>`` (``rlt.phase.InfoKeySwitch``), e.g.
+#: ``info:grasp_success``; the key is one of ``envs.metaworld_env.HANDOFF_INFO_KEYS``.
+INFO_HANDOFF = "info:"
+
+
+def info_handoff_key(handoff: str) -> str | None:
+    """The env info key of an ``info:<key>`` hand-off; None for any other hand-off."""
+    return handoff.removeprefix(INFO_HANDOFF) if handoff.startswith(INFO_HANDOFF) else None
 
 
 class _Settings(BaseModel):
@@ -175,15 +184,17 @@ class RLTConfig(_Settings):
     """One RLT run's settings: the hand-off, the RL token's width, the online loop's and the learner's.
 
     The pipeline config's ``rlt`` block and ``flywheel rlt --config`` are this model. ``handoff`` picks the
-    critical phase where RLT takes over: ``always`` (from the first chunk) or the distance between two
-    privileged-state points falling under ``handoff_distance``. A scripted prior gets fixed random-projection
+    critical phase where RLT takes over: ``always`` (from the first chunk), the distance between two
+    privileged-state points falling under ``handoff_distance``, or ``info:<key>``: the first chunk start whose
+    env info has ``key`` set (``rlt.phase.InfoKeySwitch``; ``handoff_distance`` is then unused). A scripted prior gets fixed random-projection
     embeddings of the privileged state (``rlt.state.EmbeddingPrior``); a VLA prior's own embeddings feed the
     RL token (``z_dim`` wide).
     """
 
     handoff: str = Field(
         "hand-object",
-        description="where RLT takes over: always, or a distance pair (hand-object, object-goal, …)",
+        description="where RLT takes over: always, a distance pair (hand-object, object-goal, …) or "
+        "info:<key>, an env info flag (info:grasp_success, info:near_object)",
     )
     handoff_distance: float = Field(
         0.05, gt=0.0, description="hand off once the pair's distance is below this"
@@ -195,11 +206,15 @@ class RLTConfig(_Settings):
     @field_validator("handoff")
     @classmethod
     def _known_handoff(cls, handoff: str) -> str:
-        from envs.metaworld_env import HANDOFF_PAIRS  # here, so that reading defaults imports no simulator
+        # here, so that reading defaults imports no simulator
+        from envs.metaworld_env import HANDOFF_INFO_KEYS, HANDOFF_PAIRS
 
-        if handoff != ALWAYS and handoff not in HANDOFF_PAIRS:
-            raise ValueError(f"expected {ALWAYS!r} or a pair of {sorted(HANDOFF_PAIRS)}, got {handoff!r}")
-        return handoff
+        if handoff == ALWAYS or handoff in HANDOFF_PAIRS or info_handoff_key(handoff) in HANDOFF_INFO_KEYS:
+            return handoff
+        raise ValueError(
+            f"expected {ALWAYS!r} or a pair of {sorted(HANDOFF_PAIRS)}, or {INFO_HANDOFF}<key> with a key of "
+            f"{list(HANDOFF_INFO_KEYS)}, got {handoff!r}"
+        )
 
     @model_validator(mode="before")
     @classmethod

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from envs.metaworld_env import HANDOFF_PAIRS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from policies.base import Policy
-from rlt.config import ALWAYS
-from rlt.phase import AlwaysCritical, PhaseSwitch, handoff_switch
+from rlt.config import ALWAYS, info_handoff_key
+from rlt.phase import AlwaysCritical, InfoKeySwitch, PhaseSwitch, handoff_switch
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 
 #: Shape of the stand-in "VLA embeddings" of a prior that has none: a fixed projection of the 39-D sim state.
@@ -63,7 +63,8 @@ class RLTDeployment:
     """The task, the prior and the hand-off of an RLT policy.
 
     ``handoff`` is a ``envs.metaworld_env.HANDOFF_PAIRS`` pair (the actor takes over once its distance falls below
-    ``handoff_distance``) or ``"always"`` (from the first chunk; build with ``with_handoff``). Manifests
+    ``handoff_distance``), ``"always"`` (from the first chunk) or ``"info:<key>"`` (once the env info flag
+    ``key`` is set; distance 0); build with ``with_handoff``. Manifests
     written before ``with_handoff`` may say a pair with distance ``≤ 0``, which still means the same.
     """
 
@@ -75,13 +76,19 @@ class RLTDeployment:
     @classmethod
     def with_handoff(cls, task: str, prior: PriorSpec, pair: str, distance: float) -> RLTDeployment:
         """A distance hand-off on ``pair``; pair ``"always"`` or ``distance ≤ 0`` (RLT from the first chunk) is
-        recorded as ``"always"`` with distance 0, the one spelling of that hand-off in a manifest."""
+        recorded as ``"always"`` with distance 0, the one spelling of that hand-off in a manifest; an
+        ``info:<key>`` hand-off is recorded with distance 0 (it has none)."""
+        if info_handoff_key(pair) is not None:
+            return cls(task, prior, pair, 0.0)
         if pair == ALWAYS or distance <= 0:
             return cls(task, prior, ALWAYS, 0.0)
         return cls(task, prior, pair, distance)
 
     def switch(self) -> PhaseSwitch:
         """The phase switch that hands off to the actor."""
+        key = info_handoff_key(self.handoff)
+        if key is not None:
+            return InfoKeySwitch(key)
         if self.handoff == ALWAYS:
             return AlwaysCritical()
         return handoff_switch(HANDOFF_PAIRS, self.handoff, self.handoff_distance)

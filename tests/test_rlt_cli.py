@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -9,9 +14,11 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from actors.cluster import ensure_ray
+from envs.metaworld_env import OBJECT
 from experiments.cli import app
 from experiments.paths import default_mlflow_uri
 from rlt.checkpoint import load_rlt_checkpoint
+from rlt.phase import InfoKeySwitch
 from storage import ExperienceStore
 
 runner = CliRunner()
@@ -145,6 +152,11 @@ def test_negative_workers_are_refused(tmp_path) -> None:
             "error: handoff: expected 'always' or a pair of",
         ),
         (
+            ["--task", "pick-place-v3", "--handoff", "info:gripper"],
+            "error: handoff: expected 'always' or a pair of ['hand-goal', 'hand-object', 'hand-object-xy', "
+            "'object-goal'], or info:<key> with a key of ['grasp_success', 'near_object'], got 'info:gripper'",
+        ),
+        (
             ["--task", "peg-insert-side-v3", "--set", "learner.beta=-1"],
             "error: learner.beta: Input should be greater than or equal to 0",
         ),
@@ -187,3 +199,33 @@ def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> N
     )
     manifest = load_rlt_checkpoint(tmp_path / "c").manifest
     assert manifest.env.task == "reach-v3" and manifest.env.success_tolerance == 0.005
+
+
+def test_an_info_handoff_from_the_command_line_hands_over_at_the_grasp(tmp_path) -> None:
+    """``flywheel rlt --handoff info:grasp_success`` (the real CLI in a subprocess, tiny budget): the run hands
+    off to RLT at the first chunk start whose env info reports Meta-World's ``grasp_success`` (the object held
+    and lifted > 2 cm), never from the first step, and the checkpoint deploys with the same ``InfoKeySwitch``."""
+    url, output = f"sqlite:///{tmp_path / 'rlt.db'}", tmp_path / "c"
+    args = ["--task", "pick-place-v3", "--handoff", "info:grasp_success", "--episode-steps", "120"]
+    args += ["--env-steps", "120", "--warmup-episodes", "1", "--stored-episodes", "0", "--token-steps", "10"]
+    args += ["--learning-starts", "4", "--eval-episodes", "1", "--chunk-size", "5", "--no-progress"]
+    env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "experiments.cli", "rlt", *args, "--db", url, "--output", str(output)]
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    deployment = load_rlt_checkpoint(output).deployment
+    assert (deployment.handoff, deployment.handoff_distance) == ("info:grasp_success", 0.0)
+    assert isinstance(deployment.switch(), InfoKeySwitch) and deployment.switch().key == "grasp_success"
+    records = list(ExperienceStore(url).iter_episodes(task="pick-place-v3", images=False))
+    handed = 0
+    for record in records:
+        critical = np.asarray(record.metadata["critical_phase"], bool)
+        if not critical.any():
+            continue
+        start = int(np.argmax(critical))
+        assert start > 0 and record.chunk_offsets[start] == 0 and critical[start:].all()
+        lifted = record.privileged[start, OBJECT][2] - record.privileged[0, OBJECT][2]
+        assert lifted > 0.02, (record.metadata["mode"], start, lifted)
+        handed += 1
+    assert handed >= 2, [r.metadata["critical_phase"] for r in records]

@@ -40,6 +40,8 @@ def _error(model: type, **values: object) -> str:
         (OnlineSettings, {"exploration_rho": 1.0}, "exploration_rho: Input should be less than 1"),
         (OnlineConfig, {"rl_version": "x"}, "task: Field required"),
         (RLTConfig, {"handoff": "elbow"}, "handoff: expected 'always' or a pair of"),
+        (RLTConfig, {"handoff": "info:"}, "handoff: expected 'always' or a pair of"),
+        (RLTConfig, {"handoff": "grasp_success"}, "handoff: expected 'always' or a pair of"),
         (
             RLTConfig,
             {"learner": {"utd_ratio": 0}},
@@ -117,3 +119,17 @@ def test_docs_list_every_key_with_its_default() -> None:
                     default = "null" if default is None else str(default).lower()
                 expected[prefix + name] = str(list(default) if isinstance(default, tuple) else default)
     assert {key: rows.get(key) for key in expected} == expected
+
+
+def test_an_info_handoff_is_a_setting_and_deploys_as_an_info_key_switch() -> None:
+    from rlt.deployment import PriorSpec, RLTDeployment
+    from rlt.phase import InfoKeySwitch
+
+    config = RLTConfig(handoff="info:near_object")
+    deployment = RLTDeployment.with_handoff("pick-place-v3", PriorSpec("v", 0.3, 0), config.handoff, 0.05)
+    assert (deployment.handoff, deployment.handoff_distance) == ("info:near_object", 0.0)
+    switch = deployment.switch()
+    assert isinstance(switch, InfoKeySwitch) and switch.info_keys == ("near_object",)
+    assert rlt_config(None, {"handoff": "info:grasp_success", "handoff_distance": 0.1}, []).handoff == (
+        "info:grasp_success"
+    )

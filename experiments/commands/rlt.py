@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from experiments.paths import checkpoints_dir, default_store_url
 from experiments.validation import UserError, first_error
-from rlt.config import RLTConfig
+from rlt.config import RLTConfig, info_handoff_key
 
 if TYPE_CHECKING:
     from envs import EnvConfig
@@ -171,7 +171,7 @@ def rlt(
         "learner.residual_scale": residual_scale,
         "learner.device": device,
     }
-    if handoff_distance is not None and handoff_distance <= 0:
+    if handoff_distance is not None and handoff_distance <= 0 and info_handoff_key(handoff or "") is None:
         flags |= {"handoff": "always", "handoff_distance": None}
     config = rlt_config(
         config_file, {key: value for key, value in flags.items() if value is not None}, overrides
