@@ -77,6 +77,21 @@ def local_ray():
     ray.shutdown()
 
 
+def _toy_cluster(tmp_path, learner_factory, workers: int) -> tuple[ExperienceStore, RLTLoop, RLTCluster]:
+    """A store under ``tmp_path``, the driver's toy loop and an ``RLTCluster`` of ``workers`` rollout workers
+    (run ``rlt-ray``) around the learner actor ``learner_factory`` builds."""
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt-ray.db'}")
+    store.upgrade()
+    driver = _toy_loop(0, warmup_episodes=10)
+    store.register_policy_version(driver.rlt.prior.version, "scripted")
+    store.register_policy_version(driver.config.rl_version, "rlt")
+    rollouts = Rollouts([PointReachEnv], "point-reach", store.url, "rlt-ray", seed=1, env_steps_per_call=60)
+    cluster = RLTCluster(
+        learner_factory, driver.rlt, rollouts, workers, seed=0, learner_cpus=0.5, cpus_per_worker=0.5
+    )
+    return store, driver, cluster
+
+
 class _CallLog:
     """A prior passing ``infer`` on and appending one line (the calling pid) per call to the file ``path``."""
 
@@ -111,16 +126,7 @@ def test_the_learner_actor_trains_on_the_workers_embeddings_without_re_running_t
     learner's prior is never called, neither for the driver's warm-up episodes nor for the online ones; the same
     episodes loaded from the store (which keeps no embeddings) make it re-run the prior once per chunk."""
     calls = tmp_path / "learner-prior-calls.txt"
-    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt-ray.db'}")
-    store.upgrade()
-    driver = _toy_loop(0, warmup_episodes=10)
-    store.register_policy_version(driver.rlt.prior.version, "scripted")
-    store.register_policy_version(driver.config.rl_version, "rlt")
-    rollouts = Rollouts([PointReachEnv], "point-reach", store.url, "rlt-ray", seed=1, env_steps_per_call=60)
-    learner_factory = functools.partial(_logged_learner, str(calls))
-    cluster = RLTCluster(
-        learner_factory, driver.rlt, rollouts, 1, seed=0, learner_cpus=0.5, cpus_per_worker=0.5
-    )
+    store, driver, cluster = _toy_cluster(tmp_path, functools.partial(_logged_learner, str(calls)), 1)
     try:
         assert cluster.warm_up(driver.play("prior", 10)) > 0
         assert cluster.train(180, round_steps=90) >= 180
@@ -138,16 +144,7 @@ def test_the_learner_actor_trains_on_the_workers_embeddings_without_re_running_t
 
 @pytest.mark.slow
 def test_rlt_through_rollout_workers_on_ray_survives_a_sigkilled_worker(local_ray, tmp_path) -> None:
-    store = ExperienceStore(f"sqlite:///{tmp_path / 'rlt-ray.db'}")
-    store.upgrade()
-    driver = _toy_loop(0, warmup_episodes=10)
-    store.register_policy_version(driver.rlt.prior.version, "scripted")
-    store.register_policy_version(driver.config.rl_version, "rlt")
-    rollouts = Rollouts([PointReachEnv], "point-reach", store.url, "rlt-ray", seed=1, env_steps_per_call=60)
-    learner_factory = functools.partial(_toy_learner, warmup_episodes=10)
-    cluster = RLTCluster(
-        learner_factory, driver.rlt, rollouts, 2, seed=0, learner_cpus=0.5, cpus_per_worker=0.5
-    )
+    store, driver, cluster = _toy_cluster(tmp_path, functools.partial(_toy_learner, warmup_episodes=10), 2)
     try:
         assert cluster.warm_up(driver.play("prior", 10)) > 0
         first = cluster.train(240, round_steps=120)
