@@ -21,11 +21,15 @@ most ``--retrain-steps``): BC on all data, filtered BC (successful episodes + in
 ground truth exists RECAP on the true labels (a step is positive unless injected) and filtered BC on the
 truly good steps (every step not injected). Every arm is evaluated on the same ``--eval-episodes`` fresh
 seeds: success within the time limit (Wilson 95% interval), successes per hour of robot time (10 Hz), mean
-episode length. Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
+episode length. ``--train-seeds K`` trains every retrained arm K times on the same data (training seeds: the data
+seed, then data seed + 1000·k; each changes the held-out episodes, batch order, flow noise and condition dropout)
+and pools their evaluations: the arm's row sums the K evaluations, ``runs`` keeps each one. Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
 autonomous rollout steps and the AUC of the advantage for clean vs injected.
 
-One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir``, written when the seed lands;
-``--combine FILES`` pools them. The state tier (``--tier state``, default) trains the VLA without a camera.
+One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir`` (``_train<K>`` appended for K > 1),
+written when the seed lands; ``--combine FILES`` pools them with the data seed as the cluster: per arm the mean of
+the per-data-seed means with a t interval over data seeds, the same for the difference to filtered BC, and the SD
+between training seeds of one data seed. The state tier (``--tier state``, default) trains the VLA without a camera.
 
     python benchmarks/recap_iteration.py --scenario detours --tasks reach-v3 --seed 0
     python benchmarks/recap_scenarios.py --combine benchmarks/results/recap_detours_state_reach-v3_seed*.json
@@ -47,6 +51,7 @@ from typing import Any
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from envs import EnvConfig, EnvSettings, InjectionConfig, SimulatedHumanConfig
 from experiments.collection import CollectConfig, collect_scripted_demos, run_collection
@@ -77,6 +82,8 @@ ARMS = (
 )  # fmt: skip
 
 StepFn = Callable[[EpisodeRecord], Any]
+#: Training seed k of data seed s is s + TRAIN_SEED_STRIDE · k (k = 0 is the data seed: a one-seed run as before).
+TRAIN_SEED_STRIDE = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,14 +119,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the human opens the gripper where the expert applies no grip (SimulatedHumanConfig.release_grip), "
         "so it can regrasp on pick tasks",
     )
-    parser.add_argument("--value-inputs", choices=["state", "privileged", "state_privileged"], default="privileged")
+    parser.add_argument(
+        "--value-inputs", choices=["state", "privileged", "state_privileged"], default="privileged"
+    )
     parser.add_argument("--value-steps", type=int, default=1500)
-    parser.add_argument("--n-step", type=int, default=None, help="N of the advantage (default: from the horizon)")
+    parser.add_argument(
+        "--n-step", type=int, default=None, help="N of the advantage (default: from the horizon)"
+    )
     parser.add_argument("--demos-positive", action="store_true", help="force every demo step positive")
     parser.add_argument("--retrain-steps", type=int, default=1500, help="cap of every retrained arm")
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        default=1,
+        help="train every retrained arm this many times on the same data (different init/batch/held-out seeds) "
+        "and pool their evaluations",
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--max-episode-steps", type=int, default=None, help="default: per task (HORIZONS)")
@@ -158,15 +176,23 @@ def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
     return EnvConfig(task=task, cameras=cameras, width=size, height=size, max_episode_steps=limit, **state)
 
 
-def bc_config(args: argparse.Namespace, steps: int, **overrides: Any) -> BCConfig:
+def train_seeds(args: argparse.Namespace) -> list[int]:
+    """The training seeds of every retrained arm (``--train-seeds`` of them, the data seed first)."""
+    return [args.seed + TRAIN_SEED_STRIDE * k for k in range(args.train_seeds)]
+
+
+def bc_config(args: argparse.Namespace, steps: int, seed: int | None = None, **overrides: Any) -> BCConfig:
+    """The scenario's BC settings at ``seed`` (default: the data seed)."""
     cameras = () if args.tier == "state" else ("corner2",)
     return BCConfig(
         env=EnvSettings(cameras=cameras, image_size=args.image_size), steps=steps, batch_size=args.batch_size,
-        seed=args.seed, checkpoint_every=0, **overrides,
+        seed=args.seed if seed is None else seed, checkpoint_every=0, **overrides,
     )  # fmt: skip
 
 
-def collect_config(task: str, args: argparse.Namespace, env: EnvConfig, policy: str, url: str) -> CollectConfig:
+def collect_config(
+    task: str, args: argparse.Namespace, env: EnvConfig, policy: str, url: str
+) -> CollectConfig:
     """The scenario's rollouts of ``policy``: injected detours or a late (phase-gated) human."""
     human = SimulatedHumanConfig(
         no_progress_steps=args.no_progress_steps, takeover_steps=args.takeover_steps, seed=args.seed,
@@ -175,7 +201,9 @@ def collect_config(task: str, args: argparse.Namespace, env: EnvConfig, policy: 
     )  # fmt: skip
     inject = None
     if args.scenario == "detours":
-        inject = InjectionConfig(kinds=("detour",), rate=args.inject_rate, length=args.inject_length, seed=args.seed)
+        inject = InjectionConfig(
+            kinds=("detour",), rate=args.inject_rate, length=args.inject_length, seed=args.seed
+        )
     if args.collector == "scripted":
         policy = "scripted"
     return CollectConfig(
@@ -206,7 +234,10 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     )  # fmt: skip
     log(task, f"prior trained ({time.perf_counter() - started:.0f} s)")
     report = run_collection(collect_config(task, args, env, str(prior.checkpoint), url), progress=False)
-    log(task, f"collected {report.episodes} rollouts, {report.successes} successful ({time.perf_counter() - started:.0f} s)")
+    log(
+        task,
+        f"collected {report.episodes} rollouts, {report.successes} successful ({time.perf_counter() - started:.0f} s)",
+    )
     selection = EpisodeQuery(tasks=[task], outcomes=["success", "failure", "truncated"])
     episodes = load_training_episodes(store, selection, images=False)
     advantage = AdvantageConfig(n_step=args.n_step, demonstrations_positive=args.demos_positive)
@@ -221,41 +252,92 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     arms = arm_specs(episodes, record, args)
     rows = [arm_row("prior", evaluate_arm(prior, env, args), 0.0)]
     log(task, f"prior: {rows[0]['success_rate']:.2f}")
-    for arm, (conditions, weights, dropout) in arms.items():
+    for arm, spec in arms.items():
         if arm not in args.arms:
             continue
-        clock = time.perf_counter()
-        config = bc_config(
-            args, args.retrain_steps, condition_dropout=dropout, validation_fraction=0.2,
-            validate_every=args.validate_every, patience=args.patience,
-        )  # fmt: skip
-        trained = train_vla(
-            store, selection, config, workdir, conditions=conditions, weights=weights,
-            init_from=prior.checkpoint, parent_version=prior.version, progress=False,
-            inference_conditions=POSITIVE_PROMPT if conditions is not None else None,
-        )  # fmt: skip
-        seconds = time.perf_counter() - clock
-        row = arm_row(arm, evaluate_arm(trained, env, args), seconds)
-        row |= {"best_step": trained.train.best_step, "stopped_at": trained.train.stopped_at}
-        rows.append(row)
-        log(task, f"{arm}: {row['success_rate']:.2f} (best step {row['best_step']}, {seconds:.0f} s)")
+        runs = []
+        for seed in train_seeds(args):
+            runs.append(train_arm(arm, spec, seed, store, selection, prior, env, args, workdir))
+            log(task, f"{arm} (train seed {seed}): {runs[-1]['success_rate']:.2f} (best step "
+                f"{runs[-1]['best_step']}, {runs[-1]['train_seconds']:.0f} s)")  # fmt: skip
+        rows.append(pool_runs(arm, runs))
     return {
         "task": task,
         "scenario": args.scenario,
         "collector": args.collector,
         "tier": args.tier,
         "seed": args.seed,
+        "train_seeds": train_seeds(args),
         "rows": rows,
         "labels": label_quality(episodes, record),
         "relabel": {k: record.diagnostics["tasks"][task].get(k) for k in RELABEL_KEYS}
         | {"windows": record.config.get("windows"), "relabel_seconds": relabel_seconds},
         "data": data_summary(episodes, report),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "combine"},
+        "settings": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "combine"
+        },
         "wall_seconds": time.perf_counter() - started,
     }
 
 
-RELABEL_KEYS = ("p_positive_given_success", "p_positive_given_failure", "positive_gap", "value_return_correlation")
+RELABEL_KEYS = (
+    "p_positive_given_success",
+    "p_positive_given_failure",
+    "positive_gap",
+    "value_return_correlation",
+)
+
+
+def train_arm(
+    arm: str,
+    spec: tuple[StepFn | None, StepFn | None, float],
+    seed: int,
+    store: ExperienceStore,
+    selection: EpisodeQuery,
+    prior: TrainedPolicy,
+    env: EnvConfig,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> dict[str, Any]:
+    """One training of ``arm`` from the prior at training seed ``seed`` under the convergence rule, evaluated."""
+    conditions, weights, dropout = spec
+    clock = time.perf_counter()
+    config = bc_config(
+        args, args.retrain_steps, seed, condition_dropout=dropout, validation_fraction=0.2,
+        validate_every=args.validate_every, patience=args.patience,
+    )  # fmt: skip
+    trained = train_vla(
+        store, selection, config, workdir, conditions=conditions, weights=weights,
+        init_from=prior.checkpoint, parent_version=prior.version, progress=False,
+        inference_conditions=POSITIVE_PROMPT if conditions is not None else None,
+    )  # fmt: skip
+    row = arm_row(arm, evaluate_arm(trained, env, args), time.perf_counter() - clock)
+    return row | {
+        "train_seed": seed,
+        "best_step": trained.train.best_step,
+        "stopped_at": trained.train.stopped_at,
+    }
+
+
+def pool_runs(arm: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's row over its training runs (same eval seeds each): summed successes with a Wilson interval over
+    all evaluation episodes, mean lengths and succ/h, summed training time; ``runs`` keeps every run's row."""
+    successes, n = sum(r["successes"] for r in runs), sum(r["n"] for r in runs)
+    low, high = wilson_interval(successes, n)
+    success_lengths = [r["mean_success_length"] * r["successes"] for r in runs if r["successes"]]
+    return {
+        "arm": arm,
+        "successes": successes,
+        "n": n,
+        "success_rate": successes / n if n else 0.0,
+        "ci95": [low, high],
+        "mean_length": float(np.mean([r["mean_length"] for r in runs])),
+        "mean_success_length": sum(success_lengths) / successes if successes else math.nan,
+        "successes_per_hour": float(np.mean([r["successes_per_hour"] for r in runs])),
+        "train_seconds": sum(r["train_seconds"] for r in runs),
+        "best_step": runs[0]["best_step"] if len(runs) == 1 else None,
+        "runs": runs,
+    }
 
 
 def arm_specs(
@@ -336,7 +418,8 @@ def log(task: str, message: str) -> None:
 
 def result_path(args: argparse.Namespace, task: str) -> Path:
     scenario = args.scenario + ("-expert" if args.collector == "scripted" else "")
-    return args.output_dir / f"recap_{scenario}_{args.tier}_{task}_seed{args.seed}.json"
+    train = f"_train{args.train_seeds}" if args.train_seeds > 1 else ""
+    return args.output_dir / f"recap_{scenario}_{args.tier}_{task}_seed{args.seed}{train}.json"
 
 
 def write_result(args: argparse.Namespace, result: dict[str, Any]) -> Path:
@@ -362,12 +445,22 @@ def format_result(result: dict[str, Any]) -> str:
     for arm, row in rows.items():
         low, high = row["ci95"]
         delta = 100 * (row["success_rate"] - reference["success_rate"]) if reference else math.nan
-        ratio = row["successes_per_hour"] / reference["successes_per_hour"] if reference and reference["successes_per_hour"] else math.nan
+        ratio = (
+            row["successes_per_hour"] / reference["successes_per_hour"]
+            if reference and reference["successes_per_hour"]
+            else math.nan
+        )
         lines.append(
             f"{arm:<20} {row['successes']:>3}/{row['n']:<4} {row['success_rate']:>5.2f} [{low:.2f}, {high:.2f}] "
             f"{delta:>+6.0f} {row['successes_per_hour']:>7.0f} {ratio:>6.2f} {row['mean_length']:>8.1f} "
             f"{row.get('best_step') or '-':>5} {row['train_seconds']:>7.0f}"
         )
+        if len(row.get("runs", [])) > 1:
+            lines += [
+                f"    train seed {run['train_seed']:<5} {run['successes']:>3}/{run['n']:<4} {run['success_rate']:>5.2f}"
+                f" succ/h {run['successes_per_hour']:>4.0f} mean len {run['mean_length']:>5.1f} best {run['best_step']}"
+                for run in row["runs"]
+            ]
     data, labels, rel = result["data"], result["labels"], result["relabel"]
     lines.append(
         f"  data: {data['episodes']} episodes ({data['rollouts']} rollouts, {data['rollout_successes']} "
@@ -389,39 +482,86 @@ def _fmt(value: float | None) -> str:
 
 
 def pooled_report(paths: list[Path]) -> str:
-    """Per (scenario, tier, task, arm) pooled over seeds: successes/n, Wilson interval, Δ vs filtered BC, succ/h."""
-    results = [json.loads(path.read_text()) for path in paths]
-    cells: dict[tuple[str, ...], dict[str, list[dict[str, Any]]]] = {}
+    """Per (scenario, collector, tier, task, arm) pooled over data seeds and training seeds: successes/n (Wilson
+    interval over all episodes), the mean of the per-data-seed means with a t interval over data seeds (the
+    cluster), Δ vs filtered BC with its interval over data seeds, the SD between training seeds, succ/h."""
+    cells: dict[tuple[str, ...], dict[str, dict[int, list[dict[str, Any]]]]] = {}
     labels: dict[tuple[str, ...], list[float]] = {}
-    for result in results:
+    for result in (json.loads(path.read_text()) for path in paths):
         key = (result["scenario"], result.get("collector", "prior"), result["tier"], result["task"])
         for row in result["rows"]:
-            cells.setdefault(key, {}).setdefault(row["arm"], []).append(row | {"seed": result["seed"]})
+            runs = cells.setdefault(key, {}).setdefault(row["arm"], {}).setdefault(result["seed"], [])
+            runs.extend(row.get("runs", [row]))
         if result["labels"].get("label_auc") is not None:
             labels.setdefault(key, []).append(result["labels"]["label_auc"])
     lines = []
     for key, arms in cells.items():
-        seeds = sorted({row["seed"] for rows in arms.values() for row in rows})
-        reference = arms.get("filtered_bc", [])
-        ref_rate = sum(r["successes"] for r in reference) / max(1, sum(r["n"] for r in reference))
-        ref_hour = float(np.mean([r["successes_per_hour"] for r in reference])) if reference else math.nan
+        seeds = sorted({seed for by_seed in arms.values() for seed in by_seed})
+        reference = arms.get("filtered_bc", {})
+        ref_hour = float(
+            np.mean([r["successes_per_hour"] for rs in reference.values() for r in rs] or [math.nan])
+        )
         auc_text = ", ".join(f"{value:.2f}" for value in labels.get(key, [])) or "n/a"
         lines += [
-            f"{' / '.join(key)}: pooled over seeds {seeds}; label AUC per seed {auc_text}",
-            f"  {'arm':<20} {'seeds':>5} {'success':>9} {'rate':>5} {'95% CI':>13} {'Δ fBC':>6} {'succ/h':>7} "
-            f"{'× fBC':>6} {'mean len':>8}  per-seed rates",
+            f"{' / '.join(key)}: pooled over data seeds {seeds}; label AUC per seed {auc_text}; mean [95% CI]: "
+            "mean of the per-data-seed means, t interval over data seeds; SD train: between training seeds of "
+            "one data seed (incl. evaluation noise); per seed: rate of each training run, / between runs",
+            f"  {'arm':<20} {'seeds':>5} {'runs':>4} {'success':>9} {'Wilson 95%':>12} {'mean':>5} "
+            f"{'95% CI':>14} {'Δ fBC':>6} {'Δ 95% CI':>16} {'SD train':>8} {'succ/h':>7} {'× fBC':>6} "
+            f"{'mean len':>8}  per seed",
         ]
-        for arm, rows in arms.items():
-            successes, n = sum(r["successes"] for r in rows), sum(r["n"] for r in rows)
-            low, high = wilson_interval(successes, n)
-            per_hour = float(np.mean([r["successes_per_hour"] for r in rows]))
-            lines.append(
-                f"  {arm:<20} {len(rows):>5} {successes:>4}/{n:<4} {successes / n:>5.2f} [{low:.2f}, {high:.2f}] "
-                f"{100 * (successes / n - ref_rate):>+6.0f} {per_hour:>7.0f} {per_hour / ref_hour if ref_hour else math.nan:>6.2f} "
-                f"{np.mean([r['mean_length'] for r in rows]):>8.1f}  "
-                + " ".join(f"{r['success_rate']:.2f}" for r in rows)
-            )
+        for arm, by_seed in arms.items():
+            lines.append("  " + _pooled_line(arm, by_seed, reference, ref_hour))
     return "\n".join(lines)
+
+
+def cluster_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of ``values`` (one per cluster) with a t interval; NaN bounds for fewer than 2."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = (
+        scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1)
+        * np.std(values, ddof=1)
+        / math.sqrt(len(values))
+    )
+    return mean, mean - half, mean + half
+
+
+def between_training_sd(by_seed: dict[int, list[dict[str, Any]]]) -> float:
+    """Root of the mean within-data-seed variance of the success rate over training runs (NaN without repeats)."""
+    variances = [
+        np.var([r["success_rate"] for r in runs], ddof=1) for runs in by_seed.values() if len(runs) > 1
+    ]
+    return float(math.sqrt(np.mean(variances))) if variances else math.nan
+
+
+def _seed_means(by_seed: dict[int, list[dict[str, Any]]]) -> dict[int, float]:
+    return {seed: float(np.mean([r["success_rate"] for r in runs])) for seed, runs in by_seed.items()}
+
+
+def _pooled_line(
+    arm: str,
+    by_seed: dict[int, list[dict[str, Any]]],
+    reference: dict[int, list[dict[str, Any]]],
+    ref_hour: float,
+) -> str:
+    runs = [r for rs in by_seed.values() for r in rs]
+    successes, n = sum(r["successes"] for r in runs), sum(r["n"] for r in runs)
+    low, high = wilson_interval(successes, n)
+    means, ref_means = _seed_means(by_seed), _seed_means(reference)
+    mean, mean_low, mean_high = cluster_interval(list(means.values()))
+    mean_low, mean_high = max(0.0, mean_low), min(1.0, mean_high)  # a rate; NaN stays NaN
+    paired = [means[seed] - ref_means[seed] for seed in means if seed in ref_means]
+    delta, delta_low, delta_high = cluster_interval(paired) if paired else (math.nan,) * 3
+    per_hour = float(np.mean([r["successes_per_hour"] for r in runs]))
+    per_seed = " ".join("/".join(f"{r['success_rate']:.2f}" for r in rs) for rs in by_seed.values())
+    return (
+        f"{arm:<20} {len(by_seed):>5} {len(runs):>4} {successes:>4}/{n:<4} [{low:.2f}, {high:.2f}] {mean:>5.2f} "
+        f"[{mean_low:>5.2f}, {mean_high:>5.2f}] {100 * delta:>+6.0f} [{100 * delta_low:>+6.0f}, {100 * delta_high:>+6.0f}] "
+        f"{between_training_sd(by_seed):>8.2f} {per_hour:>7.0f} {per_hour / ref_hour if ref_hour else math.nan:>6.2f} "
+        f"{np.mean([r['mean_length'] for r in runs]):>8.1f}  {per_seed}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

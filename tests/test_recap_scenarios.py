@@ -1,15 +1,20 @@
-"""``benchmarks/recap_iteration.py --scenario detours --quick`` runs every arm end to end on the state tier and
-writes one JSON per seed that ``--combine`` pools."""
+"""``benchmarks/recap_iteration.py --scenario detours --quick`` runs every arm end to end on the state tier (each
+retrained arm at two training seeds) and writes one JSON per seed that ``--combine`` pools; the pooled statistics
+cluster by data seed."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import recap_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = [
@@ -22,13 +27,19 @@ ARMS = [
 def test_detours_scenario_quick_reports_every_arm_and_label_quality(tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     script = str(ROOT / "benchmarks" / "recap_iteration.py")
-    command = [sys.executable, script, "--scenario", "detours", "--quick", "--output-dir", str(tmp_path)]
+    command = [
+        sys.executable, script, "--scenario", "detours", "--quick", "--train-seeds", "2", "--output-dir", str(tmp_path),
+    ]  # fmt: skip
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    path = tmp_path / "recap_detours_state_reach-v3_seed0.json"
+    path = tmp_path / "recap_detours_state_reach-v3_seed0_train2.json"
     result = json.loads(path.read_text())
     assert [row["arm"] for row in result["rows"]] == ARMS
-    assert {row["n"] for row in result["rows"]} == {2}
+    assert result["train_seeds"] == [0, 1000]
+    assert result["rows"][0]["n"] == 2 and "runs" not in result["rows"][0]  # the prior is not retrained
+    for row in result["rows"][1:]:
+        assert [run["train_seed"] for run in row["runs"]] == [0, 1000]
+        assert row["n"] == 4 and row["successes"] == sum(run["successes"] for run in row["runs"])
     assert result["data"]["injected_steps"] > 0 and result["labels"]["injected_steps"] > 0
     data = result["data"]
     assert data["interventions"] >= data["episodes_with_human"]
@@ -38,4 +49,17 @@ def test_detours_scenario_quick_reports_every_arm_and_label_quality(tmp_path):
         [sys.executable, script, "--scenario", "detours", "--combine", str(path), str(path)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    assert "pooled over seeds [0]" in pooled and all(f"  {arm} " in pooled for arm in ARMS)
+    assert "pooled over data seeds [0]" in pooled and all(f"  {arm} " in pooled for arm in ARMS)
+
+
+def test_pooled_statistics_cluster_by_data_seed():
+    runs = {
+        0: [{"success_rate": 0.2}, {"success_rate": 0.6}],
+        1: [{"success_rate": 0.5}, {"success_rate": 0.5}],
+    }
+    assert recap_scenarios.between_training_sd(runs) == pytest.approx(math.sqrt(0.08 / 2))
+    assert math.isnan(recap_scenarios.between_training_sd({0: runs[0][:1]}))
+    mean, low, high = recap_scenarios.cluster_interval([0.4, 0.5])  # the seeds' means, not the 4 runs
+    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)
+    assert (mean, low, high) == pytest.approx((0.45, 0.45 - half, 0.45 + half), abs=1e-3)
+    assert math.isnan(recap_scenarios.cluster_interval([0.4])[1])
