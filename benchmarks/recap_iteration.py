@@ -17,6 +17,9 @@ Issue 20's scenarios, where failures live inside episodes (injected detours, lat
 tier; every arm under one convergence rule), are in ``benchmarks/recap_scenarios.py``; ``--scenario`` runs them:
 
     python benchmarks/recap_iteration.py --scenario detours --tasks reach-v3 drawer-open-v3 --seed 0
+
+There ``--train-seeds K`` trains every retrained arm K times on the same collected data and pools the
+evaluations; ``recap_scenarios.py --combine`` clusters them by data seed.
 """
 
 from __future__ import annotations
