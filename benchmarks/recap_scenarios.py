@@ -23,10 +23,12 @@ truly good steps (every step not injected). Every arm is evaluated on the same `
 seeds: success within the time limit (Wilson 95% interval), successes per hour of robot time (10 Hz), mean
 episode length. ``--train-seeds K`` trains every retrained arm K times on the same data (training seeds: the data
 seed, then data seed + 1000·k; each changes the held-out episodes, batch order, flow noise and condition dropout)
-and pools their evaluations: the arm's row sums the K evaluations, ``runs`` keeps each one. Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
+and pools their evaluations: the arm's row sums the K evaluations, ``runs`` keeps each one;
+``--train-seed-start k`` starts at the k-th training seed (more seeds for a data seed run before). Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
 autonomous rollout steps and the AUC of the advantage for clean vs injected.
 
-One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir`` (``_train<K>`` appended for K > 1),
+One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir`` (``_train<K>`` appended for K > 1,
+``_trains<k>-<k+K-1>`` from ``--train-seed-start k``),
 written when the seed lands; ``--combine FILES`` pools them with the data seed as the cluster: per arm the mean of
 the per-data-seed means with a t interval over data seeds, the same for the difference to filtered BC, and the SD
 between training seeds of one data seed. The state tier (``--tier state``, default) trains the VLA without a camera.
@@ -138,6 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train every retrained arm this many times on the same data (different init/batch/held-out seeds) "
         "and pool their evaluations",
     )
+    parser.add_argument(
+        "--train-seed-start",
+        type=int,
+        default=0,
+        help="index k of the first training seed (data seed + 1000·k): more training seeds for an earlier run's "
+        "data seed, whose file --combine pools with this one",
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--max-episode-steps", type=int, default=None, help="default: per task (HORIZONS)")
@@ -178,7 +187,8 @@ def env_config(task: str, args: argparse.Namespace) -> EnvConfig:
 
 def train_seeds(args: argparse.Namespace) -> list[int]:
     """The training seeds of every retrained arm (``--train-seeds`` of them, the data seed first)."""
-    return [args.seed + TRAIN_SEED_STRIDE * k for k in range(args.train_seeds)]
+    first = args.train_seed_start
+    return [args.seed + TRAIN_SEED_STRIDE * k for k in range(first, first + args.train_seeds)]
 
 
 def bc_config(args: argparse.Namespace, steps: int, seed: int | None = None, **overrides: Any) -> BCConfig:
@@ -418,7 +428,10 @@ def log(task: str, message: str) -> None:
 
 def result_path(args: argparse.Namespace, task: str) -> Path:
     scenario = args.scenario + ("-expert" if args.collector == "scripted" else "")
-    train = f"_train{args.train_seeds}" if args.train_seeds > 1 else ""
+    first, count = args.train_seed_start, args.train_seeds
+    train = f"_train{count}" if count > 1 else ""
+    if first:
+        train = f"_trains{first}-{first + count - 1}"
     return args.output_dir / f"recap_{scenario}_{args.tier}_{task}_seed{args.seed}{train}.json"
 
 

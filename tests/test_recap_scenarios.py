@@ -4,6 +4,7 @@ cluster by data seed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -63,3 +64,18 @@ def test_pooled_statistics_cluster_by_data_seed():
     half = 12.706 * math.sqrt(0.005) / math.sqrt(2)
     assert (mean, low, high) == pytest.approx((0.45, 0.45 - half, 0.45 + half), abs=1e-3)
     assert math.isnan(recap_scenarios.cluster_interval([0.4])[1])
+
+
+def test_more_training_seeds_for_a_data_seed_get_their_own_file():
+    args = argparse.Namespace(
+        scenario="detours", collector="scripted", tier="state", seed=1, train_seeds=2, train_seed_start=0,
+        output_dir=Path("out"),
+    )  # fmt: skip
+    assert recap_scenarios.train_seeds(args) == [1, 1001]
+    assert (
+        recap_scenarios.result_path(args, "reach-v3").name
+        == "recap_detours-expert_state_reach-v3_seed1_train2.json"
+    )
+    args.train_seeds, args.train_seed_start = 1, 2
+    assert recap_scenarios.train_seeds(args) == [2001]
+    assert recap_scenarios.result_path(args, "reach-v3").name.endswith("_seed1_trains2-2.json")
