@@ -511,9 +511,6 @@ def pooled_report(paths: list[Path]) -> str:
     for key, arms in cells.items():
         seeds = sorted({seed for by_seed in arms.values() for seed in by_seed})
         reference = arms.get("filtered_bc", {})
-        ref_hour = float(
-            np.mean([r["successes_per_hour"] for rs in reference.values() for r in rs] or [math.nan])
-        )
         auc_text = ", ".join(f"{value:.2f}" for value in labels.get(key, [])) or "n/a"
         lines += [
             f"{' / '.join(key)}: pooled over data seeds {seeds}; label AUC per seed {auc_text}; mean [95% CI]: "
@@ -524,7 +521,7 @@ def pooled_report(paths: list[Path]) -> str:
             f"{'mean len':>8}  per seed",
         ]
         for arm, by_seed in arms.items():
-            lines.append("  " + _pooled_line(arm, by_seed, reference, ref_hour))
+            lines.append("  " + _pooled_line(arm, by_seed, reference))
     return "\n".join(lines)
 
 
@@ -557,8 +554,8 @@ def _pooled_line(
     arm: str,
     by_seed: dict[int, list[dict[str, Any]]],
     reference: dict[int, list[dict[str, Any]]],
-    ref_hour: float,
 ) -> str:
+    """One arm's pooled row; Δ and × fBC against filtered BC on the data seeds both have."""
     runs = [r for rs in by_seed.values() for r in rs]
     successes, n = sum(r["successes"] for r in runs), sum(r["n"] for r in runs)
     low, high = wilson_interval(successes, n)
@@ -568,6 +565,8 @@ def _pooled_line(
     paired = [means[seed] - ref_means[seed] for seed in means if seed in ref_means]
     delta, delta_low, delta_high = cluster_interval(paired) if paired else (math.nan,) * 3
     per_hour = float(np.mean([r["successes_per_hour"] for r in runs]))
+    shared = [r["successes_per_hour"] for seed, rs in reference.items() if seed in by_seed for r in rs]
+    ref_hour = float(np.mean(shared)) if shared else math.nan
     per_seed = " ".join("/".join(f"{r['success_rate']:.2f}" for r in rs) for rs in by_seed.values())
     return (
         f"{arm:<20} {len(by_seed):>5} {len(runs):>4} {successes:>4}/{n:<4} [{low:.2f}, {high:.2f}] {mean:>5.2f} "
