@@ -74,7 +74,8 @@ class VLABenchConfig:
     eval_every: int = 0
     curve_episodes: int = 10
     eval_episodes: int = 50
-    token_steps: int = 2000
+    token_steps: int = 400
+    token_batch_size: int = 32
     z_dim: int = 32
     heldout_episodes: int = 5
     residual_scale: float = 1.0
@@ -109,6 +110,7 @@ class VLABenchConfig:
             "eval_every_steps": self.eval_every,
             "eval_episodes": self.curve_episodes,
             "token_steps": self.token_steps,
+            "token_batch_size": self.token_batch_size,
             "exploration": self.exploration,
             "exploration_noise": self.exploration_noise,
         }
