@@ -14,9 +14,10 @@ embeddings at every chunk start → RL token → chunked actor-critic) → the p
 - ``regression``: the critic-free ablation (``q_weight`` 0: regression toward ``ã`` with reference dropout, β 4
   mean), same state, data budget and exploration.
 
-Also measured: the RL token's reconstruction MSE on held-out prior episodes (per-channel standardized embeddings,
-beside the MSE of predicting the mean), wall time and env steps per second. One JSON per (task, arm, seed) under
-``--output`` is written when it lands; ``--combine`` pools them.
+Also measured: the RL token's reconstruction MSE on held-out prior episodes (per-channel standardized embeddings)
+beside the part of their variance that depends on the observation, how well ``z_rl`` predicts the state
+linearly, wall time and env steps per second. One JSON per (task, arm, seed) under
+``--output`` is written when it lands; ``--combine`` pools them (``--retoken`` recomputes a file's token block).
 
     python benchmarks/rlt_vla.py --task reach-v3 --seeds 0 1 --arms rlt regression
     python benchmarks/rlt_vla.py --combine benchmarks/results/rlt_vla_reach-v3_*_seed*.json
@@ -28,7 +29,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ class VLABenchConfig:
     token_steps: int = 400
     token_batch_size: int = 32
     z_dim: int = 32
-    heldout_episodes: int = 5
+    token_normalization: str = "position"
+    heldout_episodes: int = 10
     residual_scale: float = 1.0
     beta: float = 4.0
     utd_ratio: int = 10
@@ -179,7 +181,8 @@ def run_arm(config: VLABenchConfig, arm: str, seed: int) -> dict[str, Any]:
     result = run_rlt(stage)
     wall = time.perf_counter() - started
     token = load_rlt_checkpoint(result.checkpoint).token
-    return _row(config, arm, seed, prior, result, wall) | {"token": token_report(config, prior, token)}
+    row = _row(config, arm, seed, prior, result, wall) | {"checkpoint": str(result.checkpoint)}
+    return row | {"token": token_report(config, prior, token)}
 
 
 def _row(
@@ -214,53 +217,97 @@ def _row(
 
 
 def token_report(config: VLABenchConfig, prior: Policy, token: RLToken) -> dict[str, Any]:
-    """The trained token's shape and its reconstruction on the prior's chunk-start embeddings of
-    ``heldout_episodes`` fresh episodes: MSE on per-channel standardized embeddings, beside the MSE of
-    predicting the (warm-up) mean, which is what a token that carried nothing would score."""
-    embeddings = heldout_embeddings(config, prior)
+    """The trained token's shape and what it keeps of the prior's chunk-start embeddings in ``heldout_episodes``
+    fresh episodes.
+
+    ``heldout_mse``: its reconstruction MSE on per-channel standardized embeddings (the fit's own loss).
+    ``channel_mean_mse`` is what predicting each channel's mean scores (~1), but most of that variance is
+    across the ``T`` positions (patch, state and text tokens differ), which the decoder's position queries
+    reproduce without ``z_rl``; ``position_mean_mse`` (predicting each position's mean over these chunks) is the
+    variance that depends on the observation, the part ``z_rl`` has to carry. ``state_r2``: R² of a
+    least-squares map from ``z_rl`` to each entry of the observation's ``state`` (fit on the first half of the
+    chunks, scored on the second)."""
+    embeddings, states = heldout_embeddings(config, prior)
     data = torch.as_tensor(embeddings, dtype=torch.float32)
     with torch.no_grad():
         mse = float(token.reconstruction_loss(data))
-        mean_mse = float(torch.mean(((data - token.embed_mean) / token.embed_std) ** 2))
+        normalized = (data - token.embed_mean) / token.embed_std
+        channel_mse = float(torch.mean(normalized**2))
+        position_mse = float(torch.mean((normalized - normalized.mean(0)) ** 2))
+        z = token.encode(data).numpy()
     shape = {
         "num_tokens": token.config.num_tokens,
         "embed_dim": token.config.embed_dim,
         "z_dim": token.config.z_dim,
     }
-    return shape | {"heldout_chunks": len(embeddings), "heldout_mse": mse, "mean_predictor_mse": mean_mse}
+    return shape | {
+        "heldout_chunks": len(embeddings),
+        "heldout_mse": mse,
+        "channel_mean_mse": channel_mse,
+        "position_mean_mse": position_mse,
+        "state_r2": linear_r2(z, states),
+    }
 
 
-def heldout_embeddings(config: VLABenchConfig, prior: Policy) -> np.ndarray:
-    """The prior's embeddings at every chunk start of ``heldout_episodes`` episodes it plays itself."""
+def linear_r2(features: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Per target column: R² on the second half of the rows of a least-squares fit (with bias) on the first."""
+    half = len(features) // 2
+    design = np.hstack([features, np.ones((len(features), 1))])
+    weights = np.linalg.lstsq(design[:half], targets[:half], rcond=None)[0]
+    residual = targets[half:] - design[half:] @ weights
+    spread = np.maximum(((targets[half:] - targets[half:].mean(0)) ** 2).sum(0), 1e-12)
+    return (1.0 - (residual**2).sum(0) / spread).tolist()
+
+
+def heldout_embeddings(config: VLABenchConfig, prior: Policy) -> tuple[np.ndarray, np.ndarray]:
+    """The prior's embeddings and the observation's ``state`` at every chunk start of ``heldout_episodes``
+    episodes it plays itself."""
     env = MetaWorldEnv(config.env())
-    embeddings = []
+    embeddings, states = [], []
     for episode in range(config.heldout_episodes):
         observation, _ = env.reset(seed=HELDOUT_SEED_BASE + episode)
         done = False
         while not done:
             chunk = prior.infer(stack_observations([observation]))
             embeddings.append(chunk.embeddings[0])
+            states.append(observation["state"])
             for action in chunk.actions[0, : prior.action_horizon]:
                 observation, _, terminated, truncated, _ = env.step(action)
                 done = terminated or truncated
                 if done:
                     break
     env.close()
-    return np.stack(embeddings)
+    return np.stack(embeddings), np.stack(states)
+
+
+def retoken(config: VLABenchConfig, path: Path) -> None:
+    """Recompute a result file's ``token`` block from its run's checkpoint (found under ``config.workdir``)."""
+    row = json.loads(path.read_text())
+    folder = Path(config.workdir) / f"{row['task']}-seed{row['seed']}"
+    checkpoint = row.get("checkpoint") or str(max(folder.glob(f"rlt-vla-{row['arm']}-{row['task']}-seed*-*")))
+    store = ExperienceStore(f"sqlite:///{folder / 'store.db'}")
+    prior_checkpoint = json.loads((folder / "prior.json").read_text())["checkpoint"]
+    prior = load(resolve(prior_checkpoint, store), task=row["task"], store=store, seed=row["seed"])
+    heldout = replace(config, task=row["task"], heldout_episodes=row["config"]["heldout_episodes"])
+    token = load_rlt_checkpoint(Path(checkpoint)).token
+    row |= {"checkpoint": checkpoint, "token": token_report(heldout, prior, token)}
+    path.write_text(json.dumps(row, indent=1))
 
 
 def result_path(config: VLABenchConfig, arm: str, seed: int) -> Path:
     """Where the (task, arm, seed) result lands."""
     tolerance = f"_tol{config.success_tolerance:g}" if config.success_tolerance else ""
-    return Path(config.output) / f"rlt_vla_{config.task}{tolerance}_{arm}_seed{seed}.json"
+    name = f"rlt_vla_{config.task}{tolerance}_token-{config.token_normalization}_{arm}_seed{seed}.json"
+    return Path(config.output) / name
 
 
 def combine(paths: list[Path]) -> str:
     """Per arm over the result files: pooled successes with a Wilson interval, mean ± t 95% interval over seeds
-    of the arm and of the prior (same seeds), token MSE, wall time and env steps/s."""
+    of the arm minus the prior (same seeds), the token's held-out MSE beside the observation-dependent part of the
+    variance (``position_mean_mse``), the mean R² of ``z_rl`` → state, wall time and env steps/s."""
     rows = [json.loads(path.read_text()) for path in paths]
     lines = [f"{'arm':<11} {'seeds':>5} {'prior':>22} {'arm':>22} {'Δ mean ± t95':>14} {'token mse':>10} "
-             f"{'mean-pred':>9} {'wall min':>8} {'steps/s':>7}"]  # fmt: skip
+             f"{'obs var':>8} {'z→s R²':>7} {'wall min':>8} {'steps/s':>7}"]  # fmt: skip
     for arm in sorted({row["arm"] for row in rows}):
         runs = [row for row in rows if row["arm"] == arm]
         cells = [
@@ -271,7 +318,8 @@ def combine(paths: list[Path]) -> str:
         lines.append(
             f"{arm:<11} {len(runs):>5} {cells[0]:>22} {cells[1]:>22} {_t_interval(deltas):>14} "
             f"{np.mean([r['token']['heldout_mse'] for r in runs]):>10.3f} "
-            f"{np.mean([r['token']['mean_predictor_mse'] for r in runs]):>9.3f} "
+            f"{np.mean([r['token']['position_mean_mse'] for r in runs]):>8.3f} "
+            f"{np.mean([np.mean(r['token']['state_r2']) for r in runs]):>7.2f} "
             f"{np.mean([r['wall_s'] for r in runs]) / 60:>8.1f} {np.mean([r['env_steps_per_s'] for r in runs]):>7.1f}"
         )
         lines.append("  per seed (prior → arm): " + ", ".join(
@@ -308,8 +356,9 @@ def main(config: VLABenchConfig) -> None:
     print(combine(paths))
 
 
-def parse_args() -> tuple[VLABenchConfig, list[Path] | None]:
-    """Flags → the benchmark's config (every ``VLABenchConfig`` field is a flag), and ``--combine``'s files."""
+def parse_args() -> tuple[VLABenchConfig, argparse.Namespace]:
+    """Flags → the benchmark's config (every ``VLABenchConfig`` field is a flag), and the ``--combine`` /
+    ``--retoken`` files."""
     defaults = VLABenchConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, value in asdict(defaults).items():
@@ -320,18 +369,25 @@ def parse_args() -> tuple[VLABenchConfig, list[Path] | None]:
         else:
             kind = float if name == "success_tolerance" else type(value)
             parser.add_argument(flag, type=kind, default=value)
+    parser.add_argument("--combine", type=Path, nargs="+", default=[], help="pool these result files instead")
     parser.add_argument(
-        "--combine", type=Path, nargs="+", default=None, help="pool these result files instead"
+        "--retoken",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="recompute these result files' token block instead",
     )
     args = vars(parser.parse_args())
-    files = args.pop("combine")
+    files = argparse.Namespace(combine=args.pop("combine"), retoken=args.pop("retoken"))
     args["seeds"], args["arms"] = tuple(args["seeds"]), tuple(args["arms"])
     return VLABenchConfig(**args), files
 
 
 if __name__ == "__main__":
     benchmark, files = parse_args()
-    if files:
-        print(combine(files))
-    else:
+    for result in files.retoken:
+        retoken(benchmark, result)
+    if files.combine:
+        print(combine(files.combine))
+    elif not files.retoken:
         main(benchmark)

@@ -136,7 +136,9 @@ def run_rlt(stage: RLTStage) -> RLTResult:
         seed=stage.seed,
     )
     resumed = _resumed_from(stage.learner_state)
-    factory = RLTLoopFactory(env, policy, deployment.switch(), config.z_dim, online, learner)
+    factory = RLTLoopFactory(
+        env, policy, deployment.switch(), config.z_dim, online, learner, config.token_normalization
+    )
     run = _train(stage, factory)
     manifest = _manifest(stage, deployment, run, _final_evaluation(stage, run.loop), resumed)
     save_rlt_checkpoint(stage.folder, run.loop.rlt.learner, run.loop.rlt.token, manifest)

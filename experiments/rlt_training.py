@@ -16,7 +16,7 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -62,7 +62,8 @@ class RLTLoopFactory:
     """Builds the RLT stage's loop for a seed; picklable when ``prior`` is.
 
     ``config`` and ``learner`` take the seed. The env, the prior and (a copy of) the phase switch are as
-    given; the RL token (``z_dim`` wide) is shaped by probing the prior on the env's first observation.
+    given; the RL token (``z_dim`` wide, ``token_normalization``) is shaped by probing the prior on the env's
+    first observation.
     """
 
     env_config: EnvConfig
@@ -71,6 +72,7 @@ class RLTLoopFactory:
     z_dim: int
     config: OnlineConfig
     learner: LearnerConfig
+    token_normalization: Literal["channel", "position"] = "channel"
 
     def __call__(self, seed: int) -> RLTLoop:
         """A fresh loop whose episode seeds, exploration and learner follow ``seed``."""
@@ -91,7 +93,10 @@ class RLTLoopFactory:
 
     def _learner(self, seed: int, env: MetaWorldEnv) -> OnlineRLT:
         observation = env.reset(seed=seed)[0]
-        token = RLToken(token_config_for(self.prior, observation, z_dim=self.z_dim))
+        shape = token_config_for(
+            self.prior, observation, z_dim=self.z_dim, normalization=self.token_normalization
+        )
+        token = RLToken(shape)
         return OnlineRLT(
             self.prior,
             copy.deepcopy(self.switch),

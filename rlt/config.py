@@ -200,6 +200,9 @@ class RLTConfig(_Settings):
         0.05, gt=0.0, description="hand off once the pair's distance is below this"
     )
     z_dim: int = Field(32, ge=1, description="width of the RL token bottleneck z_rl")
+    token_normalization: Literal["channel", "position"] = Field(
+        "channel", description="RL token input statistics per channel, or per position and channel"
+    )
     online: OnlineSettings = OnlineSettings()
     learner: LearnerConfig = LearnerConfig()
 

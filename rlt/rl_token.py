@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,10 @@ from rlt.errors import EmbeddingDimError, RLTInputError
 
 @dataclass(frozen=True)
 class RLTokenConfig:
-    """RL token shape: ``num_tokens`` T and ``embed_dim`` E of the VLA embeddings, bottleneck ``z_dim``."""
+    """RL token shape: ``num_tokens`` T and ``embed_dim`` E of the VLA embeddings, bottleneck ``z_dim``.
+
+    ``normalization``: the embeddings are standardized with statistics per ``channel`` (``E``) or per
+    ``position`` and channel (``T×E``; see ``fit_rl_token``)."""
 
     num_tokens: int
     embed_dim: int
@@ -32,6 +36,7 @@ class RLTokenConfig:
     num_heads: int = 4
     encoder_layers: int = 2
     decoder_layers: int = 2
+    normalization: Literal["channel", "position"] = "channel"
 
 
 class RLToken(nn.Module):
@@ -54,8 +59,13 @@ class RLToken(nn.Module):
             _layer(nn.TransformerDecoderLayer, config), config.decoder_layers
         )
         self.output_proj = nn.Linear(dim, config.embed_dim)
-        self.register_buffer("embed_mean", torch.zeros(config.embed_dim))
-        self.register_buffer("embed_std", torch.ones(config.embed_dim))
+        shape = (
+            (config.embed_dim,)
+            if config.normalization == "channel"
+            else (config.num_tokens, config.embed_dim)
+        )
+        self.register_buffer("embed_mean", torch.zeros(shape))
+        self.register_buffer("embed_std", torch.ones(shape))
 
     def check_embeddings(self, embeddings: torch.Tensor | np.ndarray) -> None:
         """Raise ``EmbeddingDimError`` unless ``embeddings`` is ``B×T×E`` with this token's T and E."""
@@ -129,6 +139,10 @@ def _layer(layer_class: type[nn.Module], config: RLTokenConfig) -> nn.Module:
     )
 
 
+#: Floor of a position's standard deviation, relative to its channel's over all positions (``fit_rl_token``).
+STD_FLOOR = 1e-3
+
+
 def fit_rl_token(
     token: RLToken,
     embeddings: np.ndarray,
@@ -139,7 +153,12 @@ def fit_rl_token(
 ) -> list[float]:
     """Train ``token`` to reconstruct ``embeddings`` (``N×T×E``) through ``z_rl``; return the loss per step.
 
-    Per-channel normalization statistics are taken from ``embeddings`` and travel with the weights.
+    Normalization statistics (``token.config.normalization``) are taken from ``embeddings`` and travel with the
+    weights. Per ``channel`` the loss is dominated by what differs between positions, not observations: a VLA's
+    prefix embeddings differ far more between positions (patches, prompt tokens) than between observations
+    (reach-v3's tiny image VLA: ~0.002 vs ~0.46 per channel), the decoder reproduces the positions from its
+    queries and a low loss says nothing about ``z_rl``. Per ``position`` the loss is on what varies between
+    observations (a standard deviation floored at ``STD_FLOOR`` times its channel's over all positions).
     The caller freezes the token afterwards (``token.freeze()``). Training runs where the token's weights are
     (``token.to(device)`` first; minibatch indices are drawn on the CPU, so the draws do not depend on it).
     """
@@ -147,9 +166,16 @@ def fit_rl_token(
     data = torch.as_tensor(embeddings, dtype=torch.float32, device=token.embed_mean.device)
     if not torch.isfinite(data).all():
         raise RLTInputError("embeddings: expected finite values, got NaN/inf")
-    flat = data.reshape(-1, data.shape[-1])
-    token.embed_mean.copy_(flat.mean(0))
-    token.embed_std.copy_(flat.std(0).clamp_min(1e-6))
+    channel_mean, channel_std = (
+        data.reshape(-1, data.shape[-1]).mean(0),
+        data.reshape(-1, data.shape[-1]).std(0),
+    )
+    if token.config.normalization == "channel":
+        token.embed_mean.copy_(channel_mean)
+        token.embed_std.copy_(channel_std.clamp_min(1e-6))
+    else:
+        token.embed_mean.copy_(data.mean(0))
+        token.embed_std.copy_(data.std(0, correction=0).clamp_min(1e-6).maximum(STD_FLOOR * channel_std))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(token.parameters(), lr=learning_rate)
     token.train()

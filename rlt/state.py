@@ -86,7 +86,7 @@ class RLStateEncoder:
 
 
 def token_config_for(
-    policy: Policy, observation: Observation, z_dim: int = 64, **shape: int
+    policy: Policy, observation: Observation, z_dim: int = 64, **shape: int | str
 ) -> RLTokenConfig:
     """The RL token shape matching ``policy``'s embeddings (``T×E``), probed with one ``infer`` call.
 

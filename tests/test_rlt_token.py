@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,45 @@ def test_token_config_is_sized_from_the_prior_embeddings() -> None:
     assert (config.num_tokens, config.embed_dim, config.z_dim) == (6, 12, 8)
     with pytest.raises(EmbeddingDimError, match="expected B×T×E from BiasedReachPrior"):
         token_config_for(BiasedReachPrior(), PointReachEnv().reset(seed=0)[0])
+
+
+def _linear_r2(features: np.ndarray, targets: np.ndarray) -> float:
+    """Mean R² on the second half of a least-squares fit (with bias) on the first half."""
+    half = len(features) // 2
+    design = np.hstack([features, np.ones((len(features), 1))])
+    weights = np.linalg.lstsq(design[:half], targets[:half], rcond=None)[0]
+    residual = targets[half:] - design[half:] @ weights
+    return float(np.mean(1 - (residual**2).sum(0) / ((targets[half:] - targets[half:].mean(0)) ** 2).sum(0)))
+
+
+@pytest.mark.parametrize("normalization", ["channel", "position"])
+def test_the_token_reconstructs_what_varies_between_observations(normalization: str) -> None:
+    """A VLA's prefix embeddings differ far more between positions than between observations: with statistics
+    per position the token reconstructs what varies between observations; per channel its loss is dominated by
+    the positional pattern (which its queries reproduce) and it reconstructs none of it."""
+    rng = np.random.default_rng(1)
+    latent = rng.normal(size=(512, 2)).astype(np.float32)
+    signal = np.tanh(latent @ rng.normal(size=(2, 4 * 16)).astype(np.float32)).reshape(512, 4, 16)
+    embeddings = 5.0 * rng.normal(size=(1, 4, 16)).astype(np.float32) + 0.003 * signal
+    torch.manual_seed(0)
+    config = RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=8, model_dim=32, encoder_layers=1)
+    token = RLToken(dataclasses.replace(config, normalization=normalization))
+    fit_rl_token(token, embeddings[:256], steps=300, batch_size=64, learning_rate=3e-3)
+    token.freeze()
+    held_out = torch.as_tensor(embeddings[256:])
+    with torch.no_grad():
+        reconstructed = token.decode(token.encode(held_out)) * token.embed_std + token.embed_mean
+    error = torch.mean((reconstructed - held_out) ** 2) / torch.mean((held_out - held_out.mean(0)) ** 2)
+    assert (error < 0.2) if normalization == "position" else (error > 0.5)
+
+
+def test_a_per_position_token_round_trips(tmp_path) -> None:
+    config = RLTokenConfig(num_tokens=4, embed_dim=16, z_dim=8, model_dim=32, normalization="position")
+    token = RLToken(config)
+    embeddings = _embeddings(32)
+    fit_rl_token(token, embeddings, steps=5)
+    assert token.embed_std.shape == (4, 16)
+    token.freeze().save(tmp_path / "token.safetensors")
+    loaded = RLToken.load(tmp_path / "token.safetensors")
+    assert loaded.config.normalization == "position"
+    np.testing.assert_allclose(loaded.encode_numpy(embeddings), token.encode_numpy(embeddings))
