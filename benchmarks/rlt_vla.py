@@ -79,7 +79,7 @@ class VLABenchConfig:
     token_batch_size: int = 32
     z_dim: int = 32
     token_normalization: str = "position"
-    heldout_episodes: int = 10
+    heldout_episodes: int = 30
     residual_scale: float = 1.0
     beta: float = 4.0
     utd_ratio: int = 10
@@ -241,6 +241,7 @@ def token_report(config: VLABenchConfig, prior: Policy, token: RLToken) -> dict[
         "z_dim": token.config.z_dim,
     }
     return shape | {
+        "heldout_episodes": config.heldout_episodes,
         "heldout_chunks": len(embeddings),
         "heldout_mse": mse,
         "channel_mean_mse": channel_mse,
@@ -281,14 +282,15 @@ def heldout_embeddings(config: VLABenchConfig, prior: Policy) -> tuple[np.ndarra
 
 
 def retoken(config: VLABenchConfig, path: Path) -> None:
-    """Recompute a result file's ``token`` block from its run's checkpoint (found under ``config.workdir``)."""
+    """Recompute a result file's ``token`` block from its run's checkpoint (found under ``config.workdir``) on
+    ``config.heldout_episodes`` episodes."""
     row = json.loads(path.read_text())
     folder = Path(config.workdir) / f"{row['task']}-seed{row['seed']}"
     checkpoint = row.get("checkpoint") or str(max(folder.glob(f"rlt-vla-{row['arm']}-{row['task']}-seed*-*")))
     store = ExperienceStore(f"sqlite:///{folder / 'store.db'}")
     prior_checkpoint = json.loads((folder / "prior.json").read_text())["checkpoint"]
     prior = load(resolve(prior_checkpoint, store), task=row["task"], store=store, seed=row["seed"])
-    heldout = replace(config, task=row["task"], heldout_episodes=row["config"]["heldout_episodes"])
+    heldout = replace(config, task=row["task"], success_tolerance=row["config"]["success_tolerance"])
     token = load_rlt_checkpoint(Path(checkpoint)).token
     row |= {"checkpoint": checkpoint, "token": token_report(heldout, prior, token)}
     path.write_text(json.dumps(row, indent=1))
