@@ -64,9 +64,11 @@ def _loop(vla: VLAPolicy, token: RLToken, records: list[EpisodeRecord]) -> RLTLo
     return RLTLoop(learner, lambda: env, on_episode=records.append)
 
 
-def test_online_rlt_runs_on_vla_embeddings() -> None:
+@pytest.mark.parametrize("normalization", ["channel", "position"])
+def test_online_rlt_runs_on_vla_embeddings(normalization: str) -> None:
     vla = _vla()
-    config = token_config_for(vla, PointReachEnv(image_size=IMAGE).reset(seed=0)[0], z_dim=8, model_dim=32)
+    observation = PointReachEnv(image_size=IMAGE).reset(seed=0)[0]
+    config = token_config_for(vla, observation, z_dim=8, model_dim=32, normalization=normalization)
     assert (config.num_tokens, config.embed_dim) == (vla.config.prefix_len, vla.config.width)
     records: list[EpisodeRecord] = []
     loop = _loop(vla, RLToken(config), records)
@@ -79,6 +81,8 @@ def test_online_rlt_runs_on_vla_embeddings() -> None:
         record.validate()
         assert record.images["top"].shape == (record.length, IMAGE, IMAGE, 3)
     assert set(records[-1].policy_versions) == {"rlt"}
+    statistics = (config.embed_dim,) if normalization == "channel" else (config.num_tokens, config.embed_dim)
+    assert loop.rlt.token.embed_std.shape == statistics
 
 
 def test_vla_embedding_width_mismatch_is_a_clear_error() -> None:
