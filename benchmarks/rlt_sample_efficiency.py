@@ -51,7 +51,7 @@ from stable_baselines3.sac.policies import SACPolicy
 
 from actors.rlt_loop import RLTLoop
 from envs import EnvConfig, MetaWorldEnv
-from envs.experts import ScriptedExpert
+from envs.experts import ScriptedExpert, bias_vectors, prior_bias_direction
 from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
 from experiments.tracking import log_command_run
@@ -181,31 +181,9 @@ def collect_demos(config: BenchmarkConfig, seed: int, count: int, noise: float) 
     return demos
 
 
-#: Where each task's scripted prior is systematically wrong (``prior_bias``): ``"<position>:<axis>"``, the
-#: position the expert misjudges (``object``: what it grasps; ``goal``: what it aligns with) and the direction.
-#: Chosen from 20-episode probes at 1.5 cm along ±x, ±y, +z (``benchmarks/results/biased_priors.txt``): the
-#: direction that costs the benchmark's prior (noise 0.3, chunks of 10) most. Other tasks: ``object:+x``.
-PRIOR_BIASES: dict[str, str] = {
-    "pick-place-v3": "object:+y",
-    "peg-insert-side-v3": "object:+y",
-    "assembly-v3": "object:+y",
-}
-_AXES = {"x": 0, "y": 1, "z": 2}
-
-
-def bias_vectors(spec: str, metres: float) -> dict[str, tuple[float, float, float]]:
-    """``ScriptedPolicy`` bias arguments for ``metres`` along ``spec`` (``"object:+x"``, ``"goal:-y"``, …)."""
-    position, _, direction = spec.partition(":")
-    if position not in ("object", "goal") or direction.lstrip("+-") not in _AXES:
-        raise ValueError(f"prior bias: expected '<object|goal>:<±x|y|z>', got {spec!r}")
-    vector = [0.0, 0.0, 0.0]
-    vector[_AXES[direction.lstrip("+-")]] = -metres if direction.startswith("-") else metres
-    return {f"{position}_bias": (vector[0], vector[1], vector[2])}
-
-
 def prior_bias_spec(config: BenchmarkConfig) -> str:
     """The direction of ``config.prior_bias``: ``prior_bias_at`` or the task's ``PRIOR_BIASES`` entry."""
-    return config.prior_bias_at or PRIOR_BIASES.get(config.task, "object:+x")
+    return config.prior_bias_at or prior_bias_direction(config.task)
 
 
 def make_prior(config: BenchmarkConfig, seed: int) -> EmbeddingPrior:

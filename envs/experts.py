@@ -99,6 +99,34 @@ class ScriptedExpert:
         return f"phase{self._branch(parsed)}"
 
 
+#: Where each task's scripted prior is systematically wrong: ``"<position>:<axis>"``, the position the expert
+#: misjudges (``object``: what it grasps; ``goal``: what it aligns with or reaches) and the direction. The
+#: grasping tasks' entries are the direction of ±x, ±y, +z that costs a noisy prior (σ 0.3, chunks of 10) most at
+#: 1.5 cm (``benchmarks/results/biased_priors.txt``); reach reads only the goal. Other tasks: ``object:+x``.
+PRIOR_BIASES: dict[str, str] = {
+    "pick-place-v3": "object:+y",
+    "peg-insert-side-v3": "object:+y",
+    "assembly-v3": "object:+y",
+    "reach-v3": "goal:+x",
+}
+_AXES = {"x": 0, "y": 1, "z": 2}
+
+
+def prior_bias_direction(task: str) -> str:
+    """Where ``task``'s scripted prior is biased (its ``PRIOR_BIASES`` entry, else ``object:+x``)."""
+    return PRIOR_BIASES.get(resolve_task(task), "object:+x")
+
+
+def bias_vectors(spec: str, metres: float) -> dict[str, tuple[float, float, float]]:
+    """``ScriptedExpert`` bias arguments for ``metres`` along ``spec`` (``"object:+x"``, ``"goal:-y"``, …)."""
+    position, _, direction = spec.partition(":")
+    if position not in ("object", "goal") or direction.lstrip("+-") not in _AXES:
+        raise ValueError(f"prior bias: expected '<object|goal>:<±x|y|z>', got {spec!r}")
+    vector = [0.0, 0.0, 0.0]
+    vector[_AXES[direction.lstrip("+-")]] = -metres if direction.startswith("-") else metres
+    return {f"{position}_bias": (vector[0], vector[1], vector[2])}
+
+
 def _offset(name: str, offset: tuple[float, float, float] | None) -> np.ndarray:
     """A bias argument as a ``float32`` xyz vector (zeros for None)."""
     vector = np.zeros(3, np.float32) if offset is None else np.asarray(offset, dtype=np.float32)

@@ -2,9 +2,10 @@
 
 Specs (:func:`resolve` names each one's kind; :func:`load` dispatches on it):
 
-- ``scripted[:<task>][?noise=<std>]``: Meta-World's scripted expert (reads ``privileged``; without a task it
-  takes the caller's, else each observation's prompt). ``scripted`` is version ``scripted-noise<std>``,
-  ``scripted:<task>…`` is versioned by its spec;
+- ``scripted[:<task>][?noise=<std>][&object_bias=x,y,z][&goal_bias=x,y,z]``: Meta-World's scripted expert (reads
+  ``privileged``; without a task it takes the caller's, else each observation's prompt), optionally with a
+  systematic error in metres (``envs.experts.ScriptedExpert``). ``scripted`` is version
+  ``scripted-noise<std>`` (``envs.scripted.scripted_version``), ``scripted:<task>…`` is versioned by its spec;
 - a checkpoint directory: its ``policy.json`` (``policies.manifest``) says ``vla``, ``hierarchical``
   (``policies.hierarchical``) or ``rlt`` (``rlt.checkpoint``: its prior until the hand-off, then the RLT actor,
   ``rlt.actor.RLTActor``; the prior loads through here, so nested RLT works);
@@ -32,7 +33,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,9 +92,9 @@ def resolve(spec: str, store: ExperienceStore | None = None, *, noise: float = 0
     if not spec:
         raise PolicySpecError("policy: empty spec")
     if spec == SCRIPTED or spec.startswith((f"{SCRIPTED}:", f"{SCRIPTED}?")):
-        task, spec_noise = parse_scripted_spec(spec)
+        task, spec_noise, biases = parse_scripted_spec(spec)
         bare = spec == SCRIPTED
-        return PolicySource(SCRIPTED, scripted_spec(noise if bare else spec_noise, task))
+        return PolicySource(SCRIPTED, scripted_spec(noise if bare else spec_noise, task, biases))
     if spec.startswith(OPENPI_PREFIX):
         return PolicySource(OPENPI, spec)
     if spec.startswith(PYTHON_PREFIX):
@@ -125,13 +126,19 @@ def register(store: ExperienceStore, source: PolicySource, version: str) -> None
     name it; its ``uri`` reloads it. An RLT policy's parent is its prior (a scripted prior is registered too)."""
     parent, metadata = None, {}
     if source.kind == SCRIPTED:
-        metadata = {"noise_std": parse_scripted_spec(source.uri)[1]}
+        _, noise, biases = parse_scripted_spec(source.uri)
+        metadata = {"noise_std": noise} | biases
     elif source.kind == OPENPI:
         metadata = _openpi_metadata(parse_openpi_spec(source.uri)[1])
     elif source.kind == RLT_KIND:
         prior = _rlt_manifest(Path(source.uri)).deployment.prior
         if prior.scripted_noise is not None:
-            register(store, PolicySource(SCRIPTED, scripted_spec(prior.scripted_noise)), prior.version)
+            biases = {"object_bias": prior.object_bias, "goal_bias": prior.goal_bias}
+            register(
+                store,
+                PolicySource(SCRIPTED, scripted_spec(prior.scripted_noise, None, biases)),
+                prior.version,
+            )
         parent = prior.version
     store.register_policy_version(version, kind=source.kind, uri=source.uri, parent=parent, metadata=metadata)
 
@@ -157,27 +164,53 @@ def vla_image_layout(spec: str, store: ExperienceStore) -> tuple[tuple[str, ...]
     return tuple(config.cameras), config.image_size
 
 
-def scripted_spec(noise: float, task: str | None = None) -> str:
-    """The spec (and registered uri) of the scripted expert with action noise ``noise``."""
-    return f"{SCRIPTED}{f':{task}' if task else ''}{f'?noise={noise:g}' if noise else ''}"
+#: A scripted expert's systematic errors (``envs.experts.ScriptedExpert`` arguments, metres xyz) in its spec.
+SCRIPTED_BIASES = ("object_bias", "goal_bias")
+Bias = tuple[float, float, float]
 
 
-def parse_scripted_spec(spec: str) -> tuple[str | None, float]:
-    """``scripted[:<task>][?noise=<std>]`` → its task (None if unnamed) and action noise."""
+def scripted_spec(
+    noise: float, task: str | None = None, biases: Mapping[str, Bias | None] | None = None
+) -> str:
+    """The spec (and registered uri) of the scripted expert with action noise ``noise`` and ``biases``
+    (``object_bias`` / ``goal_bias``; None or zero ones are left out)."""
+    options = [f"noise={noise:g}"] if noise else []
+    for name, bias in (biases or {}).items():
+        if bias is not None and any(bias):
+            options.append(f"{name}=" + ",".join(f"{value:g}" for value in bias))
+    return f"{SCRIPTED}{f':{task}' if task else ''}{'?' + '&'.join(options) if options else ''}"
+
+
+def parse_scripted_spec(spec: str) -> tuple[str | None, float, dict[str, Bias]]:
+    """``scripted[:<task>][?noise=<std>][&object_bias=x,y,z][&goal_bias=x,y,z]`` → its task (None if unnamed),
+    action noise and biases (only those given)."""
     name, _, query = spec.partition("?")
     task = name.removeprefix(SCRIPTED).removeprefix(":") or None
-    noise = 0.0
+    noise, biases = 0.0, {}
     for entry in filter(None, query.split("&")):
         option, _, value = entry.partition("=")
+        if option in SCRIPTED_BIASES:
+            biases[option] = _bias(spec, option, value)
+            continue
         if option != "noise":
-            raise PolicySpecError(f"policy {spec!r}: unknown option {option!r}; known: noise")
+            known = ", ".join(("noise", *SCRIPTED_BIASES))
+            raise PolicySpecError(f"policy {spec!r}: unknown option {option!r}; known: {known}")
         try:
             noise = float(value)
         except ValueError:
             noise = -1.0
         if not noise >= 0:
             raise PolicySpecError(f"policy {spec!r}: noise={value!r}; expected a number >= 0")
-    return task, noise
+    return task, noise, biases
+
+
+def _bias(spec: str, option: str, value: str) -> Bias:
+    """A bias option's ``x,y,z`` (metres)."""
+    try:
+        x, y, z = (float(part) for part in value.split(","))
+    except ValueError:
+        raise PolicySpecError(f"policy {spec!r}: {option}={value!r}; expected x,y,z in metres") from None
+    return (x, y, z)
 
 
 def _registered(version: str, store: ExperienceStore | None) -> PolicySource:
@@ -244,13 +277,13 @@ def _checkpoint_kind(directory: Path) -> str:
 def _load_scripted(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:
     from envs.scripted import ScriptedPolicy, scripted_version
 
-    own_task, noise = parse_scripted_spec(source.uri)
+    own_task, noise, biases = parse_scripted_spec(source.uri)
     if own_task and task and own_task != task:
         raise PolicySpecError(
             f"policy {source.version or source.uri!r}: the scripted expert of {own_task!r}, not {task!r}"
         )
-    version = source.version or (source.uri if own_task else scripted_version(noise))
-    return ScriptedPolicy(own_task or task, noise_std=noise, seed=seed, version=version)
+    version = source.version or (source.uri if own_task else scripted_version(noise, **biases))
+    return ScriptedPolicy(own_task or task, noise_std=noise, seed=seed, version=version, **biases)
 
 
 def _load_vla(source: PolicySource, task: str | None, store: Any, seed: int) -> Policy:

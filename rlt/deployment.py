@@ -34,17 +34,21 @@ class PriorSpec:
 
     ``projected_embeddings`` marks a stored version that returns no embeddings (a state policy, an openpi
     server sending none): RLT trained on a fixed projection of its privileged state, and deployment rebuilds it.
+    ``object_bias`` / ``goal_bias`` (metres, xyz) make a scripted expert systematically wrong about the object's /
+    goal's position (``envs.experts.ScriptedExpert``).
     """
 
     version: str
     scripted_noise: float | None
     seed: int
     projected_embeddings: bool = False
+    object_bias: tuple[float, float, float] | None = None
+    goal_bias: tuple[float, float, float] | None = None
 
     def load(self, task: str, chunk_size: int, load_version: Callable[[str], Policy]) -> Policy:
         """The prior: a stored version via ``load_version`` (a VLA, or an earlier RLT policy; wrapped with
-        projected embeddings if it was trained that way), or a scripted expert holding its action for
-        ``chunk_size`` steps, with projected privileged state as embeddings."""
+        projected embeddings if it was trained that way), or a scripted expert (with its biases) holding its
+        action for ``chunk_size`` steps, with projected privileged state as embeddings."""
         if self.scripted_noise is None:
             policy = load_version(self.version)
             return with_projected_embeddings(policy, self.seed) if self.projected_embeddings else policy
@@ -54,6 +58,8 @@ class PriorSpec:
             seed=self.seed,
             action_horizon=chunk_size,
             version=self.version,
+            object_bias=self.object_bias,
+            goal_bias=self.goal_bias,
         )
         return with_projected_embeddings(scripted, self.seed)
 

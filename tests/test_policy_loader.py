@@ -470,3 +470,31 @@ def test_a_deploy_file_naming_the_scripted_prior_serves(tmp_path) -> None:
         and policy.version == "scripted-noise0.3"
         and policy.noise_std == 0.3
     )
+
+
+def test_a_biased_scripted_spec_reloads_the_same_systematic_error(tmp_path) -> None:
+    """``scripted?noise=…&goal_bias=x,y,z`` loads the expert with that bias, registers under a uri that reloads it,
+    and a malformed bias is a one-line error naming the option."""
+    from experiments.policy_loader import register, scripted_spec
+
+    biases = {"object_bias": None, "goal_bias": (0.015, 0.0, 0.0)}
+    spec = scripted_spec(0.1, None, biases)
+    assert spec == "scripted?noise=0.1&goal_bias=0.015,0,0"
+    store = ExperienceStore(f"sqlite:///{tmp_path / 'fw.db'}")
+    store.upgrade()
+    source = resolve(spec, store)
+    policy = load(source, task="reach-v3")
+    assert policy.version == "scripted-noise0.1-goal-bias0.015,0,0"
+    assert policy.biases == {"object_bias": None, "goal_bias": (0.015, 0.0, 0.0)}
+    register(store, source, policy.version)
+    assert store.policy_version(policy.version)["metadata"]["goal_bias"] == [0.015, 0.0, 0.0]
+    again = load(policy.version, task="reach-v3", store=store)
+    observation = stack_observations(
+        [MetaWorldEnv(EnvConfig(task="reach-v3", render=False)).reset(seed=3)[0]]
+    )
+    assert np.array_equal(
+        again.infer(observation).actions,
+        ScriptedPolicy("reach-v3", noise_std=0.1, goal_bias=(0.015, 0.0, 0.0)).infer(observation).actions,
+    )
+    with pytest.raises(PolicySpecError, match=r"goal_bias='0.01,0'; expected x,y,z in metres$"):
+        load("scripted?goal_bias=0.01,0", task="reach-v3")

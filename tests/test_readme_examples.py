@@ -186,6 +186,8 @@ class Session:
             assert task in self.versions, f"{line}: no version trained for {task} yet"
             words = [self.versions[task] if word == "<version>" else word for word in words]
         command = " ".join(words[1:3]) if words[1] in ("train", "recap", "robot", "episodes") else words[1]
+        if "--config" in words and command != "iterate":  # a file of the repository, as run from its root
+            words[words.index("--config") + 1] = str(ROOT / words[words.index("--config") + 1])
         if self.reduced:
             words += REDUCED.get(command, [])
             words += [flag for key, flags in REDUCED_LINE.items() if key in line for flag in flags]
@@ -201,7 +203,7 @@ class Session:
         script = shutil.which("flywheel")
         return [script, *words[1:]] if script else [sys.executable, "-m", "experiments.cli", *words[1:]]
 
-    def run(self, line: str) -> str:
+    def run(self, line: str, timeout_s: float = TIMEOUT_S) -> str:
         """Run one README line to completion (or, for a server, until it answers on its port)."""
         argv = self.argv(line)
         server = line.split()[1]
@@ -219,7 +221,7 @@ class Session:
             _wait_for_port(process, port)
             return ""
         done = subprocess.run(
-            argv, cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=TIMEOUT_S
+            argv, cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=timeout_s
         )
         assert done.returncode == 0, (
             f"{line}\n{shlex.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -311,3 +313,38 @@ def test_readme_block_runs_in_order(session: Session) -> None:
     assert session.versions["pick-place-v3"].startswith("hier-")  # train bc --subtasks read 96 px too
     _check_robot_spool(session)
     assert (session.folder / "out" / "meta" / "info.json").is_file()
+
+
+# ---- the RLT example: the comparison it prints, and that RLT improves on its prior -----------------------------
+
+COMPARISON = re.compile(
+    r"RLT vs its prior on the same (\d+) evaluation seeds: ([+-]\d+) points \((\d+)% → (\d+)%\)"
+)
+
+
+def _rlt_line() -> str:
+    [line] = [line for line in readme_examples() if line.split()[1] == "rlt"]
+    return line
+
+
+def test_readme_rlt_example_prints_the_prior_against_rlt(session: Session) -> None:
+    """The README's RLT line on a tiny budget completes and prints both success rates and their comparison."""
+    output = " ".join(session.run(_rlt_line()).split())
+    assert "--prior-bias" in _rlt_line() and "-goal-bias" in output, (
+        "the example's prior is systematically wrong"
+    )
+    compared = COMPARISON.search(output)
+    assert compared and compared.group(1) == "1", output
+    prior, rlt = int(compared.group(3)), int(compared.group(4))
+    assert int(compared.group(2)) == rlt - prior
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_readme_rlt_example_improves_on_its_prior(tmp_path: Path) -> None:
+    """The README's RLT line exactly as written (its full budget, seed 0): RLT's success on the evaluation seeds
+    is above the prior's it started from."""
+    output = " ".join(Session(tmp_path, reduced=False).run(_rlt_line(), timeout_s=2300).split())
+    compared = COMPARISON.search(output)
+    assert compared, output
+    assert int(compared.group(4)) > int(compared.group(3)), compared.group(0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from envs.experts import bias_vectors, prior_bias_direction
 from envs.scripted import ScriptedPolicy
 from policies.base import stack_observations
 
@@ -23,9 +24,10 @@ bench = importlib.import_module("rlt_sample_efficiency")
 def test_prior_bias_goes_where_the_task_names_it_and_the_goal_bias_stays_an_x_shift():
     config = bench.BenchmarkConfig(task="pick-place-v3", prior_bias=0.015)
     assert bench.make_prior(config, 0).policy.biases == {"object_bias": (0.0, 0.015, 0.0), "goal_bias": None}
-    assert bench.bias_vectors("goal:-y", 0.01) == {"goal_bias": (0.0, -0.01, 0.0)}
+    assert bias_vectors("goal:-y", 0.01) == {"goal_bias": (0.0, -0.01, 0.0)}
+    assert prior_bias_direction("reach-v3") == "goal:+x" and prior_bias_direction("push-v3") == "object:+x"
     with pytest.raises(ValueError, match="prior bias"):
-        bench.bias_vectors("hand:+x", 0.01)
+        bias_vectors("hand:+x", 0.01)
     # --prior-goal-bias (the reach-v3 goal-biased runs): the prior sees the goal 8 mm further along x, as before
     reach = bench.BenchmarkConfig(task="reach-v3", prior_goal_bias=0.008, prior_noise=0.0, chunk_size=1)
     observation = bench.make_env(reach).reset(seed=5)[0]

@@ -106,6 +106,13 @@ def rlt(
         int, typer.Option(min=0, help="Warm up on at most this many stored episodes of the task too")
     ] = 50,
     prior_noise: Annotated[float, typer.Option(min=0.0, help="Action noise of the scripted prior")] = 0.3,
+    prior_bias: Annotated[
+        float,
+        typer.Option(
+            help="Systematic error of the scripted prior: it misjudges the object's (or, on reach, the goal's) "
+            "position by this many metres, the same way in every step (direction: envs.experts.PRIOR_BIASES)"
+        ),
+    ] = 0.0,
     episode_steps: Annotated[
         int | None, typer.Option(min=1, help="Episode limit (default: the task's)")
     ] = 200,
@@ -190,7 +197,9 @@ def rlt(
     except DeviceError as error:
         raise UserError(f"learner.device: {error}") from None
     experience = _open_store(store)
-    prior_spec, load_version, env_config = _load_prior(prior, env_config, experience, prior_noise, seed)
+    prior_spec, load_version, env_config = _load_prior(
+        prior, env_config, experience, (prior_noise, prior_bias), seed
+    )
     key = {"env": env_config, "prior": prior_spec.version, "noise": prior_noise, "config": config}
     key |= {
         "stored": stored_episodes,
@@ -342,21 +351,27 @@ def _open_store(url: str | None) -> ExperienceStore:
 
 
 def _load_prior(
-    spec: str, env_config: EnvConfig, store: ExperienceStore, noise: float, seed: int
+    spec: str, env_config: EnvConfig, store: ExperienceStore, scripted: tuple[float, float], seed: int
 ) -> tuple[PriorSpec, Callable[[str], Policy], EnvConfig]:
     """The prior as the deployment block saves it, how the stage loads it and the env config it needs (cameras
-    for a VLA). A scripted prior is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
+    for a VLA). A scripted prior (``scripted``: its action noise and bias in metres along the task's
+    ``PRIOR_BIASES`` direction) is built by ``PriorSpec.load``, as it is rebuilt at deployment."""
     from envs import MetaWorldEnv
+    from envs.experts import bias_vectors, prior_bias_direction
     from envs.scripted import scripted_version
-    from experiments.policy_loader import PolicySpecError, load, register, resolve
+    from experiments.policy_loader import PolicySpecError, load, register, resolve, scripted_spec
     from policies.base import stack_observations
     from policies.checkpoint import CheckpointError
     from rlt.deployment import PriorSpec
 
+    noise, bias = scripted
     if spec == "scripted":
-        prior = PriorSpec(scripted_version(noise), noise, seed)
-        register(store, resolve(spec, noise=noise), prior.version)
+        biases = bias_vectors(prior_bias_direction(env_config.task), bias) if bias else {}
+        prior = PriorSpec(scripted_version(noise, **biases), noise, seed, **biases)
+        register(store, resolve(scripted_spec(noise, None, biases)), prior.version)
         return prior, lambda version: load(version, task=env_config.task, store=store, seed=seed), env_config
+    if bias:
+        raise UserError("--prior-bias: only a scripted prior (--prior scripted) takes a systematic error")
     try:
         source = resolve(spec, store)
         policy = load(source, task=env_config.task, store=store, seed=seed)
@@ -409,9 +424,14 @@ def _report(result: RLTResult, prior_version: str) -> None:
         f"episodes, {manifest.updates} updates, {manifest.replay_chunks} replay chunks)"
     )
     evaluation = manifest.evaluation
+    intervals = []
     for name, rate in ((prior_version, evaluation.prior_success), (result.version, evaluation.rlt_success)):
-        low, high = wilson_interval(round(rate * evaluation.episodes), evaluation.episodes)
+        intervals.append(wilson_interval(round(rate * evaluation.episodes), evaluation.episodes))
+        low, high = intervals[-1]
         console.print(f"{name}: success {rate:.0%} of {evaluation.episodes} [95% CI {low:.2f}–{high:.2f}]")
+    console.print(
+        _comparison(evaluation.prior_success, evaluation.rlt_success, evaluation.episodes, intervals)
+    )
     console.print(f"checkpoint [bold]{result.version}[/bold] at {result.checkpoint}")
     calibration = manifest.critic_calibration
     if calibration is not None:
@@ -421,3 +441,19 @@ def _report(result: RLTResult, prior_version: str) -> None:
             f"Spearman {calibration.spearman:.2f}; Q far above the return means the actor climbs the critic's "
             "errors"
         )
+
+
+def _comparison(prior: float, rlt: float, episodes: int, intervals: list[tuple[float, float]]) -> str:
+    """One line: RLT against the prior it started from, on the same evaluation seeds, and whether the
+    difference is outside both 95% intervals."""
+    (prior_low, prior_high), (rlt_low, rlt_high) = intervals
+    if rlt_low > prior_high:
+        verdict = "better than the prior (the 95% intervals do not overlap)"
+    elif rlt_high < prior_low:
+        verdict = "worse than the prior (the 95% intervals do not overlap)"
+    else:
+        verdict = "the 95% intervals overlap: more --eval-episodes or seeds to tell them apart"
+    return (
+        f"RLT vs its prior on the same {episodes} evaluation seeds: {100 * (rlt - prior):+.0f} points "
+        f"({prior:.0%} → {rlt:.0%}); {verdict}"
+    )
