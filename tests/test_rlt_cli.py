@@ -17,6 +17,7 @@ from actors.cluster import ensure_ray
 from envs.metaworld_env import OBJECT
 from experiments.cli import app
 from experiments.paths import default_mlflow_uri
+from experiments.policy_loader import load
 from rlt.checkpoint import load_rlt_checkpoint
 from rlt.phase import InfoKeySwitch
 from storage import ExperienceStore
@@ -175,6 +176,10 @@ def test_negative_workers_are_refused(tmp_path) -> None:
         ),
         (["--task", "peg-insert-side-v3", "--db", "foo://x"], "error: --db: store url: expected"),
         (
+            ["--task", "peg-insert-side-v3", "--prior", "v9", "--prior-bias", "0.01"],
+            "error: --prior-bias: only a scripted prior (--prior scripted) takes a systematic error",
+        ),
+        (
             ["--task", "peg-insert-side-v3", "--success-tolerance", "0.01"],
             "error: success_tolerance: supported for ['pick-place-v3', 'push-v3', 'reach-v3']",
         ),
@@ -189,16 +194,33 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args: list[str], mes
     assert result.output.count("\n") == 1
 
 
-def test_a_tolerance_variant_is_trained_and_recorded(tmp_path, monkeypatch) -> None:
-    """``--success-tolerance`` makes the run's env the harder variant; the manifest records the env config."""
+def test_a_tolerance_variant_with_a_biased_prior_is_trained_and_recorded(tmp_path, monkeypatch) -> None:
+    """``--success-tolerance`` makes the run's env the harder variant; ``--prior-bias`` aims reach-v3's scripted
+    prior past the goal along +x (``PRIOR_BIASES``); the manifest records both, and the stored prior reloads with
+    its bias."""
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
     url = f"sqlite:///{tmp_path / 'rlt.db'}"
-    args = ["--task", "reach-v3", "--success-tolerance", "0.005", "--handoff", "hand-goal"]
-    _invoke(
+    args = [
+        "--task",
+        "reach-v3",
+        "--success-tolerance",
+        "0.005",
+        "--handoff",
+        "hand-goal",
+        "--prior-bias",
+        "0.015",
+    ]
+    output = _invoke(
         *args, "--db", url, "--env-steps", "30", "--warmup-episodes", "1", "--output", str(tmp_path / "c")
     )
+    assert "RLT vs its prior on the same 1 evaluation seeds:" in " ".join(output.split())
     manifest = load_rlt_checkpoint(tmp_path / "c").manifest
     assert manifest.env.task == "reach-v3" and manifest.env.success_tolerance == 0.005
+    prior = manifest.deployment.prior
+    assert prior.version == "scripted-noise0.3-goal-bias0.015,0,0" and prior.goal_bias == (0.015, 0.0, 0.0)
+    assert prior.load("reach-v3", 10, lambda _: None).policy.biases["goal_bias"] == (0.015, 0.0, 0.0)
+    stored = load(prior.version, task="reach-v3", store=ExperienceStore(url))
+    assert stored.biases == {"object_bias": None, "goal_bias": (0.015, 0.0, 0.0)}
 
 
 def test_an_info_handoff_from_the_command_line_hands_over_at_the_grasp(tmp_path) -> None:
