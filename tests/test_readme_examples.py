@@ -39,13 +39,14 @@ TIMEOUT_S = 600
 
 
 def readme_examples() -> list[str]:
-    """The command lines of the README's "A few to start with" block, comments stripped."""
+    """The command lines of the README's "A few to start with" block, comments stripped, continued lines
+    (``\\`` at the end) joined."""
     text = README.read_text()
     start = text.index("A few to start with")
     block = text[
         text.index("```bash", start) + len("```bash") : text.index("```", text.index("```bash", start) + 7)
     ]
-    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    lines = [line.split("#", 1)[0].strip() for line in block.replace("\\\n", " ").splitlines()]
     return [line for line in lines if line]
 
 
