@@ -135,6 +135,7 @@ class VLABenchConfig:
             {
                 "handoff": "always",
                 "z_dim": self.z_dim,
+                "token_normalization": self.token_normalization,
                 "online": online,
                 "learner": learner | {"device": "cpu"},
             }
