@@ -14,6 +14,9 @@ embeddings at every chunk start → RL token → chunked actor-critic) → the p
 - ``regression``: the critic-free ablation (``q_weight`` 0: regression toward ``ã`` with reference dropout, β 4
   mean), same state, data budget and exploration.
 
+``--token-normalization position`` fits the RL token with statistics per position and channel instead of per
+channel (``rlt.rl_token.fit_rl_token``; result files are tagged ``token-<normalization>``).
+
 Also measured: the RL token's reconstruction MSE on held-out prior episodes (per-channel standardized embeddings)
 beside the part of their variance that depends on the observation, how well ``z_rl`` predicts the state
 linearly, wall time and env steps per second. One JSON per (task, arm, seed) under
@@ -78,7 +81,7 @@ class VLABenchConfig:
     token_steps: int = 400
     token_batch_size: int = 32
     z_dim: int = 32
-    token_normalization: str = "position"
+    token_normalization: str = "channel"
     heldout_episodes: int = 30
     residual_scale: float = 1.0
     beta: float = 4.0
