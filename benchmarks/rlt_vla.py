@@ -308,21 +308,22 @@ def result_path(config: VLABenchConfig, arm: str, seed: int) -> Path:
 
 
 def combine(paths: list[Path]) -> str:
-    """Per arm over the result files: pooled successes with a Wilson interval, mean ± t 95% interval over seeds
+    """Per arm and token normalization over the result files: pooled successes with a Wilson interval, mean ± t 95% interval over seeds
     of the arm minus the prior (same seeds), the token's held-out MSE beside the observation-dependent part of the
     variance (``position_mean_mse``), the mean R² of ``z_rl`` → state, wall time and env steps/s."""
     rows = [json.loads(path.read_text()) for path in paths]
-    lines = [f"{'arm':<11} {'seeds':>5} {'prior':>22} {'arm':>22} {'Δ mean ± t95':>14} {'token mse':>10} "
+    lines = [f"{'arm / token':<20} {'seeds':>5} {'prior':>22} {'arm':>22} {'Δ mean ± t95':>14} {'token mse':>10} "
              f"{'obs var':>8} {'z→s R²':>7} {'wall min':>8} {'steps/s':>7}"]  # fmt: skip
-    for arm in sorted({row["arm"] for row in rows}):
-        runs = [row for row in rows if row["arm"] == arm]
+    for label in sorted({_label(row) for row in rows}):
+        runs = [row for row in rows if _label(row) == label]
+        arm = runs[0]["arm"]
         cells = [
             _pooled([run["success"][name] for run in runs], runs[0]["eval_episodes"])
             for name in ("prior", arm)
         ]
         deltas = [run["success"][arm]["rate"] - run["success"]["prior"]["rate"] for run in runs]
         lines.append(
-            f"{arm:<11} {len(runs):>5} {cells[0]:>22} {cells[1]:>22} {_t_interval(deltas):>14} "
+            f"{label:<20} {len(runs):>5} {cells[0]:>22} {cells[1]:>22} {_t_interval(deltas):>14} "
             f"{np.mean([r['token']['heldout_mse'] for r in runs]):>10.3f} "
             f"{np.mean([r['token']['position_mean_mse'] for r in runs]):>8.3f} "
             f"{np.mean([np.mean(r['token']['state_r2']) for r in runs]):>7.2f} "
@@ -332,6 +333,11 @@ def combine(paths: list[Path]) -> str:
             f"{run['seed']}: {run['success']['prior']['rate']:.2f} → {run['success'][arm]['rate']:.2f}" for run in runs
         ))  # fmt: skip
     return "\n".join(lines)
+
+
+def _label(row: dict[str, Any]) -> str:
+    """``arm / token normalization`` of a result row (files written before the setting: per channel)."""
+    return f"{row['arm']} / {row['config'].get('token_normalization', 'channel')}"
 
 
 def _pooled(cells: list[dict[str, Any]], n: int) -> str:
