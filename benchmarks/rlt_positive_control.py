@@ -37,6 +37,8 @@ from rlt_sample_efficiency import (
     Curve,
     Demo,
     collect_demos,
+    curve_of,
+    demo_records,
     eval_seeds,
     load_result,
     make_env,
@@ -45,15 +47,14 @@ from rlt_sample_efficiency import (
     print_summary,
     prior_episode,
     summarize,
+    training_windows,
     write_result,
 )
 
-from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
-from core.types import Outcome, StepSource
 from envs.experts import ScriptedExpert
-from policies.base import ActionChunk, ObservationBatch, stack_observations
-from rlt.online import EpisodeStats, EvalPoint, OnlineRLT
+from policies.base import ActionChunk, ObservationBatch
+from rlt.online import EpisodeStats, OnlineRLT
 from rlt.phase import AlwaysCritical
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
@@ -62,8 +63,6 @@ from storage.records import EpisodeRecord
 STATE_DIM = 39
 #: Arms without learning: the prior, and the known answer (the prior + the expert's correction within ±s).
 FROZEN_ARMS = ("prior", "oracle")
-#: Env steps per window of ``training_windows``.
-TRAINING_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -133,34 +132,6 @@ class StateBCPrior:
 
     def reset(self) -> None:
         """Stateless."""
-
-
-def demo_records(config: ControlConfig, demos: list[Demo], prior: StateBCPrior) -> list[EpisodeRecord]:
-    """The demos as episode records for RLT's second replay: ``C``-step chunks of the expert's actions, each
-    with the prior's chunk at its start as the reference ``ã`` (what the actor reads when it acts)."""
-    records = []
-    for index, demo in enumerate(demos):
-        recorder = EpisodeRecorder(config.task, config.task, seed=index, record_images=False)
-        padded = np.concatenate([demo.actions, np.repeat(demo.actions[-1:], config.chunk_size, axis=0)])
-        for t, observation in enumerate(demo.observations):
-            if t % config.chunk_size == 0:
-                reference = prior.infer(stack_observations([observation])).actions[0]
-                chunk_id = recorder.add_chunk(padded[t : t + config.chunk_size], reference=reference)
-            last = t == len(demo.actions) - 1
-            recorder.add_step(
-                observation,
-                demo.actions[t],
-                float(last),
-                last,
-                False,
-                source=StepSource.POLICY,
-                policy_version=f"scripted-noise{config.demo_noise:g}",
-                chunk_id=chunk_id,
-                chunk_offset=t % config.chunk_size,
-                latency_ms=0.0,
-            )
-        records.append(recorder.finish(Outcome.SUCCESS))
-    return records
 
 
 def train_bc_prior(config: ControlConfig, seed: int, demos: list[Demo]) -> StateBCPrior:
@@ -295,29 +266,11 @@ def run_learner(
                 f"({time.time() - started:.0f} s)",
                 flush=True,
             )
-            on_point(_curve(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
+            on_point(curve_of(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
 
     loop.on_stats = progress
-    curve = _curve(arm, seed, loop.run(demos), time.time() - started)
+    curve = curve_of(arm, seed, loop.run(demos), time.time() - started)
     return curve, training_windows(loop.stats)
-
-
-def training_windows(stats: list[EpisodeStats]) -> list[dict]:
-    """Success of the exploring learner's training episodes per ``TRAINING_WINDOW`` env steps (by the env-step
-    count at each episode's end): many more episodes than an evaluation point, so a less noisy learning signal."""
-    windows: dict[int, list[bool]] = {}
-    for episode in stats:
-        if episode.mode == "learner":
-            windows.setdefault(episode.env_steps // TRAINING_WINDOW, []).append(episode.success)
-    return [
-        {"until": (index + 1) * TRAINING_WINDOW, "episodes": len(flags), "success": float(np.mean(flags))}
-        for index, flags in sorted(windows.items())
-    ]
-
-
-def _curve(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
-    steps, success = [p.env_steps for p in points], [p.success_rate for p in points]
-    return Curve(arm, seed, steps, success, wall_s=wall_s)
 
 
 def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
@@ -342,7 +295,12 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
         curve = Curve(arm, seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
         training = None
     else:
-        records = demo_records(config, demos, prior) if config.demo_fraction > 0 else []
+        version = f"scripted-noise{config.demo_noise:g}"
+        records = (
+            demo_records(config.task, config.chunk_size, demos, prior, version)
+            if config.demo_fraction > 0
+            else []
+        )
         curve, training = run_learner(
             config,
             arm,

@@ -21,6 +21,19 @@ expert at several biases instead of running arms (``benchmarks/results/biased_pr
 
     python benchmarks/rlt_sample_efficiency.py --prior-table --tasks pick-place-v3 peg-insert-side-v3 \
         --biases 0 0.01 0.015 --eval-episodes 20 --episode-steps 300
+
+The RLT claim's runs (issue 19 item 4): a biased prior, the hand-off at the grasp approach, the learner recipe
+that passed the positive control (``--recipe``: its ``online`` and ``learner`` blocks set the ``rlt``,
+``regression`` and ``residual`` arms; ``--set learner.KEY=VALUE`` overrides one), one process per arm and seed
+so seeds accumulate in ``<output>/rlt_runs/`` (a learner arm's file is rewritten at every evaluation point):
+
+    python benchmarks/rlt_sample_efficiency.py --task pick-place-v3 --prior-bias 0.015 --precision-handoff \
+        --recipe configs/rlt-recipe.yaml --arms prior rlt --seeds 0 --env-steps 150000 --eval-every 10000 \
+        --eval-episodes 30
+
+Arms: ``prior``; ``rlt`` (RL token over the prior's embeddings + proprio state); ``regression`` (q_weight 0, the
+chunk predicted directly with 50% reference dropout: the critic-free ablation); ``residual`` (RLT's learner on
+the raw 39-D state, no RL token); ``rlpd`` (SB3 SAC + demos 50/50, LayerNorm ensemble); ``sac`` (from scratch).
 """
 
 from __future__ import annotations
@@ -49,21 +62,36 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples, Schedule
 from stable_baselines3.common.vec_env import VecNormalize
 from stable_baselines3.sac.policies import SACPolicy
 
+from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
+from core.types import Outcome, StepSource
 from envs import EnvConfig, MetaWorldEnv
 from envs.experts import ScriptedExpert, bias_vectors, prior_bias_direction
 from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
 from envs.scripted import ScriptedPolicy
+from experiments.commands.rlt import rlt_config
 from experiments.tracking import log_command_run
+from experiments.validation import UserError
 from policies.base import Observation, Policy, stack_observations
 from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
-from rlt.online import ChunkContext, OnlineRLT
+from rlt.online import ChunkContext, EpisodeStats, EvalPoint, OnlineRLT
 from rlt.phase import PhaseSwitch, handoff_switch
 from rlt.rl_token import RLToken, RLTokenConfig
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import ChunkCritic, LearnerConfig
+from storage.records import EpisodeRecord
 
+#: The online settings a benchmark run owns (a recipe's values for them are ignored).
+BUDGET_SETTINGS = (
+    "warmup_episodes",
+    "total_env_steps",
+    "eval_every_steps",
+    "eval_episodes",
+    "eval_seed_base",
+)
+#: Env steps per window of ``training_windows``.
+TRAINING_WINDOW = 10_000
 #: A callback on each step of a prior's episode: (step, observation, info).
 StepHook = Callable[[int, dict, dict], None]
 #: The first evaluation episode's seed: the online loop's own (``rlt.config.OnlineSettings.eval_seed_base``).
@@ -105,10 +133,15 @@ class BenchmarkConfig:
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
     mlflow_uri: str | None = None
+    #: The learner arms' RLT settings (``rlt.config.RLTConfig``'s ``online`` and ``learner`` blocks, only the keys
+    #: set), read from ``--recipe`` (e.g. ``configs/rlt-recipe.yaml``) and ``--set``: they win over the flags
+    #: above; the benchmark keeps its own budget, evaluation and chunk size.
+    recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def online(self, arm: str, seed: int, **settings: Any) -> OnlineConfig:
         """An online loop's config for ``arm`` and ``seed``: this benchmark's task, budget, warm-up and evaluation
         (no images), with the arm's own ``settings`` (exploration, token steps, state key, …)."""
+        recipe = {k: v for k, v in self.recipe.get("online", {}).items() if k not in BUDGET_SETTINGS}
         return OnlineConfig(
             task=self.task,
             warmup_episodes=self.warmup_episodes,
@@ -117,7 +150,7 @@ class BenchmarkConfig:
             eval_episodes=self.eval_episodes,
             rl_version=arm,
             seed=seed,
-            **settings,
+            **settings | recipe,
         )
 
 
@@ -322,68 +355,173 @@ def prior_table(config: BenchmarkConfig, tasks: list[str], biases: list[float]) 
     return "\n".join(lines) + "\n"
 
 
-def run_rlt(config: BenchmarkConfig, seed: int) -> Curve:
+#: Called with a learner arm's curve so far and its ``training_windows`` after every evaluation point.
+PointHook = Callable[[Curve, list[dict]], object]
+
+
+def run_rlt(config: BenchmarkConfig, seed: int, on_point: PointHook | None = None) -> Curve:
     """RLT from the prior: warm-up, RL token, then online chunked actor-critic."""
-    return _online(config, seed, "rlt", rlt_learner(config, seed), exploration_noise=0.2)
+    return _online(config, seed, "rlt", rlt_learner(config, seed), on_point=on_point)
 
 
-def run_regression(config: BenchmarkConfig, seed: int) -> Curve:
-    """RLT without the ``−Q`` term in the actor loss (``q_weight = 0``): the actor only regresses toward ``ã``
-    (with reference dropout) on the same kind of data. What RLT gains over this arm is its critic's doing."""
-    return _online(config, seed, "regression", rlt_learner(config, seed, q_weight=0.0), exploration_noise=0.2)
+def run_regression(config: BenchmarkConfig, seed: int, on_point: PointHook | None = None) -> Curve:
+    """RLT without the ``−Q`` term in the actor loss (``q_weight = 0``): the actor predicts the chunk itself
+    (no residual) and only regresses toward ``ã`` with 50% reference dropout, on the same kind of data. What RLT
+    gains over this arm is its critic's doing."""
+    learner = _learner(
+        config,
+        seed,
+        {"beta": config.beta},
+        q_weight=0.0,
+        residual_scale=None,
+        beta_on="chunk",
+        ref_dropout=LearnerConfig.model_fields["ref_dropout"].default,
+    )
+    return _online(config, seed, "regression", learner, on_point=on_point)
 
 
 def rlt_learner(config: BenchmarkConfig, seed: int, q_weight: float = 1.0) -> LearnerConfig:
-    """RLT's learner settings for this run (the recipe's defaults unless the benchmark overrides them)."""
-    return _learner(config, seed, beta=config.beta, actor_q=config.actor_q, q_weight=q_weight)
+    """RLT's learner settings for this run: the benchmark's flags, the recipe's ``learner`` block over them."""
+    return _learner(config, seed, {"beta": config.beta, "actor_q": config.actor_q}, q_weight=q_weight)
 
 
-def _learner(config: BenchmarkConfig, seed: int, **arm: Any) -> LearnerConfig:
-    """The learner settings every arm shares (chunk, update ratio, state normalization), with the arm's own."""
+def _learner(
+    config: BenchmarkConfig, seed: int, defaults: dict[str, Any] | None = None, **arm: Any
+) -> LearnerConfig:
+    """The learner settings every arm shares (chunk, update ratio, state normalization) and the arm's
+    ``defaults``, then the recipe's ``learner`` block, then what defines the arm (``arm``) and the seed."""
+    shared = {
+        "chunk_size": config.chunk_size,
+        "utd_ratio": config.utd_ratio,
+        "normalize_state": config.normalize_state,
+    }
+    recipe = config.recipe.get("learner", {})
     return LearnerConfig(
-        chunk_size=config.chunk_size,
-        utd_ratio=config.utd_ratio,
-        normalize_state=config.normalize_state,
-        seed=seed,
-        **arm,
+        **shared | (defaults or {}) | recipe | arm | {"chunk_size": config.chunk_size, "seed": seed}
     )
 
 
-def run_residual(config: BenchmarkConfig, seed: int) -> Curve:
-    """ResFiT-style residual TD3 on the same state and data: ``ã + s · π`` (zero-initialised), no β, no dropout.
-
-    Exploration noise is scaled with the residual (``s / 2``) so it stays within what the residual can reach.
-    """
-    learner = _learner(config, seed, beta=0.0, ref_dropout=0.0, residual_scale=config.residual_scale)
-    return _online(config, seed, "residual", learner, exploration_noise=config.residual_scale / 2)
+def run_residual(config: BenchmarkConfig, seed: int, on_point: PointHook | None = None) -> Curve:
+    """Residual TD3 on the raw 39-D privileged state: RLT's learner (``rlt_learner``) in residual mode
+    (``ã + s · π``, zero-initialised; the learner's scale, else ``--residual-scale``) with no RL token — the one
+    difference from the RLT arm is the state the learner reads (the probe of issue 19, inside the project)."""
+    learner = rlt_learner(config, seed)
+    if learner.residual_scale is None:
+        learner = learner.model_copy(update={"residual_scale": config.residual_scale})
+    return _online(config, seed, "residual", learner, raw_state=True, on_point=on_point)
 
 
 def _online(
-    config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
+    config: BenchmarkConfig,
+    seed: int,
+    arm: str,
+    learner: LearnerConfig,
+    raw_state: bool = False,
+    on_point: PointHook | None = None,
 ) -> Curve:
-    loop = make_loop(config, seed, arm, learner, exploration_noise)
-    curve = loop.run()
-    steps, success = [point.env_steps for point in curve], [point.success_rate for point in curve]
-    return Curve(arm, seed, steps, success, probe=probe_actor_and_critic(loop, config))
+    """Run a learner arm (with the demos in its second replay when the learner samples one), reporting each
+    evaluation point to ``on_point`` as it lands."""
+    started = time.time()
+    loop = make_loop(config, seed, arm, learner, raw_state=raw_state)
+    records = demo_episodes(config, seed, loop.rlt.prior) if learner.demo_fraction > 0 else []
+    reported = [0]
+
+    def report(_: EpisodeStats) -> None:
+        if len(loop.curve) > reported[0] and on_point is not None:
+            reported[0] = len(loop.curve)
+            on_point(curve_of(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
+
+    loop.on_stats = report
+    curve = curve_of(arm, seed, loop.run(records), time.time() - started)
+    curve.probe = probe_actor_and_critic(loop, config)
+    return curve
+
+
+def curve_of(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
+    """A learner arm's ``Curve`` from its loop's evaluation points."""
+    steps, success = [point.env_steps for point in points], [point.success_rate for point in points]
+    return Curve(arm, seed, steps, success, wall_s=wall_s)
+
+
+def training_windows(stats: list[EpisodeStats]) -> list[dict]:
+    """Success of the exploring learner's training episodes per ``TRAINING_WINDOW`` env steps (by the env-step
+    count at each episode's end): many more episodes than an evaluation point, so a less noisy learning signal."""
+    windows: dict[int, list[bool]] = {}
+    for episode in stats:
+        if episode.mode == "learner":
+            windows.setdefault(episode.env_steps // TRAINING_WINDOW, []).append(episode.success)
+    return [
+        {"until": (index + 1) * TRAINING_WINDOW, "episodes": len(flags), "success": float(np.mean(flags))}
+        for index, flags in sorted(windows.items())
+    ]
 
 
 def make_loop(
-    config: BenchmarkConfig, seed: int, arm: str, learner: LearnerConfig, exploration_noise: float
+    config: BenchmarkConfig,
+    seed: int,
+    arm: str,
+    learner: LearnerConfig,
+    exploration_noise: float | None = None,
+    raw_state: bool = False,
 ) -> RLTLoop:
-    """The online loop of a learner arm (seeded torch), not yet run."""
+    """The online loop of a learner arm (seeded torch), not yet run: the RL token over the prior's embeddings
+    plus the proprio state, or (``raw_state``) no token and the 39-D privileged state. Exploration: the
+    recipe's, else ``exploration_noise``, else 0.2 (RLT) or half the residual scale (residual mode)."""
     torch.manual_seed(seed)
     switch = make_switch(config)
     env = make_env(config)
-    online = config.online(arm, seed, token_steps=config.token_steps, exploration_noise=exploration_noise)
+    if exploration_noise is None:
+        exploration_noise = learner.residual_scale / 2 if raw_state and learner.residual_scale else 0.2
+    settings: dict[str, Any] = {"token_steps": config.token_steps, "exploration_noise": exploration_noise}
+    if raw_state:
+        settings["state_key"] = "privileged"
+    online = config.online(arm, seed, **settings)
     rlt = OnlineRLT(
         make_prior(config, seed),
         switch,
-        RLToken(RLTokenConfig(num_tokens=8, embed_dim=32, z_dim=32)),
+        None if raw_state else RLToken(RLTokenConfig(num_tokens=8, embed_dim=32, z_dim=32)),
         online,
         learner,
         proprio_dim=len(env.reset(seed=seed)[0][online.state_key]),
     )
     return RLTLoop(rlt, lambda: env)
+
+
+def demo_episodes(config: BenchmarkConfig, seed: int, prior: Policy) -> list[EpisodeRecord]:
+    """The ``demos`` successful episodes of the unbiased noisy expert (``collect_demos``) as records for a
+    learner's second replay, each chunk's reference ``ã`` the prior's chunk there (``demo_records``)."""
+    demos = collect_demos(config, seed, config.demos, config.demo_noise)
+    return demo_records(config.task, config.chunk_size, demos, prior, f"scripted-noise{config.demo_noise:g}")
+
+
+def demo_records(
+    task: str, chunk_size: int, demos: list[Demo], prior: Policy, version: str
+) -> list[EpisodeRecord]:
+    """Demos as episode records for RLT's second replay: ``chunk_size``-step chunks of the expert's actions, each
+    with the prior's chunk at its start as the reference ``ã`` (what the actor reads when it acts)."""
+    records = []
+    for index, demo in enumerate(demos):
+        recorder = EpisodeRecorder(task, task, seed=index, record_images=False)
+        padded = np.concatenate([demo.actions, np.repeat(demo.actions[-1:], chunk_size, axis=0)])
+        for t, observation in enumerate(demo.observations):
+            if t % chunk_size == 0:
+                reference = prior.infer(stack_observations([observation])).actions[0, :chunk_size]
+                chunk_id = recorder.add_chunk(padded[t : t + chunk_size], reference=reference)
+            last = t == len(demo.actions) - 1
+            recorder.add_step(
+                observation,
+                demo.actions[t],
+                float(last),
+                last,
+                False,
+                source=StepSource.POLICY,
+                policy_version=version,
+                chunk_id=chunk_id,
+                chunk_offset=t % chunk_size,
+                latency_ms=0.0,
+            )
+        records.append(recorder.finish(Outcome.SUCCESS))
+    return records
 
 
 @dataclass
@@ -708,6 +846,9 @@ ARMS = {
 }
 
 
+#: The arms that run RLT's online loop (``_online``): they report every evaluation point as it lands.
+LOOP_ARMS = ("rlt", "regression", "residual")
+
 #: Settings that do not change any arm's results (left out of the cache key).
 RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri")
 
@@ -770,14 +911,26 @@ def write_result(
 
 def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
     """Run one arm and seed, or load its curve if it already ran with these settings (``curve_path``,
-    ``load_result``), so arms can run in parallel processes and a final call only summarizes."""
+    ``load_result``), so arms can run in parallel processes and a final call only summarizes. A learner arm's
+    file is rewritten (incomplete, with its ``training`` windows) at every evaluation point, so a stopped run
+    leaves its curve so far."""
     path, settings = curve_path(config, arm, seed), arm_settings(config, arm)
     curve = load_result(path, settings, asdict(BenchmarkConfig()))
-    if curve is None:
-        started = time.time()
-        curve = ARMS[arm](config, seed)
-        curve.wall_s = time.time() - started
-        write_result(path, settings, curve)
+    if curve is not None:
+        return curve
+    started, extra = time.time(), {}
+
+    def partial(curve: Curve, training: list[dict]) -> None:
+        extra["training"] = training
+        print(
+            f"  {arm} seed {seed}: {curve.steps[-1]} env steps → {curve.success[-1]:.2f} ({curve.wall_s:.0f} s)",
+            flush=True,
+        )
+        write_result(path, settings, curve, complete=False, extra=extra)
+
+    curve = ARMS[arm](config, seed, partial) if arm in LOOP_ARMS else ARMS[arm](config, seed)
+    curve.wall_s = time.time() - started
+    write_result(path, settings, curve, extra=extra)
     return curve
 
 
@@ -958,6 +1111,19 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         "--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step"
     )
     parser.add_argument(
+        "--recipe",
+        type=Path,
+        help="the learner arms' RLT settings: a YAML file of rlt.config.RLTConfig (its online and learner "
+        "blocks apply; e.g. configs/rlt-recipe.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one recipe setting, e.g. --set learner.critic_layer_norm=false (repeatable)",
+    )
+    parser.add_argument(
         "--prior-table",
         action="store_true",
         help="instead of the arms: the clean expert's and the prior's success at each of --biases on --tasks, "
@@ -970,6 +1136,10 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         "--biases", type=float, nargs="+", default=[0.0, 0.01, 0.015], help="--prior-table's biases (m)"
     )
     args = parser.parse_args()
+    try:
+        recipe = read_recipe(args.recipe, args.overrides)
+    except UserError as error:
+        parser.error(str(error))
     return BenchmarkConfig(
         task=args.task,
         seeds=tuple(args.seeds),
@@ -999,13 +1169,29 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         demo_noise=args.demo_noise,
         rlpd_critics=args.rlpd_critics,
         rlpd_utd=args.rlpd_utd,
+        recipe=recipe,
     ), args
+
+
+def read_recipe(path: Path | None, overrides: list[str] | None) -> dict[str, dict[str, Any]]:
+    """The ``online`` and ``learner`` settings that ``path`` (an ``RLTConfig`` YAML) and ``overrides`` set,
+    validated as ``flywheel rlt --config/--set`` validates them; settings left at their defaults are left out."""
+    if path is None and not overrides:
+        return {}
+    config = rlt_config(path, {}, overrides)
+    blocks = {"online": config.online, "learner": config.learner}
+    return {
+        name: block.model_dump(mode="json", exclude_unset=True)
+        for name, block in blocks.items()
+        if block.model_fields_set
+    }
 
 
 if __name__ == "__main__":
     benchmark, flags = parse_args()
     if flags.prior_table:
         table = prior_table(benchmark, flags.tasks, flags.biases)
+        Path(benchmark.output).mkdir(parents=True, exist_ok=True)
         Path(benchmark.output, "biased_priors.txt").write_text(table)
     else:
         main(benchmark)
