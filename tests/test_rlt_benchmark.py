@@ -163,7 +163,7 @@ def test_the_recipe_sets_the_learner_arms_and_each_arm_keeps_what_defines_it():
     assert bench.rlt_learner(plain, 0).residual_scale is None
     assert bench.curve_path(plain, "rlt", 0) != bench.curve_path(config, "rlt", 0)
     assert bench.curve_path(plain, "prior", 0) == bench.curve_path(config, "prior", 0)
-    with pytest.raises(bench.UserError, match="learner.no_such_key"):
+    with pytest.raises(bench.UserError, match=r"learner\.no_such_key"):
         bench.read_recipe(RECIPE, ["learner.no_such_key=1"])
 
 
