@@ -137,7 +137,11 @@ def test_the_shipped_recipe_is_the_learner_that_passed_the_positive_control():
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     for seed in (0, 1, 2):
         saved = json.loads((results / WINNING_RUN.format(seed)).read_text())
-        assert saved["complete"] and saved["curve"]["success"][-1] >= 0.9 and saved["curve"]["steps"][-1] <= 150_000
+        assert (
+            saved["complete"]
+            and saved["curve"]["success"][-1] >= 0.9
+            and saved["curve"]["steps"][-1] <= 150_000
+        )
         for block in ("online", "learner"):
             for key, value in recipe[block].items():
                 expected = "residual" if key == "beta_on" else saved["config"][key]  # the control forces it
@@ -149,7 +153,13 @@ def test_the_recipe_sets_the_learner_arms_and_each_arm_keeps_what_defines_it():
     assert recipe["learner"]["critic_layer_norm"] is False and recipe["learner"]["n_step"] == 3
     config = bench.BenchmarkConfig(task="pick-place-v3", recipe=recipe, beta=1.0, env_steps=300)
     rlt = bench.rlt_learner(config, 3)
-    assert (rlt.residual_scale, rlt.beta, rlt.beta_on, rlt.utd_ratio, rlt.seed) == (1.0, 4.0, "residual", 10, 3)
+    assert (rlt.residual_scale, rlt.beta, rlt.beta_on, rlt.utd_ratio, rlt.seed) == (
+        1.0,
+        4.0,
+        "residual",
+        10,
+        3,
+    )
     online = config.online("rlt", 3, exploration_noise=0.2)
     assert (online.exploration, online.exploration_rho, online.exploration_noise) == ("offset", 0.8, 0.1)
     assert online.total_env_steps == 300  # the benchmark owns the budget
@@ -167,7 +177,9 @@ def test_the_recipe_sets_the_learner_arms_and_each_arm_keeps_what_defines_it():
         bench.read_recipe(RECIPE, ["learner.no_such_key=1"])
 
 
-def test_a_learner_arm_writes_its_curve_as_it_lands_with_the_demos_in_its_second_replay(tmp_path, monkeypatch):
+def test_a_learner_arm_writes_its_curve_as_it_lands_with_the_demos_in_its_second_replay(
+    tmp_path, monkeypatch
+):
     """A learner arm's result file exists (incomplete) after its first evaluation point, and the regression arm
     (q_weight 0, no residual, 50% reference dropout) samples the demos beside online data."""
     config = bench.BenchmarkConfig(
