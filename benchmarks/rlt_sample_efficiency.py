@@ -72,7 +72,7 @@ from envs.scripted import ScriptedPolicy
 from experiments.commands.rlt import rlt_config
 from experiments.tracking import log_command_run
 from experiments.validation import UserError
-from policies.base import Observation, Policy, stack_observations
+from policies.base import ActionChunk, Observation, ObservationBatch, Policy, stack_observations
 from rlt.config import OnlineConfig, OnlineSettings
 from rlt.diagnostics import critic_calibration
 from rlt.online import ChunkContext, EpisodeStats, EvalPoint, OnlineRLT
@@ -275,6 +275,41 @@ def run_prior(config: BenchmarkConfig, seed: int) -> Curve:
     outcomes = [prior_episode(config, env, prior, episode_seed) for episode_seed in eval_seeds(config)]
     rate = float(np.mean(outcomes))
     return Curve("prior", seed, [0, config.env_steps], [rate, rate])
+
+
+class UnbiasedAfterHandoff:
+    """The known-answer arm's policy: the benchmark's prior until the learner arms' hand-off (``make_switch``,
+    latched), then the clean expert (no bias, no noise) in the same zero-order-hold chunks — what a learner that
+    acts only after the hand-off could reach by correcting the prior's chunks fully."""
+
+    def __init__(self, config: BenchmarkConfig, seed: int) -> None:
+        self.biased = make_prior(config, seed)
+        self.unbiased = make_prior(
+            replace(config, prior_bias=0.0, prior_goal_bias=0.0, prior_noise=0.0), seed
+        )
+        self.switch, self.critical = make_switch(config), False
+        self.action_horizon, self.version = config.chunk_size, f"{self.biased.version}+unbiased-after-handoff"
+
+    def infer(self, batch: ObservationBatch) -> ActionChunk:
+        observation = {key: value[0] for key, value in batch.items() if key != "images"}
+        self.critical = self.critical or self.switch.is_critical(observation, {})
+        return (self.unbiased if self.critical else self.biased).infer(batch)
+
+    def reset(self) -> None:
+        """A new episode: the hand-off has not happened."""
+        self.switch.reset()
+        self.critical = False
+
+
+def run_oracle(config: BenchmarkConfig, seed: int) -> Curve:
+    """The known answer (``UnbiasedAfterHandoff``) on the evaluation seeds (flat over env steps)."""
+    env, policy = make_env(config), UnbiasedAfterHandoff(config, seed)
+    outcomes = []
+    for episode_seed in eval_seeds(config):
+        policy.reset()
+        outcomes.append(prior_episode(config, env, policy, episode_seed))
+    rate = float(np.mean(outcomes))
+    return Curve("oracle", seed, [0, config.env_steps], [rate, rate])
 
 
 #: The scripted expert's phase that starts each task's grasp approach (``envs.experts.ScriptedExpert.phase``,
@@ -835,9 +870,11 @@ ARM_SETTINGS = {
     ),
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
+ARM_SETTINGS["oracle"] = (*ARM_SETTINGS["prior"], "precision_handoff", "critical_pair", "critical_distance")
 
 ARMS = {
     "prior": run_prior,
+    "oracle": run_oracle,
     "rlt": run_rlt,
     "regression": run_regression,
     "residual": run_residual,

@@ -215,3 +215,29 @@ def test_a_learner_arm_writes_its_curve_as_it_lands_with_the_demos_in_its_second
     learner = made[0].rlt.learner
     assert learner.config.q_weight == 0.0 and learner.config.residual_scale is None
     assert learner.config.ref_dropout == 0.5 and learner.demo_buffer.size() > 0
+
+
+def test_the_known_answer_arm_plays_the_biased_prior_until_the_handoff_and_the_clean_expert_after():
+    config = bench.BenchmarkConfig(
+        task="pick-place-v3", prior_bias=0.015, prior_noise=0.0, precision_handoff=True, episode_steps=120
+    )
+    oracle, env = bench.UnbiasedAfterHandoff(config, 0), bench.make_env(config)
+    biased, clean = bench.make_prior(config, 0), bench.make_prior(bench.replace(config, prior_bias=0.0), 0)
+    switch, sources, differs = bench.make_switch(config), [], set()
+    oracle.reset()
+    observation, _ = env.reset(seed=bench.eval_seeds(config)[0])
+    for _ in range(10):
+        batch = stack_observations([observation])
+        critical = switch.is_critical(observation, {}) or bool(sources and sources[-1] == "clean")
+        chunk = oracle.infer(batch).actions[0]
+        expected = (clean if critical else biased).infer(batch).actions[0]
+        other = (biased if critical else clean).infer(batch).actions[0]
+        assert np.array_equal(chunk, expected)
+        sources.append("clean" if critical else "biased")
+        if not np.array_equal(chunk, other):
+            differs.add(sources[-1])
+        for action in chunk:
+            observation = env.step(action)[0]
+    assert sources[0] == "biased" and "clean" in sources  # the hand-off fired within 100 steps
+    assert differs == {"biased", "clean"}  # the bias changes the chunks on both sides of the hand-off
+    assert bench.arm_settings(config, "oracle")["precision_handoff"] is True
