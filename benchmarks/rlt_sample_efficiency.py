@@ -137,6 +137,8 @@ class BenchmarkConfig:
     #: set), read from ``--recipe`` (e.g. ``configs/rlt-recipe.yaml``) and ``--set``: they win over the flags
     #: above; the benchmark keeps its own budget, evaluation and chunk size.
     recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Suffix of the summary's JSON / PNG names (``rlt_sample_efficiency_<task>_<tag>``).
+    tag: str = ""
 
     def online(self, arm: str, seed: int, **settings: Any) -> OnlineConfig:
         """An online loop's config for ``arm`` and ``seed``: this benchmark's task, budget, warm-up and evaluation
@@ -887,7 +889,7 @@ ARMS = {
 LOOP_ARMS = ("rlt", "regression", "residual")
 
 #: Settings that do not change any arm's results (left out of the cache key).
-RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri")
+RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri", "tag")
 
 
 def arm_settings(config: BenchmarkConfig, arm: str) -> dict[str, Any]:
@@ -1020,21 +1022,24 @@ def print_summary(summary: dict, seeds: int, width: int = 8) -> None:
         print(f"{arm:>{width}} mean ± 95% CI over {seeds} seeds — {cells}")
 
 
-def main(config: BenchmarkConfig) -> dict:
-    """Run every arm for every seed, print the table and write JSON + PNG to ``config.output``."""
+def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
+    """Run every arm for every seed (or, ``summarize_only``, read the per-seed files that exist, finished or
+    not), print the table and write JSON + PNG to ``config.output``."""
     torch.set_num_threads(1)
     curves = []
     for arm in config.arms:
         for seed in config.seeds:
-            curves.append(run_cached(config, arm, seed))
-            print_curve(curves[-1])
+            curve = saved_curve(config, arm, seed) if summarize_only else run_cached(config, arm, seed)
+            if curve is not None:
+                curves.append(curve)
+                print_curve(curve)
     summary = summarize(curves)
     print_summary(summary, len(config.seeds))
     verdict = targets(summary, config.env_steps) if {"rlt", "prior"} <= summary.keys() else {}
     print("targets:", json.dumps(verdict))
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    stem = f"rlt_sample_efficiency_{config.task}"
+    stem = f"rlt_sample_efficiency_{config.task}" + (f"_{config.tag}" if config.tag else "")
     result = {
         "config": asdict(config),
         "curves": [asdict(curve) for curve in curves],
@@ -1048,11 +1053,25 @@ def main(config: BenchmarkConfig) -> dict:
     return result
 
 
+def saved_curve(config: BenchmarkConfig, arm: str, seed: int) -> Curve | None:
+    """The curve in ``arm`` and ``seed``'s result file under these settings, finished or not (an unfinished one
+    is announced); None if there is none."""
+    path = curve_path(config, arm, seed)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    curve = Curve(**saved["curve"])
+    if not saved.get("complete", True):
+        print(f"{arm} seed {seed}: unfinished, {curve.steps[-1] if curve.steps else 0} env steps so far")
+    return curve
+
+
 def log_to_mlflow(config: BenchmarkConfig, summary: dict, stem: Path) -> str | None:
     """One run of experiment ``flywheel/rlt_sample_efficiency`` in ``config.mlflow_uri``: the config as
     params, each arm's final mean success as a metric, the summary JSON and plot and every (arm, seed) curve
     JSON as artifacts. Returns the run id (None, with a warning, if the store cannot be written)."""
     curves = [curve_path(config, arm, seed) for arm in config.arms for seed in config.seeds]
+    curves = [path for path in curves if path.exists()]
     run_id = log_command_run(
         "rlt_sample_efficiency",
         asdict(config),
@@ -1160,6 +1179,13 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         metavar="KEY=VALUE",
         help="override one recipe setting, e.g. --set learner.critic_layer_norm=false (repeatable)",
     )
+    parser.add_argument("--tag", default=defaults.tag, help="suffix of the summary's file names")
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="run nothing: summarize, plot (and log to MLflow) the per-seed files of --arms and --seeds that "
+        "exist, unfinished ones included",
+    )
     parser.add_argument(
         "--prior-table",
         action="store_true",
@@ -1207,6 +1233,7 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         rlpd_critics=args.rlpd_critics,
         rlpd_utd=args.rlpd_utd,
         recipe=recipe,
+        tag=args.tag,
     ), args
 
 
@@ -1231,4 +1258,4 @@ if __name__ == "__main__":
         Path(benchmark.output).mkdir(parents=True, exist_ok=True)
         Path(benchmark.output, "biased_priors.txt").write_text(table)
     else:
-        main(benchmark)
+        main(benchmark, summarize_only=flags.summarize)

@@ -241,3 +241,20 @@ def test_the_known_answer_arm_plays_the_biased_prior_until_the_handoff_and_the_c
     assert sources[0] == "biased" and "clean" in sources  # the hand-off fired within 100 steps
     assert differs == {"biased", "clean"}  # the bias changes the chunks on both sides of the hand-off
     assert bench.arm_settings(config, "oracle")["precision_handoff"] is True
+
+
+def test_summarize_reads_the_files_that_exist_finished_or_not_and_runs_nothing(tmp_path, monkeypatch):
+    config = bench.BenchmarkConfig(
+        task="reach-v3", arms=("prior", "rlt"), seeds=(0, 1), output=str(tmp_path), tag="claim"
+    )
+    settings = bench.arm_settings(config, "rlt")
+    bench.write_result(
+        bench.curve_path(config, "rlt", 0), settings, bench.Curve("rlt", 0, [5, 15], [0.2, 0.6])
+    )
+    running = bench.Curve("rlt", 1, [5], [0.4])
+    bench.write_result(bench.curve_path(config, "rlt", 1), settings, running, complete=False)
+    monkeypatch.setitem(bench.ARMS, "prior", lambda *_: pytest.fail("summarize must not run an arm"))
+    result = bench.main(config, summarize_only=True)
+    assert [(c["arm"], c["seed"]) for c in result["curves"]] == [("rlt", 0), ("rlt", 1)]
+    assert result["summary"]["rlt"]["mean"] == pytest.approx([0.3])  # cut to the shortest curve
+    assert (tmp_path / "rlt_sample_efficiency_reach-v3_claim.png").exists()
