@@ -15,8 +15,9 @@ with the advantage text (every demo step "Advantage: positive", 30% dropout; que
 Then a 2-fold cross-fitted relabel (value on ``--value-inputs``, N from the horizon, windows stopping at a
 change of step source) and every arm retrained **from the prior** on the same demos + rollouts, under one
 convergence rule (20% of the episodes held out — the same ones for every arm —, held-out flow loss every
-``--validate-every`` steps, stop after ``--patience`` measurements without improvement, best weights kept, at
-most ``--retrain-steps``): BC on all data, filtered BC (successful episodes + intervention steps), AWR, RECAP
+``--validate-every`` steps, ``--smoothing`` of the held-out loss, stop after ``--patience`` measurements
+without improvement but not before ``--min-steps`` (default half the cap), best weights kept, at most
+``--retrain-steps``): BC on all data, filtered BC (successful episodes + intervention steps), AWR, RECAP
 (explicit positive/negative text, 30% dropout), RECAP positive-only (negatives unconditioned), and where the
 ground truth exists RECAP on the true labels (a step is positive unless injected) and filtered BC on the
 truly good steps (every step not injected). Every arm is evaluated on the same ``--eval-episodes`` fresh
@@ -131,7 +132,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demos-positive", action="store_true", help="force every demo step positive")
     parser.add_argument("--retrain-steps", type=int, default=1500, help="cap of every retrained arm")
     parser.add_argument("--validate-every", type=int, default=50)
-    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help="no early stop before this step (default: half of --retrain-steps; 0 = the old rule, any step)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.5,
+        help="the convergence rule compares an exponential moving average of the held-out loss (0 = the old rule)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--train-seeds",
@@ -157,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def quick(args: argparse.Namespace) -> None:
     """Tiny budgets for a smoke run (numbers meaningless)."""
     args.tasks, args.demos, args.prior_steps, args.collect = args.tasks[:1], 2, 5, 3
-    args.retrain_steps, args.validate_every, args.patience = 6, 3, 1
+    args.retrain_steps, args.validate_every, args.patience, args.min_steps = 6, 3, 1, 0
     args.value_steps, args.eval_episodes, args.max_episode_steps = 30, 2, 40
     args.inject_rate = 0.1
 
@@ -314,7 +327,8 @@ def train_arm(
     clock = time.perf_counter()
     config = bc_config(
         args, args.retrain_steps, seed, condition_dropout=dropout, validation_fraction=0.2,
-        validate_every=args.validate_every, patience=args.patience,
+        validate_every=args.validate_every, patience=args.patience, min_steps=args.min_steps,
+        smoothing=args.smoothing,
     )  # fmt: skip
     trained = train_vla(
         store, selection, config, workdir, conditions=conditions, weights=weights,
@@ -326,6 +340,9 @@ def train_arm(
         "train_seed": seed,
         "best_step": trained.train.best_step,
         "stopped_at": trained.train.stopped_at,
+        "heldout_curve": [
+            [int(v["step"]), round(v["heldout_flow_loss"], 5)] for v in trained.train.validation
+        ],
     }
 
 

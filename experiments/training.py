@@ -84,6 +84,19 @@ class BCConfig(BaseModel):
         ge=0,
         description="stop after this many held-out measurements without improvement (0 = never)",
     )
+    min_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="no early stop before this step (None = half of steps: the high-learning-rate half of the "
+        "warmup-cosine schedule, where the held-out loss fluctuates more than it improves; 0 = any step)",
+    )
+    smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="the rule compares an exponential moving average of the held-out loss with this factor "
+        "(0 = raw measurements)",
+    )
 
     @model_validator(mode="after")
     def _workers_fit(self) -> BCConfig:
@@ -302,6 +315,8 @@ def train_vla(
         state_dir=state_dir,
         validate_every=config.validate_every,
         patience=config.patience,
+        min_steps=config.min_steps,
+        smoothing=config.smoothing,
     )
     if parallel:
         from experiments.distributed import train_bc_data_parallel

@@ -215,8 +215,13 @@ class TrainConfig:
 
     Convergence rule (with a ``validation`` dataset given to :func:`train_bc`): every ``validate_every`` steps the
     held-out flow loss is measured (fixed noise and flow times, conditions without dropout, the samples' own loss
-    weights); training stops after ``patience`` measurements without improvement (0 = run all ``steps``) and the
-    weights of the best measurement are restored — one rule for every arm (BC, filtered BC, AWR, RECAP).
+    weights); training stops after ``patience`` measurements without improvement (0 = run all ``steps``), but not
+    before step ``min_steps``, and the weights of the best measurement are restored — one rule for every arm (BC,
+    filtered BC, AWR, RECAP). ``min_steps`` None is half of ``steps``: the warmup-cosine schedule spans ``steps``,
+    and in its first half the learning rate is high enough that the held-out loss of successive checkpoints
+    fluctuates by more than it improves, so a short patience stops there on noise (0 = may stop at any step).
+    ``smoothing`` α ∈ [0, 1) compares an exponential moving average of the held-out loss (:class:`EarlyStopping`;
+    0 = the raw measurements).
     """
 
     steps: int = 2000
@@ -237,6 +242,12 @@ class TrainConfig:
     state_dir: Path | None = None
     validate_every: int = 50
     patience: int = 0
+    min_steps: int | None = None
+    smoothing: float = 0.0
+
+    def stop_floor(self) -> int:
+        """The first step the convergence rule may stop at (``min_steps``; None: half of ``steps``)."""
+        return self.steps // 2 if self.min_steps is None else self.min_steps
 
 
 @dataclass
@@ -245,7 +256,7 @@ class TrainResult:
     steps since the previous record and, under data parallelism, over workers; ``elapsed_s`` since this
     process's loop started, evaluations included), the callback's evaluations, the
     step a resumed run started after (0 = fresh) and the device it ran on. With a validation set:
-    ``validation`` (step, heldout_flow_loss per measurement), ``best_step`` (whose weights the model holds) and
+    ``validation`` (step, heldout_flow_loss and the rule's smoothed loss per measurement), ``best_step`` (whose weights the model holds) and
     ``stopped_at`` (the last step trained)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -337,7 +348,9 @@ class HeldOutLoss:
         self.index = torch.from_numpy(keep)
         conditions = dataset.conditions or [None] * len(dataset)
         self.prompts = [join_prompt(dataset.prompts[i], conditions[i]) for i in keep]
-        self.weights = None if dataset.weights is None else torch.from_numpy(dataset.weights.astype(np.float32))
+        self.weights = (
+            None if dataset.weights is None else torch.from_numpy(dataset.weights.astype(np.float32))
+        )
         generator = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(self.data["actions"][self.index].shape, generator=generator)
         self.tau = sample_tau(len(keep), generator)
@@ -367,21 +380,37 @@ class HeldOutLoss:
 
 
 @dataclass
-class _EarlyStopping:
-    """Best held-out loss so far, its step and weights, and how many measurements have not improved on it."""
+class EarlyStopping:
+    """The convergence rule's state: the best (smoothed) held-out loss so far, its step and weights, how many
+    measurements have not improved on it, and the running smoothed loss.
+
+    With ``smoothing`` α > 0 the rule compares an exponential moving average ``s ← α·s + (1 − α)·loss`` instead of
+    the raw measurements: while the learning rate is high the weights of successive checkpoints fluctuate, and the
+    lowest raw measurement so far is a lucky draw that later checkpoints rarely beat, even on a falling trend."""
 
     best_loss: float = math.inf
     best_step: int | None = None
     best_weights: dict[str, torch.Tensor] | None = None
     stale: int = 0
+    smoothed: float | None = None
 
-    def update(self, step: int, loss: float, model: torch.nn.Module) -> None:
-        """Record a measurement; keep a copy of the weights when it is the best."""
-        if loss < self.best_loss:
-            self.best_loss, self.best_step, self.stale = loss, step, 0
-            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def update(
+        self, step: int, loss: float, model: torch.nn.Module | None = None, smoothing: float = 0.0
+    ) -> float:
+        """Record a measurement (keep a copy of ``model``'s weights when it is the best); the smoothed loss."""
+        previous = loss if self.smoothed is None else self.smoothed
+        self.smoothed = smoothing * previous + (1.0 - smoothing) * loss
+        if self.smoothed < self.best_loss:
+            self.best_loss, self.best_step, self.stale = self.smoothed, step, 0
+            if model is not None:
+                self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             self.stale += 1
+        return self.smoothed
+
+    def should_stop(self, step: int, patience: int, min_steps: int) -> bool:
+        """True once ``patience`` (> 0) measurements have not improved and ``step`` ≥ ``min_steps``."""
+        return bool(patience) and self.stale >= patience and step >= min_steps
 
 
 def train_bc(
@@ -394,8 +423,8 @@ def train_bc(
     """Train ``policy.model`` in place on ``dataset``; returns the loss history and the callback's metrics.
 
     With ``validation`` (held-out episodes) the convergence rule of :class:`TrainConfig` applies: held-out flow
-    loss every ``validate_every`` steps, stop after ``patience`` measurements without improvement, the best
-    weights restored (the last ``callback`` evaluates them). Single-process only.
+    loss every ``validate_every`` steps, stop after ``patience`` measurements without improvement (not before
+    :meth:`TrainConfig.stop_floor`), the best weights restored (the last ``callback`` evaluates them). Single-process only.
 
     Under ``torch.distributed`` (one Ray Train worker per rank) ``dataset`` is this worker's shard: it draws
     ``batch_size / world_size`` samples per step, DDP averages the gradients, and rank 0 alone writes the
@@ -421,7 +450,7 @@ def train_bc(
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     result = TrainResult(device=str(device))
-    stopping = _EarlyStopping() if validation is not None else None
+    stopping = EarlyStopping() if validation is not None else None
     if validation is not None:
         if workers.size > 1:
             raise VLAInputError("validation: early stopping runs in one process (train_workers = 1)")
@@ -482,10 +511,10 @@ def train_bc(
         stop = False
         if stopping is not None and (step % config.validate_every == 0 or step == config.steps):
             loss_value = heldout()
-            stopping.update(step, loss_value, model)
-            result.validation.append({"step": step, "heldout_flow_loss": loss_value})
+            smoothed = stopping.update(step, loss_value, model, config.smoothing)
+            result.validation.append({"step": step, "heldout_flow_loss": loss_value, "smoothed": smoothed})
             postfix["heldout"] = f"{loss_value:.4f}"
-            stop = bool(config.patience) and stopping.stale >= config.patience
+            stop = stopping.should_stop(step, config.patience, config.stop_floor())
         final = step == config.steps or stop
         if (
             callback is not None
@@ -561,7 +590,7 @@ class _TrainingState:
     rng: np.random.Generator
     generator: torch.Generator
     result: TrainResult
-    stopping: _EarlyStopping | None = None
+    stopping: EarlyStopping | None = None
 
     def resume(self, config: TrainConfig, workers: _Workers) -> int:
         """Load the state in ``config.state_dir`` if there is one; the step it was written at (0 if none)."""
