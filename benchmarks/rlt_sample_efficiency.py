@@ -812,7 +812,8 @@ def run_rlpd(config: BenchmarkConfig, seed: int) -> Curve:
 
 
 def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
-    """Per arm: eval steps (mean over seeds: RLT's include its warm-up), mean success, 95% t-interval half-width."""
+    """Per arm: eval steps (mean over seeds: RLT's include its warm-up), mean success, 95% t-interval half-width
+    and the number of seeds."""
     summary = {}
     for arm in sorted({curve.arm for curve in curves}):
         runs = [curve for curve in curves if curve.arm == arm]
@@ -827,6 +828,7 @@ def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
             "steps": np.mean([curve.steps[:length] for curve in runs], axis=0).round().astype(int).tolist(),
             "mean": values.mean(axis=0).tolist(),
             "ci95": np.asarray(half).tolist(),
+            "seeds": len(runs),
         }
     return summary
 
@@ -1019,7 +1021,7 @@ def print_summary(summary: dict, seeds: int, width: int = 8) -> None:
             f"{step}: {mean:.2f} ± {half:.2f}"
             for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
         )
-        print(f"{arm:>{width}} mean ± 95% CI over {seeds} seeds — {cells}")
+        print(f"{arm:>{width}} mean ± 95% CI over {data.get('seeds', seeds)} seeds — {cells}")
 
 
 def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
