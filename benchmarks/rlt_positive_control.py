@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from rlt_sample_efficiency import (
     BenchmarkConfig,
     Curve,
     Demo,
+    PointHook,
     collect_demos,
-    curve_of,
     demo_records,
     eval_seeds,
     load_result,
@@ -46,6 +45,7 @@ from rlt_sample_efficiency import (
     print_curve,
     print_summary,
     prior_episode,
+    run_reporting,
     summarize,
     training_windows,
     write_result,
@@ -54,7 +54,7 @@ from rlt_sample_efficiency import (
 from actors.rlt_loop import RLTLoop
 from envs.experts import ScriptedExpert
 from policies.base import ActionChunk, ObservationBatch
-from rlt.online import EpisodeStats, OnlineRLT
+from rlt.online import OnlineRLT
 from rlt.phase import AlwaysCritical
 from rlt.state import EmbeddingPrior, StateProjectionEmbedder
 from rlt.td3 import LearnerConfig
@@ -229,7 +229,7 @@ def run_learner(
     seed: int,
     prior: StateBCPrior,
     demos: list[EpisodeRecord],
-    on_point: Callable[[Curve, list[dict]], object],
+    on_point: PointHook,
 ) -> tuple[Curve, list[dict]]:
     """One online run from ``prior`` (warm-up included in the env steps; ``demos`` join it, in the second
     replay with ``demo_fraction`` > 0); the curve of its evaluations and the training episodes' success per
@@ -237,7 +237,6 @@ def run_learner(
 
     ``on_point`` receives both so far after every evaluation (partial results survive a stopped run)."""
     torch.manual_seed(seed)
-    started = time.time()
     env = make_env(config.benchmark())
     learner = OnlineRLT(
         EmbeddingPrior(prior, StateProjectionEmbedder(STATE_DIM, 1, 1, key="privileged", seed=seed)),
@@ -255,21 +254,7 @@ def run_learner(
         proprio_dim=STATE_DIM,
     )
     loop = RLTLoop(learner, lambda: env)
-    reported = [0]
-
-    def progress(stats: EpisodeStats) -> None:
-        if len(loop.curve) > reported[0]:
-            reported[0] = len(loop.curve)
-            point = loop.curve[-1]
-            print(
-                f"  {arm} seed {seed}: {point.env_steps} env steps → {point.success_rate:.2f} "
-                f"({time.time() - started:.0f} s)",
-                flush=True,
-            )
-            on_point(curve_of(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
-
-    loop.on_stats = progress
-    curve = curve_of(arm, seed, loop.run(demos), time.time() - started)
+    curve = run_reporting(loop, arm, seed, demos, on_point)
     return curve, training_windows(loop.stats)
 
 
@@ -295,9 +280,8 @@ def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:
         curve = Curve(arm, seed, [0, config.env_steps], [rate, rate], wall_s=time.time() - started)
         training = None
     else:
-        version = f"scripted-noise{config.demo_noise:g}"
         records = (
-            demo_records(config.task, config.chunk_size, demos, prior, version)
+            demo_records(config.task, config.chunk_size, demos, prior, config.demo_noise)
             if config.demo_fraction > 0
             else []
         )

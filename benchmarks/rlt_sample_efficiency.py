@@ -68,7 +68,7 @@ from core.types import Outcome, StepSource
 from envs import EnvConfig, MetaWorldEnv
 from envs.experts import ScriptedExpert, bias_vectors, prior_bias_direction
 from envs.metaworld_env import HANDOFF_PAIRS, PRECISION_HANDOFFS, PRIVILEGED_DIM
-from envs.scripted import ScriptedPolicy
+from envs.scripted import ScriptedPolicy, scripted_version
 from experiments.commands.rlt import rlt_config
 from experiments.tracking import log_command_run
 from experiments.validation import UserError
@@ -427,11 +427,7 @@ def _learner(
 ) -> LearnerConfig:
     """The learner settings every arm shares (chunk, update ratio, state normalization) and the arm's
     ``defaults``, then the recipe's ``learner`` block, then what defines the arm (``arm``) and the seed."""
-    shared = {
-        "chunk_size": config.chunk_size,
-        "utd_ratio": config.utd_ratio,
-        "normalize_state": config.normalize_state,
-    }
+    shared = {"utd_ratio": config.utd_ratio, "normalize_state": config.normalize_state}
     recipe = config.recipe.get("learner", {})
     return LearnerConfig(
         **shared | (defaults or {}) | recipe | arm | {"chunk_size": config.chunk_size, "seed": seed}
@@ -458,20 +454,36 @@ def _online(
 ) -> Curve:
     """Run a learner arm (with the demos in its second replay when the learner samples one), reporting each
     evaluation point to ``on_point`` as it lands."""
-    started = time.time()
     loop = make_loop(config, seed, arm, learner, raw_state=raw_state)
     records = demo_episodes(config, seed, loop.rlt.prior) if learner.demo_fraction > 0 else []
-    reported = [0]
-
-    def report(_: EpisodeStats) -> None:
-        if len(loop.curve) > reported[0] and on_point is not None:
-            reported[0] = len(loop.curve)
-            on_point(curve_of(arm, seed, loop.curve, time.time() - started), training_windows(loop.stats))
-
-    loop.on_stats = report
-    curve = curve_of(arm, seed, loop.run(records), time.time() - started)
+    curve = run_reporting(loop, arm, seed, records, on_point)
     curve.probe = probe_actor_and_critic(loop, config)
     return curve
+
+
+def run_reporting(
+    loop: RLTLoop, arm: str, seed: int, records: list[EpisodeRecord], on_point: PointHook | None = None
+) -> Curve:
+    """``loop.run(records)``, printing every evaluation point as it lands and handing the curve so far and the
+    ``training_windows`` to ``on_point`` — after each point and once more at the end, with every episode."""
+    started, reported = time.time(), [0]
+
+    def report(_: EpisodeStats | None = None) -> None:
+        if len(loop.curve) > reported[0]:
+            reported[0] = len(loop.curve)
+            curve, point = curve_of(arm, seed, loop.curve, time.time() - started), loop.curve[-1]
+            print(
+                f"  {arm} seed {seed}: {point.env_steps} env steps → {point.success_rate:.2f} "
+                f"({curve.wall_s:.0f} s)",
+                flush=True,
+            )
+            if on_point is not None:
+                on_point(curve, training_windows(loop.stats))
+
+    loop.on_stats = report
+    loop.run(records)
+    report()
+    return curve_of(arm, seed, loop.curve, time.time() - started)
 
 
 def curve_of(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
@@ -528,15 +540,16 @@ def demo_episodes(config: BenchmarkConfig, seed: int, prior: Policy) -> list[Epi
     """The ``demos`` successful episodes of the unbiased noisy expert (``collect_demos``) as records for a
     learner's second replay, each chunk's reference ``ã`` the prior's chunk there (``demo_records``)."""
     demos = collect_demos(config, seed, config.demos, config.demo_noise)
-    return demo_records(config.task, config.chunk_size, demos, prior, f"scripted-noise{config.demo_noise:g}")
+    return demo_records(config.task, config.chunk_size, demos, prior, config.demo_noise)
 
 
 def demo_records(
-    task: str, chunk_size: int, demos: list[Demo], prior: Policy, version: str
+    task: str, chunk_size: int, demos: list[Demo], prior: Policy, demo_noise: float
 ) -> list[EpisodeRecord]:
-    """Demos as episode records for RLT's second replay: ``chunk_size``-step chunks of the expert's actions, each
-    with the prior's chunk at its start as the reference ``ã`` (what the actor reads when it acts)."""
-    records = []
+    """Demos (``collect_demos``: the scripted expert with action noise ``demo_noise``) as episode records for
+    RLT's second replay: ``chunk_size``-step chunks of the expert's actions, each with the prior's chunk at its
+    start as the reference ``ã`` (what the actor reads when it acts)."""
+    version, records = scripted_version(demo_noise), []
     for index, demo in enumerate(demos):
         recorder = EpisodeRecorder(task, task, seed=index, record_images=False)
         padded = np.concatenate([demo.actions, np.repeat(demo.actions[-1:], chunk_size, axis=0)])
@@ -963,10 +976,6 @@ def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
 
     def partial(curve: Curve, training: list[dict]) -> None:
         extra["training"] = training
-        print(
-            f"  {arm} seed {seed}: {curve.steps[-1]} env steps → {curve.success[-1]:.2f} ({curve.wall_s:.0f} s)",
-            flush=True,
-        )
         write_result(path, settings, curve, complete=False, extra=extra)
 
     curve = ARMS[arm](config, seed, partial) if arm in LOOP_ARMS else ARMS[arm](config, seed)

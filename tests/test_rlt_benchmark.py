@@ -212,6 +212,10 @@ def test_a_learner_arm_writes_its_curve_as_it_lands_with_the_demos_in_its_second
     assert seen[0]["points"] == 1 and seen[-1]["points"] == len(curve.steps) >= 3
     saved = json.loads(bench.curve_path(config, "regression", 0).read_text())
     assert saved["complete"] and saved["training"] and saved["training"][0]["episodes"] >= 1
+    learner_episodes = sum(stats.mode == "learner" for stats in made[0].stats)
+    assert (
+        sum(window["episodes"] for window in saved["training"]) == learner_episodes
+    )  # every one, the last too
     learner = made[0].rlt.learner
     assert learner.config.q_weight == 0.0 and learner.config.residual_scale is None
     assert learner.config.ref_dropout == 0.5 and learner.demo_buffer.size() > 0
