@@ -251,3 +251,30 @@ def test_an_info_handoff_from_the_command_line_hands_over_at_the_grasp(tmp_path)
         assert lifted > 0.02, (record.metadata["mode"], start, lifted)
         handed += 1
     assert handed >= 2, [r.metadata["critical_phase"] for r in records]
+
+
+def test_the_shipped_recipe_runs_from_the_command_line_and_its_settings_reach_the_learner(tmp_path) -> None:
+    """``flywheel rlt --config configs/rlt-recipe.yaml`` (the real CLI in a subprocess, tiny budget, a biased
+    prior handed over at the grasp approach): the run finishes, and the checkpoint's manifest and learner carry
+    the recipe's residual actor, LayerNorm critics, 3-chunk returns, demo share and AR(1) offset exploration."""
+    repo = Path(__file__).resolve().parents[1]
+    url, output = f"sqlite:///{tmp_path / 'rlt.db'}", tmp_path / "c"
+    args = ["--task", "pick-place-v3", "--prior-bias", "0.015", "--prior-noise", "0.1"]
+    args += ["--handoff", "hand-object", "--config", str(repo / "configs" / "rlt-recipe.yaml")]
+    args += ["--env-steps", "200", "--warmup-episodes", "2", "--token-steps", "5", "--episode-steps", "80"]
+    args += ["--eval-episodes", "1", "--stored-episodes", "0", "--no-progress"]
+    env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "experiments.cli", "rlt", *args, "--db", url, "--output", str(output)]
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = load_rlt_checkpoint(output)
+    learner, online = checkpoint.manifest.config.learner, checkpoint.manifest.config.online
+    assert (learner.residual_scale, learner.beta, learner.beta_on, learner.n_step) == (
+        1.0,
+        4.0,
+        "residual",
+        3,
+    )
+    assert learner.critic_layer_norm and learner.demo_fraction == 0.5 and learner.utd_ratio == 10
+    assert (online.exploration, online.exploration_rho, online.exploration_noise) == ("offset", 0.8, 0.1)
+    assert checkpoint.learner.config.critic_layer_norm and checkpoint.learner.config.residual_scale == 1.0
