@@ -39,6 +39,7 @@ from rlt_sample_efficiency import (
     collect_demos,
     demo_records,
     eval_seeds,
+    learner_episodes,
     load_result,
     make_env,
     plot,
@@ -255,7 +256,7 @@ def run_learner(
     )
     loop = RLTLoop(learner, lambda: env)
     curve = run_reporting(loop, arm, seed, demos, on_point)
-    return curve, training_windows(loop.stats)
+    return curve, training_windows(learner_episodes(loop.stats))
 
 
 def run_arm(config: ControlConfig, arm: str, seed: int) -> Curve:

@@ -43,7 +43,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -478,7 +478,7 @@ def run_reporting(
                 flush=True,
             )
             if on_point is not None:
-                on_point(curve, training_windows(loop.stats))
+                on_point(curve, training_windows(learner_episodes(loop.stats)))
 
     loop.on_stats = report
     loop.run(records)
@@ -492,17 +492,21 @@ def curve_of(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Cur
     return Curve(arm, seed, steps, success, wall_s=wall_s)
 
 
-def training_windows(stats: list[EpisodeStats]) -> list[dict]:
-    """Success of the exploring learner's training episodes per ``TRAINING_WINDOW`` env steps (by the env-step
-    count at each episode's end): many more episodes than an evaluation point, so a less noisy learning signal."""
+def training_windows(episodes: Iterable[tuple[int, bool]]) -> list[dict]:
+    """Success of a learner's exploring episodes, given as (env steps at the episode's end, success), per
+    ``TRAINING_WINDOW`` env steps: many more episodes than an evaluation point, so a less noisy learning signal."""
     windows: dict[int, list[bool]] = {}
-    for episode in stats:
-        if episode.mode == "learner":
-            windows.setdefault(episode.env_steps // TRAINING_WINDOW, []).append(episode.success)
+    for env_steps, success in episodes:
+        windows.setdefault(env_steps // TRAINING_WINDOW, []).append(success)
     return [
         {"until": (index + 1) * TRAINING_WINDOW, "episodes": len(flags), "success": float(np.mean(flags))}
         for index, flags in sorted(windows.items())
     ]
+
+
+def learner_episodes(stats: list[EpisodeStats]) -> list[tuple[int, bool]]:
+    """The online loop's exploring (``learner``-mode) episodes as ``training_windows`` takes them."""
+    return [(episode.env_steps, episode.success) for episode in stats if episode.mode == "learner"]
 
 
 def make_loop(
@@ -681,16 +685,21 @@ class _StateEnv(gym.Env):
 
 
 class _EvalCallback(BaseCallback):
-    """Deterministic success rate on the evaluation seeds every ``every`` env steps."""
+    """Deterministic success rate on the evaluation seeds every ``every`` env steps, each point printed and handed
+    to ``on_point`` with the exploring episodes' ``training_windows`` (success = terminated, not truncated)."""
 
-    def __init__(self, config: BenchmarkConfig, curve: Curve) -> None:
+    def __init__(self, config: BenchmarkConfig, curve: Curve, on_point: PointHook | None = None) -> None:
         super().__init__()
         self.config, self.curve, self.env = config, curve, _StateEnv(config)
+        self.on_point, self.episodes, self.started = on_point, [], time.time()
 
     def _on_training_start(self) -> None:
         self._evaluate()
 
     def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"], strict=True):
+            if done:
+                self.episodes.append((self.num_timesteps, not info.get("TimeLimit.truncated", False)))
         if self.num_timesteps % self.config.eval_every == 0:
             self._evaluate()
         return True
@@ -707,17 +716,26 @@ class _EvalCallback(BaseCallback):
             successes.append(float(terminated))
         self.curve.steps.append(self.num_timesteps)
         self.curve.success.append(float(np.mean(successes)))
+        self.curve.wall_s = time.time() - self.started
+        print(
+            f"  {self.curve.arm} seed {self.curve.seed}: {self.num_timesteps} env steps → "
+            f"{self.curve.success[-1]:.2f} ({self.curve.wall_s:.0f} s)",
+            flush=True,
+        )
+        if self.on_point is not None:
+            self.on_point(self.curve, training_windows(self.episodes))
 
 
-def run_sac(config: BenchmarkConfig, seed: int) -> Curve:
+def run_sac(config: BenchmarkConfig, seed: int, on_point: PointHook | None = None) -> Curve:
     """SB3 SAC from scratch (defaults) on the privileged state."""
     model = SAC("MlpPolicy", _StateEnv(config), buffer_size=config.env_steps, seed=seed, device="cpu")
-    return _learn_sac(config, model, Curve("sac", seed))
+    return _learn_sac(config, model, Curve("sac", seed), on_point)
 
 
-def _learn_sac(config: BenchmarkConfig, model: SAC, curve: Curve) -> Curve:
-    """Train an SB3 SAC model for the budget, evaluating on the evaluation seeds into ``curve``."""
-    model.learn(config.env_steps, callback=_EvalCallback(config, curve))
+def _learn_sac(config: BenchmarkConfig, model: SAC, curve: Curve, on_point: PointHook | None = None) -> Curve:
+    """Train an SB3 SAC model for the budget, evaluating on the evaluation seeds into ``curve`` (each point to
+    ``on_point``)."""
+    model.learn(config.env_steps, callback=_EvalCallback(config, curve, on_point))
     return curve
 
 
@@ -815,10 +833,10 @@ def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
     return model
 
 
-def run_rlpd(config: BenchmarkConfig, seed: int) -> Curve:
+def run_rlpd(config: BenchmarkConfig, seed: int, on_point: PointHook | None = None) -> Curve:
     """The RLPD-style arm (``make_rlpd``), evaluated like SAC; ``probe`` records the demo share of the batches."""
     model = make_rlpd(config, seed)
-    curve = _learn_sac(config, model, Curve("rlpd", seed))
+    curve = _learn_sac(config, model, Curve("rlpd", seed), on_point)
     buffer = model.replay_buffer
     curve.probe = {"demo_share": buffer.sampled_demo_rows / max(buffer.sampled_rows, 1)}
     return curve
@@ -900,8 +918,8 @@ ARMS = {
 }
 
 
-#: The arms that run RLT's online loop (``_online``): they report every evaluation point as it lands.
-LOOP_ARMS = ("rlt", "regression", "residual")
+#: The arms that learn: they report every evaluation point as it lands (a stopped run keeps its curve so far).
+LEARNING_ARMS = ("rlt", "regression", "residual", "sac", "rlpd")
 
 #: Settings that do not change any arm's results (left out of the cache key).
 RUN_ONLY_SETTINGS = ("seeds", "arms", "output", "mlflow_uri", "tag")
@@ -978,41 +996,84 @@ def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
         extra["training"] = training
         write_result(path, settings, curve, complete=False, extra=extra)
 
-    curve = ARMS[arm](config, seed, partial) if arm in LOOP_ARMS else ARMS[arm](config, seed)
+    curve = ARMS[arm](config, seed, partial) if arm in LEARNING_ARMS else ARMS[arm](config, seed)
     curve.wall_s = time.time() - started
     write_result(path, settings, curve, extra=extra)
     return curve
 
 
-def targets(summary: dict, budget: int) -> dict[str, object]:
-    """The issue's three targets, judged on RLT's final evaluation (mean over seeds).
+#: The claim's level and its margins over the prior and the critic-free arm (issue 19's done-when).
+CLAIM_LEVEL, CLAIM_MARGIN = 0.85, 0.30
+#: How many times more env steps SAC from scratch must need to reach the prior's level than RLT.
+SAC_STEP_RATIO = 10
+#: Evaluation points averaged into an arm's final success (two points of 30 episodes: half the variance).
+FINAL_POINTS = 2
 
-    The speed-up over SAC is timed at RLT's final level only when that level is above the prior's upper 95%
-    bound; otherwise the prior reaches it with no steps at all and any ratio would be meaningless.
-    """
-    rlt, prior = summary["rlt"]["mean"][-1], summary["prior"]["mean"][-1]
-    result: dict[str, object] = {
-        "rlt_final": rlt,
-        "prior": prior,
-        "rlt_at_least_0.9": rlt >= 0.9,
-        "rlt_minus_prior": rlt - prior,
-        "rlt_30_points_above_prior": rlt - prior >= 0.3,
-    }
-    prior_upper = prior + float(np.nan_to_num(summary["prior"]["ci95"][-1]))
-    if "sac" in summary and rlt <= prior_upper:
-        result["speedup_vs_sac"] = (
-            f"n/a: RLT's final level {rlt:.2f} is within the prior's 95% interval (≤ {prior_upper:.2f}), "
-            "so there is no learning to time"
+
+def final_success(curve: Curve) -> float:
+    """A run's final success: the mean of its last ``FINAL_POINTS`` evaluation points (all, if fewer)."""
+    return float(np.mean(curve.success[-FINAL_POINTS:]))
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% t-interval half-width over seeds (nan with one seed)."""
+    if len(values) < 2:
+        return float(np.mean(values)), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    return float(np.mean(values)), float(half)
+
+
+def final_gap(curves: list[Curve], arm: str, other: str) -> tuple[float, float, int]:
+    """``arm``'s final success minus ``other``'s, paired by seed: mean, 95% half-width, seeds paired."""
+    finals = {(curve.arm, curve.seed): final_success(curve) for curve in curves}
+    seeds = sorted(seed for name, seed in finals if name == arm and (other, seed) in finals)
+    if not seeds:
+        return float("nan"), float("nan"), 0
+    return *mean_and_interval([finals[arm, seed] - finals[other, seed] for seed in seeds]), len(seeds)
+
+
+def targets(curves: list[Curve], summary: dict) -> dict[str, object]:
+    """Issue 19's targets for RLT, on each run's ``final_success`` (mean over seeds, paired gaps with 95%
+    intervals): ≥ ``CLAIM_LEVEL``; ≥ ``CLAIM_MARGIN`` above the prior and the regression arm; ``CLAIM_LEVEL``
+    reached (by the mean curve) in fewer env steps than the RLPD-style arm; the prior's level reached in
+    ≥ ``SAC_STEP_RATIO``× fewer env steps than SAC from scratch (or SAC never reaches it — said so)."""
+    rlt = [final_success(curve) for curve in curves if curve.arm == "rlt"]
+    mean, half = mean_and_interval(rlt)
+    result: dict[str, object] = {"rlt_final": mean, "rlt_final_ci95": half, "rlt_seeds": len(rlt)}
+    result[f"rlt_at_least_{CLAIM_LEVEL}"] = mean >= CLAIM_LEVEL
+    for other in ("prior", "regression"):
+        gap, gap_half, paired = final_gap(curves, "rlt", other)
+        if paired:
+            result[f"rlt_minus_{other}"] = {"mean": gap, "ci95": gap_half, "seeds": paired}
+            result[f"rlt_{CLAIM_MARGIN:.2f}_above_{other}"] = gap >= CLAIM_MARGIN
+    if "rlpd" in summary:
+        result["vs_rlpd"] = steps_comparison(summary, "rlpd", CLAIM_LEVEL)
+        result["fewer_steps_than_rlpd"] = result["vs_rlpd"]["rlt_first"]
+    if "sac" in summary and "prior" in summary:
+        level = float(np.mean([final_success(curve) for curve in curves if curve.arm == "prior"]))
+        result["vs_sac"] = steps_comparison(summary, "sac", level)
+        ratio = result["vs_sac"]["ratio"]
+        result[f"at_least_{SAC_STEP_RATIO}x_fewer_steps_than_sac"] = (
+            ratio is not None and ratio >= SAC_STEP_RATIO
         )
-    elif "sac" in summary:
-        level = rlt
-        rlt_steps, sac_steps = steps_to_reach(summary, "rlt", level), steps_to_reach(summary, "sac", level)
-        result.update(level=level, rlt_steps_to_level=rlt_steps, sac_steps_to_level=sac_steps)
-        if rlt_steps and level > 0:
-            bound = sac_steps if sac_steps is not None else budget
-            result["speedup_vs_sac"] = f"{'' if sac_steps is not None else '> '}{bound / rlt_steps:.1f}x"
-            result["at_least_3x_fewer_steps"] = bound / rlt_steps >= 3
     return result
+
+
+def steps_comparison(summary: dict, other: str, level: float) -> dict[str, object]:
+    """The first evaluated env step at which RLT's and ``other``'s mean curves reach ``level``; whether RLT got
+    there first; ``other``'s steps over RLT's (a lower bound, from ``other``'s last evaluated step, when
+    ``other`` never got there)."""
+    rlt_steps, other_steps = steps_to_reach(summary, "rlt", level), steps_to_reach(summary, other, level)
+    bound = other_steps if other_steps is not None else summary[other]["steps"][-1]
+    return {
+        "level": level,
+        "rlt_steps": rlt_steps,
+        f"{other}_steps": other_steps,
+        f"{other}_last_step": summary[other]["steps"][-1],
+        "rlt_first": rlt_steps is not None and (other_steps is None or rlt_steps < other_steps),
+        "ratio": None if rlt_steps is None else bound / rlt_steps,
+        "ratio_is_lower_bound": other_steps is None,
+    }
 
 
 def print_curve(curve: Curve, width: int = 8) -> None:
@@ -1046,7 +1107,7 @@ def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
                 print_curve(curve)
     summary = summarize(curves)
     print_summary(summary, len(config.seeds))
-    verdict = targets(summary, config.env_steps) if {"rlt", "prior"} <= summary.keys() else {}
+    verdict = targets(curves, summary) if "rlt" in summary else {}
     print("targets:", json.dumps(verdict))
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)

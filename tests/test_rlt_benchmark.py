@@ -262,3 +262,75 @@ def test_summarize_reads_the_files_that_exist_finished_or_not_and_runs_nothing(t
     assert [(c["arm"], c["seed"]) for c in result["curves"]] == [("rlt", 0), ("rlt", 1)]
     assert result["summary"]["rlt"]["mean"] == pytest.approx([0.3])  # cut to the shortest curve
     assert (tmp_path / "rlt_sample_efficiency_reach-v3_claim.png").exists()
+
+
+def test_sac_writes_its_curve_at_every_point_with_the_exploring_episodes(tmp_path, monkeypatch):
+    """SAC from scratch (and so the RLPD-style arm, which learns through the same callback) rewrites its result
+    file at every evaluation point, with training windows counting every finished exploring episode."""
+    config = bench.BenchmarkConfig(
+        task="reach-v3",
+        env_steps=300,
+        eval_every=100,
+        eval_episodes=1,
+        episode_steps=50,
+        output=str(tmp_path),
+    )
+    seen: list[tuple[bool, int, list[dict]]] = []
+    write = bench.write_result
+
+    def spy(path: Path, settings: dict, curve: bench.Curve, complete: bool = True, extra: dict | None = None):
+        seen.append((complete, len(curve.steps), (extra or {}).get("training", [])))
+        write(path, settings, curve, complete, extra)
+
+    monkeypatch.setattr(bench, "write_result", spy)
+    curve = bench.run_cached(config, "sac", 0)
+    assert curve.steps == [0, 100, 200, 300]
+    expected = [(False, points) for points in (1, 2, 3, 4)]
+    assert [(complete, points) for complete, points, _ in seen] == [*expected, (True, 4)]
+    assert (
+        sum(window["episodes"] for window in seen[-1][2]) == 300 // 50
+    )  # reach never succeeds by chance here
+    saved = json.loads(bench.curve_path(config, "sac", 0).read_text())
+    assert saved["complete"] and saved["curve"]["steps"] == [0, 100, 200, 300]
+
+
+def _curve(arm: str, seed: int, steps: list[int], success: list[float]) -> bench.Curve:
+    return bench.Curve(arm, seed, steps, success)
+
+
+def test_targets_judge_the_mean_of_the_last_two_points_and_paired_gaps_by_seed():
+    steps = [3_000, 13_000, 23_000]
+    curves = [
+        _curve("rlt", 0, steps, [0.3, 0.9, 0.8]),  # final 0.85
+        _curve("rlt", 1, steps, [0.4, 0.8, 1.0]),  # final 0.90
+        _curve("prior", 0, [0], [0.4]),
+        _curve("prior", 1, [0], [0.3]),
+        _curve("regression", 0, steps, [0.0, 0.5, 0.3]),  # final 0.40
+        _curve("regression", 1, steps, [0.0, 0.4, 0.4]),  # final 0.40
+        _curve("rlpd", 0, [0, 10_000, 20_000], [0.0, 0.5, 0.9]),
+        _curve("rlpd", 1, [0, 10_000, 20_000], [0.0, 0.7, 0.9]),
+        _curve("sac", 0, [0, 10_000, 20_000], [0.0, 0.0, 0.0]),
+    ]
+    verdict = bench.targets(curves, bench.summarize(curves))
+
+    assert verdict["rlt_final"] == pytest.approx(0.875) and verdict["rlt_seeds"] == 2
+    assert verdict["rlt_final_ci95"] == pytest.approx(
+        12.706 * np.std([0.85, 0.90], ddof=1) / np.sqrt(2), rel=1e-3
+    )
+    assert verdict["rlt_at_least_0.85"]
+    prior_gap = verdict["rlt_minus_prior"]  # 0.45 and 0.60
+    assert prior_gap["mean"] == pytest.approx(0.525) and prior_gap["seeds"] == 2
+    assert verdict["rlt_0.30_above_prior"] and verdict["rlt_0.30_above_regression"]
+    assert verdict["rlt_minus_regression"]["mean"] == pytest.approx(0.475)
+    # mean curves: RLT 0.35 / 0.85 / 0.90 at 3k / 13k / 23k, RLPD 0 / 0.6 / 0.9 at 0 / 10k / 20k
+    assert verdict["vs_rlpd"]["rlt_steps"] == 13_000 and verdict["vs_rlpd"]["rlpd_steps"] == 20_000
+    assert verdict["fewer_steps_than_rlpd"]
+    # the prior's level (0.35) RLT reaches at its first point; SAC never, so 20k / 3k is a lower bound
+    vs_sac = verdict["vs_sac"]
+    assert (
+        vs_sac["level"] == pytest.approx(0.35)
+        and vs_sac["rlt_steps"] == 3_000
+        and vs_sac["sac_steps"] is None
+    )
+    assert vs_sac["ratio"] == pytest.approx(20_000 / 3_000) and vs_sac["ratio_is_lower_bound"]
+    assert not verdict["at_least_10x_fewer_steps_than_sac"]
