@@ -222,7 +222,9 @@ def eval_policy(
     ],
     task: Annotated[
         str,
-        typer.Option(help="Meta-World task (pick-place-v3) or gymnasium env (Reacher-v5, module:EnvId, module:Class)"),
+        typer.Option(
+            help="Meta-World task (pick-place-v3) or gymnasium env (Reacher-v5, module:EnvId, module:Class)"
+        ),
     ],
     env: Annotated[
         str | None,
@@ -312,7 +314,11 @@ def _env_settings(path: str | None, max_episode_steps: int | None) -> EnvSetting
     from envs import EnvSettings
 
     settings = EnvSettings.from_file(path) if path else EnvSettings()
-    return settings.model_copy(update={"max_episode_steps": max_episode_steps}) if max_episode_steps else settings
+    return (
+        settings.model_copy(update={"max_episode_steps": max_episode_steps})
+        if max_episode_steps
+        else settings
+    )
 
 
 def _camera_names(cameras: str) -> tuple[str, ...]:
