@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Train policies from stored episodes, and evaluate them.", no_args_is_help=True)
 console = Console()
 
+#: ``--env`` of ``train bc`` and ``train eval``: the env settings file their evaluations run with.
+EnvOption = Annotated[
+    str | None,
+    typer.Option(
+        help="YAML file of env settings for a gymnasium env's evaluations (docs/envs.md: kwargs, declared "
+        "success, Dict-observation keys)"
+    ),
+]
+
 
 @app.command("bc")
 def bc(
@@ -28,13 +37,7 @@ def bc(
             "multi-task model"
         ),
     ],
-    env: Annotated[
-        str | None,
-        typer.Option(
-            help="YAML file of env settings for a gymnasium env's evaluations (docs/envs.md: kwargs, declared "
-            "success, Dict-observation keys)"
-        ),
-    ] = None,
+    env: EnvOption = None,
     episodes: Annotated[int | None, typer.Option(min=1, help="At most this many episodes per task")] = None,
     run_id: Annotated[list[str] | None, typer.Option(help="Only episodes of these runs (repeatable)")] = None,
     successes_only: Annotated[bool, typer.Option(help="Only successful episodes")] = False,
@@ -226,13 +229,7 @@ def eval_policy(
             help="Meta-World task (pick-place-v3) or gymnasium env (Reacher-v5, module:EnvId, module:Class)"
         ),
     ],
-    env: Annotated[
-        str | None,
-        typer.Option(
-            help="YAML file of env settings for a gymnasium env's evaluations (docs/envs.md: kwargs, declared "
-            "success, Dict-observation keys)"
-        ),
-    ] = None,
+    env: EnvOption = None,
     episodes: Annotated[int, typer.Option(min=1, help="Fresh evaluation episodes")] = 20,
     ask: Annotated[
         str | None,
