@@ -60,7 +60,9 @@ def collect(
     human_noise: Annotated[float, typer.Option(help="Action noise std of the simulated human")] = 0.0,
     late_distance: Annotated[
         float | None,
-        typer.Option(help="Phase gate: the human watches only while the object (reach: hand) is this near the goal"),
+        typer.Option(
+            help="Phase gate: the human watches only while the object (reach: hand) is this near the goal"
+        ),
     ] = None,
     late_after_step: Annotated[
         int | None, typer.Option(help="Phase gate: the human watches only from this step on")
@@ -92,7 +94,9 @@ def collect(
     ] = None,
     cameras: Annotated[
         str | None,
-        typer.Option(help="Comma-separated camera names (default: a VLA policy's, else corner2 / a gym env's main)"),
+        typer.Option(
+            help="Comma-separated camera names (default: a VLA policy's, else corner2 / a gym env's main)"
+        ),
     ] = None,
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Skip rendering (state-only episodes)")
