@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from experiments.commands.db import DbOption
 from experiments.paths import default_store_url
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def collect(
             "--workers, the batched server's; recorded in the run)"
         ),
     ] = "auto",
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Collect episodes into the experience store, with a progress bar and a summary."""
     from actors.execution import ExecutionConfig

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from experiments.commands.db import DbOption
 from experiments.paths import default_store_url
 
 app = typer.Typer()
@@ -36,7 +37,7 @@ def export(
         bool,
         typer.Option(help="LeRobot: write one dataset per camera/image-size set into --output/<set>"),
     ] = False,
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Export selected episodes (images, actions, interventions, relabels) for other ecosystems' loaders."""
     from experiments.export import ExportConfig, export_episodes

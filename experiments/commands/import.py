@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from experiments.commands.db import DbOption
 from experiments.paths import default_store_url
 
 app = typer.Typer()
@@ -38,7 +39,7 @@ def import_dataset(
         typer.Option(min=16, help="Resize camera frames to this square side (default: keep their size)"),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many episodes")] = None,
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Import a LeRobot dataset's episodes as demonstrations (human steps, with their task text and provenance);
     importing the same data again stores nothing new. Then: flywheel train bc --task <task> --run-id <run>."""

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from experiments.commands.db import DbOption
 from experiments.paths import checkpoints_dir, default_store_url
 
 app = typer.Typer(
@@ -60,7 +61,7 @@ def iterate(
             help="YAML file of env settings for a gymnasium env (docs/envs.md: kwargs, declared success, …)",
         ),
     ] = None,
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Collect with interventions → train V and relabel (cross-fitted) → retrain π conditioned → evaluate →
     gate: one iteration of the pipeline's stages (nothing is deployed).

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from experiments.commands.db import DbOption
 from experiments.paths import checkpoints_dir, default_store_url
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def bc(
             help="Continue an interrupted run of the same training from its last state (--no-resume: start over)"
         ),
     ] = True,
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Behaviour-clone the built-in VLA on stored episodes; the checkpoint is registered as a policy version.
 
@@ -239,7 +240,7 @@ def eval_policy(
         int | None, typer.Option(min=1, help="Episode limit (default: task's)")
     ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the evaluation episodes")] = 10_000,
-    db: Annotated[str | None, typer.Option(help="Store URL (default: the embedded SQLite store)")] = None,
+    db: DbOption = None,
 ) -> None:
     """Evaluate a trained policy on fresh episodes: success (Wilson 95% CI), length, and where failures end.
 
