@@ -7,6 +7,9 @@ A Ray rollout actor builds its envs on one thread and steps them on another (``m
 are what catches a GL context bound to the wrong thread (issue 18).
 """
 
+# The tests take the fixtures imported from tests.test_ray_rollout (local_ray, store) as parameters.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 import ray
 
-from actors.cluster import RolloutCluster, ensure_ray, start_inference_server
+from actors.cluster import RolloutCluster, start_inference_server
 from actors.errors import WorkerError
 from actors.sinks import StoreSink
 from envs import EnvConfig, make_env
@@ -30,24 +33,10 @@ from experiments.pipeline_config import load_pipeline_config
 from storage import ExperienceStore
 from tests.test_pipeline import tiny_config
 from tests.test_ray_rollout import _cluster as start_cluster
-from tests.test_ray_rollout import _wait_until_dead
+from tests.test_ray_rollout import _wait_until_dead, local_ray, store  # noqa: F401 (fixtures: Ray, a SQLite store)
 from tests.test_rtc import IMAGE, tiny_vla
 
 ENV = EnvConfig(task="reach-v3", cameras=("corner2",), width=IMAGE, height=IMAGE, max_episode_steps=12)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ensure_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def store(tmp_path) -> ExperienceStore:
-    store = ExperienceStore(f"sqlite:///{tmp_path / 'images.db'}")
-    store.upgrade()
-    return store
 
 
 def _cluster(store: ExperienceStore, policy, run_id: str, workers: int = 1, envs: int = 1, **options):
