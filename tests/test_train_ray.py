@@ -12,23 +12,18 @@ from __future__ import annotations
 import pytest
 
 from actors.cluster import ensure_ray
-from envs import EnvConfig, EnvSettings
-from experiments.collection import CollectConfig, run_collection
+from envs import EnvSettings
 from experiments.training import BCConfig, train_vla
 from storage import EpisodeQuery, ExperienceStore
+from tests.test_train_resume import store_url  # noqa: F401 (fixture: the demos both files train on)
 
-ENV = EnvConfig(task="reach-v3", cameras=("corner2",), width=48, height=48, max_episode_steps=30)
 TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ExperienceStore:
-    url = f"sqlite:///{tmp_path_factory.mktemp('ddp') / 'experience.db'}"
-    run_collection(
-        CollectConfig(env=ENV, policy="scripted", noise=0.3, episodes=4, store_url=url, run_id="demos"),
-        progress=False,
-    )
-    return ExperienceStore(url)
+def store(store_url: str) -> ExperienceStore:  # noqa: F811
+    """The store of ``tests.test_train_resume.store_url``: four noisy scripted reach-v3 demos at 48 px."""
+    return ExperienceStore(store_url)
 
 
 def _curve(store: ExperienceStore, workers: int, output) -> tuple[list[float], dict]:
