@@ -13,19 +13,24 @@ from storage import ExperienceStore
 from tests.test_pipeline import REPO
 
 
-# The README's main job, in its quick plan: ~30 s on an idle 2-core machine (8 min once at load ~14).
-def test_demo_quick_runs_the_whole_loop(tmp_path):
-    env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+def _demo_quick(env: dict[str, str], timeout: float) -> str:
+    """Run ``flywheel demo --quick`` in a subprocess with ``env``; it must exit 0. Its stdout."""
     result = subprocess.run(
         [sys.executable, "-m", "experiments.cli", "demo", "--quick", "--no-progress"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=780,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    return result.stdout
+
+
+# The README's main job, in its quick plan: ~30 s on an idle 2-core machine (8 min once at load ~14).
+def test_demo_quick_runs_the_whole_loop(tmp_path):
+    env = os.environ | {"FLYWHEEL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    out = _demo_quick(env, timeout=780)
     assert (
         "before (prior)" in out
         and "after (RECAP)" in out
@@ -60,14 +65,6 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     assert run.data.metrics["filtered_bc_success_rate"] == baseline.successes / baseline.n
     assert run.data.tags["filtered_bc"] == baseline.policy_version and run.info.status == "FINISHED"
     # rerunning finds the finished demo and prints the same table without redoing anything
-    again = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "demo", "--quick", "--no-progress"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    _demo_quick(env, timeout=300)
     assert store.count_episodes() == 12 and len(store.list_evaluations()) == 3
     assert [row["kind"] for row in store.policy_versions()].count("vla") == 3
