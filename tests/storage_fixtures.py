@@ -188,6 +188,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Experience
     experience.close()
 
 
+def migrated_store(url: str) -> ExperienceStore:
+    """The store at ``url``, migrated, with ``POLICY_VERSION`` registered (for tests that hand ``url`` to other
+    processes)."""
+    store = ExperienceStore(url)
+    store.upgrade()
+    store.register_policy_version(POLICY_VERSION, kind="vla")
+    return store
+
+
 def truncate_all(url: str) -> None:
     """Empty every store table of a PostgreSQL schema (identities restart)."""
     from storage.schema import Base

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from storage import ExperienceStore, RunFullError
 from tests import storage_fixtures
-from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, episode_for_seed, write_seeds
+from tests.storage_fixtures import assert_episodes_equal, episode_for_seed, migrated_store, write_seeds
 
 store_url, pg_database = storage_fixtures.store_url, storage_fixtures.pg_database
 
@@ -18,26 +20,31 @@ EPISODES_PER_WRITER = 8
 SHARED_SEEDS = [900, 901, 902]
 
 
+def _run_in_processes(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``target(*a, results)`` in one forked process per ``a`` in ``args``, all at once; what each put on
+    ``results`` (in the order they put it). Every process must exit 0."""
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue = context.Queue()
+    processes = [context.Process(target=target, args=(*a, results)) for a in args]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=240) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    return outcomes
+
+
 def _writer(url: str, seeds: list[int], results: multiprocessing.Queue) -> None:
     results.put((seeds, write_seeds(url, seeds)))
 
 
 def test_concurrent_writer_processes_lose_nothing(store_url: str) -> None:
-    store = ExperienceStore(store_url)
-    store.upgrade()
-    store.register_policy_version(POLICY_VERSION, kind="vla")
-    context = multiprocessing.get_context("fork")
-    results: multiprocessing.Queue = context.Queue()
+    store = migrated_store(store_url)
     own = [[100 * w + i for i in range(EPISODES_PER_WRITER)] for w in range(WRITERS)]
     # every writer also submits the same three episodes, interleaved with its own
     plans = [own_seeds[:4] + SHARED_SEEDS + own_seeds[4:] for own_seeds in own]
-    writers = [context.Process(target=_writer, args=(store_url, plan, results)) for plan in plans]
-    for process in writers:
-        process.start()
-    outcomes = [results.get(timeout=240) for _ in writers]
-    for process in writers:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    outcomes = _run_in_processes(_writer, [(store_url, plan) for plan in plans])
     inserted: dict[int, int] = {}
     for seeds, flags in outcomes:
         for seed, flag in zip(seeds, flags, strict=True):
@@ -67,20 +74,8 @@ def _claim_and_write(url: str, claims: int, limit: int, results: multiprocessing
 
 
 def test_concurrent_claims_get_distinct_indices_and_writes_hold_the_run_target(store_url: str) -> None:
-    store = ExperienceStore(store_url)
-    store.upgrade()
-    store.register_policy_version(POLICY_VERSION, kind="vla")
-    context = multiprocessing.get_context("fork")
-    results: multiprocessing.Queue = context.Queue()
-    writers = [
-        context.Process(target=_claim_and_write, args=(store_url, 6, 10, results)) for _ in range(WRITERS)
-    ]
-    for process in writers:
-        process.start()
-    outcomes = [results.get(timeout=240) for _ in writers]
-    for process in writers:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    store = migrated_store(store_url)
+    outcomes = _run_in_processes(_claim_and_write, [(store_url, 6, 10)] * WRITERS)
     indices = sorted(index for claimed, _ in outcomes for index in claimed)
     assert indices == list(range(6 * WRITERS)), "every claim got its own index, none skipped"
     assert sum(written for _, written in outcomes) == 10 == store.count_episodes(run_id="shared")

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from storage import ExperienceStore
 from storage.schema import Chunk, Episode, Intervention, Step, StepImage
 from tests import storage_fixtures
-from tests.storage_fixtures import POLICY_VERSION, assert_episodes_equal, episode_for_seed, write_seeds
+from tests.storage_fixtures import assert_episodes_equal, episode_for_seed, migrated_store, write_seeds
 
 store_url, pg_database = storage_fixtures.store_url, storage_fixtures.pg_database
 AIMED_EVERY = 5  # every fifth writer is killed between a commit and its acknowledgement
@@ -116,9 +116,7 @@ def _assert_no_partial_episode(url: str) -> None:
 def test_sigkilled_writers_leave_only_whole_acknowledged_episodes(
     store_url: str, tmp_path: Path, kills: int
 ) -> None:
-    store = ExperienceStore(store_url)
-    store.upgrade()
-    store.register_policy_version(POLICY_VERSION, kind="vla")
+    store = migrated_store(store_url)
     report = _kill_writers(store, store_url, tmp_path, kills, seed=0)
     acknowledged, attempted = report.acknowledged, report.attempted
     assert len(set(acknowledged)) >= 5  # writers got going before they were killed
