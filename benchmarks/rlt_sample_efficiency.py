@@ -872,20 +872,30 @@ def steps_to_reach(summary: dict, arm: str, level: float) -> int | None:
     return None
 
 
+#: How the plot names an arm (arms not listed by their own name).
+ARM_LABELS = {
+    "oracle": "known answer",
+    "regression": "regression (no critic)",
+    "residual": "residual TD3, raw state",
+    "rlpd": "RLPD-style",
+    "sac": "SAC from scratch",
+}
+
+
 def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
-    """Learning curves with 95% intervals."""
+    """Learning curves with 95% intervals, each arm labelled with its number of seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(8, 4))
     for arm, data in summary.items():
         steps, mean, half = np.array(data["steps"]), np.array(data["mean"]), np.nan_to_num(data["ci95"])
-        axis.plot(steps, mean, marker="o", label=arm)
+        axis.plot(steps, mean, marker="o", label=f"{ARM_LABELS.get(arm, arm)} (n={data['seeds']})")
         axis.fill_between(steps, mean - half, mean + half, alpha=0.2)
     axis.set(xlabel="env steps", ylabel="success rate", ylim=(-0.05, 1.05), title=config.task)
-    axis.legend()
+    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
 
