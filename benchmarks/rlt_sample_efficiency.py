@@ -43,7 +43,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -916,6 +916,12 @@ ARM_SETTINGS = {
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
 ARM_SETTINGS["oracle"] = (*ARM_SETTINGS["prior"], "precision_handoff", "critical_pair", "critical_distance")
+#: The RLPD-style arm's own settings: they do not change the learner arms (which read every other setting).
+RLPD_ONLY_SETTINGS = ("rlpd_critics", "rlpd_target_critics", "rlpd_utd", "rlpd_demo_fraction")
+LEARNER_SETTINGS = tuple(
+    name for name in BenchmarkConfig.__dataclass_fields__ if name not in RLPD_ONLY_SETTINGS
+)
+ARM_SETTINGS |= dict.fromkeys(("rlt", "regression", "residual"), LEARNER_SETTINGS)
 
 ARMS = {
     "prior": run_prior,
@@ -966,13 +972,17 @@ def same_settings(saved: dict[str, Any], current: dict[str, Any], defaults: dict
     )
 
 
-def load_result(path: Path, settings: dict[str, Any], defaults: dict[str, Any]) -> Curve | None:
+def load_result(
+    path: Path, settings: dict[str, Any], defaults: dict[str, Any], unread: Collection[str] = ()
+) -> Curve | None:
     """The curve of result file ``path`` (``write_result``'s) if it is complete and ``same_settings`` as
-    ``settings``; else None (no file, a partial run, other settings)."""
+    ``settings``, leaving out saved settings the arm no longer reads (``unread``); else None (no file, a partial
+    run, other settings)."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("complete", True) and same_settings(saved["config"], settings, defaults):
+    config = {key: value for key, value in saved["config"].items() if key not in unread}
+    if saved.get("complete", True) and same_settings(config, settings, defaults):
         return Curve(**saved["curve"])
     return None
 
@@ -997,7 +1007,8 @@ def run_cached(config: BenchmarkConfig, arm: str, seed: int) -> Curve:
     file is rewritten (incomplete, with its ``training`` windows) at every evaluation point, so a stopped run
     leaves its curve so far."""
     path, settings = curve_path(config, arm, seed), arm_settings(config, arm)
-    curve = load_result(path, settings, asdict(BenchmarkConfig()))
+    unread = set(asdict(config)) - set(settings)
+    curve = load_result(path, settings, asdict(BenchmarkConfig()), unread)
     if curve is not None:
         return curve
     started, extra = time.time(), {}

@@ -334,3 +334,22 @@ def test_targets_judge_the_mean_of_the_last_two_points_and_paired_gaps_by_seed()
     )
     assert vs_sac["ratio"] == pytest.approx(20_000 / 3_000) and vs_sac["ratio_is_lower_bound"]
     assert not verdict["at_least_10x_fewer_steps_than_sac"]
+
+
+def test_the_rlpd_arms_settings_key_only_its_own_result_files(tmp_path):
+    """Running the RLPD-style arm at other ensemble settings leaves the learner arms' files where they were."""
+    base = bench.BenchmarkConfig(task="reach-v3", output=str(tmp_path))
+    other = bench.replace(base, rlpd_critics=5, rlpd_utd=2)
+    for arm in ("rlt", "regression", "residual", "prior", "sac"):
+        assert bench.curve_path(other, arm, 0) == bench.curve_path(base, arm, 0)
+    assert bench.curve_path(other, "rlpd", 0) != bench.curve_path(base, "rlpd", 0)
+    assert bench.curve_path(bench.replace(base, demos=3), "rlt", 0) != bench.curve_path(base, "rlt", 0)
+    saved = {
+        "config": bench.asdict(base),
+        "complete": True,
+        "curve": bench.asdict(bench.Curve("rlt", 0, [3], [0.5])),
+    }
+    path = bench.curve_path(base, "rlt", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(saved))  # a learner file written when it still recorded the RLPD settings
+    assert bench.run_cached(other, "rlt", 0).success == [0.5]
