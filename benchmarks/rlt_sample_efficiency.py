@@ -842,6 +842,14 @@ def run_rlpd(config: BenchmarkConfig, seed: int, on_point: PointHook | None = No
     return curve
 
 
+def t_half_width(values: np.ndarray) -> np.ndarray:
+    """95% t-interval half-width of the mean over axis 0 (seeds); nan with fewer than two."""
+    runs = len(values)
+    if runs < 2:
+        return np.full(values.shape[1:], np.nan)
+    return stats.t.ppf(0.975, runs - 1) * values.std(axis=0, ddof=1) / np.sqrt(runs)
+
+
 def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
     """Per arm: eval steps (mean over seeds: RLT's include its warm-up), mean success, 95% t-interval half-width
     and the number of seeds."""
@@ -850,11 +858,7 @@ def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
         runs = [curve for curve in curves if curve.arm == arm]
         length = min(len(curve.success) for curve in runs)
         values = np.array([curve.success[:length] for curve in runs])
-        half = (
-            stats.t.ppf(0.975, len(runs) - 1) * values.std(axis=0, ddof=1) / np.sqrt(len(runs))
-            if len(runs) > 1
-            else np.full(length, np.nan)
-        )
+        half = t_half_width(values)
         summary[arm] = {
             "steps": np.mean([curve.steps[:length] for curve in runs], axis=0).round().astype(int).tolist(),
             "mean": values.mean(axis=0).tolist(),
@@ -1038,10 +1042,7 @@ def final_success(curve: Curve) -> float:
 
 def mean_and_interval(values: list[float]) -> tuple[float, float]:
     """Mean and 95% t-interval half-width over seeds (nan with one seed)."""
-    if len(values) < 2:
-        return float(np.mean(values)), float("nan")
-    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
-    return float(np.mean(values)), float(half)
+    return float(np.mean(values)), float(t_half_width(np.asarray(values)))
 
 
 def final_gap(curves: list[Curve], arm: str, other: str) -> tuple[float, float, int]:
