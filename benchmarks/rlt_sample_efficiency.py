@@ -471,12 +471,8 @@ def run_reporting(
     def report(_: EpisodeStats | None = None) -> None:
         if len(loop.curve) > reported[0]:
             reported[0] = len(loop.curve)
-            curve, point = curve_of(arm, seed, loop.curve, time.time() - started), loop.curve[-1]
-            print(
-                f"  {arm} seed {seed}: {point.env_steps} env steps → {point.success_rate:.2f} "
-                f"({curve.wall_s:.0f} s)",
-                flush=True,
-            )
+            curve = curve_of(arm, seed, loop.curve, time.time() - started)
+            print_point(curve)
             if on_point is not None:
                 on_point(curve, training_windows(learner_episodes(loop.stats)))
 
@@ -484,6 +480,15 @@ def run_reporting(
     loop.run(records)
     report()
     return curve_of(arm, seed, loop.curve, time.time() - started)
+
+
+def print_point(curve: Curve) -> None:
+    """A progress line for the evaluation point that just landed on ``curve``."""
+    print(
+        f"  {curve.arm} seed {curve.seed}: {curve.steps[-1]} env steps → {curve.success[-1]:.2f} "
+        f"({curve.wall_s:.0f} s)",
+        flush=True,
+    )
 
 
 def curve_of(arm: str, seed: int, points: list[EvalPoint], wall_s: float) -> Curve:
@@ -717,11 +722,7 @@ class _EvalCallback(BaseCallback):
         self.curve.steps.append(self.num_timesteps)
         self.curve.success.append(float(np.mean(successes)))
         self.curve.wall_s = time.time() - self.started
-        print(
-            f"  {self.curve.arm} seed {self.curve.seed}: {self.num_timesteps} env steps → "
-            f"{self.curve.success[-1]:.2f} ({self.curve.wall_s:.0f} s)",
-            flush=True,
-        )
+        print_point(self.curve)
         if self.on_point is not None:
             self.on_point(self.curve, training_windows(self.episodes))
 
