@@ -1118,16 +1118,23 @@ def print_summary(summary: dict, seeds: int, width: int = 8) -> None:
 
 
 def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
-    """Run every arm for every seed (or, ``summarize_only``, read the per-seed files that exist, finished or
-    not), print the table and write JSON + PNG to ``config.output``."""
+    """Run every arm of ``config.arms`` for every seed of ``config.seeds`` (``summarize_only``: run nothing),
+    then summarize every per-seed file these settings have on disk (``saved_curves``: other arms and seeds run
+    before, finished or not, so a run of one arm and seed never drops the rest from the summary), print the table
+    and write JSON + PNG to ``config.output``."""
     torch.set_num_threads(1)
-    curves = []
-    for arm in config.arms:
-        for seed in config.seeds:
-            curve = saved_curve(config, arm, seed) if summarize_only else run_cached(config, arm, seed)
-            if curve is not None:
-                curves.append(curve)
-                print_curve(curve)
+    if not summarize_only:
+        for arm in config.arms:
+            for seed in config.seeds:
+                run_cached(config, arm, seed)
+    curves = saved_curves(config)
+    for curve in curves:
+        print_curve(curve)
+    config = replace(
+        config,
+        arms=tuple(dict.fromkeys(curve.arm for curve in curves)),
+        seeds=tuple(sorted({curve.seed for curve in curves})),
+    )
     summary = summarize(curves)
     print_summary(summary, len(config.seeds))
     verdict = targets(curves, summary) if "rlt" in summary else {}
@@ -1146,6 +1153,17 @@ def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
     if config.mlflow_uri:
         log_to_mlflow(config, summary, output / stem)
     return result
+
+
+def saved_curves(config: BenchmarkConfig) -> list[Curve]:
+    """Every result file under these settings (``curve_path``), whatever seeds it was run with: the arms of
+    ``config.arms`` first, then the rest of ``ARMS``, seeds in order."""
+    curves = []
+    for arm in dict.fromkeys([*config.arms, *ARMS]):
+        files = curve_path(config, arm, 0).parent.glob(f"{arm}_seed*.json")
+        for seed in sorted(int(path.stem.removeprefix(f"{arm}_seed")) for path in files):
+            curves.append(saved_curve(config, arm, seed))
+    return curves
 
 
 def saved_curve(config: BenchmarkConfig, arm: str, seed: int) -> Curve | None:
@@ -1278,8 +1296,8 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
     parser.add_argument(
         "--summarize",
         action="store_true",
-        help="run nothing: summarize, plot (and log to MLflow) the per-seed files of --arms and --seeds that "
-        "exist, unfinished ones included",
+        help="run nothing: summarize, plot (and log to MLflow) every per-seed file these settings have, "
+        "unfinished ones included (a run summarizes them too, after its own --arms and --seeds)",
     )
     parser.add_argument(
         "--prior-table",

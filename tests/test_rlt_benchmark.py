@@ -264,6 +264,27 @@ def test_summarize_reads_the_files_that_exist_finished_or_not_and_runs_nothing(t
     assert (tmp_path / "rlt_sample_efficiency_reach-v3_claim.png").exists()
 
 
+def test_a_run_of_one_arm_and_seed_summarizes_every_file_its_settings_have(tmp_path, monkeypatch):
+    """Seeds accumulate over several runs: running one arm and seed rewrites the summary with the other arms' and
+    seeds' files too (a run once overwrote it with just its own)."""
+    config = bench.BenchmarkConfig(
+        task="reach-v3", arms=("prior",), seeds=(2,), output=str(tmp_path), tag="claim"
+    )
+    for seed, success in ((0, [0.2, 0.6]), (1, [0.4, 0.8])):
+        bench.write_result(
+            bench.curve_path(config, "rlt", seed),
+            bench.arm_settings(config, "rlt"),
+            bench.Curve("rlt", seed, [5, 15], success),
+        )
+    monkeypatch.setitem(bench.ARMS, "prior", lambda _, seed: bench.Curve("prior", seed, [0, 15], [0.3, 0.3]))
+    result = bench.main(config)
+    assert [(c["arm"], c["seed"]) for c in result["curves"]] == [("prior", 2), ("rlt", 0), ("rlt", 1)]
+    assert result["summary"]["rlt"]["mean"] == pytest.approx([0.3, 0.7])
+    assert result["config"]["arms"] == ("prior", "rlt") and result["config"]["seeds"] == (0, 1, 2)
+    saved = json.loads((tmp_path / "rlt_sample_efficiency_reach-v3_claim.json").read_text())
+    assert json.dumps(saved["summary"]) == json.dumps(result["summary"])  # the file holds every arm (nan ≠ nan)
+
+
 def test_sac_writes_its_curve_at_every_point_with_the_exploring_episodes(tmp_path, monkeypatch):
     """SAC from scratch (and so the RLPD-style arm, which learns through the same callback) rewrites its result
     file at every evaluation point, with training windows counting every finished exploring episode."""
