@@ -145,6 +145,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="the convergence rule compares an exponential moving average of the held-out loss (0 = the old rule)",
     )
+    parser.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=None,
+        help="span of the learning-rate schedule (default: --retrain-steps, so the rate at a step depends on the cap)",
+    )
+    parser.add_argument(
+        "--ema-decay", type=float, default=0.0, help="keep an exponential moving average of the weights (0 = off)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--train-seeds",
@@ -328,7 +337,7 @@ def train_arm(
     config = bc_config(
         args, args.retrain_steps, seed, condition_dropout=dropout, validation_fraction=0.2,
         validate_every=args.validate_every, patience=args.patience, min_steps=args.min_steps,
-        smoothing=args.smoothing,
+        smoothing=args.smoothing, schedule_steps=args.schedule_steps, ema_decay=args.ema_decay,
     )  # fmt: skip
     trained = train_vla(
         store, selection, config, workdir, conditions=conditions, weights=weights,

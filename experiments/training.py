@@ -97,6 +97,19 @@ class BCConfig(BaseModel):
         description="the rule compares an exponential moving average of the held-out loss with this factor "
         "(0 = raw measurements)",
     )
+    schedule_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="the span of the warmup-cosine learning-rate schedule (None = steps); fixed apart from steps, "
+        "a shorter run is the start of a longer one",
+    )
+    ema_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="exponential moving average of the weights with this decay: validated, evaluated and kept "
+        "(0 = the raw weights)",
+    )
 
     @model_validator(mode="after")
     def _workers_fit(self) -> BCConfig:
@@ -317,6 +330,8 @@ def train_vla(
         patience=config.patience,
         min_steps=config.min_steps,
         smoothing=config.smoothing,
+        schedule_steps=config.schedule_steps,
+        ema_decay=config.ema_decay,
     )
     if parallel:
         from experiments.distributed import train_bc_data_parallel

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from policies.device import autocast, resolve_device
@@ -222,6 +224,13 @@ class TrainConfig:
     fluctuates by more than it improves, so a short patience stops there on noise (0 = may stop at any step).
     ``smoothing`` α ∈ [0, 1) compares an exponential moving average of the held-out loss (:class:`EarlyStopping`;
     0 = the raw measurements).
+
+    ``schedule_steps``: the length the warmup-cosine learning-rate schedule spans (None = ``steps``). Set it
+    apart from ``steps`` and the learning rate at a step no longer depends on the cap: a run of N steps is then
+    the first N steps of any longer one, so arms stopped at different steps are compared on one schedule.
+    ``ema_decay`` d > 0 keeps an exponential moving average of the weights, ``ā ← d·ā + (1 − d)·w`` after every
+    update (``torch.optim.swa_utils``): the held-out loss, the evaluations and the weights returned are the
+    average's (under the convergence rule, the average at the best measurement). 0 = the raw weights.
     """
 
     steps: int = 2000
@@ -244,6 +253,8 @@ class TrainConfig:
     patience: int = 0
     min_steps: int | None = None
     smoothing: float = 0.0
+    schedule_steps: int | None = None
+    ema_decay: float = 0.0
 
     def stop_floor(self) -> int:
         """The first step the convergence rule may stop at (``min_steps``; None: half of ``steps``)."""
@@ -448,7 +459,11 @@ def train_bc(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
+    horizon = config.schedule_steps or config.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, horizon))
+    average = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
+    )
     result = TrainResult(device=str(device))
     stopping = EarlyStopping() if validation is not None else None
     if validation is not None:
@@ -456,7 +471,7 @@ def train_bc(
             raise VLAInputError("validation: early stopping runs in one process (train_workers = 1)")
         validation.validate(policy.config)
         heldout = HeldOutLoss(policy, validation, seed=config.seed)
-    state = _TrainingState(model, optimizer, schedule, rng, generator, result, stopping)
+    state = _TrainingState(model, optimizer, schedule, rng, generator, result, stopping, average)
     start = state.resume(config, workers)
     objective = _BCLoss(model)
     if workers.size > 1:
@@ -494,6 +509,8 @@ def train_bc(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
+        if average is not None:
+            average.update_parameters(model)
         window += torch.stack([loss.detach(), flow.detach(), fast.detach()]).cpu()
         if step % config.log_every == 0 or step == config.steps:
             mean = workers.mean(window / (step - result.history_step()))
@@ -510,8 +527,9 @@ def train_bc(
             bar.set_postfix(postfix)
         stop = False
         if stopping is not None and (step % config.validate_every == 0 or step == config.steps):
-            loss_value = heldout()
-            smoothed = stopping.update(step, loss_value, model, config.smoothing)
+            with averaged_weights(model, average):
+                loss_value = heldout()
+                smoothed = stopping.update(step, loss_value, model, config.smoothing)
             result.validation.append({"step": step, "heldout_flow_loss": loss_value, "smoothed": smoothed})
             postfix["heldout"] = f"{loss_value:.4f}"
             stop = stopping.should_stop(step, config.patience, config.stop_floor())
@@ -523,7 +541,8 @@ def train_bc(
             and not (final and stopping is not None)  # the best weights are evaluated after the loop
         ):
             model.eval()
-            metrics = callback(step, policy)
+            with averaged_weights(model, average):
+                metrics = callback(step, policy)
             model.train()
             if metrics:
                 result.evaluations.append({"step": step, **metrics})
@@ -537,6 +556,8 @@ def train_bc(
             break
     bar.close()
     model.eval()
+    if average is not None:
+        model.load_state_dict(_parameters_of(average), strict=False)
     if stopping is not None and stopping.best_weights is not None:
         model.load_state_dict(stopping.best_weights)
         result.best_step, result.stopped_at = stopping.best_step, step
@@ -545,6 +566,26 @@ def train_bc(
             if metrics:
                 result.evaluations.append({"step": step, "best_step": stopping.best_step, **metrics})
     return result
+
+
+@contextmanager
+def averaged_weights(model: torch.nn.Module, average: AveragedModel | None) -> Iterator[None]:
+    """Inside the block ``model`` holds ``average``'s parameters (nothing changes when it is None); its own
+    training weights come back after."""
+    if average is None:
+        yield
+        return
+    live = {name: value.detach().clone() for name, value in model.named_parameters()}
+    model.load_state_dict(_parameters_of(average), strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(live, strict=False)
+
+
+def _parameters_of(average: AveragedModel) -> dict[str, torch.Tensor]:
+    """The averaged parameters under the averaged model's own names."""
+    return dict(average.module.named_parameters())
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -591,6 +632,7 @@ class _TrainingState:
     generator: torch.Generator
     result: TrainResult
     stopping: EarlyStopping | None = None
+    average: AveragedModel | None = None
 
     def resume(self, config: TrainConfig, workers: _Workers) -> int:
         """Load the state in ``config.state_dir`` if there is one; the step it was written at (0 if none)."""
@@ -602,6 +644,8 @@ class _TrainingState:
                 f"{_state_file(config)}: written by a run of {state['steps']} steps, this one has {config.steps}"
             )
         self.model.load_state_dict(state["model"])
+        if self.average is not None and state.get("average") is not None:
+            self.average.load_state_dict(state["average"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         if workers.rank < len(
@@ -627,6 +671,7 @@ class _TrainingState:
             _state_file(config),
             {
                 "model": self.model.state_dict(),
+                "average": None if self.average is None else self.average.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.schedule.state_dict(),
                 "rng": [rng_state for rng_state, _ in gathered],

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from envs import EnvConfig, EnvSettings
 from experiments.collection import CollectConfig, run_collection
@@ -149,3 +150,61 @@ def test_convergence_rule_waits_for_min_steps_and_smooths_a_noisy_plateau() -> N
     assert (
         TrainConfig(steps=1500).stop_floor() == 750 and TrainConfig(steps=1500, min_steps=0).stop_floor() == 0
     )
+
+
+def _weights_by_step(dataset, config: TrainConfig, validation=None) -> tuple[dict[int, dict], object]:
+    """Train a fresh tiny state-tier VLA under ``config``; the weights the evaluation callback saw at each
+    ``eval_every`` step (and at the end), and the trained policy."""
+    vla = VLAConfig.preset("tiny", cameras=(), state_dim=4, action_dim=4, action_horizon=4)
+    policy = create_policy(vla, dataset)
+    seen: dict[int, dict] = {}
+
+    def snapshot(step: int, policy) -> dict[str, float]:
+        seen[step] = {k: v.detach().clone() for k, v in policy.model.named_parameters()}
+        return {}
+
+    train_bc(policy, dataset, config, callback=snapshot, validation=validation)
+    return seen, policy
+
+
+def _assert_same(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=0)
+
+
+def test_a_schedule_apart_from_the_cap_makes_a_short_run_the_start_of_a_long_one() -> None:
+    dataset = build_dataset(toy_episodes(), 4)
+    base = TrainConfig(steps=20, batch_size=8, warmup_steps=2, eval_every=10, progress=False, seed=3)
+    short, _ = _weights_by_step(dataset, dataclasses.replace(base, schedule_steps=40))
+    long, _ = _weights_by_step(dataset, dataclasses.replace(base, steps=40, schedule_steps=40))
+    _assert_same(short[20], long[20])  # the same learning rate at every step: the same weights at step 20
+    capped, _ = _weights_by_step(dataset, base)  # the schedule spans the 20-step cap: it decays faster
+    assert any(not torch.equal(capped[20][k], long[20][k]) for k in capped[20])
+
+
+def test_the_weight_average_is_what_training_validates_evaluates_and_returns() -> None:
+    episodes = toy_episodes(count=4)
+    dataset, validation = build_dataset(episodes[:3], 4), build_dataset(episodes[3:], 4)
+    base = TrainConfig(steps=3, batch_size=8, warmup_steps=1, eval_every=1, progress=False, seed=5)
+    raw, _ = _weights_by_step(dataset, base)  # the raw weights w1, w2, w3
+    decay = 0.9
+    averaged, policy = _weights_by_step(dataset, dataclasses.replace(base, ema_decay=decay))
+    expected = dict(raw[1])  # the average starts at the first update's weights
+    for step in (1, 2, 3):
+        if step > 1:
+            expected = {k: decay * expected[k] + (1 - decay) * raw[step][k] for k in expected}
+        for name in expected:  # the callback saw the average at every step
+            torch.testing.assert_close(averaged[step][name], expected[name])
+    for name, value in policy.model.named_parameters():  # and the policy returned holds it
+        torch.testing.assert_close(value.detach(), expected[name])
+    assert any(not torch.equal(raw[3][k], expected[k]) for k in expected)  # the average is not the raw weights
+    ruled = dataclasses.replace(base, ema_decay=decay, eval_every=0, validate_every=1, min_steps=0)
+    vla = VLAConfig.preset("tiny", cameras=(), state_dim=4, action_dim=4, action_horizon=4)
+    rule_policy = create_policy(vla, dataset)
+    result = train_bc(rule_policy, dataset, ruled, validation=validation)
+    losses = {row["step"]: row["heldout_flow_loss"] for row in result.validation}
+    assert HeldOutLoss(rule_policy, validation, seed=5)() == pytest.approx(losses[result.best_step], rel=1e-5)
+    if result.best_step == 3:  # the held-out loss measured the average, and the average is what was kept
+        for name, value in rule_policy.model.named_parameters():
+            torch.testing.assert_close(value.detach(), expected[name])
