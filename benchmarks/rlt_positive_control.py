@@ -312,7 +312,7 @@ def main(config: ControlConfig) -> dict:
             curves.append(run_arm(config, arm, seed))
             print_curve(curves[-1], width=10)
     summary = summarize(curves)
-    print_summary(summary, len(config.seeds), width=10)
+    print_summary(summary, width=10)
     suffix = f"_{config.tag}" if config.tag else ""
     plot(summary, config.benchmark(), Path(config.output) / f"rlt_positive_control_{config.task}{suffix}.png")
     return summary

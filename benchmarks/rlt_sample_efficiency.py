@@ -851,19 +851,24 @@ def t_half_width(values: np.ndarray) -> np.ndarray:
     return stats.t.ppf(0.975, runs - 1) * values.std(axis=0, ddof=1) / np.sqrt(runs)
 
 
-def summarize(curves: list[Curve]) -> dict[str, dict[str, list[float]]]:
-    """Per arm: eval steps (mean over seeds: RLT's include its warm-up), mean success, 95% t-interval half-width
-    and the number of seeds."""
+def summarize(curves: list[Curve]) -> dict[str, dict[str, Any]]:
+    """Per arm and evaluation point, over the seeds whose runs reached that point (an unfinished seed counts up
+    to its last point, so it neither cuts the finished seeds' curves short nor is left out): eval steps (mean:
+    RLT's include its warm-up), mean success, 95% t-interval half-width and ``seeds_at`` (how many seeds);
+    ``seeds``, the arm's number of runs."""
     summary = {}
     for arm in sorted({curve.arm for curve in curves}):
         runs = [curve for curve in curves if curve.arm == arm]
-        length = min(len(curve.success) for curve in runs)
-        values = np.array([curve.success[:length] for curve in runs])
-        half = t_half_width(values)
+        points = [
+            [curve for curve in runs if len(curve.success) > index]
+            for index in range(max(len(curve.success) for curve in runs))
+        ]
+        columns = [np.array([curve.success[index] for curve in at]) for index, at in enumerate(points)]
         summary[arm] = {
-            "steps": np.mean([curve.steps[:length] for curve in runs], axis=0).round().astype(int).tolist(),
-            "mean": values.mean(axis=0).tolist(),
-            "ci95": np.asarray(half).tolist(),
+            "steps": [round(float(np.mean([curve.steps[i] for curve in at]))) for i, at in enumerate(points)],
+            "mean": [float(column.mean()) for column in columns],
+            "ci95": [float(t_half_width(column[:, None])[0]) for column in columns],
+            "seeds_at": [len(at) for at in points],
             "seeds": len(runs),
         }
     return summary
@@ -897,7 +902,9 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 4))
     for arm, data in summary.items():
         steps, mean, half = np.array(data["steps"]), np.array(data["mean"]), np.nan_to_num(data["ci95"])
-        axis.plot(steps, mean, marker="o", label=f"{ARM_LABELS.get(arm, arm)} (n={data['seeds']})")
+        counts = sorted(set(data.get("seeds_at", [data["seeds"]])))
+        seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else counts[0]
+        axis.plot(steps, mean, marker="o", label=f"{ARM_LABELS.get(arm, arm)} (n={seeds})")
         axis.fill_between(steps, mean - half, mean + half, alpha=0.2)
     axis.set(xlabel="env steps", ylabel="success rate", ylim=(-0.05, 1.05), title=config.task)
     axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
@@ -1107,14 +1114,16 @@ def print_curve(curve: Curve, width: int = 8) -> None:
         print(f"{'':>{width}} probe: " + json.dumps({k: round(v, 3) for k, v in curve.probe.items()}))
 
 
-def print_summary(summary: dict, seeds: int, width: int = 8) -> None:
-    """Each arm's mean success ± 95% interval over ``seeds`` seeds at every evaluation point (``summarize``'s)."""
+def print_summary(summary: dict, width: int = 8) -> None:
+    """Each arm's mean success ± 95% interval at every evaluation point (``summarize``'s), with the number of
+    seeds behind a point where fewer than all of the arm's runs reached it."""
     for arm, data in summary.items():
+        counts = data.get("seeds_at", [data["seeds"]] * len(data["mean"]))
         cells = ", ".join(
-            f"{step}: {mean:.2f} ± {half:.2f}"
-            for step, mean, half in zip(data["steps"], data["mean"], data["ci95"], strict=True)
+            f"{step}: {mean:.2f} ± {half:.2f}" + (f" (n={n})" if n != data["seeds"] else "")
+            for step, mean, half, n in zip(data["steps"], data["mean"], data["ci95"], counts, strict=True)
         )
-        print(f"{arm:>{width}} mean ± 95% CI over {data.get('seeds', seeds)} seeds — {cells}")
+        print(f"{arm:>{width}} mean ± 95% CI over {data['seeds']} seeds — {cells}")
 
 
 def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
@@ -1136,7 +1145,7 @@ def main(config: BenchmarkConfig, summarize_only: bool = False) -> dict:
         seeds=tuple(sorted({curve.seed for curve in curves})),
     )
     summary = summarize(curves)
-    print_summary(summary, len(config.seeds))
+    print_summary(summary)
     verdict = targets(curves, summary) if "rlt" in summary else {}
     print("targets:", json.dumps(verdict))
     output = Path(config.output)

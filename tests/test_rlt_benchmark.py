@@ -260,7 +260,8 @@ def test_summarize_reads_the_files_that_exist_finished_or_not_and_runs_nothing(t
     monkeypatch.setitem(bench.ARMS, "prior", lambda *_: pytest.fail("summarize must not run an arm"))
     result = bench.main(config, summarize_only=True)
     assert [(c["arm"], c["seed"]) for c in result["curves"]] == [("rlt", 0), ("rlt", 1)]
-    assert result["summary"]["rlt"]["mean"] == pytest.approx([0.3])  # cut to the shortest curve
+    rlt = result["summary"]["rlt"]  # the unfinished seed counts up to its last point
+    assert rlt["mean"] == pytest.approx([0.3, 0.6]) and rlt["seeds_at"] == [2, 1] and rlt["seeds"] == 2
     assert (tmp_path / "rlt_sample_efficiency_reach-v3_claim.png").exists()
 
 
