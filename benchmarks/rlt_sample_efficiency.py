@@ -130,6 +130,8 @@ class BenchmarkConfig:
     rlpd_target_critics: int = 2
     rlpd_utd: int = 10
     rlpd_demo_fraction: float = 0.5
+    #: What the RLPD-style actor climbs: ``min`` over the ensemble (SB3's SAC rule) or its ``mean`` (RLPD's).
+    rlpd_actor_q: str = "min"
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
     mlflow_uri: str | None = None
@@ -742,11 +744,13 @@ def _learn_sac(config: BenchmarkConfig, model: SAC, curve: Curve, on_point: Poin
 
 class EnsembleCritic(ChunkCritic):
     """``rlt.td3.ChunkCritic`` with LayerNorm (``n_critics`` members); with ``sampled`` set, each call returns
-    only that many members drawn at random (REDQ / RLPD: the target is the min over 2 sampled members)."""
+    only that many members drawn at random (REDQ / RLPD: the target is the min over 2 sampled members). With
+    ``actor_mean``, a call whose actions carry a gradient (SAC's actor loss: the actor's own actions) returns the
+    members' mean alone, so the actor climbs the ensemble's mean (RLPD) instead of SAC's min over members."""
 
-    def __init__(self, *args: Any, sampled: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sampled: int | None = None, actor_mean: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, layer_norm=True, **kwargs)
-        self.sampled = sampled
+        self.sampled, self.actor_mean = sampled, actor_mean
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.set_grad_enabled(not self.share_features_extractor):
@@ -755,29 +759,35 @@ class EnsembleCritic(ChunkCritic):
         members = (
             range(self.n_critics) if self.sampled is None else torch.randperm(self.n_critics)[: self.sampled]
         )
-        return tuple(self.q_networks[int(index)](inputs) for index in members)
+        values = tuple(self.q_networks[int(index)](inputs) for index in members)
+        if self.actor_mean and actions.requires_grad:
+            return (torch.stack(values).mean(dim=0),)
+        return values
 
 
 class RLPDPolicy(SACPolicy):
     """SB3's SAC policy with an ``EnsembleCritic`` of ``n_critics`` members whose target samples
-    ``target_critics`` of them. The actor climbs the min over all members (SB3's SAC rule; RLPD's actor uses
-    their mean)."""
+    ``target_critics`` of them. The actor climbs the min over all members (``actor_q`` ``min``, SB3's SAC rule)
+    or their mean (``mean``, RLPD's)."""
 
-    def __init__(self, *args: Any, target_critics: int = 2, **kwargs: Any) -> None:
-        self.target_critics = target_critics
+    def __init__(self, *args: Any, target_critics: int = 2, actor_q: str = "min", **kwargs: Any) -> None:
+        self.target_critics, self.actor_q = target_critics, actor_q
         super().__init__(*args, **kwargs)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> EnsembleCritic:
-        return EnsembleCritic(**self._update_features_extractor(self.critic_kwargs, features_extractor)).to(
-            self.device
-        )
+        kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return EnsembleCritic(**kwargs, actor_mean=self.actor_q == "mean").to(self.device)
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
         self.critic_target.sampled = self.target_critics
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        return {**super()._get_constructor_parameters(), "target_critics": self.target_critics}
+        return {
+            **super()._get_constructor_parameters(),
+            "target_critics": self.target_critics,
+            "actor_q": self.actor_q,
+        }
 
 
 class DemoReplayBuffer(ReplayBuffer):
@@ -816,7 +826,8 @@ def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
     """The RLPD-style arm's model, its demo replay filled: SB3 SAC on the privileged state with ``demos``
     successful episodes of the unbiased noisy expert (``demo_noise``) in a second replay sampled
     ``rlpd_demo_fraction`` of each batch, a LayerNorm ensemble of ``rlpd_critics`` (target: min over
-    ``rlpd_target_critics`` sampled) and ``rlpd_utd`` gradient steps per env step."""
+    ``rlpd_target_critics`` sampled), the actor on their min or mean (``rlpd_actor_q``) and ``rlpd_utd``
+    gradient steps per env step."""
     torch.manual_seed(seed)
     model = SAC(
         RLPDPolicy,
@@ -825,7 +836,11 @@ def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
         gradient_steps=config.rlpd_utd,
         replay_buffer_class=DemoReplayBuffer,
         replay_buffer_kwargs={"demo_fraction": config.rlpd_demo_fraction},
-        policy_kwargs={"n_critics": config.rlpd_critics, "target_critics": config.rlpd_target_critics},
+        policy_kwargs={
+            "n_critics": config.rlpd_critics,
+            "target_critics": config.rlpd_target_critics,
+            "actor_q": config.rlpd_actor_q,
+        },
         seed=seed,
         device="cpu",
     )
@@ -924,12 +939,13 @@ ARM_SETTINGS = {
         "rlpd_target_critics",
         "rlpd_utd",
         "rlpd_demo_fraction",
+        "rlpd_actor_q",
     ),
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
 ARM_SETTINGS["oracle"] = (*ARM_SETTINGS["prior"], "precision_handoff", "critical_pair", "critical_distance")
 #: The RLPD-style arm's own settings: they do not change the learner arms (which read every other setting).
-RLPD_ONLY_SETTINGS = ("rlpd_critics", "rlpd_target_critics", "rlpd_utd", "rlpd_demo_fraction")
+RLPD_ONLY_SETTINGS = ("rlpd_critics", "rlpd_target_critics", "rlpd_utd", "rlpd_demo_fraction", "rlpd_actor_q")
 LEARNER_SETTINGS = tuple(
     name for name in BenchmarkConfig.__dataclass_fields__ if name not in RLPD_ONLY_SETTINGS
 )
@@ -1289,6 +1305,12 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         "--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step"
     )
     parser.add_argument(
+        "--rlpd-actor-q",
+        choices=["min", "mean"],
+        default=defaults.rlpd_actor_q,
+        help="the RLPD actor climbs the ensemble's min (SB3's SAC) or mean (RLPD)",
+    )
+    parser.add_argument(
         "--recipe",
         type=Path,
         help="the learner arms' RLT settings: a YAML file of rlt.config.RLTConfig (its online and learner "
@@ -1354,6 +1376,7 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         demo_noise=args.demo_noise,
         rlpd_critics=args.rlpd_critics,
         rlpd_utd=args.rlpd_utd,
+        rlpd_actor_q=args.rlpd_actor_q,
         recipe=recipe,
         tag=args.tag,
     ), args

@@ -69,6 +69,21 @@ def test_rlpd_arm_draws_half_of_each_batch_from_the_demos_with_a_layernorm_ensem
     assert from_demos == [False] * 128 + [True] * 128
 
 
+def test_the_rlpd_actor_climbs_the_ensemble_mean_only_when_asked():
+    """``rlpd_actor_q`` ``mean``: the actor's own actions (they carry a gradient) get the members' mean alone, so
+    SAC's min over what the critic returns is that mean; replayed actions and the target still get every member."""
+    config = bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, rlpd_actor_q="mean", demos=1)
+    critic = bench.make_rlpd(config, 0).policy.critic
+    states, replayed = torch.randn(6, 39), torch.randn(6, 4)
+    members = critic(states, replayed)
+    assert len(members) == 5
+    [mean] = critic(states, replayed.clone().requires_grad_(True))
+    torch.testing.assert_close(mean, torch.stack(members).mean(dim=0))
+    sb3_min = bench.make_rlpd(bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, demos=1), 0).policy.critic
+    assert len(sb3_min(states, replayed.clone().requires_grad_(True))) == 5  # the default: SAC's min over all
+    assert "rlpd_actor_q" not in bench.arm_settings(config, "rlt")  # it keys only the RLPD arm's files
+
+
 def test_the_run_logs_its_plot_summary_and_per_seed_curves_to_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow 3 refuses new file stores; artifacts go beside it
     config = bench.BenchmarkConfig(
