@@ -60,7 +60,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import ReplayBufferSamples, Schedule
 from stable_baselines3.common.vec_env import VecNormalize
-from stable_baselines3.sac.policies import SACPolicy
+from stable_baselines3.sac.policies import Actor, SACPolicy
 
 from actors.recorder import EpisodeRecorder
 from actors.rlt_loop import RLTLoop
@@ -130,8 +130,8 @@ class BenchmarkConfig:
     rlpd_target_critics: int = 2
     rlpd_utd: int = 10
     rlpd_demo_fraction: float = 0.5
-    #: What the RLPD-style actor climbs: ``min`` over the ensemble (SB3's SAC rule) or its ``mean`` (RLPD's).
-    rlpd_actor_q: str = "min"
+    #: The RLPD-style arm's SAC settings (``RLPD_RECIPES``): ``sb3`` (SB3's SAC defaults) or ``serl``.
+    rlpd_recipe: str = "sb3"
     output: str = "benchmarks/results"
     arms: tuple[str, ...] = ("prior", "rlt", "residual", "sac")
     mlflow_uri: str | None = None
@@ -765,18 +765,43 @@ class EnsembleCritic(ChunkCritic):
         return values
 
 
+class NoEntropyBackupActor(Actor):
+    """SB3's SAC actor whose log-probabilities are zero when computed outside autograd: SAC computes its
+    critic's target under ``no_grad``, so the target carries no entropy bonus (SERL's ``backup_entropy=False``;
+    with a sparse 0/1 reward the bonus of SB3's soft target, summed over the horizon, is ~30× the reward). The
+    actor's and the temperature's losses, computed with gradients, keep their entropy terms."""
+
+    def action_log_prob(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        actions, log_prob = super().action_log_prob(obs)
+        return actions, log_prob if torch.is_grad_enabled() else torch.zeros_like(log_prob)
+
+
 class RLPDPolicy(SACPolicy):
     """SB3's SAC policy with an ``EnsembleCritic`` of ``n_critics`` members whose target samples
-    ``target_critics`` of them. The actor climbs the min over all members (``actor_q`` ``min``, SB3's SAC rule)
-    or their mean (``mean``, RLPD's)."""
+    ``target_critics`` of them. The actor climbs the min over all members (SB3's SAC rule) or, with
+    ``actor_mean``, their mean (RLPD, SERL); ``backup_entropy`` False drops the entropy bonus from the critic's
+    target (``NoEntropyBackupActor``)."""
 
-    def __init__(self, *args: Any, target_critics: int = 2, actor_q: str = "min", **kwargs: Any) -> None:
-        self.target_critics, self.actor_q = target_critics, actor_q
+    def __init__(
+        self,
+        *args: Any,
+        target_critics: int = 2,
+        actor_mean: bool = False,
+        backup_entropy: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.target_critics, self.actor_mean, self.backup_entropy = target_critics, actor_mean, backup_entropy
         super().__init__(*args, **kwargs)
+
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
+        if self.backup_entropy:
+            return super().make_actor(features_extractor)
+        kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
+        return NoEntropyBackupActor(**kwargs).to(self.device)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> EnsembleCritic:
         kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
-        return EnsembleCritic(**kwargs, actor_mean=self.actor_q == "mean").to(self.device)
+        return EnsembleCritic(**kwargs, actor_mean=self.actor_mean).to(self.device)
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)
@@ -786,7 +811,8 @@ class RLPDPolicy(SACPolicy):
         return {
             **super()._get_constructor_parameters(),
             "target_critics": self.target_critics,
-            "actor_q": self.actor_q,
+            "actor_mean": self.actor_mean,
+            "backup_entropy": self.backup_entropy,
         }
 
 
@@ -822,12 +848,25 @@ class DemoReplayBuffer(ReplayBuffer):
         )
 
 
+#: The RLPD-style arm's SAC settings by name: ``sb3``, SB3's SAC defaults (the soft target with its entropy
+#: bonus, temperature from 1.0, γ 0.99, the actor on the ensemble's min); ``serl``, SERL / HIL-SERL's (no entropy
+#: bonus in the target, temperature from 0.01, γ 0.97, the actor on the ensemble's mean as in RLPD).
+RLPD_RECIPES: dict[str, dict[str, Any]] = {
+    "sb3": {"policy": {}, "sac": {}},
+    "serl": {
+        "policy": {"actor_mean": True, "backup_entropy": False},
+        "sac": {"ent_coef": "auto_0.01", "gamma": 0.97},
+    },
+}
+
+
 def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
     """The RLPD-style arm's model, its demo replay filled: SB3 SAC on the privileged state with ``demos``
     successful episodes of the unbiased noisy expert (``demo_noise``) in a second replay sampled
     ``rlpd_demo_fraction`` of each batch, a LayerNorm ensemble of ``rlpd_critics`` (target: min over
-    ``rlpd_target_critics`` sampled), the actor on their min or mean (``rlpd_actor_q``) and ``rlpd_utd``
-    gradient steps per env step."""
+    ``rlpd_target_critics`` sampled), ``rlpd_utd`` gradient steps per env step and the SAC settings of
+    ``RLPD_RECIPES[rlpd_recipe]``."""
+    recipe = RLPD_RECIPES[config.rlpd_recipe]
     torch.manual_seed(seed)
     model = SAC(
         RLPDPolicy,
@@ -839,10 +878,11 @@ def make_rlpd(config: BenchmarkConfig, seed: int) -> SAC:
         policy_kwargs={
             "n_critics": config.rlpd_critics,
             "target_critics": config.rlpd_target_critics,
-            "actor_q": config.rlpd_actor_q,
+            **recipe["policy"],
         },
         seed=seed,
         device="cpu",
+        **recipe["sac"],
     )
     for demo in collect_demos(config, seed, config.demos, config.demo_noise):
         model.replay_buffer.add_demo(demo)
@@ -939,13 +979,13 @@ ARM_SETTINGS = {
         "rlpd_target_critics",
         "rlpd_utd",
         "rlpd_demo_fraction",
-        "rlpd_actor_q",
+        "rlpd_recipe",
     ),
     "prior": (*TASK_SETTINGS, "prior_noise", "prior_goal_bias", "prior_bias", "prior_bias_at", "chunk_size"),
 }
 ARM_SETTINGS["oracle"] = (*ARM_SETTINGS["prior"], "precision_handoff", "critical_pair", "critical_distance")
 #: The RLPD-style arm's own settings: they do not change the learner arms (which read every other setting).
-RLPD_ONLY_SETTINGS = ("rlpd_critics", "rlpd_target_critics", "rlpd_utd", "rlpd_demo_fraction", "rlpd_actor_q")
+RLPD_ONLY_SETTINGS = ("rlpd_critics", "rlpd_target_critics", "rlpd_utd", "rlpd_demo_fraction", "rlpd_recipe")
 LEARNER_SETTINGS = tuple(
     name for name in BenchmarkConfig.__dataclass_fields__ if name not in RLPD_ONLY_SETTINGS
 )
@@ -1305,10 +1345,11 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         "--rlpd-utd", type=int, default=defaults.rlpd_utd, help="RLPD gradient steps per env step"
     )
     parser.add_argument(
-        "--rlpd-actor-q",
-        choices=["min", "mean"],
-        default=defaults.rlpd_actor_q,
-        help="the RLPD actor climbs the ensemble's min (SB3's SAC) or mean (RLPD)",
+        "--rlpd-recipe",
+        choices=sorted(RLPD_RECIPES),
+        default=defaults.rlpd_recipe,
+        help="the RLPD arm's SAC settings: sb3 (SB3's defaults) or serl (no entropy bonus in the target, "
+        "temperature from 0.01, γ 0.97, actor on the ensemble mean)",
     )
     parser.add_argument(
         "--recipe",
@@ -1376,7 +1417,7 @@ def parse_args() -> tuple[BenchmarkConfig, argparse.Namespace]:
         demo_noise=args.demo_noise,
         rlpd_critics=args.rlpd_critics,
         rlpd_utd=args.rlpd_utd,
-        rlpd_actor_q=args.rlpd_actor_q,
+        rlpd_recipe=args.rlpd_recipe,
         recipe=recipe,
         tag=args.tag,
     ), args

@@ -69,19 +69,30 @@ def test_rlpd_arm_draws_half_of_each_batch_from_the_demos_with_a_layernorm_ensem
     assert from_demos == [False] * 128 + [True] * 128
 
 
-def test_the_rlpd_actor_climbs_the_ensemble_mean_only_when_asked():
-    """``rlpd_actor_q`` ``mean``: the actor's own actions (they carry a gradient) get the members' mean alone, so
-    SAC's min over what the critic returns is that mean; replayed actions and the target still get every member."""
-    config = bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, rlpd_actor_q="mean", demos=1)
-    critic = bench.make_rlpd(config, 0).policy.critic
-    states, replayed = torch.randn(6, 39), torch.randn(6, 4)
+def test_the_serl_recipe_drops_the_entropy_bonus_from_the_target_and_climbs_the_ensemble_mean():
+    """``rlpd_recipe`` ``serl``: the actor's own actions (they carry a gradient) get the members' mean alone, so
+    SAC's min over what the critic returns is that mean, while replayed actions and the target get every member;
+    log-probabilities outside autograd (SAC's target) are zero, with gradients (actor and temperature) they are
+    not; temperature from 0.01, γ 0.97. The default keeps SB3's SAC."""
+    serl = bench.make_rlpd(bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, rlpd_recipe="serl", demos=1), 0)
+    critic, states, replayed = serl.policy.critic, torch.randn(6, 39), torch.randn(6, 4)
     members = critic(states, replayed)
     assert len(members) == 5
     [mean] = critic(states, replayed.clone().requires_grad_(True))
     torch.testing.assert_close(mean, torch.stack(members).mean(dim=0))
-    sb3_min = bench.make_rlpd(bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, demos=1), 0).policy.critic
-    assert len(sb3_min(states, replayed.clone().requires_grad_(True))) == 5  # the default: SAC's min over all
-    assert "rlpd_actor_q" not in bench.arm_settings(config, "rlt")  # it keys only the RLPD arm's files
+    _, log_prob = serl.policy.actor.action_log_prob(states)
+    with torch.no_grad():
+        _, target_log_prob = serl.policy.actor.action_log_prob(states)
+    assert bool((log_prob != 0).all()) and bool((target_log_prob == 0).all())
+    assert serl.gamma == 0.97 and float(torch.exp(serl.log_ent_coef)) == pytest.approx(0.01)
+    sb3 = bench.make_rlpd(bench.BenchmarkConfig(task="reach-v3", rlpd_critics=5, demos=1), 0)
+    assert len(sb3.policy.critic(states, replayed.clone().requires_grad_(True))) == 5  # SAC's min over all
+    with torch.no_grad():
+        assert bool((sb3.policy.actor.action_log_prob(states)[1] != 0).all())  # SB3's soft target
+    assert sb3.gamma == 0.99 and float(torch.exp(sb3.log_ent_coef)) == pytest.approx(1.0)
+    defaults = bench.BenchmarkConfig()
+    assert "rlpd_recipe" not in bench.arm_settings(defaults, "rlt")
+    assert "rlpd_recipe" in bench.arm_settings(defaults, "rlpd")  # it keys only the RLPD arm's files
 
 
 def test_the_run_logs_its_plot_summary_and_per_seed_curves_to_mlflow(tmp_path):
