@@ -957,7 +957,7 @@ def plot(summary: dict, config: BenchmarkConfig, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 4))
     for arm, data in summary.items():
         steps, mean, half = np.array(data["steps"]), np.array(data["mean"]), np.nan_to_num(data["ci95"])
-        counts = sorted(set(data.get("seeds_at", [data["seeds"]])))
+        counts = sorted(set(data["seeds_at"]))
         seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else counts[0]
         axis.plot(steps, mean, marker="o", label=f"{ARM_LABELS.get(arm, arm)} (n={seeds})")
         axis.fill_between(steps, mean - half, mean + half, alpha=0.2)
@@ -1174,7 +1174,7 @@ def print_summary(summary: dict, width: int = 8) -> None:
     """Each arm's mean success ± 95% interval at every evaluation point (``summarize``'s), with the number of
     seeds behind a point where fewer than all of the arm's runs reached it."""
     for arm, data in summary.items():
-        counts = data.get("seeds_at", [data["seeds"]] * len(data["mean"]))
+        counts = data["seeds_at"]
         cells = ", ".join(
             f"{step}: {mean:.2f} ± {half:.2f}" + (f" (n={n})" if n != data["seeds"] else "")
             for step, mean, half, n in zip(data["steps"], data["mean"], data["ci95"], counts, strict=True)
@@ -1226,21 +1226,17 @@ def saved_curves(config: BenchmarkConfig) -> list[Curve]:
     curves = []
     for arm in dict.fromkeys([*config.arms, *ARMS]):
         files = curve_path(config, arm, 0).parent.glob(f"{arm}_seed*.json")
-        for seed in sorted(int(path.stem.removeprefix(f"{arm}_seed")) for path in files):
-            curves.append(saved_curve(config, arm, seed))
+        for path in sorted(files, key=lambda path: int(path.stem.removeprefix(f"{arm}_seed"))):
+            curves.append(saved_curve(path))
     return curves
 
 
-def saved_curve(config: BenchmarkConfig, arm: str, seed: int) -> Curve | None:
-    """The curve in ``arm`` and ``seed``'s result file under these settings, finished or not (an unfinished one
-    is announced); None if there is none."""
-    path = curve_path(config, arm, seed)
-    if not path.exists():
-        return None
+def saved_curve(path: Path) -> Curve:
+    """The curve in result file ``path``, finished or not (an unfinished one is announced)."""
     saved = json.loads(path.read_text())
     curve = Curve(**saved["curve"])
     if not saved.get("complete", True):
-        print(f"{arm} seed {seed}: unfinished, {curve.steps[-1] if curve.steps else 0} env steps so far")
+        print(f"{curve.arm} seed {curve.seed}: unfinished, {curve.steps[-1] if curve.steps else 0} env steps so far")
     return curve
 
 
