@@ -458,7 +458,17 @@ def result_path(args: argparse.Namespace, task: str) -> Path:
     train = f"_train{count}" if count > 1 else ""
     if first:
         train = f"_trains{first}-{first + count - 1}"
-    return args.output_dir / f"recap_{scenario}_{args.tier}_{task}_seed{args.seed}{train}.json"
+    return args.output_dir / f"recap_{scenario}{protocol_suffix(args)}_{args.tier}_{task}_seed{args.seed}{train}.json"
+
+
+def protocol_suffix(args: argparse.Namespace) -> str:
+    """The opt-in training protocol in a result's name, so runs under different protocols never share a file."""
+    parts = []
+    if args.schedule_steps:
+        parts.append(f"-sched{args.schedule_steps}")
+    if args.ema_decay:
+        parts.append(f"-ema{args.ema_decay:g}")
+    return "".join(parts)
 
 
 def write_result(args: argparse.Namespace, result: dict[str, Any]) -> Path:

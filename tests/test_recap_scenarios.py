@@ -69,7 +69,7 @@ def test_pooled_statistics_cluster_by_data_seed():
 def test_more_training_seeds_for_a_data_seed_get_their_own_file():
     args = argparse.Namespace(
         scenario="detours", collector="scripted", tier="state", seed=1, train_seeds=2, train_seed_start=0,
-        output_dir=Path("out"),
+        output_dir=Path("out"), schedule_steps=None, ema_decay=0.0,
     )  # fmt: skip
     assert recap_scenarios.train_seeds(args) == [1, 1001]
     assert (
@@ -79,3 +79,8 @@ def test_more_training_seeds_for_a_data_seed_get_their_own_file():
     args.train_seeds, args.train_seed_start = 1, 2
     assert recap_scenarios.train_seeds(args) == [2001]
     assert recap_scenarios.result_path(args, "reach-v3").name.endswith("_seed1_trains2-2.json")
+    args.schedule_steps, args.ema_decay = 1500, 0.999
+    assert (
+        recap_scenarios.result_path(args, "reach-v3").name
+        == "recap_detours-expert-sched1500-ema0.999_state_reach-v3_seed1_trains2-2.json"
+    )
