@@ -25,7 +25,9 @@ seeds: success within the time limit (Wilson 95% interval), successes per hour o
 episode length. ``--train-seeds K`` trains every retrained arm K times on the same data (training seeds: the data
 seed, then data seed + 1000·k; each changes the held-out episodes, batch order, flow noise and condition dropout)
 and pools their evaluations: the arm's row sums the K evaluations, ``runs`` keeps each one;
-``--train-seed-start k`` starts at the k-th training seed (more seeds for a data seed run before). Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
+``--train-seed-start k`` starts at the k-th training seed (more seeds for a data seed run before);
+``--cfg-betas β…`` also samples each conditioned arm's weights with classifier-free guidance (rows ``<arm>_cfg<β>``,
+the same trainings evaluated again). Label quality against the ground truth: P(positive | injected) vs P(positive | clean) over the
 autonomous rollout steps and the AUC of the advantage for clean vs injected.
 
 One JSON (+ txt) per (scenario, tier, task, seed) under ``--output-dir`` (``_train<K>`` appended for K > 1,
@@ -153,6 +155,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ema-decay", type=float, default=0.0, help="keep an exponential moving average of the weights (0 = off)"
+    )
+    parser.add_argument(
+        "--cfg-betas",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also evaluate every conditioned arm's trained weights with classifier-free guidance at these β "
+        "(eval-only rows <arm>_cfg<β>, paired with the arm's training runs)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -287,12 +297,13 @@ def run_task(task: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     for arm, spec in arms.items():
         if arm not in args.arms:
             continue
-        runs = []
+        runs: dict[str, list[dict[str, Any]]] = {}
         for seed in train_seeds(args):
-            runs.append(train_arm(arm, spec, seed, store, selection, prior, env, args, workdir))
-            log(task, f"{arm} (train seed {seed}): {runs[-1]['success_rate']:.2f} (best step "
-                f"{runs[-1]['best_step']}, {runs[-1]['train_seconds']:.0f} s)")  # fmt: skip
-        rows.append(pool_runs(arm, runs))
+            for name, run in train_arm(arm, spec, seed, store, selection, prior, env, args, workdir).items():
+                runs.setdefault(name, []).append(run)
+                log(task, f"{name} (train seed {seed}): {run['success_rate']:.2f} (best step "
+                    f"{run['best_step']}, {run['train_seconds']:.0f} s)")  # fmt: skip
+        rows += [pool_runs(name, arm_runs) for name, arm_runs in runs.items()]
     return {
         "task": task,
         "scenario": args.scenario,
@@ -331,7 +342,8 @@ def train_arm(
     args: argparse.Namespace,
     workdir: Path,
 ) -> dict[str, Any]:
-    """One training of ``arm`` from the prior at training seed ``seed`` under the convergence rule, evaluated."""
+    """One training of ``arm`` from the prior at training seed ``seed`` under the convergence rule, evaluated: the
+    arm's run, and for a conditioned arm one more per ``--cfg-betas`` β (the same weights sampled with guidance)."""
     conditions, weights, dropout = spec
     clock = time.perf_counter()
     config = bc_config(
@@ -344,8 +356,8 @@ def train_arm(
         init_from=prior.checkpoint, parent_version=prior.version, progress=False,
         inference_conditions=POSITIVE_PROMPT if conditions is not None else None,
     )  # fmt: skip
-    row = arm_row(arm, evaluate_arm(trained, env, args), time.perf_counter() - clock)
-    return row | {
+    seconds = time.perf_counter() - clock
+    training = {
         "train_seed": seed,
         "best_step": trained.train.best_step,
         "stopped_at": trained.train.stopped_at,
@@ -353,6 +365,12 @@ def train_arm(
             [int(v["step"]), round(v["heldout_flow_loss"], 5)] for v in trained.train.validation
         ],
     }
+    runs = {arm: arm_row(arm, evaluate_arm(trained, env, args), seconds) | training}
+    for beta in args.cfg_betas if conditions is not None else ():
+        trained.policy.cfg_beta = beta
+        name = f"{arm}_cfg{beta:g}"
+        runs[name] = arm_row(name, evaluate_arm(trained, env, args), seconds) | training
+    return runs
 
 
 def pool_runs(arm: str, runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """``benchmarks/recap_iteration.py --scenario detours --quick`` runs every arm end to end on the state tier (each
-retrained arm at two training seeds) and writes one JSON per seed that ``--combine`` pools; the pooled statistics
+retrained arm at two training seeds, each conditioned arm also sampled with guidance) and writes one JSON per seed that ``--combine`` pools; the pooled statistics
 cluster by data seed."""
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ def test_detours_scenario_quick_reports_every_arm_and_label_quality(tmp_path):
     script = str(ROOT / "benchmarks" / "recap_iteration.py")
     command = [
         sys.executable, script, "--scenario", "detours", "--quick", "--train-seeds", "2", "--output-dir", str(tmp_path),
+        "--cfg-betas", "2",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     path = tmp_path / "recap_detours_state_reach-v3_seed0_train2.json"
     result = json.loads(path.read_text())
-    assert [row["arm"] for row in result["rows"]] == ARMS
+    guided = {"recap", "recap_positive_only", "recap_true_labels"}  # conditioned arms get a guided row
+    assert [row["arm"] for row in result["rows"]] == [
+        name for arm in ARMS for name in (arm, f"{arm}_cfg2") if name == arm or arm in guided
+    ]
+    rows = {row["arm"]: row for row in result["rows"]}
+    for arm in guided:  # the guided row evaluates the arm's own trained weights
+        assert [run["best_step"] for run in rows[f"{arm}_cfg2"]["runs"]] == [run["best_step"] for run in rows[arm]["runs"]]
     assert result["train_seeds"] == [0, 1000]
     assert result["rows"][0]["n"] == 2 and "runs" not in result["rows"][0]  # the prior is not retrained
     for row in result["rows"][1:]:
