@@ -87,6 +87,8 @@ ARMS = (
 )  # fmt: skip
 
 StepFn = Callable[[EpisodeRecord], Any]
+#: The retrain cap every file without ``-cap<N>`` in its name was run at.
+DEFAULT_CAP = 1500
 #: Training seed k of data seed s is s + TRAIN_SEED_STRIDE · k (k = 0 is the data seed: a one-seed run as before).
 TRAIN_SEED_STRIDE = 1000
 
@@ -132,7 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-step", type=int, default=None, help="N of the advantage (default: from the horizon)"
     )
     parser.add_argument("--demos-positive", action="store_true", help="force every demo step positive")
-    parser.add_argument("--retrain-steps", type=int, default=1500, help="cap of every retrained arm")
+    parser.add_argument(
+        "--retrain-steps", type=int, default=DEFAULT_CAP, help="cap of every retrained arm"
+    )
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument(
@@ -482,6 +486,8 @@ def result_path(args: argparse.Namespace, task: str) -> Path:
 def protocol_suffix(args: argparse.Namespace) -> str:
     """The opt-in training protocol in a result's name, so runs under different protocols never share a file."""
     parts = []
+    if args.retrain_steps != DEFAULT_CAP:
+        parts.append(f"-cap{args.retrain_steps}")
     if args.schedule_steps:
         parts.append(f"-sched{args.schedule_steps}")
     if args.ema_decay:
