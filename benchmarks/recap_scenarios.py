@@ -87,6 +87,8 @@ ARMS = (
 )  # fmt: skip
 
 StepFn = Callable[[EpisodeRecord], Any]
+#: The detours (rate per step, length) every file without ``-rate<r>`` / ``-len<n>`` in its name was collected with.
+DEFAULT_INJECTION = (0.02, 15)
 #: The retrain cap every file without ``-cap<N>`` in its name was run at.
 DEFAULT_CAP = 1500
 #: Training seed k of data seed s is s + TRAIN_SEED_STRIDE · k (k = 0 is the data seed: a one-seed run as before).
@@ -115,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "issue's outside probe, where episodes mostly succeed and the bad steps are the injected ones)",
     )
     parser.add_argument("--collect-noise", type=float, default=0.1)
-    parser.add_argument("--inject-rate", type=float, default=0.02)
-    parser.add_argument("--inject-length", type=int, default=15)
+    parser.add_argument("--inject-rate", type=float, default=DEFAULT_INJECTION[0])
+    parser.add_argument("--inject-length", type=int, default=DEFAULT_INJECTION[1])
     parser.add_argument("--no-progress-steps", type=int, default=30)
     parser.add_argument("--takeover-steps", type=int, default=20)
     parser.add_argument("--late-distance", type=float, default=0.1)
@@ -476,6 +478,10 @@ def log(task: str, message: str) -> None:
 
 def result_path(args: argparse.Namespace, task: str) -> Path:
     scenario = args.scenario + ("-expert" if args.collector == "scripted" else "")
+    if args.scenario == "detours" and args.inject_rate != DEFAULT_INJECTION[0]:
+        scenario += f"-rate{args.inject_rate:g}"
+    if args.scenario == "detours" and args.inject_length != DEFAULT_INJECTION[1]:
+        scenario += f"-len{args.inject_length}"
     first, count = args.train_seed_start, args.train_seeds
     train = f"_train{count}" if count > 1 else ""
     if first:

@@ -34,7 +34,7 @@ def test_detours_scenario_quick_reports_every_arm_and_label_quality(tmp_path):
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    path = tmp_path / "recap_detours-cap6_state_reach-v3_seed0_train2.json"  # --quick caps training at 6
+    path = tmp_path / "recap_detours-rate0.1-cap6_state_reach-v3_seed0_train2.json"  # --quick's detours and cap
     result = json.loads(path.read_text())
     guided = {"recap", "recap_positive_only", "recap_true_labels"}  # conditioned arms get a guided row
     assert [row["arm"] for row in result["rows"]] == [
@@ -77,6 +77,7 @@ def test_more_training_seeds_for_a_data_seed_get_their_own_file():
     args = argparse.Namespace(
         scenario="detours", collector="scripted", tier="state", seed=1, train_seeds=2, train_seed_start=0,
         output_dir=Path("out"), schedule_steps=None, ema_decay=0.0, retrain_steps=1500,
+        inject_rate=0.02, inject_length=15,
     )  # fmt: skip
     assert recap_scenarios.train_seeds(args) == [1, 1001]
     assert (
@@ -91,5 +92,7 @@ def test_more_training_seeds_for_a_data_seed_get_their_own_file():
         recap_scenarios.result_path(args, "reach-v3").name
         == "recap_detours-expert-sched1500-ema0.999_state_reach-v3_seed1_trains2-2.json"
     )
+    args.inject_rate, args.inject_length = 0.04, 10  # so are the detours, when not the default
+    assert recap_scenarios.result_path(args, "reach-v3").name.startswith("recap_detours-expert-rate0.04-len10-sched")
     args.retrain_steps = 3000  # a cap other than the default is part of the protocol too
-    assert recap_scenarios.result_path(args, "reach-v3").name.startswith("recap_detours-expert-cap3000-sched1500-")
+    assert recap_scenarios.result_path(args, "reach-v3").name.startswith("recap_detours-expert-rate0.04-len10-cap3000-sched1500-")
