@@ -17,7 +17,8 @@ change of step source) and every arm retrained **from the prior** on the same de
 convergence rule (20% of the episodes held out — the same ones for every arm —, held-out flow loss every
 ``--validate-every`` steps, ``--smoothing`` of the held-out loss, stop after ``--patience`` measurements
 without improvement but not before ``--min-steps`` (default half the cap), best weights kept, at most
-``--retrain-steps``): BC on all data, filtered BC (successful episodes + intervention steps), AWR, RECAP
+``--retrain-steps``): BC on all data, filtered BC (successful episodes + intervention steps), AWR,
+advantage-filtered BC (the steps RECAP's labels mark positive, the rest dropped: the labels as a filter), RECAP
 (explicit positive/negative text, 30% dropout), RECAP positive-only (negatives unconditioned), and where the
 ground truth exists RECAP on the true labels (a step is positive unless injected) and filtered BC on the
 truly good steps (every step not injected). Every arm is evaluated on the same ``--eval-episodes`` fresh
@@ -68,6 +69,7 @@ from recap import (
     AdvantageConfig,
     RelabelConfig,
     ValueConfig,
+    advantage_filtered_weights,
     awr_weights,
     conditioned_episodes,
     cross_fit,
@@ -82,8 +84,8 @@ SCENARIOS = ("detours", "late-corrections")
 #: Episode limits (the time limit success is measured within) per task; others use the task default.
 HORIZONS = {"reach-v3": 100, "drawer-open-v3": 150, "pick-place-v3": 150, "button-press-topdown-v3": 150}
 ARMS = (
-    "prior", "bc_all", "filtered_bc", "awr", "recap", "recap_positive_only", "recap_true_labels",
-    "filtered_bc_true",
+    "prior", "bc_all", "filtered_bc", "awr", "advantage_filtered_bc", "recap", "recap_positive_only",
+    "recap_true_labels", "filtered_bc_true",
 )  # fmt: skip
 
 StepFn = Callable[[EpisodeRecord], Any]
@@ -410,10 +412,12 @@ def arm_specs(
         for item in conditioned_episodes(episodes, record, scheme="positive_only")
     }
     filtered, awr = filtered_bc_weights(episodes), awr_weights(episodes, record)
+    kept = advantage_filtered_weights(episodes, record)
     specs: dict[str, tuple[StepFn | None, StepFn | None, float]] = {
         "bc_all": (None, None, 0.0),
         "filtered_bc": (None, lambda ep: filtered[ep.uuid], 0.0),
         "awr": (None, lambda ep: awr[ep.uuid], 0.0),
+        "advantage_filtered_bc": (None, lambda ep: kept[ep.uuid], 0.0),
         "recap": (lambda ep: explicit[ep.uuid], None, 0.3),
         "recap_positive_only": (lambda ep: positive_only[ep.uuid], None, 0.3),
     }

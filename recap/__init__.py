@@ -18,7 +18,13 @@ from recap.config import AdvantageConfig, RelabelConfig, RewardConfig, SanityFlo
 from recap.encoders import register_encoder
 from recap.relabel import CrossFitResult, assign_folds, cross_fit, relabel, relabel_with_model
 from recap.rewards import RecapInputError, step_rewards
-from recap.selectors import AWRConfig, awr_weights, bc_all_weights, filtered_bc_weights
+from recap.selectors import (
+    AWRConfig,
+    advantage_filtered_weights,
+    awr_weights,
+    bc_all_weights,
+    filtered_bc_weights,
+)
 from recap.value import ValueModel, train_value
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "SanityFloor",
     "ValueConfig",
     "ValueModel",
+    "advantage_filtered_weights",
     "advantage_prompt",
     "assign_folds",
     "awr_weights",

@@ -1,7 +1,8 @@
 """Baseline data selectors for ablations on the same data: per-step weights keyed by episode uuid.
 
 A weight of 0 drops the step; plain BC weighs every step 1; filtered BC keeps successful episodes and
-intervention steps; AWR weighs steps by exp(A / τ), clipped, using the advantages of a relabel.
+intervention steps; advantage-filtered BC keeps the steps a relabel marks positive (RECAP's labels used as a filter
+instead of a condition); AWR weighs steps by exp(A / τ), clipped, using the advantages of a relabel.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def filtered_bc_weights(episodes: Sequence[EpisodeRecord]) -> StepWeights:
             else (np.asarray(episode.sources) == StepSource.HUMAN).astype(np.float32)
         )
         for episode in episodes
+    }
+
+
+def advantage_filtered_weights(episodes: Sequence[EpisodeRecord], record: RelabelRecord) -> StepWeights:
+    """Advantage-filtered BC: weight 1 on the steps ``record`` marks positive (its indicators), 0 elsewhere."""
+    labels = labels_by_episode(record)
+    return {
+        ep.uuid: matching_labels(ep, labels, record.relabel_id).indicators.astype(np.float32) for ep in episodes
     }
 
 

@@ -16,6 +16,7 @@ from recap import (
     RelabelMismatchError,
     SanityFloor,
     ValueConfig,
+    advantage_filtered_weights,
     advantage_prompt,
     awr_weights,
     bc_all_weights,
@@ -184,6 +185,10 @@ def test_baseline_selectors(episodes, result) -> None:
     assert pooled_weights.max() <= 20.0 + 1e-4 and pooled_weights.min() > 0.0
     order = np.argsort(pooled_advantages[: episodes[0].length])
     assert np.all(np.diff(weights[episodes[0].uuid][order]) >= 0)  # monotone in the advantage within a task
+    kept = advantage_filtered_weights(episodes, result.record)
+    for episode in episodes:
+        np.testing.assert_array_equal(kept[episode.uuid], labels[episode.uuid].indicators.astype(np.float32))
+    assert 0.0 < np.concatenate(list(kept.values())).mean() < 1.0  # drops some steps, keeps others
 
 
 def test_plots_write_pngs(tmp_path, episodes, result) -> None:

@@ -19,8 +19,8 @@ import recap_scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = [
-    "prior", "bc_all", "filtered_bc", "awr", "recap", "recap_positive_only", "recap_true_labels",
-    "filtered_bc_true",
+    "prior", "bc_all", "filtered_bc", "awr", "advantage_filtered_bc", "recap", "recap_positive_only",
+    "recap_true_labels", "filtered_bc_true",
 ]  # fmt: skip
 
 
