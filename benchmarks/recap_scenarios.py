@@ -349,7 +349,7 @@ def train_arm(
     env: EnvConfig,
     args: argparse.Namespace,
     workdir: Path,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
     """One training of ``arm`` from the prior at training seed ``seed`` under the convergence rule, evaluated: the
     arm's run, and for a conditioned arm one more per ``--cfg-betas`` β (the same weights sampled with guidance)."""
     conditions, weights, dropout = spec
